@@ -1,0 +1,19 @@
+"""psilora_ds: PSI-LoRA (arXiv 2602.16456) optimizers for peft LoRA fine-tuning."""
+
+from .capture import ActivationCapture
+from .lora_layers import LoRALayer, NoLoRALayersError, find_lora_layers
+from .optim import LoRAOptimizer, PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationCapture",
+    "LoRALayer",
+    "LoRAOptimizer",
+    "NoLoRALayersError",
+    "PSILoRA",
+    "PreconditionedLoRA",
+    "ScaledPSILoRA",
+    "SVDLoRA",
+    "find_lora_layers",
+]

@@ -1,0 +1,87 @@
+"""Finding the peft LoRA layers that PSI-LoRA updates, and the parameters it leaves to another optimizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LoRALayer:
+    """One adapter of one peft LoRA module: ``y = W0 x + scaling * B A drop(x)`` (METHOD.md section 1)."""
+
+    name: str  # "<module path>:<adapter name>", stable across runs of the same model
+    module: nn.Module  # the peft LoraLayer
+    adapter: str
+    index: int  # position in the optimizer's layer list; seeds per-layer state deterministically
+
+    @property
+    def lora_A(self) -> nn.Linear:
+        return self.module.lora_A[self.adapter]
+
+    @property
+    def lora_B(self) -> nn.Linear:
+        return self.module.lora_B[self.adapter]
+
+    @property
+    def A(self) -> nn.Parameter:
+        """``r x n`` factor (``lora_A.weight``)."""
+        return self.lora_A.weight
+
+    @property
+    def B(self) -> nn.Parameter:
+        """``m x r`` factor (``lora_B.weight``)."""
+        return self.lora_B.weight
+
+    @property
+    def scaling(self) -> float:
+        """Read live from peft: ``alpha / r`` or ``alpha / sqrt(r)`` (rsLoRA), or whatever ``set_scale`` made it."""
+        return float(self.module.scaling[self.adapter])
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_A.out_features)
+
+
+class NoLoRALayersError(ValueError):
+    pass
+
+
+def find_lora_layers(model: nn.Module) -> list[LoRALayer]:
+    """All trainable linear LoRA adapters of a peft model, in module order.
+
+    Raises a one-line error when there are none, or when an adapter uses a peft variant
+    (DoRA, ...) whose update is not ``B A``.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers: list[LoRALayer] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter, lora_A in module.lora_A.items():
+            if not lora_A.weight.requires_grad:
+                continue  # a frozen / inactive adapter is not trained
+            if adapter in getattr(module, "lora_variant", {}):
+                kind = type(module.lora_variant[adapter]).__name__
+                raise ValueError(
+                    f"PSI-LoRA supports plain LoRA adapters only; {path}:{adapter} uses the peft variant "
+                    f"{kind} (e.g. DoRA): set use_dora=False in LoraConfig"
+                )
+            if not isinstance(lora_A, nn.Linear):
+                continue  # embedding/conv LoRA: left to the other optimizer (see other_parameters)
+            layers.append(LoRALayer(name=f"{path}:{adapter}", module=module, adapter=adapter, index=len(layers)))
+    if not layers:
+        raise NoLoRALayersError(
+            "the model has no trainable peft LoRA linear layers: wrap it with "
+            "peft.get_peft_model(model, LoraConfig(target_modules=[...])) before building the optimizer"
+        )
+    return layers
+
+
+def other_parameters(model: nn.Module, layers: list[LoRALayer]) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters that are not LoRA factors of ``layers`` (heads, norms, modules_to_save, biases)."""
+    lora_ids = {id(p) for layer in layers for p in (layer.A, layer.B)}
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids]

@@ -1,0 +1,23 @@
+"""Pure math kernels: functions on tensors, no state."""
+
+from .factored import dense_gradient, frobenius_sq, gradient_gram_diagonals
+from .linalg import compute_dtype, solve_spd_left, solve_spd_right
+from .lorsum import lorsum
+from .metrics import damped_power, kfac_diagonals, kfac_sums, shampoo_diagonals
+from .svd import svd_project, weighted_svd_project
+
+__all__ = [
+    "compute_dtype",
+    "damped_power",
+    "dense_gradient",
+    "frobenius_sq",
+    "gradient_gram_diagonals",
+    "kfac_diagonals",
+    "kfac_sums",
+    "lorsum",
+    "shampoo_diagonals",
+    "solve_spd_left",
+    "solve_spd_right",
+    "svd_project",
+    "weighted_svd_project",
+]

@@ -1,0 +1,72 @@
+"""Exact quantities of a factored gradient ``P = Z^T X`` computed without forming P when
+that is cheaper: Gram products over row chunks (METHOD.md sections 4 and 6).
+
+``Z`` is ``N x m`` (output gradients), ``X`` is ``N x n`` (inputs). Forming P costs
+``N m n``; the Gram route costs ``N^2 (m + n)``; each function takes the cheaper exact one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .linalg import compute_dtype
+
+DEFAULT_CHUNK_ROWS = 1024
+
+
+def _gram_is_cheaper(Z: torch.Tensor, X: torch.Tensor) -> bool:
+    N, m = Z.shape
+    n = X.shape[1]
+    return N * (m + n) <= m * n
+
+
+def dense_gradient(Z: torch.Tensor, X: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """``P = Z^T X`` (m x n) in the compute dtype, accumulated over row chunks."""
+    cd = compute_dtype(Z.dtype if Z.dtype == torch.float64 else X.dtype)
+    P = torch.zeros(Z.shape[1], X.shape[1], dtype=cd, device=Z.device)
+    for s in range(0, Z.shape[0], chunk_rows):
+        P.addmm_(Z[s : s + chunk_rows].to(cd).T, X[s : s + chunk_rows].to(cd))
+    return P
+
+
+def _row_chunk_grams(
+    Z: torch.Tensor, X: torch.Tensor, chunk_rows: int
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(rows, Z_c, X_c, Z_rows Z_c^T, X_rows X_c^T)`` for row chunks, in the compute dtype."""
+    cd = compute_dtype(Z.dtype if Z.dtype == torch.float64 else X.dtype)
+    Zc, Xc = Z.to(cd), X.to(cd)
+    for s in range(0, Zc.shape[0], chunk_rows):
+        rows = slice(s, s + chunk_rows)
+        yield rows, Zc, Xc, Zc[rows] @ Zc.T, Xc[rows] @ Xc.T
+
+
+def frobenius_sq(Z: torch.Tensor, X: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """Exact ``||Z^T X||_F^2`` as a 0-dim tensor: ``<Z Z^T, X X^T>`` summed over row chunks
+    (the Gram trick), or the dense product when that is cheaper."""
+    if not _gram_is_cheaper(Z, X):
+        return dense_gradient(Z, X, chunk_rows).square().sum()
+    total = torch.zeros((), dtype=compute_dtype(X.dtype), device=X.device)
+    for _, _, _, Gz, Gx in _row_chunk_grams(Z, X, chunk_rows):
+        total += (Gz * Gx).sum()
+    return total
+
+
+def gradient_gram_diagonals(
+    Z: torch.Tensor, X: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(diag(P^T P) (n,), diag(P P^T) (m,))`` for ``P = Z^T X`` (the Shampoo statistics).
+
+    Gram route: ``diag(P^T P) = (X * ((Z Z^T) X)).sum(0)`` and ``diag(P P^T) = (Z * ((X X^T) Z)).sum(0)``.
+    """
+    if not _gram_is_cheaper(Z, X):
+        P = dense_gradient(Z, X, chunk_rows)
+        return P.square().sum(0), P.square().sum(1)
+    cd = compute_dtype(X.dtype)
+    d_in = torch.zeros(X.shape[1], dtype=cd, device=X.device)
+    d_out = torch.zeros(Z.shape[1], dtype=cd, device=Z.device)
+    for rows, Zc, Xc, Gz, Gx in _row_chunk_grams(Z, X, chunk_rows):
+        d_in += (Xc[rows] * (Gz @ Xc)).sum(0)
+        d_out += (Zc[rows] * (Gx @ Zc)).sum(0)
+    return d_in, d_out

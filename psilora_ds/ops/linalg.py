@@ -1,0 +1,33 @@
+"""Small dense linear algebra shared by the kernels: compute dtype and SPD solves."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in: float32, or float64 when the input already is."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def solve_spd_left(G: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """Solve ``G @ Y = R`` for a small symmetric positive definite ``G`` (r x r).
+
+    Cholesky first; if the factorization fails (G numerically indefinite, e.g. a
+    rank-deficient factor with a tiny proximal weight) fall back to a least-squares
+    solve, which is exact for a non-singular G and the minimum-norm answer otherwise.
+    """
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) == 0:
+        return torch.cholesky_solve(R, L)
+    logger.debug("Cholesky failed (info=%d) on a %dx%d system; using lstsq", int(info), *G.shape)
+    return torch.linalg.lstsq(G, R).solution
+
+
+def solve_spd_right(R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Solve ``Y @ G = R`` for a small symmetric positive definite ``G``."""
+    return solve_spd_left(G, R.transpose(-1, -2)).transpose(-1, -2)

@@ -1,0 +1,116 @@
+"""PSI-LoRA (SGD with low-rank heavy-ball momentum, METHOD.md section 3) and preconditioned LoRA
+(its Jacobi, momentum-free special case, METHOD.md section 2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..lora_layers import LoRALayer
+from ..ops import compute_dtype, lorsum
+from .base import LoRAOptimizer, OtherOptimizerFactory
+
+MOMENTUM_SEED = 0x5151
+
+
+def init_low_rank_momentum(layer: LoRALayer, rank_multiplier: float) -> dict[str, torch.Tensor]:
+    """Rank-``r_m`` momentum ``M = M_B M_A``: ``M_A`` Gaussian with unit-norm-ish rows, ``M_B`` zero.
+
+    Seeded from the layer index so that every data-parallel rank starts from the same ``M_A``.
+    """
+    r_m = max(1, round(layer.rank * rank_multiplier))
+    m, n = layer.B.shape[0], layer.A.shape[1]
+    dtype = compute_dtype(layer.A.dtype)
+    gen = torch.Generator().manual_seed(MOMENTUM_SEED + layer.index)
+    M_A = torch.randn(r_m, n, generator=gen, dtype=dtype) / n**0.5
+    return {"momentum_A": M_A.to(layer.A.device), "momentum_B": torch.zeros(m, r_m, dtype=dtype, device=layer.A.device)}
+
+
+def low_rank_momentum_update(
+    state: dict[str, Any], X: torch.Tensor, Z: torch.Tensor, *, beta: float, grad_coef: float, lam: float, iters: int
+) -> None:
+    """``M <- LoRSum(beta M + grad_coef P)`` warm-started at the old factors (``P = Z^T X``)."""
+    state["momentum_A"], state["momentum_B"] = lorsum(
+        state["momentum_A"], state["momentum_B"], [(grad_coef, Z.T, X)], c0=beta, lam=lam, iters=iters
+    )
+
+
+class PSILoRA(LoRAOptimizer):
+    """Proximal Subspace Iteration LoRA.
+
+    Each step approximates the SVDLoRA oracle ``(A, B) <- svd_r(B A - eta' d)`` with
+    ``d = beta M + (1 - dampening) P`` and ``eta' = lr / scaling**2``, by LoRSum on thin
+    matrices. ``lr`` is the step size of the effective weight ``W0 + scaling * B A``.
+
+    Args:
+        model: a peft model with LoRA adapters (hooks are registered on it).
+        lr: step size in effective-weight space.
+        momentum: heavy-ball ``beta``; 0 keeps no momentum state.
+        dampening: as in ``torch.optim.SGD``.
+        iters: LoRSum inner iterations (0 = Jacobi = preconditioned LoRA).
+        prox: proximal weight relative to lr (``lam = lr * prox``).
+        rank_multiplier: momentum rank ``round(r * rank_multiplier)``.
+        max_grad_norm: clip the full-gradient norm to this (None or 0: no clipping).
+        other_optimizer: ``params -> Optimizer`` for the non-LoRA trainable parameters
+            (default ``torch.optim.AdamW(params, lr=lr)``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-2,
+        *,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        iters: int = 1,
+        prox: float = 1e-2,
+        rank_multiplier: float = 1.0,
+        max_grad_norm: float | None = None,
+        other_optimizer: OtherOptimizerFactory | None = None,
+    ):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if iters < 0:
+            raise ValueError(f"iters must be >= 0, got {iters}")
+        if rank_multiplier <= 0:
+            raise ValueError(f"rank_multiplier must be > 0, got {rank_multiplier}")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox,
+                        rank_multiplier=rank_multiplier)
+        super().__init__(model, defaults, max_grad_norm=max_grad_norm, other_optimizer=other_optimizer)
+
+    def _update_layer(self, layer, state, X, Z, clip, group) -> None:
+        beta, damp, iters = group["momentum"], group["dampening"], group["iters"]
+        eta = group["lr"] / layer.scaling**2  # product-space step (METHOD.md section 1)
+        lam = self.prox_weight(group)
+        g = (1.0 - damp) * clip
+        terms = [(-eta * g, Z.T, X)]
+        if beta > 0:
+            if not state:
+                state.update(init_low_rank_momentum(layer, group["rank_multiplier"]))
+            terms.append((-eta * beta, state["momentum_B"], state["momentum_A"]))
+        A_new, B_new = lorsum(layer.A, layer.B, terms, lam=lam, iters=iters)
+        if beta > 0:
+            low_rank_momentum_update(state, X, Z, beta=beta, grad_coef=g, lam=lam, iters=iters)
+        layer.A.copy_(A_new)
+        layer.B.copy_(B_new)
+
+
+class PreconditionedLoRA(PSILoRA):
+    """Preconditioned (scaled-GD / Riemannian) LoRA: ``PSILoRA(iters=0, momentum=0)``.
+
+    ``A <- A - eta' (B^T B + lam I)^-1 B^T P``, ``B <- B - eta' P A^T (A A^T + lam I)^-1``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-2,
+        *,
+        prox: float = 1e-2,
+        max_grad_norm: float | None = None,
+        other_optimizer: OtherOptimizerFactory | None = None,
+    ):
+        super().__init__(model, lr, momentum=0.0, iters=0, prox=prox, max_grad_norm=max_grad_norm,
+                         other_optimizer=other_optimizer)

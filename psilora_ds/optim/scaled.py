@@ -1,0 +1,108 @@
+"""Scaled PSI-LoRA: F-LoRSum steps under diagonal fractional K-FAC or Shampoo metrics, with an
+EMA low-rank momentum (METHOD.md section 4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..ops import compute_dtype, damped_power, kfac_diagonals, kfac_sums, lorsum, shampoo_diagonals
+from .base import LoRAOptimizer, OtherOptimizerFactory
+from .psilora import init_low_rank_momentum, low_rank_momentum_update
+
+METRICS = ("kfac", "shampoo")
+
+
+class ScaledPSILoRA(LoRAOptimizer):
+    """Scaled PSI-LoRA.
+
+    Per step and layer: EMA metric statistics (bias-corrected like Adam's second moment),
+    ``D = (stat + damping) ** metric_power``, then
+    ``(A, B) <- F-LoRSum(T~ = B A - eta' D_out^-1 ((1 - beta1) P + beta1 M) D_in^-1)`` and
+    ``M <- LoRSum(beta1 M + (1 - beta1) P)``, with ``eta' = lr / scaling**2``.
+
+    Args:
+        model: a peft model with LoRA adapters.
+        lr: step size in effective-weight space.
+        betas: ``(beta1, beta2)``: momentum EMA and metric EMA.
+        iters: LoRSum inner iterations.
+        prox: ``lam = lr * prox``.
+        damping: ``delta`` added to the metric statistics before the power.
+        metric_power: ``p`` in [0, 1] (1/2 = square-root K-FAC, the paper's default).
+        metric: ``"kfac"`` (diag E[x x^T], diag E[g g^T]) or ``"shampoo"`` (diag G^T G, diag G G^T).
+        rank_multiplier: momentum rank ``round(r * rank_multiplier)`` (``1/r`` gives rank 1).
+        max_grad_norm: clip the full-gradient norm (None or 0: no clipping).
+        other_optimizer: ``params -> Optimizer`` for non-LoRA trainable parameters (default AdamW(lr)).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        iters: int = 1,
+        prox: float = 1e-2,
+        damping: float = 1e-8,
+        metric_power: float = 0.5,
+        metric: str = "kfac",
+        rank_multiplier: float = 1.0,
+        max_grad_norm: float | None = None,
+        other_optimizer: OtherOptimizerFactory | None = None,
+    ):
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not 0.0 <= metric_power <= 1.0:
+            raise ValueError(f"metric_power must be in [0, 1], got {metric_power}")
+        if damping <= 0 and metric_power > 0:
+            raise ValueError(f"damping must be > 0 so the metric is invertible, got {damping}")
+        if iters < 0:
+            raise ValueError(f"iters must be >= 0, got {iters}")
+        defaults = dict(lr=lr, betas=tuple(betas), iters=iters, prox=prox, damping=damping,
+                        metric_power=metric_power, metric=metric, rank_multiplier=rank_multiplier)
+        super().__init__(model, defaults, max_grad_norm=max_grad_norm, other_optimizer=other_optimizer)
+
+    def _metric_statistics(self, group, layer, X, Z, clip) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's ``(d_in, d_out)`` statistics of the (clipped) gradient ``clip * P``."""
+        if group["metric"] == "kfac":
+            sum_x2, sum_z2 = kfac_sums(X, Z)
+            d_in, d_out = kfac_diagonals(sum_x2, sum_z2, X.shape[0], layer.scaling)
+            return d_in, d_out * clip**2
+        d_in, d_out = shampoo_diagonals(X, Z, layer.scaling)
+        return d_in * clip**2, d_out * clip**2
+
+    def _update_layer(self, layer, state, X, Z, clip, group) -> None:
+        beta1, beta2 = group["betas"]
+        eta = group["lr"] / layer.scaling**2
+        lam = self.prox_weight(group)
+        iters = group["iters"]
+        if not state:
+            dtype = compute_dtype(layer.A.dtype)
+            state["step"] = 0
+            state["metric_in"] = torch.zeros(layer.A.shape[1], dtype=dtype, device=layer.A.device)
+            state["metric_out"] = torch.zeros(layer.B.shape[0], dtype=dtype, device=layer.A.device)
+            if beta1 > 0:
+                state.update(init_low_rank_momentum(layer, group["rank_multiplier"]))
+        state["step"] += 1
+        d_in, d_out = self._metric_statistics(group, layer, X, Z, clip)
+        state["metric_in"].mul_(beta2).add_(d_in, alpha=1 - beta2)
+        state["metric_out"].mul_(beta2).add_(d_out, alpha=1 - beta2)
+        # Bias correction, as for Adam's second moment: otherwise the first steps would be
+        # (1 - beta2)^(-p) times too large on each side.
+        correction = 1 - beta2 ** state["step"]
+        D_in = damped_power(state["metric_in"] / correction, group["damping"], group["metric_power"])
+        D_out = damped_power(state["metric_out"] / correction, group["damping"], group["metric_power"])
+
+        g = (1 - beta1) * clip
+        terms = [(-eta * g, Z.T, X)]
+        if beta1 > 0:
+            terms.append((-eta * beta1, state["momentum_B"], state["momentum_A"]))
+        A_new, B_new = lorsum(layer.A, layer.B, terms, lam=lam, iters=iters, d_out=D_out, d_in=D_in)
+        if beta1 > 0:
+            low_rank_momentum_update(state, X, Z, beta=beta1, grad_coef=g, lam=lam, iters=iters)
+        layer.A.copy_(A_new)
+        layer.B.copy_(B_new)

@@ -1,0 +1,40 @@
+"""The SVDLoRA oracle as an optimizer: a dense step projected back to rank r by a truncated SVD
+(METHOD.md section 5). Forms ``m x n`` matrices: for small layers, tests and benchmarks."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..ops import dense_gradient, svd_project
+from .base import LoRAOptimizer, OtherOptimizerFactory
+
+
+class SVDLoRA(LoRAOptimizer):
+    """``(A, B) <- svd_r(B A - eta' d)``, ``d = beta d + P`` (dense heavy ball, ``beta = momentum``),
+    ``eta' = lr / scaling**2``; factors split as ``B = U S^1/2``, ``A = S^1/2 V^T``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-2,
+        *,
+        momentum: float = 0.0,
+        max_grad_norm: float | None = None,
+        other_optimizer: OtherOptimizerFactory | None = None,
+    ):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        super().__init__(model, dict(lr=lr, momentum=momentum), max_grad_norm=max_grad_norm,
+                         other_optimizer=other_optimizer)
+
+    def _update_layer(self, layer, state, X, Z, clip, group) -> None:
+        d = dense_gradient(Z, X).mul_(clip)
+        if group["momentum"] > 0:
+            if "momentum" in state:
+                d = state["momentum"].mul_(group["momentum"]).add_(d)
+            state["momentum"] = d
+        eta = group["lr"] / layer.scaling**2
+        T = (layer.B.to(d.dtype) @ layer.A.to(d.dtype)).sub_(d, alpha=eta)
+        A_new, B_new = svd_project(T, layer.rank)
+        layer.A.copy_(A_new)
+        layer.B.copy_(B_new)

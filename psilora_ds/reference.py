@@ -1,0 +1,105 @@
+"""Dense float64 reference implementations of every step, for tests only.
+
+Everything here forms the ``m x n`` matrices (the gradient ``P``, the target ``T``) and uses
+``torch.linalg.solve`` / ``torch.linalg.svd``; nothing is shared with the fast path in
+``psilora_ds.ops`` except the mathematical definitions of METHOD.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+f64 = torch.float64
+
+
+def lorsum_dense(A, B, T, *, lam, iters, d_out=None, d_in=None):
+    """Proximal ALS on a dense target ``T`` (already ``T~`` for the metric case), METHOD.md 2 and 4.
+
+    A-step: ``(Bt^T Do Bt + lam I) A+ = lam A + Bt^T Do T``; B-step: ``B+ (A+ Di A+^T + lam I) = lam B + T Di A+^T``.
+    """
+    A, B, T = A.to(f64), B.to(f64), T.to(f64)
+    Do = torch.diag(d_out.to(f64)) if d_out is not None else torch.eye(B.shape[0], dtype=f64)
+    Di = torch.diag(d_in.to(f64)) if d_in is not None else torch.eye(A.shape[1], dtype=f64)
+    eye = torch.eye(A.shape[0], dtype=f64)
+
+    def a_step(Bt):
+        return torch.linalg.solve(Bt.T @ Do @ Bt + lam * eye, lam * A + Bt.T @ Do @ T)
+
+    def b_step(At):
+        return torch.linalg.solve(At @ Di @ At.T + lam * eye, (lam * B + T @ Di @ At.T).T).T
+
+    if iters == 0:
+        return a_step(B), b_step(A)
+    Bt = B
+    for _ in range(iters):
+        At = a_step(Bt)
+        Bt = b_step(At)
+    return At, Bt
+
+
+def svd_truncate(T, rank):
+    """Truncated SVD of dense ``T``: ``(A, B)`` with ``B A = U_r S_r V_r^T``, balanced."""
+    U, S, Vh = torch.linalg.svd(T.to(f64), full_matrices=False)
+    root = S[:rank].sqrt()
+    return root[:, None] * Vh[:rank], U[:, :rank] * root
+
+
+def psilora_step(A, B, P, *, scaling, lr, momentum=0.0, dampening=0.0, iters=1, lam, M=None):
+    """One PSI-LoRA step on dense ``P`` (METHOD.md 3). ``M`` = ``(M_A, M_B)`` or None.
+    Returns ``(A', B', M')``."""
+    eta = lr / scaling**2
+    A, B, P = A.to(f64), B.to(f64), P.to(f64)
+    Md = M[1].to(f64) @ M[0].to(f64) if M is not None else torch.zeros_like(P)
+    T = B @ A - eta * (1 - dampening) * P - eta * momentum * Md
+    A_new, B_new = lorsum_dense(A, B, T, lam=lam, iters=iters)
+    M_new = None
+    if M is not None:
+        M_new = lorsum_dense(M[0].to(f64), M[1].to(f64), momentum * Md + (1 - dampening) * P, lam=lam, iters=iters)
+    return A_new, B_new, M_new
+
+
+def kfac_diagonal_stats(X, Z, scaling):
+    """``(mean_rows x^2, E[g^2])`` with per-example output gradients ``N z / scaling`` (METHOD.md 4)."""
+    X, Z = X.to(f64), Z.to(f64)
+    N = X.shape[0]
+    return (X**2).mean(0), ((N * Z / scaling) ** 2).mean(0)
+
+
+def shampoo_diagonal_stats(P, scaling):
+    """``(diag(G^T G), diag(G G^T))`` with the dense ``G = P / scaling``."""
+    G = P.to(f64) / scaling
+    return torch.diagonal(G.T @ G), torch.diagonal(G @ G.T)
+
+
+def scaled_psilora_step(A, B, P, D_out, D_in, *, scaling, lr, beta1, iters, lam, M=None):
+    """One Scaled PSI-LoRA step on dense ``P`` given the final metric diagonals (METHOD.md 4)."""
+    eta = lr / scaling**2
+    A, B, P = A.to(f64), B.to(f64), P.to(f64)
+    Do, Di = D_out.to(f64), D_in.to(f64)
+    Md = M[1].to(f64) @ M[0].to(f64) if M is not None else torch.zeros_like(P)
+    step = (1 - beta1) * P + beta1 * Md
+    T = B @ A - eta * (step / Do[:, None]) / Di[None, :]
+    A_new, B_new = lorsum_dense(A, B, T, lam=lam, iters=iters, d_out=Do, d_in=Di)
+    M_new = None
+    if M is not None:
+        M_new = lorsum_dense(M[0].to(f64), M[1].to(f64), step, lam=lam, iters=iters)
+    return A_new, B_new, M_new
+
+
+def svdlora_step(A, B, P, *, scaling, lr):
+    """``svd_r(B A - lr / scaling^2 * P)``."""
+    T = B.to(f64) @ A.to(f64) - lr / scaling**2 * P.to(f64)
+    return svd_truncate(T, A.shape[0])
+
+
+def clip_coefficient(dense_grads, max_norm):
+    """torch's clip_grad_norm_ coefficient for the dense gradients ``dense_grads``."""
+    norm = torch.sqrt(sum((g.to(f64) ** 2).sum() for g in dense_grads))
+    return min(1.0, max_norm / (float(norm) + 1e-6)), float(norm)
+
+
+def ema_metric(ema, stat, *, beta2, step, damping, power):
+    """EMA of a metric statistic, Adam-style bias correction, damping and fractional power.
+    Returns ``(new_ema, D)``."""
+    ema = beta2 * ema.to(f64) + (1 - beta2) * stat.to(f64)
+    return ema, (ema / (1 - beta2**step) + damping) ** power
