@@ -2,7 +2,6 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,48 +18,3 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip)
-
-
-class TwoLayerNet(nn.Module):
-    """x -> fc1 -> tanh -> fc2 -> head: LoRA goes on fc1/fc2, head is a plain trainable layer."""
-
-    def __init__(self, n_in=12, hidden=16, n_out=10, n_cls=3):
-        super().__init__()
-        self.fc1 = nn.Linear(n_in, hidden)
-        self.fc2 = nn.Linear(hidden, n_out)
-        self.head = nn.Linear(n_out, n_cls)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
-
-
-def lora_two_layer_net(dtype=torch.float64, r=4, alpha=8, dropout=0.0, seed=0, head_trainable=True,
-                       use_rslora=False, nonzero_B=True):
-    """A peft LoRA model over TwoLayerNet; B is randomized (unless nonzero_B=False) so steps are generic."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    base = TwoLayerNet().to(dtype)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["fc1", "fc2"],
-                     modules_to_save=["head"] if head_trainable else None, use_rslora=use_rslora)
-    model = get_peft_model(base, cfg)
-    if nonzero_B:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.3)
-    return model
-
-
-def tiny_llama(seed=0, vocab=64, hidden=32, layers=2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
-
-
-@pytest.fixture
-def two_layer():
-    return lora_two_layer_net

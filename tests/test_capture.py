@@ -1,0 +1,160 @@
+"""Captured (X, Z) must reproduce autograd's LoRA gradients: A.grad = B^T Z^T X, B.grad = Z^T X A^T."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from psilora_ds import ActivationCapture, find_lora_layers
+from psilora_ds.lora_layers import NoLoRALayersError
+
+from .models import tiny_llama
+
+
+def llama_lora(r=4, dropout=0.0, adapters=("default",), rslora=False, dtype=torch.float64, seed=0):
+    model = tiny_llama(seed=seed).to(dtype)
+    cfg = LoraConfig(r=r, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj", "down_proj"],
+                     use_rslora=rslora)
+    model = get_peft_model(model, cfg, adapter_name=adapters[0])
+    for name in adapters[1:]:
+        model.add_adapter(name, cfg)
+    if len(adapters) > 1:
+        model.base_model.set_adapter(list(adapters))
+    with torch.no_grad():  # non-zero B so that A.grad is not trivially zero
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    model.train()
+    return model
+
+
+def batch(seed, b=2, t=9, vocab=64):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def assert_capture_matches_autograd(model, layers, batches, rtol=1e-9, atol=1e-12):
+    for i, layer in enumerate(layers):
+        assert i in batches, f"{layer.name} captured nothing"
+        X, Z = batches[i].X().double(), batches[i].Z().double()
+        P = Z.T @ X
+        A, B = layer.A.detach().double(), layer.B.detach().double()
+        torch.testing.assert_close(layer.A.grad.double(), B.T @ P, rtol=rtol, atol=atol)
+        torch.testing.assert_close(layer.B.grad.double(), P @ A.T, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_capture_single_microbatch(dropout):
+    model = llama_lora(dropout=dropout)
+    layers = find_lora_layers(model)
+    assert len(layers) == 2 * 3
+    cap = ActivationCapture(layers)
+    torch.manual_seed(1)
+    model(**batch(0)).loss.backward()
+    got = cap.pop()
+    assert_capture_matches_autograd(model, layers, got)
+    assert got[0].rows == 2 * 9
+
+
+def test_capture_two_adapters_and_three_microbatches():
+    model = llama_lora(dropout=0.1, adapters=("default", "second"))
+    layers = find_lora_layers(model)
+    assert {layer.adapter for layer in layers} == {"default", "second"}
+    assert len(layers) == 12
+    cap = ActivationCapture(layers)
+    torch.manual_seed(2)
+    for k in range(3):
+        (model(**batch(k)).loss / 3).backward()
+    got = cap.pop()
+    assert all(len(b.xs) == 3 for b in got.values())
+    assert_capture_matches_autograd(model, layers, got)
+    assert cap.pop() == {}
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_capture_under_gradient_checkpointing_counts_each_row_once(reentrant):
+    model = llama_lora(dropout=0.2)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    layers = find_lora_layers(model)
+    cap = ActivationCapture(layers)
+    forwards = []
+    layers[0].lora_A.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    torch.manual_seed(3)
+    for k in range(2):
+        model(**batch(10 + k)).loss.backward()
+    assert len(forwards) == 4  # each micro-batch ran the adapter twice: forward and recomputation
+    got = cap.pop()
+    assert all(b.rows == 2 * 2 * 9 for b in got.values()), [b.rows for b in got.values()]
+    assert_capture_matches_autograd(model, layers, got)
+
+
+def test_no_capture_without_grad_and_cache_bytes():
+    model = llama_lora(dtype=torch.float32)
+    layers = find_lora_layers(model)
+    cap = ActivationCapture(layers)
+    with torch.no_grad():
+        model(**batch(0))
+    model.eval()
+    model(**batch(0))  # forward without backward commits nothing
+    assert cap.pop() == {}
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch(1)).loss
+    loss.backward()
+    expected = 0
+    batches = cap._batches
+    for i, layer in enumerate(layers):
+        n, m = layer.A.shape[1], layer.B.shape[0]
+        X, Z = batches[i].X(), batches[i].Z()
+        assert Z.dtype == torch.bfloat16  # cached in the activation dtype
+        expected += 18 * (n * X.element_size() + m * Z.element_size())
+    assert cap.nbytes == expected
+    assert_capture_matches_autograd(model, layers, cap.pop(), rtol=2e-2, atol=1e-3)
+    cap.remove()
+    model(**batch(2)).loss.backward()
+    assert cap.pop() == {}
+
+
+def test_rslora_scaling_is_read_from_the_layer():
+    model = llama_lora(r=4, rslora=True)
+    layer = find_lora_layers(model)[0]
+    assert layer.scaling == pytest.approx(8 / 4**0.5)
+    model = llama_lora(r=4)
+    assert find_lora_layers(model)[0].scaling == pytest.approx(8 / 4)
+
+
+def test_model_without_lora_is_a_one_line_error():
+    with pytest.raises(NoLoRALayersError, match="get_peft_model") as info:
+        find_lora_layers(tiny_llama())
+    assert "\n" not in str(info.value)
+
+
+def test_dora_is_refused():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="use_dora=False"):
+        find_lora_layers(model)
+
+
+def test_capture_on_bitsandbytes_4bit_base(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(seed=5).save_pretrained(tmp_path)
+    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qcfg, device_map="cpu")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    from peft.tuners.lora.bnb import Linear4bit
+
+    assert any(isinstance(m, Linear4bit) for m in model.modules())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    layers = find_lora_layers(model)
+    cap = ActivationCapture(layers)
+    model(**batch(0)).loss.backward()
+    assert_capture_matches_autograd(model, layers, cap.pop(), rtol=1e-4, atol=1e-6)
+    assert isinstance(bnb.__version__, str)
