@@ -14,7 +14,7 @@ from torch import nn
 
 from ..capture import ActivationCapture, LayerBatch
 from ..lora_layers import LoRALayer, find_lora_layers, other_parameters
-from ..ops import frobenius_sq
+from ..ops import compute_dtype, frobenius_sq
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             total += float(frobenius_sq(batch.Z(), batch.X())) / self.layers[idx].scaling ** 2
         for p in self._other_params():
             if p.grad is not None:
-                total += float(p.grad.float().square().sum())
+                total += float(p.grad.to(compute_dtype(p.grad.dtype)).square().sum())
         return math.sqrt(total)
 
     def _clip_coefficient(self, batches: dict[int, LayerBatch]) -> float:

@@ -1,0 +1,308 @@
+"""Each optimizer's step equals the dense float64 reference step (psilora_ds.reference), with the
+gradient computed independently by autograd on the dense effective weights."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA, find_lora_layers
+from psilora_ds import reference as ref
+from psilora_ds.optim.psilora import init_low_rank_momentum
+
+from .models import lora_two_layer_net
+
+f64 = torch.float64
+
+
+def data(seed=0, N=24):
+    g = torch.Generator().manual_seed(100 + seed)
+    return torch.randn(N, 12, generator=g, dtype=f64), torch.randn(N, 3, generator=g, dtype=f64)
+
+
+def model_loss(model, x, t):
+    return F.mse_loss(model(x), t)
+
+
+class DenseTwin:
+    """The same network written densely: W_l = W0_l + s_l B_l A_l, gradients by autograd on W_l."""
+
+    def __init__(self, model):
+        net = model.base_model.model
+        self.layers = find_lora_layers(model)
+        self.W0 = [net.fc1.base_layer.weight.detach().clone(), net.fc2.base_layer.weight.detach().clone()]
+        self.b = [net.fc1.base_layer.bias.detach().clone(), net.fc2.base_layer.bias.detach().clone()]
+        head = net.head.modules_to_save["default"] if hasattr(net.head, "modules_to_save") else net.head
+        self.head = (head.weight.detach().clone(), head.bias.detach().clone())
+        self.s = [layer.scaling for layer in self.layers]
+        self.A = [layer.A.detach().clone() for layer in self.layers]
+        self.B = [layer.B.detach().clone() for layer in self.layers]
+
+    def grads(self, x, t):
+        """``(P_l, X_l, Z_l)`` per layer and the head's gradients: P = s * dL/dW, Z = s * dL/dy."""
+        Ws = [(W0 + s * B @ A).requires_grad_(True) for W0, s, A, B in zip(self.W0, self.s, self.A, self.B)]
+        head = [p.clone().requires_grad_(True) for p in self.head]
+        y1 = F.linear(x, Ws[0], self.b[0])
+        h1 = torch.tanh(y1)
+        y2 = F.linear(h1, Ws[1], self.b[1])
+        loss = F.mse_loss(F.linear(torch.tanh(y2), *head), t)
+        gW1, gW2, gy1, gy2, *g_head = torch.autograd.grad(loss, [*Ws, y1, y2, *head])
+        P = [s * g for s, g in zip(self.s, (gW1, gW2))]
+        Z = [s * g for s, g in zip(self.s, (gy1, gy2))]
+        return P, [x, h1.detach()], Z, g_head
+
+
+def run_optimizer(opt, model, batches):
+    for x, t in batches:
+        opt.zero_grad()
+        model_loss(model, x, t).backward()
+        opt.step()
+
+
+def assert_factors(layers, A, B, tol=1e-10):
+    for layer, a, b in zip(layers, A, B):
+        torch.testing.assert_close(layer.A.detach(), a, rtol=tol, atol=tol)
+        torch.testing.assert_close(layer.B.detach(), b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("iters", [0, 1, 2])
+@pytest.mark.parametrize("momentum,dampening", [(0.0, 0.0), (0.9, 0.1)])
+def test_psilora_matches_dense_reference(iters, momentum, dampening):
+    model = lora_two_layer_net(head_trainable=False)
+    twin = DenseTwin(model)
+    lr, prox = 0.3, 1e-2
+    opt = PSILoRA(model, lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox)
+    M = [tuple(init_low_rank_momentum(layer, 1.0).values()) if momentum else None for layer in twin.layers]
+    batches = [data(k) for k in range(3)]
+    for x, t in batches:
+        P, _, _, _ = twin.grads(x, t)
+        for i in range(2):
+            twin.A[i], twin.B[i], M[i] = ref.psilora_step(
+                twin.A[i], twin.B[i], P[i], scaling=twin.s[i], lr=lr, momentum=momentum, dampening=dampening,
+                iters=iters, lam=lr * prox, M=M[i])
+        run_optimizer(opt, model, [(x, t)])
+        assert_factors(opt.layers, twin.A, twin.B)
+    if momentum:
+        for layer, m in zip(opt.layers, M):
+            torch.testing.assert_close(opt.state[layer.A]["momentum_A"], m[0], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(opt.state[layer.A]["momentum_B"], m[1], rtol=1e-10, atol=1e-10)
+
+
+def test_preconditioned_lora_is_jacobi_psilora():
+    model = lora_two_layer_net(head_trainable=False)
+    twin = DenseTwin(model)
+    opt = PreconditionedLoRA(model, 0.2, prox=1e-3)
+    for x, t in [data(k) for k in range(2)]:
+        P, _, _, _ = twin.grads(x, t)
+        for i in range(2):
+            twin.A[i], twin.B[i], _ = ref.psilora_step(twin.A[i], twin.B[i], P[i], scaling=twin.s[i], lr=0.2,
+                                                       iters=0, lam=0.2 * 1e-3)
+        run_optimizer(opt, model, [(x, t)])
+        assert_factors(opt.layers, twin.A, twin.B)
+
+
+@pytest.mark.parametrize("metric", ["kfac", "shampoo"])
+@pytest.mark.parametrize("beta1", [0.0, 0.8])
+def test_scaled_psilora_matches_dense_reference(metric, beta1):
+    model = lora_two_layer_net(head_trainable=False)
+    twin = DenseTwin(model)
+    lr, prox, beta2, damping, power, iters = 0.05, 1e-2, 0.9, 1e-3, 0.5, 2
+    opt = ScaledPSILoRA(model, lr, betas=(beta1, beta2), iters=iters, prox=prox, damping=damping,
+                        metric_power=power, metric=metric)
+    M = [tuple(init_low_rank_momentum(layer, 1.0).values()) if beta1 else None for layer in twin.layers]
+    ema_in = [torch.zeros(layer.A.shape[1], dtype=f64) for layer in twin.layers]
+    ema_out = [torch.zeros(layer.B.shape[0], dtype=f64) for layer in twin.layers]
+    for step, (x, t) in enumerate([data(k) for k in range(3)], start=1):
+        P, X, Z, _ = twin.grads(x, t)
+        for i in range(2):
+            torch.testing.assert_close(Z[i].T @ X[i], P[i])  # the factorization itself
+            if metric == "kfac":
+                s_in, s_out = ref.kfac_diagonal_stats(X[i], Z[i], twin.s[i])
+            else:
+                s_in, s_out = ref.shampoo_diagonal_stats(P[i], twin.s[i])
+            ema_in[i], D_in = ref.ema_metric(ema_in[i], s_in, beta2=beta2, step=step, damping=damping, power=power)
+            ema_out[i], D_out = ref.ema_metric(ema_out[i], s_out, beta2=beta2, step=step, damping=damping,
+                                               power=power)
+            twin.A[i], twin.B[i], M[i] = ref.scaled_psilora_step(
+                twin.A[i], twin.B[i], P[i], D_out, D_in, scaling=twin.s[i], lr=lr, beta1=beta1, iters=iters,
+                lam=lr * prox, M=M[i])
+        run_optimizer(opt, model, [(x, t)])
+        assert_factors(opt.layers, twin.A, twin.B)
+    for layer, e_in, e_out in zip(opt.layers, ema_in, ema_out):
+        torch.testing.assert_close(opt.state[layer.A]["metric_in"], e_in)
+        torch.testing.assert_close(opt.state[layer.A]["metric_out"], e_out)
+
+
+def test_svdlora_matches_dense_svd():
+    model = lora_two_layer_net(head_trainable=False)
+    twin = DenseTwin(model)
+    opt = SVDLoRA(model, 0.3)
+    for x, t in [data(k) for k in range(2)]:
+        P, _, _, _ = twin.grads(x, t)
+        for i in range(2):
+            twin.A[i], twin.B[i] = ref.svdlora_step(twin.A[i], twin.B[i], P[i], scaling=twin.s[i], lr=0.3)
+        run_optimizer(opt, model, [(x, t)])
+        # the split of B A is unique up to signs of singular pairs: compare products
+        for layer, a, b in zip(opt.layers, twin.A, twin.B):
+            torch.testing.assert_close(layer.B.detach() @ layer.A.detach(), b @ a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_clipping_scales_the_step_like_the_dense_clipped_step(max_norm):
+    model = lora_two_layer_net(head_trainable=True)
+    twin = DenseTwin(model)
+    lr = 0.3
+    opt = PSILoRA(model, lr, iters=2, max_grad_norm=max_norm)
+    x, t = data(7)
+    P, _, _, g_head = twin.grads(x, t)
+    dense_G = [p / s for p, s in zip(P, twin.s)] + g_head
+    coef, norm = ref.clip_coefficient(dense_G, max_norm)
+    assert (coef < 1.0) == (max_norm < 1.0)
+    for i in range(2):
+        twin.A[i], twin.B[i], _ = ref.psilora_step(twin.A[i], twin.B[i], coef * P[i], scaling=twin.s[i], lr=lr,
+                                                   iters=2, lam=lr * 1e-2)
+    model_loss(model, x, t).backward()
+    head_grad = [p.grad.clone() for p in opt.param_groups[1]["params"]]
+    opt.step()
+    assert opt.last_grad_norm == pytest.approx(norm, rel=1e-10)
+    assert_factors(opt.layers, twin.A, twin.B)
+    for p, g in zip(opt.param_groups[1]["params"], head_grad):
+        torch.testing.assert_close(p.grad, coef * g)
+
+
+OPTIMIZERS = {
+    "psilora": lambda m: PSILoRA(m, 0.1, momentum=0.9, iters=2),
+    "scaled_kfac": lambda m: ScaledPSILoRA(m, 1e-2, iters=1),
+    "scaled_shampoo": lambda m: ScaledPSILoRA(m, 1e-2, metric="shampoo", rank_multiplier=0.25),
+    "precond": lambda m: PreconditionedLoRA(m, 0.1),
+    "svdlora": lambda m: SVDLoRA(m, 0.1, momentum=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_state_dict_round_trip_resumes_identically(name):
+    batches = [data(k) for k in range(4)]
+
+    def build():
+        model = lora_two_layer_net(head_trainable=True, nonzero_B=False)
+        opt = OPTIMIZERS[name](model)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+        return model, opt, sched
+
+    def train(model, opt, sched, bs):
+        for x, t in bs:
+            opt.zero_grad()
+            model_loss(model, x, t).backward()
+            opt.step()
+            sched.step()
+
+    model, opt, sched = build()
+    train(model, opt, sched, batches)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, opt, sched = build()
+    train(model, opt, sched, batches[:2])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    model2, opt2, sched2 = build()
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert opt2.param_groups[1] is opt2.other_optimizer.param_groups[0]
+    train(model2, opt2, sched2, batches[2:])
+    for k, v in model2.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_runs_under_bf16_autocast_and_loss_falls(name):
+    torch.manual_seed(0)
+    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+    opt = OPTIMIZERS[name](model)
+    x, t = (v.float() for v in data(3, N=64))
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model_loss(model, x, t)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    for layer in opt.layers:
+        assert layer.A.dtype == torch.float32 and torch.isfinite(layer.A).all() and torch.isfinite(layer.B).all()
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_non_finite_factors_skip_the_whole_step():
+    model = lora_two_layer_net(head_trainable=True)
+    opt = ScaledPSILoRA(model, 1e-2)
+    x, t = data(0)
+    model_loss(model, x, t).backward()
+    opt.step()
+    before = copy.deepcopy({k: v.clone() for k, v in model.state_dict().items()})
+    state_before = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    (model_loss(model, x, t) * float("inf")).backward()
+    opt.step()
+    assert opt.skipped_steps == 1
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    after = opt.state_dict()
+    for name, st in state_before["layers"].items():
+        for k, v in st.items():
+            torch.testing.assert_close(after["layers"][name][k], v, rtol=0, atol=0)
+    opt.zero_grad()
+    model_loss(model, x, t).backward()
+    opt.step()  # the next finite step proceeds
+    assert opt.state_dict()["layers"][opt.layers[0].name]["step"] == 2
+
+
+def test_layer_that_captured_nothing_keeps_factors_and_state():
+    model = lora_two_layer_net(head_trainable=False)
+    opt = PSILoRA(model, 0.1, momentum=0.9)
+    x, t = data(1)
+    model_loss(model, x, t).backward()
+    opt.step()
+    fc2 = opt.layers[1]
+    A, B = fc2.A.detach().clone(), fc2.B.detach().clone()
+    state = {k: v.clone() for k, v in opt.state[fc2.A].items()}
+    A1 = opt.layers[0].A.detach().clone()
+    # a forward that bypasses fc2's adapter: only fc1 captures
+    net = model.base_model.model
+    net.fc2.enable_adapters(False)
+    model_loss(model, x, t).backward()
+    net.fc2.enable_adapters(True)
+    opt.step()
+    assert not torch.equal(opt.layers[0].A, A1)
+    torch.testing.assert_close(fc2.A.detach(), A, rtol=0, atol=0)
+    torch.testing.assert_close(fc2.B.detach(), B, rtol=0, atol=0)
+    for k, v in state.items():
+        torch.testing.assert_close(opt.state[fc2.A][k], v, rtol=0, atol=0)
+
+
+def test_scheduler_drives_lora_and_other_groups():
+    model = lora_two_layer_net(head_trainable=True)
+    opt = PSILoRA(model, 0.5, other_optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1 * (step + 1))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert opt.other_optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    x, t = data(0)
+    model_loss(model, x, t).backward()
+    opt.step()
+    sched.step()
+    assert opt.other_optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)
+
+
+def test_bad_hyperparameters_are_one_line_errors():
+    model = lora_two_layer_net()
+    for kwargs in (dict(momentum=1.5), dict(iters=-1), dict(rank_multiplier=0)):
+        with pytest.raises(ValueError) as info:
+            PSILoRA(model, 0.1, **kwargs)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="metric"):
+        ScaledPSILoRA(model, 1e-3, metric="adam")
