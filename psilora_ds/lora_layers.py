@@ -44,6 +44,16 @@ class LoRALayer:
     def rank(self) -> int:
         return int(self.lora_A.out_features)
 
+    @property
+    def in_features(self) -> int:
+        """``n`` (also under ZeRO-3, where ``A.shape`` is empty outside forward)."""
+        return int(self.lora_A.in_features)
+
+    @property
+    def out_features(self) -> int:
+        """``m``."""
+        return int(self.lora_B.out_features)
+
 
 class NoLoRALayersError(ValueError):
     pass

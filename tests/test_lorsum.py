@@ -148,3 +148,16 @@ def test_rejects_bad_arguments():
         lorsum(A, B, [], lam=1.0, iters=-1)
     with pytest.raises(ValueError, match="both"):
         lorsum(A, B, [], lam=1.0, iters=1, d_out=torch.ones(60, dtype=f64))
+
+
+@pytest.mark.parametrize("iters", [0, 2])
+def test_reduce_sums_only_the_local_terms(iters):
+    """Two identical 'ranks' each holding half of the gradient: reduce doubles the local products,
+    the shared (momentum) term is counted once."""
+    A, B, Z, X, F2, H2 = problem(seed=10)
+    d = torch.rand(60, dtype=f64) + 0.5, torch.rand(40, dtype=f64) + 0.5
+    for metric in (None, d):
+        kw = dict(lam=1e-3, iters=iters, d_out=metric and metric[0], d_in=metric and metric[1])
+        expected = lorsum(A, B, [(-0.2, Z.T, X), (0.4, F2, H2)], **kw)
+        got = lorsum(A, B, [(-0.1, Z.T, X)], shared_terms=[(0.4, F2, H2)], reduce=lambda t: 2 * t, **kw)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

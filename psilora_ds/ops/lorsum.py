@@ -4,7 +4,7 @@ terms, by warm-started alternating least squares on thin matrices (METHOD.md sec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,6 +23,8 @@ def lorsum(
     c0: float = 1.0,
     d_out: torch.Tensor | None = None,
     d_in: torch.Tensor | None = None,
+    shared_terms: Sequence[Term] = (),
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate the best rank-r factorization ``B' A'`` of ``T = c0*B@A + sum_j coef_j*F_j@H_j``.
 
@@ -42,6 +44,11 @@ def lorsum(
         d_out, d_in: optional positive diagonal metrics (``m``,) and (``n``,). When given, this is
             F-LoRSum: the metric-weighted projection of ``T~ = c0 BA + sum coef D_out^-1 F H D_in^-1``
             (METHOD.md section 4).
+        shared_terms: more ``(coef, F, H)`` terms that are identical on every data-parallel rank
+            (e.g. the low-rank momentum); never reduced.
+        reduce: data parallelism (METHOD.md section 6): ``terms`` hold this rank's share of the
+            data, and ``reduce`` sums a thin product over the ranks (an all-reduce of an ``r x n``
+            or ``m x r`` tensor, twice per iteration). ``None``: one process.
 
     Returns:
         ``(A_new, B_new)`` in the dtype of ``A`` and ``B``. The math runs in float32 or wider.
@@ -58,34 +65,45 @@ def lorsum(
     B0 = B.to(cd)
     r = A0.shape[0]
     eye = torch.eye(r, dtype=cd, device=A0.device)
-    Fs = [F.to(cd) for _, F, _ in terms]
-    Hs = [H.to(cd) for _, _, H in terms]
-    coefs = [float(c) for c, _, _ in terms]
+
+    def prepared(ts: Sequence[Term]) -> list[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(coef, F, H, D_out^-1 F, H D_in^-1)``; the metric scalings are fixed across iterations."""
+        out = []
+        for c, F, H in ts:
+            F, H = F.to(cd), H.to(cd)
+            Fw = F if d_out is None else F / d_out[:, None]
+            Hw = H if d_in is None else H / d_in[None, :]
+            out.append((float(c), F, H, Fw, Hw))
+        return out
+
     if d_out is not None:
-        d_out = d_out.to(cd)
-        d_in = d_in.to(cd)
-        inv_out = d_out.reciprocal()
-        inv_in = d_in.reciprocal()
-        # D_out^-1 F_j and H_j D_in^-1 are fixed across iterations: scale them once.
-        Fs_w = [inv_out[:, None] * F for F in Fs]
-        Hs_w = [H * inv_in[None, :] for H in Hs]
-    else:
-        Fs_w, Hs_w = Fs, Hs
+        d_out, d_in = d_out.to(cd), d_in.to(cd)
+    local, shared = prepared(terms), prepared(shared_terms)
+
+    def sum_of_terms(like: torch.Tensor, products) -> torch.Tensor:
+        out = torch.zeros_like(like)
+        for c, left, right in products:
+            out.addmm_(left, right, alpha=c)
+        return out
 
     def a_step(Bt: torch.Tensor) -> torch.Tensor:
         # (Bt^T D_out Bt + lam I) A+ = lam A + c0 (Bt^T D_out B) A + sum c_j (Bt^T F_j)(H_j D_in^-1)
+        data = sum_of_terms(A0, ((c, Bt.T @ F, Hw) for c, F, _, _, Hw in local))
+        if reduce is not None:
+            data = reduce(data)
+        rhs = data + sum_of_terms(A0, ((c, Bt.T @ F, Hw) for c, F, _, _, Hw in shared))
         DBt = Bt if d_out is None else d_out[:, None] * Bt
-        rhs = (lam * A0).addmm(c0 * (DBt.T @ B0), A0)
-        for c, F, Hw in zip(coefs, Fs, Hs_w):
-            rhs.addmm_(Bt.T @ F, Hw, alpha=c)
+        rhs.add_(A0, alpha=lam).addmm_(DBt.T @ B0, A0, alpha=c0)
         return solve_spd_left(DBt.T @ Bt + lam * eye, rhs)
 
     def b_step(At: torch.Tensor) -> torch.Tensor:
         # B+ (At D_in At^T + lam I) = lam B + c0 B (A D_in At^T) + sum c_j (D_out^-1 F_j)(H_j At^T)
+        data = sum_of_terms(B0, ((c, Fw, H @ At.T) for c, _, H, Fw, _ in local))
+        if reduce is not None:
+            data = reduce(data)
+        rhs = data + sum_of_terms(B0, ((c, Fw, H @ At.T) for c, _, H, Fw, _ in shared))
         DAt = At if d_in is None else At * d_in[None, :]
-        rhs = (lam * B0).addmm(B0, c0 * (A0 @ DAt.T))
-        for c, Fw, H in zip(coefs, Fs_w, Hs):
-            rhs.addmm_(Fw, H @ At.T, alpha=c)
+        rhs.add_(B0, alpha=lam).addmm_(B0, A0 @ DAt.T, alpha=c0)
         return solve_spd_right(rhs, DAt @ At.T + lam * eye)
 
     if iters == 0:
@@ -96,4 +114,4 @@ def lorsum(
             A_new = a_step(Bt)
             Bt = b_step(A_new)
         B_new = Bt
-    return A_new.to(out_dtype), B_new.to(out_dtype)
+    return A_new.to(out_dtype).contiguous(), B_new.to(out_dtype).contiguous()

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import Distributor
 from ..lora_layers import LoRALayer
 from ..ops import compute_dtype, lorsum
-from .base import LoRAOptimizer, OtherOptimizerFactory
+from .base import LayerGradient, LoRAOptimizer, OtherOptimizerFactory
 
 MOMENTUM_SEED = 0x5151
 
@@ -21,19 +22,21 @@ def init_low_rank_momentum(layer: LoRALayer, rank_multiplier: float) -> dict[str
     Seeded from the layer index so that every data-parallel rank starts from the same ``M_A``.
     """
     r_m = max(1, round(layer.rank * rank_multiplier))
-    m, n = layer.B.shape[0], layer.A.shape[1]
-    dtype = compute_dtype(layer.A.dtype)
+    m, n = layer.out_features, layer.in_features
+    dtype = compute_dtype(layer.lora_A.weight.dtype)
     gen = torch.Generator().manual_seed(MOMENTUM_SEED + layer.index)
     M_A = torch.randn(r_m, n, generator=gen, dtype=dtype) / n**0.5
-    return {"momentum_A": M_A.to(layer.A.device), "momentum_B": torch.zeros(m, r_m, dtype=dtype, device=layer.A.device)}
+    device = layer.A.device
+    return {"momentum_A": M_A.to(device), "momentum_B": torch.zeros(m, r_m, dtype=dtype, device=device)}
 
 
 def low_rank_momentum_update(
-    state: dict[str, Any], X: torch.Tensor, Z: torch.Tensor, *, beta: float, grad_coef: float, lam: float, iters: int
+    state: dict[str, Any], grad: LayerGradient, *, beta: float, grad_scale: float, lam: float, iters: int
 ) -> None:
-    """``M <- LoRSum(beta M + grad_coef P)`` warm-started at the old factors (``P = Z^T X``)."""
+    """``M <- LoRSum(beta M + grad_scale P)`` warm-started at the old factors."""
     state["momentum_A"], state["momentum_B"] = lorsum(
-        state["momentum_A"], state["momentum_B"], [(grad_coef, Z.T, X)], c0=beta, lam=lam, iters=iters
+        state["momentum_A"], state["momentum_B"], grad.terms(grad_scale), c0=beta, lam=lam, iters=iters,
+        reduce=grad.reduce,
     )
 
 
@@ -55,6 +58,8 @@ class PSILoRA(LoRAOptimizer):
         max_grad_norm: clip the full-gradient norm to this (None or 0: no clipping).
         other_optimizer: ``params -> Optimizer`` for the non-LoRA trainable parameters
             (default ``torch.optim.AdamW(params, lr=lr)``).
+        distributor: the parallel engine's adapter (default: data parallel over the world group
+            when torch.distributed is initialized with several ranks, else one process).
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class PSILoRA(LoRAOptimizer):
         rank_multiplier: float = 1.0,
         max_grad_norm: float | None = None,
         other_optimizer: OtherOptimizerFactory | None = None,
+        distributor: Distributor | None = None,
     ):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -78,23 +84,23 @@ class PSILoRA(LoRAOptimizer):
             raise ValueError(f"rank_multiplier must be > 0, got {rank_multiplier}")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox,
                         rank_multiplier=rank_multiplier)
-        super().__init__(model, defaults, max_grad_norm=max_grad_norm, other_optimizer=other_optimizer)
+        super().__init__(model, defaults, max_grad_norm=max_grad_norm, other_optimizer=other_optimizer,
+                         distributor=distributor)
 
-    def _update_layer(self, layer, state, X, Z, clip, group) -> None:
-        beta, damp, iters = group["momentum"], group["dampening"], group["iters"]
+    def _init_state(self, layer, group) -> dict[str, Any]:
+        return init_low_rank_momentum(layer, group["rank_multiplier"]) if group["momentum"] > 0 else {}
+
+    def _update_layer(self, layer, state, A, B, grad, group):
+        beta, iters = group["momentum"], group["iters"]
         eta = group["lr"] / layer.scaling**2  # product-space step (METHOD.md section 1)
         lam = self.prox_weight(group)
-        g = (1.0 - damp) * clip
-        terms = [(-eta * g, Z.T, X)]
+        g = 1.0 - group["dampening"]
+        shared = [(-eta * beta, state["momentum_B"], state["momentum_A"])] if beta > 0 else []
+        A_new, B_new = lorsum(A, B, grad.terms(-eta * g), shared_terms=shared, lam=lam, iters=iters,
+                              reduce=grad.reduce)
         if beta > 0:
-            if not state:
-                state.update(init_low_rank_momentum(layer, group["rank_multiplier"]))
-            terms.append((-eta * beta, state["momentum_B"], state["momentum_A"]))
-        A_new, B_new = lorsum(layer.A, layer.B, terms, lam=lam, iters=iters)
-        if beta > 0:
-            low_rank_momentum_update(state, X, Z, beta=beta, grad_coef=g, lam=lam, iters=iters)
-        layer.A.copy_(A_new)
-        layer.B.copy_(B_new)
+            low_rank_momentum_update(state, grad, beta=beta, grad_scale=g, lam=lam, iters=iters)
+        return A_new, B_new
 
 
 class PreconditionedLoRA(PSILoRA):
@@ -111,6 +117,7 @@ class PreconditionedLoRA(PSILoRA):
         prox: float = 1e-2,
         max_grad_norm: float | None = None,
         other_optimizer: OtherOptimizerFactory | None = None,
+        distributor: Distributor | None = None,
     ):
         super().__init__(model, lr, momentum=0.0, iters=0, prox=prox, max_grad_norm=max_grad_norm,
-                         other_optimizer=other_optimizer)
+                         other_optimizer=other_optimizer, distributor=distributor)

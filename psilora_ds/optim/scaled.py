@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..ops import compute_dtype, damped_power, kfac_diagonals, kfac_sums, lorsum, shampoo_diagonals
-from .base import LoRAOptimizer, OtherOptimizerFactory
+from ..distributed import Distributor
+from ..ops import compute_dtype, damped_power, kfac_diagonals, lorsum, shampoo_diagonals
+from .base import LayerGradient, LoRAOptimizer, OtherOptimizerFactory
 from .psilora import init_low_rank_momentum, low_rank_momentum_update
 
 METRICS = ("kfac", "shampoo")
@@ -35,6 +36,7 @@ class ScaledPSILoRA(LoRAOptimizer):
         rank_multiplier: momentum rank ``round(r * rank_multiplier)`` (``1/r`` gives rank 1).
         max_grad_norm: clip the full-gradient norm (None or 0: no clipping).
         other_optimizer: ``params -> Optimizer`` for non-LoRA trainable parameters (default AdamW(lr)).
+        distributor: the parallel engine's adapter (see :class:`PSILoRA`).
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class ScaledPSILoRA(LoRAOptimizer):
         rank_multiplier: float = 1.0,
         max_grad_norm: float | None = None,
         other_optimizer: OtherOptimizerFactory | None = None,
+        distributor: Distributor | None = None,
     ):
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -64,31 +67,43 @@ class ScaledPSILoRA(LoRAOptimizer):
             raise ValueError(f"iters must be >= 0, got {iters}")
         defaults = dict(lr=lr, betas=tuple(betas), iters=iters, prox=prox, damping=damping,
                         metric_power=metric_power, metric=metric, rank_multiplier=rank_multiplier)
-        super().__init__(model, defaults, max_grad_norm=max_grad_norm, other_optimizer=other_optimizer)
+        super().__init__(model, defaults, max_grad_norm=max_grad_norm, other_optimizer=other_optimizer,
+                         distributor=distributor)
 
-    def _metric_statistics(self, group, layer, X, Z, clip) -> tuple[torch.Tensor, torch.Tensor]:
-        """This step's ``(d_in, d_out)`` statistics of the (clipped) gradient ``clip * P``."""
+    def _check_distributor(self, distributor) -> None:
+        if self.lora_group["metric"] == "shampoo" and distributor.world_size > 1:
+            raise ValueError(
+                "metric='shampoo' needs the column norms of the rank-summed gradient, which data parallelism "
+                "cannot reduce from thin products; use metric='kfac' with several ranks"
+            )
+
+    def _init_state(self, layer, group) -> dict[str, Any]:
+        dtype = compute_dtype(layer.lora_A.weight.dtype)
+        device = layer.A.device
+        state = {
+            "step": 0,
+            "metric_in": torch.zeros(layer.in_features, dtype=dtype, device=device),
+            "metric_out": torch.zeros(layer.out_features, dtype=dtype, device=device),
+        }
+        if group["betas"][0] > 0:
+            state.update(init_low_rank_momentum(layer, group["rank_multiplier"]))
+        return state
+
+    def _metric_statistics(self, group, layer, grad: LayerGradient) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's ``(d_in, d_out)`` statistics of the (clipped) gradient, over all ranks."""
         if group["metric"] == "kfac":
-            sum_x2, sum_z2 = kfac_sums(X, Z)
-            d_in, d_out = kfac_diagonals(sum_x2, sum_z2, X.shape[0], layer.scaling)
-            return d_in, d_out * clip**2
-        d_in, d_out = shampoo_diagonals(X, Z, layer.scaling)
-        return d_in * clip**2, d_out * clip**2
+            sum_x2, sum_z2 = grad.kfac_sums()
+            return kfac_diagonals(sum_x2, sum_z2, grad.rows, layer.scaling)
+        d_in, d_out = shampoo_diagonals(grad.X, grad.Z, layer.scaling)
+        return d_in * grad.coef**2, d_out * grad.coef**2
 
-    def _update_layer(self, layer, state, X, Z, clip, group) -> None:
+    def _update_layer(self, layer, state, A, B, grad, group):
         beta1, beta2 = group["betas"]
         eta = group["lr"] / layer.scaling**2
         lam = self.prox_weight(group)
         iters = group["iters"]
-        if not state:
-            dtype = compute_dtype(layer.A.dtype)
-            state["step"] = 0
-            state["metric_in"] = torch.zeros(layer.A.shape[1], dtype=dtype, device=layer.A.device)
-            state["metric_out"] = torch.zeros(layer.B.shape[0], dtype=dtype, device=layer.A.device)
-            if beta1 > 0:
-                state.update(init_low_rank_momentum(layer, group["rank_multiplier"]))
         state["step"] += 1
-        d_in, d_out = self._metric_statistics(group, layer, X, Z, clip)
+        d_in, d_out = self._metric_statistics(group, layer, grad)
         state["metric_in"].mul_(beta2).add_(d_in, alpha=1 - beta2)
         state["metric_out"].mul_(beta2).add_(d_out, alpha=1 - beta2)
         # Bias correction, as for Adam's second moment: otherwise the first steps would be
@@ -97,12 +112,10 @@ class ScaledPSILoRA(LoRAOptimizer):
         D_in = damped_power(state["metric_in"] / correction, group["damping"], group["metric_power"])
         D_out = damped_power(state["metric_out"] / correction, group["damping"], group["metric_power"])
 
-        g = (1 - beta1) * clip
-        terms = [(-eta * g, Z.T, X)]
+        g = 1 - beta1
+        shared = [(-eta * beta1, state["momentum_B"], state["momentum_A"])] if beta1 > 0 else []
+        A_new, B_new = lorsum(A, B, grad.terms(-eta * g), shared_terms=shared, lam=lam, iters=iters,
+                              d_out=D_out, d_in=D_in, reduce=grad.reduce)
         if beta1 > 0:
-            terms.append((-eta * beta1, state["momentum_B"], state["momentum_A"]))
-        A_new, B_new = lorsum(layer.A, layer.B, terms, lam=lam, iters=iters, d_out=D_out, d_in=D_in)
-        if beta1 > 0:
-            low_rank_momentum_update(state, X, Z, beta=beta1, grad_coef=g, lam=lam, iters=iters)
-        layer.A.copy_(A_new)
-        layer.B.copy_(B_new)
+            low_rank_momentum_update(state, grad, beta=beta1, grad_scale=g, lam=lam, iters=iters)
+        return A_new, B_new

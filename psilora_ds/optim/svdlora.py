@@ -27,14 +27,17 @@ class SVDLoRA(LoRAOptimizer):
         super().__init__(model, dict(lr=lr, momentum=momentum), max_grad_norm=max_grad_norm,
                          other_optimizer=other_optimizer)
 
-    def _update_layer(self, layer, state, X, Z, clip, group) -> None:
-        d = dense_gradient(Z, X).mul_(clip)
+    def _check_distributor(self, distributor) -> None:
+        if distributor.world_size > 1:
+            raise ValueError("SVDLoRA is a dense single-process oracle; use PSILoRA with several ranks")
+
+    def _update_layer(self, layer, state, A, B, grad, group):
+        d = dense_gradient(grad.Z, grad.X).mul_(grad.coef)
         if group["momentum"] > 0:
             if "momentum" in state:
                 d = state["momentum"].mul_(group["momentum"]).add_(d)
             state["momentum"] = d
         eta = group["lr"] / layer.scaling**2
-        T = (layer.B.to(d.dtype) @ layer.A.to(d.dtype)).sub_(d, alpha=eta)
+        T = (B.to(d.dtype) @ A.to(d.dtype)).sub_(d, alpha=eta)
         A_new, B_new = svd_project(T, layer.rank)
-        layer.A.copy_(A_new)
-        layer.B.copy_(B_new)
+        return A_new.to(A.dtype), B_new.to(B.dtype)

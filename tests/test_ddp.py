@@ -1,0 +1,120 @@
+"""Data-parallel PSI-LoRA under torch DDP: 2 processes with micro-batch b each equal 1 process with
+batch 2b (thin products all-reduced, never activations); layer-sharded state halves per-rank bytes."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from psilora_ds import PSILoRA, ScaledPSILoRA
+from psilora_ds.distributed import DDPDistributor, balanced_owners
+
+from .distributed import run_distributed
+from .models import lora_two_layer_net
+
+pytestmark = pytest.mark.slow
+STEPS, B = 5, 8
+
+
+def batches():
+    g = torch.Generator().manual_seed(11)
+    return [(torch.randn(2 * B, 12, generator=g), torch.randn(2 * B, 3, generator=g)) for _ in range(STEPS)]
+
+
+def make(name, model, **kw):
+    if name == "psilora":
+        return PSILoRA(model, 0.2, momentum=0.9, iters=2, **kw)
+    return ScaledPSILoRA(model, 1e-2, betas=(0.9, 0.99), iters=2, damping=1e-6, **kw)
+
+
+def state_bytes(opt):
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor))
+
+
+def factors(opt):
+    return {layer.name: (layer.A.detach().clone(), layer.B.detach().clone()) for layer in opt.layers}
+
+
+CASES = [(name, shard) for name in ("psilora", "scaled") for shard in (False, True)]
+
+
+def ddp_worker(rank, world, out):
+    for name, shard_state in CASES:  # one spawn for all cases: process start-up dominates
+        model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+        ddp = DistributedDataParallel(model)
+        opt = make(name, model, distributor=DDPDistributor(shard_state=shard_state))
+        for x, t in batches():
+            rows = slice(rank * B, (rank + 1) * B)
+            F.mse_loss(ddp(x[rows]), t[rows]).backward()
+            opt.step()
+            opt.zero_grad()
+        result = {"factors": factors(opt), "state_bytes": state_bytes(opt), "head": [p.detach().clone() for p in
+                  opt.other_optimizer.param_groups[0]["params"]]}
+        torch.save(result, out / f"{name}-{shard_state}-rank{rank}.pt")
+        opt.remove_hooks()
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    run_distributed(ddp_worker, 2, out)
+    return out
+
+
+def single_process(name):
+    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+    opt = make(name, model)
+    for x, t in batches():
+        F.mse_loss(model(x), t).backward()
+        opt.step()
+        opt.zero_grad()
+    return {"factors": factors(opt), "state_bytes": state_bytes(opt),
+            "head": [p.detach().clone() for p in opt.other_optimizer.param_groups[0]["params"]]}
+
+
+def assert_rel_close(a, b, rel):
+    err = float((a - b).norm() / b.norm().clamp_min(1e-30))
+    assert err <= rel, err
+
+
+@pytest.mark.parametrize("name,shard_state", CASES)
+def test_two_ranks_equal_one_rank_with_double_batch(ddp_runs, name, shard_state):
+    ranks = [torch.load(ddp_runs / f"{name}-{shard_state}-rank{k}.pt") for k in range(2)]
+    ref = single_process(name)
+    for layer, (A, B_) in ref["factors"].items():
+        for r in ranks:
+            assert_rel_close(r["factors"][layer][0], A, 1e-5)
+            assert_rel_close(r["factors"][layer][1], B_, 1e-5)
+        # identical on every rank, bit for bit
+        assert torch.equal(ranks[0]["factors"][layer][0], ranks[1]["factors"][layer][0])
+        assert torch.equal(ranks[0]["factors"][layer][1], ranks[1]["factors"][layer][1])
+    for r in ranks:
+        for p, q in zip(r["head"], ref["head"]):
+            assert_rel_close(p, q, 1e-5)
+    total = ref["state_bytes"]
+    if shard_state:
+        per_rank = [r["state_bytes"] for r in ranks]
+        assert sum(per_rank) == total
+        assert max(per_rank) <= 0.75 * total, (per_rank, total)
+    else:
+        assert all(r["state_bytes"] == total for r in ranks)
+
+
+def test_balanced_owners():
+    owners = balanced_owners([10, 9, 8, 7, 1, 1], 2)
+    load = [sum(s for s, o in zip([10, 9, 8, 7, 1, 1], owners) if o == k) for k in range(2)]
+    assert sorted(load) == [18, 18]
+
+
+def shampoo_worker(rank, world):
+    model = lora_two_layer_net(dtype=torch.float32)
+    with pytest.raises(ValueError, match="kfac"):
+        ScaledPSILoRA(model, 1e-3, metric="shampoo")
+    assert isinstance(PSILoRA(model, 0.1).distributor, DDPDistributor)  # auto-detected
+    assert dist.get_world_size() == 2
+
+
+def test_unsupported_combinations_fail_at_construction():
+    run_distributed(shampoo_worker, 2)
