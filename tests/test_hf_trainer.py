@@ -40,4 +40,4 @@ def test_trainer_drop_in(tmp_path):
     assert all(not torch.equal(layer.B, b) for layer, b in zip(opt.layers, B0))
     assert opt.skipped_steps == 0 and opt.last_grad_norm is not None
     # the scheduler reached the optimizer: linear decay ends at 0
-    assert opt.param_groups[0]["lr"] == 0.0
+    assert opt.lora_group["lr"] == 0.0

@@ -164,11 +164,11 @@ def test_clipping_scales_the_step_like_the_dense_clipped_step(max_norm):
         twin.A[i], twin.B[i], _ = ref.psilora_step(twin.A[i], twin.B[i], coef * P[i], scaling=twin.s[i], lr=lr,
                                                    iters=2, lam=lr * 1e-2)
     model_loss(model, x, t).backward()
-    head_grad = [p.grad.clone() for p in opt.param_groups[1]["params"]]
+    head_grad = [p.grad.clone() for p in opt.other_optimizer.param_groups[0]["params"]]
     opt.step()
     assert opt.last_grad_norm == pytest.approx(norm, rel=1e-10)
     assert_factors(opt.layers, twin.A, twin.B)
-    for p, g in zip(opt.param_groups[1]["params"], head_grad):
+    for p, g in zip(opt.other_optimizer.param_groups[0]["params"], head_grad):
         torch.testing.assert_close(p.grad, coef * g)
 
 
@@ -212,8 +212,9 @@ def test_state_dict_round_trip_resumes_identically(name):
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
     sched2.load_state_dict(saved["sched"])
-    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
-    assert opt2.param_groups[1] is opt2.other_optimizer.param_groups[0]
+    assert opt2.lora_group["lr"] == opt.lora_group["lr"]
+    assert opt2.param_groups[0] is opt2.other_optimizer.param_groups[0]
+    assert opt2.param_groups[-1] is opt2.lora_group
     train(model2, opt2, sched2, batches[2:])
     for k, v in model2.state_dict().items():
         torch.testing.assert_close(v, expected[k], rtol=0, atol=0, msg=k)
@@ -289,7 +290,7 @@ def test_scheduler_drives_lora_and_other_groups():
     model = lora_two_layer_net(head_trainable=True)
     opt = PSILoRA(model, 0.5, other_optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1 * (step + 1))
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert opt.lora_group["lr"] == pytest.approx(0.05)
     assert opt.other_optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
     x, t = data(0)
     model_loss(model, x, t).backward()
@@ -306,3 +307,29 @@ def test_bad_hyperparameters_are_one_line_errors():
         assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="metric"):
         ScaledPSILoRA(model, 1e-3, metric="adam")
+
+
+def test_one_call_per_param_group_equals_one_call():
+    """ZeRO engines call step() once per param group with param_groups narrowed to it."""
+    batches = [data(k) for k in range(3)]
+
+    def run(per_group):
+        model = lora_two_layer_net(head_trainable=True)
+        opt = ScaledPSILoRA(model, 1e-2, iters=2, max_grad_norm=0.05)
+        for x, t in batches:
+            model_loss(model, x, t).backward()
+            if per_group:
+                everything = opt.param_groups
+                for group in everything:
+                    opt.param_groups = [group]
+                    opt.step()
+                opt.param_groups = everything
+            else:
+                opt.step()
+            opt.zero_grad()
+        return model.state_dict(), opt.steps_taken
+
+    (a, steps_a), (b, steps_b) = run(False), run(True)
+    assert steps_a == steps_b == 3
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

@@ -55,12 +55,21 @@ class LayerGradient:
         return both[: self.X.shape[1]], both[self.X.shape[1] :]
 
 
+@dataclass
+class _StepPlan:
+    """What the first call of a step decided, for the calls that follow within the same step."""
+
+    skip: bool
+    clip: float
+    grads: dict[int, LayerGradient]
+
+
 class LoRAOptimizer(torch.optim.Optimizer):
     """Base class of the optimizers that update peft LoRA factors from captured ``X``, ``Z``.
 
-    ``param_groups[0]`` holds the LoRA factors and this optimizer's hyperparameters; the
-    param groups of the optimizer for the other trainable parameters follow it (the same
-    dict objects), so an LR scheduler over this optimizer drives both.
+    ``param_groups`` holds the param groups of the optimizer for the other trainable parameters
+    (the same dict objects) followed by the LoRA group (factors and this optimizer's
+    hyperparameters, :attr:`lora_group`), so an LR scheduler over this optimizer drives both.
     """
 
     def __init__(
@@ -77,6 +86,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self.layers: list[LoRALayer] = find_lora_layers(model)
         params = [p for layer in self.layers for p in (layer.A, layer.B)]
         super().__init__([{"params": params, "name": "lora"}], defaults)
+        self._lora_group = self.param_groups[0]
         self.max_grad_norm = max_grad_norm
         self.capture = ActivationCapture(self.layers)
         others = other_parameters(model, self.layers)
@@ -84,7 +94,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if others:
             factory = other_optimizer or (lambda ps: torch.optim.AdamW(ps, lr=defaults["lr"]))
             self.other_optimizer = factory([p for _, p in others])
-            self.param_groups.extend(self.other_optimizer.param_groups)
+            # The other groups come first: ZeRO engines call step() once per group, in order, and
+            # the clipping norm needs the other gradients before the LoRA group is updated.
+            self.param_groups[:0] = self.other_optimizer.param_groups
             logger.info(
                 "%d LoRA layers go to %s; %d other trainable tensors (%s...) to %s",
                 len(self.layers), type(self).__name__, len(others),
@@ -92,6 +104,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             )
         self.skipped_steps = 0
         self.steps_taken = 0
+        self._plan: _StepPlan | None = None
         self.last_grad_norm: float | None = None
         if distributor is None:
             distributor = Distributor()
@@ -126,18 +139,45 @@ class LoRAOptimizer(torch.optim.Optimizer):
     # ---- torch.optim API ------------------------------------------------------------------------
     @property
     def lora_group(self) -> dict[str, Any]:
-        return self.param_groups[0]
+        """The param group of the LoRA factors and this optimizer's hyperparameters."""
+        return self._lora_group
 
-    def _other_params(self) -> Iterable[nn.Parameter]:
-        for group in self.param_groups[1:]:
+    def _other_groups(self) -> list[dict[str, Any]]:
+        return [g for g in self.param_groups if g is not self._lora_group]
+
+    def _other_params(self, groups: list[dict[str, Any]] | None = None) -> Iterable[nn.Parameter]:
+        for group in self._other_groups() if groups is None else groups:
             yield from group["params"]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step.
+
+        A ZeRO engine calls this once per param group with ``self.param_groups`` narrowed to that
+        group (other groups first, the LoRA group last); everything else calls it once with all
+        groups. The first call of a step plans it (captured factors, skip decision, clipping
+        coefficient); the call that holds the LoRA group finishes it.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        groups_now = list(self.param_groups)
+        others_now = [g for g in groups_now if g is not self._lora_group]
+        if self._plan is None:
+            self._plan = self._make_plan(others_now)
+        plan = self._plan
+        if not plan.skip:
+            if others_now and self.other_optimizer is not None:
+                self._step_other(others_now, plan.clip)
+        if any(g is self._lora_group for g in groups_now):
+            if not plan.skip:
+                self._step_lora(plan)
+                self.steps_taken += 1
+            self._plan = None
+        return loss
+
+    def _make_plan(self, others_now: list[dict[str, Any]]) -> _StepPlan:
         batches = self.capture.pop()
         d = self.distributor
         # One collective tells every rank which layers captured rows anywhere and whether any
@@ -145,35 +185,44 @@ class LoRAOptimizer(torch.optim.Optimizer):
         flags = torch.zeros(len(self.layers) + 1, dtype=torch.float64, device=self.layers[0].A.device)
         for idx, batch in batches.items():
             flags[idx] = batch.rows
-        flags[-1] = 0.0 if self._all_finite(batches) else 1.0
+        flags[-1] = 0.0 if self._all_finite(batches, others_now) else 1.0
         flags = d.all_reduce_(flags).tolist()
         if flags[-1] > 0:
             self.skipped_steps += 1
             logger.warning("non-finite gradient factors: step skipped on all ranks (%d so far)", self.skipped_steps)
-            return loss
+            return _StepPlan(skip=True, clip=1.0, grads={})
+        # A layer that captured nothing on any rank is left out: it keeps its factors and state,
+        # as torch optimizers skip parameters whose grad is None.
         grads = {idx: self._layer_gradient(idx, batches.get(idx), int(rows))
                  for idx, rows in enumerate(flags[:-1]) if rows > 0}
-        clip = self._clip_coefficient(grads)
-        group = self.lora_group
-        for idx, grad in grads.items():
-            # A layer that captured nothing on any rank keeps its factors and state, as torch
-            # optimizers skip parameters whose grad is None.
-            layer = self.layers[idx]
+        clip = self._clip_coefficient(grads, others_now)
+        for grad in grads.values():
             grad.coef *= clip
+        return _StepPlan(skip=False, clip=clip, grads=grads)
+
+    def _step_other(self, groups: list[dict[str, Any]], clip: float) -> None:
+        if clip != 1.0:
+            for p in self._other_params(groups):
+                if p.grad is not None:
+                    p.grad.mul_(clip)
+        all_groups = self.other_optimizer.param_groups
+        self.other_optimizer.param_groups = groups  # only the groups the engine handed over now
+        try:
+            self.other_optimizer.step()
+        finally:
+            self.other_optimizer.param_groups = all_groups
+
+    def _step_lora(self, plan: _StepPlan) -> None:
+        d = self.distributor
+        group = self._lora_group
+        for idx, grad in plan.grads.items():
+            layer = self.layers[idx]
             state = self.state[layer.A]
             d.materialize_state(layer, state, lambda: self._init_state(layer, group))
             A, B = d.read_factors(layer)
             A_new, B_new = self._update_layer(layer, state, A, B, grad, group)
             d.write_factors(layer, A_new, B_new)
             d.release_state(layer, state)
-        if self.other_optimizer is not None:
-            if clip != 1.0:
-                for p in self._other_params():
-                    if p.grad is not None:
-                        p.grad.mul_(clip)
-            self.other_optimizer.step()
-        self.steps_taken += 1
-        return loss
 
     def _layer_gradient(self, idx: int, batch: LayerBatch | None, rows: int) -> LayerGradient:
         layer = self.layers[idx]
@@ -189,12 +238,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         self.capture.clear()
 
-    def _all_finite(self, batches: dict[int, LayerBatch]) -> bool:
+    def _all_finite(self, batches: dict[int, LayerBatch], other_groups: list[dict[str, Any]]) -> bool:
         checks = [torch.isfinite(t).all() for b in batches.values() for t in (*b.xs, *b.zs)]
-        checks += [torch.isfinite(p.grad).all() for p in self._other_params() if p.grad is not None]
+        checks += [torch.isfinite(p.grad).all() for p in self._other_params(other_groups) if p.grad is not None]
         return bool(torch.stack(checks).all()) if checks else True
 
-    def grad_norm(self, grads: dict[int, LayerGradient]) -> float:
+    def grad_norm(self, grads: dict[int, LayerGradient], other_groups: list[dict[str, Any]]) -> float:
         """``||G||_F`` over every LoRA layer's effective weight (``G = P / scaling``) and the other
         trainable parameters' gradients, over all ranks (METHOD.md section 6): exact in one process,
         the distributor's documented estimator across ranks."""
@@ -202,17 +251,17 @@ class LoRAOptimizer(torch.optim.Optimizer):
         lora = sum(float(d.lora_norm_sq(self.layers[i], g.X, g.Z, g.coef)) / self.layers[i].scaling ** 2
                    for i, g in grads.items())
         other = torch.zeros((), dtype=torch.float64, device=self.layers[0].A.device)
-        for p in self._other_params():
+        for p in self._other_params(other_groups):
             if p.grad is not None:
                 other += p.grad.to(compute_dtype(p.grad.dtype)).square().sum().to(torch.float64)
         if d.other_grads_are_sharded():
             other = d.all_reduce_(other)
         return math.sqrt(lora + float(other))
 
-    def _clip_coefficient(self, grads: dict[int, LayerGradient]) -> float:
+    def _clip_coefficient(self, grads: dict[int, LayerGradient], other_groups: list[dict[str, Any]]) -> float:
         if not self.max_grad_norm or self.max_grad_norm <= 0:
             return 1.0
-        self.last_grad_norm = self.grad_norm(grads)
+        self.last_grad_norm = self.grad_norm(grads, other_groups)
         return min(1.0, self.max_grad_norm / (self.last_grad_norm + CLIP_EPS))
 
     def prox_weight(self, group: dict[str, Any]) -> float:
@@ -253,10 +302,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if self.other_optimizer is not None:
             self.other_optimizer.load_state_dict(state_dict["other"])
             # load_state_dict replaces the other optimizer's group dicts: share them again.
-            self.param_groups[1:] = self.other_optimizer.param_groups
+            self.param_groups[:] = [*self.other_optimizer.param_groups, self._lora_group]
         self.skipped_steps = state_dict["skipped_steps"]
         self.steps_taken = state_dict.get("steps_taken", 0)
         self.capture.clear()
+        self._plan = None
 
     def remove_hooks(self) -> None:
         """Detach the capture hooks from the model (the optimizer cannot step afterwards)."""
