@@ -333,3 +333,13 @@ def test_one_call_per_param_group_equals_one_call():
     assert steps_a == steps_b == 3
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_sharded_checkpoint_on_another_world_size_is_a_clear_error():
+    model = lora_two_layer_net(head_trainable=False)
+    opt = PSILoRA(model, 0.1, momentum=0.9)
+    sd = opt.state_dict()
+    sd["layout"] = {"world_size": 2, "sharded": True, "owners": [0, 1]}
+    with pytest.raises(ValueError, match="load it with 2 ranks") as info:
+        opt.load_state_dict(sd)
+    assert "\n" not in str(info.value)

@@ -63,6 +63,10 @@ class Distributor:
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.reduce is None else self.reduce(t)
 
+    def layout(self) -> dict[str, Any]:
+        """What a checkpoint of the optimizer state depends on."""
+        return {"world_size": self.world_size, "sharded": False}
+
     def lora_norm_sq(self, layer: LoRALayer, X: torch.Tensor, Z: torch.Tensor, coef: float) -> torch.Tensor:
         """``||coef * Z^T X||_F^2`` of the whole gradient: exact (Gram trick) in one process."""
         return frobenius_sq(Z, X) * coef**2

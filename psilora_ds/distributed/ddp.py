@@ -65,8 +65,8 @@ class DDPDistributor(Distributor):
         return 1.0 / self.world_size
 
     @property
-    def reduce(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return self._all_reduce
+    def reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self._all_reduce if self.world_size > 1 else None
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         buf = t.contiguous()  # collectives read and write memory order
@@ -80,6 +80,8 @@ class DDPDistributor(Distributor):
         The relative standard deviation is ``sqrt(2 sum s_i^4 / k) / sum s_i^2 <= sqrt(2 / k)``
         (s_i: singular values of P), far below the bound for a gradient of high effective rank.
         """
+        if self.world_size == 1:
+            return super().lora_norm_sq(layer, X, Z, coef)  # exact
         step = self.optimizer.steps_taken
         gen = torch.Generator().manual_seed(NORM_SKETCH_SEED + 1_000_003 * step + layer.index)
         omega = torch.randn(X.shape[1], self.norm_probes, generator=gen, dtype=torch.float64)
@@ -88,14 +90,18 @@ class DDPDistributor(Distributor):
         return self._all_reduce(Y).square().sum() * (coef**2 / self.norm_probes)
 
     # ---- state -----------------------------------------------------------------------------------
+    def layout(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "sharded": self.shard_state and self.world_size > 1,
+                "owners": list(self._owners)}
+
     def owns(self, layer: LoRALayer) -> bool:
-        return not self.shard_state or self._owners[layer.index] == self.rank
+        return not self.shard_state or self.world_size == 1 or self._owners[layer.index] == self.rank
 
     def owner_rank(self, layer: LoRALayer) -> int:
         return self._owners[layer.index]
 
     def materialize_state(self, layer: LoRALayer, state: dict[str, Any], init: Callable[[], dict]) -> None:
-        if not self.shard_state:
+        if not self.shard_state or self.world_size == 1:
             return super().materialize_state(layer, state, init)
         first_use = "initialized" not in state
         if first_use or not self.owns(layer):

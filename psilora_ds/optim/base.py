@@ -278,6 +278,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             "other": self.other_optimizer.state_dict() if self.other_optimizer else None,
             "skipped_steps": self.skipped_steps,
             "steps_taken": self.steps_taken,
+            "layout": self.distributor.layout(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -287,6 +288,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"optimizer checkpoint has state for {len(unknown)} LoRA layers this model lacks "
                 f"(e.g. {sorted(unknown)[0]}): load it into the same peft model it was saved from"
+            )
+        saved, now = state_dict.get("layout", {}), self.distributor.layout()
+        if saved.get("sharded") and (saved.get("world_size"), saved.get("owners")) != (now["world_size"], now.get("owners")):
+            raise ValueError(
+                f"this optimizer checkpoint holds layer-sharded state of {saved['world_size']} data-parallel ranks; "
+                f"load it with {saved['world_size']} ranks (re-sharding to {now['world_size']} is not supported)"
             )
         if (state_dict["other"] is None) != (self.other_optimizer is None):
             raise ValueError("optimizer checkpoint and model disagree on having non-LoRA trainable parameters")
