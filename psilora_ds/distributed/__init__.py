@@ -2,5 +2,6 @@
 
 from .base import Distributor
 from .ddp import DDPDistributor, balanced_owners
+from .fsdp import FSDP2Distributor
 
-__all__ = ["DDPDistributor", "Distributor", "balanced_owners"]
+__all__ = ["DDPDistributor", "Distributor", "FSDP2Distributor", "balanced_owners"]

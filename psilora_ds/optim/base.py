@@ -238,9 +238,14 @@ class LoRAOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         self.capture.clear()
 
+    def _local_other_grads(self, groups: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """This rank's part of the other parameters' gradients (the local shard of a DTensor)."""
+        grads = [p.grad for p in self._other_params(groups) if p.grad is not None]
+        return [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+
     def _all_finite(self, batches: dict[int, LayerBatch], other_groups: list[dict[str, Any]]) -> bool:
         checks = [torch.isfinite(t).all() for b in batches.values() for t in (*b.xs, *b.zs)]
-        checks += [torch.isfinite(p.grad).all() for p in self._other_params(other_groups) if p.grad is not None]
+        checks += [torch.isfinite(g).all() for g in self._local_other_grads(other_groups)]
         return bool(torch.stack(checks).all()) if checks else True
 
     def grad_norm(self, grads: dict[int, LayerGradient], other_groups: list[dict[str, Any]]) -> float:
@@ -251,9 +256,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         lora = sum(float(d.lora_norm_sq(self.layers[i], g.X, g.Z, g.coef)) / self.layers[i].scaling ** 2
                    for i, g in grads.items())
         other = torch.zeros((), dtype=torch.float64, device=self.layers[0].A.device)
-        for p in self._other_params(other_groups):
-            if p.grad is not None:
-                other += p.grad.to(compute_dtype(p.grad.dtype)).square().sum().to(torch.float64)
+        for g in self._local_other_grads(other_groups):
+            other += g.to(compute_dtype(g.dtype)).square().sum().to(torch.float64)
         if d.other_grads_are_sharded():
             other = d.all_reduce_(other)
         return math.sqrt(lora + float(other))

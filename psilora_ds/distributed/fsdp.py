@@ -1,0 +1,37 @@
+"""torch FSDP2 (``torch.distributed.fsdp.fully_shard``): factors are DTensors sharded on dim 0.
+
+The full fp32 factors of a layer are all-gathered with ``DTensor.full_tensor()`` when it is updated
+(METHOD.md section 6: "gather the factors of one layer at a time") and written back shard by shard
+with ``distribute_tensor``; LoRSum never runs on a shard. FSDP2 averages gradients over the mesh,
+non-LoRA gradients are sharded (their squared norms add up over ranks), and each rank keeps the
+optimizer state of the layers it owns.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ..lora_layers import LoRALayer
+from .ddp import DDPDistributor
+
+
+class FSDP2Distributor(DDPDistributor):
+    """Adapter for models wrapped with ``fully_shard`` over a 1-D data-parallel mesh."""
+
+    def __init__(self, group=None, *, shard_state: bool = True, norm_probes: int = 32):
+        super().__init__(group, shard_state=shard_state, norm_probes=norm_probes)
+
+    def read_factors(self, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(p.full_tensor() if isinstance(p, DTensor) else p for p in super().read_factors(layer))
+
+    def write_factors(self, layer: LoRALayer, A: torch.Tensor, B: torch.Tensor) -> None:
+        for param, new in zip(super().read_factors(layer), (A, B)):
+            if isinstance(param, DTensor):
+                shard = distribute_tensor(new.to(param.dtype), param.device_mesh, param.placements)
+                param.to_local().copy_(shard.to_local())
+            else:
+                param.copy_(new)
+
+    def other_grads_are_sharded(self) -> bool:
+        return True

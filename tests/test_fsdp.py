@@ -1,0 +1,86 @@
+"""PSI-LoRA under torch FSDP2 (fully_shard, 2 CPU ranks, gloo): exact data parallelism against one
+process with the double batch, LoRA factors written back into their DTensor shards, sharded state."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from psilora_ds import PSILoRA, ScaledPSILoRA
+from psilora_ds.distributed import FSDP2Distributor
+
+from .distributed import run_distributed
+from .models import lora_two_layer_net
+
+pytestmark = pytest.mark.slow
+STEPS, B = 5, 8
+OPTIMIZERS = ("psilora", "scaled")
+
+
+def batches():
+    g = torch.Generator().manual_seed(31)
+    return [(torch.randn(2 * B, 12, generator=g), torch.randn(2 * B, 3, generator=g)) for _ in range(STEPS)]
+
+
+def make(name, model, **kw):
+    if name == "psilora":
+        return PSILoRA(model, 0.2, momentum=0.9, iters=2, **kw)
+    return ScaledPSILoRA(model, 1e-2, betas=(0.9, 0.99), iters=2, damping=1e-6, **kw)
+
+
+def state_bytes(opt):
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor))
+
+
+def worker(rank, world, out):
+    for name in OPTIMIZERS:
+        model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+        net = model.base_model.model
+        for sub in (net.fc1, net.fc2):
+            fully_shard(sub)
+        fully_shard(model)
+        opt = make(name, model, distributor=FSDP2Distributor())
+        assert isinstance(opt.layers[0].A, DTensor)
+        for x, t in batches():
+            rows = slice(rank * B, (rank + 1) * B)
+            F.mse_loss(model(x[rows]), t[rows]).backward()
+            opt.step()
+            opt.zero_grad()
+        factors = {layer.name: (layer.A.full_tensor().clone(), layer.B.full_tensor().clone()) for layer in opt.layers}
+        torch.save({"factors": factors, "state_bytes": state_bytes(opt)}, out / f"{name}-rank{rank}.pt")
+        opt.remove_hooks()
+
+
+def single_process(name):
+    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+    opt = make(name, model)
+    for x, t in batches():
+        F.mse_loss(model(x), t).backward()
+        opt.step()
+        opt.zero_grad()
+    return {layer.name: (layer.A.detach(), layer.B.detach()) for layer in opt.layers}, state_bytes(opt)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    run_distributed(worker, 2, out)
+    return out
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fsdp2_two_ranks_equal_one_process(runs, name):
+    ranks = [torch.load(runs / f"{name}-rank{k}.pt") for k in range(2)]
+    ref, total = single_process(name)
+    for layer, (A, B_) in ref.items():
+        for r in ranks:
+            assert rel_err(r["factors"][layer][0], A) <= 1e-5
+            assert rel_err(r["factors"][layer][1], B_) <= 1e-5
+    per_rank = [r["state_bytes"] for r in ranks]
+    assert sum(per_rank) == total and max(per_rank) <= 0.75 * total, (per_rank, total)
