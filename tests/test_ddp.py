@@ -48,10 +48,11 @@ def ddp_worker(rank, world, out):
         for x, t in batches():
             rows = slice(rank * B, (rank + 1) * B)
             F.mse_loss(ddp(x[rows]), t[rows]).backward()
+            opt.distributor.comm_bytes = dict.fromkeys(opt.distributor.comm_bytes, 0)  # count the last step
             opt.step()
             opt.zero_grad()
         result = {"factors": factors(opt), "state_bytes": state_bytes(opt), "head": [p.detach().clone() for p in
-                  opt.other_optimizer.param_groups[0]["params"]]}
+                  opt.other_optimizer.param_groups[0]["params"]], "comm": opt.distributor.comm_bytes}
         torch.save(result, out / f"{name}-{shard_state}-rank{rank}.pt")
         opt.remove_hooks()
 
@@ -118,3 +119,23 @@ def shampoo_worker(rank, world):
 
 def test_unsupported_combinations_fail_at_construction():
     run_distributed(shampoo_worker, 2)
+
+
+@pytest.mark.parametrize("name,shard_state", CASES)
+def test_collective_bytes_per_step(ddp_runs, name, shard_state):
+    """Optimizer traffic of one step = iters x the LoRA-gradient bytes for the step and again for the
+    momentum (rank r momentum here), plus the metric vectors, the per-layer flags and, when state is
+    sharded, the broadcast state of the layers each rank does not own."""
+    comm = torch.load(ddp_runs / f"{name}-{shard_state}-rank0.pt")["comm"]
+    model = lora_two_layer_net(dtype=torch.float32)
+    layers = PSILoRA(model, 0.1).layers
+    iters, f32 = 2, 4
+    lora_grad = sum((l.rank * l.in_features + l.out_features * l.rank) * f32 for l in layers)
+    metrics = sum((l.in_features + l.out_features) * f32 for l in layers) if name == "scaled" else 0
+    flags = (len(layers) + 1) * 8
+    expected_reduce = iters * lora_grad * 2 + metrics + flags
+    assert comm["all_reduce"] == expected_reduce
+    state = lora_grad + metrics  # momentum factors (rank r) and metric EMAs, every layer
+    assert comm["broadcast"] == (state if shard_state else 0)
+    print(f"\n{name} shard_state={shard_state}: all-reduce {comm['all_reduce']} B, broadcast {comm['broadcast']} B; "
+          f"LoRA gradients {lora_grad} B (ratio {comm['all_reduce'] / lora_grad:.2f})")

@@ -54,6 +54,8 @@ class DDPDistributor(Distributor):
         self.shard_state = shard_state
         self.norm_probes = norm_probes
         self._owners: list[int] = []
+        # bytes this rank handed to collectives (optimizer traffic only; the engine's own not counted)
+        self.comm_bytes = {"all_reduce": 0, "broadcast": 0}
 
     def bind(self, optimizer) -> None:
         super().bind(optimizer)
@@ -71,6 +73,7 @@ class DDPDistributor(Distributor):
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         buf = t.contiguous()  # collectives read and write memory order
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        self.comm_bytes["all_reduce"] += buf.numel() * buf.element_size()
         return buf
 
     def lora_norm_sq(self, layer: LoRALayer, X: torch.Tensor, Z: torch.Tensor, coef: float) -> torch.Tensor:
@@ -115,6 +118,7 @@ class DDPDistributor(Distributor):
             for key in sorted(k for k, v in state.items() if isinstance(v, torch.Tensor)):
                 buf = state[key].contiguous()  # collectives read and write memory order
                 dist.broadcast(buf, src=src, group=self.group)
+                self.comm_bytes["broadcast"] += buf.numel() * buf.element_size()
                 state[key] = buf
 
     def release_state(self, layer: LoRALayer, state: dict[str, Any]) -> None:
