@@ -8,10 +8,16 @@ under gradient checkpointing: a forward under ``no_grad`` (reentrant checkpointi
 nothing, and a recomputed forward that is never back-propagated (non-reentrant checkpointing)
 never fires its hook. Pairs from successive micro-batches are appended, so that
 ``sum_i Z_i^T X_i`` is the accumulated gradient of the product ``B A``.
+
+Memory (METHOD.md section 6): a layer's rows cost ``N (m + n)`` numbers in the activation dtype;
+once that reaches the size of a dense fp32 ``m x n`` accumulator, the layer's rows are folded into
+``P = sum Z_i^T X_i`` (exact, and cheaper from then on), keeping the K-FAC row sums beside it.
+``max_bytes`` is a budget: exceeding it is logged once with the largest layers.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -19,35 +25,81 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .lora_layers import LoRALayer
+from .ops import compute_dtype, dense_gradient, kfac_sums
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class LayerBatch:
-    """The captured factors of one layer: rows of all micro-batches since the last step."""
+    """The captured factors of one layer since the last step: rows of micro-batches, and the
+    dense accumulator they were folded into once it became the cheaper exact store."""
 
     xs: list[torch.Tensor] = field(default_factory=list)  # each (N_i, n)
     zs: list[torch.Tensor] = field(default_factory=list)  # each (N_i, m)
+    dense: torch.Tensor | None = None  # sum of Z_i^T X_i of folded micro-batches (m x n, fp32 or fp64)
+    folded_x2: torch.Tensor | None = None  # their sum of X**2 over rows (n,)
+    folded_z2: torch.Tensor | None = None  # their sum of Z**2 over rows (m,)
+    folded_rows: int = 0
 
     @property
-    def rows(self) -> int:
+    def cached_rows(self) -> int:
         return sum(x.shape[0] for x in self.xs)
 
     @property
+    def rows(self) -> int:
+        return self.cached_rows + self.folded_rows
+
+    @property
     def nbytes(self) -> int:
+        extra = (self.dense, self.folded_x2, self.folded_z2) if self.dense is not None else ()
+        return sum(t.numel() * t.element_size() for t in (*self.xs, *self.zs, *extra))
+
+    def P(self) -> torch.Tensor:
+        """The whole accumulated ``sum_i Z_i^T X_i`` formed densely (rows and dense store)."""
+        P = dense_gradient(self.Z(), self.X())
+        return P if self.dense is None else P.add_(self.dense)
+
+    def cached_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.xs, *self.zs))
 
+    def fold(self) -> None:
+        """Move the cached rows into the dense accumulator (exact)."""
+        if not self.xs:
+            return
+        X, Z = self.X(), self.Z()
+        P = dense_gradient(Z, X)
+        sx, sz = kfac_sums(X, Z)
+        if self.dense is None:
+            self.dense, self.folded_x2, self.folded_z2 = P, sx, sz
+        else:
+            self.dense += P
+            self.folded_x2 += sx
+            self.folded_z2 += sz
+        self.folded_rows += X.shape[0]
+        self.xs, self.zs = [], []
+
     def X(self) -> torch.Tensor:
-        return self.xs[0] if len(self.xs) == 1 else torch.cat(self.xs)
+        """The cached rows (possibly none, after a fold)."""
+        return self.xs[0] if len(self.xs) == 1 else torch.cat(self.xs) if self.xs else self._empty(self.folded_x2)
 
     def Z(self) -> torch.Tensor:
-        return self.zs[0] if len(self.zs) == 1 else torch.cat(self.zs)
+        return self.zs[0] if len(self.zs) == 1 else torch.cat(self.zs) if self.zs else self._empty(self.folded_z2)
+
+    @staticmethod
+    def _empty(like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros(0, like.shape[0])
 
 
 class ActivationCapture:
     """Hooks on the peft LoRA layers that cache ``X`` and ``Z`` per layer (in the activation dtype)."""
 
-    def __init__(self, layers: list[LoRALayer]):
+    def __init__(self, layers: list[LoRALayer], max_bytes: int | None = None, fold: bool = True):
         self.layers = layers
+        self.max_bytes = max_bytes
+        self.fold = fold  # fold a layer's rows into a dense accumulator once that is the smaller store
+        self.peak_nbytes = 0  # since the last pop()
+        self._warned = False
         self._batches: dict[int, LayerBatch] = {}
         self._pending_x: dict[int, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []
@@ -72,19 +124,37 @@ class ActivationCapture:
                 batch = self._batches.setdefault(idx, LayerBatch())
                 batch.xs.append(x.reshape(-1, x.shape[-1]))
                 batch.zs.append(grad.detach().reshape(-1, grad.shape[-1]))
+                self._after_commit(idx, batch)
 
             output.register_hook(commit)
 
         return hook
 
+    def _after_commit(self, idx: int, batch: LayerBatch) -> None:
+        layer = self.layers[idx]
+        dense_bytes = layer.out_features * layer.in_features * torch.finfo(compute_dtype(batch.xs[0].dtype)).bits // 8
+        if self.fold and (batch.dense is not None or batch.cached_nbytes() >= dense_bytes):
+            batch.fold()
+        total = self.nbytes
+        self.peak_nbytes = max(self.peak_nbytes, total)
+        if self.max_bytes is not None and total > self.max_bytes and not self._warned:
+            self._warned = True
+            top = sorted(self._batches.items(), key=lambda kv: -kv[1].nbytes)[:3]
+            logger.warning(
+                "activation cache holds %d bytes, over its budget of %d (largest: %s); fewer or shorter "
+                "micro-batches per step lower it", total, self.max_bytes,
+                ", ".join(f"{self.layers[i].name}={b.nbytes}" for i, b in top))
+
     def pop(self) -> dict[int, LayerBatch]:
         """Hand over everything captured since the last call and start empty."""
         batches, self._batches = self._batches, {}
+        self.peak_nbytes = 0
         return batches
 
     def clear(self) -> None:
         self._batches = {}
         self._pending_x = {}
+        self.peak_nbytes = 0
 
     @property
     def nbytes(self) -> int:

@@ -36,8 +36,7 @@ def batch(seed, b=2, t=9, vocab=64):
 def assert_capture_matches_autograd(model, layers, batches, rtol=1e-9, atol=1e-12):
     for i, layer in enumerate(layers):
         assert i in batches, f"{layer.name} captured nothing"
-        X, Z = batches[i].X().double(), batches[i].Z().double()
-        P = Z.T @ X
+        P = batches[i].P().double()
         A, B = layer.A.detach().double(), layer.B.detach().double()
         torch.testing.assert_close(layer.A.grad.double(), B.T @ P, rtol=rtol, atol=atol)
         torch.testing.assert_close(layer.B.grad.double(), P @ A.T, rtol=rtol, atol=atol)
@@ -54,6 +53,22 @@ def test_capture_single_microbatch(dropout):
     got = cap.pop()
     assert_capture_matches_autograd(model, layers, got)
     assert got[0].rows == 2 * 9
+    assert any(b.dense is not None for b in got.values())  # small layers: rows folded into P
+
+
+def test_fold_is_exact_and_can_be_turned_off():
+    model = llama_lora()
+    layers = find_lora_layers(model)
+    folded, unfolded = ActivationCapture(layers), ActivationCapture(layers, fold=False)
+    for k in range(3):
+        (model(**batch(k)).loss / 3).backward()
+    a, b = folded.pop(), unfolded.pop()
+    assert all(x.dense is None and len(x.xs) == 3 for x in b.values())
+    for i in a:
+        assert a[i].rows == b[i].rows == 3 * 18
+        torch.testing.assert_close(a[i].P(), b[i].P(), rtol=1e-12, atol=1e-14)
+        if a[i].dense is not None:
+            torch.testing.assert_close(a[i].folded_x2, (b[i].X().double() ** 2).sum(0))
 
 
 def test_capture_two_adapters_and_three_microbatches():
@@ -61,7 +76,7 @@ def test_capture_two_adapters_and_three_microbatches():
     layers = find_lora_layers(model)
     assert {layer.adapter for layer in layers} == {"default", "second"}
     assert len(layers) == 12
-    cap = ActivationCapture(layers)
+    cap = ActivationCapture(layers, fold=False)
     torch.manual_seed(2)
     for k in range(3):
         (model(**batch(k)).loss / 3).backward()
@@ -92,7 +107,7 @@ def test_capture_under_gradient_checkpointing_counts_each_row_once(reentrant):
 def test_no_capture_without_grad_and_cache_bytes():
     model = llama_lora(dtype=torch.float32)
     layers = find_lora_layers(model)
-    cap = ActivationCapture(layers)
+    cap = ActivationCapture(layers, fold=False)
     with torch.no_grad():
         model(**batch(0))
     model.eval()

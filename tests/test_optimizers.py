@@ -67,13 +67,16 @@ def assert_factors(layers, A, B, tol=1e-10):
         torch.testing.assert_close(layer.B.detach(), b, rtol=tol, atol=tol)
 
 
+# fold=True: these small layers' rows go to the dense store; fold=False keeps the factored rows.
+@pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("iters", [0, 1, 2])
 @pytest.mark.parametrize("momentum,dampening", [(0.0, 0.0), (0.9, 0.1)])
-def test_psilora_matches_dense_reference(iters, momentum, dampening):
+def test_psilora_matches_dense_reference(iters, momentum, dampening, fold):
     model = lora_two_layer_net(head_trainable=False)
     twin = DenseTwin(model)
     lr, prox = 0.3, 1e-2
     opt = PSILoRA(model, lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox)
+    opt.capture.fold = fold
     M = [tuple(init_low_rank_momentum(layer, 1.0).values()) if momentum else None for layer in twin.layers]
     batches = [data(k) for k in range(3)]
     for x, t in batches:
@@ -103,14 +106,16 @@ def test_preconditioned_lora_is_jacobi_psilora():
         assert_factors(opt.layers, twin.A, twin.B)
 
 
+@pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("metric", ["kfac", "shampoo"])
 @pytest.mark.parametrize("beta1", [0.0, 0.8])
-def test_scaled_psilora_matches_dense_reference(metric, beta1):
+def test_scaled_psilora_matches_dense_reference(metric, beta1, fold):
     model = lora_two_layer_net(head_trainable=False)
     twin = DenseTwin(model)
     lr, prox, beta2, damping, power, iters = 0.05, 1e-2, 0.9, 1e-3, 0.5, 2
     opt = ScaledPSILoRA(model, lr, betas=(beta1, beta2), iters=iters, prox=prox, damping=damping,
                         metric_power=power, metric=metric)
+    opt.capture.fold = fold
     M = [tuple(init_low_rank_momentum(layer, 1.0).values()) if beta1 else None for layer in twin.layers]
     ema_in = [torch.zeros(layer.A.shape[1], dtype=f64) for layer in twin.layers]
     ema_out = [torch.zeros(layer.B.shape[0], dtype=f64) for layer in twin.layers]
@@ -135,10 +140,12 @@ def test_scaled_psilora_matches_dense_reference(metric, beta1):
         torch.testing.assert_close(opt.state[layer.A]["metric_out"], e_out)
 
 
-def test_svdlora_matches_dense_svd():
+@pytest.mark.parametrize("fold", [True, False])
+def test_svdlora_matches_dense_svd(fold):
     model = lora_two_layer_net(head_trainable=False)
     twin = DenseTwin(model)
     opt = SVDLoRA(model, 0.3)
+    opt.capture.fold = fold
     for x, t in [data(k) for k in range(2)]:
         P, _, _, _ = twin.grads(x, t)
         for i in range(2):
@@ -149,12 +156,14 @@ def test_svdlora_matches_dense_svd():
             torch.testing.assert_close(layer.B.detach() @ layer.A.detach(), b @ a, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("max_norm", [0.05, 1e6])
-def test_clipping_scales_the_step_like_the_dense_clipped_step(max_norm):
+def test_clipping_scales_the_step_like_the_dense_clipped_step(max_norm, fold):
     model = lora_two_layer_net(head_trainable=True)
     twin = DenseTwin(model)
     lr = 0.3
     opt = PSILoRA(model, lr, iters=2, max_grad_norm=max_norm)
+    opt.capture.fold = fold
     x, t = data(7)
     P, _, _, g_head = twin.grads(x, t)
     dense_G = [p / s for p, s in zip(P, twin.s)] + g_head

@@ -18,6 +18,7 @@ from ..ops import frobenius_sq
 
 if TYPE_CHECKING:
     from ..optim.base import LoRAOptimizer
+    from ..optim.gradient import LayerGradient
 
 
 class Distributor:
@@ -67,9 +68,12 @@ class Distributor:
         """What a checkpoint of the optimizer state depends on."""
         return {"world_size": self.world_size, "sharded": False}
 
-    def lora_norm_sq(self, layer: LoRALayer, X: torch.Tensor, Z: torch.Tensor, coef: float) -> torch.Tensor:
-        """``||coef * Z^T X||_F^2`` of the whole gradient: exact (Gram trick) in one process."""
-        return frobenius_sq(Z, X) * coef**2
+    def lora_norm_sq(self, layer: LoRALayer, grad: LayerGradient) -> torch.Tensor:
+        """``||P||_F^2`` of the layer's whole gradient: exact in one process (Gram trick on the rows,
+        or the dense store when the rows were folded into it)."""
+        if grad.dense is not None:
+            return grad.local_dense().square().sum() * grad.coef**2
+        return frobenius_sq(grad.Z, grad.X) * grad.coef**2
 
     def other_grads_are_sharded(self) -> bool:
         """Whether each rank holds only a shard of the non-LoRA gradients (their norms add up)."""

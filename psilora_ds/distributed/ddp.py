@@ -76,21 +76,25 @@ class DDPDistributor(Distributor):
         self.comm_bytes["all_reduce"] += buf.numel() * buf.element_size()
         return buf
 
-    def lora_norm_sq(self, layer: LoRALayer, X: torch.Tensor, Z: torch.Tensor, coef: float) -> torch.Tensor:
+    def lora_norm_sq(self, layer: LoRALayer, grad) -> torch.Tensor:
         """Unbiased sketch of ``||sum_k coef Z_k^T X_k||_F^2``: with ``Omega`` (n x k) standard
         Gaussian, drawn from a seed shared by all ranks, ``E ||P Omega||_F^2 / k = ||P||_F^2``.
-        ``P Omega = sum_k Z_k^T (X_k Omega)`` costs one ``m x k`` all-reduce; no activations move.
+        ``P Omega = sum_k Z_k^T (X_k Omega) (+ P_k Omega)`` costs one ``m x k`` all-reduce; no
+        activations move.
         The relative standard deviation is ``sqrt(2 sum s_i^4 / k) / sum s_i^2 <= sqrt(2 / k)``
         (s_i: singular values of P), far below the bound for a gradient of high effective rank.
         """
         if self.world_size == 1:
-            return super().lora_norm_sq(layer, X, Z, coef)  # exact
+            return super().lora_norm_sq(layer, grad)  # exact
         step = self.optimizer.steps_taken
         gen = torch.Generator().manual_seed(NORM_SKETCH_SEED + 1_000_003 * step + layer.index)
+        X, Z = grad.X, grad.Z
         omega = torch.randn(X.shape[1], self.norm_probes, generator=gen, dtype=torch.float64)
         omega = omega.to(device=X.device, dtype=torch.float32 if X.dtype != torch.float64 else torch.float64)
         Y = Z.to(omega.dtype).T @ (X.to(omega.dtype) @ omega)
-        return self._all_reduce(Y).square().sum() * (coef**2 / self.norm_probes)
+        if grad.dense is not None:
+            Y += grad.dense.to(omega.dtype) @ omega
+        return self._all_reduce(Y).square().sum() * (grad.coef**2 / self.norm_probes)
 
     # ---- state -----------------------------------------------------------------------------------
     def layout(self) -> dict[str, Any]:

@@ -10,7 +10,33 @@ import torch
 
 from .linalg import compute_dtype, solve_spd_left, solve_spd_right
 
-Term = tuple[float, torch.Tensor, torch.Tensor]
+Term = tuple[float, torch.Tensor, torch.Tensor | None]
+
+
+class _PreparedTerm:
+    """One term ``coef * F @ H`` (or a dense ``coef * F`` when ``H is None``) with its metric
+    scalings applied once: the products LoRSum needs are ``Bt^T F H D_in^-1`` and ``D_out^-1 F H At^T``."""
+
+    def __init__(self, coef, F, H, d_out, d_in, cd):
+        self.coef = float(coef)
+        F = F.to(cd)
+        self.H = None if H is None else H.to(cd)
+        if self.H is None:  # dense m x n
+            self.F_a = F if d_in is None else F / d_in[None, :]
+            self.F_b = F if d_out is None else F / d_out[:, None]
+        else:
+            self.F_a = F
+            self.H_a = self.H if d_in is None else self.H / d_in[None, :]
+            self.F_b = F if d_out is None else F / d_out[:, None]
+
+    def a_product(self, Bt: torch.Tensor) -> torch.Tensor:
+        """``Bt^T F H D_in^-1`` (r x n)."""
+        left = Bt.T @ self.F_a
+        return left if self.H is None else left @ self.H_a
+
+    def b_product(self, At: torch.Tensor) -> torch.Tensor:
+        """``D_out^-1 F H At^T`` (m x r)."""
+        return self.F_b @ At.T if self.H is None else self.F_b @ (self.H @ At.T)
 
 
 def lorsum(
@@ -36,6 +62,7 @@ def lorsum(
         B: ``m x r`` (``lora_B.weight``).
         terms: ``(coef, F, H)`` with ``F`` ``m x k`` and ``H`` ``k x n``. For captured gradient
             factors ``P = Z^T X`` pass ``F = Z.T``, ``H = X``; micro-batches may be separate terms.
+            ``(coef, P, None)`` is a dense ``m x n`` term (the exact fallback store of METHOD.md 6).
         lam: proximal weight (> 0).
         iters: ``0`` = Jacobi (both half-steps use the old factors: preconditioned LoRA);
             ``K >= 1`` = K alternating (Gauss-Seidel) iterations, a block power method that
@@ -66,42 +93,33 @@ def lorsum(
     r = A0.shape[0]
     eye = torch.eye(r, dtype=cd, device=A0.device)
 
-    def prepared(ts: Sequence[Term]) -> list[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(coef, F, H, D_out^-1 F, H D_in^-1)``; the metric scalings are fixed across iterations."""
-        out = []
-        for c, F, H in ts:
-            F, H = F.to(cd), H.to(cd)
-            Fw = F if d_out is None else F / d_out[:, None]
-            Hw = H if d_in is None else H / d_in[None, :]
-            out.append((float(c), F, H, Fw, Hw))
-        return out
-
     if d_out is not None:
         d_out, d_in = d_out.to(cd), d_in.to(cd)
-    local, shared = prepared(terms), prepared(shared_terms)
+    local = [_PreparedTerm(c, F, H, d_out, d_in, cd) for c, F, H in terms]
+    shared = [_PreparedTerm(c, F, H, d_out, d_in, cd) for c, F, H in shared_terms]
 
-    def sum_of_terms(like: torch.Tensor, products) -> torch.Tensor:
+    def summed(like: torch.Tensor, parts) -> torch.Tensor:
         out = torch.zeros_like(like)
-        for c, left, right in products:
-            out.addmm_(left, right, alpha=c)
+        for c, part in parts:
+            out.add_(part, alpha=c)
         return out
 
     def a_step(Bt: torch.Tensor) -> torch.Tensor:
         # (Bt^T D_out Bt + lam I) A+ = lam A + c0 (Bt^T D_out B) A + sum c_j (Bt^T F_j)(H_j D_in^-1)
-        data = sum_of_terms(A0, ((c, Bt.T @ F, Hw) for c, F, _, _, Hw in local))
+        data = summed(A0, ((t.coef, t.a_product(Bt)) for t in local))
         if reduce is not None:
             data = reduce(data)
-        rhs = data + sum_of_terms(A0, ((c, Bt.T @ F, Hw) for c, F, _, _, Hw in shared))
+        rhs = data + summed(A0, ((t.coef, t.a_product(Bt)) for t in shared))
         DBt = Bt if d_out is None else d_out[:, None] * Bt
         rhs.add_(A0, alpha=lam).addmm_(DBt.T @ B0, A0, alpha=c0)
         return solve_spd_left(DBt.T @ Bt + lam * eye, rhs)
 
     def b_step(At: torch.Tensor) -> torch.Tensor:
         # B+ (At D_in At^T + lam I) = lam B + c0 B (A D_in At^T) + sum c_j (D_out^-1 F_j)(H_j At^T)
-        data = sum_of_terms(B0, ((c, Fw, H @ At.T) for c, _, H, Fw, _ in local))
+        data = summed(B0, ((t.coef, t.b_product(At)) for t in local))
         if reduce is not None:
             data = reduce(data)
-        rhs = data + sum_of_terms(B0, ((c, Fw, H @ At.T) for c, _, H, Fw, _ in shared))
+        rhs = data + summed(B0, ((t.coef, t.b_product(At)) for t in shared))
         DAt = At if d_in is None else At * d_in[None, :]
         rhs.add_(B0, alpha=lam).addmm_(B0, A0 @ DAt.T, alpha=c0)
         return solve_spd_right(rhs, DAt @ At.T + lam * eye)

@@ -16,7 +16,8 @@ from torch import nn
 from ..capture import ActivationCapture, LayerBatch
 from ..distributed import DDPDistributor, Distributor
 from ..lora_layers import LoRALayer, find_lora_layers, other_parameters
-from ..ops import compute_dtype, kfac_sums
+from ..ops import compute_dtype
+from .gradient import LayerGradient
 
 logger = logging.getLogger(__name__)
 
@@ -26,33 +27,6 @@ OtherOptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 MIN_PROX_WEIGHT = 1e-12
 # As in torch.nn.utils.clip_grad_norm_.
 CLIP_EPS = 1e-6
-
-
-@dataclass
-class LayerGradient:
-    """A layer's (clipped) gradient w.r.t. ``B A`` in factored form: ``P = coef * sum_ranks Z_k^T X_k``.
-
-    ``X`` (N_k x n) and ``Z`` (N_k x m) are this rank's rows (possibly none); ``reduce`` sums a
-    tensor over the data-parallel ranks (``None``: one process); ``rows`` counts all ranks' rows.
-    """
-
-    X: torch.Tensor
-    Z: torch.Tensor
-    coef: float
-    rows: int
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None
-
-    def terms(self, scale: float) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
-        """``scale * P`` as LoRSum terms (rank-local, summed by ``reduce``)."""
-        return [(scale * self.coef, self.Z.T, self.X)]
-
-    def kfac_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sum over all rows of x**2, sum over all rows of (coef z)**2)``, reduced over ranks."""
-        sum_x2, sum_z2 = kfac_sums(self.X, self.Z)
-        both = torch.cat([sum_x2, sum_z2 * self.coef**2])
-        if self.reduce is not None:
-            both = self.reduce(both)
-        return both[: self.X.shape[1]], both[self.X.shape[1] :]
 
 
 @dataclass
@@ -106,6 +80,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self.steps_taken = 0
         self._plan: _StepPlan | None = None
         self.last_grad_norm: float | None = None
+        self.last_cache_bytes = 0  # peak bytes of the activation cache during the last step
         if distributor is None:
             distributor = Distributor()
             if torch.distributed.is_available() and torch.distributed.is_initialized() and \
@@ -178,6 +153,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         return loss
 
     def _make_plan(self, others_now: list[dict[str, Any]]) -> _StepPlan:
+        self.last_cache_bytes = self.capture.peak_nbytes
         batches = self.capture.pop()
         d = self.distributor
         # One collective tells every rank which layers captured rows anywhere and whether any
@@ -226,13 +202,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     def _layer_gradient(self, idx: int, batch: LayerBatch | None, rows: int) -> LayerGradient:
         layer = self.layers[idx]
-        if batch is not None:
-            X, Z = batch.X(), batch.Z()
-        else:  # captured nothing here but elsewhere: take part in the collectives with no rows
-            dtype = compute_dtype(layer.A.dtype)
-            X = torch.zeros(0, layer.in_features, dtype=dtype, device=layer.A.device)
-            Z = torch.zeros(0, layer.out_features, dtype=dtype, device=layer.A.device)
-        return LayerGradient(X, Z, self.distributor.grad_coef(), rows, self.distributor.reduce)
+        if batch is None:  # captured nothing here but elsewhere: take part in the collectives with no rows
+            dtype = compute_dtype(layer.lora_A.weight.dtype)
+            batch = LayerBatch(xs=[torch.zeros(0, layer.in_features, dtype=dtype, device=layer.A.device)],
+                               zs=[torch.zeros(0, layer.out_features, dtype=dtype, device=layer.A.device)])
+        return LayerGradient(batch, self.distributor.grad_coef(), rows, self.distributor.reduce)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
@@ -245,6 +219,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     def _all_finite(self, batches: dict[int, LayerBatch], other_groups: list[dict[str, Any]]) -> bool:
         checks = [torch.isfinite(t).all() for b in batches.values() for t in (*b.xs, *b.zs)]
+        checks += [torch.isfinite(b.dense).all() for b in batches.values() if b.dense is not None]
         checks += [torch.isfinite(g).all() for g in self._local_other_grads(other_groups)]
         return bool(torch.stack(checks).all()) if checks else True
 
@@ -253,8 +228,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         trainable parameters' gradients, over all ranks (METHOD.md section 6): exact in one process,
         the distributor's documented estimator across ranks."""
         d = self.distributor
-        lora = sum(float(d.lora_norm_sq(self.layers[i], g.X, g.Z, g.coef)) / self.layers[i].scaling ** 2
-                   for i, g in grads.items())
+        lora = sum(float(d.lora_norm_sq(self.layers[i], g)) / self.layers[i].scaling ** 2 for i, g in grads.items())
         other = torch.zeros((), dtype=torch.float64, device=self.layers[0].A.device)
         for g in self._local_other_grads(other_groups):
             other += g.to(compute_dtype(g.dtype)).square().sum().to(torch.float64)

@@ -11,7 +11,8 @@ from torch import nn
 from ..distributed import Distributor
 from ..lora_layers import LoRALayer
 from ..ops import compute_dtype, lorsum
-from .base import LayerGradient, LoRAOptimizer, OtherOptimizerFactory
+from .base import LoRAOptimizer, OtherOptimizerFactory
+from .gradient import LayerGradient
 
 MOMENTUM_SEED = 0x5151
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from ..distributed import Distributor
 from ..ops import compute_dtype, damped_power, kfac_diagonals, lorsum, shampoo_diagonals
-from .base import LayerGradient, LoRAOptimizer, OtherOptimizerFactory
+from .base import LoRAOptimizer, OtherOptimizerFactory
+from .gradient import LayerGradient
 from .psilora import init_low_rank_momentum, low_rank_momentum_update
 
 METRICS = ("kfac", "shampoo")
@@ -94,7 +95,11 @@ class ScaledPSILoRA(LoRAOptimizer):
         if group["metric"] == "kfac":
             sum_x2, sum_z2 = grad.kfac_sums()
             return kfac_diagonals(sum_x2, sum_z2, grad.rows, layer.scaling)
-        d_in, d_out = shampoo_diagonals(grad.X, grad.Z, layer.scaling)
+        if grad.dense is None:
+            d_in, d_out = shampoo_diagonals(grad.X, grad.Z, layer.scaling)
+        else:
+            G2 = grad.local_dense().square_().div_(layer.scaling**2)
+            d_in, d_out = G2.sum(0), G2.sum(1)
         return d_in * grad.coef**2, d_out * grad.coef**2
 
     def _update_layer(self, layer, state, A, B, grad, group):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..ops import dense_gradient, svd_project
+from ..ops import svd_project
 from .base import LoRAOptimizer, OtherOptimizerFactory
 
 
@@ -32,7 +32,7 @@ class SVDLoRA(LoRAOptimizer):
             raise ValueError("SVDLoRA is a dense single-process oracle; use PSILoRA with several ranks")
 
     def _update_layer(self, layer, state, A, B, grad, group):
-        d = dense_gradient(grad.Z, grad.X).mul_(grad.coef)
+        d = grad.local_dense().mul_(grad.coef)
         if group["momentum"] > 0:
             if "momentum" in state:
                 d = state["momentum"].mul_(group["momentum"]).add_(d)

@@ -1,0 +1,50 @@
+"""A layer's gradient w.r.t. ``B A`` as the optimizers see it: factored rows, a dense fallback store,
+a coefficient (engine averaging, loss scale, clipping) and the reduction over data-parallel ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..capture import LayerBatch
+from ..ops import kfac_sums
+
+Term = tuple[float, torch.Tensor, torch.Tensor | None]
+
+
+class LayerGradient:
+    """``P = coef * sum_ranks (Z_k^T X_k + P_k)``: this rank's cached rows ``X`` (N_k x n), ``Z``
+    (N_k x m) and dense store ``P_k`` (or None); ``reduce`` sums over ranks (None: one process);
+    ``rows`` counts the rows of all ranks."""
+
+    def __init__(self, batch: LayerBatch, coef: float, rows: int,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None):
+        self.batch = batch
+        self.X, self.Z = batch.X(), batch.Z()
+        self.dense = batch.dense
+        self.coef = coef
+        self.rows = rows
+        self.reduce = reduce
+
+    def terms(self, scale: float) -> list[Term]:
+        """``scale * P`` as LoRSum terms (rank-local, summed by ``reduce``)."""
+        out: list[Term] = [(scale * self.coef, self.Z.T, self.X)]
+        if self.dense is not None:
+            out.append((scale * self.coef, self.dense, None))
+        return out
+
+    def local_dense(self) -> torch.Tensor:
+        """This rank's ``Z^T X + P_k`` formed densely (for the oracle and dense statistics)."""
+        return self.batch.P()
+
+    def kfac_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum over all rows of x**2, sum over all rows of (coef z)**2)``, reduced over ranks."""
+        sum_x2, sum_z2 = kfac_sums(self.X, self.Z)
+        if self.dense is not None:
+            sum_x2, sum_z2 = sum_x2 + self.batch.folded_x2, sum_z2 + self.batch.folded_z2
+        both = torch.cat([sum_x2, sum_z2 * self.coef**2])
+        if self.reduce is not None:
+            both = self.reduce(both)
+        n = self.X.shape[1]
+        return both[:n], both[n:]
