@@ -9,6 +9,7 @@ from torch.distributed.tensor import DTensor
 
 from psilora_ds import PSILoRA, ScaledPSILoRA
 from psilora_ds.distributed import FSDP2Distributor
+from psilora_ds.distributed.fsdp import load_checkpoint, save_checkpoint
 
 from .distributed import run_distributed
 from .models import lora_two_layer_net
@@ -51,6 +52,22 @@ def worker(rank, world, out):
         factors = {layer.name: (layer.A.full_tensor().clone(), layer.B.full_tensor().clone()) for layer in opt.layers}
         torch.save({"factors": factors, "state_bytes": state_bytes(opt)}, out / f"{name}-rank{rank}.pt")
         opt.remove_hooks()
+    # checkpoint after 3 steps, then 2 more steps
+    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+    net = model.base_model.model
+    for sub in (net.fc1, net.fc2):
+        fully_shard(sub)
+    fully_shard(model)
+    opt = make("scaled", model, distributor=FSDP2Distributor())
+    for step, (x, t) in enumerate(batches()):
+        if step == 3:
+            save_checkpoint(str(out / "dcp"), model, opt)
+        rows = slice(rank * B, (rank + 1) * B)
+        F.mse_loss(model(x[rows]), t[rows]).backward()
+        opt.step()
+        opt.zero_grad()
+    factors = {layer.name: (layer.A.full_tensor().clone(), layer.B.full_tensor().clone()) for layer in opt.layers}
+    torch.save(factors, out / f"ckpt-final-rank{rank}.pt")
 
 
 def single_process(name):
@@ -84,3 +101,26 @@ def test_fsdp2_two_ranks_equal_one_process(runs, name):
             assert rel_err(r["factors"][layer][1], B_) <= 1e-5
     per_rank = [r["state_bytes"] for r in ranks]
     assert sum(per_rank) == total and max(per_rank) <= 0.75 * total, (per_rank, total)
+
+
+def test_dcp_checkpoint_reshards_to_one_process(runs):
+    """Saved by 2 FSDP2 ranks (each its own layers' state), loaded by one plain process, which then
+    continues exactly as the 2-rank run did."""
+    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+    opt = make("scaled", model)
+    load_checkpoint(str(runs / "dcp"), model, opt)
+    assert all(opt.state[layer.A]["step"] == 3 for layer in opt.layers)
+    for x, t in batches()[3:]:
+        F.mse_loss(model(x), t).backward()
+        opt.step()
+        opt.zero_grad()
+    expected = torch.load(runs / "ckpt-final-rank0.pt")
+    for layer in opt.layers:
+        assert rel_err(layer.A.detach(), expected[layer.name][0]) <= 1e-5
+        assert rel_err(layer.B.detach(), expected[layer.name][1]) <= 1e-5
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    model = lora_two_layer_net(dtype=torch.float32)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(str(tmp_path / "nope"), model, make("scaled", model))

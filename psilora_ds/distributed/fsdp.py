@@ -35,3 +35,37 @@ class FSDP2Distributor(DDPDistributor):
 
     def other_grads_are_sharded(self) -> bool:
         return True
+
+
+def save_checkpoint(path: str, model: torch.nn.Module, optimizer) -> None:
+    """Save the model, the PSI-LoRA state (each rank its owned layers) and the other optimizer's
+    state with ``torch.distributed.checkpoint``; loadable on any number of ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model), "psilora": optimizer.lora_state_dict()}
+    if optimizer.other_optimizer is not None:
+        state["other"] = get_optimizer_state_dict(model, optimizer.other_optimizer)
+    dcp.save(state, checkpoint_id=path)
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer) -> None:
+    """Load what :func:`save_checkpoint` wrote, re-sharding the PSI-LoRA state to this run's ranks
+    (each rank reads the layers it owns now, whoever saved them)."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = {"model": get_model_state_dict(model), "psilora": optimizer.lora_state_template()}
+    if optimizer.other_optimizer is not None:
+        state["other"] = get_optimizer_state_dict(model, optimizer.other_optimizer)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    optimizer.load_lora_state_dict(state["psilora"])
+    if optimizer.other_optimizer is not None:
+        set_optimizer_state_dict(model, optimizer.other_optimizer, state["other"])
+        optimizer._share_other_groups()

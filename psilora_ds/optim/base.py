@@ -248,18 +248,40 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     # ---- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        group = {k: v for k, v in self.lora_group.items() if k != "params"}
-        state = {layer.name: dict(self.state[layer.A]) for layer in self.layers if self.state.get(layer.A)}
-        return {
-            "layers": state,
-            "lora_group": group,
-            "other": self.other_optimizer.state_dict() if self.other_optimizer else None,
-            "skipped_steps": self.skipped_steps,
-            "steps_taken": self.steps_taken,
-            "layout": self.distributor.layout(),
-        }
+        """This rank's optimizer state: the LoRA layers' state (by layer name; under layer sharding only
+        the owned layers carry tensors), the hyperparameters, and the other optimizer's state."""
+        return {**self.lora_state_dict(), "other": self.other_optimizer.state_dict() if self.other_optimizer else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if (state_dict["other"] is None) != (self.other_optimizer is None):
+            raise ValueError("optimizer checkpoint and model disagree on having non-LoRA trainable parameters")
+        self.load_lora_state_dict(state_dict)
+        if self.other_optimizer is not None:
+            self.other_optimizer.load_state_dict(state_dict["other"])
+            self._share_other_groups()
+
+    def _share_other_groups(self) -> None:
+        # load_state_dict replaces the other optimizer's group dicts: share them again.
+        self.param_groups[:] = [*self.other_optimizer.param_groups, self._lora_group]
+
+    def lora_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` without the other optimizer (engines that checkpoint it themselves)."""
+        group = {k: v for k, v in self._lora_group.items() if k != "params"}
+        state = {layer.name: dict(self.state[layer.A]) for layer in self.layers if self.state.get(layer.A)}
+        return {"layers": state, "lora_group": group, "skipped_steps": self.skipped_steps,
+                "steps_taken": self.steps_taken, "layout": self.distributor.layout()}
+
+    def lora_state_template(self) -> dict[str, Any]:
+        """A :meth:`lora_state_dict` with freshly initialized tensors for every layer this rank owns:
+        the buffers a sharded checkpoint reader (torch.distributed.checkpoint) loads into."""
+        sd = self.lora_state_dict()
+        for layer in self.layers:
+            if self.distributor.owns(layer):
+                fresh = self._init_state(layer, self._lora_group)
+                sd["layers"][layer.name] = {**sd["layers"].get(layer.name, {}), **fresh, "initialized": True}
+        return sd
+
+    def load_lora_state_dict(self, state_dict: dict[str, Any]) -> None:
         names = {layer.name for layer in self.layers}
         unknown = set(state_dict["layers"]) - names
         if unknown:
@@ -267,27 +289,26 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 f"optimizer checkpoint has state for {len(unknown)} LoRA layers this model lacks "
                 f"(e.g. {sorted(unknown)[0]}): load it into the same peft model it was saved from"
             )
-        saved, now = state_dict.get("layout", {}), self.distributor.layout()
-        if saved.get("sharded") and (saved.get("world_size"), saved.get("owners")) != (now["world_size"], now.get("owners")):
-            raise ValueError(
-                f"this optimizer checkpoint holds layer-sharded state of {saved['world_size']} data-parallel ranks; "
-                f"load it with {saved['world_size']} ranks (re-sharding to {now['world_size']} is not supported)"
-            )
-        if (state_dict["other"] is None) != (self.other_optimizer is None):
-            raise ValueError("optimizer checkpoint and model disagree on having non-LoRA trainable parameters")
+        saved_world = state_dict.get("layout", {}).get("world_size", 1)
+        for layer in self.layers:
+            saved = state_dict["layers"].get(layer.name)
+            wants_tensors = any(isinstance(v, torch.Tensor) for v in self._init_state(layer, self._lora_group).values())
+            if self.distributor.owns(layer) and saved and wants_tensors and \
+                    not any(isinstance(v, torch.Tensor) for v in saved.values()):
+                raise ValueError(
+                    f"this rank owns {layer.name} but the optimizer checkpoint it reads holds that layer's "
+                    f"state on another rank of {saved_world}: load layer-sharded checkpoints with {saved_world} "
+                    "ranks, or save/load through torch.distributed.checkpoint (psilora_ds.distributed.fsdp)"
+                )
         self.state.clear()
         for layer in self.layers:
             saved = state_dict["layers"].get(layer.name)
             if saved is not None:
                 device = layer.A.device
-                self.state[layer.A] = {
-                    k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()
-                }
-        self.lora_group.update(state_dict["lora_group"])
-        if self.other_optimizer is not None:
-            self.other_optimizer.load_state_dict(state_dict["other"])
-            # load_state_dict replaces the other optimizer's group dicts: share them again.
-            self.param_groups[:] = [*self.other_optimizer.param_groups, self._lora_group]
+                self.state[layer.A] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
+                if not self.distributor.owns(layer):
+                    self.distributor.release_state(layer, self.state[layer.A])
+        self._lora_group.update(state_dict["lora_group"])
         self.skipped_steps = state_dict["skipped_steps"]
         self.steps_taken = state_dict.get("steps_taken", 0)
         self.capture.clear()
