@@ -128,6 +128,19 @@ def test_zero_two_ranks_equal_one_process_with_double_batch(exact_runs, stage, n
         assert sum(per_rank) == total and max(per_rank) <= 0.75 * total, (per_rank, total)
 
 
+def llama_with_lora():
+    from peft import LoraConfig, get_peft_model
+
+    from .models import tiny_llama
+
+    return get_peft_model(tiny_llama(seed=3), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+def llama_batches():
+    g = torch.Generator().manual_seed(9)
+    return [torch.randint(0, 64, (4, 10), generator=g) for _ in range(3)]
+
+
 def scenario_worker(rank, world, out):
     import psilora_ds.deepspeed as psd
 
@@ -173,6 +186,18 @@ def scenario_worker(rank, world, out):
     engine.step()
     results["clip_norm"] = opt.last_grad_norm
     results["clip_probes"] = opt.distributor.norm_probes
+    opt.distributor.close()
+    opt.remove_hooks()
+    # a LLaMA-architecture model with HF gradient checkpointing at ZeRO-3
+    model = llama_with_lora()
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = make("scaled", model)
+    engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(3, micro_batch=2))
+    for ids in llama_batches():
+        mine = ids[2 * rank: 2 * rank + 2]
+        engine.backward(engine(input_ids=mine, labels=mine).loss)
+        engine.step()
+    results["llama_gc"] = full_factors(opt)
     opt.distributor.close()
     opt.remove_hooks()
     torch.save(results, out / f"scenarios-rank{rank}.pt")
@@ -277,3 +302,18 @@ def test_checkpoint_resume_equals_uninterrupted(checkpoint_runs, stage):
         for name, (A, B_) in r["straight"].items():
             torch.testing.assert_close(r["resumed"][name][0], A, rtol=0, atol=0)
             torch.testing.assert_close(r["resumed"][name][1], B_, rtol=0, atol=0)
+
+
+def test_zero3_with_gradient_checkpointing_on_llama(scenario_runs):
+    """ZeRO-3 (real partitioning) + HF gradient checkpointing on 2 ranks equals one plain process."""
+    model = llama_with_lora()
+    opt = make("scaled", model)
+    for ids in llama_batches():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for layer in opt.layers:
+        for r in scenario_runs:
+            A, B_ = r["llama_gc"][layer.name]
+            assert rel_err(A, layer.A.detach()) <= 1e-5
+            assert rel_err(B_, layer.B.detach()) <= 1e-5
