@@ -1,0 +1,200 @@
+"""The recipe's configuration: one YAML file (``--config``) plus ``--key value`` overrides.
+
+Every key, its default and its meaning is the dataclass below; ``python launch/train.py --help``
+prints them. An unknown key is a one-line error listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported as one line."""
+
+
+@dataclass
+class TrainConfig:
+    # --- model -----------------------------------------------------------------------------------
+    model: str | None = None  # HF hub id or local path of a causal LM; None: the offline tiny LLaMA built from a config
+    tokenizer: str | None = None  # defaults to `model`; offline: a byte-level BPE trained on the corpus
+    tiny_hidden_size: int = 128  # offline tiny LLaMA: hidden size
+    tiny_layers: int = 4  # offline tiny LLaMA: decoder layers
+    load_in_4bit: bool = False  # QLoRA: load the base model in 4 bit with bitsandbytes
+    bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4
+    bnb_4bit_use_double_quant: bool = True  # quantize the quantization constants too
+    bnb_4bit_compute_dtype: str = "bfloat16"  # dtype of the 4-bit matmuls
+    bnb_4bit_quant_storage: str = "auto"  # auto: the DeepSpeed/engine dtype (needed to shard 4-bit weights under ZeRO-3)
+    gradient_checkpointing: bool = False  # HF gradient checkpointing (non-reentrant)
+    # --- LoRA ------------------------------------------------------------------------------------
+    lora_r: int = 16  # adapter rank
+    lora_alpha: float = 32.0  # scaling numerator: alpha / r (alpha / sqrt(r) with rsLoRA)
+    lora_dropout: float = 0.05  # dropout on the adapter input
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names (q_proj, v_proj, ...)
+    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r)
+    # --- data ------------------------------------------------------------------------------------
+    dataset: str | None = None  # HF dataset id or a local .json/.jsonl/.parquet/.txt/.csv; None: the generated offline corpus
+    dataset_config: str | None = None  # HF dataset configuration name
+    dataset_split: str = "train"  # split to read
+    text_field: str = "text"  # column with the text (when no prompt/response fields)
+    prompt_field: str | None = None  # column with the prompt: its tokens get no loss
+    response_field: str | None = None  # column with the response (set together with prompt_field)
+    prompt_template: str = "{prompt}\n"  # how the prompt is written before the response
+    max_seq_len: int = 128  # tokens per training sequence
+    packing: bool = True  # concatenate documents and cut into max_seq_len blocks
+    eval_fraction: float = 0.05  # share of sequences held out for evaluation
+    corpus_lines: int = 4000  # offline corpus: generated lines
+    cache_dir: str = ".cache/psilora_ds"  # tokenizer, generated corpus, tokenized data
+    # --- optimizer -------------------------------------------------------------------------------
+    optim: str = "scaled_psilora"  # psilora | scaled_psilora | precond_lora | svdlora | adamw | sgd
+    lr: float = 2e-3  # learning rate (PSI-LoRA: step size of the effective weight)
+    iters: int = 1  # LoRSum inner iterations
+    momentum: float = 0.9  # psilora / sgd momentum
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # scaled_psilora / adamw betas
+    prox: float = 1e-2  # LoRSum proximal weight relative to lr
+    damping: float = 1e-8  # scaled_psilora metric damping
+    metric_power: float = 0.5  # scaled_psilora fractional power
+    metric: str = "kfac"  # scaled_psilora metric: kfac | shampoo
+    rank_multiplier: float = 1.0  # momentum rank = round(r * rank_multiplier)
+    weight_decay: float = 0.0  # adamw / the optimizer of non-LoRA parameters
+    other_lr: float | None = None  # lr of non-LoRA trainable parameters (AdamW); None: lr
+    lr_scheduler: str = "cosine"  # cosine | linear | constant (all with linear warm-up)
+    warmup_steps: int = 10  # warm-up optimizer steps
+    max_grad_norm: float = 1.0  # full-gradient clipping norm (fills "auto" in the DeepSpeed config); 0: off
+    # --- run -------------------------------------------------------------------------------------
+    ds_config: str | None = None  # DeepSpeed JSON config; None: plain PyTorch (one process, or DDP under torchrun)
+    dtype: str = "fp32"  # fp32 | bf16 | fp16: fills "auto" dtype sections of the DeepSpeed config
+    micro_batch_size: int = 8  # sequences per rank per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_steps: int = 300  # optimizer steps
+    eval_every: int = 25  # evaluate every N optimizer steps (and at the end)
+    eval_batches: int = 8  # micro-batches per evaluation
+    log_every: int = 1  # write a metrics line every N steps
+    save_every: int = 50  # checkpoint every N steps (0: only at the end)
+    save_total_limit: int = 2  # keep the newest N checkpoints
+    resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in output_dir
+    merge_weights: bool = False  # also save the base model with the adapter merged in
+    output_dir: str = "runs/default"  # metrics.jsonl, loss.png, adapter/, checkpoints/
+    seed: int = 0  # model init, data order, dropout
+    local_rank: int = -1  # set by the deepspeed launcher
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a CLI string or YAML value into the field's type (1e-3 is a float even where YAML 1.1
+    reads it as a string; true/false, [a, b] and null as in YAML)."""
+    kind = str(FIELDS[name].type)
+    if isinstance(value, str):
+        if value.strip().lower() in ("null", "none", "~") and "None" in kind:
+            return None
+        if kind.startswith("str"):
+            return value
+        value = yaml.safe_load(value)
+    try:
+        if kind.startswith("float") and value is not None:
+            return float(value)
+        if kind.startswith("int") and value is not None:
+            return int(value)
+        if kind == "bool" and not isinstance(value, bool):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} is not a valid {kind}") from None
+    return value
+
+
+def _check_keys(keys, where: str) -> None:
+    unknown = sorted(set(keys) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown} in {where}; valid keys: {', '.join(FIELDS)}")
+
+
+def parse(argv: list[str] | None = None) -> TrainConfig:
+    """``--config file.yaml`` and ``--key value`` (or ``--key=value``) overrides, later ones winning."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        raise SystemExit(0)
+    values: dict[str, Any] = {}
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: use --key value")
+        key, eq, val = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(argv) or (argv[i + 1].startswith("--") and FIELDS.get(key, None) is not None
+                                      and FIELDS[key].type in ("bool", bool)):
+                val = "true"  # a bare boolean flag
+            else:
+                i += 1
+                val = argv[i]
+        pairs.append((key, val))
+        i += 1
+    config_files = [v for k, v in pairs if k == "config"]
+    for path in config_files:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        _check_keys(loaded, path)
+        values.update({k: _coerce(k, v) for k, v in loaded.items()})
+    cli = {k: v for k, v in pairs if k != "config"}
+    _check_keys(cli, "the command line")
+    values.update({k: _coerce(k, v) for k, v in cli.items()})
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+OPTIMIZERS = ("psilora", "scaled_psilora", "precond_lora", "svdlora", "adamw", "sgd")
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.optim not in OPTIMIZERS:
+        raise ConfigError(f"optim={cfg.optim!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.lr_scheduler not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"lr_scheduler={cfg.lr_scheduler!r}: choose cosine, linear or constant")
+    if cfg.dtype not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"dtype={cfg.dtype!r}: choose fp32, bf16 or fp16")
+    if (cfg.prompt_field is None) != (cfg.response_field is None):
+        raise ConfigError("set prompt_field and response_field together (or neither, to train on text_field)")
+    if cfg.dataset is not None and not _looks_like_hub_id(cfg.dataset) and not os.path.exists(cfg.dataset):
+        raise ConfigError(f"dataset {cfg.dataset} is neither an existing file nor a hub id (owner/name)")
+    if cfg.ds_config is not None and not os.path.exists(cfg.ds_config):
+        raise ConfigError(f"DeepSpeed config {cfg.ds_config} does not exist")
+    for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_seq_len", "lora_r"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    local_suffixes = (".json", ".jsonl", ".parquet", ".txt", ".csv")
+    return not name.endswith(local_suffixes) and not name.startswith((".", "/")) and name.count("/") <= 1
+
+
+def help_text() -> str:
+    lines = ["usage: [deepspeed|torchrun|python] launch/train.py [--config FILE.yaml] [--key value ...]", "",
+             "keys (default; meaning):"]
+    src = open(__file__).read().splitlines()
+    for line in src:
+        stripped = line.strip()
+        if stripped.startswith("#") or ":" not in stripped or "=" not in stripped:
+            continue
+        name = stripped.split(":")[0]
+        if name in FIELDS:
+            default, _, comment = stripped.split("=", 1)[1].partition("#")
+            lines.append(f"  --{name:28s} {default.strip():24s} {comment.strip()}")
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""The offline default's data: a corpus generated here (no download) and a tokenizer trained on it.
+
+The corpus is synthetic English-like text written by :func:`generate_corpus` from a fixed seed:
+templated sentences about people, objects and places, plus small sums written out in words and
+digits. It is produced by this repository's code, so it carries the project's licence (Apache-2.0);
+4000 lines are about 190 KB. Its regularities (agreement, arithmetic) give a loss that falls fast.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the robot", "a teacher", "the children", "our neighbour",
+            "the pilot", "a farmer", "the painter", "my friend"]
+VERBS = ["sees", "likes", "builds", "paints", "carries", "finds", "opens", "cleans", "follows", "draws"]
+OBJECTS = ["a red box", "the blue door", "an old map", "the small boat", "a wooden chair", "the green lamp",
+           "a long letter", "the heavy stone", "a bright kite", "the silver key"]
+PLACES = ["in the garden", "at the station", "near the river", "on the hill", "in the kitchen", "at school",
+          "by the sea", "under the bridge"]
+TIMES = ["every morning", "on sunday", "at night", "after lunch", "in the winter", "before dinner"]
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+           "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen"]
+
+
+def generate_corpus(path: str, lines: int, seed: int = 0) -> str:
+    """Write ``lines`` lines of the synthetic corpus to ``path`` (once; the content depends only on
+    ``lines`` and ``seed``) and return the path."""
+    if os.path.exists(path):
+        return path
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        kind = rng.random()
+        if kind < 0.6:
+            out.append(f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} "
+                       f"{rng.choice(PLACES)} {rng.choice(TIMES)}.")
+        elif kind < 0.85:
+            a, b = rng.randrange(10), rng.randrange(9)
+            out.append(f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]}, so {a} + {b} = {a + b}.")
+        else:
+            s = rng.choice(SUBJECTS)
+            out.append(f"{s} {rng.choice(VERBS)} {rng.choice(OBJECTS)}, and then {s} {rng.choice(VERBS)} "
+                       f"{rng.choice(OBJECTS)} {rng.choice(PLACES)}.")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("\n".join(out) + "\n")
+    os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written file
+    return path
+
+
+def train_tokenizer(corpus_path: str, out_dir: str, vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on the corpus, saved and reloaded as a transformers
+    ``PreTrainedTokenizerFast`` (with bos/eos/pad tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if not os.path.exists(os.path.join(out_dir, "tokenizer.json")):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train([corpus_path], trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+        tmp = f"{out_dir}.tmp{os.getpid()}"
+        fast.save_pretrained(tmp)
+        os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # another rank got there first
+            pass
+    return AutoTokenizer.from_pretrained(out_dir)

@@ -1,0 +1,124 @@
+"""Datasets for the recipe: load (hub id or local file) through ``datasets``, tokenize (cached),
+mask prompts, pack, split, and shard across data-parallel ranks with a seeded order."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DistributedSampler
+
+from .config import ConfigError, TrainConfig
+from .corpus import generate_corpus
+
+IGNORE = -100
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+
+
+def corpus_path(cfg: TrainConfig) -> str:
+    return os.path.join(cfg.cache_dir, f"corpus-{cfg.corpus_lines}-seed{cfg.seed}.txt")
+
+
+def load_raw(cfg: TrainConfig):
+    import datasets
+
+    if cfg.dataset is None:
+        return datasets.load_dataset("text", data_files=generate_corpus(corpus_path(cfg), cfg.corpus_lines, cfg.seed),
+                                     split="train", cache_dir=os.path.join(cfg.cache_dir, "datasets"))
+    ext = os.path.splitext(cfg.dataset)[1].lower()
+    if ext in LOCAL_BUILDERS:
+        if not os.path.exists(cfg.dataset):
+            raise ConfigError(f"dataset file {cfg.dataset} does not exist")
+        return datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=cfg.dataset, split="train",
+                                     cache_dir=os.path.join(cfg.cache_dir, "datasets"))
+    return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split)
+
+
+def tokenize(cfg: TrainConfig, raw, tokenizer):
+    """``input_ids``/``labels`` per document; prompt tokens get label -100. Cached by ``datasets``."""
+    eos = tokenizer.eos_token_id
+    if cfg.prompt_field is not None:
+        for col in (cfg.prompt_field, cfg.response_field):
+            if col not in raw.column_names:
+                raise ConfigError(f"dataset has no column {col!r}; columns: {raw.column_names}")
+
+        def encode(batch):
+            ids, labels = [], []
+            for p, r in zip(batch[cfg.prompt_field], batch[cfg.response_field]):
+                p_ids = tokenizer(cfg.prompt_template.format(prompt=p), add_special_tokens=False)["input_ids"]
+                r_ids = tokenizer(str(r), add_special_tokens=False)["input_ids"] + [eos]
+                ids.append(p_ids + r_ids)
+                labels.append([IGNORE] * len(p_ids) + r_ids)
+            return {"input_ids": ids, "labels": labels}
+    else:
+        if cfg.text_field not in raw.column_names:
+            raise ConfigError(f"dataset has no column {cfg.text_field!r}; columns: {raw.column_names} (set text_field)")
+
+        def encode(batch):
+            ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in batch[cfg.text_field]]
+            return {"input_ids": ids, "labels": [list(x) for x in ids]}
+
+    return raw.map(encode, batched=True, remove_columns=raw.column_names, desc="tokenize")
+
+
+def pack_or_truncate(cfg: TrainConfig, tokenized):
+    """Packing: concatenate and cut into ``max_seq_len`` blocks (the tail is dropped). Otherwise each
+    document is truncated to ``max_seq_len`` (padded per batch in :func:`collate`)."""
+    L = cfg.max_seq_len
+    if not cfg.packing:
+        return tokenized.map(lambda b: {k: [x[:L] for x in b[k]] for k in ("input_ids", "labels")}, batched=True,
+                             desc="truncate")
+
+    def pack(batch):
+        ids = [t for x in batch["input_ids"] for t in x]
+        labels = [t for x in batch["labels"] for t in x]
+        n = len(ids) // L * L
+        return {"input_ids": [ids[i:i + L] for i in range(0, n, L)],
+                "labels": [labels[i:i + L] for i in range(0, n, L)]}
+
+    return tokenized.map(pack, batched=True, batch_size=1000, desc="pack")
+
+
+def build_datasets(cfg: TrainConfig, tokenizer):
+    """``(train, eval)`` with a deterministic seeded split."""
+    data = pack_or_truncate(cfg, tokenize(cfg, load_raw(cfg), tokenizer))
+    if len(data) < 2:
+        raise ConfigError(f"the dataset yields {len(data)} sequences of {cfg.max_seq_len} tokens: too little to train")
+    n_eval = max(1, int(round(len(data) * cfg.eval_fraction))) if cfg.eval_fraction > 0 else 0
+    if n_eval == 0:
+        return data, None
+    split = data.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    L = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def micro_batches(dataset, cfg: TrainConfig, rank: int, world: int, pad_id: int, start: int = 0,
+                  shuffle: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless micro-batches of this rank's share, in a seeded order that depends only on the seed and
+    the epoch; ``start`` skips that many micro-batches (resuming continues the same order)."""
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=cfg.seed, drop_last=True)
+    per_epoch = len(sampler) // cfg.micro_batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"{len(dataset)} sequences are too few for micro_batch_size={cfg.micro_batch_size} "
+                          f"on {world} ranks")
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for b in range(skip, per_epoch):
+            idx = order[b * cfg.micro_batch_size:(b + 1) * cfg.micro_batch_size]
+            yield collate([dataset[i] for i in idx], pad_id)
+        epoch, skip = epoch + 1, 0

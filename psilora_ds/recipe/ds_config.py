@@ -1,0 +1,49 @@
+"""Shipped DeepSpeed configs use HF-style ``"auto"`` values; the recipe fills them from its own
+arguments so that nothing needs editing by hand."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .config import ConfigError, TrainConfig
+
+# "auto" keys that DeepSpeed's own defaults should decide: the key is dropped
+DROP_IF_AUTO = {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                "allgather_bucket_size", "sub_group_size"}
+
+
+def fill_auto(path: str, cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    with open(path) as f:
+        ds = json.load(f)
+    values = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+    for key, value in values.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif key != "gradient_clipping" and ds[key] != value:
+            raise ConfigError(f"{path}: {key}={ds[key]} disagrees with the recipe's {value}; set it to \"auto\"")
+    for section, on in (("bf16", cfg.dtype == "bf16"), ("fp16", cfg.dtype == "fp16")):
+        if section in ds and ds[section].get("enabled") == "auto":
+            ds[section]["enabled"] = on
+    if cfg.dtype in ("bf16", "fp16") and not ds.get(cfg.dtype, {}).get("enabled", False):
+        raise ConfigError(f"dtype={cfg.dtype} but {path} does not enable it: add \"{cfg.dtype}\": {{\"enabled\": \"auto\"}}")
+    zero = ds.get("zero_optimization", {})
+    for key in [k for k, v in zero.items() if v == "auto" and k in DROP_IF_AUTO]:
+        del zero[key]
+    left = [k for k, v in _walk(ds) if v == "auto"]
+    if left:
+        raise ConfigError(f"{path}: the recipe cannot fill \"auto\" for {left}; give values")
+    return ds
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v

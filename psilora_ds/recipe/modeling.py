@@ -1,0 +1,107 @@
+"""Tokenizer and model for the recipe: the offline tiny LLaMA or any HF causal LM, optionally
+4-bit (QLoRA, bitsandbytes), with peft LoRA adapters."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .config import ConfigError, TrainConfig
+from .corpus import generate_corpus, train_tokenizer
+from .data import corpus_path
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+          "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
+
+
+def build_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    if cfg.model is None and cfg.tokenizer is None:
+        corpus = generate_corpus(corpus_path(cfg), cfg.corpus_lines, cfg.seed)
+        return train_tokenizer(corpus, os.path.join(cfg.cache_dir, f"tokenizer-bpe512-{cfg.corpus_lines}-seed{cfg.seed}"))
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_llama(cfg: TrainConfig, vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    h = cfg.tiny_hidden_size
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=cfg.tiny_layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(256, cfg.max_seq_len),
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+def check_bitsandbytes(device: torch.device) -> None:
+    """Raise one line when bitsandbytes cannot run a 4-bit layer forward and backward on ``device``."""
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to(device)
+        x = torch.randn(2, 64, device=device, requires_grad=True)
+        layer(x).sum().backward()
+    except Exception as err:  # noqa: BLE001 - any failure means: not usable here
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--load_in_4bit: bitsandbytes cannot run 4-bit layers on {device} ({first})") from None
+
+
+def quantization_config(cfg: TrainConfig, engine_dtype: torch.dtype, zero_stage: int):
+    from transformers import BitsAndBytesConfig
+
+    storage = engine_dtype if cfg.bnb_4bit_quant_storage == "auto" else DTYPES.get(cfg.bnb_4bit_quant_storage)
+    if storage is None:
+        raise ConfigError(f"bnb_4bit_quant_storage={cfg.bnb_4bit_quant_storage!r}: use auto, uint8, bfloat16, "
+                          "float16 or float32")
+    if zero_stage == 3 and storage != engine_dtype:
+        raise ConfigError(f"QLoRA under ZeRO-3 needs bnb_4bit_quant_storage equal to the engine dtype ({engine_dtype}) "
+                          "so DeepSpeed can shard the 4-bit weights: set it to auto")
+    if cfg.bnb_4bit_quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"bnb_4bit_quant_type={cfg.bnb_4bit_quant_type!r}: use nf4 or fp4")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=DTYPES[cfg.bnb_4bit_compute_dtype],
+                              bnb_4bit_quant_storage=storage)
+
+
+def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype: torch.dtype = torch.float32,
+                zero_stage: int = 0):
+    """The base model (fp32 masters, or 4-bit with ``load_in_4bit``) wrapped with peft LoRA."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    path = cfg.model
+    if cfg.model is None:
+        model = tiny_llama(cfg, len(tokenizer))
+        if cfg.load_in_4bit:  # quantization happens on loading: go through a local copy
+            path = os.path.join(cfg.cache_dir, f"tiny-llama-{cfg.tiny_hidden_size}x{cfg.tiny_layers}-seed{cfg.seed}")
+            if not os.path.exists(os.path.join(path, "config.json")):
+                model.save_pretrained(path)
+    if cfg.load_in_4bit:
+        check_bitsandbytes(device)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config(
+            cfg, engine_dtype, zero_stage), device_map={"": device}, torch_dtype=engine_dtype)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.model is not None:
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    if cfg.gradient_checkpointing and not cfg.load_in_4bit:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = cfg.target_modules
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                      use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as err:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"target_modules={targets} match no layer of the model ({str(err).splitlines()[0][:80]}); "
+                          f"linear layer names: {', '.join(linear)}") from None
+    return model.to(device) if not cfg.load_in_4bit else model
