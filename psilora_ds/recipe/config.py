@@ -172,7 +172,8 @@ def validate(cfg: TrainConfig) -> None:
     if (cfg.prompt_field is None) != (cfg.response_field is None):
         raise ConfigError("set prompt_field and response_field together (or neither, to train on text_field)")
     if cfg.dataset is not None and not _looks_like_hub_id(cfg.dataset) and not os.path.exists(cfg.dataset):
-        raise ConfigError(f"dataset {cfg.dataset} is neither an existing file nor a hub id (owner/name)")
+        raise ConfigError(f"dataset file {cfg.dataset} does not exist (give a local .json/.jsonl/.parquet/.txt/.csv "
+                          "file or a hub id owner/name)")
     if cfg.ds_config is not None and not os.path.exists(cfg.ds_config):
         raise ConfigError(f"DeepSpeed config {cfg.ds_config} does not exist")
     for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_seq_len", "lora_r"):
