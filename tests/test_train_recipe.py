@@ -141,3 +141,43 @@ def test_bitsandbytes_unusable_device_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="bitsandbytes cannot run 4-bit layers on meta"):
         check_bitsandbytes(torch.device("meta"))
+
+
+def test_config_reference_is_current():
+    sys.path.insert(0, ROOT)
+    from psilora_ds.recipe.config import help_text
+
+    with open(os.path.join(ROOT, "docs", "CONFIG.md")) as f:
+        assert help_text() in f.read(), "regenerate docs/CONFIG.md from psilora_ds.recipe.config.help_text()"
+
+
+def test_prompt_tokens_are_masked(tmp_path):
+    sys.path.insert(0, ROOT)
+    from psilora_ds.recipe.config import parse
+    from psilora_ds.recipe.data import IGNORE, build_datasets
+    from psilora_ds.recipe.modeling import build_tokenizer
+
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"q": f"what is {i} plus one", "a": f"{i + 1}"} for i in range(40)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = parse(["--dataset", str(data), "--prompt_field", "q", "--response_field", "a", "--packing", "false",
+                 "--cache_dir", str(tmp_path / "cache"), "--eval_fraction", "0.1", "--corpus_lines", "300"])
+    tok = build_tokenizer(cfg)  # the offline BPE (no --model)
+    train, evals = build_datasets(cfg, tok)
+    assert len(train) + len(evals) == 40
+    for row in train:
+        labels, ids = row["labels"], row["input_ids"]
+        n_prompt = sum(1 for x in labels if x == IGNORE)
+        assert n_prompt > 0 and labels[n_prompt:] == ids[n_prompt:]
+        prompt = tok.decode(ids[:n_prompt])
+        assert prompt.startswith("what is") and prompt.endswith("\n")
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_two_ranks(tmp_path):
+    """Plain PyTorch DDP under torchrun: PSI-LoRA detects the process group."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544"]
+    out = tmp_path / "ddp"
+    run(["--max_steps", "4", "--eval_every", "4", "--save_every", "0", "--output_dir", str(out)], tmp_path,
+        launcher=torchrun)
+    assert_outputs(out)
