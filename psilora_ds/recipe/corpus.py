@@ -3,7 +3,7 @@
 The corpus is synthetic English-like text written by :func:`generate_corpus` from a fixed seed:
 templated sentences about people, objects and places, plus small sums written out in words and
 digits. It is produced by this repository's code, so it carries the project's licence (Apache-2.0);
-4000 lines are about 190 KB. Its regularities (agreement, arithmetic) give a loss that falls fast.
+4000 lines are 228 KB. Its regularities (agreement, arithmetic) give a loss that falls fast.
 """
 
 from __future__ import annotations
