@@ -30,3 +30,47 @@ def run_distributed(fn, world_size, *args):
     """``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; raises if any fails."""
     mp.start_processes(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True,
                        start_method="spawn")
+
+
+# ---- what the 2-rank tests share: the optimizers they compare, data, measures ---------------------
+OPTIMIZERS = ("psilora", "scaled")
+
+
+def make_optimizer(name, model, **kw):
+    from psilora_ds import PSILoRA, ScaledPSILoRA
+
+    if name == "psilora":
+        return PSILoRA(model, 0.2, momentum=0.9, iters=2, **kw)
+    return ScaledPSILoRA(model, 1e-2, betas=(0.9, 0.99), iters=2, damping=1e-6, **kw)
+
+
+def regression_batches(seed, steps, rows):
+    """``steps`` batches of ``rows`` inputs (12 features) and targets (3) for the two-layer test net."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, 12, generator=g), torch.randn(rows, 3, generator=g)) for _ in range(steps)]
+
+
+def state_bytes(opt):
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor))
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def one_process_reference(name, data):
+    """The reference of every 2-rank test: one plain process on the whole (double) batches.
+    Returns ``(optimizer, {layer name: (A, B)}, state bytes)``."""
+    import torch.nn.functional as F
+
+    from .models import lora_two_layer_net
+
+    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+    opt = make_optimizer(name, model)
+    for x, t in data:
+        F.mse_loss(model(x), t).backward()
+        opt.step()
+        opt.zero_grad()
+    factors = {layer.name: (layer.A.detach(), layer.B.detach()) for layer in opt.layers}
+    return opt, factors, state_bytes(opt)

@@ -10,7 +10,8 @@ from torch.nn.parallel import DistributedDataParallel
 from psilora_ds import PSILoRA, ScaledPSILoRA
 from psilora_ds.distributed import DDPDistributor, balanced_owners
 
-from .distributed import run_distributed
+from .distributed import (make_optimizer, one_process_reference, regression_batches, rel_err, run_distributed,
+                          state_bytes)
 from .models import lora_two_layer_net
 
 pytestmark = pytest.mark.slow
@@ -18,19 +19,7 @@ STEPS, B = 5, 8
 
 
 def batches():
-    g = torch.Generator().manual_seed(11)
-    return [(torch.randn(2 * B, 12, generator=g), torch.randn(2 * B, 3, generator=g)) for _ in range(STEPS)]
-
-
-def make(name, model, **kw):
-    if name == "psilora":
-        return PSILoRA(model, 0.2, momentum=0.9, iters=2, **kw)
-    return ScaledPSILoRA(model, 1e-2, betas=(0.9, 0.99), iters=2, damping=1e-6, **kw)
-
-
-def state_bytes(opt):
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-               if isinstance(v, torch.Tensor))
+    return regression_batches(11, STEPS, 2 * B)
 
 
 def factors(opt):
@@ -46,7 +35,7 @@ def ddp_worker(rank, world, out):
     for name, shard_state in CASES + ROW_CASES:  # one spawn for all cases: process start-up dominates
         model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
         ddp = DistributedDataParallel(model)
-        opt = make(name, model, distributor=DDPDistributor(shard_state=shard_state == "rows" or shard_state))
+        opt = make_optimizer(name, model, distributor=DDPDistributor(shard_state=shard_state == "rows" or shard_state))
         opt.capture.fold = shard_state != "rows"
         for x, t in batches():
             rows = slice(rank * B, (rank + 1) * B)
@@ -67,37 +56,21 @@ def ddp_runs(tmp_path_factory):
     return out
 
 
-def single_process(name):
-    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-    opt = make(name, model)
-    for x, t in batches():
-        F.mse_loss(model(x), t).backward()
-        opt.step()
-        opt.zero_grad()
-    return {"factors": factors(opt), "state_bytes": state_bytes(opt),
-            "head": [p.detach().clone() for p in opt.other_optimizer.param_groups[0]["params"]]}
-
-
-def assert_rel_close(a, b, rel):
-    err = float((a - b).norm() / b.norm().clamp_min(1e-30))
-    assert err <= rel, err
-
 
 @pytest.mark.parametrize("name,shard_state", CASES + ROW_CASES)
 def test_two_ranks_equal_one_rank_with_double_batch(ddp_runs, name, shard_state):
     ranks = [torch.load(ddp_runs / f"{name}-{shard_state}-rank{k}.pt") for k in range(2)]
-    ref = single_process(name)
-    for layer, (A, B_) in ref["factors"].items():
+    ref_opt, ref_factors, total = one_process_reference(name, batches())
+    for layer, (A, B_) in ref_factors.items():
         for r in ranks:
-            assert_rel_close(r["factors"][layer][0], A, 1e-5)
-            assert_rel_close(r["factors"][layer][1], B_, 1e-5)
+            assert rel_err(r["factors"][layer][0], A) <= 1e-5
+            assert rel_err(r["factors"][layer][1], B_) <= 1e-5
         # identical on every rank, bit for bit
         assert torch.equal(ranks[0]["factors"][layer][0], ranks[1]["factors"][layer][0])
         assert torch.equal(ranks[0]["factors"][layer][1], ranks[1]["factors"][layer][1])
     for r in ranks:
-        for p, q in zip(r["head"], ref["head"]):
-            assert_rel_close(p, q, 1e-5)
-    total = ref["state_bytes"]
+        for p, q in zip(r["head"], ref_opt.other_optimizer.param_groups[0]["params"]):
+            assert rel_err(p, q) <= 1e-5
     if shard_state:  # True or "rows" (sharded as well)
         per_rank = [r["state_bytes"] for r in ranks]
         assert sum(per_rank) == total

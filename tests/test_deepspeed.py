@@ -1,34 +1,24 @@
 """PSI-LoRA under DeepSpeed ZeRO 0-3 on CPU (gloo, 2 processes): exact data parallelism against a
 single process with the double batch, sharded state, bf16 training."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from psilora_ds import PSILoRA, ScaledPSILoRA
 
-from .distributed import run_distributed
+from .distributed import (OPTIMIZERS, make_optimizer, one_process_reference, regression_batches, rel_err, run_distributed,
+                          state_bytes)
 from .models import lora_two_layer_net
 
 pytestmark = pytest.mark.slow
 STEPS, B = 5, 8
 STAGES = (0, 1, 2, 3)
-OPTIMIZERS = ("psilora", "scaled")
 # fold=True: these small layers' rows go to the dense store; fold=False keeps the factored rows
 CASES = [(stage, name, fold) for stage in STAGES for name in OPTIMIZERS for fold in (True, False)]
 
 
 def batches(steps=STEPS):
-    g = torch.Generator().manual_seed(21)
-    return [(torch.randn(2 * B, 12, generator=g), torch.randn(2 * B, 3, generator=g)) for _ in range(steps)]
-
-
-def make(name, model, **kw):
-    if name == "psilora":
-        return PSILoRA(model, 0.2, momentum=0.9, iters=2, **kw)
-    return ScaledPSILoRA(model, 1e-2, betas=(0.9, 0.99), iters=2, damping=1e-6, **kw)
+    return regression_batches(21, steps, 2 * B)
 
 
 def ds_config(stage, *, micro_batch=B, world=2, dtype="fp32", clip=0.0, gas=1):
@@ -44,11 +34,6 @@ def ds_config(stage, *, micro_batch=B, world=2, dtype="fp32", clip=0.0, gas=1):
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
     return cfg
-
-
-def state_bytes(opt):
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-               if isinstance(v, torch.Tensor))
 
 
 def full_factors(opt):
@@ -68,7 +53,7 @@ def exact_worker(rank, world, out):
 
     for stage, name, fold in CASES:
         model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-        opt = make(name, model)
+        opt = make_optimizer(name, model)
         opt.capture.fold = fold
         engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(stage))
         for x, t in batches():
@@ -81,16 +66,6 @@ def exact_worker(rank, world, out):
         opt.distributor.close()
         opt.remove_hooks()
 
-
-def single_process(name):
-    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-    opt = make(name, model)
-    for x, t in batches():
-        F.mse_loss(model(x), t).backward()
-        opt.step()
-        opt.zero_grad()
-    return {"factors": {k: v for k, v in ((layer.name, (layer.A.detach(), layer.B.detach())) for layer in opt.layers)},
-            "state_bytes": state_bytes(opt)}
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +83,14 @@ def exact_runs(tmp_path_factory, deepspeed_ops):
     return out
 
 
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 @pytest.mark.parametrize("stage,name,fold", CASES)
 def test_zero_two_ranks_equal_one_process_with_double_batch(exact_runs, stage, name, fold):
     ranks = [torch.load(exact_runs / f"{name}-{stage}-{fold}-rank{k}.pt") for k in range(2)]
-    ref = single_process(name)
-    for layer, (A, B_) in ref["factors"].items():
+    _, ref_factors, total = one_process_reference(name, batches())
+    for layer, (A, B_) in ref_factors.items():
         for r in ranks:
             assert rel_err(r["factors"][layer][0], A) <= 1e-5
             assert rel_err(r["factors"][layer][1], B_) <= 1e-5
-    total = ref["state_bytes"]
     per_rank = [r["state_bytes"] for r in ranks]
     if stage == 0:
         assert per_rank == [total, total]
@@ -149,7 +119,7 @@ def scenario_worker(rank, world, out):
     for stage in (2, 3):
         for name in OPTIMIZERS:
             model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-            opt = make(name, model)
+            opt = make_optimizer(name, model)
             engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(stage, dtype="bf16"))
             data = [batches(1)[0]] * 20
             losses = []
@@ -164,7 +134,7 @@ def scenario_worker(rank, world, out):
             opt.remove_hooks()
     # gradient accumulation: 3 micro-batches of B per rank, stage 2
     model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-    opt = make("scaled", model)
+    opt = make_optimizer("scaled", model)
     engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(2, gas=3))
     g = torch.Generator().manual_seed(5)
     big = [(torch.randn(6 * B, 12, generator=g), torch.randn(6 * B, 3, generator=g)) for _ in range(2)]
@@ -178,7 +148,7 @@ def scenario_worker(rank, world, out):
     opt.remove_hooks()
     # clipping estimate on 2 ranks: first-step norm
     model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=True)
-    opt = make("psilora", model)
+    opt = make_optimizer("psilora", model)
     engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(2, clip=1e-3))
     x, t = batches(1)[0]
     rows = slice(rank * B, (rank + 1) * B)
@@ -191,7 +161,7 @@ def scenario_worker(rank, world, out):
     # a LLaMA-architecture model with HF gradient checkpointing at ZeRO-3
     model = llama_with_lora()
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = make("scaled", model)
+    opt = make_optimizer("scaled", model)
     engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(3, micro_batch=2))
     for ids in llama_batches():
         mine = ids[2 * rank: 2 * rank + 2]
@@ -221,7 +191,7 @@ def test_bf16_trains(scenario_runs, stage, name):
 
 def test_gradient_accumulation_equals_the_big_batch(scenario_runs):
     model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-    opt = make("scaled", model)
+    opt = make_optimizer("scaled", model)
     g = torch.Generator().manual_seed(5)
     for x, t in [(torch.randn(6 * B, 12, generator=g), torch.randn(6 * B, 3, generator=g)) for _ in range(2)]:
         F.mse_loss(model(x), t).backward()
@@ -239,7 +209,7 @@ def test_clipping_norm_on_two_ranks_within_the_sketch_bound(scenario_runs):
     with the exact norm of one process on the double batch, within 4 standard deviations of the
     sketch (computed from the dense gradients' spectra, METHOD.md section 6)."""
     model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=True)
-    opt = make("psilora", model)
+    opt = make_optimizer("psilora", model)
     opt.max_grad_norm = 1e-3
     x, t = batches(1)[0]
     F.mse_loss(model(x), t).backward()
@@ -262,7 +232,7 @@ def checkpoint_worker(rank, world, out):
 
         def build():
             model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-            opt = make("scaled", model)
+            opt = make_optimizer("scaled", model)
             engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(stage, clip=0.5))
             return engine, opt
 
@@ -307,7 +277,7 @@ def test_checkpoint_resume_equals_uninterrupted(checkpoint_runs, stage):
 def test_zero3_with_gradient_checkpointing_on_llama(scenario_runs):
     """ZeRO-3 (real partitioning) + HF gradient checkpointing on 2 ranks equals one plain process."""
     model = llama_with_lora()
-    opt = make("scaled", model)
+    opt = make_optimizer("scaled", model)
     for ids in llama_batches():
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()

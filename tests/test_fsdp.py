@@ -7,32 +7,19 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from psilora_ds import PSILoRA, ScaledPSILoRA
 from psilora_ds.distributed import FSDP2Distributor
 from psilora_ds.distributed.fsdp import load_checkpoint, save_checkpoint
 
-from .distributed import run_distributed
+from .distributed import (OPTIMIZERS, make_optimizer, one_process_reference, regression_batches, rel_err, run_distributed,
+                          state_bytes)
 from .models import lora_two_layer_net
 
 pytestmark = pytest.mark.slow
 STEPS, B = 5, 8
-OPTIMIZERS = ("psilora", "scaled")
 
 
 def batches():
-    g = torch.Generator().manual_seed(31)
-    return [(torch.randn(2 * B, 12, generator=g), torch.randn(2 * B, 3, generator=g)) for _ in range(STEPS)]
-
-
-def make(name, model, **kw):
-    if name == "psilora":
-        return PSILoRA(model, 0.2, momentum=0.9, iters=2, **kw)
-    return ScaledPSILoRA(model, 1e-2, betas=(0.9, 0.99), iters=2, damping=1e-6, **kw)
-
-
-def state_bytes(opt):
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-               if isinstance(v, torch.Tensor))
+    return regression_batches(31, STEPS, 2 * B)
 
 
 def worker(rank, world, out):
@@ -42,7 +29,7 @@ def worker(rank, world, out):
         for sub in (net.fc1, net.fc2):
             fully_shard(sub)
         fully_shard(model)
-        opt = make(name, model, distributor=FSDP2Distributor())
+        opt = make_optimizer(name, model, distributor=FSDP2Distributor())
         assert isinstance(opt.layers[0].A, DTensor)
         for x, t in batches():
             rows = slice(rank * B, (rank + 1) * B)
@@ -58,7 +45,7 @@ def worker(rank, world, out):
     for sub in (net.fc1, net.fc2):
         fully_shard(sub)
     fully_shard(model)
-    opt = make("scaled", model, distributor=FSDP2Distributor())
+    opt = make_optimizer("scaled", model, distributor=FSDP2Distributor())
     for step, (x, t) in enumerate(batches()):
         if step == 3:
             save_checkpoint(str(out / "dcp"), model, opt)
@@ -70,15 +57,6 @@ def worker(rank, world, out):
     torch.save(factors, out / f"ckpt-final-rank{rank}.pt")
 
 
-def single_process(name):
-    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-    opt = make(name, model)
-    for x, t in batches():
-        F.mse_loss(model(x), t).backward()
-        opt.step()
-        opt.zero_grad()
-    return {layer.name: (layer.A.detach(), layer.B.detach()) for layer in opt.layers}, state_bytes(opt)
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -87,14 +65,10 @@ def runs(tmp_path_factory):
     return out
 
 
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_fsdp2_two_ranks_equal_one_process(runs, name):
     ranks = [torch.load(runs / f"{name}-rank{k}.pt") for k in range(2)]
-    ref, total = single_process(name)
+    _, ref, total = one_process_reference(name, batches())
     for layer, (A, B_) in ref.items():
         for r in ranks:
             assert rel_err(r["factors"][layer][0], A) <= 1e-5
@@ -107,7 +81,7 @@ def test_dcp_checkpoint_reshards_to_one_process(runs):
     """Saved by 2 FSDP2 ranks (each its own layers' state), loaded by one plain process, which then
     continues exactly as the 2-rank run did."""
     model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-    opt = make("scaled", model)
+    opt = make_optimizer("scaled", model)
     load_checkpoint(str(runs / "dcp"), model, opt)
     assert all(opt.state[layer.A]["step"] == 3 for layer in opt.layers)
     for x, t in batches()[3:]:
@@ -123,4 +97,4 @@ def test_dcp_checkpoint_reshards_to_one_process(runs):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     model = lora_two_layer_net(dtype=torch.float32)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        load_checkpoint(str(tmp_path / "nope"), model, make("scaled", model))
+        load_checkpoint(str(tmp_path / "nope"), model, make_optimizer("scaled", model))

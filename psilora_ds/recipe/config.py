@@ -6,7 +6,6 @@ prints them. An unknown key is a one-line error listing the valid ones.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
