@@ -69,8 +69,9 @@ def resume_copy(out, tmp_path, tag):
 def test_single_process_trains_saves_and_resumes_the_same_curve(tmp_path):
     out = tmp_path / "straight"
     args = ["--max_steps", "8", "--save_every", "4", "--eval_every", "4", "--save_total_limit", "2"]
-    run([*args, "--output_dir", str(out)], tmp_path)
+    run([*args, "--output_dir", str(out), "--merge_weights", "true"], tmp_path)
     assert_outputs(out)
+    assert os.path.exists(out / "merged" / "config.json")
     assert sorted(os.listdir(out / "checkpoints")) == ["step-4", "step-8"]
     resumed = resume_copy(out, tmp_path, "step-4")
     run([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], tmp_path)
