@@ -24,15 +24,26 @@ class LinearTask:
         return F.mse_loss(self.model(self.X), self.Y, reduction="sum")
 
 
-def linear_task(seed: int = 0, m: int = 600, n: int = 200, rank: int = 8) -> LinearTask:
+def linear_task(seed: int = 0, m: int = 600, n: int = 200, rank: int = 8, inputs: str = "identity") -> LinearTask:
+    """``inputs="identity"``: X = I (n rows), the loss is ``||W - W_target||_F^2``. ``inputs="random"``:
+    X has 2n Gaussian rows scaled by 1/sqrt(2n); then ``f_opt`` is the best rank-r fit in the metric of
+    ``X^T X`` (computed exactly through the thin QR of X)."""
     g = torch.Generator().manual_seed(seed)
     target = torch.randn(m, n, generator=g)
     torch.manual_seed(seed)
     base = nn.Sequential(nn.Linear(n, m, bias=False))
     nn.init.zeros_(base[0].weight)
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"]))
-    X = torch.eye(n)
-    f_opt = float(torch.linalg.svdvals(target)[rank:].square().sum())
+    if inputs == "identity":
+        X = torch.eye(n)
+        f_opt = float(torch.linalg.svdvals(target)[rank:].square().sum())
+    elif inputs == "random":
+        X = torch.randn(2 * n, n, generator=g) / (2 * n) ** 0.5
+        # ||X W^T - X T^T||^2 = ||R (W - T)^T||^2 with X = QR: best rank-r is svd_r of T R^T
+        R = torch.linalg.qr(X.double())[1]
+        f_opt = float(torch.linalg.svdvals(target.double() @ R.T)[rank:].square().sum())
+    else:
+        raise ValueError(f"inputs must be 'identity' or 'random', got {inputs!r}")
     return LinearTask(model, X, X @ target.T, f_opt)
 
 

@@ -161,3 +161,16 @@ def test_reduce_sums_only_the_local_terms(iters):
         expected = lorsum(A, B, [(-0.2, Z.T, X), (0.4, F2, H2)], **kw)
         got = lorsum(A, B, [(-0.1, Z.T, X)], shared_terms=[(0.4, F2, H2)], reduce=lambda t: 2 * t, **kw)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("iters", [0, 1, 3])
+@pytest.mark.parametrize("metric", [False, True])
+def test_known_products_replace_the_first_products(iters, metric):
+    """Passing (B^T G, G A^T), e.g. from autograd's LoRA gradients, gives the same result."""
+    A, B, Z, X, _, _ = problem(seed=12)
+    d = (torch.rand(60, dtype=f64) + 0.5, torch.rand(40, dtype=f64) + 0.5) if metric else (None, None)
+    G = -0.3 * Z.T @ X
+    expected = lorsum(A, B, [(-0.3, Z.T, X)], lam=1e-3, iters=iters, d_out=d[0], d_in=d[1])
+    got = lorsum(A, B, [(-0.3, Z.T, X)], lam=1e-3, iters=iters, d_out=d[0], d_in=d[1],
+                 known_products=(B.T @ G, G @ A.T))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

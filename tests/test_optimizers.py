@@ -68,15 +68,18 @@ def assert_factors(layers, A, B, tol=1e-10):
 
 
 # fold=True: these small layers' rows go to the dense store; fold=False keeps the factored rows.
+# reuse=True: the products at the current factors come from autograd's A.grad / B.grad
+@pytest.mark.parametrize("reuse", [True, False])
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("iters", [0, 1, 2])
 @pytest.mark.parametrize("momentum,dampening", [(0.0, 0.0), (0.9, 0.1)])
-def test_psilora_matches_dense_reference(iters, momentum, dampening, fold):
+def test_psilora_matches_dense_reference(iters, momentum, dampening, fold, reuse):
     model = lora_two_layer_net(head_trainable=False)
     twin = DenseTwin(model)
     lr, prox = 0.3, 1e-2
     opt = PSILoRA(model, lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox)
     opt.capture.fold = fold
+    opt.reuse_autograd_grads = reuse
     M = [tuple(init_low_rank_momentum(layer, 1.0).values()) if momentum else None for layer in twin.layers]
     batches = [data(k) for k in range(3)]
     for x, t in batches:
@@ -106,16 +109,18 @@ def test_preconditioned_lora_is_jacobi_psilora():
         assert_factors(opt.layers, twin.A, twin.B)
 
 
+@pytest.mark.parametrize("reuse", [True, False])
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("metric", ["kfac", "shampoo"])
 @pytest.mark.parametrize("beta1", [0.0, 0.8])
-def test_scaled_psilora_matches_dense_reference(metric, beta1, fold):
+def test_scaled_psilora_matches_dense_reference(metric, beta1, fold, reuse):
     model = lora_two_layer_net(head_trainable=False)
     twin = DenseTwin(model)
     lr, prox, beta2, damping, power, iters = 0.05, 1e-2, 0.9, 1e-3, 0.5, 2
     opt = ScaledPSILoRA(model, lr, betas=(beta1, beta2), iters=iters, prox=prox, damping=damping,
                         metric_power=power, metric=metric)
     opt.capture.fold = fold
+    opt.reuse_autograd_grads = reuse
     M = [tuple(init_low_rank_momentum(layer, 1.0).values()) if beta1 else None for layer in twin.layers]
     ema_in = [torch.zeros(layer.A.shape[1], dtype=f64) for layer in twin.layers]
     ema_out = [torch.zeros(layer.B.shape[0], dtype=f64) for layer in twin.layers]

@@ -51,6 +51,7 @@ def lorsum(
     d_in: torch.Tensor | None = None,
     shared_terms: Sequence[Term] = (),
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    known_products: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate the best rank-r factorization ``B' A'`` of ``T = c0*B@A + sum_j coef_j*F_j@H_j``.
 
@@ -76,6 +77,11 @@ def lorsum(
         reduce: data parallelism (METHOD.md section 6): ``terms`` hold this rank's share of the
             data, and ``reduce`` sums a thin product over the ranks (an all-reduce of an ``r x n``
             or ``m x r`` tensor, twice per iteration). ``None``: one process.
+        known_products: ``(B^T G, G A^T)`` for ``G = sum_j coef_j F_j H_j`` over ``terms`` (summed over
+            ranks), when the caller already has them: with ``G = -eta P`` they are ``-eta`` times
+            autograd's LoRA gradients ``A.grad``, ``B.grad`` (METHOD.md section 6). Used for the
+            products at the starting factors (the first A-step, and the Jacobi B-step) instead of
+            computing and reducing them.
 
     Returns:
         ``(A_new, B_new)`` in the dtype of ``A`` and ``B``. The math runs in float32 or wider.
@@ -106,9 +112,13 @@ def lorsum(
 
     def a_step(Bt: torch.Tensor) -> torch.Tensor:
         # (Bt^T D_out Bt + lam I) A+ = lam A + c0 (Bt^T D_out B) A + sum c_j (Bt^T F_j)(H_j D_in^-1)
-        data = summed(A0, ((t.coef, t.a_product(Bt)) for t in local))
-        if reduce is not None:
-            data = reduce(data)
+        if known_products is not None and Bt is B0:
+            data = known_products[0].to(cd)
+            data = data if d_in is None else data / d_in[None, :]
+        else:
+            data = summed(A0, ((t.coef, t.a_product(Bt)) for t in local))
+            if reduce is not None:
+                data = reduce(data)
         rhs = data + summed(A0, ((t.coef, t.a_product(Bt)) for t in shared))
         DBt = Bt if d_out is None else d_out[:, None] * Bt
         rhs.add_(A0, alpha=lam).addmm_(DBt.T @ B0, A0, alpha=c0)
@@ -116,9 +126,13 @@ def lorsum(
 
     def b_step(At: torch.Tensor) -> torch.Tensor:
         # B+ (At D_in At^T + lam I) = lam B + c0 B (A D_in At^T) + sum c_j (D_out^-1 F_j)(H_j At^T)
-        data = summed(B0, ((t.coef, t.b_product(At)) for t in local))
-        if reduce is not None:
-            data = reduce(data)
+        if known_products is not None and At is A0:
+            data = known_products[1].to(cd)
+            data = data if d_out is None else data / d_out[:, None]
+        else:
+            data = summed(B0, ((t.coef, t.b_product(At)) for t in local))
+            if reduce is not None:
+                data = reduce(data)
         rhs = data + summed(B0, ((t.coef, t.b_product(At)) for t in shared))
         DAt = At if d_in is None else At * d_in[None, :]
         rhs.add_(B0, alpha=lam).addmm_(B0, A0 @ DAt.T, alpha=c0)

@@ -81,6 +81,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self._plan: _StepPlan | None = None
         self.last_grad_norm: float | None = None
         self.last_cache_bytes = 0  # peak bytes of the activation cache during the last step
+        # In one process, take the LoRSum products at the current factors from autograd's LoRA
+        # gradients (A.grad = B^T P, B.grad = P A^T) instead of recomputing them (METHOD.md section 6).
+        self.reuse_autograd_grads = True
         if distributor is None:
             distributor = Distributor()
             if torch.distributed.is_available() and torch.distributed.is_initialized() and \
@@ -199,6 +202,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
             A_new, B_new = self._update_layer(layer, state, A, B, grad, group)
             d.write_factors(layer, A_new, B_new)
             d.release_state(layer, state)
+            if grad.autograd is not None:  # consumed: the next step's gradients start from zero
+                layer.A.grad = layer.B.grad = None
 
     def _layer_gradient(self, idx: int, batch: LayerBatch | None, rows: int) -> LayerGradient:
         layer = self.layers[idx]
@@ -206,7 +211,13 @@ class LoRAOptimizer(torch.optim.Optimizer):
             dtype = compute_dtype(layer.lora_A.weight.dtype)
             batch = LayerBatch(xs=[torch.zeros(0, layer.in_features, dtype=dtype, device=layer.A.device)],
                                zs=[torch.zeros(0, layer.out_features, dtype=dtype, device=layer.A.device)])
-        return LayerGradient(batch, self.distributor.grad_coef(), rows, self.distributor.reduce)
+        autograd = None
+        if self.reuse_autograd_grads and self.distributor.world_size == 1:
+            gA, gB = layer.A.grad, layer.B.grad
+            if gA is not None and gB is not None and gA.dtype in (torch.float32, torch.float64) \
+                    and gB.dtype == gA.dtype:
+                autograd = (gA, gB)
+        return LayerGradient(batch, self.distributor.grad_coef(), rows, self.distributor.reduce, autograd)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
@@ -218,10 +229,16 @@ class LoRAOptimizer(torch.optim.Optimizer):
         return [g.to_local() if hasattr(g, "to_local") else g for g in grads]
 
     def _all_finite(self, batches: dict[int, LayerBatch], other_groups: list[dict[str, Any]]) -> bool:
-        checks = [torch.isfinite(t).all() for b in batches.values() for t in (*b.xs, *b.zs)]
-        checks += [torch.isfinite(b.dense).all() for b in batches.values() if b.dense is not None]
-        checks += [torch.isfinite(g).all() for g in self._local_other_grads(other_groups)]
-        return bool(torch.stack(checks).all()) if checks else True
+        """Whether every captured factor and other gradient is finite: a NaN or inf anywhere makes its
+        tensor's sum non-finite, so one fp32 sum per tensor and one sync do (no mask tensors)."""
+        tensors = [t for b in batches.values() for t in (*b.xs, *b.zs)]
+        tensors += [b.dense for b in batches.values() if b.dense is not None]
+        tensors += self._local_other_grads(other_groups)
+        if not tensors:
+            return True
+        sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
+                            for t in tensors])
+        return bool(torch.isfinite(sums.sum()))
 
     def grad_norm(self, grads: dict[int, LayerGradient], other_groups: list[dict[str, Any]]) -> float:
         """``||G||_F`` over every LoRA layer's effective weight (``G = P / scaling``) and the other

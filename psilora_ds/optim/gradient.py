@@ -19,13 +19,22 @@ class LayerGradient:
     ``rows`` counts the rows of all ranks."""
 
     def __init__(self, batch: LayerBatch, coef: float, rows: int,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None):
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+                 autograd: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.batch = batch
         self.X, self.Z = batch.X(), batch.Z()
         self.dense = batch.dense
         self.coef = coef
         self.rows = rows
         self.reduce = reduce
+        # autograd's (A.grad, B.grad) = (B^T P, P A^T) for the unclipped P (coef = clip here), or None
+        self.autograd = autograd
+
+    def known_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(B^T G, G A^T)`` for ``G = scale * P`` from autograd's LoRA gradients, when usable."""
+        if self.autograd is None:
+            return None
+        return self.autograd[0] * (scale * self.coef), self.autograd[1] * (scale * self.coef)
 
     def terms(self, scale: float) -> list[Term]:
         """``scale * P`` as LoRSum terms (rank-local, summed by ``reduce``)."""

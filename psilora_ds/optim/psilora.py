@@ -98,6 +98,7 @@ class PSILoRA(LoRAOptimizer):
         g = 1.0 - group["dampening"]
         shared = [(-eta * beta, state["momentum_B"], state["momentum_A"])] if beta > 0 else []
         A_new, B_new = lorsum(A, B, grad.terms(-eta * g), shared_terms=shared, lam=lam, iters=iters,
+                              known_products=grad.known_products(-eta * g),
                               reduce=grad.reduce)
         if beta > 0:
             low_rank_momentum_update(state, grad, beta=beta, grad_scale=g, lam=lam, iters=iters)

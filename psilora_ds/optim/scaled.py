@@ -120,6 +120,7 @@ class ScaledPSILoRA(LoRAOptimizer):
         g = 1 - beta1
         shared = [(-eta * beta1, state["momentum_B"], state["momentum_A"])] if beta1 > 0 else []
         A_new, B_new = lorsum(A, B, grad.terms(-eta * g), shared_terms=shared, lam=lam, iters=iters,
+                              known_products=grad.known_products(-eta * g),
                               d_out=D_out, d_in=D_in, reduce=grad.reduce)
         if beta1 > 0:
             low_rank_momentum_update(state, grad, beta=beta1, grad_scale=g, lam=lam, iters=iters)

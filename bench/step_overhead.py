@@ -1,0 +1,97 @@
+"""Whole training step (forward + backward + optimizer step) of one small LLaMA model with LoRA on
+all linear layers, per optimizer, against AdamW (foreach) on the LoRA parameters.
+
+Methods are timed round-robin in one process (each round runs one step of every method), so
+machine noise hits all of them alike; the table gives the median and spread over rounds and the
+ratio of medians to AdamW's.
+
+    python bench/step_overhead.py [--hidden 512] [--layers 4] [--tokens 1024] [--rounds 15] [--write docs/BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import markdown_table, write_section  # noqa: E402
+from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA  # noqa: E402
+
+
+def build(args, make):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    h = args.hidden
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=h, intermediate_size=int(2.6875 * h),
+                                        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8))
+    model = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear"))
+    model.train()
+    return model, make(model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens per step (sequences of 256)")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--write", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def fold(opt, on):
+        opt.capture.fold = on
+        return opt
+
+    makers = {
+        "AdamW (foreach), LoRA params": lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad],
+                                                                     lr=1e-4, foreach=True),
+        "PSI-LoRA iters=1": lambda m: fold(PSILoRA(m, 1e-2, iters=1), False),
+        "PSI-LoRA iters=2": lambda m: fold(PSILoRA(m, 1e-2, iters=2), False),
+        "PSI-LoRA iters=1, momentum": lambda m: fold(PSILoRA(m, 1e-2, iters=1, momentum=0.9), False),
+        "Scaled PSI-LoRA iters=1 (rank-r momentum)": lambda m: fold(ScaledPSILoRA(m, 1e-3, iters=1), False),
+        "preconditioned LoRA": lambda m: fold(PreconditionedLoRA(m, 1e-2), False),
+        "PSI-LoRA iters=1, dense store": lambda m: fold(PSILoRA(m, 1e-2, iters=1), True),
+    }
+    runs = {name: build(args, make) for name, make in makers.items()}
+    for model, _ in runs.values():
+        model.to(device)
+    seq = 256
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1024, (args.tokens // seq, seq), generator=g).to(device)
+    times = {name: [] for name in runs}
+    for r in range(args.rounds + 2):  # two warm-up rounds
+        for name, (model, opt) in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r >= 2:
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["AdamW (foreach), LoRA params"])
+    rows = []
+    for name, t in times.items():
+        med = statistics.median(t)
+        rows.append([name, f"{med * 1e3:.1f}", f"{(max(t) - min(t)) * 1e3:.1f}", f"{med / base:.3f}"])
+    table = markdown_table(["method", "step ms (median)", "spread ms", "vs AdamW"], rows)
+    print(table)
+    if args.write:
+        cmd = (f"python bench/step_overhead.py --hidden {args.hidden} --layers {args.layers} --rank {args.rank} "
+               f"--tokens {args.tokens} --rounds {args.rounds}")
+        write_section(args.write, "Step overhead vs AdamW", cmd, table)
+
+
+if __name__ == "__main__":
+    main()
