@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- optimizer and engine --------------------------------------------------------------------
     optimizer = build_optimizer(cfg, model, clip_inside=not use_ds)
+    if isinstance(optimizer, LoRAOptimizer):
+        optimizer.capture.max_bytes = cfg.cache_max_bytes
     scheduler = build_scheduler(cfg, optimizer)
     if use_ds:
         import deepspeed

@@ -82,6 +82,7 @@ class DeepSpeedDistributor(DDPDistributor):
 
 def check_world(engine) -> None:
     """One-line errors for engine layouts this distributor does not cover."""
-    if getattr(engine, "mp_world_size", 1) > 1 or getattr(engine, "seq_parallel_group", None) is not None \
-            and dist.get_world_size(engine.seq_parallel_group) > 1:
+    seq_group = getattr(engine, "seq_parallel_group", None)
+    seq_size = dist.get_world_size(seq_group) if seq_group is not None else 1
+    if getattr(engine, "mp_world_size", 1) > 1 or seq_size > 1:
         raise ValueError("PSI-LoRA supports data parallelism only: model/sequence parallel sizes must be 1")

@@ -67,6 +67,7 @@ class TrainConfig:
     lr_scheduler: str = "cosine"  # cosine | linear | constant (all with linear warm-up)
     warmup_steps: int = 10  # warm-up optimizer steps
     max_grad_norm: float = 1.0  # full-gradient clipping norm (fills "auto" in the DeepSpeed config); 0: off
+    cache_max_bytes: int | None = None  # PSI-LoRA activation-cache budget per rank: exceeding it is logged once
     # --- run -------------------------------------------------------------------------------------
     ds_config: str | None = None  # DeepSpeed JSON config; None: plain PyTorch (one process, or DDP under torchrun)
     dtype: str = "fp32"  # fp32 | bf16 | fp16: fills "auto" dtype sections of the DeepSpeed config

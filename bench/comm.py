@@ -1,0 +1,110 @@
+"""Bytes the optimizer hands to collectives per step on 2 ranks (gloo, CPU), against the bytes of
+the LoRA gradients (what plain data-parallel LoRA all-reduces): small LLaMA, LoRA r=16 on all linear
+layers, DDP (replicated state) and DeepSpeed ZeRO-2 (layer-sharded state). The engine's own
+reduction of A.grad/B.grad is not counted.
+
+    python bench/comm.py [--write docs/BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.common import markdown_table, write_section  # noqa: E402
+
+METHODS = {
+    "PSI-LoRA iters=1, no momentum": dict(kind="psilora", iters=1, momentum=0.0),
+    "PSI-LoRA iters=2, no momentum": dict(kind="psilora", iters=2, momentum=0.0),
+    "PSI-LoRA iters=1, rank-r momentum": dict(kind="psilora", iters=1, momentum=0.9),
+    "PSI-LoRA iters=1, rank-1 momentum": dict(kind="psilora", iters=1, momentum=0.9, rank_multiplier=1 / 16),
+    "Scaled PSI-LoRA iters=1, rank-1 momentum": dict(kind="scaled", iters=1, rank_multiplier=1 / 16),
+    "Scaled PSI-LoRA iters=2, rank-1 momentum": dict(kind="scaled", iters=2, rank_multiplier=1 / 16),
+}
+
+
+def build_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=4))
+    return get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+
+
+def make(spec, model, **kw):
+    from psilora_ds import PSILoRA, ScaledPSILoRA
+
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    if kind == "psilora":
+        return PSILoRA(model, 1e-2, **spec, **kw)
+    return ScaledPSILoRA(model, 1e-3, **spec, **kw)
+
+
+def worker(rank, world, out):
+    import psilora_ds.deepspeed as psd
+    from psilora_ds.distributed import DDPDistributor
+
+    results = {}
+    ids = torch.randint(0, 256, (2, 128), generator=torch.Generator().manual_seed(rank))
+    for engine in ("DDP", "DeepSpeed ZeRO-2"):
+        for name, spec in METHODS.items():
+            model = build_model()
+            if engine == "DDP":
+                opt = make(spec, model, distributor=DDPDistributor())
+                fwd, bwd, step = model, (lambda loss: loss.backward()), opt.step
+            else:
+                opt = make(spec, model)
+                cfg = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 4, "gradient_clipping": 0.0,
+                       "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
+                ds_engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=cfg)
+                fwd, bwd, step = ds_engine, ds_engine.backward, ds_engine.step
+            for k in range(2):  # the second step is counted (sharded state is broadcast from then on)
+                opt.distributor.comm_bytes = dict.fromkeys(opt.distributor.comm_bytes, 0)
+                bwd(fwd(input_ids=ids, labels=ids).loss)
+                step()
+                if engine == "DDP":
+                    opt.zero_grad()
+            lora = sum(layer.rank * (layer.in_features + layer.out_features) * 4 for layer in opt.layers)
+            results[(engine, name)] = (dict(opt.distributor.comm_bytes), lora)
+            if engine != "DDP":
+                opt.distributor.close()
+            opt.remove_hooks()
+    if rank == 0:
+        torch.save(results, os.path.join(out, "comm.pt"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", default=None)
+    args = parser.parse_args()
+    import tempfile
+
+    from tests.distributed import run_distributed
+
+    with tempfile.TemporaryDirectory() as out:
+        run_distributed(worker, 2, out)
+        results = torch.load(os.path.join(out, "comm.pt"))
+    rows = []
+    for (engine, name), (comm, lora) in results.items():
+        rows.append([engine, name, comm["all_reduce"], comm["broadcast"], lora,
+                     f"{comm['all_reduce'] / lora:.2f}", f"{(comm['all_reduce'] + comm['broadcast']) / lora:.2f}"])
+    table = markdown_table(["engine", "method", "all-reduce B/step", "broadcast B/step", "LoRA gradient B",
+                            "all-reduce / LoRA grad", "all / LoRA grad"], rows)
+    print(table)
+    if args.write:
+        write_section(args.write, "Communication per step (2 ranks)", "python bench/comm.py", table +
+                      "\n\nSmall LLaMA (hidden 256, 2 blocks, 14 LoRA layers, r = 16), one step after a first one. "
+                      "All-reduce: the LoRSum thin products (2 per inner iteration, step and momentum), the K-FAC "
+                      "vectors, the per-layer flags; broadcast: the sharded state of the layers a rank does not own.")
+
+
+if __name__ == "__main__":
+    main()
