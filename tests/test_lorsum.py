@@ -174,3 +174,8 @@ def test_known_products_replace_the_first_products(iters, metric):
     got = lorsum(A, B, [(-0.3, Z.T, X)], lam=1e-3, iters=iters, d_out=d[0], d_in=d[1],
                  known_products=(B.T @ G, G @ A.T))
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_non_finite_system_gives_nan_not_a_crash():
+    G = torch.tensor([[float("inf"), 0.0], [0.0, 1.0]], dtype=f64)
+    assert torch.isnan(solve_spd_left(G, torch.ones(2, 1, dtype=f64))).all()
