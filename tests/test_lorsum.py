@@ -179,3 +179,8 @@ def test_known_products_replace_the_first_products(iters, metric):
 def test_non_finite_system_gives_nan_not_a_crash():
     G = torch.tensor([[1.0, float("inf")], [float("inf"), 1.0]], dtype=f64)  # Cholesky fails, lstsq would abort
     assert torch.isnan(solve_spd_left(G, torch.ones(2, 1, dtype=f64))).all()
+
+
+def test_non_finite_right_hand_side_gives_nan_not_a_crash():
+    G = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=f64)  # indefinite: the fallback path
+    assert torch.isnan(solve_spd_left(G, torch.tensor([[float("nan")], [1.0]], dtype=f64))).all()

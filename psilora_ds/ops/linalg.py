@@ -24,7 +24,7 @@ def solve_spd_left(G: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(G)
     if int(info) == 0:
         return torch.cholesky_solve(R, L)
-    if not bool(torch.isfinite(G).all()):
+    if not (bool(torch.isfinite(G).all()) and bool(torch.isfinite(R).all())):
         # diverged factors (inf/NaN): propagate NaN like any optimizer would, instead of crashing LAPACK;
         # the next step's non-finite captures are then skipped and counted
         logger.warning("non-finite %dx%d LoRSum system (diverged factors?): result is NaN", *G.shape)
