@@ -25,7 +25,8 @@ from bench.common import markdown_table, write_section  # noqa: E402
 from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA  # noqa: E402
 from psilora_ds.synthetic import linear_task  # noqa: E402
 
-SGD_LRS = [0.03, 0.1, 0.3, 0.45]
+SGD_LRS = [0.003, 0.01, 0.03, 0.1, 0.3, 0.45]
+FACTOR_SGD_LRS = [1e-5, 1e-4, 1e-3, 1e-2]  # plain SGD on A and B needs far smaller steps
 ADAM_LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 SCALED_LRS = [1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 
@@ -48,7 +49,7 @@ def methods(momentum: float):
     return {
         "SVDLoRA": (SGD_LRS, lambda m, lr: SVDLoRA(m, lr, momentum=momentum)),
         "full fine-tuning (SGD)": (SGD_LRS, lambda m, lr: full_finetune(m, lr, momentum)),
-        "LoRA-SGD": (SGD_LRS, lambda m, lr: torch.optim.SGD(lora_params(m), lr=lr, momentum=momentum)),
+        "LoRA-SGD": (FACTOR_SGD_LRS, lambda m, lr: torch.optim.SGD(lora_params(m), lr=lr, momentum=momentum)),
         "LoRA-AdamW": (ADAM_LRS, lambda m, lr: torch.optim.AdamW(lora_params(m), lr=lr, weight_decay=0.0)),
         "preconditioned LoRA (SGD)": (SGD_LRS, lambda m, lr: PreconditionedLoRA(m, lr)),
         "PSI-LoRA iters=1": (SGD_LRS, lambda m, lr: PSILoRA(m, lr, iters=1, momentum=momentum)),
