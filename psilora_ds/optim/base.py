@@ -214,8 +214,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         autograd = None
         if self.reuse_autograd_grads and self.distributor.world_size == 1:
             gA, gB = layer.A.grad, layer.B.grad
-            if gA is not None and gB is not None and gA.dtype in (torch.float32, torch.float64) \
-                    and gB.dtype == gA.dtype:
+            plain = type(gA) is torch.Tensor and type(gB) is torch.Tensor  # not DTensor shards (FSDP2)
+            if plain and gA.dtype in (torch.float32, torch.float64) and gB.dtype == gA.dtype:
                 autograd = (gA, gB)
         return LayerGradient(batch, self.distributor.grad_coef(), rows, self.distributor.reduce, autograd)
 
