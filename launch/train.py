@@ -91,12 +91,6 @@ def evaluate(engine, model, eval_ds, cfg, rank, world, pad_id, device) -> float:
     return loss_sum / max(tokens, 1.0)
 
 
-def optimizer_state_bytes(optimizer) -> int:
-    base = optimizer
-    return sum(v.numel() * v.element_size() for st in base.state.values() for v in st.values()
-               if isinstance(v, torch.Tensor))
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
     use_ds = cfg.ds_config is not None
@@ -174,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         record = {"step": step, "loss": loss_mean, "lr": lr, "step_time": elapsed, "tokens_per_s": tokens_all / elapsed}
         if isinstance(optimizer, LoRAOptimizer):
             record.update(grad_norm=optimizer.last_grad_norm, skipped_steps=optimizer.skipped_steps,
-                          cache_bytes=optimizer.last_cache_bytes, state_bytes=optimizer_state_bytes(optimizer))
+                          cache_bytes=optimizer.last_cache_bytes, state_bytes=optimizer.state_nbytes())
         if use_ds:
             record["engine_skipped_steps"] = engine.skipped_steps
         if eval_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):

@@ -362,3 +362,13 @@ def test_sharded_checkpoint_on_another_world_size_is_a_clear_error():
     with pytest.raises(ValueError, match="with 2 ranks") as info:
         opt.load_state_dict(sd)
     assert "\n" not in str(info.value)
+
+
+def test_state_nbytes_counts_the_state_dict_tensors():
+    model = lora_two_layer_net(head_trainable=False)
+    opt = ScaledPSILoRA(model, 1e-2)  # rank-r momentum + two metric vectors per layer
+    x, t = data(0)
+    model_loss(model, x, t).backward()
+    opt.step()
+    expected = sum(8 * ((l.rank + 1) * (l.in_features + l.out_features)) for l in opt.layers)  # float64
+    assert opt.state_nbytes() == expected

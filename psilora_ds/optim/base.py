@@ -219,6 +219,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 autograd = (gA, gB)
         return LayerGradient(batch, self.distributor.grad_coef(), rows, self.distributor.reduce, autograd)
 
+    def state_nbytes(self) -> int:
+        """Bytes of the LoRA layers' optimizer state this rank holds (its owned layers when sharded)."""
+        return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
+                   if isinstance(v, torch.Tensor))
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
         self.capture.clear()
