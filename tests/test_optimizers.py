@@ -277,6 +277,49 @@ def test_non_finite_factors_skip_the_whole_step():
     assert opt.state_dict()["layers"][opt.layers[0].name]["step"] == 2
 
 
+@pytest.mark.parametrize("reuse", [True, False])
+@pytest.mark.parametrize("at_step", [0, 1])  # 0: B = 0 (peft's init), 1: B != 0
+@pytest.mark.parametrize("where", ["z", "x"])
+@pytest.mark.parametrize("fold", [False, True])
+def test_one_non_finite_entry_skips_the_step(reuse, at_step, where, fold):
+    """A single inf in one layer's output gradient Z (an fp16 overflow) or a single NaN in its input X
+    (the head's rows: fc2's input is tanh(.), so fc1's output is poisoned) skips the step, whether the
+    check reads the rows or autograd's LoRA gradients."""
+    model = lora_two_layer_net(head_trainable=True)
+    opt = PSILoRA(model, 0.1, momentum=0.9)
+    opt.reuse_autograd_grads = reuse
+    opt.capture.fold = fold  # False: the rows (or autograd's products) are checked, True: the dense store
+    x, t = data(0)
+    for _ in range(at_step):
+        model_loss(model, x, t).backward()
+        opt.step()
+        opt.zero_grad()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    net = model.base_model.model
+
+    def poison_z(module, grad_output):
+        g = grad_output[0].clone()
+        g[3, 1] = float("inf")
+        return (g,)
+
+    if where == "z":
+        handle = net.fc2.register_full_backward_pre_hook(poison_z)
+        xin = x
+    else:
+        handle = None
+        xin = x.clone()
+        xin[5, 2] = float("nan")
+    loss = F.mse_loss(model(xin)[torch.arange(len(x)) != 5], t[torch.arange(len(x)) != 5]) if where == "x" \
+        else model_loss(model, xin, t)
+    loss.backward()
+    if handle is not None:
+        handle.remove()
+    opt.step()
+    assert opt.skipped_steps == 1
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
+
+
 def test_layer_that_captured_nothing_keeps_factors_and_state():
     model = lora_two_layer_net(head_trainable=False)
     opt = PSILoRA(model, 0.1, momentum=0.9)

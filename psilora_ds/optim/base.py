@@ -164,7 +164,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         flags = torch.zeros(len(self.layers) + 1, dtype=torch.float64, device=self.layers[0].A.device)
         for idx, batch in batches.items():
             flags[idx] = batch.rows
-        flags[-1] = 0.0 if self._all_finite(batches, others_now) else 1.0
+        autograd = {idx: pair for idx in batches if (pair := self._autograd_products(idx)) is not None}
+        flags[-1] = 0.0 if self._all_finite(batches, autograd, others_now) else 1.0
         flags = d.all_reduce_(flags).tolist()
         if flags[-1] > 0:
             self.skipped_steps += 1
@@ -172,7 +173,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             return _StepPlan(skip=True, clip=1.0, grads={})
         # A layer that captured nothing on any rank is left out: it keeps its factors and state,
         # as torch optimizers skip parameters whose grad is None.
-        grads = {idx: self._layer_gradient(idx, batches.get(idx), int(rows))
+        grads = {idx: self._layer_gradient(idx, batches.get(idx), int(rows), autograd.get(idx))
                  for idx, rows in enumerate(flags[:-1]) if rows > 0}
         clip = self._clip_coefficient(grads, others_now)
         for grad in grads.values():
@@ -205,18 +206,25 @@ class LoRAOptimizer(torch.optim.Optimizer):
             if grad.autograd is not None:  # consumed: the next step's gradients start from zero
                 layer.A.grad = layer.B.grad = None
 
-    def _layer_gradient(self, idx: int, batch: LayerBatch | None, rows: int) -> LayerGradient:
+    def _autograd_products(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Autograd's ``(A.grad, B.grad)`` of layer ``idx`` when the step may use them in place of the
+        products at the current factors: one process, plain fp32/fp64 tensors (not DTensor shards)."""
+        if not self.reuse_autograd_grads or self.distributor.world_size != 1:
+            return None
+        layer = self.layers[idx]
+        gA, gB = layer.A.grad, layer.B.grad
+        plain = type(gA) is torch.Tensor and type(gB) is torch.Tensor
+        if plain and gA.dtype in (torch.float32, torch.float64) and gB.dtype == gA.dtype:
+            return gA, gB
+        return None
+
+    def _layer_gradient(self, idx: int, batch: LayerBatch | None, rows: int,
+                        autograd: tuple[torch.Tensor, torch.Tensor] | None) -> LayerGradient:
         layer = self.layers[idx]
         if batch is None:  # captured nothing here but elsewhere: take part in the collectives with no rows
             dtype = compute_dtype(layer.lora_A.weight.dtype)
             batch = LayerBatch(xs=[torch.zeros(0, layer.in_features, dtype=dtype, device=layer.A.device)],
                                zs=[torch.zeros(0, layer.out_features, dtype=dtype, device=layer.A.device)])
-        autograd = None
-        if self.reuse_autograd_grads and self.distributor.world_size == 1:
-            gA, gB = layer.A.grad, layer.B.grad
-            plain = type(gA) is torch.Tensor and type(gB) is torch.Tensor  # not DTensor shards (FSDP2)
-            if plain and gA.dtype in (torch.float32, torch.float64) and gB.dtype == gA.dtype:
-                autograd = (gA, gB)
         return LayerGradient(batch, self.distributor.grad_coef(), rows, self.distributor.reduce, autograd)
 
     def state_nbytes(self) -> int:
@@ -233,10 +241,16 @@ class LoRAOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in self._other_params(groups) if p.grad is not None]
         return [g.to_local() if hasattr(g, "to_local") else g for g in grads]
 
-    def _all_finite(self, batches: dict[int, LayerBatch], other_groups: list[dict[str, Any]]) -> bool:
+    def _all_finite(self, batches: dict[int, LayerBatch], autograd: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                    other_groups: list[dict[str, Any]]) -> bool:
         """Whether every captured factor and other gradient is finite: a NaN or inf anywhere makes its
-        tensor's sum non-finite, so one fp32 sum per tensor and one sync do (no mask tensors)."""
-        tensors = [t for b in batches.values() for t in (*b.xs, *b.zs)]
+        tensor's sum non-finite, so one fp32 sum per tensor and one sync do (no mask tensors).
+
+        A layer whose autograd products are used is checked on them instead of on its rows: a
+        non-finite entry of ``X`` or ``Z`` makes ``B.grad = s Z^T (X A^T)`` non-finite (IEEE:
+        ``inf * 0`` is NaN, so no multiplier hides it), which reads ``r (m + n)`` numbers instead of
+        ``N (m + n)``."""
+        tensors = [t for i, b in batches.items() for t in (autograd[i] if i in autograd else (*b.xs, *b.zs))]
         tensors += [b.dense for b in batches.values() if b.dense is not None]
         tensors += self._local_other_grads(other_groups)
         if not tensors:
