@@ -28,7 +28,7 @@ from psilora_ds.synthetic import linear_task  # noqa: E402
 SGD_LRS = [0.003, 0.01, 0.03, 0.1, 0.3, 0.45]
 FACTOR_SGD_LRS = [1e-5, 1e-4, 1e-3, 1e-2]  # plain SGD on A and B needs far smaller steps
 ADAM_LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
-SCALED_LRS = [1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+SCALED_LRS = [1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0]
 
 
 def lora_params(m):
@@ -105,7 +105,8 @@ def main() -> None:
             last = [c[-1] for c in finals]
             if math.isfinite(score):
                 std = statistics.stdev(last) if len(last) > 1 else 0.0
-                rows.append([label, name, lr, f"{score:.3g} ± {std:.2g}"])
+                edge = " (grid edge)" if lr in (lrs[0], lrs[-1]) else ""
+                rows.append([label, name, f"{lr}{edge}", f"{score:.3g} ± {std:.2g}"])
             else:
                 rows.append([label, name, "-", "diverged at every lr"])
             curves[(label, name)] = [statistics.mean(c[i] for c in finals) for i in range(args.steps + 1)]
@@ -135,8 +136,13 @@ def main() -> None:
     if args.write:
         cmd = f"python bench/linear_task.py --steps {args.steps} --seeds {args.seeds}" + (
             f" --png {args.png}" if args.png else "")
-        write_section(args.write, "Linear synthetic task", cmd, table + (f"\n\n![curves]({os.path.basename(args.png)})"
-                                                                         if args.png else ""))
+        grids = "; ".join(f"{name}: {', '.join(map(str, lrs))}" for name, lrs in (
+            ("SGD-type (SVDLoRA, full FT, preconditioned, PSI-LoRA)", SGD_LRS), ("LoRA-SGD", FACTOR_SGD_LRS),
+            ("LoRA-AdamW", ADAM_LRS), ("Scaled PSI-LoRA", SCALED_LRS)))
+        note = (f"Best lr per method by the mean over seeds, from its grid ({grids}); \"grid edge\" marks a best lr at "
+                "an end of its grid. Full fine-tuning is not rank-limited: below 0 means better than the best rank-8 fit.")
+        write_section(args.write, "Linear synthetic task", cmd, table + "\n\n" + note + (
+            f"\n\n![curves]({os.path.basename(args.png)})" if args.png else ""))
 
 
 if __name__ == "__main__":

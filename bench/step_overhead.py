@@ -6,6 +6,7 @@ machine noise hits all of them alike; the table gives the median and spread over
 ratio of medians to AdamW's.
 
     python bench/step_overhead.py [--hidden 512] [--layers 4] [--tokens 1024] [--rounds 15] [--write docs/BENCHMARKS.md]
+    python bench/step_overhead.py --profile "PSI-LoRA iters=1"   # where that method's optimizer step spends its time
 """
 
 from __future__ import annotations
@@ -36,6 +37,36 @@ def build(args, make):
     return model, make(model)
 
 
+class ClippedAdamW:
+    """AdamW on the LoRA parameters after ``torch.nn.utils.clip_grad_norm_`` (what a LoRA trainer does)."""
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4, foreach=True)
+
+    def step(self):
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
+        self.opt.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+
+def profile(run, ids) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    model, opt = run
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        opt.step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=512)
@@ -44,6 +75,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per step (sequences of 256)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--write", default=None)
+    parser.add_argument("--profile", default=None, metavar="METHOD",
+                        help="instead of the table: torch.profiler's top operators of METHOD's optimizer step")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -60,13 +93,21 @@ def main() -> None:
         "Scaled PSI-LoRA iters=1 (rank-r momentum)": lambda m: fold(ScaledPSILoRA(m, 1e-3, iters=1), False),
         "preconditioned LoRA": lambda m: fold(PreconditionedLoRA(m, 1e-2), False),
         "PSI-LoRA iters=1, dense store": lambda m: fold(PSILoRA(m, 1e-2, iters=1), True),
+        # clipping by the exact ||G||_F (METHOD.md section 6): Gram or dense route per layer
+        "PSI-LoRA iters=1, max_grad_norm=1": lambda m: fold(PSILoRA(m, 1e-2, iters=1, max_grad_norm=1.0), False),
+        "AdamW (foreach), clip_grad_norm_(1)": lambda m: ClippedAdamW(m),
     }
+    if args.profile:
+        makers = {args.profile: makers[args.profile]}
     runs = {name: build(args, make) for name, make in makers.items()}
     for model, _ in runs.values():
         model.to(device)
     seq = 256
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1024, (args.tokens // seq, seq), generator=g).to(device)
+    if args.profile:
+        profile(runs[args.profile], ids)
+        return
     times = {name: [] for name in runs}
     for r in range(args.rounds + 2):  # two warm-up rounds
         for name, (model, opt) in runs.items():

@@ -89,7 +89,8 @@ def initialize(*, model, optimizer: LoRAOptimizer, config: Any = None, **kwargs)
         model=model, optimizer=optimizer, config=cfg, **kwargs)
     check_world(engine)
     optimizer.max_grad_norm = clip
-    optimizer.attach(DeepSpeedDistributor(engine))
+    # keep a probe count the optimizer's distributor was given (Distributor(norm_probes=k)), else 32
+    optimizer.attach(DeepSpeedDistributor(engine, norm_probes=optimizer.distributor.norm_probes or 32))
     logger.info("PSI-LoRA on DeepSpeed ZeRO-%d: clipping ||G||_F to %s, %d data-parallel ranks",
                 engine.zero_optimization_stage(), clip, engine.dp_world_size)
     return engine, ds_optimizer, dataloader, scheduler

@@ -146,9 +146,11 @@ def scenario_worker(rank, world, out):
     results["gas"] = full_factors(opt)
     opt.distributor.close()
     opt.remove_hooks()
-    # clipping estimate on 2 ranks: first-step norm
+    # clipping estimate on 2 ranks: first-step norm, with the probe count the optimizer was built with
+    from psilora_ds.distributed import Distributor
+
     model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=True)
-    opt = make_optimizer("psilora", model)
+    opt = make_optimizer("psilora", model, distributor=Distributor(norm_probes=48))
     engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(2, clip=1e-3))
     x, t = batches(1)[0]
     rows = slice(rank * B, (rank + 1) * B)
@@ -217,6 +219,7 @@ def test_clipping_norm_on_two_ranks_within_the_sketch_bound(scenario_runs):
     opt.step()
     exact = opt.last_grad_norm
     k = scenario_runs[0]["clip_probes"]
+    assert k == 48  # psilora_ds.deepspeed.initialize kept the optimizer's probe count
     # Var(||P Omega||^2 / k) = 2 ||P^T P||_F^2 / k per layer, independent across layers
     std = float(torch.sqrt(sum(2 * (G.T @ G).square().sum() / k for G in dense)))
     for r in scenario_runs:

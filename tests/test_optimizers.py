@@ -186,6 +186,45 @@ def test_clipping_scales_the_step_like_the_dense_clipped_step(max_norm, fold):
         torch.testing.assert_close(p.grad, coef * g)
 
 
+@pytest.mark.parametrize("fold", [False, True])
+def test_sketched_clipping_norm_in_one_process(fold):
+    """Distributor(norm_probes=k): the clipping norm is the Gaussian sketch (unbiased, within 4 of its
+    standard deviations computed from the dense gradients' spectra; over 400 seeds its mean is the
+    exact value), and the step is the dense step clipped with that estimate."""
+    from psilora_ds.distributed import Distributor
+
+    k, max_norm, lr = 16, 0.05, 0.3
+    model = lora_two_layer_net(head_trainable=True)
+    twin = DenseTwin(model)
+    opt = PSILoRA(model, lr, iters=2, max_grad_norm=max_norm, distributor=Distributor(norm_probes=k))
+    opt.capture.fold = fold
+    x, t = data(7)
+    P, _, _, g_head = twin.grads(x, t)
+    G = [p / s for p, s in zip(P, twin.s)]
+    _, exact = ref.clip_coefficient(G + g_head, max_norm)
+    std = float(torch.sqrt(sum(2 * (g.T @ g).square().sum() / k for g in G)))
+    model_loss(model, x, t).backward()
+    batches = {i: b for i, b in opt.capture._batches.items()}
+    opt.step()
+    est = opt.last_grad_norm
+    assert est != pytest.approx(exact, rel=1e-6) and abs(est**2 - exact**2) <= 4 * std
+    coef = min(1.0, max_norm / (est + 1e-6))
+    for i in range(2):
+        twin.A[i], twin.B[i], _ = ref.psilora_step(twin.A[i], twin.B[i], coef * P[i], scaling=twin.s[i], lr=lr,
+                                                   iters=2, lam=lr * 1e-2)
+    assert_factors(opt.layers, twin.A, twin.B)
+    # unbiased: average the per-layer estimate over many seeds (steps)
+    layer = opt.layers[0]
+    grad = opt._layer_gradient(0, batches[0], batches[0].rows, None)
+    samples = []
+    for step in range(400):
+        opt.steps_taken = step
+        samples.append(float(opt.distributor.lora_norm_sq(layer, grad)))
+    exact0 = float(P[0].square().sum())
+    std0 = float(torch.sqrt(2 * (P[0].T @ P[0]).square().sum() / k))
+    assert abs(sum(samples) / len(samples) - exact0) <= 4 * std0 / 400**0.5
+
+
 OPTIMIZERS = {
     "psilora": lambda m: PSILoRA(m, 0.1, momentum=0.9, iters=2),
     "scaled_kfac": lambda m: ScaledPSILoRA(m, 1e-2, iters=1),

@@ -146,10 +146,10 @@ def test_bitsandbytes_unusable_device_is_a_clear_error():
 
 def test_config_reference_is_current():
     sys.path.insert(0, ROOT)
-    from psilora_ds.recipe.config import help_text
+    from psilora_ds.recipe.config import reference_markdown
 
     with open(os.path.join(ROOT, "docs", "CONFIG.md")) as f:
-        assert help_text() in f.read(), "regenerate docs/CONFIG.md from psilora_ds.recipe.config.help_text()"
+        assert f.read() == reference_markdown(), "regenerate it: python -m psilora_ds.recipe.config > docs/CONFIG.md"
 
 
 def test_prompt_tokens_are_masked(tmp_path):
@@ -182,3 +182,19 @@ def test_torchrun_ddp_two_ranks(tmp_path):
     run(["--max_steps", "4", "--eval_every", "4", "--save_every", "0", "--output_dir", str(out)], tmp_path,
         launcher=torchrun)
     assert_outputs(out)
+
+
+def test_clip_norm_probes_reaches_the_optimizer():
+    """``--clip_norm_probes k`` makes the one-process clipping norm the k-probe sketch; negative is a one-line error."""
+    sys.path.insert(0, ROOT)
+    from psilora_ds.recipe.config import ConfigError, TrainConfig, validate
+    from psilora_ds.recipe.optimizers import build_optimizer
+
+    from .models import lora_two_layer_net
+
+    for k in (0, 16):
+        opt = build_optimizer(TrainConfig(optim="psilora", clip_norm_probes=k), lora_two_layer_net(), clip_inside=True)
+        assert opt.distributor.norm_probes == k and opt.distributor.sketches_norm() == (k > 0)
+        assert opt.max_grad_norm == 1.0
+    with pytest.raises(ConfigError, match="clip_norm_probes must be >= 0"):
+        validate(TrainConfig(clip_norm_probes=-1))

@@ -14,22 +14,36 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..lora_layers import LoRALayer
-from ..ops import frobenius_sq
+from ..ops import frobenius_sq, gaussian_probes, sketched_product
 
 if TYPE_CHECKING:
     from ..optim.base import LoRAOptimizer
     from ..optim.gradient import LayerGradient
 
+NORM_SKETCH_SEED = 0x7A5C
+
 
 class Distributor:
-    """One process: no collectives, every layer's state is local, the norm is exact.
+    """One process: no collectives, every layer's state is local.
 
     The master factors are the tensors in the optimizer's LoRA param group (the model's parameters,
     or the fp32 masters an engine put there in their place at ZeRO stage 0).
+
+    Args:
+        norm_probes: 0 (default): the clipping norm is exact (Gram trick or dense, ``min(N m n,
+            N^2 (m + n))`` work per layer, METHOD.md section 6); ``k > 0``: the unbiased Gaussian sketch
+            with ``k`` probes (``N k (m + n)`` work, relative standard deviation at most ``sqrt(2 / k)``,
+            see :meth:`lora_norm_sq`), the estimator the multi-rank distributors use.
     """
 
     world_size: int = 1
     rank: int = 0
+    norm_probes: int = 0
+
+    def __init__(self, *, norm_probes: int = 0):
+        if norm_probes < 0:
+            raise ValueError(f"norm_probes must be >= 0 (0: exact norm), got {norm_probes}")
+        self.norm_probes = norm_probes
 
     def bind(self, optimizer: LoRAOptimizer) -> None:
         """Called once by the optimizer that uses this distributor."""
@@ -68,12 +82,32 @@ class Distributor:
         """What a checkpoint of the optimizer state depends on."""
         return {"world_size": self.world_size, "sharded": False}
 
+    def sketches_norm(self) -> bool:
+        """Whether :meth:`lora_norm_sq` is the Gaussian sketch (else exact)."""
+        return self.norm_probes > 0
+
     def lora_norm_sq(self, layer: LoRALayer, grad: LayerGradient) -> torch.Tensor:
-        """``||P||_F^2`` of the layer's whole gradient: exact in one process (Gram trick on the rows,
-        or the dense store when the rows were folded into it)."""
-        if grad.dense is not None:
-            return grad.local_dense().square().sum() * grad.coef**2
-        return frobenius_sq(grad.Z, grad.X) * grad.coef**2
+        """``||P||_F^2`` of the layer's whole gradient (summed over ranks).
+
+        Exact: the Gram trick on the rows, or the dense store when the rows were folded into it.
+        Sketch: with ``Omega`` (n x k) standard Gaussian from a seed shared by all ranks (step and
+        layer), ``E ||P Omega||_F^2 / k = ||P||_F^2``; ``P Omega = sum_ranks Z_k^T (X_k Omega) (+ P_k
+        Omega)`` costs one ``m x k`` all-reduce and no activation moves. Its relative standard deviation
+        is ``sqrt(2 sum s_i^4 / k) / sum s_i^2 <= sqrt(2 / k)`` (s_i: singular values of P), far below
+        the bound for a gradient of high effective rank.
+        """
+        if not self.sketches_norm():
+            if grad.dense is not None:
+                return grad.local_dense().square().sum() * grad.coef**2
+            return frobenius_sq(grad.Z, grad.X) * grad.coef**2
+        X = grad.X
+        seed = NORM_SKETCH_SEED + 1_000_003 * self.optimizer.steps_taken + layer.index
+        omega = gaussian_probes(X.shape[1], self.norm_probes, seed, device=X.device,
+                                dtype=torch.float64 if X.dtype == torch.float64 else torch.float32)
+        Y = sketched_product(grad.Z, X, omega, grad.dense)
+        if self.reduce is not None:
+            Y = self.reduce(Y)
+        return Y.square().sum() * (grad.coef**2 / self.norm_probes)
 
     def other_grads_are_sharded(self) -> bool:
         """Whether each rank holds only a shard of the non-LoRA gradients (their norms add up)."""

@@ -15,8 +15,6 @@ from .base import Distributor
 
 logger = logging.getLogger(__name__)
 
-NORM_SKETCH_SEED = 0x7A5C
-
 
 def balanced_owners(sizes: list[int], world_size: int) -> list[int]:
     """Assign items to ranks, largest first to the least-loaded rank (LPT): per-rank totals stay
@@ -41,8 +39,8 @@ class DDPDistributor(Distributor):
         group: the data-parallel process group (default: the world).
         shard_state: keep each layer's optimizer state (momentum factors, metric diagonals) only on
             its owner rank, layers balanced by size; the owner broadcasts it when the layer is updated.
-        norm_probes: Gaussian probes of the full-gradient norm sketch used for clipping (see
-            :meth:`lora_norm_sq`).
+        norm_probes: Gaussian probes of the full-gradient norm sketch used for clipping on several
+            ranks (see :meth:`Distributor.lora_norm_sq`; an exact norm would need every rank's rows).
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *, shard_state: bool = False, norm_probes: int = 32):
@@ -52,6 +50,8 @@ class DDPDistributor(Distributor):
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.shard_state = shard_state
+        if norm_probes < 1:
+            raise ValueError(f"norm_probes must be >= 1 on several ranks (the norm is sketched), got {norm_probes}")
         self.norm_probes = norm_probes
         self._owners: list[int] = []
         # bytes this rank handed to collectives (optimizer traffic only; the engine's own not counted)
@@ -76,25 +76,8 @@ class DDPDistributor(Distributor):
         self.comm_bytes["all_reduce"] += buf.numel() * buf.element_size()
         return buf
 
-    def lora_norm_sq(self, layer: LoRALayer, grad) -> torch.Tensor:
-        """Unbiased sketch of ``||sum_k coef Z_k^T X_k||_F^2``: with ``Omega`` (n x k) standard
-        Gaussian, drawn from a seed shared by all ranks, ``E ||P Omega||_F^2 / k = ||P||_F^2``.
-        ``P Omega = sum_k Z_k^T (X_k Omega) (+ P_k Omega)`` costs one ``m x k`` all-reduce; no
-        activations move.
-        The relative standard deviation is ``sqrt(2 sum s_i^4 / k) / sum s_i^2 <= sqrt(2 / k)``
-        (s_i: singular values of P), far below the bound for a gradient of high effective rank.
-        """
-        if self.world_size == 1:
-            return super().lora_norm_sq(layer, grad)  # exact
-        step = self.optimizer.steps_taken
-        gen = torch.Generator().manual_seed(NORM_SKETCH_SEED + 1_000_003 * step + layer.index)
-        X, Z = grad.X, grad.Z
-        omega = torch.randn(X.shape[1], self.norm_probes, generator=gen, dtype=torch.float64)
-        omega = omega.to(device=X.device, dtype=torch.float32 if X.dtype != torch.float64 else torch.float64)
-        Y = Z.to(omega.dtype).T @ (X.to(omega.dtype) @ omega)
-        if grad.dense is not None:
-            Y += grad.dense.to(omega.dtype) @ omega
-        return self._all_reduce(Y).square().sum() * (grad.coef**2 / self.norm_probes)
+    def sketches_norm(self) -> bool:
+        return self.world_size > 1  # one rank: exact
 
     # ---- state -----------------------------------------------------------------------------------
     def layout(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Pure math kernels: functions on tensors, no state."""
 
-from .factored import dense_gradient, frobenius_sq, gradient_gram_diagonals
+from .factored import dense_gradient, frobenius_sq, gaussian_probes, gradient_gram_diagonals, sketched_product
 from .linalg import compute_dtype, solve_spd_left, solve_spd_right
 from .lorsum import lorsum
 from .metrics import damped_power, kfac_diagonals, kfac_sums, shampoo_diagonals
@@ -11,11 +11,13 @@ __all__ = [
     "damped_power",
     "dense_gradient",
     "frobenius_sq",
+    "gaussian_probes",
     "gradient_gram_diagonals",
     "kfac_diagonals",
     "kfac_sums",
     "lorsum",
     "shampoo_diagonals",
+    "sketched_product",
     "solve_spd_left",
     "solve_spd_right",
     "svd_project",

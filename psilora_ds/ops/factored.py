@@ -1,5 +1,6 @@
-"""Exact quantities of a factored gradient ``P = Z^T X`` computed without forming P when
-that is cheaper: Gram products over row chunks (METHOD.md sections 4 and 6).
+"""Quantities of a factored gradient ``P = Z^T X`` computed without forming P when that is
+cheaper: exact ones by Gram products over row chunks (METHOD.md sections 4 and 6), and the
+Gaussian sketch ``P Omega`` of its norm.
 
 ``Z`` is ``N x m`` (output gradients), ``X`` is ``N x n`` (inputs). Forming P costs
 ``N m n``; the Gram route costs ``N^2 (m + n)``; each function takes the cheaper exact one.
@@ -70,3 +71,21 @@ def gradient_gram_diagonals(
         d_in += (Xc[rows] * (Gz @ Xc)).sum(0)
         d_out += (Zc[rows] * (Gx @ Zc)).sum(0)
     return d_in, d_out
+
+
+def gaussian_probes(n: int, k: int, seed: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``Omega`` (n x k), standard Gaussian from ``seed`` (drawn on the CPU in float64, so every rank
+    and device draws the same numbers)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def sketched_product(Z: torch.Tensor, X: torch.Tensor, omega: torch.Tensor,
+                     dense: torch.Tensor | None = None) -> torch.Tensor:
+    """``P Omega = Z^T (X Omega) (+ P_dense Omega)`` (m x k) in ``omega``'s dtype: ``N k (m + n)`` work
+    instead of ``min(N m n, N^2 (m + n))`` for the exact norm. ``E ||P Omega||_F^2 / k = ||P||_F^2``
+    with variance ``2 ||P^T P||_F^2 / k``."""
+    Y = Z.to(omega.dtype).T @ (X.to(omega.dtype) @ omega)
+    if dense is not None:
+        Y += dense.to(omega.dtype) @ omega
+    return Y

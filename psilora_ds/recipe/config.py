@@ -67,6 +67,7 @@ class TrainConfig:
     lr_scheduler: str = "cosine"  # cosine | linear | constant (all with linear warm-up)
     warmup_steps: int = 10  # warm-up optimizer steps
     max_grad_norm: float = 1.0  # full-gradient clipping norm (fills "auto" in the DeepSpeed config); 0: off
+    clip_norm_probes: int = 0  # clipping norm: 0 exact in one process (several ranks: 32-probe sketch); k > 0: Gaussian sketch with k probes
     cache_max_bytes: int | None = None  # PSI-LoRA activation-cache budget per rank: exceeding it is logged once
     # --- run -------------------------------------------------------------------------------------
     ds_config: str | None = None  # DeepSpeed JSON config; None: plain PyTorch (one process, or DDP under torchrun)
@@ -176,6 +177,8 @@ def validate(cfg: TrainConfig) -> None:
                           "file or a hub id owner/name)")
     if cfg.ds_config is not None and not os.path.exists(cfg.ds_config):
         raise ConfigError(f"DeepSpeed config {cfg.ds_config} does not exist")
+    if cfg.clip_norm_probes < 0:
+        raise ConfigError(f"clip_norm_probes must be >= 0 (0: exact norm), got {cfg.clip_norm_probes}")
     for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_seq_len", "lora_r"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -199,3 +202,16 @@ def help_text() -> str:
             default, _, comment = stripped.split("=", 1)[1].partition("#")
             lines.append(f"  --{name:28s} {default.strip():24s} {comment.strip()}")
     return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """docs/CONFIG.md: ``python -m psilora_ds.recipe.config > docs/CONFIG.md`` regenerates it."""
+    return ("# Configuration reference of launch/train.py\n\n"
+            "One YAML file (`--config run.yaml`, keys as below) plus `--key value` overrides on the command line "
+            "(later wins; YAML syntax for values: `1e-3`, `true`, `[q_proj, v_proj]`, `null`). An unknown key stops "
+            "the run with one line listing the valid keys. `python launch/train.py --help` prints this table.\n\n"
+            "```text\n" + help_text() + "\n```\n")
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")
