@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import markdown_table, write_section  # noqa: E402
 from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA  # noqa: E402
+from psilora_ds.distributed import Distributor  # noqa: E402
 
 
 def build(args, make):
@@ -95,6 +96,8 @@ def main() -> None:
         "PSI-LoRA iters=1, dense store": lambda m: fold(PSILoRA(m, 1e-2, iters=1), True),
         # clipping by the exact ||G||_F (METHOD.md section 6): Gram or dense route per layer
         "PSI-LoRA iters=1, max_grad_norm=1": lambda m: fold(PSILoRA(m, 1e-2, iters=1, max_grad_norm=1.0), False),
+        "PSI-LoRA iters=1, max_grad_norm=1, 32-probe sketch": lambda m: fold(
+            PSILoRA(m, 1e-2, iters=1, max_grad_norm=1.0, distributor=Distributor(norm_probes=32)), False),
         "AdamW (foreach), clip_grad_norm_(1)": lambda m: ClippedAdamW(m),
     }
     if args.profile:
