@@ -105,38 +105,44 @@ def lorsum(
     shared = [_PreparedTerm(c, F, H, d_out, d_in, cd) for c, F, H in shared_terms]
 
     def summed(like: torch.Tensor, parts) -> torch.Tensor:
-        out = torch.zeros_like(like)
+        out = None
         for c, part in parts:
-            out.add_(part, alpha=c)
-        return out
+            out = part.mul_(c) if out is None else out.add_(part, alpha=c)  # parts are fresh products
+        return torch.zeros_like(like) if out is None else out
 
     def a_step(Bt: torch.Tensor) -> torch.Tensor:
         # (Bt^T D_out Bt + lam I) A+ = lam A + c0 (Bt^T D_out B) A + sum c_j (Bt^T F_j)(H_j D_in^-1)
         if known_products is not None and Bt is B0:
-            data = known_products[0].to(cd)
-            data = data if d_in is None else data / d_in[None, :]
+            data = known_products[0].to(cd, copy=True)
+            data = data if d_in is None else data.div_(d_in[None, :])
         else:
             data = summed(A0, ((t.coef, t.a_product(Bt)) for t in local))
             if reduce is not None:
                 data = reduce(data)
-        rhs = data + summed(A0, ((t.coef, t.a_product(Bt)) for t in shared))
+        for t in shared:
+            data.add_(t.a_product(Bt), alpha=t.coef)
         DBt = Bt if d_out is None else d_out[:, None] * Bt
-        rhs.add_(A0, alpha=lam).addmm_(DBt.T @ B0, A0, alpha=c0)
-        return solve_spd_left(DBt.T @ Bt + lam * eye, rhs)
+        gram = DBt.T @ Bt
+        cross = gram if Bt is B0 else DBt.T @ B0
+        data.add_(A0, alpha=lam).addmm_(cross, A0, alpha=c0)
+        return solve_spd_left(gram + lam * eye, data)
 
     def b_step(At: torch.Tensor) -> torch.Tensor:
         # B+ (At D_in At^T + lam I) = lam B + c0 B (A D_in At^T) + sum c_j (D_out^-1 F_j)(H_j At^T)
         if known_products is not None and At is A0:
-            data = known_products[1].to(cd)
-            data = data if d_out is None else data / d_out[:, None]
+            data = known_products[1].to(cd, copy=True)
+            data = data if d_out is None else data.div_(d_out[:, None])
         else:
             data = summed(B0, ((t.coef, t.b_product(At)) for t in local))
             if reduce is not None:
                 data = reduce(data)
-        rhs = data + summed(B0, ((t.coef, t.b_product(At)) for t in shared))
+        for t in shared:
+            data.add_(t.b_product(At), alpha=t.coef)
         DAt = At if d_in is None else At * d_in[None, :]
-        rhs.add_(B0, alpha=lam).addmm_(B0, A0 @ DAt.T, alpha=c0)
-        return solve_spd_right(rhs, DAt @ At.T + lam * eye)
+        gram = DAt @ At.T
+        cross = gram if At is A0 else A0 @ DAt.T
+        data.add_(B0, alpha=lam).addmm_(B0, cross, alpha=c0)
+        return solve_spd_right(data, gram + lam * eye)
 
     if iters == 0:
         A_new, B_new = a_step(B0), b_step(A0)
