@@ -10,9 +10,13 @@ never fires its hook. Pairs from successive micro-batches are appended, so that
 ``sum_i Z_i^T X_i`` is the accumulated gradient of the product ``B A``.
 
 Memory (METHOD.md section 6): a layer's rows cost ``N (m + n)`` numbers in the activation dtype;
-once that reaches the size of a dense fp32 ``m x n`` accumulator, the layer's rows are folded into
-``P = sum Z_i^T X_i`` (exact, and cheaper from then on), keeping the K-FAC row sums beside it.
-``max_bytes`` is a budget: exceeding it is logged once with the largest layers.
+once that reaches the size of a dense fp32 ``m x n`` accumulator, the layer's rows can be folded into
+``P = sum Z_i^T X_i`` (exact, and the smaller store from then on), keeping the K-FAC row sums beside it.
+Folding trades time for memory: forming P costs ``N m n`` per layer (about a third of the layer's
+training matmuls) while LoRSum on rows costs ``N (m + n) r`` per product. Without ``max_bytes`` a
+layer folds as soon as its dense store is the smaller one (memory first); with a budget ``max_bytes``,
+rows are kept while the whole cache fits in it and foldable layers are folded (largest saving first)
+only when it does not; a cache still over budget is logged once with the largest layers.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ class ActivationCapture:
     def __init__(self, layers: list[LoRALayer], max_bytes: int | None = None, fold: bool = True):
         self.layers = layers
         self.max_bytes = max_bytes
-        self.fold = fold  # fold a layer's rows into a dense accumulator once that is the smaller store
+        self.fold = fold  # fold a layer's rows into a dense accumulator when that is the smaller store (see above)
         self.peak_nbytes = 0  # since the last pop()
         self._warned = False
         self._batches: dict[int, LayerBatch] = {}
@@ -130,11 +134,25 @@ class ActivationCapture:
 
         return hook
 
-    def _after_commit(self, idx: int, batch: LayerBatch) -> None:
+    def _dense_nbytes(self, idx: int, batch: LayerBatch) -> int:
         layer = self.layers[idx]
-        dense_bytes = layer.out_features * layer.in_features * torch.finfo(compute_dtype(batch.xs[0].dtype)).bits // 8
-        if self.fold and (batch.dense is not None or batch.cached_nbytes() >= dense_bytes):
-            batch.fold()
+        return layer.out_features * layer.in_features * torch.finfo(compute_dtype(batch.xs[0].dtype)).bits // 8
+
+    def _foldable(self, idx: int, batch: LayerBatch) -> bool:
+        return bool(batch.xs) and (batch.dense is not None or batch.cached_nbytes() >= self._dense_nbytes(idx, batch))
+
+    def _after_commit(self, idx: int, batch: LayerBatch) -> None:
+        if self.fold and self.max_bytes is None:
+            if self._foldable(idx, batch):
+                batch.fold()
+        elif self.fold and self.nbytes > self.max_bytes:
+            # over budget: fold the layers whose dense store saves the most, until the cache fits
+            saving = {i: b.cached_nbytes() - (0 if b.dense is not None else self._dense_nbytes(i, b))
+                      for i, b in self._batches.items() if self._foldable(i, b)}
+            for i in sorted(saving, key=lambda i: -saving[i]):
+                self._batches[i].fold()
+                if self.nbytes <= self.max_bytes:
+                    break
         total = self.nbytes
         self.peak_nbytes = max(self.peak_nbytes, total)
         if self.max_bytes is not None and total > self.max_bytes and not self._warned:

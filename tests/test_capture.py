@@ -71,6 +71,47 @@ def test_fold_is_exact_and_can_be_turned_off():
             torch.testing.assert_close(a[i].folded_x2, (b[i].X().double() ** 2).sum(0))
 
 
+def test_budget_keeps_rows_until_exceeded_then_folds_the_largest_savings(caplog):
+    """With max_bytes: a cache within budget keeps every row (no fold, the fast path); a tighter budget
+    folds foldable layers, largest saving first, only as far as needed; a budget no fold can meet is
+    logged once. P stays exact throughout."""
+    model = llama_lora()
+    layers = find_lora_layers(model)
+    free = ActivationCapture(layers, fold=False)
+    roomy = ActivationCapture(layers, max_bytes=10**9)
+    for k in range(3):
+        (model(**batch(k)).loss / 3).backward()
+    ref, got = free.pop(), roomy.pop()
+    full = sum(b.nbytes for b in ref.values())
+    assert all(b.dense is None for b in got.values())
+    roomy.remove()
+    # every layer here is foldable after 3 micro-batches; a budget between the all-rows and all-folded
+    # sizes folds some layers, not all
+    all_folded = ActivationCapture(layers)
+    for k in range(3):
+        (model(**batch(k)).loss / 3).backward()
+    min_bytes = sum(b.nbytes for b in all_folded.pop().values())
+    all_folded.remove()
+    assert min_bytes < full
+    budget = (min_bytes + full) // 2
+    tight = ActivationCapture(layers, max_bytes=budget)
+    for k in range(3):
+        (model(**batch(k)).loss / 3).backward()
+    assert tight.nbytes <= budget
+    got = tight.pop()
+    n_folded = sum(b.dense is not None for b in got.values())
+    assert 0 < n_folded < len(got)
+    for i in got:
+        torch.testing.assert_close(got[i].P(), ref[i].P(), rtol=1e-12, atol=1e-14)
+    tight.remove()
+    impossible = ActivationCapture(layers, max_bytes=min_bytes // 2)
+    with caplog.at_level("WARNING", logger="psilora_ds.capture"):
+        for k in range(3):
+            (model(**batch(k)).loss / 3).backward()
+    assert sum("over its budget" in r.message for r in caplog.records) == 1
+    assert all(b.dense is not None for b in impossible.pop().values())
+
+
 def test_capture_two_adapters_and_three_microbatches():
     model = llama_lora(dropout=0.1, adapters=("default", "second"))
     layers = find_lora_layers(model)

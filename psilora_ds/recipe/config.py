@@ -68,7 +68,7 @@ class TrainConfig:
     warmup_steps: int = 10  # warm-up optimizer steps
     max_grad_norm: float = 1.0  # full-gradient clipping norm (fills "auto" in the DeepSpeed config); 0: off
     clip_norm_probes: int = 0  # clipping norm: 0 exact in one process (several ranks: 32-probe sketch); k > 0: Gaussian sketch with k probes
-    cache_max_bytes: int | None = None  # PSI-LoRA activation-cache budget per rank: exceeding it is logged once
+    cache_max_bytes: int | None = None  # PSI-LoRA activation-cache budget per rank: rows kept (fastest) while they fit, layers folded to dense fp32 over it; None: fold each layer once dense is smaller
     # --- run -------------------------------------------------------------------------------------
     ds_config: str | None = None  # DeepSpeed JSON config; None: plain PyTorch (one process, or DDP under torchrun)
     dtype: str = "fp32"  # fp32 | bf16 | fp16: fills "auto" dtype sections of the DeepSpeed config
