@@ -52,15 +52,22 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+SUMMARY = "## Summary: targets and readings\n"
+
+
 def write_section(path: str, title: str, command: str, body: str) -> None:
-    """Replace (or append) the section ``## title`` of the markdown file ``path``."""
+    """Replace (or add) the section ``## title`` of the markdown file ``path``; the hand-written
+    summary section (``SUMMARY``) is never rewritten and stays last."""
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nEach section: the command, the machine and the table it printed.\n"
     section = f"## {title}\n\n`{command}`\n\n{machine()}\n\n{body}\n"
     marker = f"## {title}\n"
     if marker in text:
         start = text.index(marker)
         end = text.find("\n## ", start + len(marker))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+        text = text[:start] + section + ("\n" + text[end + 1:] if end != -1 else "")
+    elif SUMMARY in text:  # new sections go before the hand-written summary
+        start = text.index(SUMMARY)
+        text = text[:start] + section + "\n" + text[start:]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     with open(path, "w") as f:

@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--png", default=None)
     parser.add_argument("--fine", action="store_true", help="also the half-decade points (twice the runs)")
     parser.add_argument("--base", choices=["random", "pretrained"], default="random")
-    parser.add_argument("--pretrain_steps", type=int, default=1500)
+    parser.add_argument("--pretrain_steps", type=int, default=400)
     args = parser.parse_args()
     cache = os.path.join(ROOT, ".cache", "psilora_ds")
     extra: list[str] = []
