@@ -28,12 +28,13 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.common import markdown_table, write_section  # noqa: E402
+from psilora_ds.recipe.corpus import generate_corpus  # noqa: E402
 
 GRID = {  # one point per decade, 3 decades (--fine adds the half-decades)
     "LoRA-AdamW": ("adamw", [1e-4, 1e-3, 1e-2, 1e-1]),
     # SGD-type: its step is proportional to the gradient norm (no normalization), so its range sits higher
     "PSI-LoRA (iters 1, momentum 0.9)": ("psilora", [1e-2, 1e-1, 1.0, 10.0]),
-    "Scaled PSI-LoRA (iters 1)": ("scaled_psilora", [1e-4, 1e-3, 1e-2, 1e-1]),
+    "Scaled PSI-LoRA (iters 1)": ("scaled_psilora", [1e-3, 1e-2, 1e-1, 1.0]),
 }
 PRETRAIN_LR = 3e-3
 
@@ -52,29 +53,19 @@ def final_eval(optim: str, lr: float, steps: int, cache: str, extra: list[str]) 
         return records[-1].get("eval_loss", float("nan"))
 
 
-def write_shifted_task(path: str, lines: int = 4000, seed: int = 1) -> str:
-    """The fine-tuning task of ``--base pretrained``: facts and word orders the base never saw."""
+def shifted_line(rng: random.Random) -> str:
+    """One line of the fine-tuning task of ``--base pretrained``: facts and word orders the base never saw
+    (multiplication 40%, subtraction 20%, sentences with the time and place first 40%)."""
     from psilora_ds.recipe.corpus import NUMBERS, OBJECTS, PLACES, SUBJECTS, TIMES, VERBS
 
-    if os.path.exists(path):
-        return path
-    rng = random.Random(seed)
-    out = []
-    for _ in range(lines):
-        kind = rng.random()
-        if kind < 0.4:
-            a, b = rng.randrange(1, 10), rng.randrange(1, 10)
-            out.append(f"{NUMBERS[a]} times {NUMBERS[b]} is {a * b}, so {a} * {b} = {a * b}.")
-        elif kind < 0.6:
-            a, b = rng.randrange(10), rng.randrange(9)
-            out.append(f"{NUMBERS[a + b]} minus {NUMBERS[b]} is {NUMBERS[a]}, so {a + b} - {b} = {a}.")
-        else:
-            out.append(f"{rng.choice(TIMES)} {rng.choice(PLACES)}, {rng.choice(SUBJECTS)} {rng.choice(VERBS)} "
-                       f"{rng.choice(OBJECTS)}.")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(out) + "\n")
-    return path
+    kind = rng.random()
+    if kind < 0.4:
+        a, b = rng.randrange(1, 10), rng.randrange(1, 10)
+        return f"{NUMBERS[a]} times {NUMBERS[b]} is {a * b}, so {a} * {b} = {a * b}."
+    if kind < 0.6:
+        a, b = rng.randrange(10), rng.randrange(9)
+        return f"{NUMBERS[a + b]} minus {NUMBERS[b]} is {NUMBERS[a]}, so {a + b} - {b} = {a}."
+    return f"{rng.choice(TIMES)} {rng.choice(PLACES)}, {rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
 
 
 def pretrained_base(cache: str, steps: int) -> tuple[str, float]:
@@ -135,7 +126,7 @@ def main() -> None:
     extra: list[str] = []
     if args.base == "pretrained":
         base_dir, base_loss = pretrained_base(cache, args.pretrain_steps)
-        task = write_shifted_task(os.path.join(cache, "bench-shifted-task.txt"))
+        task = generate_corpus(os.path.join(cache, "bench-shifted-task.txt"), 4000, seed=1, line=shifted_line)
         extra = ["--model", base_dir, "--dataset", task]
     results = {}
     for name, (optim, lrs) in GRID.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 
 SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the robot", "a teacher", "the children", "our neighbour",
             "the pilot", "a farmer", "the painter", "my friend"]
@@ -23,25 +24,29 @@ NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight
            "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen"]
 
 
-def generate_corpus(path: str, lines: int, seed: int = 0) -> str:
-    """Write ``lines`` lines of the synthetic corpus to ``path`` (once; the content depends only on
-    ``lines`` and ``seed``) and return the path."""
+def corpus_line(rng: random.Random) -> str:
+    """One line of the offline corpus: a sentence (60%), a sum in words and digits (25%), or a
+    two-clause sentence (15%)."""
+    kind = rng.random()
+    if kind < 0.6:
+        return (f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} "
+                f"{rng.choice(PLACES)} {rng.choice(TIMES)}.")
+    if kind < 0.85:
+        a, b = rng.randrange(10), rng.randrange(9)
+        return f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]}, so {a} + {b} = {a + b}."
+    s = rng.choice(SUBJECTS)
+    return (f"{s} {rng.choice(VERBS)} {rng.choice(OBJECTS)}, and then {s} {rng.choice(VERBS)} "
+            f"{rng.choice(OBJECTS)} {rng.choice(PLACES)}.")
+
+
+def generate_corpus(path: str, lines: int, seed: int = 0,
+                    line: Callable[[random.Random], str] = corpus_line) -> str:
+    """Write ``lines`` lines made by ``line`` from a ``seed``-ed generator to ``path`` (once; the
+    content depends only on ``lines``, ``seed`` and ``line``) and return the path."""
     if os.path.exists(path):
         return path
     rng = random.Random(seed)
-    out = []
-    for _ in range(lines):
-        kind = rng.random()
-        if kind < 0.6:
-            out.append(f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} "
-                       f"{rng.choice(PLACES)} {rng.choice(TIMES)}.")
-        elif kind < 0.85:
-            a, b = rng.randrange(10), rng.randrange(9)
-            out.append(f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]}, so {a} + {b} = {a + b}.")
-        else:
-            s = rng.choice(SUBJECTS)
-            out.append(f"{s} {rng.choice(VERBS)} {rng.choice(OBJECTS)}, and then {s} {rng.choice(VERBS)} "
-                       f"{rng.choice(OBJECTS)} {rng.choice(PLACES)}.")
+    out = [line(rng) for _ in range(lines)]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
