@@ -40,6 +40,23 @@ PRETRAIN_LR = 3e-3
 
 
 def final_eval(optim: str, lr: float, steps: int, cache: str, extra: list[str]) -> float:
+    """Eval loss of one run; finished runs are remembered in ``cache``/bench-lr-results.json (delete it to
+    rerun everything)."""
+    path = os.path.join(cache, "bench-lr-results.json")
+    key = json.dumps([optim, f"{lr:.6g}", steps, extra])
+    done = json.load(open(path)) if os.path.exists(path) else {}
+    if key in done:
+        return done[key]
+    loss = run_once(optim, lr, steps, cache, extra)
+    if loss == loss:
+        done = json.load(open(path)) if os.path.exists(path) else {}
+        done[key] = loss
+        with open(path, "w") as f:
+            json.dump(done, f, indent=1)
+    return loss
+
+
+def run_once(optim: str, lr: float, steps: int, cache: str, extra: list[str]) -> float:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--optim", optim, "--lr", str(lr),
                "--max_steps", str(steps), "--eval_every", str(steps), "--save_every", "0", "--output_dir", out,
