@@ -1,7 +1,7 @@
 """Engine adapters ("distributors"): one class per parallelism."""
 
 from .base import Distributor
-from .ddp import DDPDistributor, balanced_owners
+from .ddp import DDPDistributor, balanced_owners, default_distributor
 from .fsdp import FSDP2Distributor
 
-__all__ = ["DDPDistributor", "Distributor", "FSDP2Distributor", "balanced_owners"]
+__all__ = ["DDPDistributor", "Distributor", "FSDP2Distributor", "balanced_owners", "default_distributor"]

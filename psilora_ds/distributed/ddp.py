@@ -113,3 +113,14 @@ class DDPDistributor(Distributor):
             return
         for key in [k for k, v in state.items() if isinstance(v, torch.Tensor)]:
             del state[key]
+
+
+def default_distributor(norm_probes: int = 0) -> Distributor:
+    """What an optimizer uses when given no distributor: data parallelism over the world group when
+    torch.distributed is initialized with several ranks (``norm_probes`` probes, 32 when 0), else one
+    process (``norm_probes`` 0: exact clipping norm, k > 0: the k-probe sketch)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        logger.info("torch.distributed is initialized: data-parallel LoRSum over the world group "
+                    "(pass distributor=... to change it)")
+        return DDPDistributor(norm_probes=norm_probes or 32)
+    return Distributor(norm_probes=norm_probes)

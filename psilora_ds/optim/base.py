@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..capture import ActivationCapture, LayerBatch
-from ..distributed import DDPDistributor, Distributor
+from ..distributed import Distributor, default_distributor
 from ..lora_layers import LoRALayer, find_lora_layers, other_parameters
 from ..ops import compute_dtype
 from .gradient import LayerGradient
@@ -84,14 +84,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         # In one process, take the LoRSum products at the current factors from autograd's LoRA
         # gradients (A.grad = B^T P, B.grad = P A^T) instead of recomputing them (METHOD.md section 6).
         self.reuse_autograd_grads = True
-        if distributor is None:
-            distributor = Distributor()
-            if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                    torch.distributed.get_world_size() > 1:
-                distributor = DDPDistributor()
-                logger.info("torch.distributed is initialized: %s uses data-parallel LoRSum over the world group "
-                            "(pass distributor=... to change it)", type(self).__name__)
-        self.attach(distributor)
+        self.attach(distributor if distributor is not None else default_distributor())
 
     def attach(self, distributor: Distributor) -> None:
         """Use ``distributor`` from now on (engine helpers call this after building the engine)."""

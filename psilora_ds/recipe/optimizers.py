@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
-from ..distributed import DDPDistributor, Distributor
+from ..distributed import default_distributor
 from .config import TrainConfig
 
 
@@ -19,11 +19,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, *, clip_inside: bool) ->
         return torch.optim.AdamW(params, lr=other_lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
     clip = cfg.max_grad_norm if clip_inside and cfg.max_grad_norm > 0 else None
-    common = dict(max_grad_norm=clip, other_optimizer=other)
-    if cfg.clip_norm_probes > 0:  # sketch the clipping norm (several ranks always do; default 32 probes there)
-        several = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        common["distributor"] = (DDPDistributor(norm_probes=cfg.clip_norm_probes) if several
-                                 else Distributor(norm_probes=cfg.clip_norm_probes))
+    common = dict(max_grad_norm=clip, other_optimizer=other, distributor=default_distributor(cfg.clip_norm_probes))
     if cfg.optim == "psilora":
         return PSILoRA(model, cfg.lr, momentum=cfg.momentum, iters=cfg.iters, prox=cfg.prox,
                        rank_multiplier=cfg.rank_multiplier, **common)
