@@ -145,15 +145,17 @@ class ActivationCapture:
         if self.fold and self.max_bytes is None:
             if self._foldable(idx, batch):
                 batch.fold()
-        elif self.fold and self.nbytes > self.max_bytes:
+        total = self.nbytes
+        if self.fold and self.max_bytes is not None and total > self.max_bytes:
             # over budget: fold the layers whose dense store saves the most, until the cache fits
             saving = {i: b.cached_nbytes() - (0 if b.dense is not None else self._dense_nbytes(i, b))
                       for i, b in self._batches.items() if self._foldable(i, b)}
             for i in sorted(saving, key=lambda i: -saving[i]):
+                before = self._batches[i].nbytes
                 self._batches[i].fold()
-                if self.nbytes <= self.max_bytes:
+                total += self._batches[i].nbytes - before
+                if total <= self.max_bytes:
                     break
-        total = self.nbytes
         self.peak_nbytes = max(self.peak_nbytes, total)
         if self.max_bytes is not None and total > self.max_bytes and not self._warned:
             self._warned = True
