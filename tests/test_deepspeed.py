@@ -182,6 +182,15 @@ def scenario_runs(tmp_path_factory, deepspeed_ops):
     return [torch.load(out / f"scenarios-rank{k}.pt") for k in range(2)]
 
 
+def assert_every_rank_matches(opt, scenario_runs, key):
+    """Every rank's factors of scenario ``key`` equal the one-process ``opt``'s (rel. error <= 1e-5)."""
+    for layer in opt.layers:
+        for r in scenario_runs:
+            A, B_ = r[key][layer.name]
+            assert rel_err(A, layer.A.detach()) <= 1e-5
+            assert rel_err(B_, layer.B.detach()) <= 1e-5
+
+
 @pytest.mark.parametrize("stage", (2, 3))
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_bf16_trains(scenario_runs, stage, name):
@@ -199,11 +208,7 @@ def test_gradient_accumulation_equals_the_big_batch(scenario_runs):
         F.mse_loss(model(x), t).backward()
         opt.step()
         opt.zero_grad()
-    for layer in opt.layers:
-        for r in scenario_runs:
-            A, B_ = r["gas"][layer.name]
-            assert rel_err(A, layer.A.detach()) <= 1e-5
-            assert rel_err(B_, layer.B.detach()) <= 1e-5
+    assert_every_rank_matches(opt, scenario_runs, "gas")
 
 
 def test_clipping_norm_on_two_ranks_within_the_sketch_bound(scenario_runs):
@@ -285,8 +290,4 @@ def test_zero3_with_gradient_checkpointing_on_llama(scenario_runs):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
-    for layer in opt.layers:
-        for r in scenario_runs:
-            A, B_ = r["llama_gc"][layer.name]
-            assert rel_err(A, layer.A.detach()) <= 1e-5
-            assert rel_err(B_, layer.B.detach()) <= 1e-5
+    assert_every_rank_matches(opt, scenario_runs, "llama_gc")
