@@ -3,6 +3,7 @@
 from .capture import ActivationCapture
 from .lora_layers import LoRALayer, NoLoRALayersError, find_lora_layers
 from .optim import LoRAOptimizer, PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
+from .qlora import keep_training_kernels
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,5 @@ __all__ = [
     "ScaledPSILoRA",
     "SVDLoRA",
     "find_lora_layers",
+    "keep_training_kernels",
 ]

@@ -192,12 +192,15 @@ def test_dora_is_refused():
         find_lora_layers(model)
 
 
-def test_capture_on_bitsandbytes_4bit_base(tmp_path):
+@pytest.mark.parametrize("hidden", [32, 128])
+def test_capture_on_bitsandbytes_4bit_base(tmp_path, hidden):
+    """Training mode, as a training step runs (``from_pretrained`` returns an eval-mode model, which on
+    AVX512-BF16 CPUs sends bitsandbytes to its repacking inference kernel: see psilora_ds/qlora.py)."""
     bnb = pytest.importorskip("bitsandbytes")
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    tiny_llama(seed=5).save_pretrained(tmp_path)
+    tiny_llama(seed=5, hidden=hidden).save_pretrained(tmp_path)
     qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qcfg, device_map="cpu")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -209,6 +212,7 @@ def test_capture_on_bitsandbytes_4bit_base(tmp_path):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
+    model.train()
     layers = find_lora_layers(model)
     cap = ActivationCapture(layers)
     model(**batch(0)).loss.backward()

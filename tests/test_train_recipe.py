@@ -198,3 +198,38 @@ def test_clip_norm_probes_reaches_the_optimizer():
         assert opt.max_grad_norm == 1.0
     with pytest.raises(ConfigError, match="clip_norm_probes must be >= 0"):
         validate(TrainConfig(clip_norm_probes=-1))
+
+
+@pytest.mark.parametrize("hidden", [64, 128])
+def test_qlora_evaluation_leaves_training_exact(tmp_path, hidden):
+    """An evaluation pass between steps must not change the next step's gradients. On AVX512-BF16 CPUs
+    bitsandbytes repacks 4-bit weights in eval mode: it crashed for in_features < 64 and, above that,
+    made later training forwards drop the gradient into earlier layers (psilora_ds/qlora.py)."""
+    pytest.importorskip("bitsandbytes")
+    sys.path.insert(0, ROOT)
+    from psilora_ds.recipe.config import parse
+    from psilora_ds.recipe.modeling import build_model
+
+    cfg = parse(["--load_in_4bit", "--bnb_4bit_compute_dtype", "float32", "--tiny_hidden_size", str(hidden),
+                 "--tiny_layers", "2", "--lora_dropout", "0", "--cache_dir", str(tmp_path)])
+    model = build_model(cfg, tokenizer=range(256), device=torch.device("cpu"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def lora_grads():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = lora_grads()
+    model.eval()
+    with torch.no_grad():
+        eval_loss = model(input_ids=ids, labels=ids).loss
+    after = lora_grads()
+    assert torch.isfinite(eval_loss)
+    for name, g in before.items():
+        torch.testing.assert_close(after[name], g, rtol=0, atol=0, msg=name)

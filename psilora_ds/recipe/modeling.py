@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from ..qlora import keep_training_kernels
 from .config import ConfigError, TrainConfig
 from .corpus import generate_corpus, train_tokenizer
 from .data import corpus_path
@@ -91,6 +92,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype:
             cfg, engine_dtype, zero_stage), device_map={"": device}, torch_dtype=engine_dtype)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        keep_training_kernels(model)  # evaluation between steps must not repack the 4-bit weights (CPU)
     elif cfg.model is not None:
         model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     if cfg.gradient_checkpointing and not cfg.load_in_4bit:
