@@ -3,6 +3,7 @@ ZeRO 2); resume continues the same loss curve; the saved adapter reloads through
 eval loss; bad inputs fail with one line and a non-zero exit."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -233,3 +234,17 @@ def test_qlora_evaluation_leaves_training_exact(tmp_path, hidden):
     assert torch.isfinite(eval_loss)
     for name, g in before.items():
         torch.testing.assert_close(after[name], g, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("optim", ["psilora", "scaled_psilora", "precond_lora", "svdlora", "adamw", "sgd"])
+def test_every_optim_choice_trains(tmp_path, optim):
+    """Each --optim builds and takes 2 steps through the recipe (svdlora once crashed on a keyword)."""
+    sys.path.insert(0, ROOT)
+    from psilora_ds.recipe.config import OPTIMIZERS
+
+    assert optim in OPTIMIZERS
+    out = tmp_path / optim
+    run(["--optim", optim, "--max_steps", "2", "--eval_every", "2", "--save_every", "0", "--output_dir", str(out),
+         "--tiny_hidden_size", "32"], tmp_path)
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
