@@ -248,3 +248,21 @@ def test_every_optim_choice_trains(tmp_path, optim):
          "--tiny_hidden_size", "32"], tmp_path)
     records = metrics(out)
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_help_is_generated_from_the_fields():
+    """Every key appears once with its real default (a list default once showed as its source text)."""
+    sys.path.insert(0, ROOT)
+    import dataclasses
+
+    from psilora_ds.recipe.config import TrainConfig, help_text
+
+    text = help_text()
+    assert "field(" not in text and "default_factory" not in text
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  --")}
+    assert set(rows) == {f"--{f.name}" for f in dataclasses.fields(TrainConfig)}
+    assert rows["--betas"].split()[1:3] == ["[0.9,", "0.999]"]
+    assert rows["--prompt_template"].split()[1] == '"{prompt}\\n"'
+    assert rows["--model"].split()[1] == "null" and rows["--packing"].split()[1] == "true"
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["help"] in rows[f"--{f.name}"]

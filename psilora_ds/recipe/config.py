@@ -7,6 +7,7 @@ prints them. An unknown key is a one-line error listing the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -19,73 +20,78 @@ class ConfigError(ValueError):
     """A configuration mistake, reported as one line."""
 
 
+def opt(default: Any, help: str) -> Any:
+    """A config field with its meaning: ``--help`` and docs/CONFIG.md are generated from these."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # --- model -----------------------------------------------------------------------------------
-    model: str | None = None  # HF hub id or local path of a causal LM; None: the offline tiny LLaMA built from a config
-    tokenizer: str | None = None  # defaults to `model`; offline: a byte-level BPE trained on the corpus
-    tiny_hidden_size: int = 128  # offline tiny LLaMA: hidden size
-    tiny_layers: int = 4  # offline tiny LLaMA: decoder layers
-    load_in_4bit: bool = False  # QLoRA: load the base model in 4 bit with bitsandbytes
-    bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4
-    bnb_4bit_use_double_quant: bool = True  # quantize the quantization constants too
-    bnb_4bit_compute_dtype: str = "bfloat16"  # dtype of the 4-bit matmuls
-    bnb_4bit_quant_storage: str = "auto"  # auto: the DeepSpeed/engine dtype (needed to shard 4-bit weights under ZeRO-3)
-    gradient_checkpointing: bool = False  # HF gradient checkpointing (non-reentrant)
+    model: str | None = opt(None, "HF hub id or local path of a causal LM; null: the offline tiny LLaMA built from a config")
+    tokenizer: str | None = opt(None, "defaults to `model`; offline: a byte-level BPE trained on the corpus")
+    tiny_hidden_size: int = opt(128, "offline tiny LLaMA: hidden size")
+    tiny_layers: int = opt(4, "offline tiny LLaMA: decoder layers")
+    load_in_4bit: bool = opt(False, "QLoRA: load the base model in 4 bit with bitsandbytes")
+    bnb_4bit_quant_type: str = opt("nf4", "nf4 | fp4")
+    bnb_4bit_use_double_quant: bool = opt(True, "quantize the quantization constants too")
+    bnb_4bit_compute_dtype: str = opt("bfloat16", "dtype of the 4-bit matmuls")
+    bnb_4bit_quant_storage: str = opt("auto", "auto: the DeepSpeed/engine dtype (needed to shard 4-bit weights under ZeRO-3)")
+    gradient_checkpointing: bool = opt(False, "HF gradient checkpointing (non-reentrant)")
     # --- LoRA ------------------------------------------------------------------------------------
-    lora_r: int = 16  # adapter rank
-    lora_alpha: float = 32.0  # scaling numerator: alpha / r (alpha / sqrt(r) with rsLoRA)
-    lora_dropout: float = 0.05  # dropout on the adapter input
-    target_modules: Any = "all-linear"  # "all-linear" or a list of module names (q_proj, v_proj, ...)
-    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r)
+    lora_r: int = opt(16, "adapter rank")
+    lora_alpha: float = opt(32.0, "scaling numerator: alpha / r (alpha / sqrt(r) with rsLoRA)")
+    lora_dropout: float = opt(0.05, "dropout on the adapter input")
+    target_modules: Any = opt("all-linear", "\"all-linear\" or a list of module names (q_proj, v_proj, ...)")
+    use_rslora: bool = opt(False, "rank-stabilized scaling alpha / sqrt(r)")
     # --- data ------------------------------------------------------------------------------------
-    dataset: str | None = None  # HF dataset id or a local .json/.jsonl/.parquet/.txt/.csv; None: the generated offline corpus
-    dataset_config: str | None = None  # HF dataset configuration name
-    dataset_split: str = "train"  # split to read
-    text_field: str = "text"  # column with the text (when no prompt/response fields)
-    prompt_field: str | None = None  # column with the prompt: its tokens get no loss
-    response_field: str | None = None  # column with the response (set together with prompt_field)
-    prompt_template: str = "{prompt}\n"  # how the prompt is written before the response
-    max_seq_len: int = 128  # tokens per training sequence
-    packing: bool = True  # concatenate documents and cut into max_seq_len blocks
-    eval_fraction: float = 0.05  # share of sequences held out for evaluation
-    corpus_lines: int = 4000  # offline corpus: generated lines
-    cache_dir: str = ".cache/psilora_ds"  # tokenizer, generated corpus, tokenized data
+    dataset: str | None = opt(None, "HF dataset id or a local .json/.jsonl/.parquet/.txt/.csv; null: the generated offline corpus")
+    dataset_config: str | None = opt(None, "HF dataset configuration name")
+    dataset_split: str = opt("train", "split to read")
+    text_field: str = opt("text", "column with the text (when no prompt/response fields)")
+    prompt_field: str | None = opt(None, "column with the prompt: its tokens get no loss")
+    response_field: str | None = opt(None, "column with the response (set together with prompt_field)")
+    prompt_template: str = opt("{prompt}\n", "how the prompt is written before the response")
+    max_seq_len: int = opt(128, "tokens per training sequence")
+    packing: bool = opt(True, "concatenate documents and cut into max_seq_len blocks")
+    eval_fraction: float = opt(0.05, "share of sequences held out for evaluation")
+    corpus_lines: int = opt(4000, "offline corpus: generated lines")
+    cache_dir: str = opt(".cache/psilora_ds", "tokenizer, generated corpus, tokenized data")
     # --- optimizer -------------------------------------------------------------------------------
-    optim: str = "scaled_psilora"  # psilora | scaled_psilora | precond_lora | svdlora | adamw | sgd
-    lr: float = 2e-3  # learning rate (PSI-LoRA: step size of the effective weight)
-    iters: int = 1  # LoRSum inner iterations
-    momentum: float = 0.9  # psilora / sgd momentum
-    betas: list = field(default_factory=lambda: [0.9, 0.999])  # scaled_psilora / adamw betas
-    prox: float = 1e-2  # LoRSum proximal weight relative to lr
-    damping: float = 1e-8  # scaled_psilora metric damping
-    metric_power: float = 0.5  # scaled_psilora fractional power
-    metric: str = "kfac"  # scaled_psilora metric: kfac | shampoo
-    rank_multiplier: float = 1.0  # momentum rank = round(r * rank_multiplier)
-    weight_decay: float = 0.0  # adamw / the optimizer of non-LoRA parameters
-    other_lr: float | None = None  # lr of non-LoRA trainable parameters (AdamW); None: lr
-    lr_scheduler: str = "cosine"  # cosine | linear | constant (all with linear warm-up)
-    warmup_steps: int = 10  # warm-up optimizer steps
-    max_grad_norm: float = 1.0  # full-gradient clipping norm (fills "auto" in the DeepSpeed config); 0: off
-    clip_norm_probes: int = 0  # clipping norm: 0 exact in one process (several ranks: 32-probe sketch); k > 0: Gaussian sketch with k probes
-    cache_max_bytes: int | None = None  # PSI-LoRA activation-cache budget per rank: rows kept (fastest) while they fit, layers folded to dense fp32 over it; None: fold each layer once dense is smaller
+    optim: str = opt("scaled_psilora", "psilora | scaled_psilora | precond_lora | svdlora | adamw | sgd")
+    lr: float = opt(2e-3, "learning rate (PSI-LoRA: step size of the effective weight)")
+    iters: int = opt(1, "LoRSum inner iterations")
+    momentum: float = opt(0.9, "psilora / sgd momentum")
+    betas: list = field(default_factory=lambda: [0.9, 0.999],
+        metadata={"help": "scaled_psilora / adamw betas"})
+    prox: float = opt(1e-2, "LoRSum proximal weight relative to lr")
+    damping: float = opt(1e-8, "scaled_psilora metric damping")
+    metric_power: float = opt(0.5, "scaled_psilora fractional power")
+    metric: str = opt("kfac", "scaled_psilora metric: kfac | shampoo")
+    rank_multiplier: float = opt(1.0, "momentum rank = round(r * rank_multiplier)")
+    weight_decay: float = opt(0.0, "adamw / the optimizer of non-LoRA parameters")
+    other_lr: float | None = opt(None, "lr of non-LoRA trainable parameters (AdamW); null: lr")
+    lr_scheduler: str = opt("cosine", "cosine | linear | constant (all with linear warm-up)")
+    warmup_steps: int = opt(10, "warm-up optimizer steps")
+    max_grad_norm: float = opt(1.0, "full-gradient clipping norm (fills \"auto\" in the DeepSpeed config); 0: off")
+    clip_norm_probes: int = opt(0, "clipping norm: 0 exact in one process (several ranks: 32-probe sketch); k > 0: Gaussian sketch with k probes")
+    cache_max_bytes: int | None = opt(None, "PSI-LoRA activation-cache budget per rank: rows kept (fastest) while they fit, layers folded to dense fp32 over it; null: fold each layer once dense is smaller")
     # --- run -------------------------------------------------------------------------------------
-    ds_config: str | None = None  # DeepSpeed JSON config; None: plain PyTorch (one process, or DDP under torchrun)
-    dtype: str = "fp32"  # fp32 | bf16 | fp16: fills "auto" dtype sections of the DeepSpeed config
-    micro_batch_size: int = 8  # sequences per rank per micro-batch
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    max_steps: int = 300  # optimizer steps
-    eval_every: int = 25  # evaluate every N optimizer steps (and at the end)
-    eval_batches: int = 8  # micro-batches per evaluation
-    log_every: int = 1  # write a metrics line every N steps
-    save_every: int = 50  # checkpoint every N steps (0: only at the end)
-    save_total_limit: int = 2  # keep the newest N checkpoints
-    resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in output_dir
-    merge_weights: bool = False  # also save the base model with the adapter merged in
-    output_dir: str = "runs/default"  # metrics.jsonl, loss.png, adapter/, checkpoints/
-    seed: int = 0  # model init, data order, dropout
-    local_rank: int = -1  # set by the deepspeed launcher
-
+    ds_config: str | None = opt(None, "DeepSpeed JSON config; null: plain PyTorch (one process, or DDP under torchrun)")
+    dtype: str = opt("fp32", "fp32 | bf16 | fp16: fills \"auto\" dtype sections of the DeepSpeed config")
+    micro_batch_size: int = opt(8, "sequences per rank per micro-batch")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    max_steps: int = opt(300, "optimizer steps")
+    eval_every: int = opt(25, "evaluate every N optimizer steps (and at the end)")
+    eval_batches: int = opt(8, "micro-batches per evaluation")
+    log_every: int = opt(1, "write a metrics line every N steps")
+    save_every: int = opt(50, "checkpoint every N steps (0: only at the end)")
+    save_total_limit: int = opt(2, "keep the newest N checkpoints")
+    resume_from_checkpoint: str | None = opt(None, "a checkpoint directory, or \"latest\" in output_dir")
+    merge_weights: bool = opt(False, "also save the base model with the adapter merged in")
+    output_dir: str = opt("runs/default", "metrics.jsonl, loss.png, adapter/, checkpoints/")
+    seed: int = opt(0, "model init, data order, dropout")
+    local_rank: int = opt(-1, "set by the deepspeed launcher")
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -189,18 +195,28 @@ def _looks_like_hub_id(name: str) -> bool:
     return not name.endswith(local_suffixes) and not name.startswith((".", "/")) and name.count("/") <= 1
 
 
+def format_value(value: Any) -> str:
+    """A value as it is written on the command line or in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, str) and (not value or not value.isprintable() or value != value.strip()):
+        return json.dumps(value)  # quoted, escapes shown: "{prompt}\n"
+    return str(value)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def help_text() -> str:
     lines = ["usage: [deepspeed|torchrun|python] launch/train.py [--config FILE.yaml] [--key value ...]", "",
              "keys (default; meaning):"]
-    src = open(__file__).read().splitlines()
-    for line in src:
-        stripped = line.strip()
-        if stripped.startswith("#") or ":" not in stripped or "=" not in stripped:
-            continue
-        name = stripped.split(":")[0]
-        if name in FIELDS:
-            default, _, comment = stripped.split("=", 1)[1].partition("#")
-            lines.append(f"  --{name:28s} {default.strip():24s} {comment.strip()}")
+    for f in dataclasses.fields(TrainConfig):
+        lines.append(f"  --{f.name:28s} {format_value(field_default(f)):24s} {f.metadata['help']}")
     return "\n".join(lines)
 
 

@@ -16,17 +16,20 @@ DROP_IF_AUTO = {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_par
 def fill_auto(path: str, cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     with open(path) as f:
         ds = json.load(f)
+    # DeepSpeed key: (the recipe's value, where the recipe's value comes from)
     values = {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size,
-        "gradient_clipping": cfg.max_grad_norm,
+        "train_micro_batch_size_per_gpu": (cfg.micro_batch_size, "micro_batch_size"),
+        "gradient_accumulation_steps": (cfg.gradient_accumulation_steps, "gradient_accumulation_steps"),
+        "train_batch_size": (cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size,
+                             f"micro_batch_size x gradient_accumulation_steps x {world_size} ranks"),
+        "gradient_clipping": (cfg.max_grad_norm, "max_grad_norm"),
     }
-    for key, value in values.items():
+    for key, (value, source) in values.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
-        elif key != "gradient_clipping" and ds[key] != value:
-            raise ConfigError(f"{path}: {key}={ds[key]} disagrees with the recipe's {value}; set it to \"auto\"")
+        elif ds[key] != value:  # a silent winner would train with a setting the user did not ask for
+            raise ConfigError(f"{path}: {key}={ds[key]} disagrees with the recipe's {source}={value}; "
+                              f"set it to \"auto\" in the config (the recipe fills it) or make them equal")
     for section, on in (("bf16", cfg.dtype == "bf16"), ("fp16", cfg.dtype == "fp16")):
         if section in ds and ds[section].get("enabled") == "auto":
             ds[section]["enabled"] = on
