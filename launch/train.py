@@ -25,14 +25,14 @@ from tqdm import tqdm
 
 from psilora_ds import LoRAOptimizer
 from psilora_ds.plot import plot_run
+from psilora_ds.recipe import checkpoint
 from psilora_ds.recipe.config import ConfigError, parse
-from psilora_ds.recipe.data import build_datasets, micro_batches
-from psilora_ds.recipe.ds_config import fill_auto
-from psilora_ds.recipe.engines import (PlainEngine, full_trainable_state, load_rng, read_trainer_state, save_rng,
-                                       write_trainer_state)
+from psilora_ds.recipe.data import build_datasets, check_sizes, micro_batches
+from psilora_ds.recipe.ds_config import fill_auto, read_ds_config
+from psilora_ds.recipe.engines import PlainEngine, TrainableParams
 from psilora_ds.recipe.modeling import DTYPES, build_model, build_tokenizer
 from psilora_ds.recipe.optimizers import build_optimizer, build_scheduler
-from psilora_ds.recipe.runlog import MetricsLog, resolve_resume, rotate
+from psilora_ds.recipe.runlog import MetricsLog
 
 logger = logging.getLogger("psilora_ds.train")
 
@@ -67,12 +67,14 @@ def rank0_first(rank: int, fn):
     return out
 
 
-def mean_over_ranks(values: list[float]) -> list[float]:
+def over_ranks(values: list[float], op: str = "mean") -> list[float]:
+    """``values`` reduced over the ranks: ``mean``, ``sum`` or ``max``."""
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
         t = t.to("cuda" if torch.cuda.is_available() else "cpu")
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            t /= dist.get_world_size()
     return t.cpu().tolist()
 
 
@@ -87,65 +89,89 @@ def evaluate(engine, model, eval_ds, cfg, rank, world, pad_id, device) -> float:
         total[0] += float(engine(**batch).loss) * tokens
         total[1] += tokens
     model.train()
-    loss_sum, tokens = mean_over_ranks(total)
+    loss_sum, tokens = over_ranks(total)
     return loss_sum / max(tokens, 1.0)
+
+
+def build_engine(cfg, model, optimizer, scheduler, ds_cfg, world):
+    """The DeepSpeed engine (PSI-LoRA through psilora_ds.deepspeed.initialize) or the plain one."""
+    if ds_cfg is None:
+        return PlainEngine(model, optimizer, scheduler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                           max_grad_norm=cfg.max_grad_norm, world_size=world), scheduler
+    import deepspeed
+
+    import psilora_ds.deepspeed
+
+    if isinstance(optimizer, LoRAOptimizer):
+        init = psilora_ds.deepspeed.initialize
+    else:
+        init = deepspeed.initialize
+        ds_cfg.setdefault("zero_allow_untested_optimizer", True)
+    try:
+        engine, _, _, scheduler = init(model=model, optimizer=optimizer, config=ds_cfg, lr_scheduler=scheduler)
+    except ValueError as err:  # the helper's one-line refusals (optimizer section, offload, model parallel...)
+        raise ConfigError(f"{cfg.ds_config}: {err}") from None
+    return engine, scheduler
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
-    use_ds = cfg.ds_config is not None
-    rank, world, device = setup_distributed(use_ds)
+    ds_raw = read_ds_config(cfg.ds_config) if cfg.ds_config is not None else None
+    rank, world, device = setup_distributed(ds_raw is not None)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir={cfg.output_dir} cannot be created ({err.strerror}): choose another") from None
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-    resume = resolve_resume(cfg.resume_from_checkpoint, ckpt_root)
+    resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, ckpt_root)
+    if rank == 0:
+        checkpoint.remove_leftovers(ckpt_root)  # what a killed save or rotation left behind
 
     # ---- data and model (rank 0 fills the caches first) ------------------------------------------
     tokenizer = rank0_first(rank, lambda: build_tokenizer(cfg))
     train_ds, eval_ds = rank0_first(rank, lambda: build_datasets(cfg, tokenizer))
-    ds_cfg = fill_auto(cfg.ds_config, cfg, world) if use_ds else None
-    zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) if use_ds else 0
-    engine_dtype = DTYPES[cfg.dtype]
-    model = rank0_first(rank, lambda: build_model(cfg, tokenizer, device, engine_dtype, zero_stage))
+    check_sizes(cfg, train_ds, eval_ds, world)
+    ds_cfg = fill_auto(ds_raw, cfg, world) if ds_raw is not None else None
+    zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) if ds_cfg is not None else None
+    model = rank0_first(rank, lambda: build_model(cfg, tokenizer, device, DTYPES[cfg.dtype], zero_stage or 0))
     torch.manual_seed(cfg.seed + 1000 * rank)  # dropout differs across ranks, is reproducible per rank
 
     # ---- optimizer and engine --------------------------------------------------------------------
-    optimizer = build_optimizer(cfg, model, clip_inside=not use_ds)
+    optimizer = build_optimizer(cfg, model, clip_inside=ds_cfg is None)
     if isinstance(optimizer, LoRAOptimizer):
         optimizer.capture.max_bytes = cfg.cache_max_bytes
     scheduler = build_scheduler(cfg, optimizer)
-    if use_ds:
-        import deepspeed
-
-        import psilora_ds.deepspeed
-
-        init = psilora_ds.deepspeed.initialize if isinstance(optimizer, LoRAOptimizer) else deepspeed.initialize
-        if not isinstance(optimizer, LoRAOptimizer):
-            ds_cfg.setdefault("zero_allow_untested_optimizer", True)
-        engine, _, _, scheduler = init(model=model, optimizer=optimizer, config=ds_cfg, lr_scheduler=scheduler)
-    else:
-        engine = PlainEngine(model, optimizer, scheduler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                             max_grad_norm=cfg.max_grad_norm, world_size=world)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = TrainableParams(model, optimizer)  # before the engine: it matches ZeRO-0 masters by position
+    engine, scheduler = build_engine(cfg, model, optimizer, scheduler, ds_cfg, world)
+    params.engine_built(zero_stage)
+    engine_name = "pytorch" if zero_stage is None else f"deepspeed-zero{zero_stage}"
     logger.info("%s on %d rank(s) (%s), %d trainable parameters, %d train / %d eval sequences of %d tokens",
-                cfg.optim, world, "DeepSpeed ZeRO-%d" % zero_stage if use_ds else "PyTorch", n_trainable,
+                cfg.optim, world, "PyTorch" if zero_stage is None else f"DeepSpeed ZeRO-{zero_stage}", params.numel(),
                 len(train_ds), len(eval_ds) if eval_ds is not None else 0, cfg.max_seq_len)
 
     # ---- resume ----------------------------------------------------------------------------------
     metrics = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), enabled=rank == 0)
-    step = 0
+    step, skipped_before = 0, 0
     if resume is not None:
-        state = read_trainer_state(resume)
-        if state["world_size"] != world:
-            raise ConfigError(f"{resume} was saved by {state['world_size']} ranks; resume it with as many")
-        engine.load_checkpoint(os.path.dirname(resume), tag=os.path.basename(resume))
-        load_rng(resume, rank)
-        step = state["step"]
+        try:
+            state = checkpoint.load(resume, optim=cfg.optim, params=params, optimizer=optimizer, scheduler=scheduler,
+                                    device=device)
+        except ValueError as err:  # a checkpoint of another model or LoRA layout
+            raise ConfigError(f"{resume}: {err}") from None
+        step, skipped_before = state.step, state.engine_skipped_steps
         metrics.truncate_after(step)
-        logger.info("resumed from %s at step %d", resume, step)
+        logger.info("resumed from %s at step %d (saved by %d ranks)", resume, step, state.world_size)
     elif rank == 0 and os.path.exists(metrics.path):
         os.remove(metrics.path)  # a fresh run starts a fresh curve
+
+    def save(at_step: int) -> None:
+        skipped = skipped_before + (engine.skipped_steps if zero_stage is not None else 0)
+        trainer = checkpoint.TrainerState(step=at_step, world_size=world, optim=cfg.optim, engine=engine_name,
+                                          engine_skipped_steps=skipped)
+        checkpoint.save(ckpt_root, trainer, params=params, optimizer=optimizer, scheduler=scheduler,
+                        partitioned=bool(zero_stage), keep=cfg.save_total_limit)
 
     # ---- train -----------------------------------------------------------------------------------
     pad_id = tokenizer.pad_token_id
@@ -159,18 +185,22 @@ def main(argv: list[str] | None = None) -> int:
             batch = {k: v.to(device) for k, v in next(stream).items()}
             loss = engine(**batch).loss
             engine.backward(loss)
+            checkpoint.fault_point("step", step + 1)
             engine.step()
             losses.append(float(loss.detach()))
             tokens += float(batch["attention_mask"].sum())
         step += 1
         elapsed = time.perf_counter() - start
-        loss_mean, tokens_all = mean_over_ranks([sum(losses) / len(losses), tokens * world])
+        loss_mean, tokens_all = over_ranks([sum(losses) / len(losses), tokens * world])
         record = {"step": step, "loss": loss_mean, "lr": lr, "step_time": elapsed, "tokens_per_s": tokens_all / elapsed}
         if isinstance(optimizer, LoRAOptimizer):
+            state_max, state_total = over_ranks([optimizer.state_nbytes()], "max") + over_ranks(
+                [optimizer.state_nbytes()], "sum")
             record.update(grad_norm=optimizer.last_grad_norm, skipped_steps=optimizer.skipped_steps,
-                          cache_bytes=optimizer.last_cache_bytes, state_bytes=optimizer.state_nbytes())
-        if use_ds:
-            record["engine_skipped_steps"] = engine.skipped_steps
+                          cache_bytes=optimizer.last_cache_bytes, state_bytes_rank_max=int(state_max),
+                          state_bytes_total=int(state_total))
+        if zero_stage is not None:
+            record["engine_skipped_steps"] = skipped_before + engine.skipped_steps
         if eval_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             record["eval_loss"] = evaluate(engine, model, eval_ds, cfg, rank, world, pad_id, device)
             record["eval_ppl"] = math.exp(min(record["eval_loss"], 50.0))
@@ -180,20 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                         step_s=f"{elapsed:.2f}")
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-            tag = f"step-{step}"
-            engine.save_checkpoint(ckpt_root, tag=tag)
-            if dist.is_initialized():
-                dist.barrier()
-            save_rng(os.path.join(ckpt_root, tag), rank)
-            if dist.is_initialized():
-                dist.barrier()
-            if rank == 0:
-                write_trainer_state(os.path.join(ckpt_root, tag), step, world, {"optim": cfg.optim})
-                rotate(ckpt_root, cfg.save_total_limit)
+            save(step)
     bar.close()
 
     # ---- outputs ---------------------------------------------------------------------------------
-    state = full_trainable_state(model)  # a collective under ZeRO: every rank
+    state = params.state()  # a collective under ZeRO: every rank
     if rank == 0:
         model.save_pretrained(os.path.join(cfg.output_dir, "adapter"), state_dict=state)
         tokenizer.save_pretrained(os.path.join(cfg.output_dir, "adapter"))
@@ -210,9 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except ConfigError as err:
+        if is_rank0():  # every rank meets the same mistake: say it once
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        os._exit(2)  # no interpreter teardown: a half-initialized process group must not hang or abort

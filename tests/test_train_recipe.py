@@ -44,7 +44,7 @@ def assert_outputs(out):
     records = metrics(out)
     assert records[-1]["loss"] < records[0]["loss"]
     assert "eval_loss" in records[-1] and "eval_ppl" in records[-1]
-    for key in ("lr", "tokens_per_s", "step_time", "grad_norm", "cache_bytes", "state_bytes", "skipped_steps"):
+    for key in ("lr", "tokens_per_s", "step_time", "grad_norm", "cache_bytes", "state_bytes_rank_max", "state_bytes_total", "skipped_steps"):
         assert key in records[0], key
 
 

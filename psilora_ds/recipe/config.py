@@ -105,13 +105,28 @@ def _coerce(name: str, value: Any) -> Any:
             return None
         if kind.startswith("str"):
             return value
-        value = yaml.safe_load(value)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{name}={value!r} is not a valid {kind} (YAML syntax: 1e-3, true, [a, b], null)") from None
+    if value is None:
+        if "None" in kind or kind == "Any":
+            return None
+        raise ConfigError(f"{name} cannot be null: give a {kind}")
     try:
-        if kind.startswith("float") and value is not None:
+        if kind.startswith(("float", "int")) and isinstance(value, bool):
+            raise ValueError
+        if kind.startswith("float"):
             return float(value)
-        if kind.startswith("int") and value is not None:
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
             return int(value)
+        if kind.startswith("str") and not isinstance(value, str):
+            raise ValueError
         if kind == "bool" and not isinstance(value, bool):
+            raise ValueError
+        if kind == "list" and not isinstance(value, list):
             raise ValueError
     except (TypeError, ValueError):
         raise ConfigError(f"{name}={value!r} is not a valid {kind}") from None
@@ -150,10 +165,15 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         i += 1
     config_files = [v for k, v in pairs if k == "config"]
     for path in config_files:
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             raise ConfigError(f"config file {path} does not exist")
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise ConfigError(f"config file {path} is not valid YAML{at}: {getattr(err, 'problem', err)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         _check_keys(loaded, path)
@@ -181,18 +201,58 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.dataset is not None and not _looks_like_hub_id(cfg.dataset) and not os.path.exists(cfg.dataset):
         raise ConfigError(f"dataset file {cfg.dataset} does not exist (give a local .json/.jsonl/.parquet/.txt/.csv "
                           "file or a hub id owner/name)")
-    if cfg.ds_config is not None and not os.path.exists(cfg.ds_config):
+    if cfg.ds_config is not None and not os.path.isfile(cfg.ds_config):
         raise ConfigError(f"DeepSpeed config {cfg.ds_config} does not exist")
+    for name in ("model", "tokenizer"):
+        path = getattr(cfg, name)
+        if path is not None and not _looks_like_hub_id(path) and not os.path.exists(path):
+            raise ConfigError(f"{name}={path} does not exist (give a local directory saved with save_pretrained, "
+                              "or a hub id owner/name)")
+    if cfg.resume_from_checkpoint == "":
+        raise ConfigError("resume_from_checkpoint is empty: give a checkpoints/step-N directory or \"latest\"")
     if cfg.clip_norm_probes < 0:
         raise ConfigError(f"clip_norm_probes must be >= 0 (0: exact norm), got {cfg.clip_norm_probes}")
-    for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_seq_len", "lora_r"):
+    for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_seq_len", "lora_r",
+                 "eval_every", "eval_batches", "log_every", "corpus_lines", "tiny_layers"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("save_every", "save_total_limit", "warmup_steps", "max_grad_norm", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha must be > 0 (the adapter scaling is lora_alpha / r), got {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise ConfigError(f"eval_fraction must be in [0, 1) (0: no evaluation), got {cfg.eval_fraction}")
+    if cfg.tiny_hidden_size < 8 or cfg.tiny_hidden_size % 8:
+        raise ConfigError(f"tiny_hidden_size must be a multiple of 8 (4 heads of an even size), got "
+                          f"{cfg.tiny_hidden_size}")
+    if not isinstance(cfg.betas, list) or len(cfg.betas) != 2 or \
+            not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.betas):
+        raise ConfigError(f"betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {cfg.betas!r}")
+    if cfg.bnb_4bit_compute_dtype not in ("bfloat16", "float16", "float32"):
+        raise ConfigError(f"bnb_4bit_compute_dtype={cfg.bnb_4bit_compute_dtype!r}: use bfloat16, float16 or float32")
+    if not (cfg.target_modules == "all-linear" or (isinstance(cfg.target_modules, list) and cfg.target_modules
+                                                  and all(isinstance(t, str) for t in cfg.target_modules))):
+        raise ConfigError(f"target_modules must be \"all-linear\" or a list of module names like [q_proj, v_proj], "
+                          f"got {cfg.target_modules!r}")
+    if cfg.dtype != "fp32" and cfg.ds_config is None:
+        raise ConfigError(f"dtype={cfg.dtype} needs --ds_config (it fills the DeepSpeed config's dtype sections); "
+                          "the plain PyTorch path trains in fp32")
+    if cfg.dtype == "fp16" and not _cuda():
+        raise ConfigError("dtype=fp16 needs a GPU (DeepSpeed refuses fp16 on CPUs); use bf16 or fp32")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _looks_like_hub_id(name: str) -> bool:
     local_suffixes = (".json", ".jsonl", ".parquet", ".txt", ".csv")
-    return not name.endswith(local_suffixes) and not name.startswith((".", "/")) and name.count("/") <= 1
+    return not name.endswith(local_suffixes) and not name.startswith((".", "/", "~")) and name.count("/") <= 1
 
 
 def format_value(value: Any) -> str:

@@ -27,12 +27,30 @@ def load_raw(cfg: TrainConfig):
         return datasets.load_dataset("text", data_files=generate_corpus(corpus_path(cfg), cfg.corpus_lines, cfg.seed),
                                      split="train", cache_dir=os.path.join(cfg.cache_dir, "datasets"))
     ext = os.path.splitext(cfg.dataset)[1].lower()
-    if ext in LOCAL_BUILDERS:
-        if not os.path.exists(cfg.dataset):
-            raise ConfigError(f"dataset file {cfg.dataset} does not exist")
-        return datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=cfg.dataset, split="train",
-                                     cache_dir=os.path.join(cfg.cache_dir, "datasets"))
-    return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split)
+    try:
+        if ext in LOCAL_BUILDERS:
+            if not os.path.isfile(cfg.dataset):
+                raise ConfigError(f"dataset file {cfg.dataset} does not exist")
+            if os.path.getsize(cfg.dataset) == 0:
+                raise ConfigError(f"dataset file {cfg.dataset} is empty")
+            return datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=cfg.dataset, split="train",
+                                         cache_dir=os.path.join(cfg.cache_dir, "datasets"))
+        return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - datasets raises many types for unreadable data; say which file
+        raise ConfigError(f"cannot read dataset {cfg.dataset}: {one_line(err)} (local files: valid "
+                          f"{'/'.join(LOCAL_BUILDERS)}; hub ids need the network or a cache)") from None
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message as one line, with the cause datasets/transformers wrap it around."""
+    text = " ".join(str(err).split())
+    cause = err.__cause__ or err.__context__
+    if cause is not None and str(cause).strip():
+        text = f"{text}: {' '.join(str(cause).split())}" if text else " ".join(str(cause).split())
+    text = text or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def tokenize(cfg: TrainConfig, raw, tokenizer):
@@ -90,6 +108,16 @@ def build_datasets(cfg: TrainConfig, tokenizer):
         return data, None
     split = data.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
     return split["train"], split["test"]
+
+
+def check_sizes(cfg: TrainConfig, train, evals, world: int) -> None:
+    """One line, before any training, when a split cannot fill one micro-batch on every rank."""
+    for name, data in (("training", train), ("evaluation", evals)):
+        if data is not None and len(data) // world < cfg.micro_batch_size:
+            raise ConfigError(f"the {name} split has {len(data)} sequences of up to {cfg.max_seq_len} tokens: too "
+                              f"few for micro_batch_size={cfg.micro_batch_size} on {world} rank(s); lower "
+                              "micro_batch_size" + (" or raise eval_fraction (0: no evaluation)" if name == "evaluation"
+                                                    else " or give more data"))
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

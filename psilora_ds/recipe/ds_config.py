@@ -3,6 +3,7 @@ arguments so that nothing needs editing by hand."""
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -13,9 +14,31 @@ DROP_IF_AUTO = {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_par
                 "allgather_bucket_size", "sub_group_size"}
 
 
-def fill_auto(path: str, cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    with open(path) as f:
-        ds = json.load(f)
+def read_ds_config(path: str) -> dict[str, Any]:
+    """The JSON object in ``path``, or one line saying why it is not one."""
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except OSError as err:
+        raise ConfigError(f"DeepSpeed config {path} cannot be read ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON (line {err.lineno}, column {err.colno}: "
+                          f"{err.msg})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"DeepSpeed config {path} must hold a JSON object, not a {type(ds).__name__}")
+    return ds
+
+
+def fill_auto(ds: dict[str, Any], cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """A copy of the DeepSpeed config ``ds`` (read from ``cfg.ds_config``) with its "auto" fields filled."""
+    path = cfg.ds_config
+    ds = copy.deepcopy(ds)
+    if not isinstance(ds.get("zero_optimization", {}), dict) or not isinstance(ds.get("bf16", {}), dict) \
+            or not isinstance(ds.get("fp16", {}), dict):
+        raise ConfigError(f"{path}: zero_optimization, bf16 and fp16 must be JSON objects")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage={stage!r}: use 0, 1, 2 or 3")
     # DeepSpeed key: (the recipe's value, where the recipe's value comes from)
     values = {
         "train_micro_batch_size_per_gpu": (cfg.micro_batch_size, "micro_batch_size"),

@@ -1,12 +1,9 @@
 """The two ways the recipe drives training, behind the DeepSpeed engine's three calls
-(``engine(**batch)``, ``engine.backward(loss)``, ``engine.step()``) and checkpoint save/load:
-a DeepSpeed engine, or :class:`PlainEngine` (one process, or DDP under torchrun)."""
+(``engine(**batch)``, ``engine.backward(loss)``, ``engine.step()``): a DeepSpeed engine, or
+:class:`PlainEngine` (one process, or DDP under torchrun); and :class:`TrainableParams`, the trainable
+parameters by name with their fp32 masters under either."""
 
 from __future__ import annotations
-
-import json
-import os
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,60 +43,73 @@ class PlainEngine:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def save_checkpoint(self, root: str, tag: str) -> None:
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return
-        path = os.path.join(root, tag)
-        os.makedirs(path, exist_ok=True)
-        trainable = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
-        torch.save({"trainable": trainable, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.lr_scheduler.state_dict()}, os.path.join(path, "state.pt"))
 
-    def load_checkpoint(self, root: str, tag: str) -> None:
-        state = torch.load(os.path.join(root, tag, "state.pt"), map_location="cpu", weights_only=False)
-        params = dict(self.module.named_parameters())
-        with torch.no_grad():
-            for n, t in state["trainable"].items():
-                params[n].copy_(t)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["scheduler"])
+class TrainableParams:
+    """The trainable parameters by name, read and written as full fp32 masters whatever the engine.
 
+    - plain PyTorch: the parameters themselves;
+    - DeepSpeed ZeRO 1-3: ``deepspeed.utils.safe_get/set_full_fp32_param`` (collectives: call on every
+      rank), and the low-precision model copy written as well (under ZeRO-3 through
+      ``deepspeed.zero.GatheredParameters``);
+    - DeepSpeed ZeRO 0: the masters are the tensors the engine put in the optimizer's param groups in
+      place of the parameters (the same tensors in fp32), matched by position, which is why this
+      object is built before the engine.
+    """
 
-def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter as a full fp32 CPU tensor: DeepSpeed's fp32 masters where it has them
-    (a collective at ZeRO >= 1: call on every rank), else the parameter."""
-    from deepspeed.utils import safe_get_full_fp32_param
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model = model
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        names = {id(p): n for n, p in self.named}
+        self._group_names = [[names.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
+        self._optimizer = optimizer
+        self.masters: dict[str, torch.Tensor] = dict(self.named)
 
-    out = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            full = safe_get_full_fp32_param(p) if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") else None
-            out[name] = (full if full is not None else p.detach()).float().cpu()
-    return out
+    def engine_built(self, zero_stage: int | None) -> None:
+        """Call once the engine exists (``None``: plain PyTorch)."""
+        if zero_stage == 0:
+            for names, group in zip(self._group_names, self._optimizer.param_groups):
+                for name, master in zip(names, group["params"]):
+                    if name is not None:
+                        self.masters[name] = master
 
+    def numel(self) -> int:
+        """Trainable parameter count (ZeRO-3 partitions report their full size)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for _, p in self.named)
 
-def save_rng(path: str, rank: int) -> None:
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    torch.save(state, os.path.join(path, f"rng-rank{rank}.pt"))
+    @staticmethod
+    def _partitioned(p: torch.Tensor) -> bool:
+        return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter as a full fp32 CPU tensor (a collective at ZeRO >= 1: call on every rank)."""
+        from deepspeed.utils import safe_get_full_fp32_param
 
-def load_rng(path: str, rank: int) -> None:
-    file = os.path.join(path, f"rng-rank{rank}.pt")
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{file} is missing: resume with the number of ranks that saved {path}")
-    state = torch.load(file, weights_only=False)
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        out = {}
+        for name, p in self.named:
+            full = safe_get_full_fp32_param(p) if self._partitioned(p) else self.masters[name].detach()
+            out[name] = full.float().cpu()
+        return out
 
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Write :meth:`state`'s tensors into masters and parameters (every rank calls it)."""
+        missing = sorted({n for n, _ in self.named} - set(state))
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} trainable parameters of this model "
+                             f"(e.g. {missing[0]}): resume with the model and LoRA settings it was saved with")
+        for name, p in self.named:
+            value = state[name]
+            if hasattr(p, "ds_id"):  # ZeRO-3: the model copy is partitioned; rank 0 writes, the context re-shards
+                import deepspeed
 
-def write_trainer_state(path: str, step: int, world_size: int, extra: dict[str, Any]) -> None:
-    with open(os.path.join(path, "trainer_state.json"), "w") as f:
-        json.dump({"step": step, "world_size": world_size, **extra}, f, indent=1)
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if not dist.is_initialized() or dist.get_rank() == 0:
+                        p.data.copy_(value.to(p.dtype))
+            else:
+                p.data.copy_(value.to(p.dtype))
+            if self._partitioned(p):
+                from deepspeed.utils import safe_set_full_fp32_param
 
-
-def read_trainer_state(path: str) -> dict[str, Any]:
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)
+                safe_set_full_fp32_param(p, value.to(device=p.device, dtype=torch.float32))
+            elif self.masters[name] is not p:
+                self.masters[name].data.copy_(value)

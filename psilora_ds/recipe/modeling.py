@@ -11,7 +11,7 @@ import torch
 from ..qlora import keep_training_kernels
 from .config import ConfigError, TrainConfig
 from .corpus import generate_corpus, train_tokenizer
-from .data import corpus_path
+from .data import corpus_path, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,11 @@ def build_tokenizer(cfg: TrainConfig):
     if cfg.model is None and cfg.tokenizer is None:
         corpus = generate_corpus(corpus_path(cfg), cfg.corpus_lines, cfg.seed)
         return train_tokenizer(corpus, os.path.join(cfg.cache_dir, f"tokenizer-bpe512-{cfg.corpus_lines}-seed{cfg.seed}"))
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    name = cfg.tokenizer or cfg.model
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load the tokenizer of {name}: {one_line(err)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -73,11 +77,20 @@ def quantization_config(cfg: TrainConfig, engine_dtype: torch.dtype, zero_stage:
                               bnb_4bit_quant_storage=storage)
 
 
+def load_pretrained(path: str, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained``; a path or id that does not give a causal LM is one line."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"cannot load model {path}: {one_line(err)}") from None
+
+
 def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype: torch.dtype = torch.float32,
                 zero_stage: int = 0):
     """The base model (fp32 masters, or 4-bit with ``load_in_4bit``) wrapped with peft LoRA."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
     path = cfg.model
     if cfg.model is None:
@@ -88,13 +101,13 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype:
                 model.save_pretrained(path)
     if cfg.load_in_4bit:
         check_bitsandbytes(device)
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config(
-            cfg, engine_dtype, zero_stage), device_map={"": device}, torch_dtype=engine_dtype)
+        model = load_pretrained(path, quantization_config=quantization_config(cfg, engine_dtype, zero_stage),
+                                device_map={"": device}, torch_dtype=engine_dtype)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         keep_training_kernels(model)  # evaluation between steps must not repack the 4-bit weights (CPU)
     elif cfg.model is not None:
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        model = load_pretrained(path, torch_dtype=torch.float32)
     if cfg.gradient_checkpointing and not cfg.load_in_4bit:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = cfg.target_modules

@@ -7,12 +7,21 @@ from torch import nn
 
 from .. import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
 from ..distributed import default_distributor
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, *, clip_inside: bool) -> torch.optim.Optimizer:
-    """``clip_inside``: hand ``max_grad_norm`` to PSI-LoRA optimizers (plain PyTorch runs). Under the
+    """The ``--optim`` optimizer on ``model``; a hyperparameter it refuses is one line.
+
+    ``clip_inside``: hand ``max_grad_norm`` to PSI-LoRA optimizers (plain PyTorch runs). Under the
     DeepSpeed helper the config's gradient_clipping is used instead."""
+    try:
+        return _build(cfg, model, clip_inside)
+    except ValueError as err:  # the optimizers check their hyperparameters (lr >= 0, iters >= 0, betas, ...)
+        raise ConfigError(f"optim={cfg.optim}: {err}") from None
+
+
+def _build(cfg: TrainConfig, model: nn.Module, clip_inside: bool) -> torch.optim.Optimizer:
     other_lr = cfg.other_lr if cfg.other_lr is not None else cfg.lr
 
     def other(params):
