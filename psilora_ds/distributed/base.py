@@ -124,3 +124,6 @@ class Distributor:
 
     def release_state(self, layer: LoRALayer, state: dict[str, Any]) -> None:
         """Drop what this rank does not keep between steps."""
+
+    def adopt_state(self, layer: LoRALayer, state: dict[str, Any]) -> None:
+        """Take ``state``, just loaded from a checkpoint (of any layout), as the layer's state from now on."""

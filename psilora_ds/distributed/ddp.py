@@ -108,6 +108,13 @@ class DDPDistributor(Distributor):
                 self.comm_bytes["broadcast"] += buf.numel() * buf.element_size()
                 state[key] = buf
 
+    def adopt_state(self, layer: LoRALayer, state: dict[str, Any]) -> None:
+        # A loaded state is past its first use whatever layout saved it (an unsharded checkpoint has no
+        # "initialized" key): the owner keeps it, the others receive it by broadcast when it is used.
+        if self.shard_state and self.world_size > 1:
+            state["initialized"] = True
+        self.release_state(layer, state)
+
     def release_state(self, layer: LoRALayer, state: dict[str, Any]) -> None:
         if self.owns(layer):
             return

@@ -335,8 +335,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             if saved is not None:
                 device = layer.A.device
                 self.state[layer.A] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
-                if not self.distributor.owns(layer):
-                    self.distributor.release_state(layer, self.state[layer.A])
+                self.distributor.adopt_state(layer, self.state[layer.A])
         self._lora_group.update(state_dict["lora_group"])
         self.skipped_steps = state_dict["skipped_steps"]
         self.steps_taken = state_dict.get("steps_taken", 0)
