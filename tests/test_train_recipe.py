@@ -240,18 +240,108 @@ def test_qlora_4bit_on_cpu_trains(tmp_path):
     assert_outputs(out)
 
 
-@pytest.mark.parametrize("args,message", [
+def bad_files(tmp):
+    """The broken inputs of the table below, written into ``tmp``."""
+    files = {
+        "empty.jsonl": "",
+        "broken.jsonl": '{"text": "a"}\nnot json at all\n',
+        "qa.jsonl": '{"q": "a", "a": "b"}\n',
+        "broken.json": '{ "zero_optimization": {"stage": 2}, ',
+        "list.json": "[1, 2]",
+        "clip.json": '{"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 0.5}',
+        "batch.json": '{"train_micro_batch_size_per_gpu": 2}',
+        "optimizer.json": '{"optimizer": {"type": "Adam"}}',
+        "offload.json": '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}',
+        "stage5.json": '{"zero_optimization": {"stage": 5}}',
+        "broken.yaml": "lr: [1e-3\n",
+        "list.yaml": "- lr\n",
+        "unknown.yaml": "learning_rate: 1e-3\n",
+        "a_file": "not a directory",
+    }
+    for name, text in files.items():
+        (tmp / name).write_text(text)
+    (tmp / "not_a_model").mkdir()
+    (tmp / "not_a_checkpoint").mkdir()
+
+
+# (arguments with {tmp} for the folder of bad_files, words the single error line must contain)
+BAD_INPUTS = [
+    # paths that do not exist or are not what the key needs
+    (["--model", "/nonexistent/model"], "model=/nonexistent/model does not exist"),
+    (["--model", "{tmp}/not_a_model"], "cannot load the tokenizer of"),
+    (["--model", "owner/no-such-model"], "cannot load the tokenizer of owner/no-such-model"),  # offline hub id
+    (["--tokenizer", "/nonexistent/tok"], "tokenizer=/nonexistent/tok does not exist"),
     (["--dataset", "missing/file.jsonl"], "does not exist"),
+    (["--dataset", "owner/no-such-dataset"], "cannot read dataset owner/no-such-dataset"),
+    (["--ds_config", "/nonexistent.json"], "DeepSpeed config /nonexistent.json does not exist"),
+    (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
+    (["--resume_from_checkpoint", "/nonexistent/ckpt"], "does not exist"),
+    (["--resume_from_checkpoint", "{tmp}/not_a_checkpoint"], "not a complete checkpoint"),
+    (["--resume_from_checkpoint", "latest"], "holds no complete checkpoint"),
+    (["--output_dir", "{tmp}/a_file/run"], "cannot be created"),
+    # data that cannot be read or does not fit
+    (["--dataset", "{tmp}/empty.jsonl"], "is empty"),
+    (["--dataset", "{tmp}/broken.jsonl"], "cannot read dataset"),
+    (["--dataset", "{tmp}/qa.jsonl"], "has no column 'text'"),
+    (["--dataset", "{tmp}/qa.jsonl", "--prompt_field", "q"], "set prompt_field and response_field together"),
+    (["--micro_batch_size", "64"], "too few for micro_batch_size=64"),
+    # configuration files
+    (["--config", "{tmp}/broken.yaml"], "is not valid YAML at line 2"),
+    (["--config", "{tmp}/list.yaml"], "must hold a mapping"),
+    (["--config", "{tmp}/unknown.yaml"], "unknown config key(s) ['learning_rate']"),
+    (["--ds_config", "{tmp}/broken.json"], "is not valid JSON"),
+    (["--ds_config", "{tmp}/list.json"], "must hold a JSON object"),
+    (["--ds_config", "{tmp}/clip.json"], "gradient_clipping=0.5 disagrees with the recipe's max_grad_norm=1.0"),
+    (["--ds_config", "{tmp}/batch.json"], "train_micro_batch_size_per_gpu=2 disagrees"),
+    (["--ds_config", "{tmp}/optimizer.json"], "'optimizer' section"),
+    (["--ds_config", "{tmp}/offload.json"], "offload_optimizer is not supported"),
+    (["--ds_config", "{tmp}/stage5.json"], "zero_optimization.stage=5"),
+    (["--ds_config", "ds_configs/zero2.json", "--dtype", "fp16"], "dtype=fp16 needs a GPU"),
+    (["--dtype", "bf16"], "dtype=bf16 needs --ds_config"),
+    # values
     (["--learning_rate", "1e-3"], "unknown config key"),
-    (["--target_modules", "[no_such_proj]"], "match no layer"),
-    (["--load_in_4bit", "--ds_config", "ds_configs/zero3.json", "--bnb_4bit_quant_storage", "uint8"], "ZeRO-3"),
     (["--optim", "lion"], "choose one of"),
-])
+    (["--lr", "-1"], "lr must be >= 0"),
+    (["--lr", "abc"], "lr='abc' is not a valid float"),
+    (["--iters", "-2"], "iters must be >= 0"),
+    (["--metric", "fisher"], "metric must be one of"),
+    (["--betas", "[0.9]"], "betas must be two numbers"),
+    (["--max_steps", "1.5"], "max_steps=1.5 is not a valid int"),
+    (["--max_steps", "null"], "max_steps cannot be null"),
+    (["--eval_every", "0"], "eval_every must be >= 1"),
+    (["--warmup_steps", "-3"], "warmup_steps must be >= 0"),
+    (["--lora_dropout", "1.5"], "lora_dropout must be in [0, 1)"),
+    (["--lora_alpha", "0"], "lora_alpha must be > 0"),
+    (["--tiny_hidden_size", "30"], "tiny_hidden_size must be a multiple of 8"),
+    (["--target_modules", "5"], "target_modules must be"),
+    (["--target_modules", "[no_such_proj]"], "match no layer"),
+    (["--load_in_4bit", "--bnb_4bit_compute_dtype", "int8"], "bnb_4bit_compute_dtype='int8'"),
+    (["--load_in_4bit", "--ds_config", "ds_configs/zero3.json", "--bnb_4bit_quant_storage", "uint8"], "ZeRO-3"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a)[:60] for a, _ in BAD_INPUTS])
 def test_bad_inputs_fail_with_one_line(tmp_path, args, message):
-    proc = run([*args, "--max_steps", "1", "--output_dir", str(tmp_path / "bad")], tmp_path, check=False)
-    assert proc.returncode != 0
+    """Every mistake in configuration, data or paths: exit code 2, one ``error:`` line, no traceback."""
+    bad_files(tmp_path)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    defaults = ["--max_steps", "1", "--output_dir", str(tmp_path / "bad"), "--tiny_hidden_size", "32"]
+    proc = run([*defaults, *args], tmp_path, check=False)  # the case's own values come later and win
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_bad_input_under_the_deepspeed_launcher_is_said_once(tmp_path):
+    bad_files(tmp_path)
+    for bad in ("broken.json", "clip.json"):  # before and after the process group exists
+        proc = run(["--ds_config", str(tmp_path / bad), "--max_steps", "1", "--output_dir", str(tmp_path / "out")],
+                   tmp_path, launcher=deepspeed_launcher(29591), check=False)
+        errors = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if line.startswith("error:")]
+        assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr + proc.stdout
 
 
 def test_bitsandbytes_unusable_device_is_a_clear_error():

@@ -112,7 +112,7 @@ def _coerce(name: str, value: Any) -> Any:
     if value is None:
         if "None" in kind or kind == "Any":
             return None
-        raise ConfigError(f"{name} cannot be null: give a {kind}")
+        raise ConfigError(f"{name} cannot be null (it takes a value of type {kind})")
     try:
         if kind.startswith(("float", "int")) and isinstance(value, bool):
             raise ValueError
