@@ -49,7 +49,7 @@ def make(spec, model, **kw):
 
 
 def worker(rank, world, out):
-    import psilora_ds.deepspeed as psd
+    import psilora_ds.distributed.deepspeed as psd
     from psilora_ds.distributed import DDPDistributor
 
     results = {}

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import markdown_table, write_section  # noqa: E402
-from psilora_ds import PSILoRA, ScaledPSILoRA  # noqa: E402
+from psilora_ds import LoRAOptimizer, PSILoRA, ScaledPSILoRA  # noqa: E402
 
 F32 = 4
 
@@ -42,11 +42,10 @@ def state_bytes_formula(method: str, shapes: list[tuple[int, int]], r: int, r_m:
 
 
 def measured_state_bytes(opt) -> int:
-    sd = opt.state_dict()
-    if "layers" in sd:
-        return sum(v.numel() * v.element_size() for st in sd["layers"].values() for v in st.values()
-                   if isinstance(v, torch.Tensor))
-    return sum(v.numel() * v.element_size() for st in sd["state"].values() for k, v in st.items()
+    """PSI-LoRA: its own count; a torch optimizer: its state tensors (the step counters left out)."""
+    if isinstance(opt, LoRAOptimizer):
+        return opt.state_nbytes()
+    return sum(v.numel() * v.element_size() for st in opt.state_dict()["state"].values() for k, v in st.items()
                if isinstance(v, torch.Tensor) and k != "step")
 
 

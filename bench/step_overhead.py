@@ -22,7 +22,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import markdown_table, write_section  # noqa: E402
 from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA  # noqa: E402
-from psilora_ds.distributed import Distributor  # noqa: E402
 
 
 def build(args, make):
@@ -81,23 +80,19 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def fold(opt, on):
-        opt.capture.fold = on
-        return opt
-
     makers = {
         "AdamW (foreach), LoRA params": lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad],
                                                                      lr=1e-4, foreach=True),
-        "PSI-LoRA iters=1": lambda m: fold(PSILoRA(m, 1e-2, iters=1), False),
-        "PSI-LoRA iters=2": lambda m: fold(PSILoRA(m, 1e-2, iters=2), False),
-        "PSI-LoRA iters=1, momentum": lambda m: fold(PSILoRA(m, 1e-2, iters=1, momentum=0.9), False),
-        "Scaled PSI-LoRA iters=1 (rank-r momentum)": lambda m: fold(ScaledPSILoRA(m, 1e-3, iters=1), False),
-        "preconditioned LoRA": lambda m: fold(PreconditionedLoRA(m, 1e-2), False),
-        "PSI-LoRA iters=1, dense store": lambda m: fold(PSILoRA(m, 1e-2, iters=1), True),
+        "PSI-LoRA iters=1": lambda m: PSILoRA(m, 1e-2, iters=1, fold=False),
+        "PSI-LoRA iters=2": lambda m: PSILoRA(m, 1e-2, iters=2, fold=False),
+        "PSI-LoRA iters=1, momentum": lambda m: PSILoRA(m, 1e-2, iters=1, momentum=0.9, fold=False),
+        "Scaled PSI-LoRA iters=1 (rank-r momentum)": lambda m: ScaledPSILoRA(m, 1e-3, iters=1, fold=False),
+        "preconditioned LoRA": lambda m: PreconditionedLoRA(m, 1e-2, fold=False),
+        "PSI-LoRA iters=1, dense store": lambda m: PSILoRA(m, 1e-2, iters=1, fold=True),
         # clipping by the exact ||G||_F (METHOD.md section 6): Gram or dense route per layer
-        "PSI-LoRA iters=1, max_grad_norm=1": lambda m: fold(PSILoRA(m, 1e-2, iters=1, max_grad_norm=1.0), False),
-        "PSI-LoRA iters=1, max_grad_norm=1, 32-probe sketch": lambda m: fold(
-            PSILoRA(m, 1e-2, iters=1, max_grad_norm=1.0, distributor=Distributor(norm_probes=32)), False),
+        "PSI-LoRA iters=1, max_grad_norm=1": lambda m: PSILoRA(m, 1e-2, iters=1, max_grad_norm=1.0, fold=False),
+        "PSI-LoRA iters=1, max_grad_norm=1, 32-probe sketch": lambda m: PSILoRA(
+            m, 1e-2, iters=1, max_grad_norm=1.0, clip_norm_probes=32, fold=False),
         "AdamW (foreach), clip_grad_norm_(1)": lambda m: ClippedAdamW(m),
     }
     if args.profile:

@@ -1,4 +1,4 @@
-"""PSI-LoRA fine-tuning of a causal LM: one readable recipe over psilora_ds components.
+"""PSI-LoRA fine-tuning of a causal LM: the recipe, read top to bottom, over psilora_ds.recipe.
 
     deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero2.json [--config run.yaml] [--key value ...]
     torchrun --nproc_per_node 2 launch/train.py [...]        # DDP (or DeepSpeed with --ds_config)
@@ -12,227 +12,100 @@ Outputs in --output_dir: metrics.jsonl, loss.png, adapter/ (peft), checkpoints/s
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from psilora_ds import LoRAOptimizer
-from psilora_ds.plot import plot_run
 from psilora_ds.recipe import checkpoint
 from psilora_ds.recipe.config import ConfigError, parse
 from psilora_ds.recipe.data import build_datasets, check_sizes, micro_batches
-from psilora_ds.recipe.ds_config import fill_auto, read_ds_config
-from psilora_ds.recipe.engines import PlainEngine, TrainableParams
+from psilora_ds.recipe.ds_config import fill_auto, read_ds_config, zero_stage_of
+from psilora_ds.recipe.engines import TrainableParams, build_engine
+from psilora_ds.recipe.loop import evaluate, optimizer_metrics, train_step
 from psilora_ds.recipe.modeling import DTYPES, build_model, build_tokenizer
-from psilora_ds.recipe.optimizers import build_optimizer, build_scheduler
-from psilora_ds.recipe.runlog import MetricsLog
+from psilora_ds.recipe.optimizers import build_optimizer, build_scheduler, check_optim
+from psilora_ds.recipe.plot import plot_run
+from psilora_ds.recipe.ranks import finish, is_rank0, rank0_first, setup_distributed
+from psilora_ds.recipe.runlog import MetricsLog, make_output_dir, save_outputs
 
 logger = logging.getLogger("psilora_ds.train")
 
 
-def setup_distributed(use_deepspeed: bool) -> tuple[int, int, torch.device]:
-    """Join the process group the launcher describes (deepspeed, torchrun) or make a one-rank one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(device)
-    if use_deepspeed:
-        import deepspeed
-
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                           ("MASTER_PORT", "29511")):
-            os.environ.setdefault(key, value)
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    elif world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
-
-
-def rank0_first(rank: int, fn):
-    """Run ``fn`` on rank 0, then on the others (caches: corpus, tokenizer, tokenized data)."""
-    if rank != 0 and dist.is_initialized():
-        dist.barrier()
-    out = fn()
-    if rank == 0 and dist.is_initialized():
-        dist.barrier()
-    return out
-
-
-def over_ranks(values: list[float], op: str = "mean") -> list[float]:
-    """``values`` reduced over the ranks: ``mean``, ``sum`` or ``max``."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        t = t.to("cuda" if torch.cuda.is_available() else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        if op == "mean":
-            t /= dist.get_world_size()
-    return t.cpu().tolist()
-
-
-@torch.no_grad()
-def evaluate(engine, model, eval_ds, cfg, rank, world, pad_id, device) -> float:
-    model.eval()
-    stream = micro_batches(eval_ds, cfg, rank, world, pad_id, shuffle=False)
-    total = [0.0, 0.0]
-    for _ in range(cfg.eval_batches):
-        batch = {k: v.to(device) for k, v in next(stream).items()}
-        tokens = float((batch["labels"][:, 1:] != -100).sum())
-        total[0] += float(engine(**batch).loss) * tokens
-        total[1] += tokens
-    model.train()
-    loss_sum, tokens = over_ranks(total)
-    return loss_sum / max(tokens, 1.0)
-
-
-def build_engine(cfg, model, optimizer, scheduler, ds_cfg, world):
-    """The DeepSpeed engine (PSI-LoRA through psilora_ds.deepspeed.initialize) or the plain one."""
-    if ds_cfg is None:
-        return PlainEngine(model, optimizer, scheduler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                           max_grad_norm=cfg.max_grad_norm, world_size=world), scheduler
-    import deepspeed
-
-    import psilora_ds.deepspeed
-
-    if isinstance(optimizer, LoRAOptimizer):
-        init = psilora_ds.deepspeed.initialize
-    else:
-        init = deepspeed.initialize
-        ds_cfg.setdefault("zero_allow_untested_optimizer", True)
-    try:
-        engine, _, _, scheduler = init(model=model, optimizer=optimizer, config=ds_cfg, lr_scheduler=scheduler)
-    except ValueError as err:  # the helper's one-line refusals (optimizer section, offload, model parallel...)
-        raise ConfigError(f"{cfg.ds_config}: {err}") from None
-    return engine, scheduler
-
-
 def main(argv: list[str] | None = None) -> int:
+    # ---- configuration and processes -------------------------------------------------------------
     cfg = parse(argv)
+    check_optim(cfg)
     ds_raw = read_ds_config(cfg.ds_config) if cfg.ds_config is not None else None
     rank, world, device = setup_distributed(ds_raw is not None)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
-    try:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"output_dir={cfg.output_dir} cannot be created ({err.strerror}): choose another") from None
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    make_output_dir(cfg.output_dir)
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, ckpt_root)
     if rank == 0:
         checkpoint.remove_leftovers(ckpt_root)  # what a killed save or rotation left behind
 
-    # ---- data and model (rank 0 fills the caches first) ------------------------------------------
+    # ---- data, model, optimizer, engine (rank 0 fills the caches first) --------------------------
     tokenizer = rank0_first(rank, lambda: build_tokenizer(cfg))
     train_ds, eval_ds = rank0_first(rank, lambda: build_datasets(cfg, tokenizer))
     check_sizes(cfg, train_ds, eval_ds, world)
     ds_cfg = fill_auto(ds_raw, cfg, world) if ds_raw is not None else None
-    zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) if ds_cfg is not None else None
-    model = rank0_first(rank, lambda: build_model(cfg, tokenizer, device, DTYPES[cfg.dtype], zero_stage or 0))
+    stage = zero_stage_of(ds_cfg)
+    model = rank0_first(rank, lambda: build_model(cfg, tokenizer, device, DTYPES[cfg.dtype], stage or 0))
     torch.manual_seed(cfg.seed + 1000 * rank)  # dropout differs across ranks, is reproducible per rank
-
-    # ---- optimizer and engine --------------------------------------------------------------------
-    optimizer = build_optimizer(cfg, model, clip_inside=ds_cfg is None)
-    if isinstance(optimizer, LoRAOptimizer):
-        optimizer.capture.max_bytes = cfg.cache_max_bytes
-    scheduler = build_scheduler(cfg, optimizer)
+    optimizer = build_optimizer(cfg, model)
     params = TrainableParams(model, optimizer)  # before the engine: it matches ZeRO-0 masters by position
-    engine, scheduler = build_engine(cfg, model, optimizer, scheduler, ds_cfg, world)
-    params.engine_built(zero_stage)
-    engine_name = "pytorch" if zero_stage is None else f"deepspeed-zero{zero_stage}"
+    engine, scheduler = build_engine(cfg, model, optimizer, build_scheduler(cfg, optimizer), ds_cfg, world)
+    params.engine_built(stage)
+    engine_name = "pytorch" if stage is None else f"deepspeed-zero{stage}"
     logger.info("%s on %d rank(s) (%s), %d trainable parameters, %d train / %d eval sequences of %d tokens",
-                cfg.optim, world, "PyTorch" if zero_stage is None else f"DeepSpeed ZeRO-{zero_stage}", params.numel(),
+                cfg.optim, world, engine_name, params.numel(),
                 len(train_ds), len(eval_ds) if eval_ds is not None else 0, cfg.max_seq_len)
 
-    # ---- resume ----------------------------------------------------------------------------------
+    # ---- resume, or start a fresh curve ----------------------------------------------------------
     metrics = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), enabled=rank == 0)
     step, skipped_before = 0, 0
     if resume is not None:
-        try:
-            state = checkpoint.load(resume, optim=cfg.optim, params=params, optimizer=optimizer, scheduler=scheduler,
-                                    device=device)
-        except ValueError as err:  # a checkpoint of another model or LoRA layout
-            raise ConfigError(f"{resume}: {err}") from None
-        step, skipped_before = state.step, state.engine_skipped_steps
+        saved = checkpoint.load(resume, optim=cfg.optim, params=params, optimizer=optimizer, scheduler=scheduler,
+                                device=device)
+        step, skipped_before = saved.step, saved.engine_skipped_steps
         metrics.truncate_after(step)
-        logger.info("resumed from %s at step %d (saved by %d ranks)", resume, step, state.world_size)
-    elif rank == 0 and os.path.exists(metrics.path):
-        os.remove(metrics.path)  # a fresh run starts a fresh curve
-
-    def save(at_step: int) -> None:
-        skipped = skipped_before + (engine.skipped_steps if zero_stage is not None else 0)
-        trainer = checkpoint.TrainerState(step=at_step, world_size=world, optim=cfg.optim, engine=engine_name,
-                                          engine_skipped_steps=skipped)
-        checkpoint.save(ckpt_root, trainer, params=params, optimizer=optimizer, scheduler=scheduler,
-                        partitioned=bool(zero_stage), keep=cfg.save_total_limit)
+        logger.info("resumed from %s at step %d (saved by %d ranks)", resume, step, saved.world_size)
+    else:
+        metrics.restart()
 
     # ---- train -----------------------------------------------------------------------------------
-    pad_id = tokenizer.pad_token_id
-    stream = micro_batches(train_ds, cfg, rank, world, pad_id, start=step * cfg.gradient_accumulation_steps)
+    stream = micro_batches(train_ds, cfg, rank, world, tokenizer.pad_token_id, start=step * cfg.gradient_accumulation_steps)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     while step < cfg.max_steps:
-        start = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the lr this step uses
-        losses, tokens = [], 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
-            batch = {k: v.to(device) for k, v in next(stream).items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            checkpoint.fault_point("step", step + 1)
-            engine.step()
-            losses.append(float(loss.detach()))
-            tokens += float(batch["attention_mask"].sum())
         step += 1
-        elapsed = time.perf_counter() - start
-        loss_mean, tokens_all = over_ranks([sum(losses) / len(losses), tokens * world])
-        record = {"step": step, "loss": loss_mean, "lr": lr, "step_time": elapsed, "tokens_per_s": tokens_all / elapsed}
-        if isinstance(optimizer, LoRAOptimizer):
-            state_max, state_total = over_ranks([optimizer.state_nbytes()], "max") + over_ranks(
-                [optimizer.state_nbytes()], "sum")
-            record.update(grad_norm=optimizer.last_grad_norm, skipped_steps=optimizer.skipped_steps,
-                          cache_bytes=optimizer.last_cache_bytes, state_bytes_rank_max=int(state_max),
-                          state_bytes_total=int(state_total))
-        if zero_stage is not None:
+        record = {**train_step(engine, stream, cfg, step, device, world), "lr": lr, **optimizer_metrics(optimizer)}
+        if stage is not None:
             record["engine_skipped_steps"] = skipped_before + engine.skipped_steps
         if eval_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            record["eval_loss"] = evaluate(engine, model, eval_ds, cfg, rank, world, pad_id, device)
-            record["eval_ppl"] = math.exp(min(record["eval_loss"], 50.0))
+            record.update(evaluate(engine, model, eval_ds, cfg, rank, world, tokenizer.pad_token_id, device))
         if step % cfg.log_every == 0 or "eval_loss" in record:
             metrics.write(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                        step_s=f"{elapsed:.2f}")
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-            save(step)
+            trainer = checkpoint.TrainerState(step=step, world_size=world, optim=cfg.optim, engine=engine_name,
+                                              engine_skipped_steps=record.get("engine_skipped_steps", 0))
+            checkpoint.save(ckpt_root, trainer, params=params, optimizer=optimizer, scheduler=scheduler,
+                            partitioned=bool(stage), keep=cfg.save_total_limit)
     bar.close()
 
     # ---- outputs ---------------------------------------------------------------------------------
     state = params.state()  # a collective under ZeRO: every rank
     if rank == 0:
-        model.save_pretrained(os.path.join(cfg.output_dir, "adapter"), state_dict=state)
-        tokenizer.save_pretrained(os.path.join(cfg.output_dir, "adapter"))
-        if cfg.merge_weights and not cfg.load_in_4bit:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if name in state:
-                        p.copy_(state[name].to(p.dtype))
-            model.merge_and_unload().save_pretrained(os.path.join(cfg.output_dir, "merged"))
+        save_outputs(cfg.output_dir, model, tokenizer, state, merge=cfg.merge_weights and not cfg.load_in_4bit)
         logger.info("loss curve: %s", plot_run(cfg.output_dir))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish()
     return 0
-
-
-def is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Dense float64 reference implementations of every step, for tests only.
+"""Dense float64 reference implementations of every step: the documented definition the fast path
+is held to (as Dion ships ``dion_reference``). Use it to check a change, a new engine or another
+library against: ``tests/test_lorsum.py`` and ``tests/test_optimizers.py`` hold every optimizer to it.
 
 Everything here forms the ``m x n`` matrices (the gradient ``P``, the target ``T``) and uses
-``torch.linalg.solve`` / ``torch.linalg.svd``; nothing is shared with the fast path in
-``psilora_ds.ops`` except the mathematical definitions of METHOD.md.
+``torch.linalg.solve`` / ``torch.linalg.svd``: small layers only. Nothing is shared with the fast path
+in ``psilora_ds.ops`` except the mathematical definitions of METHOD.md.
 """
 
 from __future__ import annotations

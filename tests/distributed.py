@@ -50,11 +50,6 @@ def regression_batches(seed, steps, rows):
     return [(torch.randn(rows, 12, generator=g), torch.randn(rows, 3, generator=g)) for _ in range(steps)]
 
 
-def state_bytes(opt):
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-               if isinstance(v, torch.Tensor))
-
-
 def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
@@ -73,4 +68,21 @@ def one_process_reference(name, data):
         opt.step()
         opt.zero_grad()
     factors = {layer.name: (layer.A.detach(), layer.B.detach()) for layer in opt.layers}
-    return opt, factors, state_bytes(opt)
+    return opt, factors, opt.state_nbytes()
+
+
+def assert_ranks_match(ranks, reference, tol=1e-5):
+    """Every rank's factors (``ranks[k][layer] = (A, B)``) equal the reference's (``{layer: (A, B)}``)."""
+    for layer, (A, B) in reference.items():
+        for factors in ranks:
+            assert rel_err(factors[layer][0], A) <= tol
+            assert rel_err(factors[layer][1], B) <= tol
+
+
+def assert_state_split(per_rank, total, sharded):
+    """Layer-sharded state: the ranks' bytes add up to the one-process total, each about half; else
+    every rank holds it all."""
+    if sharded:
+        assert sum(per_rank) == total and max(per_rank) <= 0.75 * total, (per_rank, total)
+    else:
+        assert all(b == total for b in per_rank), (per_rank, total)

@@ -43,7 +43,7 @@ def run(rank, scale, *, inf_at=None, engine_skip_at=None, steps=4):
     model = lora_two_layer_net(dtype=torch.float32, head_trainable=False, nonzero_B=True)
     opt = ScaledPSILoRA(model, 1e-2, iters=2)
     engine = FP16EngineStandIn(model, scale)
-    opt.attach(DeepSpeedDistributor(engine))
+    opt.attach(DeepSpeedDistributor(engine, on_skipped_step=opt.discard_step))
     snapshots = []
     for step in range(steps):
         x, t = data(step)

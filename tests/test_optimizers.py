@@ -77,9 +77,8 @@ def test_psilora_matches_dense_reference(iters, momentum, dampening, fold, reuse
     model = lora_two_layer_net(head_trainable=False)
     twin = DenseTwin(model)
     lr, prox = 0.3, 1e-2
-    opt = PSILoRA(model, lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox)
-    opt.capture.fold = fold
-    opt.reuse_autograd_grads = reuse
+    opt = PSILoRA(model, lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox, fold=fold,
+                  reuse_autograd_grads=reuse)
     M = [tuple(init_low_rank_momentum(layer, 1.0).values()) if momentum else None for layer in twin.layers]
     batches = [data(k) for k in range(3)]
     for x, t in batches:
@@ -118,9 +117,7 @@ def test_scaled_psilora_matches_dense_reference(metric, beta1, fold, reuse):
     twin = DenseTwin(model)
     lr, prox, beta2, damping, power, iters = 0.05, 1e-2, 0.9, 1e-3, 0.5, 2
     opt = ScaledPSILoRA(model, lr, betas=(beta1, beta2), iters=iters, prox=prox, damping=damping,
-                        metric_power=power, metric=metric)
-    opt.capture.fold = fold
-    opt.reuse_autograd_grads = reuse
+                        metric_power=power, metric=metric, fold=fold, reuse_autograd_grads=reuse)
     M = [tuple(init_low_rank_momentum(layer, 1.0).values()) if beta1 else None for layer in twin.layers]
     ema_in = [torch.zeros(layer.A.shape[1], dtype=f64) for layer in twin.layers]
     ema_out = [torch.zeros(layer.B.shape[0], dtype=f64) for layer in twin.layers]
@@ -149,8 +146,7 @@ def test_scaled_psilora_matches_dense_reference(metric, beta1, fold, reuse):
 def test_svdlora_matches_dense_svd(fold):
     model = lora_two_layer_net(head_trainable=False)
     twin = DenseTwin(model)
-    opt = SVDLoRA(model, 0.3)
-    opt.capture.fold = fold
+    opt = SVDLoRA(model, 0.3, fold=fold)
     for x, t in [data(k) for k in range(2)]:
         P, _, _, _ = twin.grads(x, t)
         for i in range(2):
@@ -167,8 +163,7 @@ def test_clipping_scales_the_step_like_the_dense_clipped_step(max_norm, fold):
     model = lora_two_layer_net(head_trainable=True)
     twin = DenseTwin(model)
     lr = 0.3
-    opt = PSILoRA(model, lr, iters=2, max_grad_norm=max_norm)
-    opt.capture.fold = fold
+    opt = PSILoRA(model, lr, iters=2, max_grad_norm=max_norm, fold=fold)
     x, t = data(7)
     P, _, _, g_head = twin.grads(x, t)
     dense_G = [p / s for p, s in zip(P, twin.s)] + g_head
@@ -188,16 +183,13 @@ def test_clipping_scales_the_step_like_the_dense_clipped_step(max_norm, fold):
 
 @pytest.mark.parametrize("fold", [False, True])
 def test_sketched_clipping_norm_in_one_process(fold):
-    """Distributor(norm_probes=k): the clipping norm is the Gaussian sketch (unbiased, within 4 of its
+    """clip_norm_probes=k: the clipping norm is the Gaussian sketch (unbiased, within 4 of its
     standard deviations computed from the dense gradients' spectra; over 400 seeds its mean is the
     exact value), and the step is the dense step clipped with that estimate."""
-    from psilora_ds.distributed import Distributor
-
     k, max_norm, lr = 16, 0.05, 0.3
     model = lora_two_layer_net(head_trainable=True)
     twin = DenseTwin(model)
-    opt = PSILoRA(model, lr, iters=2, max_grad_norm=max_norm, distributor=Distributor(norm_probes=k))
-    opt.capture.fold = fold
+    opt = PSILoRA(model, lr, iters=2, max_grad_norm=max_norm, clip_norm_probes=k, fold=fold)
     x, t = data(7)
     P, _, _, g_head = twin.grads(x, t)
     G = [p / s for p, s in zip(P, twin.s)]
@@ -218,8 +210,7 @@ def test_sketched_clipping_norm_in_one_process(fold):
     grad = opt._layer_gradient(0, batches[0], batches[0].rows, None)
     samples = []
     for step in range(400):
-        opt.steps_taken = step
-        samples.append(float(opt.distributor.lora_norm_sq(layer, grad)))
+        samples.append(float(opt.distributor.lora_norm_sq(layer, grad, step)))
     exact0 = float(P[0].square().sum())
     std0 = float(torch.sqrt(2 * (P[0].T @ P[0]).square().sum() / k))
     assert abs(sum(samples) / len(samples) - exact0) <= 4 * std0 / 400**0.5
@@ -325,9 +316,8 @@ def test_one_non_finite_entry_skips_the_step(reuse, at_step, where, fold):
     (the head's rows: fc2's input is tanh(.), so fc1's output is poisoned) skips the step, whether the
     check reads the rows or autograd's LoRA gradients."""
     model = lora_two_layer_net(head_trainable=True)
-    opt = PSILoRA(model, 0.1, momentum=0.9)
-    opt.reuse_autograd_grads = reuse
-    opt.capture.fold = fold  # False: the rows (or autograd's products) are checked, True: the dense store
+    # fold False: the rows (or autograd's products) are checked, True: the dense store
+    opt = PSILoRA(model, 0.1, momentum=0.9, reuse_autograd_grads=reuse, fold=fold)
     x, t = data(0)
     for _ in range(at_step):
         model_loss(model, x, t).backward()
@@ -454,3 +444,20 @@ def test_state_nbytes_counts_the_state_dict_tensors():
     opt.step()
     expected = sum(8 * ((l.rank + 1) * (l.in_features + l.out_features)) for l in opt.layers)  # float64
     assert opt.state_nbytes() == expected
+
+
+def test_every_optimizer_takes_the_shared_options():
+    """One constructor signature: the family's shared options reach every optimizer (SVDLoRA included);
+    an unknown keyword names the valid ones."""
+    from psilora_ds import LoRAOptimizer
+    from psilora_ds.distributed import Distributor
+
+    for cls in (PSILoRA, ScaledPSILoRA, PreconditionedLoRA, SVDLoRA):
+        d = Distributor()
+        opt = cls(lora_two_layer_net(), 0.1, max_grad_norm=0.5, clip_norm_probes=8, distributor=d, cache_max_bytes=123,
+                  fold=False, reuse_autograd_grads=False)
+        assert isinstance(opt, LoRAOptimizer) and opt.distributor is d and d.norm_probes == 8
+        assert (opt.max_grad_norm, opt.capture.max_bytes, opt.capture.fold, opt.reuse_autograd_grads) == \
+            (0.5, 123, False, False)
+        with pytest.raises(TypeError, match="unexpected keyword argument.*max_grad_norm, clip_norm_probes"):
+            cls(lora_two_layer_net(), 0.1, clip=1.0)

@@ -402,7 +402,7 @@ def test_clip_norm_probes_reaches_the_optimizer():
     from .models import lora_two_layer_net
 
     for k in (0, 16):
-        opt = build_optimizer(TrainConfig(optim="psilora", clip_norm_probes=k), lora_two_layer_net(), clip_inside=True)
+        opt = build_optimizer(TrainConfig(optim="psilora", clip_norm_probes=k), lora_two_layer_net())
         assert opt.distributor.norm_probes == k and opt.distributor.sketches_norm() == (k > 0)
         assert opt.max_grad_norm == 1.0
     with pytest.raises(ConfigError, match="clip_norm_probes must be >= 0"):
@@ -448,7 +448,7 @@ def test_qlora_evaluation_leaves_training_exact(tmp_path, hidden):
 def test_every_optim_choice_trains(tmp_path, optim):
     """Each --optim builds and takes 2 steps through the recipe (svdlora once crashed on a keyword)."""
     sys.path.insert(0, ROOT)
-    from psilora_ds.recipe.config import OPTIMIZERS
+    from psilora_ds.recipe.optimizers import OPTIMIZERS
 
     assert optim in OPTIMIZERS
     out = tmp_path / optim

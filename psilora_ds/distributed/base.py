@@ -3,65 +3,85 @@
 A distributor answers, for one engine: where a layer's (master) factors are read and written, how a
 captured ``Z`` is scaled into this rank's share of the averaged gradient, how thin products and
 statistics are summed over the data-parallel ranks, which rank keeps which layer's state, and how
-the full-gradient norm is obtained. The optimizers never branch on the engine; they call these.
+the full-gradient norm is obtained. The optimizers never branch on the engine; they call these,
+handing over the data each call works on (layers, master tensors, gradients, the step count): a
+distributor never holds or reads the optimizer (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ..gradient import LayerGradient
 from ..lora_layers import LoRALayer
 from ..ops import frobenius_sq, gaussian_probes, sketched_product
 
-if TYPE_CHECKING:
-    from ..optim.base import LoRAOptimizer
-    from ..optim.gradient import LayerGradient
-
 NORM_SKETCH_SEED = 0x7A5C
+
+
+@runtime_checkable
+class LoRAOptimizerProtocol(Protocol):
+    """What an engine adapter may ask of a PSI-LoRA optimizer, and nothing more: implemented by
+    :class:`psilora_ds.optim.base.LoRAOptimizer` (the other half of the contract is :class:`Distributor`)."""
+
+    max_grad_norm: float | None  # the one clipping norm; engine helpers reconcile their setting into it
+    other_optimizer: Any  # the optimizer of the non-LoRA trainables (None when there are none)
+
+    def attach(self, distributor: Distributor) -> None: ...
+
+    def discard_step(self) -> int: ...
+
+    def other_groups(self) -> list[dict[str, Any]]: ...
+
+    def resync_param_groups(self) -> None: ...
+
+    def lora_state_dict(self) -> dict[str, Any]: ...
+
+    def lora_state_template(self) -> dict[str, Any]: ...
+
+    def load_lora_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
 class Distributor:
     """One process: no collectives, every layer's state is local.
 
-    The master factors are the tensors in the optimizer's LoRA param group (the model's parameters,
-    or the fp32 masters an engine put there in their place at ZeRO stage 0).
+    ``masters`` in the factor calls is the optimizer's LoRA param group list (``A_0, B_0, A_1, B_1,
+    ...``): the model's parameters, or the fp32 masters an engine put there in their place at ZeRO
+    stage 0.
 
-    Args:
-        norm_probes: 0 (default): the clipping norm is exact (Gram trick or dense, ``min(N m n,
-            N^2 (m + n))`` work per layer, METHOD.md section 6); ``k > 0``: the unbiased Gaussian sketch
-            with ``k`` probes (``N k (m + n)`` work, relative standard deviation at most ``sqrt(2 / k)``,
-            see :meth:`lora_norm_sq`), the estimator the multi-rank distributors use.
+    The clipping norm (``norm_probes``, given by the optimizer at :meth:`bind`): 0 exact (Gram trick or
+    dense, ``min(N m n, N^2 (m + n))`` work per layer, METHOD.md section 6); ``k > 0`` the unbiased
+    Gaussian sketch with ``k`` probes (``N k (m + n)`` work, relative standard deviation at most
+    ``sqrt(2 / k)``, see :meth:`lora_norm_sq`), the estimator the multi-rank distributors use.
     """
 
     world_size: int = 1
     rank: int = 0
     norm_probes: int = 0
 
-    def __init__(self, *, norm_probes: int = 0):
+    def bind(self, layers: Sequence[LoRALayer], *, norm_probes: int = 0) -> None:
+        """Called once by the optimizer that uses this distributor, with its LoRA layers."""
         if norm_probes < 0:
             raise ValueError(f"norm_probes must be >= 0 (0: exact norm), got {norm_probes}")
+        self.n_lora_params = 2 * len(layers)
         self.norm_probes = norm_probes
 
-    def bind(self, optimizer: LoRAOptimizer) -> None:
-        """Called once by the optimizer that uses this distributor."""
-        self.optimizer = optimizer
-        self.n_lora_params = 2 * len(optimizer.layers)
-
     # ---- factors ---------------------------------------------------------------------------------
-    def read_factors(self, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self.optimizer.lora_group["params"]
-        if len(params) != self.n_lora_params:
+    def read_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(masters) != self.n_lora_params:
             raise RuntimeError(
-                f"the LoRA param group holds {len(params)} tensors instead of {self.n_lora_params}: an engine "
-                "(DeepSpeed ZeRO >= 1?) flattened it; build the engine with psilora_ds.deepspeed.initialize"
+                f"the LoRA param group holds {len(masters)} tensors instead of {self.n_lora_params}: an engine "
+                "flattened it; build the engine through its psilora_ds adapter (DeepSpeed: "
+                "psilora_ds.distributed.deepspeed.initialize)"
             )
-        return params[2 * layer.index], params[2 * layer.index + 1]
+        return masters[2 * layer.index], masters[2 * layer.index + 1]
 
-    def write_factors(self, layer: LoRALayer, A: torch.Tensor, B: torch.Tensor) -> None:
-        A_master, B_master = self.read_factors(layer)
+    def write_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
+                      B: torch.Tensor) -> None:
+        A_master, B_master = self.read_factors(layer, masters)
         A_master.copy_(A)
         B_master.copy_(B)
 
@@ -86,8 +106,8 @@ class Distributor:
         """Whether :meth:`lora_norm_sq` is the Gaussian sketch (else exact)."""
         return self.norm_probes > 0
 
-    def lora_norm_sq(self, layer: LoRALayer, grad: LayerGradient) -> torch.Tensor:
-        """``||P||_F^2`` of the layer's whole gradient (summed over ranks).
+    def lora_norm_sq(self, layer: LoRALayer, grad: LayerGradient, step: int) -> torch.Tensor:
+        """``||P||_F^2`` of the layer's whole gradient (summed over ranks); ``step`` seeds the sketch.
 
         Exact: the Gram trick on the rows, or the dense store when the rows were folded into it.
         Sketch: with ``Omega`` (n x k) standard Gaussian from a seed shared by all ranks (step and
@@ -101,7 +121,7 @@ class Distributor:
                 return grad.local_dense().square().sum() * grad.coef**2
             return frobenius_sq(grad.Z, grad.X) * grad.coef**2
         X = grad.X
-        seed = NORM_SKETCH_SEED + 1_000_003 * self.optimizer.steps_taken + layer.index
+        seed = NORM_SKETCH_SEED + 1_000_003 * step + layer.index
         omega = gaussian_probes(X.shape[1], self.norm_probes, seed, device=X.device,
                                 dtype=torch.float64 if X.dtype == torch.float64 else torch.float32)
         Y = sketched_product(grad.Z, X, omega, grad.dense)

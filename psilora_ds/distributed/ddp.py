@@ -4,7 +4,7 @@ distributors): exact LoRSum by all-reducing thin products, optional layer-sharde
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,27 +39,25 @@ class DDPDistributor(Distributor):
         group: the data-parallel process group (default: the world).
         shard_state: keep each layer's optimizer state (momentum factors, metric diagonals) only on
             its owner rank, layers balanced by size; the owner broadcasts it when the layer is updated.
-        norm_probes: Gaussian probes of the full-gradient norm sketch used for clipping on several
-            ranks (see :meth:`Distributor.lora_norm_sq`; an exact norm would need every rank's rows).
+
+    The clipping norm is always the Gaussian sketch here (an exact norm would need every rank's rows):
+    ``norm_probes`` from :meth:`bind`, 32 when the optimizer asks for 0.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, *, shard_state: bool = False, norm_probes: int = 32):
+    def __init__(self, group: dist.ProcessGroup | None = None, *, shard_state: bool = False):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DDPDistributor needs torch.distributed initialized (init_process_group) first")
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.shard_state = shard_state
-        if norm_probes < 1:
-            raise ValueError(f"norm_probes must be >= 1 on several ranks (the norm is sketched), got {norm_probes}")
-        self.norm_probes = norm_probes
         self._owners: list[int] = []
         # bytes this rank handed to collectives (optimizer traffic only; the engine's own not counted)
         self.comm_bytes = {"all_reduce": 0, "broadcast": 0}
 
-    def bind(self, optimizer) -> None:
-        super().bind(optimizer)
-        sizes = [(layer.in_features + layer.out_features) * (layer.rank + 2) for layer in optimizer.layers]
+    def bind(self, layers: Sequence[LoRALayer], *, norm_probes: int = 0) -> None:
+        super().bind(layers, norm_probes=norm_probes or 32)
+        sizes = [(layer.in_features + layer.out_features) * (layer.rank + 2) for layer in layers]
         self._owners = balanced_owners(sizes, self.world_size)
 
     # ---- gradients -------------------------------------------------------------------------------
@@ -122,12 +120,11 @@ class DDPDistributor(Distributor):
             del state[key]
 
 
-def default_distributor(norm_probes: int = 0) -> Distributor:
+def default_distributor() -> Distributor:
     """What an optimizer uses when given no distributor: data parallelism over the world group when
-    torch.distributed is initialized with several ranks (``norm_probes`` probes, 32 when 0), else one
-    process (``norm_probes`` 0: exact clipping norm, k > 0: the k-probe sketch)."""
+    torch.distributed is initialized with several ranks, else one process."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         logger.info("torch.distributed is initialized: data-parallel LoRSum over the world group "
                     "(pass distributor=... to change it)")
-        return DDPDistributor(norm_probes=norm_probes or 32)
-    return Distributor(norm_probes=norm_probes)
+        return DDPDistributor()
+    return Distributor()

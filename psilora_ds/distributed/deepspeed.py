@@ -1,4 +1,22 @@
-"""DeepSpeed engines, ZeRO stages 0-3, through DeepSpeed's public API (METHOD.md section 6).
+"""DeepSpeed engines, ZeRO stages 0-3, through DeepSpeed's public API (METHOD.md section 6): the
+adapter (:class:`DeepSpeedDistributor`) and :func:`initialize`, ``deepspeed.initialize`` for a PSI-LoRA
+optimizer::
+
+    from psilora_ds.distributed import deepspeed as psilora_deepspeed
+    engine, optimizer, _, scheduler = psilora_deepspeed.initialize(
+        model=peft_model, optimizer=PSILoRA(peft_model, lr=...), config="ds_configs/zero2.json")
+    loss = engine(**batch).loss; engine.backward(loss); engine.step()
+
+Why a helper is unavoidable (three things ``deepspeed.initialize`` cannot do for a client optimizer):
+1. Clipping. PSI-LoRA clips by the norm of the full gradient ``||G||_F`` (LoRA layers from their
+   captured factors, plus the other trainable parameters), not by the norm of ``A.grad``/``B.grad``
+   that the engine would use. The config's ``gradient_clipping`` (DeepSpeed defaults it to 1.0 when
+   the key is absent) is reconciled into the optimizer's ``max_grad_norm`` (the one clipping route:
+   adopted when the optimizer has none, an error when they differ) and the engine's set to 0 so that
+   nothing is clipped twice.
+2. ZeRO >= 1 runs client optimizers only with ``zero_allow_untested_optimizer``; the helper sets it.
+3. The optimizer must know the engine (data-parallel group, loss scale, fp32 masters, skipped
+   steps): the helper attaches a :class:`DeepSpeedDistributor`.
 
 What the engine changes and how this distributor follows it:
 - At ZeRO >= 1 the engine hands the optimizer flat fp32 partitions instead of the LoRA factors and
@@ -17,57 +35,68 @@ What the engine changes and how this distributor follows it:
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..lora_layers import LoRALayer
+from .base import LoRAOptimizerProtocol
 from .ddp import DDPDistributor
 
 logger = logging.getLogger(__name__)
 
 
 class DeepSpeedDistributor(DDPDistributor):
-    """Adapter for a ``deepspeed.DeepSpeedEngine`` (built by :func:`psilora_ds.deepspeed.initialize`)."""
+    """Adapter for a ``deepspeed.DeepSpeedEngine`` (built by :func:`initialize`).
 
-    def __init__(self, engine, *, norm_probes: int = 32):
+    ``on_skipped_step``: called when the engine finished a step without calling the optimizer (fp16
+    overflow); it drops what was captured for that step and returns the bytes dropped (the
+    optimizer's :meth:`~psilora_ds.optim.base.LoRAOptimizer.discard_step`).
+    """
+
+    def __init__(self, engine, *, on_skipped_step: Callable[[], int]):
         self.engine = engine
         self.stage = int(engine.zero_optimization_stage())
-        super().__init__(engine.data_parallel_group, shard_state=self.stage >= 1, norm_probes=norm_probes)
+        super().__init__(engine.data_parallel_group, shard_state=self.stage >= 1)
         self._scale = 1.0
         self._steps_seen = engine.global_steps
+        self._on_skipped_step = on_skipped_step
         self.dropped_captures = 0
         self._hook = engine.module.register_forward_pre_hook(self._before_forward)
 
     def _before_forward(self, module, args) -> None:
         if self.engine.global_steps != self._steps_seen:
             self._steps_seen = self.engine.global_steps
-            capture = self.optimizer.capture
-            if capture.nbytes:  # the engine skipped the step (overflow) without calling step()
+            dropped = self._on_skipped_step()  # nothing left when the optimizer did step
+            if dropped:
                 self.dropped_captures += 1
-                logger.warning("the engine skipped a step: dropping its captured factors (%d bytes)", capture.nbytes)
-            capture.clear()
-            self.optimizer._plan = None
+                logger.warning("the engine skipped a step: dropping its captured factors (%d bytes)", dropped)
         if self.engine.fp16_enabled():
             self._scale = float(self.engine.optimizer.loss_scale)
 
     def grad_coef(self) -> float:
         return 1.0 / (self.world_size * self._scale)
 
-    def _flattened(self) -> bool:
-        return len(self.optimizer.lora_group["params"]) != self.n_lora_params
+    def _flattened(self, masters: Sequence[torch.Tensor]) -> bool:
+        return len(masters) != self.n_lora_params
 
-    def read_factors(self, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self._flattened():
-            return super().read_factors(layer)
+    def read_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._flattened(masters):
+            return super().read_factors(layer, masters)
         from deepspeed.utils import safe_get_full_fp32_param
 
         return safe_get_full_fp32_param(layer.A), safe_get_full_fp32_param(layer.B)
 
-    def write_factors(self, layer: LoRALayer, A: torch.Tensor, B: torch.Tensor) -> None:
-        if not self._flattened():
-            return super().write_factors(layer, A, B)
+    def write_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
+                      B: torch.Tensor) -> None:
+        if not self._flattened(masters):
+            return super().write_factors(layer, masters, A, B)
         from deepspeed.utils import safe_set_full_fp32_param
 
         safe_set_full_fp32_param(layer.A, A.float())
@@ -86,3 +115,67 @@ def check_world(engine) -> None:
     seq_size = dist.get_world_size(seq_group) if seq_group is not None else 1
     if getattr(engine, "mp_world_size", 1) > 1 or seq_size > 1:
         raise ValueError("PSI-LoRA supports data parallelism only: model/sequence parallel sizes must be 1")
+
+
+def _load_config(config: Any) -> dict:
+    if isinstance(config, (str, os.PathLike)):
+        if not os.path.exists(config):
+            raise FileNotFoundError(f"DeepSpeed config {config} does not exist")
+        with open(config) as f:
+            return json.load(f)
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    raise TypeError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")
+
+
+def prepare_config(config: Any, optimizer: LoRAOptimizerProtocol) -> tuple[dict, float]:
+    """The DeepSpeed config the engine must get, and the clipping norm PSI-LoRA applies itself."""
+    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+
+    cfg = _load_config(config)
+    if "optimizer" in cfg:
+        raise ValueError("the DeepSpeed config has an 'optimizer' section: remove it, PSI-LoRA is the optimizer")
+    zero = cfg.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            raise ValueError(f"zero_optimization.{key} is not supported with PSI-LoRA yet: remove it from the config")
+    clip = float(cfg.get("gradient_clipping", GRADIENT_CLIPPING_DEFAULT))
+    if optimizer.max_grad_norm not in (None, 0, 0.0) and float(optimizer.max_grad_norm) != clip:
+        raise ValueError(
+            f"max_grad_norm={optimizer.max_grad_norm} on the optimizer but gradient_clipping={clip} in the DeepSpeed "
+            "config (1.0 when absent): make them equal, or leave max_grad_norm unset to take the config's"
+        )
+    if stage >= 1 and clip > 0 and len(optimizer.other_groups()) > 1:
+        raise ValueError("under ZeRO with clipping, other_optimizer must build a single param group")
+    cfg["gradient_clipping"] = 0.0
+    if stage >= 1:
+        cfg.setdefault("zero_allow_untested_optimizer", True)
+    return cfg, clip
+
+
+def initialize(*, model, optimizer: LoRAOptimizerProtocol, config: Any = None, **kwargs):
+    """``deepspeed.initialize`` with ``optimizer`` a PSI-LoRA optimizer built on ``model``.
+
+    Accepts the arguments of ``deepspeed.initialize`` (``config`` or ``config_params``) and returns
+    its tuple. Raises a one-line error for combinations that cannot work.
+    """
+    import deepspeed
+
+    if not isinstance(optimizer, LoRAOptimizerProtocol):
+        raise TypeError("psilora_ds.distributed.deepspeed.initialize needs a psilora_ds optimizer (PSILoRA, "
+                        "ScaledPSILoRA, ...)")
+    if config is None:
+        config = kwargs.pop("config_params", None)
+    if config is None:
+        raise ValueError("pass the DeepSpeed config (a dict or a JSON path) as config=")
+    cfg, clip = prepare_config(config, optimizer)
+    engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=cfg, **kwargs)
+    check_world(engine)
+    optimizer.max_grad_norm = clip
+    optimizer.attach(DeepSpeedDistributor(engine, on_skipped_step=optimizer.discard_step))
+    logger.info("PSI-LoRA on DeepSpeed ZeRO-%d: clipping ||G||_F to %s, %d data-parallel ranks",
+                engine.zero_optimization_stage(), clip, engine.dp_world_size)
+    return engine, ds_optimizer, dataloader, scheduler

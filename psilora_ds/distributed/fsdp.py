@@ -9,24 +9,28 @@ optimizer state of the layers it owns.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..lora_layers import LoRALayer
+from .base import LoRAOptimizerProtocol
 from .ddp import DDPDistributor
 
 
 class FSDP2Distributor(DDPDistributor):
     """Adapter for models wrapped with ``fully_shard`` over a 1-D data-parallel mesh."""
 
-    def __init__(self, group=None, *, shard_state: bool = True, norm_probes: int = 32):
-        super().__init__(group, shard_state=shard_state, norm_probes=norm_probes)
+    def __init__(self, group=None, *, shard_state: bool = True):
+        super().__init__(group, shard_state=shard_state)
 
-    def read_factors(self, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(p.full_tensor() if isinstance(p, DTensor) else p for p in super().read_factors(layer))
+    def read_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(p.full_tensor() if isinstance(p, DTensor) else p for p in super().read_factors(layer, masters))
 
-    def write_factors(self, layer: LoRALayer, A: torch.Tensor, B: torch.Tensor) -> None:
-        for param, new in zip(super().read_factors(layer), (A, B)):
+    def write_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
+                      B: torch.Tensor) -> None:
+        for param, new in zip(super().read_factors(layer, masters), (A, B)):
             if isinstance(param, DTensor):
                 shard = distribute_tensor(new.to(param.dtype), param.device_mesh, param.placements)
                 param.to_local().copy_(shard.to_local())
@@ -37,7 +41,7 @@ class FSDP2Distributor(DDPDistributor):
         return True
 
 
-def save_checkpoint(path: str, model: torch.nn.Module, optimizer) -> None:
+def save_checkpoint(path: str, model: torch.nn.Module, optimizer: LoRAOptimizerProtocol) -> None:
     """Save the model, the PSI-LoRA state (each rank its owned layers) and the other optimizer's
     state with ``torch.distributed.checkpoint``; loadable on any number of ranks."""
     import torch.distributed.checkpoint as dcp
@@ -49,7 +53,7 @@ def save_checkpoint(path: str, model: torch.nn.Module, optimizer) -> None:
     dcp.save(state, checkpoint_id=path)
 
 
-def load_checkpoint(path: str, model: torch.nn.Module, optimizer) -> None:
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: LoRAOptimizerProtocol) -> None:
     """Load what :func:`save_checkpoint` wrote, re-sharding the PSI-LoRA state to this run's ranks
     (each rank reads the layers it owns now, whoever saved them)."""
     import os
@@ -68,4 +72,4 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer) -> None:
     optimizer.load_lora_state_dict(state["psilora"])
     if optimizer.other_optimizer is not None:
         set_optimizer_state_dict(model, optimizer.other_optimizer, state["other"])
-        optimizer._share_other_groups()
+        optimizer.resync_param_groups()

@@ -15,13 +15,12 @@ from torch import nn
 
 from ..capture import ActivationCapture, LayerBatch
 from ..distributed import Distributor, default_distributor
+from ..gradient import LayerGradient
 from ..lora_layers import LoRALayer, find_lora_layers, other_parameters
 from ..ops import compute_dtype
-from .gradient import LayerGradient
+from .options import LoRAOptions, OtherOptimizerFactory  # noqa: F401 - OtherOptimizerFactory re-exported
 
 logger = logging.getLogger(__name__)
-
-OtherOptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 # Proximal weights are floored here: lr can be 0 (warm-up), and lam must stay > 0.
 MIN_PROX_WEIGHT = 1e-12
@@ -46,27 +45,22 @@ class LoRAOptimizer(torch.optim.Optimizer):
     hyperparameters, :attr:`lora_group`), so an LR scheduler over this optimizer drives both.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        defaults: dict[str, Any],
-        *,
-        max_grad_norm: float | None,
-        other_optimizer: OtherOptimizerFactory | None,
-        distributor: Distributor | None = None,
-    ):
+    def __init__(self, model: nn.Module, defaults: dict[str, Any], **options: Any):
+        """``defaults``: the method's hyperparameters (the LoRA param group); ``options``: the fields of
+        :class:`~psilora_ds.optim.options.LoRAOptions`, shared by the whole family."""
+        self.options = LoRAOptions.from_keywords(type(self).__name__, options)
         if defaults["lr"] < 0:
             raise ValueError(f"lr must be >= 0, got {defaults['lr']}")
         self.layers: list[LoRALayer] = find_lora_layers(model)
         params = [p for layer in self.layers for p in (layer.A, layer.B)]
         super().__init__([{"params": params, "name": "lora"}], defaults)
         self._lora_group = self.param_groups[0]
-        self.max_grad_norm = max_grad_norm
-        self.capture = ActivationCapture(self.layers)
+        self.max_grad_norm = self.options.max_grad_norm  # engine helpers may reconcile their setting into it
+        self.capture = ActivationCapture(self.layers, max_bytes=self.options.cache_max_bytes, fold=self.options.fold)
         others = other_parameters(model, self.layers)
         self.other_optimizer: torch.optim.Optimizer | None = None
         if others:
-            factory = other_optimizer or (lambda ps: torch.optim.AdamW(ps, lr=defaults["lr"]))
+            factory = self.options.other_optimizer or (lambda ps: torch.optim.AdamW(ps, lr=defaults["lr"]))
             self.other_optimizer = factory([p for _, p in others])
             # The other groups come first: ZeRO engines call step() once per group, in order, and
             # the clipping norm needs the other gradients before the LoRA group is updated.
@@ -83,14 +77,34 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self.last_cache_bytes = 0  # peak bytes of the activation cache during the last step
         # In one process, take the LoRSum products at the current factors from autograd's LoRA
         # gradients (A.grad = B^T P, B.grad = P A^T) instead of recomputing them (METHOD.md section 6).
-        self.reuse_autograd_grads = True
+        self.reuse_autograd_grads = self.options.reuse_autograd_grads
+        distributor = self.options.distributor
         self.attach(distributor if distributor is not None else default_distributor())
 
+    # ---- what an engine adapter may ask of the optimizer (docs/ARCHITECTURE.md) -----------------
     def attach(self, distributor: Distributor) -> None:
         """Use ``distributor`` from now on (engine helpers call this after building the engine)."""
         self._check_distributor(distributor)
         self.distributor = distributor
-        distributor.bind(self)
+        distributor.bind(self.layers, norm_probes=self.options.clip_norm_probes)
+
+    def discard_step(self) -> int:
+        """Forget what was captured for a step the engine skipped without calling :meth:`step` (fp16
+        overflow); returns the bytes dropped."""
+        dropped = self.capture.nbytes
+        self.capture.clear()
+        self._plan = None
+        return dropped
+
+    def other_groups(self) -> list[dict[str, Any]]:
+        """The param groups of the other trainable parameters' optimizer (shared dicts, before the LoRA group)."""
+        return [g for g in self.param_groups if g is not self._lora_group]
+
+    def resync_param_groups(self) -> None:
+        """Share the other optimizer's param groups again after something replaced them (its
+        ``load_state_dict``, or torch.distributed.checkpoint's ``set_optimizer_state_dict``)."""
+        if self.other_optimizer is not None:
+            self.param_groups[:] = [*self.other_optimizer.param_groups, self._lora_group]
 
     def _check_distributor(self, distributor: Distributor) -> None:
         """Raise a one-line error when this optimizer cannot run under ``distributor``."""
@@ -113,11 +127,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         """The param group of the LoRA factors and this optimizer's hyperparameters."""
         return self._lora_group
 
-    def _other_groups(self) -> list[dict[str, Any]]:
-        return [g for g in self.param_groups if g is not self._lora_group]
-
     def _other_params(self, groups: list[dict[str, Any]] | None = None) -> Iterable[nn.Parameter]:
-        for group in self._other_groups() if groups is None else groups:
+        for group in self.other_groups() if groups is None else groups:
             yield from group["params"]
 
     @torch.no_grad()
@@ -192,9 +203,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
             layer = self.layers[idx]
             state = self.state[layer.A]
             d.materialize_state(layer, state, lambda: self._init_state(layer, group))
-            A, B = d.read_factors(layer)
+            A, B = d.read_factors(layer, group["params"])
             A_new, B_new = self._update_layer(layer, state, A, B, grad, group)
-            d.write_factors(layer, A_new, B_new)
+            d.write_factors(layer, group["params"], A_new, B_new)
             d.release_state(layer, state)
             if grad.autograd is not None:  # consumed: the next step's gradients start from zero
                 layer.A.grad = layer.B.grad = None
@@ -257,7 +268,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         trainable parameters' gradients, over all ranks (METHOD.md section 6): exact in one process,
         the distributor's documented estimator across ranks."""
         d = self.distributor
-        lora = sum(float(d.lora_norm_sq(self.layers[i], g)) / self.layers[i].scaling ** 2 for i, g in grads.items())
+        lora = sum(float(d.lora_norm_sq(self.layers[i], g, self.steps_taken)) / self.layers[i].scaling ** 2
+                   for i, g in grads.items())
         other = torch.zeros((), dtype=torch.float64, device=self.layers[0].A.device)
         for g in self._local_other_grads(other_groups):
             other += g.to(compute_dtype(g.dtype)).square().sum().to(torch.float64)
@@ -287,11 +299,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self.load_lora_state_dict(state_dict)
         if self.other_optimizer is not None:
             self.other_optimizer.load_state_dict(state_dict["other"])
-            self._share_other_groups()
-
-    def _share_other_groups(self) -> None:
-        # load_state_dict replaces the other optimizer's group dicts: share them again.
-        self.param_groups[:] = [*self.other_optimizer.param_groups, self._lora_group]
+            self.resync_param_groups()  # load_state_dict replaced the other optimizer's group dicts
 
     def lora_state_dict(self) -> dict[str, Any]:
         """:meth:`state_dict` without the other optimizer (engines that checkpoint it themselves)."""

@@ -8,11 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import Distributor
+from ..gradient import LayerGradient
 from ..lora_layers import LoRALayer
 from ..ops import compute_dtype, lorsum
-from .base import LoRAOptimizer, OtherOptimizerFactory
-from .gradient import LayerGradient
+from .base import LoRAOptimizer
 
 MOMENTUM_SEED = 0x5151
 
@@ -56,11 +55,8 @@ class PSILoRA(LoRAOptimizer):
         iters: LoRSum inner iterations (0 = Jacobi = preconditioned LoRA).
         prox: proximal weight relative to lr (``lam = lr * prox``).
         rank_multiplier: momentum rank ``round(r * rank_multiplier)``.
-        max_grad_norm: clip the full-gradient norm to this (None or 0: no clipping).
-        other_optimizer: ``params -> Optimizer`` for the non-LoRA trainable parameters
-            (default ``torch.optim.AdamW(params, lr=lr)``).
-        distributor: the parallel engine's adapter (default: data parallel over the world group
-            when torch.distributed is initialized with several ranks, else one process).
+        **options: the family's shared options (:class:`~psilora_ds.optim.options.LoRAOptions`: clipping,
+            the other trainables' optimizer, the engine's distributor, the activation cache).
     """
 
     def __init__(
@@ -73,9 +69,7 @@ class PSILoRA(LoRAOptimizer):
         iters: int = 1,
         prox: float = 1e-2,
         rank_multiplier: float = 1.0,
-        max_grad_norm: float | None = None,
-        other_optimizer: OtherOptimizerFactory | None = None,
-        distributor: Distributor | None = None,
+        **options: Any,
     ):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -85,8 +79,7 @@ class PSILoRA(LoRAOptimizer):
             raise ValueError(f"rank_multiplier must be > 0, got {rank_multiplier}")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox,
                         rank_multiplier=rank_multiplier)
-        super().__init__(model, defaults, max_grad_norm=max_grad_norm, other_optimizer=other_optimizer,
-                         distributor=distributor)
+        super().__init__(model, defaults, **options)
 
     def _init_state(self, layer, group) -> dict[str, Any]:
         return init_low_rank_momentum(layer, group["rank_multiplier"]) if group["momentum"] > 0 else {}
@@ -117,9 +110,6 @@ class PreconditionedLoRA(PSILoRA):
         lr: float = 1e-2,
         *,
         prox: float = 1e-2,
-        max_grad_norm: float | None = None,
-        other_optimizer: OtherOptimizerFactory | None = None,
-        distributor: Distributor | None = None,
+        **options: Any,
     ):
-        super().__init__(model, lr, momentum=0.0, iters=0, prox=prox, max_grad_norm=max_grad_norm,
-                         other_optimizer=other_optimizer, distributor=distributor)
+        super().__init__(model, lr, momentum=0.0, iters=0, prox=prox, **options)

@@ -8,10 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import Distributor
+from ..gradient import LayerGradient
 from ..ops import compute_dtype, damped_power, kfac_diagonals, lorsum, shampoo_diagonals
-from .base import LoRAOptimizer, OtherOptimizerFactory
-from .gradient import LayerGradient
+from .base import LoRAOptimizer
 from .psilora import init_low_rank_momentum, low_rank_momentum_update
 
 METRICS = ("kfac", "shampoo")
@@ -35,9 +34,7 @@ class ScaledPSILoRA(LoRAOptimizer):
         metric_power: ``p`` in [0, 1] (1/2 = square-root K-FAC, the paper's default).
         metric: ``"kfac"`` (diag E[x x^T], diag E[g g^T]) or ``"shampoo"`` (diag G^T G, diag G G^T).
         rank_multiplier: momentum rank ``round(r * rank_multiplier)`` (``1/r`` gives rank 1).
-        max_grad_norm: clip the full-gradient norm (None or 0: no clipping).
-        other_optimizer: ``params -> Optimizer`` for non-LoRA trainable parameters (default AdamW(lr)).
-        distributor: the parallel engine's adapter (see :class:`PSILoRA`).
+        **options: the family's shared options (:class:`~psilora_ds.optim.options.LoRAOptions`).
     """
 
     def __init__(
@@ -52,9 +49,7 @@ class ScaledPSILoRA(LoRAOptimizer):
         metric_power: float = 0.5,
         metric: str = "kfac",
         rank_multiplier: float = 1.0,
-        max_grad_norm: float | None = None,
-        other_optimizer: OtherOptimizerFactory | None = None,
-        distributor: Distributor | None = None,
+        **options: Any,
     ):
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -68,8 +63,7 @@ class ScaledPSILoRA(LoRAOptimizer):
             raise ValueError(f"iters must be >= 0, got {iters}")
         defaults = dict(lr=lr, betas=tuple(betas), iters=iters, prox=prox, damping=damping,
                         metric_power=metric_power, metric=metric, rank_multiplier=rank_multiplier)
-        super().__init__(model, defaults, max_grad_norm=max_grad_norm, other_optimizer=other_optimizer,
-                         distributor=distributor)
+        super().__init__(model, defaults, **options)
 
     def _check_distributor(self, distributor) -> None:
         if self.lora_group["metric"] == "shampoo" and distributor.world_size > 1:

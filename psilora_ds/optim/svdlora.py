@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-from ..distributed import Distributor
 from ..ops import svd_project
-from .base import LoRAOptimizer, OtherOptimizerFactory
+from .base import LoRAOptimizer
 
 
 class SVDLoRA(LoRAOptimizer):
@@ -20,14 +21,11 @@ class SVDLoRA(LoRAOptimizer):
         lr: float = 1e-2,
         *,
         momentum: float = 0.0,
-        max_grad_norm: float | None = None,
-        other_optimizer: OtherOptimizerFactory | None = None,
-        distributor: Distributor | None = None,
+        **options: Any,
     ):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        super().__init__(model, dict(lr=lr, momentum=momentum), max_grad_norm=max_grad_norm,
-                         other_optimizer=other_optimizer, distributor=distributor)
+        super().__init__(model, dict(lr=lr, momentum=momentum), **options)
 
     def _check_distributor(self, distributor) -> None:
         if distributor.world_size > 1:

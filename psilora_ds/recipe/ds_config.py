@@ -73,3 +73,8 @@ def _walk(d: dict, prefix: str = ""):
             yield from _walk(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
+
+
+def zero_stage_of(ds: dict[str, Any] | None) -> int | None:
+    """The ZeRO stage of a filled DeepSpeed config (None: no DeepSpeed, plain PyTorch)."""
+    return None if ds is None else int(ds.get("zero_optimization", {}).get("stage", 0))

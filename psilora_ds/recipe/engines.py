@@ -1,7 +1,7 @@
 """The two ways the recipe drives training, behind the DeepSpeed engine's three calls
 (``engine(**batch)``, ``engine.backward(loss)``, ``engine.step()``): a DeepSpeed engine, or
-:class:`PlainEngine` (one process, or DDP under torchrun); and :class:`TrainableParams`, the trainable
-parameters by name with their fp32 masters under either."""
+:class:`PlainEngine` (one process, or DDP under torchrun), built by :func:`build_engine`; and
+:class:`TrainableParams`, the trainable parameters by name with their fp32 masters under either."""
 
 from __future__ import annotations
 
@@ -42,6 +42,29 @@ class PlainEngine:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def build_engine(cfg, model: nn.Module, optimizer, scheduler, ds_config: dict | None, world: int):
+    """``(engine, scheduler)``: a DeepSpeed engine for ``ds_config`` (PSI-LoRA through
+    :func:`psilora_ds.distributed.deepspeed.initialize`), else :class:`PlainEngine`."""
+    if ds_config is None:
+        return PlainEngine(model, optimizer, scheduler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                           max_grad_norm=cfg.max_grad_norm, world_size=world), scheduler
+    import deepspeed
+
+    from ..distributed import deepspeed as psilora_deepspeed
+    from .config import ConfigError
+
+    if isinstance(optimizer, LoRAOptimizer):
+        init = psilora_deepspeed.initialize
+    else:
+        init = deepspeed.initialize
+        ds_config.setdefault("zero_allow_untested_optimizer", True)
+    try:
+        engine, _, _, scheduler = init(model=model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler)
+    except ValueError as err:  # the helper's one-line refusals (optimizer section, offload, model parallel...)
+        raise ConfigError(f"{cfg.ds_config}: {err}") from None
+    return engine, scheduler
 
 
 class TrainableParams:

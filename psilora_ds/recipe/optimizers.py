@@ -1,49 +1,83 @@
-"""``--optim`` names to optimizers, and the LR schedule."""
+"""``--optim`` names to optimizers (one registry entry per optimizer), and the LR schedule."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from .. import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
-from ..distributed import default_distributor
+from .. import LoRAOptimizer, PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
 from .config import ConfigError, TrainConfig
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, *, clip_inside: bool) -> torch.optim.Optimizer:
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """How ``--optim NAME`` is built. ``lora``: a PSI-LoRA-family optimizer, built as ``build(cfg, model,
+    options)`` with the family's shared options; otherwise a torch optimizer ``build(cfg, params)``
+    over every trainable parameter (the baselines)."""
+
+    build: Callable[..., torch.optim.Optimizer]
+    lora: bool
+
+
+def _betas(cfg: TrainConfig) -> tuple[float, float]:
+    return tuple(cfg.betas)
+
+
+OPTIMIZERS: dict[str, OptimizerEntry] = {
+    "psilora": OptimizerEntry(lambda cfg, model, o: PSILoRA(
+        model, cfg.lr, momentum=cfg.momentum, iters=cfg.iters, prox=cfg.prox, rank_multiplier=cfg.rank_multiplier,
+        **o), lora=True),
+    "scaled_psilora": OptimizerEntry(lambda cfg, model, o: ScaledPSILoRA(
+        model, cfg.lr, betas=_betas(cfg), iters=cfg.iters, prox=cfg.prox, damping=cfg.damping,
+        metric_power=cfg.metric_power, metric=cfg.metric, rank_multiplier=cfg.rank_multiplier, **o), lora=True),
+    "precond_lora": OptimizerEntry(lambda cfg, model, o: PreconditionedLoRA(model, cfg.lr, prox=cfg.prox, **o),
+                                   lora=True),
+    "svdlora": OptimizerEntry(lambda cfg, model, o: SVDLoRA(model, cfg.lr, momentum=cfg.momentum, **o), lora=True),
+    "adamw": OptimizerEntry(lambda cfg, params: torch.optim.AdamW(
+        params, lr=cfg.lr, betas=_betas(cfg), weight_decay=cfg.weight_decay), lora=False),
+    "sgd": OptimizerEntry(lambda cfg, params: torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay), lora=False),
+}
+
+
+def check_optim(cfg: TrainConfig) -> None:
+    if cfg.optim not in OPTIMIZERS:
+        raise ConfigError(f"optim={cfg.optim!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The ``--optim`` optimizer on ``model``; a hyperparameter it refuses is one line.
 
-    ``clip_inside``: hand ``max_grad_norm`` to PSI-LoRA optimizers (plain PyTorch runs). Under the
-    DeepSpeed helper the config's gradient_clipping is used instead."""
+    PSI-LoRA optimizers get ``max_grad_norm`` themselves (the one clipping route: the DeepSpeed helper
+    checks the config's ``gradient_clipping``, which the recipe fills with the same value); the torch
+    baselines are clipped by the engine (DeepSpeed, or :class:`~psilora_ds.recipe.engines.PlainEngine`)."""
+    check_optim(cfg)
+    entry = OPTIMIZERS[cfg.optim]
     try:
-        return _build(cfg, model, clip_inside)
+        if not entry.lora:
+            return entry.build(cfg, [p for p in model.parameters() if p.requires_grad])
+        return entry.build(cfg, model, lora_options(cfg))
     except ValueError as err:  # the optimizers check their hyperparameters (lr >= 0, iters >= 0, betas, ...)
         raise ConfigError(f"optim={cfg.optim}: {err}") from None
 
 
-def _build(cfg: TrainConfig, model: nn.Module, clip_inside: bool) -> torch.optim.Optimizer:
+def lora_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The PSI-LoRA family's shared options (:class:`~psilora_ds.optim.options.LoRAOptions`) from the config."""
     other_lr = cfg.other_lr if cfg.other_lr is not None else cfg.lr
 
     def other(params):
-        return torch.optim.AdamW(params, lr=other_lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=other_lr, betas=_betas(cfg), weight_decay=cfg.weight_decay)
 
-    clip = cfg.max_grad_norm if clip_inside and cfg.max_grad_norm > 0 else None
-    common = dict(max_grad_norm=clip, other_optimizer=other, distributor=default_distributor(cfg.clip_norm_probes))
-    if cfg.optim == "psilora":
-        return PSILoRA(model, cfg.lr, momentum=cfg.momentum, iters=cfg.iters, prox=cfg.prox,
-                       rank_multiplier=cfg.rank_multiplier, **common)
-    if cfg.optim == "scaled_psilora":
-        return ScaledPSILoRA(model, cfg.lr, betas=tuple(cfg.betas), iters=cfg.iters, prox=cfg.prox, damping=cfg.damping,
-                             metric_power=cfg.metric_power, metric=cfg.metric, rank_multiplier=cfg.rank_multiplier,
-                             **common)
-    if cfg.optim == "precond_lora":
-        return PreconditionedLoRA(model, cfg.lr, prox=cfg.prox, **common)
-    if cfg.optim == "svdlora":
-        return SVDLoRA(model, cfg.lr, momentum=cfg.momentum, **common)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optim == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return dict(max_grad_norm=cfg.max_grad_norm or None, clip_norm_probes=cfg.clip_norm_probes, other_optimizer=other,
+                cache_max_bytes=cfg.cache_max_bytes)
+
+
+def is_lora_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, LoRAOptimizer)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):

@@ -1,10 +1,15 @@
-"""Run outputs: metrics as JSON lines (checkpoints: :mod:`psilora_ds.recipe.checkpoint`)."""
+"""Run outputs: metrics as JSON lines, the adapter and the merged model (checkpoints:
+:mod:`psilora_ds.recipe.checkpoint`, plot: :mod:`psilora_ds.recipe.plot`)."""
 
 from __future__ import annotations
 
 import json
 import os
 from typing import Any
+
+import torch
+
+from .config import ConfigError
 
 
 class MetricsLog:
@@ -13,6 +18,11 @@ class MetricsLog:
     def __init__(self, path: str, enabled: bool):
         self.path = path
         self.enabled = enabled
+
+    def restart(self) -> None:
+        """A fresh run starts a fresh curve."""
+        if self.enabled and os.path.exists(self.path):
+            os.remove(self.path)
 
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not os.path.exists(self.path):
@@ -29,6 +39,13 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def make_output_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir={path} cannot be created ({err.strerror}): choose another") from None
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """The records of a metrics file; a last line cut short by a killed run is left out."""
     with open(path) as f:
@@ -41,3 +58,15 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
             if i != len(lines) - 1:
                 raise
     return records
+
+
+def save_outputs(output_dir: str, model, tokenizer, state: dict[str, torch.Tensor], *, merge: bool) -> None:
+    """``adapter/`` (peft, from the fp32 masters in ``state``) and ``merged/`` when asked."""
+    model.save_pretrained(os.path.join(output_dir, "adapter"), state_dict=state)
+    tokenizer.save_pretrained(os.path.join(output_dir, "adapter"))
+    if merge:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in state:
+                    p.copy_(state[name].to(p.dtype))
+        model.merge_and_unload().save_pretrained(os.path.join(output_dir, "merged"))

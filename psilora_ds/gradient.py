@@ -7,10 +7,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..capture import LayerBatch
-from ..ops import kfac_sums
-
-Term = tuple[float, torch.Tensor, torch.Tensor | None]
+from .capture import LayerBatch
+from .ops import kfac_sums
+from .ops.lorsum import Term
 
 
 class LayerGradient:

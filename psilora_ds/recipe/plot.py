@@ -1,4 +1,4 @@
-"""Loss curves of a run: ``python -m psilora_ds.plot RUN_DIR`` writes ``RUN_DIR/loss.png`` from
+"""Loss curves of a run: ``python -m psilora_ds.recipe.plot RUN_DIR`` writes ``RUN_DIR/loss.png`` from
 ``RUN_DIR/metrics.jsonl`` (train loss per step, eval loss where evaluated)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .recipe.runlog import read_metrics
+from .runlog import read_metrics
 
 
 def plot_run(run_dir: str, out: str | None = None) -> str:

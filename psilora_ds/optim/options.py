@@ -1,0 +1,61 @@
+"""What every optimizer of the PSI-LoRA family takes besides its method's hyperparameters: one typed
+place, passed as keyword arguments (``PSILoRA(model, lr, momentum=0.9, max_grad_norm=1.0, ...)``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..distributed import Distributor
+
+OtherOptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass
+class LoRAOptions:
+    """Options shared by :class:`~psilora_ds.optim.base.LoRAOptimizer` and all its subclasses.
+
+    Args:
+        max_grad_norm: clip the norm of the full (dense) gradient ``||G||_F`` over every LoRA layer and
+            the other trainable parameters to this (None or 0: no clipping; METHOD.md section 6). The one
+            clipping route: engine helpers reconcile their own setting into it.
+        clip_norm_probes: how ``||G||_F`` is computed: 0 exact in one process (several ranks always sketch,
+            with 32 probes); ``k > 0`` the unbiased ``k``-probe Gaussian sketch (METHOD.md section 6).
+        other_optimizer: ``params -> Optimizer`` for the non-LoRA trainable parameters (default
+            ``torch.optim.AdamW(params, lr=lr)``).
+        distributor: the parallel engine's adapter (default: data parallel over the world group when
+            torch.distributed is initialized with several ranks, else one process).
+        cache_max_bytes: activation-cache budget per rank: rows are kept (fastest) while they fit, then
+            layers are folded into dense fp32 stores, largest saving first (None: fold a layer as soon
+            as its dense store is smaller).
+        fold: allow folding rows into a dense store at all.
+        reuse_autograd_grads: in one process, take the products at the current factors from autograd's
+            LoRA gradients instead of recomputing them (METHOD.md section 6).
+    """
+
+    max_grad_norm: float | None = None
+    clip_norm_probes: int = 0
+    other_optimizer: OtherOptimizerFactory | None = None
+    distributor: Distributor | None = None
+    cache_max_bytes: int | None = None
+    fold: bool = True
+    reuse_autograd_grads: bool = True
+
+    def __post_init__(self) -> None:
+        if self.clip_norm_probes < 0:
+            raise ValueError(f"clip_norm_probes must be >= 0 (0: exact norm), got {self.clip_norm_probes}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 or None: no clipping), got {self.max_grad_norm}")
+
+    @classmethod
+    def from_keywords(cls, owner: str, options: dict) -> LoRAOptions:
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"{owner} got unexpected keyword argument(s) {unknown}; its shared options are "
+                            f"{', '.join(names)}")
+        return cls(**options)

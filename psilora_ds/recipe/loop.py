@@ -1,0 +1,64 @@
+"""One optimizer step (its micro-batches) and one evaluation, over any engine with the DeepSpeed
+engine's three calls; the metrics record of a step."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..optim.base import LoRAOptimizer
+from .checkpoint import fault_point
+from .config import TrainConfig
+from .data import micro_batches
+from .ranks import over_ranks
+
+
+def train_step(engine, stream: Iterator[dict[str, torch.Tensor]], cfg: TrainConfig, step: int,
+               device: torch.device, world: int) -> dict[str, float]:
+    """The micro-batches of optimizer step ``step`` (1-based): forward, backward, engine step each."""
+    start = time.perf_counter()
+    losses, tokens = [], 0.0
+    for _ in range(cfg.gradient_accumulation_steps):
+        batch = {k: v.to(device) for k, v in next(stream).items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        fault_point("step", step)
+        engine.step()
+        losses.append(float(loss.detach()))
+        tokens += float(batch["attention_mask"].sum())
+    elapsed = time.perf_counter() - start
+    loss_mean, tokens_all = over_ranks([sum(losses) / len(losses), tokens * world])
+    return {"step": step, "loss": loss_mean, "step_time": elapsed, "tokens_per_s": tokens_all / elapsed}
+
+
+def optimizer_metrics(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """PSI-LoRA's own numbers for a metrics record (nothing for a torch baseline)."""
+    if not isinstance(optimizer, LoRAOptimizer):
+        return {}
+    state = optimizer.state_nbytes()
+    (state_max,), (state_total,) = over_ranks([state], "max"), over_ranks([state], "sum")
+    return {"grad_norm": optimizer.last_grad_norm, "skipped_steps": optimizer.skipped_steps,
+            "cache_bytes": optimizer.last_cache_bytes, "state_bytes_rank_max": int(state_max),
+            "state_bytes_total": int(state_total)}
+
+
+@torch.no_grad()
+def evaluate(engine, model, eval_ds, cfg: TrainConfig, rank: int, world: int, pad_id: int,
+             device: torch.device) -> dict[str, float]:
+    """Token-weighted mean loss over ``eval_batches`` micro-batches per rank, and its perplexity."""
+    model.eval()
+    stream = micro_batches(eval_ds, cfg, rank, world, pad_id, shuffle=False)
+    total = [0.0, 0.0]
+    for _ in range(cfg.eval_batches):
+        batch = {k: v.to(device) for k, v in next(stream).items()}
+        tokens = float((batch["labels"][:, 1:] != -100).sum())
+        total[0] += float(engine(**batch).loss) * tokens
+        total[1] += tokens
+    model.train()
+    loss_sum, tokens = over_ranks(total)
+    loss = loss_sum / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
