@@ -29,7 +29,7 @@ from psilora_ds.recipe.loop import evaluate, optimizer_metrics, train_step
 from psilora_ds.recipe.modeling import DTYPES, build_model, build_tokenizer
 from psilora_ds.recipe.optimizers import build_optimizer, build_scheduler, check_optim
 from psilora_ds.recipe.plot import plot_run
-from psilora_ds.recipe.ranks import finish, is_rank0, rank0_first, setup_distributed
+from psilora_ds.recipe.ranks import exit_with_error, finish, rank0_first, setup_distributed
 from psilora_ds.recipe.runlog import MetricsLog, make_output_dir, save_outputs
 
 logger = logging.getLogger("psilora_ds.train")
@@ -112,6 +112,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except ConfigError as err:
-        if is_rank0():  # every rank meets the same mistake: say it once
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        os._exit(2)  # no interpreter teardown: a half-initialized process group must not hang or abort
+        exit_with_error(str(err))

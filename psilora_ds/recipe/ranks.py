@@ -38,6 +38,24 @@ def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+ERROR_GRACE_S = 10.0
+
+
+def exit_with_error(message: str) -> None:
+    """Say a user's mistake as one ``error:`` line and exit with code 2, without a traceback.
+
+    Every rank usually meets the same mistake. A launcher stops every rank as soon as one exits, so
+    the ranks other than 0 wait first: rank 0 says it and its exit ends the job. A mistake only
+    another rank met is still said, by that rank, after the wait."""
+    import sys
+    import time
+
+    if not is_rank0():
+        time.sleep(ERROR_GRACE_S)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)  # no interpreter teardown: a half-initialized process group must not hang or abort
+
+
 def rank0_first(rank: int, fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0, then on the others (caches: corpus, tokenizer, tokenized data)."""
     if rank != 0 and dist.is_initialized():
