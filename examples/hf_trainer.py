@@ -1,10 +1,11 @@
-"""PSI-LoRA as a drop-in optimizer of ``transformers.Trainer``, offline (tiny LLaMA, generated text).
+"""PSI-LoRA in ``transformers.Trainer``, offline (tiny LLaMA, generated text).
 
     python examples/hf_trainer.py [--steps 30]
+    deepspeed --num_gpus 2 examples/hf_trainer.py --deepspeed ds_configs/zero2.json
 
-Two things differ from the Trainer's own AdamW: pass ``optimizers=(optimizer, scheduler)``, and set
-``max_grad_norm=0`` in TrainingArguments (PSI-LoRA clips the full gradient itself; the Trainer would
-clip ``p.grad``, which PSI-LoRA does not read).
+The one change from an AdamW Trainer script: ``Trainer(...)`` becomes ``PSILoRATrainer(..., psilora={...})``
+(``psilora_trainer(SFTTrainer)`` for TRL). The LR schedule, ``max_grad_norm`` (PSI-LoRA clips the full
+gradient by it), accumulation, checkpoints and DeepSpeed come from TrainingArguments as usual.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import tempfile
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, get_cosine_schedule_with_warmup
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from psilora_ds import ScaledPSILoRA
+from psilora_ds.hf import PSILoRATrainer
 
 
 class CountingText(torch.utils.data.Dataset):
@@ -37,18 +38,23 @@ class CountingText(torch.utils.data.Dataset):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config (run under the deepspeed launcher)")
+    parser.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
     args = parser.parse_args()
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2))
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    optimizer = ScaledPSILoRA(model, lr=1e-2, iters=1, max_grad_norm=1.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=3, num_training_steps=args.steps)
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(output_dir=out, max_steps=args.steps, per_device_train_batch_size=16,
-                                  logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, max_grad_norm=0.0)
-        Trainer(model=model, args=targs, train_dataset=CountingText(), optimizers=(optimizer, scheduler)).train()
-
+                                  learning_rate=1e-2, lr_scheduler_type="cosine", warmup_steps=3, max_grad_norm=1.0,
+                                  logging_steps=5, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+                                  deepspeed=args.deepspeed)
+        trainer = PSILoRATrainer(model=model, args=targs, train_dataset=CountingText(),
+                                 psilora=dict(optim="scaled_psilora", iters=1))
+        trainer.train()
+        print(f"{type(trainer.psilora_optimizer).__name__}: {trainer.psilora_optimizer.steps_taken} steps, "
+              f"last full-gradient norm {trainer.psilora_optimizer.last_grad_norm:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """psilora_ds: PSI-LoRA (arXiv 2602.16456) optimizers for peft LoRA fine-tuning."""
 
-from .capture import ActivationCapture
+from .capture import ActivationCapture, StepNotCalledError
 from .lora_layers import LoRALayer, NoLoRALayersError, find_lora_layers
 from .optim import LoRAOptimizer, PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
 from .qlora import keep_training_kernels
@@ -16,6 +16,7 @@ __all__ = [
     "PreconditionedLoRA",
     "ScaledPSILoRA",
     "SVDLoRA",
+    "StepNotCalledError",
     "find_lora_layers",
     "keep_training_kernels",
 ]

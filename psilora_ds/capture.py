@@ -95,6 +95,10 @@ class LayerBatch:
         return like.new_zeros(0, like.shape[0])
 
 
+class StepNotCalledError(RuntimeError):
+    """The capture hooks saw more backward passes than the optimizer's steps can account for."""
+
+
 class ActivationCapture:
     """Hooks on the peft LoRA layers that cache ``X`` and ``Z`` per layer (in the activation dtype)."""
 
@@ -103,6 +107,11 @@ class ActivationCapture:
         self.max_bytes = max_bytes
         self.fold = fold  # fold a layer's rows into a dense accumulator when that is the smaller store (see above)
         self.peak_nbytes = 0  # since the last pop()
+        # backward passes (micro-batches) committed since the last pop()/clear(), and the most allowed
+        # before it is an error (set by the optimizer: a step that never comes is a silent fallback)
+        self.pending_microbatches = 0
+        self.max_pending_microbatches: int | None = None
+        self._commits: dict[int, int] = {}
         self._warned = False
         self._batches: dict[int, LayerBatch] = {}
         self._pending_x: dict[int, torch.Tensor] = {}
@@ -128,11 +137,26 @@ class ActivationCapture:
                 batch = self._batches.setdefault(idx, LayerBatch())
                 batch.xs.append(x.reshape(-1, x.shape[-1]))
                 batch.zs.append(grad.detach().reshape(-1, grad.shape[-1]))
+                self._count_microbatch(idx)
                 self._after_commit(idx, batch)
 
             output.register_hook(commit)
 
         return hook
+
+    def _count_microbatch(self, idx: int) -> None:
+        # each micro-batch's backward commits every layer it reached once: count the most-committed layer
+        self._commits[idx] = self._commits.get(idx, 0) + 1
+        self.pending_microbatches = max(self.pending_microbatches, self._commits[idx])
+        limit = self.max_pending_microbatches
+        if limit is not None and self.pending_microbatches > limit:
+            raise StepNotCalledError(
+                f"PSI-LoRA captured the backward passes of {self.pending_microbatches} micro-batches without its "
+                f"step() running (at most {limit}, two steps' worth, expected): another optimizer is probably being "
+                "stepped in its place, and nothing trains with PSI-LoRA. transformers' Trainer under DeepSpeed, for "
+                "one, discards Trainer(optimizers=...) and builds its own AdamW: use psilora_ds.hf.PSILoRATrainer "
+                "(or psilora_trainer(YourTrainerClass)). In your own loop call optimizer.step() each step; when "
+                "accumulating more micro-batches per step, build the optimizer with accumulation_steps=N.")
 
     def _dense_nbytes(self, idx: int, batch: LayerBatch) -> int:
         layer = self.layers[idx]
@@ -169,12 +193,14 @@ class ActivationCapture:
         """Hand over everything captured since the last call and start empty."""
         batches, self._batches = self._batches, {}
         self.peak_nbytes = 0
+        self.pending_microbatches, self._commits = 0, {}
         return batches
 
     def clear(self) -> None:
         self._batches = {}
         self._pending_x = {}
         self.peak_nbytes = 0
+        self.pending_microbatches, self._commits = 0, {}
 
     @property
     def nbytes(self) -> int:

@@ -2,6 +2,7 @@
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -19,11 +20,14 @@ def _entry(rank, world_size, port, fn, args):
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    fn(rank, world_size, *args)  # an exception exits non-zero: the spawner stops the other ranks
+    dist.barrier()
+    dist.destroy_process_group()
+    # Leave without interpreter teardown: DeepSpeed engines destroyed there intermittently abort the
+    # process ("terminate called without an active exception", SIGABRT) after all work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn, world_size, *args):

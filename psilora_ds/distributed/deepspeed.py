@@ -175,6 +175,7 @@ def initialize(*, model, optimizer: LoRAOptimizerProtocol, config: Any = None, *
         model=model, optimizer=optimizer, config=cfg, **kwargs)
     check_world(engine)
     optimizer.max_grad_norm = clip
+    optimizer.set_accumulation_steps(engine.gradient_accumulation_steps())
     optimizer.attach(DeepSpeedDistributor(engine, on_skipped_step=optimizer.discard_step))
     logger.info("PSI-LoRA on DeepSpeed ZeRO-%d: clipping ||G||_F to %s, %d data-parallel ranks",
                 engine.zero_optimization_stage(), clip, engine.dp_world_size)

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 MIN_PROX_WEIGHT = 1e-12
 # As in torch.nn.utils.clip_grad_norm_.
 CLIP_EPS = 1e-6
+# Micro-batches per step assumed before the first step when accumulation_steps is not given.
+DEFAULT_ACCUMULATION_BOUND = 4
 
 
 @dataclass
@@ -78,6 +80,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         # In one process, take the LoRSum products at the current factors from autograd's LoRA
         # gradients (A.grad = B^T P, B.grad = P A^T) instead of recomputing them (METHOD.md section 6).
         self.reuse_autograd_grads = self.options.reuse_autograd_grads
+        self._microbatches_per_step = 0  # the most a step has consumed so far
+        self.set_accumulation_steps(self.options.accumulation_steps)
         distributor = self.options.distributor
         self.attach(distributor if distributor is not None else default_distributor())
 
@@ -87,6 +91,13 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self._check_distributor(distributor)
         self.distributor = distributor
         distributor.bind(self.layers, norm_probes=self.options.clip_norm_probes)
+
+    def set_accumulation_steps(self, steps: int | None) -> None:
+        """Micro-batches per optimizer step (None: learn it from the steps taken): the capture hooks stop
+        with :class:`~psilora_ds.capture.StepNotCalledError` after twice as many without :meth:`step`."""
+        self.options.accumulation_steps = steps
+        expected = steps if steps is not None else max(self._microbatches_per_step, DEFAULT_ACCUMULATION_BOUND)
+        self.capture.max_pending_microbatches = 2 * expected
 
     def discard_step(self) -> int:
         """Forget what was captured for a step the engine skipped without calling :meth:`step` (fp16
@@ -161,6 +172,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     def _make_plan(self, others_now: list[dict[str, Any]]) -> _StepPlan:
         self.last_cache_bytes = self.capture.peak_nbytes
+        if self.capture.pending_microbatches > self._microbatches_per_step:
+            self._microbatches_per_step = self.capture.pending_microbatches
+            self.set_accumulation_steps(self.options.accumulation_steps)
         batches = self.capture.pop()
         d = self.distributor
         # One collective tells every rank which layers captured rows anywhere and whether any

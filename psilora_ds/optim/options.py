@@ -35,6 +35,10 @@ class LoRAOptions:
         fold: allow folding rows into a dense store at all.
         reuse_autograd_grads: in one process, take the products at the current factors from autograd's
             LoRA gradients instead of recomputing them (METHOD.md section 6).
+        accumulation_steps: micro-batches per optimizer step. The capture hooks raise
+            :class:`~psilora_ds.capture.StepNotCalledError` when more than twice as many backward passes
+            arrive without :meth:`step` (another optimizer is being stepped in its place). None: the most
+            micro-batches a step has taken so far, 4 before the first step. Engine helpers set it.
     """
 
     max_grad_norm: float | None = None
@@ -44,10 +48,13 @@ class LoRAOptions:
     cache_max_bytes: int | None = None
     fold: bool = True
     reuse_autograd_grads: bool = True
+    accumulation_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.clip_norm_probes < 0:
             raise ValueError(f"clip_norm_probes must be >= 0 (0: exact norm), got {self.clip_norm_probes}")
+        if self.accumulation_steps is not None and self.accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 or None: no clipping), got {self.max_grad_norm}")
 

@@ -73,7 +73,7 @@ def lora_options(cfg: TrainConfig) -> dict[str, Any]:
         return torch.optim.AdamW(params, lr=other_lr, betas=_betas(cfg), weight_decay=cfg.weight_decay)
 
     return dict(max_grad_norm=cfg.max_grad_norm or None, clip_norm_probes=cfg.clip_norm_probes, other_optimizer=other,
-                cache_max_bytes=cfg.cache_max_bytes)
+                cache_max_bytes=cfg.cache_max_bytes, accumulation_steps=cfg.gradient_accumulation_steps)
 
 
 def is_lora_optimizer(optimizer: torch.optim.Optimizer) -> bool:
