@@ -133,3 +133,15 @@ def test_the_trainer_example_runs():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "hf_trainer.py"), "--steps", "4"], cwd=ROOT,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ScaledPSILoRA: 4 steps" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_trainer_integration_under_torchrun_ddp_equals_one_process(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29661", SCRIPT,
+           str(tmp_path), "integration", "none"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = torch.load(tmp_path / "result.pt")
+    assert result["distributor"] == "DDPDistributor" and result["steps_taken"] == script.STEPS
+    assert_same_factors(result, manual_run())
