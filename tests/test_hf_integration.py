@@ -145,3 +145,15 @@ def test_trainer_integration_under_torchrun_ddp_equals_one_process(tmp_path):
     result = torch.load(tmp_path / "result.pt")
     assert result["distributor"] == "DDPDistributor" and result["steps_taken"] == script.STEPS
     assert_same_factors(result, manual_run())
+
+
+def test_trl_sft_trainer_with_peft_config_trains_with_psilora():
+    """TRL's SFTTrainer wraps the model with peft_config itself; psilora_trainer(SFTTrainer) optimizes it."""
+    pytest.importorskip("trl")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "trl_sft.py"), "--steps", "10"], cwd=ROOT,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("ScaledPSILoRA on"))
+    assert "10 steps" in line and " 0 LoRA layers" not in line, line
+    first, last = (float(v) for v in line.split("loss ")[1].split(" -> "))
+    assert last < first, line
