@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         save_outputs(cfg.output_dir, model, tokenizer, state, merge=cfg.merge_weights and not cfg.load_in_4bit)
         logger.info("loss curve: %s", plot_run(cfg.output_dir))
-    finish()
     return 0
 
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except ConfigError as err:
         exit_with_error(str(err))
+    finish(code)

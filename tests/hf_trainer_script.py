@@ -90,3 +90,12 @@ def main(out, mode, stage):
 if __name__ == "__main__":
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     main(argv[0], argv[1], argv[2] if len(argv) > 2 else "none")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    # no interpreter teardown: DeepSpeed engines destroyed there intermittently abort (SIGABRT) a finished run
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
