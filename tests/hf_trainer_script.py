@@ -3,7 +3,7 @@
     [deepspeed --num_gpus N] python tests/hf_trainer_script.py OUT MODE [ZERO_STAGE]
 
 MODE ``optimizers``: ``Trainer(optimizers=(ScaledPSILoRA, scheduler))`` (what the Trainer discards under
-DeepSpeed); ``integration``: ``psilora_ds.hf.PSILoRATrainer``. ZERO_STAGE: DeepSpeed ZeRO stage, or ``none``.
+DeepSpeed); ``integration``: ``psilora_ds.hf.PSILoRATrainer``; ``resume``: see :func:`resume`. ZERO_STAGE: DeepSpeed ZeRO stage, or ``none``.
 Rank 0 writes OUT/result.pt: the LoRA factors, steps taken, losses. Every row of the data is the same
 sequence, so any data order and any number of ranks see the same gradient as one process.
 """
@@ -56,17 +56,54 @@ def ds_config(stage):
             "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
 
 
+def training_args(out, stage, **overrides):
+    from transformers import TrainingArguments
+
+    settings = dict(output_dir=out, max_steps=STEPS, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                    learning_rate=LR, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+                    use_cpu=True, max_grad_norm=100.0, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+                    deepspeed=ds_config(int(stage)) if stage != "none" else None)
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def resume(out, stage):
+    """Train STEPS steps saving at step 3; a fresh Trainer resumes from a copy of checkpoint-3. Rank 0 writes
+    both runs' factors to OUT/resume.pt."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from psilora_ds.hf import PSILoRATrainer
+
+    states = {}
+    for name in ("straight", "resumed"):
+        run_dir = os.path.join(out, name)
+        if name == "resumed" and int(os.environ.get("RANK", "0")) == 0:
+            shutil.copytree(os.path.join(out, "straight", "checkpoint-3"), os.path.join(run_dir, "checkpoint-3"))
+        if dist.is_initialized():
+            dist.barrier()
+        model = peft_model()
+        args = training_args(run_dir, stage, save_strategy="steps", save_steps=3, lr_scheduler_type="cosine",
+                             warmup_steps=1, max_grad_norm=0.5)
+        trainer = PSILoRATrainer(model=model, args=args, train_dataset=SameRow(), psilora=settings())
+        trainer.train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-3") if name == "resumed" else None)
+        from psilora_ds.recipe.engines import TrainableParams
+
+        states[name] = TrainableParams(model, trainer.psilora_optimizer).state()
+        states[name + "_steps"] = trainer.psilora_optimizer.steps_taken
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(states, os.path.join(out, "resume.pt"))
+
+
 def main(out, mode, stage):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from psilora_ds.hf import PSILoRATrainer, build_lora_optimizer
 
+    if mode == "resume":
+        return resume(out, stage)
     model = peft_model()
-    args = TrainingArguments(output_dir=out, max_steps=STEPS, per_device_train_batch_size=2,
-                             gradient_accumulation_steps=2, learning_rate=LR, lr_scheduler_type="constant",
-                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_grad_norm=100.0,
-                             dataloader_num_workers=0, disable_tqdm=True, seed=0,
-                             deepspeed=ds_config(int(stage)) if stage != "none" else None)
+    args = training_args(out, stage)
     if mode == "optimizers":
         from transformers import get_constant_schedule
 

@@ -157,3 +157,15 @@ def test_trl_sft_trainer_with_peft_config_trains_with_psilora():
     assert "10 steps" in line and " 0 LoRA layers" not in line, line
     first, last = (float(v) for v in line.split("loss ")[1].split(" -> "))
     assert last < first, line
+
+
+@pytest.mark.slow
+def test_trainer_deepspeed_checkpoint_resume_continues_identically(tmp_path):
+    """Trainer + the integration under DeepSpeed ZeRO-2 on 2 ranks: resuming from checkpoint-3 (the engine's own
+    checkpoint, PSI-LoRA's layer-sharded state inside it) ends with the same factors as the straight run."""
+    proc = launch(tmp_path, 2, "resume", 2, 29641)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    states = torch.load(tmp_path / "resume.pt")
+    assert states["straight_steps"] == states["resumed_steps"] == script.STEPS  # steps_taken is in the state too
+    for name, value in states["straight"].items():
+        assert torch.equal(states["resumed"][name], value), name
