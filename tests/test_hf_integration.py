@@ -119,7 +119,7 @@ def test_trainer_under_deepspeed_with_discarded_optimizers_stops_with_the_guard(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_trainer_integration_under_deepspeed_two_ranks_equals_one_process(tmp_path, stage):
     proc = launch(tmp_path, 2, "integration", stage, 29631 + stage)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
