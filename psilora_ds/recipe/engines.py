@@ -80,7 +80,6 @@ class TrainableParams:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.model = model
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         names = {id(p): n for n, p in self.named}
         self._group_names = [[names.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]

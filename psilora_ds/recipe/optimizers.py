@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import LoRAOptimizer, PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
+from .. import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
 from .config import ConfigError, TrainConfig
 
 
@@ -74,10 +74,6 @@ def lora_options(cfg: TrainConfig) -> dict[str, Any]:
 
     return dict(max_grad_norm=cfg.max_grad_norm or None, clip_norm_probes=cfg.clip_norm_probes, other_optimizer=other,
                 cache_max_bytes=cfg.cache_max_bytes, accumulation_steps=cfg.gradient_accumulation_steps)
-
-
-def is_lora_optimizer(optimizer: torch.optim.Optimizer) -> bool:
-    return isinstance(optimizer, LoRAOptimizer)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
