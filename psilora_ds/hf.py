@@ -29,21 +29,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .optim import OPTIMIZERS_BY_NAME
 from .optim.base import LoRAOptimizer
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZER_CLASSES = ("psilora", "scaled_psilora", "precond_lora", "svdlora")
-
 
 def build_lora_optimizer(model, optim: str = "scaled_psilora", **kwargs: Any) -> LoRAOptimizer:
     """``optim``'s class on ``model`` with ``kwargs`` (its hyperparameters and the shared options)."""
-    from . import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
-
-    classes = dict(zip(OPTIMIZER_CLASSES, (PSILoRA, ScaledPSILoRA, PreconditionedLoRA, SVDLoRA)))
-    if optim not in classes:
-        raise ValueError(f"psilora optim={optim!r}: choose one of {', '.join(classes)}")
-    return classes[optim](model, **kwargs)
+    if optim not in OPTIMIZERS_BY_NAME:
+        raise ValueError(f"psilora optim={optim!r}: choose one of {', '.join(OPTIMIZERS_BY_NAME)}")
+    return OPTIMIZERS_BY_NAME[optim](model, **kwargs)
 
 
 def psilora_trainer(base: type) -> type:
@@ -85,21 +81,19 @@ def psilora_trainer(base: type) -> type:
                 optimizer = build_lora_optimizer(model, **settings)
             if not isinstance(optimizer, LoRAOptimizer):
                 raise TypeError(f"psilora= built a {type(optimizer).__name__}, not a psilora_ds optimizer")
-            clip = self.psilora_clip
+            optimizer.max_grad_norm = self.psilora_clip
             if self.is_deepspeed_enabled:
-                ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
                 from .distributed.deepspeed import prepare_config
 
-                ds_config["gradient_clipping"] = clip or 0.0  # what the Trainer filled from max_grad_norm
-                optimizer.max_grad_norm = None
-                cleaned, clip = prepare_config(ds_config, optimizer)
+                ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+                ds_config["gradient_clipping"] = self.psilora_clip or 0.0  # as the Trainer filled it from max_grad_norm
+                cleaned, _ = prepare_config(ds_config, optimizer)  # its checks; engine clipping off, optimizer allowed
                 ds_config.clear()
-                ds_config.update(cleaned)  # the engine must not clip (PSI-LoRA does), untested optimizer allowed
-            optimizer.max_grad_norm = clip
+                ds_config.update(cleaned)
             optimizer.set_accumulation_steps(self.args.gradient_accumulation_steps)
             self.optimizer = self.psilora_optimizer = optimizer
             logger.info("PSI-LoRA: %s, full-gradient clipping at %s, %d micro-batches per step",
-                        type(optimizer).__name__, clip, self.args.gradient_accumulation_steps)
+                        type(optimizer).__name__, self.psilora_clip, self.args.gradient_accumulation_steps)
             return optimizer
 
         def create_scheduler(self, num_training_steps: int, optimizer=None):

@@ -448,9 +448,11 @@ def test_qlora_evaluation_leaves_training_exact(tmp_path, hidden):
 def test_every_optim_choice_trains(tmp_path, optim):
     """Each --optim builds and takes 2 steps through the recipe (svdlora once crashed on a keyword)."""
     sys.path.insert(0, ROOT)
+    from psilora_ds.optim import OPTIMIZERS_BY_NAME
     from psilora_ds.recipe.optimizers import OPTIMIZERS
 
     assert optim in OPTIMIZERS
+    assert {name for name, entry in OPTIMIZERS.items() if entry.lora} == set(OPTIMIZERS_BY_NAME)
     out = tmp_path / optim
     run(["--optim", optim, "--max_steps", "2", "--eval_every", "2", "--save_every", "0", "--output_dir", str(out),
          "--tiny_hidden_size", "32"], tmp_path)
