@@ -108,9 +108,8 @@ def optimizer_state(optimizer: torch.optim.Optimizer, partitioned: bool) -> tupl
     if isinstance(optimizer, LoRAOptimizer):
         lora = gathered_lora_state(optimizer)
         other = optimizer.other_optimizer.state_dict() if optimizer.other_optimizer is not None else None
-        if partitioned and other is not None:
-            return ({**lora, "other": None} if lora is not None else None), {"other": other}
-        return ({**lora, "other": other} if lora is not None else None), {}
+        own = {"other": other} if partitioned and other is not None else {}
+        return (None if lora is None else {**lora, "other": None if own else other}), own
     if partitioned:
         return {}, {"torch": optimizer.state_dict()}
     return {"torch": optimizer.state_dict()}, {}
