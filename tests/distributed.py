@@ -9,6 +9,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """The environment of a launched test process (python, deepspeed, torchrun): offline, one thread per
+    process, the repository's DeepSpeed op cache."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", **extra)
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from psilora_ds import PSILoRA, StepNotCalledError
 
 from . import hf_trainer_script as script
+from .distributed import launcher_env
 from .models import lora_two_layer_net
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,11 +102,9 @@ def test_trainer_checkpoint_resume_continues_identically(tmp_path):
 
 
 def launch(tmp_path, ranks, mode, stage, port):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
     cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), SCRIPT,
            str(tmp_path), mode, str(stage)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -131,16 +130,15 @@ def test_trainer_integration_under_deepspeed_two_ranks_equals_one_process(tmp_pa
 
 def test_the_trainer_example_runs():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "hf_trainer.py"), "--steps", "4"], cwd=ROOT,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+                          env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ScaledPSILoRA: 4 steps" in proc.stdout, proc.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_trainer_integration_under_torchrun_ddp_equals_one_process(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29661", SCRIPT,
            str(tmp_path), "integration", "none"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = torch.load(tmp_path / "result.pt")
     assert result["distributor"] == "DDPDistributor" and result["steps_taken"] == script.STEPS
@@ -151,7 +149,7 @@ def test_trl_sft_trainer_with_peft_config_trains_with_psilora():
     """TRL's SFTTrainer wraps the model with peft_config itself; psilora_trainer(SFTTrainer) optimizes it."""
     pytest.importorskip("trl")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "trl_sft.py"), "--steps", "10"], cwd=ROOT,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600)
+                          env=launcher_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("ScaledPSILoRA on"))
     assert "10 steps" in line and " 0 LoRA layers" not in line, line

@@ -12,22 +12,17 @@ import sys
 import pytest
 import torch
 
+from .distributed import launcher_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
 SMALL = ["--tiny_hidden_size", "64", "--tiny_layers", "2", "--corpus_lines", "1500", "--max_seq_len", "64",
          "--micro_batch_size", "4", "--eval_batches", "2", "--lr", "1e-2"]
 
 
-def env(tmp_path):
-    e = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             HF_DATASETS_OFFLINE="1")
-    e.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
-    return e
-
-
 def run(args, tmp_path, launcher=(sys.executable,), check=True, extra_env=None):
     cmd = [*launcher, TRAIN, *SMALL, "--cache_dir", str(tmp_path / "cache"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env(tmp_path), **(extra_env or {})}, capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(**(extra_env or {})), capture_output=True, text=True,
                           timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
