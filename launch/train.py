@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero2.json [--config run.yaml] [--key value ...]
     torchrun --nproc_per_node 2 launch/train.py [...]        # DDP (or DeepSpeed with --ds_config)
+    torchrun --nproc_per_node 2 launch/train.py --fsdp true [--dtype bf16] [...]   # torch FSDP2
     python launch/train.py [...]                             # one process
 
 With no --model/--dataset it trains the offline default: a small LLaMA-architecture model built
@@ -24,7 +25,7 @@ from psilora_ds.recipe import checkpoint
 from psilora_ds.recipe.config import ConfigError, parse
 from psilora_ds.recipe.data import build_datasets, check_sizes, micro_batches
 from psilora_ds.recipe.ds_config import fill_auto, read_ds_config, zero_stage_of
-from psilora_ds.recipe.engines import TrainableParams, build_engine
+from psilora_ds.recipe.engines import TrainableParams, build_engine, shard_model
 from psilora_ds.recipe.loop import evaluate, optimizer_metrics, train_step
 from psilora_ds.recipe.modeling import DTYPES, build_model, build_tokenizer
 from psilora_ds.recipe.optimizers import build_optimizer, build_scheduler, check_optim
@@ -54,13 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     check_sizes(cfg, train_ds, eval_ds, world)
     ds_cfg = fill_auto(ds_raw, cfg, world) if ds_raw is not None else None
     stage = zero_stage_of(ds_cfg)
-    model = rank0_first(rank, lambda: build_model(cfg, tokenizer, device, DTYPES[cfg.dtype], stage or 0))
+    model = rank0_first(rank, lambda: build_model(cfg, tokenizer, device, DTYPES[cfg.dtype], stage == 3 or cfg.fsdp))
     torch.manual_seed(cfg.seed + 1000 * rank)  # dropout differs across ranks, is reproducible per rank
+    sharded = model if cfg.fsdp else None  # FSDP2: shard before the optimizer sees the parameters
+    if sharded is not None:
+        logger.info("FSDP2: %d decoder layers sharded, compute dtype %s", shard_model(model, DTYPES[cfg.dtype]), cfg.dtype)
     optimizer = build_optimizer(cfg, model)
     params = TrainableParams(model, optimizer)  # before the engine: it matches ZeRO-0 masters by position
     engine, scheduler = build_engine(cfg, model, optimizer, build_scheduler(cfg, optimizer), ds_cfg, world)
     params.engine_built(stage)
-    engine_name = "pytorch" if stage is None else f"deepspeed-zero{stage}"
+    engine_name = "fsdp2" if cfg.fsdp else "pytorch" if stage is None else f"deepspeed-zero{stage}"
     logger.info("%s on %d rank(s) (%s), %d trainable parameters, %d train / %d eval sequences of %d tokens",
                 cfg.optim, world, engine_name, params.numel(),
                 len(train_ds), len(eval_ds) if eval_ds is not None else 0, cfg.max_seq_len)
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     step, skipped_before = 0, 0
     if resume is not None:
         saved = checkpoint.load(resume, optim=cfg.optim, params=params, optimizer=optimizer, scheduler=scheduler,
-                                device=device)
+                                device=device, sharded_model=sharded)
         step, skipped_before = saved.step, saved.engine_skipped_steps
         metrics.truncate_after(step)
         logger.info("resumed from %s at step %d (saved by %d ranks)", resume, step, saved.world_size)
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer = checkpoint.TrainerState(step=step, world_size=world, optim=cfg.optim, engine=engine_name,
                                               engine_skipped_steps=record.get("engine_skipped_steps", 0))
             checkpoint.save(ckpt_root, trainer, params=params, optimizer=optimizer, scheduler=scheduler,
-                            partitioned=bool(stage), keep=cfg.save_total_limit)
+                            partitioned=bool(stage), keep=cfg.save_total_limit, sharded_model=sharded)
     bar.close()
 
     # ---- outputs ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from psilora_ds.distributed import FSDP2Distributor
+from psilora_ds.distributed import DDPDistributor, FSDP2Distributor
 from psilora_ds.distributed.fsdp import load_checkpoint, save_checkpoint
 
 from .distributed import (OPTIMIZERS, assert_ranks_match, assert_state_split, make_optimizer, one_process_reference,
@@ -22,7 +22,20 @@ def batches():
     return regression_batches(31, STEPS, 2 * B)
 
 
+def sharded_net():
+    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+    net = model.base_model.model
+    for sub in (net.fc1, net.fc2):
+        fully_shard(sub)
+    fully_shard(model)
+    return model
+
+
 def worker(rank, world, out):
+    # the distributor follows the factors: FSDP2 by default, a distributor that cannot read DTensors refused
+    assert isinstance(make_optimizer("psilora", sharded_net()).distributor, FSDP2Distributor)
+    with pytest.raises(ValueError, match="the LoRA factors are DTensors"):
+        make_optimizer("psilora", sharded_net(), distributor=DDPDistributor())
     for name in OPTIMIZERS:
         model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
         net = model.base_model.model

@@ -257,6 +257,9 @@ def bad_files(tmp):
         (tmp / name).write_text(text)
     (tmp / "not_a_model").mkdir()
     (tmp / "not_a_checkpoint").mkdir()
+    (tmp / "fsdp_checkpoint").mkdir()
+    (tmp / "fsdp_checkpoint" / "trainer_state.json").write_text(
+        '{"step": 3, "world_size": 2, "optim": "scaled_psilora", "engine": "fsdp2"}')
 
 
 # (arguments with {tmp} for the folder of bad_files, words the single error line must contain)
@@ -293,6 +296,12 @@ BAD_INPUTS = [
     (["--ds_config", "{tmp}/stage5.json"], "zero_optimization.stage=5"),
     (["--ds_config", "ds_configs/zero2.json", "--dtype", "fp16"], "dtype=fp16 needs a GPU"),
     (["--dtype", "bf16"], "dtype=bf16 needs --ds_config"),
+    # FSDP2 (the launcher's absence is checked last: the other rows run without one)
+    (["--fsdp", "true", "--ds_config", "ds_configs/zero2.json"], "fsdp=true and ds_config are two engines"),
+    (["--fsdp", "true", "--dtype", "fp16"], "dtype=fp16 under FSDP2 needs loss scaling"),
+    (["--fsdp", "true", "--merge_weights", "true"], "merge_weights under FSDP2"),
+    (["--fsdp", "true"], "fsdp=true needs a launcher: torchrun --nproc_per_node N"),
+    (["--resume_from_checkpoint", "{tmp}/fsdp_checkpoint"], "written by the fsdp2 engine; resume it with --fsdp true"),
     # values
     (["--learning_rate", "1e-3"], "unknown config key"),
     (["--optim", "lion"], "choose one of"),
@@ -337,6 +346,22 @@ def test_bad_input_under_the_deepspeed_launcher_is_said_once(tmp_path):
         errors = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if line.startswith("error:")]
         assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("storage", ["uint8", "float32"])
+def test_sharded_4bit_weights_need_the_storage_of_the_compute_dtype(storage):
+    """ZeRO-3 and FSDP2 cast what they gather like any weight: a storage other than the engine's
+    dtype would turn the packed 4-bit bytes into other numbers. ``auto`` is that dtype."""
+    sys.path.insert(0, ROOT)
+    from psilora_ds.recipe.config import ConfigError, parse
+    from psilora_ds.recipe.modeling import quantization_config
+
+    cfg = parse(["--load_in_4bit", "true", "--bnb_4bit_quant_storage", storage])
+    with pytest.raises(ConfigError, match="ZeRO-3 or FSDP2 needs bnb_4bit_quant_storage equal"):
+        quantization_config(cfg, torch.bfloat16, shards_weights=True)
+    assert quantization_config(cfg, torch.bfloat16, shards_weights=False).bnb_4bit_quant_storage == getattr(torch, storage)
+    auto = parse(["--load_in_4bit", "true"])
+    assert quantization_config(auto, torch.bfloat16, shards_weights=True).bnb_4bit_quant_storage == torch.bfloat16
 
 
 def test_bitsandbytes_unusable_device_is_a_clear_error():

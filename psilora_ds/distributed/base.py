@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ..gradient import LayerGradient
 from ..lora_layers import LoRALayer
@@ -63,11 +64,16 @@ class Distributor:
     world_size: int = 1
     rank: int = 0
     norm_probes: int = 0
+    reads_dtensors: bool = False  # factors sharded as DTensors (FSDP2) are read and written whole
 
     def bind(self, layers: Sequence[LoRALayer], *, norm_probes: int = 0) -> None:
         """Called once by the optimizer that uses this distributor, with its LoRA layers."""
         if norm_probes < 0:
             raise ValueError(f"norm_probes must be >= 0 (0: exact norm), got {norm_probes}")
+        if not self.reads_dtensors and any(isinstance(layer.A, DTensor) for layer in layers):
+            raise ValueError(f"the LoRA factors are DTensors (the model went through fully_shard) but the distributor "
+                             f"is {type(self).__name__}: pass distributor=psilora_ds.distributed.FSDP2Distributor() "
+                             "(or none: it is detected)")
         self.n_lora_params = 2 * len(layers)
         self.norm_probes = norm_probes
 

@@ -3,7 +3,6 @@ distributors): exact LoRSum by all-reducing thin products, optional layer-sharde
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,8 +11,6 @@ import torch.distributed as dist
 
 from ..lora_layers import LoRALayer
 from .base import Distributor
-
-logger = logging.getLogger(__name__)
 
 
 def balanced_owners(sizes: list[int], world_size: int) -> list[int]:
@@ -118,13 +115,3 @@ class DDPDistributor(Distributor):
             return
         for key in [k for k, v in state.items() if isinstance(v, torch.Tensor)]:
             del state[key]
-
-
-def default_distributor() -> Distributor:
-    """What an optimizer uses when given no distributor: data parallelism over the world group when
-    torch.distributed is initialized with several ranks, else one process."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        logger.info("torch.distributed is initialized: data-parallel LoRSum over the world group "
-                    "(pass distributor=... to change it)")
-        return DDPDistributor()
-    return Distributor()

@@ -10,6 +10,7 @@ optimizer state of the layers it owns.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -21,6 +22,8 @@ from .ddp import DDPDistributor
 
 class FSDP2Distributor(DDPDistributor):
     """Adapter for models wrapped with ``fully_shard`` over a 1-D data-parallel mesh."""
+
+    reads_dtensors = True
 
     def __init__(self, group=None, *, shard_state: bool = True):
         super().__init__(group, shard_state=shard_state)
@@ -41,35 +44,83 @@ class FSDP2Distributor(DDPDistributor):
         return True
 
 
-def save_checkpoint(path: str, model: torch.nn.Module, optimizer: LoRAOptimizerProtocol) -> None:
-    """Save the model, the PSI-LoRA state (each rank its owned layers) and the other optimizer's
-    state with ``torch.distributed.checkpoint``; loadable on any number of ranks."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                   trainable_only: bool = True) -> dict[str, Any]:
+    """What a run needs to continue, as a ``torch.distributed.checkpoint`` state dict (each rank its
+    shards): ``model`` (the trainable parameters only, unless ``trainable_only=False``), and for a
+    PSI-LoRA optimizer ``psilora`` (each rank the layers it owns) and ``other`` (the non-LoRA
+    optimizer), for any other optimizer ``optim``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    state = {"model": get_model_state_dict(model), "psilora": optimizer.lora_state_dict()}
-    if optimizer.other_optimizer is not None:
-        state["other"] = get_optimizer_state_dict(model, optimizer.other_optimizer)
+    state: dict[str, Any] = {"model": get_model_state_dict(
+        model, options=StateDictOptions(ignore_frozen_params=trainable_only))}
+    if isinstance(optimizer, LoRAOptimizerProtocol):
+        state["psilora"] = optimizer.lora_state_dict()
+        if optimizer.other_optimizer is not None:
+            state["other"] = get_optimizer_state_dict(model, optimizer.other_optimizer)
+    else:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def save_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                    trainable_only: bool = True, extra: dict[str, Any] | None = None) -> None:
+    """Save :func:`training_state` (and ``extra``, e.g. a scheduler's state dict) with
+    ``torch.distributed.checkpoint`` (every rank calls it); loadable on any number of ranks. The frozen
+    base is left out unless ``trainable_only=False``: it is reloaded from where it came from."""
+    import torch.distributed.checkpoint as dcp
+
+    state = training_state(model, optimizer, trainable_only=trainable_only)
+    if extra is not None:
+        state["extra"] = extra
     dcp.save(state, checkpoint_id=path)
 
 
-def load_checkpoint(path: str, model: torch.nn.Module, optimizer: LoRAOptimizerProtocol) -> None:
-    """Load what :func:`save_checkpoint` wrote, re-sharding the PSI-LoRA state to this run's ranks
-    (each rank reads the layers it owns now, whoever saved them)."""
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                    trainable_only: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Load what :func:`save_checkpoint` wrote (every rank calls it), re-sharding to this run's ranks:
+    each rank reads its parameter shards and the PSI-LoRA state of the layers it owns now, whoever saved
+    them. ``extra``: the template of what was saved as ``extra`` (e.g. the scheduler's current state
+    dict); its loaded values are returned."""
     import os
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = {"model": get_model_state_dict(model), "psilora": optimizer.lora_state_template()}
-    if optimizer.other_optimizer is not None:
-        state["other"] = get_optimizer_state_dict(model, optimizer.other_optimizer)
+    state = training_state(model, optimizer, trainable_only=trainable_only)
+    if isinstance(optimizer, LoRAOptimizerProtocol):
+        state["psilora"] = _saved_part(optimizer.lora_state_template(), _saved_keys(path))
+    if extra is not None:
+        state["extra"] = extra
     dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
-    optimizer.load_lora_state_dict(state["psilora"])
-    if optimizer.other_optimizer is not None:
-        set_optimizer_state_dict(model, optimizer.other_optimizer, state["other"])
-        optimizer.resync_param_groups()
+    set_model_state_dict(model, state["model"], options=StateDictOptions(ignore_frozen_params=trainable_only,
+                                                                         strict=not trainable_only))
+    if isinstance(optimizer, LoRAOptimizerProtocol):
+        optimizer.load_lora_state_dict(state["psilora"])
+        if optimizer.other_optimizer is not None:
+            set_optimizer_state_dict(model, optimizer.other_optimizer, state["other"])
+            optimizer.resync_param_groups()
+    else:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    return state.get("extra")
+
+
+def _saved_keys(path: str) -> set[str]:
+    import torch.distributed.checkpoint as dcp
+
+    return set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def _saved_part(template: dict[str, Any], saved: set[str]) -> dict[str, Any]:
+    """The PSI-LoRA template cut to the layers and keys the checkpoint holds. A layer is in it when
+    any rank saved anything of it (then its owner saved its tensors); a layer never stepped is not,
+    and every rank then starts it fresh alike: the ranks agree on which layers' state exists."""
+    layers = {}
+    for name, st in template["layers"].items():
+        prefix = f"psilora.layers.{name}."
+        if any(key.startswith(prefix) for key in saved):
+            layers[name] = {k: v for k, v in st.items() if prefix + k in saved}
+    return {**template, "layers": layers}

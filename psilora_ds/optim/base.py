@@ -83,7 +83,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self._microbatches_per_step = 0  # the most a step has consumed so far
         self.set_accumulation_steps(self.options.accumulation_steps)
         distributor = self.options.distributor
-        self.attach(distributor if distributor is not None else default_distributor())
+        self.attach(distributor if distributor is not None else default_distributor(self.layers))
 
     # ---- what an engine adapter may ask of the optimizer (docs/ARCHITECTURE.md) -----------------
     def attach(self, distributor: Distributor) -> None:
@@ -323,13 +323,16 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 "steps_taken": self.steps_taken, "layout": self.distributor.layout()}
 
     def lora_state_template(self) -> dict[str, Any]:
-        """A :meth:`lora_state_dict` with freshly initialized tensors for every layer this rank owns:
-        the buffers a sharded checkpoint reader (torch.distributed.checkpoint) loads into."""
+        """A :meth:`lora_state_dict` with an entry for every layer: freshly initialized tensors and
+        scalars for the layers this rank owns, the scalars alone for the others (their owner reads the
+        tensors): the buffers a sharded checkpoint reader (torch.distributed.checkpoint) loads into.
+        A reader drops the keys its checkpoint lacks."""
         sd = self.lora_state_dict()
         for layer in self.layers:
-            if self.distributor.owns(layer):
-                fresh = self._init_state(layer, self._lora_group)
-                sd["layers"][layer.name] = {**sd["layers"].get(layer.name, {}), **fresh, "initialized": True}
+            fresh = self._init_state(layer, self._lora_group)
+            if not self.distributor.owns(layer):
+                fresh = {k: v for k, v in fresh.items() if not isinstance(v, torch.Tensor)}
+            sd["layers"][layer.name] = {**sd["layers"].get(layer.name, {}), **fresh, "initialized": True}
         return sd
 
     def load_lora_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -5,6 +5,9 @@ not depend on the engine or the number of ranks, and never a directory that look
 - ``state.pt`` (written by rank 0): every trainable parameter's full fp32 master by name, the
   optimizer state (PSI-LoRA: every LoRA layer's state by layer name, gathered from the ranks that own
   it), the LR scheduler;
+- or, under FSDP2, ``dcp/`` instead: the same through ``torch.distributed.checkpoint``, each rank
+  writing its own shards and the state of the LoRA layers it owns
+  (:func:`psilora_ds.distributed.fsdp.save_checkpoint`); it loads on any number of FSDP2 ranks;
 - ``rank-K.pt`` (one per rank): that rank's RNG state, and the optimizer state that only exists as
   ZeRO partitions (the non-LoRA optimizer, or a torch baseline, at ZeRO >= 1);
 - ``trainer_state.json``: step, world size, optimizer, engine; written last.
@@ -32,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..distributed.fsdp import load_checkpoint, save_checkpoint
 from ..optim.base import LoRAOptimizer
 from .config import ConfigError
 from .engines import TrainableParams
@@ -39,6 +43,7 @@ from .engines import TrainableParams
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+DCP_ENGINE = "fsdp2"  # the engine whose checkpoints go through torch.distributed.checkpoint
 TRAINER_STATE = "trainer_state.json"
 FAULT_ENV = "PSILORA_DS_FAULT"  # tests: "step:N" or "checkpoint:N" SIGKILLs every rank there
 
@@ -48,7 +53,7 @@ class TrainerState:
     step: int
     world_size: int
     optim: str
-    engine: str  # "pytorch" or "deepspeed-zero<stage>"
+    engine: str  # "pytorch", "fsdp2" or "deepspeed-zero<stage>"
     engine_skipped_steps: int = 0
     rank_specific: list[str] = field(default_factory=list)  # optimizer state held per rank (ZeRO partitions)
 
@@ -116,8 +121,9 @@ def optimizer_state(optimizer: torch.optim.Optimizer, partitioned: bool) -> tupl
 
 
 def save(root: str, trainer: TrainerState, *, params: TrainableParams, optimizer: torch.optim.Optimizer,
-         scheduler, partitioned: bool, keep: int) -> str:
-    """Write ``root/step-N`` (every rank calls it) and keep the newest ``keep`` checkpoints."""
+         scheduler, partitioned: bool, keep: int, sharded_model: torch.nn.Module | None = None) -> str:
+    """Write ``root/step-N`` (every rank calls it) and keep the newest ``keep`` checkpoints;
+    ``sharded_model``: the FSDP2 model, whose state goes through torch.distributed.checkpoint."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = os.path.join(root, f"step-{trainer.step}")
     partial = os.path.join(root, f".step-{trainer.step}.partial")
@@ -125,14 +131,19 @@ def save(root: str, trainer: TrainerState, *, params: TrainableParams, optimizer
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     _barrier()
-    trainable = params.state()  # collectives under ZeRO >= 1
-    portable, own = optimizer_state(optimizer, partitioned)
+    if sharded_model is not None:
+        save_checkpoint(os.path.join(partial, "dcp"), sharded_model, optimizer,
+                        extra={"scheduler": scheduler.state_dict()})
+        portable, own = None, {}
+    else:
+        trainable = params.state()  # collectives under ZeRO >= 1
+        portable, own = optimizer_state(optimizer, partitioned)
     rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     _save_synced({"rng": rng, "optimizer": own}, os.path.join(partial, f"rank-{rank}.pt"))
     fault_point("checkpoint", trainer.step)
-    if rank == 0:
+    if rank == 0 and sharded_model is None:
         trainer.rank_specific = sorted(own)
         _save_synced({"trainable": trainable, "optimizer": portable, "scheduler": scheduler.state_dict()},
                      os.path.join(partial, "state.pt"))
@@ -211,14 +222,24 @@ def read_trainer_state(path: str) -> TrainerState:
 
 
 def load(path: str, *, optim: str, params: TrainableParams, optimizer: torch.optim.Optimizer, scheduler,
-         device: torch.device) -> TrainerState:
-    """Restore a checkpoint written by :func:`save` (every rank calls it); returns its trainer state."""
+         device: torch.device, sharded_model: torch.nn.Module | None = None) -> TrainerState:
+    """Restore a checkpoint written by :func:`save` (every rank calls it); returns its trainer state.
+    ``sharded_model``: this run's FSDP2 model (it reads FSDP2 checkpoints, and only those)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     trainer = read_trainer_state(path)
     if trainer.optim != optim:
         raise ConfigError(f"{path} was written by optim={trainer.optim}; resume it with --optim {trainer.optim}")
+    if (trainer.engine == DCP_ENGINE) != (sharded_model is not None):
+        how = "with --fsdp true (on any number of ranks)" if trainer.engine == DCP_ENGINE else "without --fsdp"
+        raise ConfigError(f"{path} was written by the {trainer.engine} engine; resume it {how}")
     same_world = trainer.world_size == world
+    if sharded_model is not None:
+        saved = load_checkpoint(os.path.join(path, "dcp"), sharded_model, optimizer,
+                                extra={"scheduler": scheduler.state_dict()})
+        scheduler.load_state_dict(saved["scheduler"])
+        _restore_rng(path, rank, device, same_world, trainer, world)
+        return trainer
     if not same_world and trainer.rank_specific:
         raise ConfigError(f"{path} was saved by {trainer.world_size} ranks and holds ZeRO-partitioned optimizer "
                           f"state ({', '.join(trainer.rank_specific)}: non-LoRA trainables or a torch optimizer at "
@@ -234,7 +255,16 @@ def load(path: str, *, optim: str, params: TrainableParams, optimizer: torch.opt
     else:
         optimizer.load_state_dict(partition.get("torch", portable.get("torch")))
     scheduler.load_state_dict(state["scheduler"])
+    _restore_rng(path, rank, device, same_world, trainer, world, own)
+    return trainer
+
+
+def _restore_rng(path: str, rank: int, device: torch.device, same_world: bool, trainer: TrainerState, world: int,
+                 own: dict[str, Any] | None = None) -> None:
+    """This rank's RNG streams when the world size is the one that saved (else a warning)."""
     if same_world:
+        if own is None:
+            own = torch.load(os.path.join(path, f"rank-{rank}.pt"), map_location="cpu", weights_only=False)
         torch.set_rng_state(own["rng"]["cpu"])
         if "cuda" in own["rng"] and device.type == "cuda":
             torch.cuda.set_rng_state(own["rng"]["cuda"])
@@ -242,4 +272,3 @@ def load(path: str, *, optim: str, params: TrainableParams, optimizer: torch.opt
         logger.warning("%s was saved by %d ranks, resuming on %d: factors, optimizer state and schedule continue; "
                        "the data order across ranks and the dropout RNG streams differ from the uninterrupted run",
                        path, trainer.world_size, world)
-    return trainer

@@ -78,7 +78,8 @@ class TrainConfig:
     cache_max_bytes: int | None = opt(None, "PSI-LoRA activation-cache budget per rank: rows kept (fastest) while they fit, layers folded to dense fp32 over it; null: fold each layer once dense is smaller")
     # --- run -------------------------------------------------------------------------------------
     ds_config: str | None = opt(None, "DeepSpeed JSON config; null: plain PyTorch (one process, or DDP under torchrun)")
-    dtype: str = opt("fp32", "fp32 | bf16 | fp16: fills \"auto\" dtype sections of the DeepSpeed config")
+    fsdp: bool = opt(False, "torch FSDP2 under torchrun: fully_shard per decoder layer, then the root; checkpoints through torch.distributed.checkpoint")
+    dtype: str = opt("fp32", "fp32 | bf16 | fp16: fills \"auto\" dtype sections of the DeepSpeed config; FSDP2: the compute dtype (MixedPrecisionPolicy)")
     micro_batch_size: int = opt(8, "sequences per rank per micro-batch")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
     max_steps: int = opt(300, "optimizer steps")
@@ -234,9 +235,21 @@ def validate(cfg: TrainConfig) -> None:
                                                   and all(isinstance(t, str) for t in cfg.target_modules))):
         raise ConfigError(f"target_modules must be \"all-linear\" or a list of module names like [q_proj, v_proj], "
                           f"got {cfg.target_modules!r}")
-    if cfg.dtype != "fp32" and cfg.ds_config is None:
-        raise ConfigError(f"dtype={cfg.dtype} needs --ds_config (it fills the DeepSpeed config's dtype sections); "
-                          "the plain PyTorch path trains in fp32")
+    if cfg.fsdp and cfg.ds_config is not None:
+        raise ConfigError("fsdp=true and ds_config are two engines: choose one (FSDP2 under torchrun, or DeepSpeed "
+                          "under the deepspeed launcher)")
+    if cfg.fsdp and cfg.dtype == "fp16":
+        raise ConfigError("dtype=fp16 under FSDP2 needs loss scaling, which the recipe provides only through "
+                          "DeepSpeed: use bf16 (or --ds_config with fp16)")
+    if cfg.fsdp and cfg.merge_weights:
+        raise ConfigError("merge_weights under FSDP2: the base is sharded over the ranks; merge afterwards from "
+                          "adapter/ with peft (PeftModel.from_pretrained(base, adapter).merge_and_unload())")
+    if cfg.fsdp and "WORLD_SIZE" not in os.environ:
+        raise ConfigError("fsdp=true needs a launcher: torchrun --nproc_per_node N launch/train.py --fsdp true ... "
+                          "(N may be 1)")
+    if cfg.dtype != "fp32" and cfg.ds_config is None and not cfg.fsdp:
+        raise ConfigError(f"dtype={cfg.dtype} needs --ds_config (it fills the DeepSpeed config's dtype sections) or "
+                          "--fsdp true; the plain PyTorch path trains in fp32")
     if cfg.dtype == "fp16" and not _cuda():
         raise ConfigError("dtype=fp16 needs a GPU (DeepSpeed refuses fp16 on CPUs); use bf16 or fp32")
 

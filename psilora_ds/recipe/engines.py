@@ -1,29 +1,33 @@
-"""The two ways the recipe drives training, behind the DeepSpeed engine's three calls
+"""The three ways the recipe drives training, behind the DeepSpeed engine's three calls
 (``engine(**batch)``, ``engine.backward(loss)``, ``engine.step()``): a DeepSpeed engine, or
-:class:`PlainEngine` (one process, or DDP under torchrun), built by :func:`build_engine`; and
-:class:`TrainableParams`, the trainable parameters by name with their fp32 masters under either."""
+:class:`PlainEngine` (one process, DDP under torchrun, or a model that :func:`shard_model` put under
+torch FSDP2), built by :func:`build_engine`; and :class:`TrainableParams`, the trainable parameters by
+name with their fp32 masters under any of them."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..optim.base import LoRAOptimizer
 
 
 class PlainEngine:
-    """Plain PyTorch: gradient accumulation, clipping for torch optimizers, DDP when world > 1."""
+    """Plain PyTorch: gradient accumulation, clipping for torch optimizers, DDP when world > 1 unless
+    the model is already sharded (FSDP2: it reduces its gradients itself)."""
 
     def __init__(self, model: nn.Module, optimizer, scheduler, *, gradient_accumulation_steps: int,
-                 max_grad_norm: float, world_size: int):
+                 max_grad_norm: float, world_size: int, sharded: bool = False):
         self.module = model
         self.optimizer = optimizer
         self.lr_scheduler = scheduler
         self.gas = gradient_accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.world_size = world_size
-        self.forward_module = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+        ddp = world_size > 1 and not sharded
+        self.forward_module = nn.parallel.DistributedDataParallel(model) if ddp else model
         self.micro_steps = 0
 
     def __call__(self, **batch):
@@ -44,12 +48,35 @@ class PlainEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+def shard_model(model: nn.Module, compute_dtype: torch.dtype) -> int:
+    """Put ``model`` under torch FSDP2: ``fully_shard`` on every decoder layer (the classes the model
+    names in ``_no_split_modules``), then on the root; parameters stay sharded in their own dtype (the
+    fp32 masters) and are gathered in ``compute_dtype``, gradients reduced in fp32. Returns the number
+    of decoder layers. Call before building the optimizer: the parameters become DTensors."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .config import ConfigError
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"fsdp=true: {type(model).__name__} names no decoder-layer class (_no_split_modules), "
+                          "so it cannot be sharded layer by layer; use DeepSpeed (--ds_config) for this model")
+    policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                                  reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return len(layers)
+
+
 def build_engine(cfg, model: nn.Module, optimizer, scheduler, ds_config: dict | None, world: int):
     """``(engine, scheduler)``: a DeepSpeed engine for ``ds_config`` (PSI-LoRA through
-    :func:`psilora_ds.distributed.deepspeed.initialize`), else :class:`PlainEngine`."""
+    :func:`psilora_ds.distributed.deepspeed.initialize`), else :class:`PlainEngine` (over a model
+    :func:`shard_model` sharded when ``cfg.fsdp``)."""
     if ds_config is None:
         return PlainEngine(model, optimizer, scheduler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                           max_grad_norm=cfg.max_grad_norm, world_size=world), scheduler
+                           max_grad_norm=cfg.max_grad_norm, world_size=world, sharded=cfg.fsdp), scheduler
     import deepspeed
 
     from ..distributed import deepspeed as psilora_deepspeed
@@ -76,7 +103,9 @@ class TrainableParams:
       ``deepspeed.zero.GatheredParameters``);
     - DeepSpeed ZeRO 0: the masters are the tensors the engine put in the optimizer's param groups in
       place of the parameters (the same tensors in fp32), matched by position, which is why this
-      object is built before the engine.
+      object is built before the engine;
+    - FSDP2: the parameters are DTensor shards of the fp32 masters (``full_tensor``, a collective:
+      call on every rank).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
@@ -108,7 +137,10 @@ class TrainableParams:
 
         out = {}
         for name, p in self.named:
-            full = safe_get_full_fp32_param(p) if self._partitioned(p) else self.masters[name].detach()
+            if isinstance(p, DTensor):
+                full = p.detach().full_tensor()
+            else:
+                full = safe_get_full_fp32_param(p) if self._partitioned(p) else self.masters[name].detach()
             out[name] = full.float().cpu()
         return out
 
@@ -127,6 +159,9 @@ class TrainableParams:
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                     if not dist.is_initialized() or dist.get_rank() == 0:
                         p.data.copy_(value.to(p.dtype))
+            elif isinstance(p, DTensor):  # FSDP2: every rank keeps its shard of the full value
+                p.to_local().copy_(distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements).to_local())
+                continue
             else:
                 p.data.copy_(value.to(p.dtype))
             if self._partitioned(p):

@@ -59,16 +59,16 @@ def check_bitsandbytes(device: torch.device) -> None:
         raise ConfigError(f"--load_in_4bit: bitsandbytes cannot run 4-bit layers on {device} ({first})") from None
 
 
-def quantization_config(cfg: TrainConfig, engine_dtype: torch.dtype, zero_stage: int):
+def quantization_config(cfg: TrainConfig, engine_dtype: torch.dtype, shards_weights: bool):
     from transformers import BitsAndBytesConfig
 
     storage = engine_dtype if cfg.bnb_4bit_quant_storage == "auto" else DTYPES.get(cfg.bnb_4bit_quant_storage)
     if storage is None:
         raise ConfigError(f"bnb_4bit_quant_storage={cfg.bnb_4bit_quant_storage!r}: use auto, uint8, bfloat16, "
                           "float16 or float32")
-    if zero_stage == 3 and storage != engine_dtype:
-        raise ConfigError(f"QLoRA under ZeRO-3 needs bnb_4bit_quant_storage equal to the engine dtype ({engine_dtype}) "
-                          "so DeepSpeed can shard the 4-bit weights: set it to auto")
+    if shards_weights and storage != engine_dtype:  # the packed bytes are cast like any weight when gathered
+        raise ConfigError(f"QLoRA under ZeRO-3 or FSDP2 needs bnb_4bit_quant_storage equal to the engine dtype "
+                          f"({engine_dtype}) so the engine can shard the 4-bit weights: set it to auto")
     if cfg.bnb_4bit_quant_type not in ("nf4", "fp4"):
         raise ConfigError(f"bnb_4bit_quant_type={cfg.bnb_4bit_quant_type!r}: use nf4 or fp4")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
@@ -88,8 +88,9 @@ def load_pretrained(path: str, **kwargs):
 
 
 def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype: torch.dtype = torch.float32,
-                zero_stage: int = 0):
-    """The base model (fp32 masters, or 4-bit with ``load_in_4bit``) wrapped with peft LoRA."""
+                shards_weights: bool = False):
+    """The base model (fp32 masters, or 4-bit with ``load_in_4bit``) wrapped with peft LoRA;
+    ``shards_weights``: the engine shards the weights (ZeRO-3, FSDP2)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     path = cfg.model
@@ -101,7 +102,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype:
                 model.save_pretrained(path)
     if cfg.load_in_4bit:
         check_bitsandbytes(device)
-        model = load_pretrained(path, quantization_config=quantization_config(cfg, engine_dtype, zero_stage),
+        model = load_pretrained(path, quantization_config=quantization_config(cfg, engine_dtype, shards_weights),
                                 device_map={"": device}, torch_dtype=engine_dtype)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
+from ..distributed import FSDP2Distributor
 from .config import ConfigError, TrainConfig
 
 
@@ -73,7 +74,8 @@ def lora_options(cfg: TrainConfig) -> dict[str, Any]:
         return torch.optim.AdamW(params, lr=other_lr, betas=_betas(cfg), weight_decay=cfg.weight_decay)
 
     return dict(max_grad_norm=cfg.max_grad_norm or None, clip_norm_probes=cfg.clip_norm_probes, other_optimizer=other,
-                cache_max_bytes=cfg.cache_max_bytes, accumulation_steps=cfg.gradient_accumulation_steps)
+                cache_max_bytes=cfg.cache_max_bytes, accumulation_steps=cfg.gradient_accumulation_steps,
+                distributor=FSDP2Distributor() if cfg.fsdp else None)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
