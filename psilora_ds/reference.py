@@ -56,8 +56,18 @@ def psilora_step(A, B, P, *, scaling, lr, momentum=0.0, dampening=0.0, iters=1, 
     A_new, B_new = lorsum_dense(A, B, T, lam=lam, iters=iters)
     M_new = None
     if M is not None:
-        M_new = lorsum_dense(M[0].to(f64), M[1].to(f64), momentum * Md + (1 - dampening) * P, lam=lam, iters=iters)
+        M_new = balanced(*lorsum_dense(M[0].to(f64), M[1].to(f64), momentum * Md + (1 - dampening) * P, lam=lam,
+                                       iters=iters))
     return A_new, B_new, M_new
+
+
+def balanced(A, B):
+    """The momentum factors re-factored as the truncated SVD of their product (METHOD.md 3, gauge):
+    ``B' A' = B A`` with ``B' = U S^1/2``, ``A' = S^1/2 V^T`` (a zero product is left as it is)."""
+    product = B.to(f64) @ A.to(f64)
+    if not product.any():
+        return A, B
+    return svd_truncate(product, A.shape[0])
 
 
 def kfac_diagonal_stats(X, Z, scaling):
@@ -84,7 +94,7 @@ def scaled_psilora_step(A, B, P, D_out, D_in, *, scaling, lr, beta1, iters, lam,
     A_new, B_new = lorsum_dense(A, B, T, lam=lam, iters=iters, d_out=Do, d_in=Di)
     M_new = None
     if M is not None:
-        M_new = lorsum_dense(M[0].to(f64), M[1].to(f64), step, lam=lam, iters=iters)
+        M_new = balanced(*lorsum_dense(M[0].to(f64), M[1].to(f64), step, lam=lam, iters=iters))
     return A_new, B_new, M_new
 
 

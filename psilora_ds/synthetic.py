@@ -64,6 +64,41 @@ def train_full_batch(
     return losses
 
 
+def balanced_svd_init(task: LinearTask, seed: int = 0) -> None:
+    """Start the LoRA factors at the balanced rank-r truncated SVD of a Kaiming-uniform
+    ``nn.Linear(n, m)`` weight: ``A = S^1/2 V^T``, ``B = U S^1/2`` (the paper authors' start for the
+    stochastic task; peft's own start is ``B = 0``)."""
+    layer = task.model.base_model.model[0]
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    r, n = A.shape
+    torch.manual_seed(seed)
+    W = nn.Linear(n, B.shape[0], bias=False).weight.detach()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    with torch.no_grad():
+        A.copy_(S[:r].sqrt()[:, None] * Vh[:r])
+        B.copy_(U[:, :r] * S[:r].sqrt())
+
+
+def train_stochastic(task: LinearTask, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], *,
+                     epochs: int = 100, batch_rows: int = 64, seed: int = 0) -> list[float]:
+    """Mini-batch training: each epoch visits the rows of ``X`` in a fresh seeded order, in batches of
+    ``batch_rows`` (the last one shorter), one optimizer step per batch, summed squared error of the
+    batch. Returns the full-data excess loss ``f - f_opt`` before training and after each epoch."""
+    opt = make_optimizer(task.model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        excess = [float(task.loss()) - task.f_opt]
+    for _ in range(epochs):
+        order = torch.randperm(task.X.shape[0], generator=g)
+        for rows in order.split(batch_rows):
+            opt.zero_grad()
+            F.mse_loss(task.model(task.X[rows]), task.Y[rows], reduction="sum").backward()
+            opt.step()
+        with torch.no_grad():
+            excess.append(float(task.loss()) - task.f_opt)
+    return excess
+
+
 def reducible_left(task: LinearTask, losses: list[float]) -> float:
     """``(f - f_opt) / (f_0 - f_opt)``: 1 at the start, 0 at the best rank-r fit."""
     return (losses[-1] - task.f_opt) / (losses[0] - task.f_opt)

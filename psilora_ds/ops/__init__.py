@@ -1,5 +1,6 @@
 """Pure math kernels: functions on tensors, no state."""
 
+from .balance import balance_factors
 from .factored import dense_gradient, frobenius_sq, gaussian_probes, gradient_gram_diagonals, sketched_product
 from .linalg import compute_dtype, solve_spd_left, solve_spd_right
 from .lorsum import lorsum
@@ -7,6 +8,7 @@ from .metrics import damped_power, kfac_diagonals, kfac_sums, shampoo_diagonals
 from .svd import svd_project, weighted_svd_project
 
 __all__ = [
+    "balance_factors",
     "compute_dtype",
     "damped_power",
     "dense_gradient",

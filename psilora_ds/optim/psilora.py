@@ -10,7 +10,7 @@ from torch import nn
 
 from ..gradient import LayerGradient
 from ..lora_layers import LoRALayer
-from ..ops import compute_dtype, lorsum
+from ..ops import balance_factors, compute_dtype, lorsum
 from .base import LoRAOptimizer
 
 MOMENTUM_SEED = 0x5151
@@ -33,11 +33,17 @@ def init_low_rank_momentum(layer: LoRALayer, rank_multiplier: float) -> dict[str
 def low_rank_momentum_update(
     state: dict[str, Any], grad: LayerGradient, *, beta: float, grad_scale: float, lam: float, iters: int
 ) -> None:
-    """``M <- LoRSum(beta M + grad_scale P)`` warm-started at the old factors."""
-    state["momentum_A"], state["momentum_B"] = lorsum(
+    """``M <- LoRSum(beta M + grad_scale P)`` warm-started at the old factors, then re-factored in
+    balanced form (:func:`~psilora_ds.ops.balance_factors`: the same product)."""
+    M_A, M_B = lorsum(
         state["momentum_A"], state["momentum_B"], grad.terms(grad_scale), c0=beta, lam=lam, iters=iters,
         reduce=grad.reduce,
     )
+    # Only the product M_B M_A is the momentum; left alone, the factors drift apart in scale (on the
+    # paper authors' stochastic linear task |M_A| ~ 3e-3 and |M_B| ~ 2e4), the proximal weight lam then
+    # dominates one half-step, and the loss rises late in training (METHOD.md section 3, gauge).
+    M_A, M_B = balance_factors(M_A, M_B)
+    state["momentum_A"], state["momentum_B"] = M_A, M_B
 
 
 class PSILoRA(LoRAOptimizer):
