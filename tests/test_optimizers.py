@@ -388,6 +388,23 @@ def test_scheduler_drives_lora_and_other_groups():
     assert opt.other_optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)
 
 
+@pytest.mark.parametrize("lr", [0.2, 1e-3])
+def test_other_parameters_get_their_own_lr_whatever_the_lora_lr(lr, caplog):
+    """The head goes to AdamW at 1e-4 by default (not at PSI-LoRA's effective-weight lr), said once."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="psilora_ds.optim.base"):
+        opt = PSILoRA(lora_two_layer_net(head_trainable=True), lr)
+    assert isinstance(opt.other_optimizer, torch.optim.AdamW)
+    assert opt.other_optimizer.param_groups[0]["lr"] == 1e-4 and opt.lora_group["lr"] == lr
+    said = [r.getMessage() for r in caplog.records if "other trainable" in r.getMessage()]
+    assert len(said) == 1 and f"(lr {lr:g})" in said[0] and "AdamW (lr 0.0001)" in said[0], said
+    opt = PSILoRA(lora_two_layer_net(head_trainable=True), lr, other_lr=3e-5)
+    assert opt.other_optimizer.param_groups[0]["lr"] == 3e-5
+    with pytest.raises(ValueError, match="other_lr must be >= 0"):
+        PSILoRA(lora_two_layer_net(head_trainable=True), lr, other_lr=-1.0)
+
+
 def test_bad_hyperparameters_are_one_line_errors():
     model = lora_two_layer_net()
     for kwargs in (dict(momentum=1.5), dict(iters=-1), dict(rank_multiplier=0)):

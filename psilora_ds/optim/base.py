@@ -62,15 +62,16 @@ class LoRAOptimizer(torch.optim.Optimizer):
         others = other_parameters(model, self.layers)
         self.other_optimizer: torch.optim.Optimizer | None = None
         if others:
-            factory = self.options.other_optimizer or (lambda ps: torch.optim.AdamW(ps, lr=defaults["lr"]))
+            factory = self.options.other_optimizer or (lambda ps: torch.optim.AdamW(ps, lr=self.options.other_lr))
             self.other_optimizer = factory([p for _, p in others])
             # The other groups come first: ZeRO engines call step() once per group, in order, and
             # the clipping norm needs the other gradients before the LoRA group is updated.
             self.param_groups[:0] = self.other_optimizer.param_groups
             logger.info(
-                "%d LoRA layers go to %s; %d other trainable tensors (%s...) to %s",
-                len(self.layers), type(self).__name__, len(others),
+                "%d LoRA layers go to %s (lr %g); %d other trainable tensors (%s...) to %s (lr %g)",
+                len(self.layers), type(self).__name__, defaults["lr"], len(others),
                 ", ".join(n for n, _ in others[:3]), type(self.other_optimizer).__name__,
+                self.other_optimizer.param_groups[0].get("lr", float("nan")),
             )
         self.skipped_steps = 0
         self.steps_taken = 0

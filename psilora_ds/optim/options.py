@@ -12,6 +12,7 @@ from torch import nn
 
 from ..distributed import Distributor
 
+DEFAULT_OTHER_LR = 1e-4  # AdamW for heads and norms, whatever PSI-LoRA's lr is
 OtherOptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -25,8 +26,11 @@ class LoRAOptions:
             clipping route: engine helpers reconcile their own setting into it.
         clip_norm_probes: how ``||G||_F`` is computed: 0 exact in one process (several ranks always sketch,
             with 32 probes); ``k > 0`` the unbiased ``k``-probe Gaussian sketch (METHOD.md section 6).
-        other_optimizer: ``params -> Optimizer`` for the non-LoRA trainable parameters (default
-            ``torch.optim.AdamW(params, lr=lr)``).
+        other_optimizer: ``params -> Optimizer`` for the non-LoRA trainable parameters (heads, norms,
+            ``modules_to_save``; default ``torch.optim.AdamW(params, lr=other_lr)``).
+        other_lr: the lr of that default AdamW, independent of the LoRA ``lr``: PSI-LoRA's lr is a step of
+            the effective weight (0.2 in the paper authors' LLM runs), which would wreck a head under
+            AdamW. Default 1e-4 (the authors' choice for heads).
         distributor: the parallel engine's adapter (default: data parallel over the world group when
             torch.distributed is initialized with several ranks, else one process).
         cache_max_bytes: activation-cache budget per rank: rows are kept (fastest) while they fit, then
@@ -44,6 +48,7 @@ class LoRAOptions:
     max_grad_norm: float | None = None
     clip_norm_probes: int = 0
     other_optimizer: OtherOptimizerFactory | None = None
+    other_lr: float = DEFAULT_OTHER_LR
     distributor: Distributor | None = None
     cache_max_bytes: int | None = None
     fold: bool = True
@@ -55,6 +60,8 @@ class LoRAOptions:
             raise ValueError(f"clip_norm_probes must be >= 0 (0: exact norm), got {self.clip_norm_probes}")
         if self.accumulation_steps is not None and self.accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
+        if self.other_lr < 0:
+            raise ValueError(f"other_lr must be >= 0, got {self.other_lr}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 or None: no clipping), got {self.max_grad_norm}")
 

@@ -70,7 +70,7 @@ class TrainConfig:
     metric: str = opt("kfac", "scaled_psilora metric: kfac | shampoo")
     rank_multiplier: float = opt(1.0, "momentum rank = round(r * rank_multiplier)")
     weight_decay: float = opt(0.0, "adamw / the optimizer of non-LoRA parameters")
-    other_lr: float | None = opt(None, "lr of non-LoRA trainable parameters (AdamW); null: lr")
+    other_lr: float = opt(1e-4, "lr of non-LoRA trainable parameters (heads, norms, modules_to_save; AdamW), independent of the LoRA lr")
     lr_scheduler: str = opt("cosine", "cosine | linear | constant (all with linear warm-up)")
     warmup_steps: int = opt(10, "warm-up optimizer steps")
     max_grad_norm: float = opt(1.0, "full-gradient clipping norm (fills \"auto\" in the DeepSpeed config); 0: off")
@@ -214,7 +214,7 @@ def validate(cfg: TrainConfig) -> None:
                  "eval_every", "eval_batches", "log_every", "corpus_lines", "tiny_layers"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("save_every", "save_total_limit", "warmup_steps", "max_grad_norm", "weight_decay"):
+    for name in ("save_every", "save_total_limit", "warmup_steps", "max_grad_norm", "weight_decay", "other_lr"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lora_alpha <= 0:

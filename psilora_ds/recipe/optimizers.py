@@ -68,10 +68,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 def lora_options(cfg: TrainConfig) -> dict[str, Any]:
     """The PSI-LoRA family's shared options (:class:`~psilora_ds.optim.options.LoRAOptions`) from the config."""
-    other_lr = cfg.other_lr if cfg.other_lr is not None else cfg.lr
-
     def other(params):
-        return torch.optim.AdamW(params, lr=other_lr, betas=_betas(cfg), weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.other_lr, betas=_betas(cfg), weight_decay=cfg.weight_decay)
 
     return dict(max_grad_norm=cfg.max_grad_norm or None, clip_norm_probes=cfg.clip_norm_probes, other_optimizer=other,
                 cache_max_bytes=cfg.cache_max_bytes, accumulation_steps=cfg.gradient_accumulation_steps,
