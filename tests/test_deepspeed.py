@@ -111,7 +111,7 @@ def scenario_worker(rank, world, out):
     for stage in (2, 3):
         for name in OPTIMIZERS:
             model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-            opt = make_optimizer(name, model)
+            opt = make_optimizer(name, model, other_lr=1e-2)  # the head's AdamW: a toy's lr, not 1e-4
             engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(stage, dtype="bf16"))
             data = [batches(1)[0]] * 20
             losses = []
