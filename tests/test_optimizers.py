@@ -220,11 +220,11 @@ def test_sketched_clipping_norm_in_one_process(fold):
 
 
 OPTIMIZERS = {
-    "psilora": lambda m: PSILoRA(m, 0.1, momentum=0.9, iters=2),
-    "scaled_kfac": lambda m: ScaledPSILoRA(m, 1e-2, iters=1),
-    "scaled_shampoo": lambda m: ScaledPSILoRA(m, 1e-2, metric="shampoo", rank_multiplier=0.25),
-    "precond": lambda m: PreconditionedLoRA(m, 0.1),
-    "svdlora": lambda m: SVDLoRA(m, 0.1, momentum=0.5),
+    "psilora": lambda m, **kw: PSILoRA(m, 0.1, momentum=0.9, iters=2, **kw),
+    "scaled_kfac": lambda m, **kw: ScaledPSILoRA(m, 1e-2, iters=1, **kw),
+    "scaled_shampoo": lambda m, **kw: ScaledPSILoRA(m, 1e-2, metric="shampoo", rank_multiplier=0.25, **kw),
+    "precond": lambda m, **kw: PreconditionedLoRA(m, 0.1, **kw),
+    "svdlora": lambda m, **kw: SVDLoRA(m, 0.1, momentum=0.5, **kw),
 }
 
 
@@ -271,7 +271,7 @@ def test_state_dict_round_trip_resumes_identically(name):
 def test_runs_under_bf16_autocast_and_loss_falls(name):
     torch.manual_seed(0)
     model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-    opt = OPTIMIZERS[name](model)
+    opt = OPTIMIZERS[name](model, other_lr=1e-2)  # the toy head's AdamW lr (the default is 1e-4)
     x, t = (v.float() for v in data(3, N=64))
     losses = []
     for _ in range(15):
