@@ -238,7 +238,7 @@ def load(path: str, *, optim: str, params: TrainableParams, optimizer: torch.opt
         saved = load_checkpoint(os.path.join(path, "dcp"), sharded_model, optimizer,
                                 extra={"scheduler": scheduler.state_dict()})
         scheduler.load_state_dict(saved["scheduler"])
-        _restore_rng(path, rank, device, same_world, trainer, world)
+        _restore_rng(path, trainer, device)
         return trainer
     if not same_world and trainer.rank_specific:
         raise ConfigError(f"{path} was saved by {trainer.world_size} ranks and holds ZeRO-partitioned optimizer "
@@ -255,14 +255,16 @@ def load(path: str, *, optim: str, params: TrainableParams, optimizer: torch.opt
     else:
         optimizer.load_state_dict(partition.get("torch", portable.get("torch")))
     scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(path, rank, device, same_world, trainer, world, own)
+    _restore_rng(path, trainer, device, own)
     return trainer
 
 
-def _restore_rng(path: str, rank: int, device: torch.device, same_world: bool, trainer: TrainerState, world: int,
-                 own: dict[str, Any] | None = None) -> None:
-    """This rank's RNG streams when the world size is the one that saved (else a warning)."""
-    if same_world:
+def _restore_rng(path: str, trainer: TrainerState, device: torch.device, own: dict[str, Any] | None = None) -> None:
+    """This rank's RNG streams when the world size is the one that saved (else a warning); ``own``: this
+    rank's file when the caller already read it."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if trainer.world_size == world:
         if own is None:
             own = torch.load(os.path.join(path, f"rank-{rank}.pt"), map_location="cpu", weights_only=False)
         torch.set_rng_state(own["rng"]["cpu"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from ..optim.base import LoRAOptimizer
 
@@ -105,7 +105,7 @@ class TrainableParams:
       place of the parameters (the same tensors in fp32), matched by position, which is why this
       object is built before the engine;
     - FSDP2: the parameters are DTensor shards of the fp32 masters (``full_tensor``, a collective:
-      call on every rank).
+      call on every rank); only read here: FSDP2 checkpoints load through torch.distributed.checkpoint.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
@@ -159,9 +159,6 @@ class TrainableParams:
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                     if not dist.is_initialized() or dist.get_rank() == 0:
                         p.data.copy_(value.to(p.dtype))
-            elif isinstance(p, DTensor):  # FSDP2: every rank keeps its shard of the full value
-                p.to_local().copy_(distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements).to_local())
-                continue
             else:
                 p.data.copy_(value.to(p.dtype))
             if self._partitioned(p):
