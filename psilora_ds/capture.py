@@ -59,6 +59,11 @@ class LayerBatch:
         extra = (self.dense, self.folded_x2, self.folded_z2) if self.dense is not None else ()
         return sum(t.numel() * t.element_size() for t in (*self.xs, *self.zs, *extra))
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything held: the rows and the dense store."""
+        extra = [self.dense] if self.dense is not None else []
+        return [*self.xs, *self.zs, *extra]
+
     def P(self) -> torch.Tensor:
         """The whole accumulated ``sum_i Z_i^T X_i`` formed densely (rows and dense store)."""
         P = dense_gradient(self.Z(), self.X())
@@ -106,7 +111,7 @@ class ActivationCapture:
         self.layers = layers
         self.max_bytes = max_bytes
         self.fold = fold  # fold a layer's rows into a dense accumulator when that is the smaller store (see above)
-        self.peak_nbytes = 0  # since the last pop()
+        self.peak_nbytes = 0  # bytes of cached rows and dense stores, peak since the last pop()
         # backward passes (micro-batches) committed since the last pop()/clear(), and the most allowed
         # before it is an error (set by the optimizer: a step that never comes is a silent fallback)
         self.pending_microbatches = 0
@@ -134,15 +139,19 @@ class ActivationCapture:
             x = x.detach()
 
             def commit(grad: torch.Tensor) -> None:
-                batch = self._batches.setdefault(idx, LayerBatch())
-                batch.xs.append(x.reshape(-1, x.shape[-1]))
-                batch.zs.append(grad.detach().reshape(-1, grad.shape[-1]))
+                self._store(idx, x.reshape(-1, x.shape[-1]), grad.detach().reshape(-1, grad.shape[-1]))
                 self._count_microbatch(idx)
-                self._after_commit(idx, batch)
 
             output.register_hook(commit)
 
         return hook
+
+    def _store(self, idx: int, X: torch.Tensor, Z: torch.Tensor) -> None:
+        """Keep one micro-batch's rows ``X`` (N x n) and ``Z`` (N x m) of layer ``idx``."""
+        batch = self._batches.setdefault(idx, LayerBatch())
+        batch.xs.append(X)
+        batch.zs.append(Z)
+        self._after_commit(idx, batch)
 
     def _count_microbatch(self, idx: int) -> None:
         # each micro-batch's backward commits every layer it reached once: count the most-committed layer

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from .capture import LayerBatch
+from .products import LayerProducts
 from .ops import kfac_sums
 from .ops.lorsum import Term
 
@@ -35,6 +36,10 @@ class LayerGradient:
             return None
         return self.autograd[0] * (scale * self.coef), self.autograd[1] * (scale * self.coef)
 
+    def known_momentum_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(M_B^T G, G M_A^T)`` when known without the rows (never, here: see :class:`ProductGradient`)."""
+        return None
+
     def terms(self, scale: float) -> list[Term]:
         """``scale * P`` as LoRSum terms (rank-local, summed by ``reduce``)."""
         out: list[Term] = [(scale * self.coef, self.Z.T, self.X)]
@@ -56,3 +61,42 @@ class LayerGradient:
             both = self.reduce(both)
         n = self.X.shape[1]
         return both[:n], both[n:]
+
+
+class ProductGradient:
+    """``P = coef * sum_ranks P_k`` known only through its thin products at the step's starting factors
+    (cache-free Jacobi steps, METHOD.md section 6): ``products`` already summed over ranks, ``r`` the
+    LoRA rank (the first ``r`` probe factors are ``(A, B)``, the rest the momentum's)."""
+
+    X = Z = dense = autograd = reduce = None  # no rows, no dense store, nothing left to reduce
+
+    def __init__(self, products: LayerProducts, r: int, coef: float, rows: int):
+        self.products = products
+        self.r = r
+        self.coef = coef
+        self.rows = rows
+
+    def terms(self, scale: float) -> list[Term]:
+        return []
+
+    def known_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        p, c = self.products, scale * self.coef
+        return p.left[: self.r] * c, p.right[:, : self.r] * c
+
+    def known_momentum_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        p, c = self.products, scale * self.coef
+        return p.left[self.r:] * c, p.right[:, self.r:] * c
+
+    def kfac_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.products.sum_x2, self.products.sum_z2 * self.coef**2
+
+    def sketched_norm_sq(self) -> torch.Tensor:
+        """``||P Omega||_F^2 / k``: the unbiased estimate of ``||P||_F^2``."""
+        sketch = self.products.sketch
+        if sketch is None:
+            raise RuntimeError("cache-free products were taken without the clipping norm's sketch")
+        return sketch.square().sum() * (self.coef**2 / sketch.shape[1])
+
+    def local_dense(self) -> torch.Tensor:
+        raise RuntimeError("a cache-free gradient has no rows to form P from (build the optimizer with "
+                           "cache_free=False)")

@@ -475,7 +475,7 @@ def test_every_optimizer_takes_the_shared_options():
     for cls in (PSILoRA, ScaledPSILoRA, PreconditionedLoRA, SVDLoRA):
         d = Distributor()
         opt = cls(lora_two_layer_net(), 0.1, max_grad_norm=0.5, clip_norm_probes=8, distributor=d, cache_max_bytes=123,
-                  fold=False, reuse_autograd_grads=False)
+                  fold=False, reuse_autograd_grads=False, cache_free=False)
         assert isinstance(opt, LoRAOptimizer) and opt.distributor is d and d.norm_probes == 8
         assert (opt.max_grad_norm, opt.capture.max_bytes, opt.capture.fold, opt.reuse_autograd_grads) == \
             (0.5, 123, False, False)

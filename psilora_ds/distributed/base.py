@@ -16,11 +16,24 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.distributed.tensor import DTensor
 
-from ..gradient import LayerGradient
+from ..gradient import LayerGradient, ProductGradient
 from ..lora_layers import LoRALayer
-from ..ops import frobenius_sq, gaussian_probes, sketched_product
+from ..ops import frobenius_sq, gaussian_probes, norm_sketch_seed, sketched_product
 
-NORM_SKETCH_SEED = 0x7A5C
+DEFAULT_NORM_PROBES = 32  # probes of the clipping norm's sketch when none are asked for and it must be sketched
+
+
+def all_reduce_flat_(tensors: Sequence[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Sum ``tensors`` over ranks in place with one ``reduce`` call per dtype (flattened into one buffer)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = reduce(torch.cat([t.reshape(-1) for t in group]))
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 @runtime_checkable
@@ -114,7 +127,7 @@ class Distributor:
         """Whether :meth:`lora_norm_sq` is the Gaussian sketch (else exact)."""
         return self.norm_probes > 0
 
-    def lora_norm_sq(self, layer: LoRALayer, grad: LayerGradient, step: int) -> torch.Tensor:
+    def lora_norm_sq(self, layer: LoRALayer, grad: LayerGradient | ProductGradient, step: int) -> torch.Tensor:
         """``||P||_F^2`` of the layer's whole gradient (summed over ranks); ``step`` seeds the sketch.
 
         Exact: the Gram trick on the rows, or the dense store when the rows were folded into it.
@@ -124,12 +137,14 @@ class Distributor:
         is ``sqrt(2 sum s_i^4 / k) / sum s_i^2 <= sqrt(2 / k)`` (s_i: singular values of P), far below
         the bound for a gradient of high effective rank.
         """
+        if isinstance(grad, ProductGradient):  # cache-free: the sketch was taken in the hooks, already reduced
+            return grad.sketched_norm_sq()
         if not self.sketches_norm():
             if grad.dense is not None:
                 return grad.local_dense().square().sum() * grad.coef**2
             return frobenius_sq(grad.Z, grad.X) * grad.coef**2
         X = grad.X
-        seed = NORM_SKETCH_SEED + 1_000_003 * step + layer.index
+        seed = norm_sketch_seed(step, layer.index)
         omega = gaussian_probes(X.shape[1], self.norm_probes, seed, device=X.device,
                                 dtype=torch.float64 if X.dtype == torch.float64 else torch.float32)
         Y = sketched_product(grad.Z, X, omega, grad.dense)

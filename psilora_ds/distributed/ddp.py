@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..lora_layers import LoRALayer
-from .base import Distributor
+from .base import DEFAULT_NORM_PROBES, Distributor
 
 
 def balanced_owners(sizes: list[int], world_size: int) -> list[int]:
@@ -53,7 +53,7 @@ class DDPDistributor(Distributor):
         self.comm_bytes = {"all_reduce": 0, "broadcast": 0}
 
     def bind(self, layers: Sequence[LoRALayer], *, norm_probes: int = 0) -> None:
-        super().bind(layers, norm_probes=norm_probes or 32)
+        super().bind(layers, norm_probes=norm_probes or DEFAULT_NORM_PROBES)
         sizes = [(layer.in_features + layer.out_features) * (layer.rank + 2) for layer in layers]
         self._owners = balanced_owners(sizes, self.world_size)
 

@@ -1,7 +1,8 @@
 """Pure math kernels: functions on tensors, no state."""
 
 from .balance import balance_factors
-from .factored import dense_gradient, frobenius_sq, gaussian_probes, gradient_gram_diagonals, sketched_product
+from .factored import (dense_gradient, frobenius_sq, gaussian_probes, gradient_gram_diagonals, norm_sketch_seed,
+                       sketched_product, thin_products)
 from .linalg import compute_dtype, solve_spd_left, solve_spd_right
 from .lorsum import lorsum
 from .metrics import damped_power, kfac_diagonals, kfac_sums, shampoo_diagonals
@@ -18,10 +19,12 @@ __all__ = [
     "kfac_diagonals",
     "kfac_sums",
     "lorsum",
+    "norm_sketch_seed",
     "shampoo_diagonals",
     "sketched_product",
     "solve_spd_left",
     "solve_spd_right",
     "svd_project",
+    "thin_products",
     "weighted_svd_project",
 ]

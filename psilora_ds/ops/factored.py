@@ -73,6 +73,14 @@ def gradient_gram_diagonals(
     return d_in, d_out
 
 
+NORM_SKETCH_SEED = 0x7A5C
+
+
+def norm_sketch_seed(step: int, layer_index: int) -> int:
+    """The seed of the clipping-norm probes of one layer at one step (the same on every rank)."""
+    return NORM_SKETCH_SEED + 1_000_003 * step + layer_index
+
+
 def gaussian_probes(n: int, k: int, seed: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``Omega`` (n x k), standard Gaussian from ``seed`` (drawn on the CPU in float64, so every rank
     and device draws the same numbers)."""
@@ -89,3 +97,19 @@ def sketched_product(Z: torch.Tensor, X: torch.Tensor, omega: torch.Tensor,
     if dense is not None:
         Y += dense.to(omega.dtype) @ omega
     return Y
+
+
+def thin_products(
+    Z: torch.Tensor, X: torch.Tensor, left: torch.Tensor, right: torch.Tensor, omega: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What a Jacobi step needs of ``P = Z^T X``, for factors known before the backward pass
+    (METHOD.md section 6, cache-free steps): ``(left^T P (q x n), P right^T (m x q), sum_rows X**2 (n,),
+    sum_rows Z**2 (m,), P Omega (m x k) or None)`` in ``left``'s dtype, for ``left`` m x q (e.g. ``[B, M_B]``)
+    and ``right`` q x n (e.g. ``[A; M_A]``). ``N q (m + n)`` work; all are linear in the rows, so they add
+    up over micro-batches and ranks."""
+    cd = left.dtype
+    Zc, Xc = Z.to(cd), X.to(cd)
+    left_p = (Zc @ left).T @ Xc
+    right_p = Zc.T @ (Xc @ right.T)
+    sketch = None if omega is None else Zc.T @ (Xc @ omega)
+    return left_p, right_p, Xc.square().sum(0), Zc.square().sum(0), sketch

@@ -15,9 +15,11 @@ from torch import nn
 
 from ..capture import ActivationCapture, LayerBatch
 from ..distributed import Distributor, default_distributor
-from ..gradient import LayerGradient
+from ..distributed.base import DEFAULT_NORM_PROBES, all_reduce_flat_
+from ..gradient import LayerGradient, ProductGradient
 from ..lora_layers import LoRALayer, find_lora_layers, other_parameters
 from ..ops import compute_dtype
+from ..products import LayerProducts, ProductCapture
 from .options import LoRAOptions, OtherOptimizerFactory  # noqa: F401 - OtherOptimizerFactory re-exported
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class _StepPlan:
 
     skip: bool
     clip: float
-    grads: dict[int, LayerGradient]
+    grads: dict[int, LayerGradient | ProductGradient]
 
 
 class LoRAOptimizer(torch.optim.Optimizer):
@@ -58,7 +60,15 @@ class LoRAOptimizer(torch.optim.Optimizer):
         super().__init__([{"params": params, "name": "lora"}], defaults)
         self._lora_group = self.param_groups[0]
         self.max_grad_norm = self.options.max_grad_norm  # engine helpers may reconcile their setting into it
-        self.capture = ActivationCapture(self.layers, max_bytes=self.options.cache_max_bytes, fold=self.options.fold)
+        blocker = self._cache_free_blocker(self._lora_group)
+        if self.options.cache_free and blocker:
+            raise ValueError(f"cache_free=True is not possible: {blocker}")
+        # cache-free (METHOD.md section 6): thin products accumulated in the hooks, no rows kept
+        self.cache_free = blocker is None if self.options.cache_free is None else self.options.cache_free
+        self.capture: ActivationCapture = (
+            ProductCapture(self.layers, self._sketch_probes) if self.cache_free
+            else ActivationCapture(self.layers, max_bytes=self.options.cache_max_bytes, fold=self.options.fold))
+        self._logged_memory = self._logged_sketch = False
         others = other_parameters(model, self.layers)
         self.other_optimizer: torch.optim.Optimizer | None = None
         if others:
@@ -92,6 +102,35 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self._check_distributor(distributor)
         self.distributor = distributor
         distributor.bind(self.layers, norm_probes=self.options.clip_norm_probes)
+        self.refresh_factors()
+
+    @torch.no_grad()
+    def refresh_factors(self) -> None:
+        """Cache-free steps: take the model's LoRA factors as they are now (and this optimizer's momentum
+        factors) as those the next step's products are taken at, dropping anything captured since the last
+        step. Every rank calls it (factors may be gathered, sharded state broadcast). :meth:`attach` and
+        :meth:`load_state_dict` call it; call it after changing the factors any other way. No-op otherwise."""
+        if not self.cache_free:
+            return
+        d, group = self.distributor, self._lora_group
+        self.capture.clear()
+        for layer in self.layers:
+            A, B = d.read_factors(layer, group["params"])
+            state = self.state.get(layer.A)
+            if state:  # present on every rank alike (scalars where the layer is owned elsewhere)
+                d.materialize_state(layer, state, lambda layer=layer: self._init_state(layer, group))
+                self.capture.set_factors(layer.index, A, B, self._momentum_factors(state, group))
+                d.release_state(layer, state)
+            else:  # never stepped: its state will be the deterministic initial one
+                self.capture.set_factors(layer.index, A, B,
+                                         self._momentum_factors(self._init_state(layer, group), group))
+        self.capture.step = self.steps_taken
+
+    def _sketch_probes(self) -> int:
+        """Probes of the clipping norm's sketch the cache-free hooks take (0: no clipping, no sketch)."""
+        if not self.max_grad_norm or self.max_grad_norm <= 0:
+            return 0
+        return self.distributor.norm_probes or DEFAULT_NORM_PROBES
 
     def set_accumulation_steps(self, steps: int | None) -> None:
         """Micro-batches per optimizer step (None: learn it from the steps taken): the capture hooks stop
@@ -120,6 +159,14 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     def _check_distributor(self, distributor: Distributor) -> None:
         """Raise a one-line error when this optimizer cannot run under ``distributor``."""
+
+    def _cache_free_blocker(self, group: dict[str, Any]) -> str | None:
+        """Why steps with ``group``'s hyperparameters need the activation rows (None: they do not)."""
+        return f"{type(self).__name__} needs the activation rows"
+
+    def _momentum_factors(self, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(M_A, M_B)`` of a layer's low-rank momentum in ``state`` (None: no low-rank momentum)."""
+        return None
 
     # ---- what a subclass provides -------------------------------------------------------------
     def _init_state(self, layer: LoRALayer, group: dict[str, Any]) -> dict[str, Any]:
@@ -168,11 +215,19 @@ class LoRAOptimizer(torch.optim.Optimizer):
             if not plan.skip:
                 self._step_lora(plan)
                 self.steps_taken += 1
+                if self.cache_free:
+                    self.capture.step = self.steps_taken  # seeds the next step's norm-sketch probes
             self._plan = None
         return loss
 
     def _make_plan(self, others_now: list[dict[str, Any]]) -> _StepPlan:
+        if self.cache_free and (blocker := self._cache_free_blocker(self._lora_group)):
+            raise ValueError(f"this step cannot be cache-free: {blocker} (the hyperparameters changed after the "
+                             "optimizer was built?); build it with cache_free=False")
         self.last_cache_bytes = self.capture.peak_nbytes
+        if not self._logged_memory:
+            self._logged_memory = True
+            self._log_capture_memory()
         if self.capture.pending_microbatches > self._microbatches_per_step:
             self._microbatches_per_step = self.capture.pending_microbatches
             self.set_accumulation_steps(self.options.accumulation_steps)
@@ -183,7 +238,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         flags = torch.zeros(len(self.layers) + 1, dtype=torch.float64, device=self.layers[0].A.device)
         for idx, batch in batches.items():
             flags[idx] = batch.rows
-        autograd = {idx: pair for idx in batches if (pair := self._autograd_products(idx)) is not None}
+        autograd = {} if self.cache_free else \
+            {idx: pair for idx in batches if (pair := self._autograd_products(idx)) is not None}
         flags[-1] = 0.0 if self._all_finite(batches, autograd, others_now) else 1.0
         flags = d.all_reduce_(flags).tolist()
         if flags[-1] > 0:
@@ -192,8 +248,16 @@ class LoRAOptimizer(torch.optim.Optimizer):
             return _StepPlan(skip=True, clip=1.0, grads={})
         # A layer that captured nothing on any rank is left out: it keeps its factors and state,
         # as torch optimizers skip parameters whose grad is None.
-        grads = {idx: self._layer_gradient(idx, batches.get(idx), int(rows), autograd.get(idx))
-                 for idx, rows in enumerate(flags[:-1]) if rows > 0}
+        if self.cache_free:
+            grads = self._product_gradients(batches, flags[:-1])
+        else:
+            grads = {idx: self._layer_gradient(idx, batches.get(idx), int(rows), autograd.get(idx))
+                     for idx, rows in enumerate(flags[:-1]) if rows > 0}
+        if self.cache_free and self.max_grad_norm and not d.sketches_norm() and not self._logged_sketch:
+            self._logged_sketch = True
+            logger.warning("cache-free steps keep no rows, so the clipping norm is the %d-probe Gaussian sketch "
+                           "(relative sd <= %.2f), not the exact one-process norm; cache_free=False keeps the rows",
+                           self._sketch_probes(), math.sqrt(2 / self._sketch_probes()))
         clip = self._clip_coefficient(grads, others_now)
         for grad in grads.values():
             grad.coef *= clip
@@ -219,8 +283,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
             state = self.state[layer.A]
             d.materialize_state(layer, state, lambda: self._init_state(layer, group))
             A, B = d.read_factors(layer, group["params"])
+            if self.cache_free:
+                self.capture.check_factors(idx, A, B)
             A_new, B_new = self._update_layer(layer, state, A, B, grad, group)
             d.write_factors(layer, group["params"], A_new, B_new)
+            if self.cache_free:  # the next step's products are taken at the new factors
+                self.capture.set_factors(idx, A_new, B_new, self._momentum_factors(state, group))
             d.release_state(layer, state)
             if grad.autograd is not None:  # consumed: the next step's gradients start from zero
                 layer.A.grad = layer.B.grad = None
@@ -228,7 +296,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
     def _autograd_products(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Autograd's ``(A.grad, B.grad)`` of layer ``idx`` when the step may use them in place of the
         products at the current factors: one process, plain fp32/fp64 tensors (not DTensor shards)."""
-        if not self.reuse_autograd_grads or self.distributor.world_size != 1:
+        if self.cache_free or not self.reuse_autograd_grads or self.distributor.world_size != 1:
             return None
         layer = self.layers[idx]
         gA, gB = layer.A.grad, layer.B.grad
@@ -245,6 +313,31 @@ class LoRAOptimizer(torch.optim.Optimizer):
             batch = LayerBatch(xs=[torch.zeros(0, layer.in_features, dtype=dtype, device=layer.A.device)],
                                zs=[torch.zeros(0, layer.out_features, dtype=dtype, device=layer.A.device)])
         return LayerGradient(batch, self.distributor.grad_coef(), rows, self.distributor.reduce, autograd)
+
+    def _product_gradients(self, batches: dict[int, LayerProducts], rows: list[float]) -> dict[int, ProductGradient]:
+        """The cache-free gradients of the layers that captured rows on some rank: every rank's products
+        summed by one flat all-reduce for all layers (a rank that saw none of a layer adds zeros)."""
+        present = [idx for idx, n in enumerate(rows) if n > 0]
+        products = {idx: batches.get(idx) or self.capture.zeros(idx) for idx in present}
+        if self.distributor.reduce is not None:
+            all_reduce_flat_([t for idx in present for t in products[idx].tensors()], self.distributor.reduce)
+        coef = self.distributor.grad_coef()
+        return {idx: ProductGradient(products[idx], self.layers[idx].rank, coef, int(rows[idx])) for idx in present}
+
+    def _log_capture_memory(self) -> None:
+        """Once, at the first step: what the capture holds per rank, and what the other mode would."""
+        mib = 2.0**-20
+        if self.cache_free:
+            held = self.capture.nbytes
+            logger.info("cache-free capture: no activation rows kept; %.1f MiB of thin products and %.1f MiB of "
+                        "probe factors per rank", held * mib, self.capture.factor_nbytes * mib)
+            return
+        rows = sum(layer.in_features + layer.out_features for layer in self.layers)
+        # cache-free Jacobi steps hold (2r)(m + n) + m + n fp32 numbers per layer (momentum of rank r)
+        products = sum((2 * layer.rank + 1) * (layer.in_features + layer.out_features) for layer in self.layers) * 4
+        logger.info("activation cache: %.1f MiB per rank at its peak in the first step (%.2f MiB per token of "
+                    "rows); cache-free steps (iters=0) would hold about %.1f MiB of products instead",
+                    self.capture.peak_nbytes * mib, rows * 4 * mib, products * mib)
 
     def state_nbytes(self) -> int:
         """Bytes of the LoRA layers' optimizer state this rank holds (its owned layers when sharded)."""
@@ -269,8 +362,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         non-finite entry of ``X`` or ``Z`` makes ``B.grad = s Z^T (X A^T)`` non-finite (IEEE:
         ``inf * 0`` is NaN, so no multiplier hides it), which reads ``r (m + n)`` numbers instead of
         ``N (m + n)``."""
-        tensors = [t for i, b in batches.items() for t in (autograd[i] if i in autograd else (*b.xs, *b.zs))]
-        tensors += [b.dense for b in batches.values() if b.dense is not None]
+        tensors = [t for i, b in batches.items() for t in (autograd[i] if i in autograd else b.tensors())]
         tensors += self._local_other_grads(other_groups)
         if not tensors:
             return True
@@ -367,6 +459,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self.steps_taken = state_dict.get("steps_taken", 0)
         self.capture.clear()
         self._plan = None
+        self.refresh_factors()
 
     def remove_hooks(self) -> None:
         """Detach the capture hooks from the model (the optimizer cannot step afterwards)."""

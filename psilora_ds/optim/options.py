@@ -33,6 +33,11 @@ class LoRAOptions:
             AdamW. Default 1e-4 (the authors' choice for heads).
         distributor: the parallel engine's adapter (default: data parallel over the world group when
             torch.distributed is initialized with several ranks, else one process).
+        cache_free: keep no activation rows: each micro-batch's thin products at the step's starting factors
+            are accumulated in the hooks (METHOD.md section 6), exact for Jacobi steps (``iters=0``). None
+            (default): on whenever the method allows it (``iters=0``, the K-FAC metric); True: required (an
+            error says why when it cannot be); False: keep the rows. Cache-free steps estimate the clipping
+            norm by the Gaussian sketch (``clip_norm_probes``, 32 when 0), also in one process (logged once).
         cache_max_bytes: activation-cache budget per rank: rows are kept (fastest) while they fit, then
             layers are folded into dense fp32 stores, largest saving first (None: fold a layer as soon
             as its dense store is smaller).
@@ -50,6 +55,7 @@ class LoRAOptions:
     other_optimizer: OtherOptimizerFactory | None = None
     other_lr: float = DEFAULT_OTHER_LR
     distributor: Distributor | None = None
+    cache_free: bool | None = None
     cache_max_bytes: int | None = None
     fold: bool = True
     reuse_autograd_grads: bool = True

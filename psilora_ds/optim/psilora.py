@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..gradient import LayerGradient
+from ..gradient import LayerGradient, ProductGradient
 from ..lora_layers import LoRALayer
 from ..ops import balance_factors, compute_dtype, lorsum
 from .base import LoRAOptimizer
@@ -31,19 +31,27 @@ def init_low_rank_momentum(layer: LoRALayer, rank_multiplier: float) -> dict[str
 
 
 def low_rank_momentum_update(
-    state: dict[str, Any], grad: LayerGradient, *, beta: float, grad_scale: float, lam: float, iters: int
+    state: dict[str, Any], grad: LayerGradient | ProductGradient, *, beta: float, grad_scale: float, lam: float, iters: int
 ) -> None:
     """``M <- LoRSum(beta M + grad_scale P)`` warm-started at the old factors, then re-factored in
     balanced form (:func:`~psilora_ds.ops.balance_factors`: the same product)."""
     M_A, M_B = lorsum(
         state["momentum_A"], state["momentum_B"], grad.terms(grad_scale), c0=beta, lam=lam, iters=iters,
-        reduce=grad.reduce,
+        reduce=grad.reduce, known_products=grad.known_momentum_products(grad_scale),
     )
     # Only the product M_B M_A is the momentum; left alone, the factors drift apart in scale (on the
     # paper authors' stochastic linear task |M_A| ~ 3e-3 and |M_B| ~ 2e4), the proximal weight lam then
     # dominates one half-step, and the loss rises late in training (METHOD.md section 3, gauge).
     M_A, M_B = balance_factors(M_A, M_B)
     state["momentum_A"], state["momentum_B"] = M_A, M_B
+
+
+def jacobi_blocker(iters: int) -> str | None:
+    """Why LoRSum with ``iters`` inner iterations needs the activation rows (None: it does not)."""
+    if iters == 0:
+        return None
+    return (f"iters={iters} alternates between factors found during the step, whose products with the gradient "
+            "only the cached rows give (cache-free steps are Jacobi steps, iters=0)")
 
 
 class PSILoRA(LoRAOptimizer):
@@ -89,6 +97,12 @@ class PSILoRA(LoRAOptimizer):
 
     def _init_state(self, layer, group) -> dict[str, Any]:
         return init_low_rank_momentum(layer, group["rank_multiplier"]) if group["momentum"] > 0 else {}
+
+    def _cache_free_blocker(self, group) -> str | None:
+        return jacobi_blocker(group["iters"])
+
+    def _momentum_factors(self, state, group):
+        return (state["momentum_A"], state["momentum_B"]) if group["momentum"] > 0 else None
 
     def _update_layer(self, layer, state, A, B, grad, group):
         beta, iters = group["momentum"], group["iters"]

@@ -11,7 +11,7 @@ from torch import nn
 from ..gradient import LayerGradient
 from ..ops import compute_dtype, damped_power, kfac_diagonals, lorsum, shampoo_diagonals
 from .base import LoRAOptimizer
-from .psilora import init_low_rank_momentum, low_rank_momentum_update
+from .psilora import init_low_rank_momentum, jacobi_blocker, low_rank_momentum_update
 
 METRICS = ("kfac", "shampoo")
 
@@ -71,6 +71,14 @@ class ScaledPSILoRA(LoRAOptimizer):
                 "metric='shampoo' needs the column norms of the rank-summed gradient, which data parallelism "
                 "cannot reduce from thin products; use metric='kfac' with several ranks"
             )
+
+    def _cache_free_blocker(self, group) -> str | None:
+        if group["metric"] == "shampoo":
+            return "metric='shampoo' needs the column norms of the whole gradient, which only the rows give"
+        return jacobi_blocker(group["iters"])
+
+    def _momentum_factors(self, state, group):
+        return (state["momentum_A"], state["momentum_B"]) if group["betas"][0] > 0 else None
 
     def _init_state(self, layer, group) -> dict[str, Any]:
         dtype = compute_dtype(layer.lora_A.weight.dtype)

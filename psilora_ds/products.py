@@ -1,0 +1,143 @@
+"""Cache-free capture: the thin products of each layer's gradient, accumulated in the hooks
+(METHOD.md section 6, cache-free Jacobi steps).
+
+A Jacobi step (``iters=0``) needs ``P = sum_i Z_i^T X_i`` only through products with matrices known
+before the backward pass: ``B^T P`` and ``P A^T`` (the LoRA gradients at the current factors),
+``M_B^T P`` and ``P M_A^T`` (the low-rank momentum update), the K-FAC row sums of ``X**2`` and
+``Z**2``, and the sketch ``P Omega`` of the clipping norm. All are linear in the rows, so each
+micro-batch adds its share in the backward hook and its rows are dropped at once: the capture holds
+``q (m + n) + m + n (+ m k)`` numbers per layer (``q = r + r_m``) whatever the number of tokens,
+instead of ``N (m + n)``.
+
+The products are taken at *probe factors*: the factors (and momentum factors) of the step about to
+be taken, which the optimizer hands over after each step (:meth:`ProductCapture.set_factors`) and
+checks against the factors it reads at the next one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .capture import ActivationCapture
+from .lora_layers import LoRALayer
+from .ops import compute_dtype, gaussian_probes, norm_sketch_seed, thin_products
+
+
+@dataclass
+class LayerProducts:
+    """One layer's accumulated products since the last step (``left = [B, M_B]``, ``right = [A; M_A]``)."""
+
+    left: torch.Tensor  # left^T P (q x n)
+    right: torch.Tensor  # P right^T (m x q)
+    sum_x2: torch.Tensor  # (n,)
+    sum_z2: torch.Tensor  # (m,)
+    sketch: torch.Tensor | None  # P Omega (m x k), when the clipping norm is wanted
+    rows: int = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.left, self.right, self.sum_x2, self.sum_z2, self.sketch) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def add_(self, other: tuple[torch.Tensor, ...], rows: int) -> None:
+        for mine, new in zip(self.tensors(), (t for t in other if t is not None)):
+            mine.add_(new)
+        self.rows += rows
+
+
+class StaleFactorsError(RuntimeError):
+    """The LoRA factors changed outside the optimizer since the products were taken."""
+
+
+class ProductCapture(ActivationCapture):
+    """Hooks like :class:`~psilora_ds.capture.ActivationCapture`, keeping thin products instead of rows.
+
+    ``sketch_probes``: called at each micro-batch, the number ``k`` of Gaussian probes of the clipping
+    norm's sketch (0: no sketch); the probes of layer ``i`` at step ``t`` are seeded by
+    ``norm_sketch_seed(t, i)``, ``t`` = :attr:`step`, so every rank draws the same ones.
+    """
+
+    def __init__(self, layers: list[LoRALayer], sketch_probes: Callable[[], int]):
+        super().__init__(layers, max_bytes=None, fold=False)
+        self.sketch_probes = sketch_probes
+        self.step = 0
+        self._factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (left m x q, right q x n)
+        self._omegas: dict[int, torch.Tensor] = {}  # this step's probes, drawn once per layer
+
+    def set_factors(self, idx: int, A: torch.Tensor, B: torch.Tensor,
+                    momentum: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """The factors ``(A, B)`` (and momentum factors ``(M_A, M_B)``) of layer ``idx`` at the next step."""
+        cd = compute_dtype(A.dtype)
+        A, B = A.detach().to(cd), B.detach().to(cd)
+        if momentum is not None:
+            M_A, M_B = momentum
+            A, B = torch.cat([A, M_A.to(A.dtype)]), torch.cat([B, M_B.to(B.dtype)], 1)
+        self._factors[idx] = (B.clone(), A.clone())
+
+    def check_factors(self, idx: int, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Raise :class:`StaleFactorsError` when ``(A, B)`` are not the factors the products were taken at."""
+        left, right = self._factors[idx]
+        r = A.shape[0]
+        if not (torch.equal(right[:r], A.to(right.dtype)) and torch.equal(left[:, :r], B.to(left.dtype))):
+            raise StaleFactorsError(
+                f"the LoRA factors of {self.layers[idx].name} changed outside the optimizer after its last step "
+                "(an adapter or checkpoint loaded into the model?): the cache-free products were taken at the old "
+                "ones. Call optimizer.refresh_factors() after changing factors (optimizer.load_state_dict does), "
+                "or build the optimizer with cache_free=False")
+
+    def factor_width(self, idx: int) -> int:
+        """``q = r + r_m``: the number of probe factors of layer ``idx``."""
+        return self._factors[idx][0].shape[1]
+
+    def zeros(self, idx: int) -> LayerProducts:
+        """Products of no rows, shaped for layer ``idx`` (a rank that saw none takes part in the reduction)."""
+        left, right = self._factors[idx]
+        k = self.sketch_probes()
+        m, n = left.shape[0], right.shape[1]
+        new = left.new_zeros
+        return LayerProducts(new(left.shape[1], n), new(m, left.shape[1]), new(n), new(m),
+                             new(m, k) if k > 0 else None)
+
+    def _omega(self, idx: int, n: int, k: int, like: torch.Tensor) -> torch.Tensor:
+        omega = self._omegas.get(idx)
+        if omega is None or omega.shape[1] != k:
+            omega = gaussian_probes(n, k, norm_sketch_seed(self.step, self.layers[idx].index),
+                                    dtype=like.dtype, device=like.device)
+            self._omegas[idx] = omega
+        return omega
+
+    def _store(self, idx: int, X: torch.Tensor, Z: torch.Tensor) -> None:
+        if idx not in self._factors:
+            raise RuntimeError("cache-free capture without probe factors: the optimizer did not set them")
+        left, right = self._factors[idx]
+        k = self.sketch_probes()
+        omega = self._omega(idx, X.shape[1], k, left) if k > 0 else None
+        # full precision whatever autocast a backward inside an autocast region would apply
+        with torch.autocast(device_type=X.device.type, enabled=False):
+            new = thin_products(Z, X, left, right, omega)
+        batch = self._batches.get(idx)
+        if batch is None:
+            self._batches[idx] = LayerProducts(*new, rows=X.shape[0])
+        else:
+            batch.add_(new, X.shape[0])
+
+    def pop(self) -> dict[int, LayerProducts]:
+        self._omegas = {}
+        return super().pop()
+
+    def clear(self) -> None:
+        self._omegas = {}
+        super().clear()
+
+    def forget_factors(self) -> None:
+        self._factors = {}
+
+    @property
+    def factor_nbytes(self) -> int:
+        """Bytes of the probe factors held (replicated on every rank)."""
+        return sum(t.numel() * t.element_size() for pair in self._factors.values() for t in pair)
