@@ -212,7 +212,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
             if others_now and self.other_optimizer is not None:
                 self._step_other(others_now, plan.clip)
         if any(g is self._lora_group for g in groups_now):
-            if not plan.skip:
+            if not plan.skip and plan.grads:
+                # (ZeRO-3 calls step() once per param group with every group listed: the calls after the
+                # one that consumed the capture find nothing and are not steps)
                 self._step_lora(plan)
                 self.steps_taken += 1
                 if self.cache_free:
@@ -224,7 +226,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if self.cache_free and (blocker := self._cache_free_blocker(self._lora_group)):
             raise ValueError(f"this step cannot be cache-free: {blocker} (the hyperparameters changed after the "
                              "optimizer was built?); build it with cache_free=False")
-        self.last_cache_bytes = self.capture.peak_nbytes
+        peak_cache_bytes = self.capture.peak_nbytes
         if not self._logged_memory:
             self._logged_memory = True
             self._log_capture_memory()
@@ -258,6 +260,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
             logger.warning("cache-free steps keep no rows, so the clipping norm is the %d-probe Gaussian sketch "
                            "(relative sd <= %.2f), not the exact one-process norm; cache_free=False keeps the rows",
                            self._sketch_probes(), math.sqrt(2 / self._sketch_probes()))
+        if grads:  # (not a ZeRO-3 call after the one that consumed the capture)
+            self.last_cache_bytes = peak_cache_bytes
         clip = self._clip_coefficient(grads, others_now)
         for grad in grads.values():
             grad.coef *= clip
@@ -387,8 +391,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
     def _clip_coefficient(self, grads: dict[int, LayerGradient], other_groups: list[dict[str, Any]]) -> float:
         if not self.max_grad_norm or self.max_grad_norm <= 0:
             return 1.0
-        self.last_grad_norm = self.grad_norm(grads, other_groups)
-        return min(1.0, self.max_grad_norm / (self.last_grad_norm + CLIP_EPS))
+        norm = self.grad_norm(grads, other_groups)
+        if grads:  # (not a ZeRO-3 call after the one that consumed the capture)
+            self.last_grad_norm = norm
+        return min(1.0, self.max_grad_norm / (norm + CLIP_EPS))
 
     def prox_weight(self, group: dict[str, Any]) -> float:
         """``lam = lr * prox``, floored (METHOD.md section 2)."""

@@ -75,6 +75,7 @@ class TrainConfig:
     warmup_steps: int = opt(10, "warm-up optimizer steps")
     max_grad_norm: float = opt(1.0, "full-gradient clipping norm (fills \"auto\" in the DeepSpeed config); 0: off")
     clip_norm_probes: int = opt(0, "clipping norm: 0 exact in one process (several ranks: 32-probe sketch); k > 0: Gaussian sketch with k probes")
+    cache_free: bool | None = opt(None, "keep no activation rows: thin products accumulated in the hooks, exact for Jacobi steps (iters 0, K-FAC metric); null: on where possible; true: required (error otherwise); false: keep rows")
     cache_max_bytes: int | None = opt(None, "PSI-LoRA activation-cache budget per rank: rows kept (fastest) while they fit, layers folded to dense fp32 over it; null: fold each layer once dense is smaller")
     # --- run -------------------------------------------------------------------------------------
     ds_config: str | None = opt(None, "DeepSpeed JSON config; null: plain PyTorch (one process, or DDP under torchrun)")
@@ -125,7 +126,7 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         if kind.startswith("str") and not isinstance(value, str):
             raise ValueError
-        if kind == "bool" and not isinstance(value, bool):
+        if kind.startswith("bool") and not isinstance(value, bool):
             raise ValueError
         if kind == "list" and not isinstance(value, list):
             raise ValueError

@@ -1,0 +1,241 @@
+"""Cache-free Jacobi steps (METHOD.md section 6): thin products accumulated in the capture hooks equal
+the cached-rows implementation, keep no rows, and refuse what they cannot serve."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
+from psilora_ds.ops import thin_products
+from psilora_ds.products import ProductCapture, StaleFactorsError
+
+from .distributed import regression_batches, rel_err, run_distributed
+from .models import lora_two_layer_net
+
+STEPS, ACC, B = 4, 3, 4  # optimizer steps, micro-batches per step, rows per micro-batch and rank
+CLIP = 0.05  # below the gradient norm of these steps: clipping is active
+
+
+def make(name, model, **kw):
+    if name == "preconditioned":
+        return PreconditionedLoRA(model, 0.2, **kw)
+    if name == "psilora":
+        return PSILoRA(model, 0.2, momentum=0.9, iters=0, **kw)
+    return ScaledPSILoRA(model, 1e-2, betas=(0.9, 0.99), iters=0, damping=1e-6, **kw)
+
+
+NAMES = ("preconditioned", "psilora", "scaled")
+
+
+def test_thin_products_against_the_dense_gradient():
+    g = torch.Generator().manual_seed(0)
+    N, m, n, q, k = 50, 7, 9, 5, 4
+    Z, X = torch.randn(N, m, generator=g, dtype=torch.float64), torch.randn(N, n, generator=g, dtype=torch.float64)
+    left, right = torch.randn(m, q, generator=g, dtype=torch.float64), torch.randn(q, n, generator=g, dtype=torch.float64)
+    omega = torch.randn(n, k, generator=g, dtype=torch.float64)
+    P = Z.T @ X
+    lp, rp, sx, sz, sk = thin_products(Z, X, left, right, omega)
+    for got, want in ((lp, left.T @ P), (rp, P @ right.T), (sx, (X**2).sum(0)), (sz, (Z**2).sum(0)), (sk, P @ omega)):
+        assert rel_err(got, want) < 1e-13
+
+
+def one_process_run(name, cache_free, *, clip=CLIP, dtype=torch.float32):
+    model = lora_two_layer_net(dtype=dtype, head_trainable=True, nonzero_B=False)
+    opt = make(name, model, cache_free=cache_free, max_grad_norm=clip, clip_norm_probes=32, accumulation_steps=ACC)
+    cache = []
+    for step, (x, t) in enumerate(regression_batches(5, STEPS * ACC, 2 * B)):
+        F.mse_loss(model(x.to(dtype)), t.to(dtype)).div(ACC).backward()
+        if step % ACC == ACC - 1:
+            opt.step()
+            opt.zero_grad()
+            cache.append(opt.last_cache_bytes)
+    return opt, {layer.name: (layer.A.detach().clone(), layer.B.detach().clone()) for layer in opt.layers}, cache
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_process_cache_free_equals_the_cached_rows(name):
+    """Accumulation over 3 micro-batches, clipping by the 32-probe sketch in both: the same factors (1e-6,
+    fp32), the same norm, and no rows held (the cached run held some)."""
+    rows_opt, rows, rows_cache = one_process_run(name, cache_free=False)
+    free_opt, free, free_cache = one_process_run(name, cache_free=True)
+    assert free_opt.cache_free and not rows_opt.cache_free
+    for layer, (A, B_) in rows.items():
+        assert rel_err(free[layer][0], A) <= 1e-6 and rel_err(free[layer][1], B_) <= 1e-6
+    assert free_opt.last_grad_norm == pytest.approx(rows_opt.last_grad_norm, rel=1e-6)
+    assert free_opt.last_grad_norm > CLIP  # clipping was active
+    assert free_cache == [0] * STEPS and min(rows_cache) > 0
+
+
+def test_float64_cache_free_is_exact():
+    _, rows, _ = one_process_run("scaled", cache_free=False, dtype=torch.float64)
+    _, free, _ = one_process_run("scaled", cache_free=True, dtype=torch.float64)
+    for layer, (A, B_) in rows.items():
+        assert rel_err(free[layer][0], A) <= 1e-12 and rel_err(free[layer][1], B_) <= 1e-12
+
+
+def test_the_choice_and_the_refusals():
+    net = lora_two_layer_net
+    assert PreconditionedLoRA(net(), 0.1).cache_free  # default: on where the method allows it
+    assert ScaledPSILoRA(net(), 1e-3, iters=0).cache_free
+    assert not PSILoRA(net(), 0.1, iters=1).cache_free
+    assert not ScaledPSILoRA(net(), 1e-3, iters=0, metric="shampoo").cache_free
+    assert not PreconditionedLoRA(net(), 0.1, cache_free=False).cache_free
+    assert isinstance(PreconditionedLoRA(net(), 0.1).capture, ProductCapture)
+    with pytest.raises(ValueError, match="cache_free=True is not possible: iters=2"):
+        PSILoRA(net(), 0.1, iters=2, cache_free=True)
+    with pytest.raises(ValueError, match="metric='shampoo'"):
+        ScaledPSILoRA(net(), 1e-3, iters=0, metric="shampoo", cache_free=True)
+    with pytest.raises(ValueError, match="SVDLoRA needs the activation rows"):
+        SVDLoRA(net(), 0.1, cache_free=True)
+    # hyperparameters changed after construction to ones cache-free steps cannot take: an error, not a wrong step
+    model = net()
+    opt = PSILoRA(model, 0.1, iters=0)
+    opt.lora_group["iters"] = 1
+    model(torch.randn(4, 12, dtype=torch.float64)).sum().backward()
+    with pytest.raises(ValueError, match="this step cannot be cache-free: iters=1"):
+        opt.step()
+
+
+def test_one_process_exact_norm_falls_back_to_the_sketch_visibly(caplog):
+    model = lora_two_layer_net()
+    opt = PreconditionedLoRA(model, 0.1, max_grad_norm=1e-3)  # clip_norm_probes=0 asks for the exact norm
+    with caplog.at_level(logging.WARNING, logger="psilora_ds"):
+        for _ in range(2):
+            model(torch.randn(4, 12, dtype=torch.float64)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    lines = [r.message for r in caplog.records if "32-probe Gaussian sketch" in r.message]
+    assert len(lines) == 1 and "cache_free=False" in lines[0]
+
+
+def test_factors_changed_outside_are_an_error_until_refreshed():
+    model = lora_two_layer_net()
+    opt = PSILoRA(model, 0.1, momentum=0.9, iters=0)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    model(x).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        opt.layers[0].A.mul_(1.5)  # e.g. an adapter loaded into the model
+    model(x).sum().backward()
+    with pytest.raises(StaleFactorsError, match="refresh_factors"):
+        opt.step()
+    opt.zero_grad()
+    opt.refresh_factors()
+    model(x).sum().backward()
+    opt.step()  # products taken at the new factors: accepted
+
+
+def test_load_state_dict_resumes_exactly():
+    """Save after 2 steps, load into a fresh optimizer over the restored model: the next steps equal the
+    uninterrupted run's (the momentum factors and the factors are re-read at load)."""
+    data = regression_batches(9, 5, 8)
+
+    def run(resume_at=None):
+        model = lora_two_layer_net(dtype=torch.float32, head_trainable=True)
+        opt = make("scaled", model)
+        for i, (x, t) in enumerate(data):
+            if i == resume_at:
+                saved_model, saved_opt = {k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict()
+                model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, seed=1)
+                opt = make("scaled", model)
+                model.load_state_dict(saved_model)
+                opt.load_state_dict(saved_opt)
+            F.mse_loss(model(x), t).backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach() for layer in opt.layers for p in (layer.A, layer.B)]
+
+    for a, b in zip(run(), run(resume_at=2)):
+        assert rel_err(b, a) <= 1e-6
+
+
+# ---- 2 ranks: DDP, DeepSpeed ZeRO 2 and 3, FSDP2, each cached vs cache-free -----------------------
+ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
+
+
+def engine_worker(rank, world, out):
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    import psilora_ds.distributed.deepspeed as psd
+    from psilora_ds.distributed import DDPDistributor
+
+    from .test_deepspeed import ds_config, full_factors
+
+    data = regression_batches(17, STEPS * ACC, 2 * B)
+    for engine_name in ENGINES:
+        for name in NAMES:
+            for cache_free in (False, True):
+                model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+                kw = dict(cache_free=cache_free, accumulation_steps=ACC)
+                if engine_name == "ddp":
+                    opt = make(name, model, max_grad_norm=CLIP, distributor=DDPDistributor(shard_state=True), **kw)
+                    forward = DistributedDataParallel(model)
+                elif engine_name == "fsdp2":
+                    net = model.base_model.model
+                    for sub in (net.fc1, net.fc2):
+                        fully_shard(sub)
+                    fully_shard(model)
+                    opt = make(name, model, max_grad_norm=CLIP, **kw)
+                    forward = model
+                else:
+                    opt = make(name, model, **kw)
+                    cfg = ds_config(int(engine_name[-1]), micro_batch=B, clip=CLIP, gas=ACC)
+                    forward, _, _, _ = psd.initialize(model=model, optimizer=opt, config=cfg)
+                for i, (x, t) in enumerate(data):
+                    rows = slice(rank * B, (rank + 1) * B)
+                    loss = F.mse_loss(forward(x[rows]), t[rows])
+                    if engine_name.startswith("zero"):
+                        forward.backward(loss)
+                        forward.step()
+                    else:
+                        (loss / ACC).backward()
+                        if i % ACC == ACC - 1:
+                            opt.step()
+                            opt.zero_grad()
+                assert opt.steps_taken == STEPS, (engine_name, name, cache_free, opt.steps_taken, opt.skipped_steps)
+                if engine_name.startswith("zero"):
+                    factors = full_factors(opt)
+                    opt.distributor.close()
+                elif engine_name == "fsdp2":
+                    factors = {layer.name: (layer.A.full_tensor().detach().clone(), layer.B.full_tensor().detach().clone())
+                               for layer in opt.layers}
+                else:
+                    factors = {layer.name: (layer.A.detach().clone(), layer.B.detach().clone()) for layer in opt.layers}
+                torch.save({"factors": factors, "cache": opt.last_cache_bytes, "cache_free": opt.cache_free,
+                            "norm": opt.last_grad_norm}, out / f"{engine_name}-{name}-{cache_free}-rank{rank}.pt")
+                opt.remove_hooks()
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory):
+    _build_deepspeed_ops()  # once, here, before the ranks race to JIT-compile it
+    out = tmp_path_factory.mktemp("cache_free")
+    run_distributed(engine_worker, 2, out)
+    return out
+
+
+def _build_deepspeed_ops():
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_ranks_cache_free_equals_the_cached_rows(engine_runs, engine, name):
+    """Same factors on every rank (1e-6, fp32) after 4 steps of 3 accumulated micro-batches with clipping,
+    cache-free against the cached rows; the cache-free runs held no rows."""
+    for rank in range(2):
+        rows = torch.load(engine_runs / f"{engine}-{name}-False-rank{rank}.pt")
+        free = torch.load(engine_runs / f"{engine}-{name}-True-rank{rank}.pt")
+        assert free["cache_free"] and not rows["cache_free"]
+        assert free["cache"] == 0 and rows["cache"] > 0
+        assert free["norm"] == pytest.approx(rows["norm"], rel=1e-6) and free["norm"] > CLIP
+        for layer, (A, B_) in rows["factors"].items():
+            assert rel_err(free["factors"][layer][0], A) <= 1e-6
+            assert rel_err(free["factors"][layer][1], B_) <= 1e-6
