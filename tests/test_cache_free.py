@@ -210,6 +210,28 @@ def engine_worker(rank, world, out):
                 opt.remove_hooks()
 
 
+    # collectives per step against the number of LoRA layers (DDP, replicated state, clipping)
+    from peft import LoraConfig, get_peft_model
+
+    from .models import TwoLayerNet
+
+    counts = {}
+    for targets in (["fc1"], ["fc1", "fc2"]):
+        for cache_free in (False, True):
+            torch.manual_seed(0)
+            model = get_peft_model(TwoLayerNet(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+            opt = make("scaled", model, max_grad_norm=CLIP, distributor=DDPDistributor(), cache_free=cache_free)
+            forward = DistributedDataParallel(model)
+            for x, t in data[:2]:
+                F.mse_loss(forward(x[rank * B:(rank + 1) * B]), t[rank * B:(rank + 1) * B]).backward()
+                opt.distributor.comm_calls = dict.fromkeys(opt.distributor.comm_calls, 0)  # count the last step
+                opt.step()
+                opt.zero_grad()
+            counts[(len(targets), cache_free)] = sum(opt.distributor.comm_calls.values())
+            opt.remove_hooks()
+    torch.save(counts, out / f"calls-rank{rank}.pt")
+
+
 @pytest.fixture(scope="module")
 def engine_runs(tmp_path_factory):
     _build_deepspeed_ops()  # once, here, before the ranks race to JIT-compile it
@@ -239,3 +261,12 @@ def test_two_ranks_cache_free_equals_the_cached_rows(engine_runs, engine, name):
         for layer, (A, B_) in rows["factors"].items():
             assert rel_err(free["factors"][layer][0], A) <= 1e-6
             assert rel_err(free["factors"][layer][1], B_) <= 1e-6
+
+
+@pytest.mark.slow
+def test_cache_free_collectives_do_not_grow_with_the_layers(engine_runs):
+    """Optimizer collectives in one step (DDP, replicated state, clipping): cache-free, one flag vector and one
+    flat buffer of every layer's products, whether 1 or 2 LoRA layers; the cached rows, more with each layer."""
+    counts = torch.load(engine_runs / "calls-rank0.pt")
+    assert counts[(1, True)] == counts[(2, True)] == 2
+    assert counts[(2, False)] > counts[(1, False)] > 2

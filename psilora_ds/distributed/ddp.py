@@ -51,6 +51,7 @@ class DDPDistributor(Distributor):
         self._owners: list[int] = []
         # bytes this rank handed to collectives (optimizer traffic only; the engine's own not counted)
         self.comm_bytes = {"all_reduce": 0, "broadcast": 0}
+        self.comm_calls = {"all_reduce": 0, "broadcast": 0}  # and how many calls
 
     def bind(self, layers: Sequence[LoRALayer], *, norm_probes: int = 0) -> None:
         super().bind(layers, norm_probes=norm_probes or DEFAULT_NORM_PROBES)
@@ -69,6 +70,7 @@ class DDPDistributor(Distributor):
         buf = t.contiguous()  # collectives read and write memory order
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
         self.comm_bytes["all_reduce"] += buf.numel() * buf.element_size()
+        self.comm_calls["all_reduce"] += 1
         return buf
 
     def sketches_norm(self) -> bool:
@@ -101,6 +103,7 @@ class DDPDistributor(Distributor):
                 buf = state[key].contiguous()  # collectives read and write memory order
                 dist.broadcast(buf, src=src, group=self.group)
                 self.comm_bytes["broadcast"] += buf.numel() * buf.element_size()
+                self.comm_calls["broadcast"] += 1
                 state[key] = buf
 
     def adopt_state(self, layer: LoRALayer, state: dict[str, Any]) -> None:
