@@ -216,19 +216,20 @@ def engine_worker(rank, world, out):
     from .models import TwoLayerNet
 
     counts = {}
-    for targets in (["fc1"], ["fc1", "fc2"]):
-        for cache_free in (False, True):
-            torch.manual_seed(0)
-            model = get_peft_model(TwoLayerNet(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-            opt = make("scaled", model, max_grad_norm=CLIP, distributor=DDPDistributor(), cache_free=cache_free)
-            forward = DistributedDataParallel(model)
-            for x, t in data[:2]:
-                F.mse_loss(forward(x[rank * B:(rank + 1) * B]), t[rank * B:(rank + 1) * B]).backward()
-                opt.distributor.comm_calls = dict.fromkeys(opt.distributor.comm_calls, 0)  # count the last step
-                opt.step()
-                opt.zero_grad()
-            counts[(len(targets), cache_free)] = sum(opt.distributor.comm_calls.values())
-            opt.remove_hooks()
+    for targets, cache_free, shard in [(t, c, s) for t in (["fc1"], ["fc1", "fc2"]) for c in (False, True)
+                                       for s in (False, True)]:
+        torch.manual_seed(0)
+        model = get_peft_model(TwoLayerNet(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        opt = make("scaled", model, max_grad_norm=CLIP, distributor=DDPDistributor(shard_state=shard),
+                   cache_free=cache_free)
+        forward = DistributedDataParallel(model)
+        for x, t in data[:2]:
+            F.mse_loss(forward(x[rank * B:(rank + 1) * B]), t[rank * B:(rank + 1) * B]).backward()
+            opt.distributor.comm_calls = dict.fromkeys(opt.distributor.comm_calls, 0)  # count the last step
+            opt.step()
+            opt.zero_grad()
+        counts[(len(targets), cache_free, shard)] = sum(opt.distributor.comm_calls.values())
+        opt.remove_hooks()
     torch.save(counts, out / f"calls-rank{rank}.pt")
 
 
@@ -265,8 +266,11 @@ def test_two_ranks_cache_free_equals_the_cached_rows(engine_runs, engine, name):
 
 @pytest.mark.slow
 def test_cache_free_collectives_do_not_grow_with_the_layers(engine_runs):
-    """Optimizer collectives in one step (DDP, replicated state, clipping): cache-free, one flag vector and one
-    flat buffer of every layer's products, whether 1 or 2 LoRA layers; the cached rows, more with each layer."""
+    """Optimizer collectives in one step (DDP, clipping): cache-free, one flag vector and one flat buffer of every
+    layer's products, whether 1 or 2 LoRA layers (and with layer-sharded state one broadcast per owner rank);
+    the cached rows, more with each layer."""
     counts = torch.load(engine_runs / "calls-rank0.pt")
-    assert counts[(1, True)] == counts[(2, True)] == 2
-    assert counts[(2, False)] > counts[(1, False)] > 2
+    assert counts[(1, True, False)] == counts[(2, True, False)] == 2
+    assert counts[(2, False, False)] > counts[(1, False, False)] > 2
+    # layer-sharded state: plus one broadcast per owner rank (2 ranks), however many layers it owns
+    assert counts[(1, True, True)] <= counts[(2, True, True)] <= 2 + 2

@@ -160,10 +160,12 @@ class Distributor:
     def owns(self, layer: LoRALayer) -> bool:
         return True
 
-    def materialize_state(self, layer: LoRALayer, state: dict[str, Any], init: Callable[[], dict]) -> None:
-        """Make ``state`` the layer's full state on this rank (initializing it on first use)."""
-        if not state:
-            state.update(init())
+    def materialize_states(self, items: Sequence[tuple[LoRALayer, dict[str, Any], Callable[[], dict]]]) -> None:
+        """Make each ``state`` its layer's full state on this rank (``init()`` on first use), for all the
+        ``(layer, state, init)`` of a step at once (a sharded layout then moves them in a few buffers)."""
+        for _, state, init in items:
+            if not state:
+                state.update(init())
 
     def release_state(self, layer: LoRALayer, state: dict[str, Any]) -> None:
         """Drop what this rank does not keep between steps."""

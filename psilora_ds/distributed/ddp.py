@@ -87,24 +87,39 @@ class DDPDistributor(Distributor):
     def owner_rank(self, layer: LoRALayer) -> int:
         return self._owners[layer.index]
 
-    def materialize_state(self, layer: LoRALayer, state: dict[str, Any], init: Callable[[], dict]) -> None:
+    def materialize_states(self, items: Sequence[tuple[LoRALayer, dict[str, Any], Callable[[], dict]]]) -> None:
         if not self.shard_state or self.world_size == 1:
-            return super().materialize_state(layer, state, init)
-        first_use = "initialized" not in state
-        if first_use or not self.owns(layer):
-            # deterministic on every rank: the first time it *is* the state; later a buffer to receive it
-            scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
-            state.update(init())
-            state.update(scalars)
-            state["initialized"] = True
-        if not first_use:
-            src = dist.get_global_rank(self.group, self.owner_rank(layer)) if self.group else self.owner_rank(layer)
-            for key in sorted(k for k, v in state.items() if isinstance(v, torch.Tensor)):
-                buf = state[key].contiguous()  # collectives read and write memory order
-                dist.broadcast(buf, src=src, group=self.group)
-                self.comm_bytes["broadcast"] += buf.numel() * buf.element_size()
+            return super().materialize_states(items)
+        received: dict[int, list[dict[str, Any]]] = {}  # owner rank -> the states it sends, in layer order
+        for layer, state, init in items:
+            first_use = "initialized" not in state
+            if first_use or not self.owns(layer):
+                # deterministic on every rank: the first time it *is* the state; later a buffer to receive it
+                scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+                state.update(init())
+                state.update(scalars)
+                state["initialized"] = True
+            if not first_use:
+                received.setdefault(self.owner_rank(layer), []).append(state)
+        # one broadcast per owner rank (and dtype) for all its layers, whatever their number
+        for owner in sorted(received):
+            src = dist.get_global_rank(self.group, owner) if self.group else owner
+            slots = [(state, key) for state in received[owner]
+                     for key in sorted(k for k, v in state.items() if isinstance(v, torch.Tensor))]
+            by_dtype: dict[torch.dtype, list[tuple[dict[str, Any], str]]] = {}
+            for state, key in slots:
+                by_dtype.setdefault(state[key].dtype, []).append((state, key))
+            for dtype in sorted(by_dtype, key=str):
+                group = by_dtype[dtype]
+                flat = torch.cat([state[key].reshape(-1) for state, key in group])
+                dist.broadcast(flat, src=src, group=self.group)
+                self.comm_bytes["broadcast"] += flat.numel() * flat.element_size()
                 self.comm_calls["broadcast"] += 1
-                state[key] = buf
+                offset = 0
+                for state, key in group:
+                    n = state[key].numel()
+                    state[key] = flat[offset: offset + n].view_as(state[key]).clone()
+                    offset += n
 
     def adopt_state(self, layer: LoRALayer, state: dict[str, Any]) -> None:
         # A loaded state is past its first use whatever layout saved it (an unsharded checkpoint has no

@@ -114,16 +114,18 @@ class LoRAOptimizer(torch.optim.Optimizer):
             return
         d, group = self.distributor, self._lora_group
         self.capture.clear()
+        # states present on every rank alike (scalars where the layer is owned elsewhere); the others were
+        # never stepped and will start from the deterministic initial state
+        stepped = [layer for layer in self.layers if self.state.get(layer.A)]
+        stepped_idx = {layer.index for layer in stepped}
+        d.materialize_states([(layer, self.state[layer.A], lambda layer=layer: self._init_state(layer, group))
+                              for layer in stepped])
         for layer in self.layers:
             A, B = d.read_factors(layer, group["params"])
-            state = self.state.get(layer.A)
-            if state:  # present on every rank alike (scalars where the layer is owned elsewhere)
-                d.materialize_state(layer, state, lambda layer=layer: self._init_state(layer, group))
-                self.capture.set_factors(layer.index, A, B, self._momentum_factors(state, group))
-                d.release_state(layer, state)
-            else:  # never stepped: its state will be the deterministic initial one
-                self.capture.set_factors(layer.index, A, B,
-                                         self._momentum_factors(self._init_state(layer, group), group))
+            state = self.state[layer.A] if layer.index in stepped_idx else self._init_state(layer, group)
+            self.capture.set_factors(layer.index, A, B, self._momentum_factors(state, group))
+        for layer in stepped:
+            d.release_state(layer, self.state[layer.A])
         self.capture.step = self.steps_taken
 
     def _sketch_probes(self) -> int:
@@ -282,10 +284,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
     def _step_lora(self, plan: _StepPlan) -> None:
         d = self.distributor
         group = self._lora_group
+        d.materialize_states([(self.layers[idx], self.state[self.layers[idx].A],
+                               lambda layer=self.layers[idx]: self._init_state(layer, group)) for idx in plan.grads])
         for idx, grad in plan.grads.items():
             layer = self.layers[idx]
             state = self.state[layer.A]
-            d.materialize_state(layer, state, lambda: self._init_state(layer, group))
             A, B = d.read_factors(layer, group["params"])
             if self.cache_free:
                 self.capture.check_factors(idx, A, B)

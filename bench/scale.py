@@ -1,0 +1,199 @@
+"""Scale: a LLaMA of up to ~0.9 B parameters with LoRA on every projection, DeepSpeed ZeRO-3 on 2 ranks (gloo
+on CPU, NCCL on GPUs), LoRA-AdamW against PreconditionedLoRA and Scaled PSI-LoRA with iters 0 (cache-free)
+and 1 (cached rows), side by side in one run. Each method runs in fresh processes (peak memory is per
+process), the same model, data and steps.
+
+    python bench/scale.py                       # hidden 1024, 8 layers (~0.1 B), 128 tokens per rank
+    python bench/scale.py --shape 0.9b          # hidden 2048, 24 layers, as in the scale issue (~10 GB per rank)
+    python bench/scale.py --write docs/BENCHMARKS.md
+
+Reported per method: step time (median of the steps after the warm-up, engine forward + backward + step)
+and its ratio to AdamW's, and the part spent in ``engine.step()`` (the optimizer and ZeRO's step work); peak RSS per rank (CUDA: max allocated) and its ratio; the activation cache (peak
+of the last step) and optimizer state bytes (summed over ranks); the optimizer's own collectives per step
+(calls and bytes, counted by its distributor; the engine's ZeRO traffic is the same for all and not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SHAPES = {  # hidden, intermediate, layers, heads
+    "small": (1024, 2752, 8, 16),
+    "0.9b": (2048, 5504, 24, 16),
+}
+METHODS = ("adamw", "precond_lora", "scaled_iters0", "scaled_iters1")
+VOCAB, R, ALPHA = 4096, 16, 32
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model(shape: str):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads = SHAPES[shape]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048)
+    base = LlamaForCausalLM(cfg)
+    return get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS))
+
+
+def ds_config(micro_batch: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+            "train_batch_size": micro_batch * dist.get_world_size(), "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespace, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank)
+    import deepspeed
+
+    import psilora_ds.distributed.deepspeed as psd
+    from psilora_ds import PreconditionedLoRA, ScaledPSILoRA
+
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    model = build_model(args.shape)
+    config = ds_config(args.micro_batch)
+    if args.dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    if method == "adamw":
+        params = [p for p in model.parameters() if p.requires_grad]
+        engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-4),
+                                                 config=config)
+    else:
+        if method == "precond_lora":
+            opt = PreconditionedLoRA(model, 0.05)
+        else:
+            opt = ScaledPSILoRA(model, 0.05, iters=int(method[-1]), betas=(0.9, 0.99), damping=1e-5)
+        engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=config)
+    device = engine.device
+    g = torch.Generator().manual_seed(1 + rank)
+    times = []
+    for step in range(args.warmup + args.steps):
+        ids = torch.randint(0, VOCAB, (args.micro_batch, args.seq_len), generator=g).to(device)
+        if method != "adamw":
+            calls, sent = dict(opt.distributor.comm_calls), dict(opt.distributor.comm_bytes)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        if cuda:
+            torch.cuda.synchronize()
+        middle = time.perf_counter()
+        engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append((time.perf_counter() - start, time.perf_counter() - middle))
+    result = {"step_s": statistics.median(t for t, _ in times), "opt_s": statistics.median(o for _, o in times),
+              "peak_bytes": peak_memory_bytes(), "loss": loss.item()}
+    if method == "adamw":
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        result.update(cache=0, state=sum(v.numel() * v.element_size() for st in inner.state.values()
+                                         for k, v in st.items() if torch.is_tensor(v) and k != "step"),
+                      calls=0, comm=0)
+    else:
+        d = opt.distributor
+        result.update(cache=opt.last_cache_bytes, state=opt.state_nbytes(),
+                      calls=sum(d.comm_calls.values()) - sum(calls.values()),
+                      comm=sum(d.comm_bytes.values()) - sum(sent.values()))
+        d.close()
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, result)
+    if rank == 0:
+        with open(os.path.join(out, f"{method}.json"), "w") as f:
+            json.dump(per_rank, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # DeepSpeed engines destroyed at interpreter exit can abort (docs/DISTRIBUTED.md)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    from bench.common import machine, markdown_table, write_section
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--micro_batch", type=int, default=1)
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--write", help="replace this section of a markdown file (docs/BENCHMARKS.md)")
+    args = parser.parse_args()
+    if "adamw" not in args.methods:
+        parser.error("the ratios are to AdamW's: keep adamw in --methods")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.ranks)))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
+    results = {}
+    with tempfile.TemporaryDirectory() as out:
+        for method in args.methods:
+            mp.start_processes(worker, args=(args.ranks, free_port(), method, args, out), nprocs=args.ranks,
+                               join=True, start_method="spawn")
+            with open(os.path.join(out, f"{method}.json")) as f:
+                results[method] = json.load(f)
+            print(f"{method}: done", file=sys.stderr, flush=True)
+    hidden, inter, layers, _ = SHAPES[args.shape]
+    base = results["adamw"]
+    t0 = max(r["step_s"] for r in base)
+    m0 = max(r["peak_bytes"] for r in base)
+    mib = 2.0**-20
+    rows = []
+    for method, ranks in results.items():
+        step = max(r["step_s"] for r in ranks)  # the slowest rank sets the pace
+        peak = max(r["peak_bytes"] for r in ranks)
+        opt_s = max(r["opt_s"] for r in ranks)
+        rows.append([method, f"{step:.2f}", f"{step / t0:.2f}x", f"{opt_s:.2f}", f"{peak * 2**-30:.2f}", f"{peak / m0:.3f}x",
+                     f"{max(r['cache'] for r in ranks) * mib:.1f}", f"{sum(r['state'] for r in ranks) * mib:.1f}",
+                     ranks[0]["calls"], f"{ranks[0]['comm'] * mib:.2f}"])
+    n_params = sum(p.numel() for p in build_model(args.shape).parameters())
+    title = f"Scale: ZeRO-3 on {args.ranks} ranks, LLaMA {n_params / 1e9:.2f} B"
+    body = (f"LLaMA hidden {hidden}, intermediate {inter}, {layers} layers, vocab {VOCAB} ({n_params / 1e9:.2f} B "
+            f"parameters, {7 * layers} LoRA layers, r = {R}), {args.dtype}, micro-batch {args.micro_batch} x "
+            f"{args.seq_len} tokens per rank, median of {args.steps} steps after {args.warmup} warm-up. Machine: "
+            f"{machine()}.\n\n" + markdown_table(
+                ["method", "step s", "time vs AdamW", "of which engine.step() s", "peak GiB/rank", "memory vs AdamW", "cache MiB/rank",
+                 "state MiB (all ranks)", "optimizer collectives/step", "optimizer MiB sent/step/rank"], rows))
+    print(f"## {title}\n\n{body}")
+    if args.write:
+        command = "python bench/scale.py " + " ".join(sys.argv[1:]).replace(f"--write {args.write}", "").strip()
+        write_section(args.write, title, command, body)
+
+
+if __name__ == "__main__":
+    main()
