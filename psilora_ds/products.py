@@ -10,8 +10,9 @@ micro-batch adds its share in the backward hook and its rows are dropped at once
 instead of ``N (m + n)``.
 
 The products are taken at *probe factors*: the factors (and momentum factors) of the step about to
-be taken, which the optimizer hands over after each step (:meth:`ProductCapture.set_factors`) and
-checks against the factors it reads at the next one.
+be taken, which the optimizer hands over after each step (:meth:`ProductCapture.set_factors`). The
+step then starts from this copy (no gathering of sharded factors) after the engine's own copy has been
+checked equal to it, on each rank's local shard where the engine allows it.
 """
 
 from __future__ import annotations
@@ -67,28 +68,34 @@ class ProductCapture(ActivationCapture):
         self.sketch_probes = sketch_probes
         self.step = 0
         self._factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (left m x q, right q x n)
+        self._master_dtypes: dict[int, torch.dtype] = {}
         self._omegas: dict[int, torch.Tensor] = {}  # this step's probes, drawn once per layer
 
     def set_factors(self, idx: int, A: torch.Tensor, B: torch.Tensor,
                     momentum: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """The factors ``(A, B)`` (and momentum factors ``(M_A, M_B)``) of layer ``idx`` at the next step."""
+        """The factors ``(A, B)`` of layer ``idx`` at the next step, in the dtype of the engine's masters (and
+        the momentum factors ``(M_A, M_B)``)."""
+        self._master_dtypes[idx] = A.dtype
         cd = compute_dtype(A.dtype)
         A, B = A.detach().to(cd), B.detach().to(cd)
         if momentum is not None:
             M_A, M_B = momentum
-            A, B = torch.cat([A, M_A.to(A.dtype)]), torch.cat([B, M_B.to(B.dtype)], 1)
+            A, B = torch.cat([A, M_A.to(cd)]), torch.cat([B, M_B.to(cd)], 1)
         self._factors[idx] = (B.clone(), A.clone())
 
-    def check_factors(self, idx: int, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Raise :class:`StaleFactorsError` when ``(A, B)`` are not the factors the products were taken at."""
+    def factors(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of layer ``idx`` as set for this step, in the masters' dtype (exact: set from it)."""
         left, right = self._factors[idx]
-        r = A.shape[0]
-        if not (torch.equal(right[:r], A.to(right.dtype)) and torch.equal(left[:, :r], B.to(left.dtype))):
-            raise StaleFactorsError(
-                f"the LoRA factors of {self.layers[idx].name} changed outside the optimizer after its last step "
-                "(an adapter or checkpoint loaded into the model?): the cache-free products were taken at the old "
-                "ones. Call optimizer.refresh_factors() after changing factors (optimizer.load_state_dict does), "
-                "or build the optimizer with cache_free=False")
+        r = self.layers[idx].rank
+        dtype = self._master_dtypes[idx]
+        return right[:r].to(dtype), left[:, :r].to(dtype)
+
+    def stale(self, idx: int) -> StaleFactorsError:
+        return StaleFactorsError(
+            f"the LoRA factors of {self.layers[idx].name} changed outside the optimizer after its last step "
+            "(an adapter or checkpoint loaded into the model?): the cache-free products were taken at the old "
+            "ones. Call optimizer.refresh_factors() after changing factors (optimizer.load_state_dict does), "
+            "or build the optimizer with cache_free=False")
 
     def factor_width(self, idx: int) -> int:
         """``q = r + r_m``: the number of probe factors of layer ``idx``."""

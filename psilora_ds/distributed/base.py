@@ -106,6 +106,13 @@ class Distributor:
         A_master.copy_(A)
         B_master.copy_(B)
 
+    def factors_match(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
+                      B: torch.Tensor) -> bool | None:
+        """Whether the engine's copy of the layer's factors equals ``(A, B)`` bit for bit, read without a
+        collective (this rank's shard where they are sharded); None when that cannot be told locally."""
+        A_m, B_m = self.read_factors(layer, masters)
+        return torch.equal(A_m, A.to(A_m.dtype)) and torch.equal(B_m, B.to(B_m.dtype))
+
     # ---- gradients -------------------------------------------------------------------------------
     def grad_coef(self) -> float:
         """Multiplier turning this rank's captured ``Z`` into its share of the engine's gradient."""

@@ -102,6 +102,24 @@ class DeepSpeedDistributor(DDPDistributor):
         safe_set_full_fp32_param(layer.A, A.float())
         safe_set_full_fp32_param(layer.B, B.float())
 
+    def factors_match(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
+                      B: torch.Tensor) -> bool | None:
+        if not self._flattened(masters):
+            return super().factors_match(layer, masters, A, B)
+        if self.stage != 3:
+            return None  # ZeRO 1/2 fragments have no public local accessor: the caller reads them whole
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        # ZeRO-3 keeps elements [rank * p, (rank + 1) * p) of the flattened fp32 master here (the layout
+        # safe_set_full_fp32_param writes), the last partition padded
+        for param, full in ((layer.A, A), (layer.B, B)):
+            local = safe_get_local_fp32_param(param).reshape(-1)
+            start = self.rank * local.numel()
+            mine = full.reshape(-1)[start: start + local.numel()].to(local.dtype)
+            if not torch.equal(local[: mine.numel()], mine):
+                return False
+        return True
+
     def other_grads_are_sharded(self) -> bool:
         return self.stage >= 1
 

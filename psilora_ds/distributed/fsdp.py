@@ -35,13 +35,30 @@ class FSDP2Distributor(DDPDistributor):
                       B: torch.Tensor) -> None:
         for param, new in zip(super().read_factors(layer, masters), (A, B)):
             if isinstance(param, DTensor):
-                shard = distribute_tensor(new.to(param.dtype), param.device_mesh, param.placements)
-                param.to_local().copy_(shard.to_local())
+                param.to_local().copy_(_local_shard(new.to(param.dtype), param))
             else:
                 param.copy_(new)
 
+    def factors_match(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
+                      B: torch.Tensor) -> bool | None:
+        params = super().read_factors(layer, masters)
+        if not all(isinstance(p, DTensor) for p in params):
+            return super().factors_match(layer, masters, A, B)
+        for param, full in zip(params, (A, B)):
+            local, mine = param.to_local(), _local_shard(full.to(param.dtype), param)
+            if local.shape != mine.shape:
+                return None
+            if not torch.equal(local, mine):
+                return False
+        return True
+
     def other_grads_are_sharded(self) -> bool:
         return True
+
+
+def _local_shard(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's shard of ``full`` laid out as ``like`` (every rank holds ``full``: no communication)."""
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,

@@ -289,9 +289,16 @@ class LoRAOptimizer(torch.optim.Optimizer):
         for idx, grad in plan.grads.items():
             layer = self.layers[idx]
             state = self.state[layer.A]
-            A, B = d.read_factors(layer, group["params"])
-            if self.cache_free:
-                self.capture.check_factors(idx, A, B)
+            if self.cache_free:  # start from the copy the products were taken at, once the engine's is checked
+                A, B = self.capture.factors(idx)
+                match = d.factors_match(layer, group["params"], A, B)
+                if match is None:
+                    A_m, B_m = d.read_factors(layer, group["params"])
+                    match = torch.equal(A_m, A) and torch.equal(B_m, B)
+                if not match:
+                    raise self.capture.stale(idx)
+            else:
+                A, B = d.read_factors(layer, group["params"])
             A_new, B_new = self._update_layer(layer, state, A, B, grad, group)
             d.write_factors(layer, group["params"], A_new, B_new)
             if self.cache_free:  # the next step's products are taken at the new factors
