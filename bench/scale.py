@@ -41,7 +41,11 @@ VOCAB, R, ALPHA = 4096, 16, 32
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_model(shape: str):
+def build_model(shape: str, zero_init: dict | None = None):
+    """The LoRA-wrapped LLaMA; ``zero_init``: a DeepSpeed ZeRO-3 config whose ``deepspeed.zero.Init`` builds the
+    base partitioned from birth (each rank allocates its 1/world of the weights, never the whole model)."""
+    import contextlib
+
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -49,7 +53,14 @@ def build_model(shape: str):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048)
-    base = LlamaForCausalLM(cfg)
+    if zero_init is not None:
+        import deepspeed
+
+        context = deepspeed.zero.Init(config_dict_or_path=zero_init)
+    else:
+        context = contextlib.nullcontext()
+    with context:
+        base = LlamaForCausalLM(cfg)
     return get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS))
 
 
@@ -78,10 +89,10 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
     from psilora_ds import PreconditionedLoRA, ScaledPSILoRA
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    model = build_model(args.shape)
     config = ds_config(args.micro_batch)
     if args.dtype == "bf16":
         config["bf16"] = {"enabled": True}
+    model = build_model(args.shape, zero_init=config if args.zero_init else None)
     if method == "adamw":
         params = [p for p in model.parameters() if p.requires_grad]
         engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-4),
@@ -154,6 +165,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--repeats", type=int, default=2, help="runs of every method; the faster one is reported")
+    parser.add_argument("--zero_init", action=argparse.BooleanOptionalAction, default=True,
+                        help="build the base partitioned from birth (deepspeed.zero.Init); --no-zero_init builds it "
+                             "whole on every rank first")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--write", help="replace this section of a markdown file (docs/BENCHMARKS.md)")
     args = parser.parse_args()
@@ -186,11 +200,12 @@ def main() -> None:
         rows.append([method, f"{step:.2f}", f"{step / t0:.2f}x", f"{opt_s:.2f}", f"{peak * 2**-30:.2f}", f"{peak / m0:.3f}x",
                      f"{max(r['cache'] for r in ranks) * mib:.1f}", f"{sum(r['state'] for r in ranks) * mib:.1f}",
                      ranks[0]["calls"], f"{ranks[0]['comm'] * mib:.2f}"])
-    n_params = sum(p.numel() for p in build_model(args.shape).parameters())
+    with torch.device("meta"):  # counted, not allocated
+        n_params = sum(p.numel() for p in build_model(args.shape).parameters())
     title = f"Scale: ZeRO-3 on {args.ranks} ranks, LLaMA {n_params / 1e9:.2f} B"
     body = (f"LLaMA hidden {hidden}, intermediate {inter}, {layers} layers, vocab {VOCAB} ({n_params / 1e9:.2f} B "
             f"parameters, {7 * layers} LoRA layers, r = {R}), {args.dtype}, micro-batch {args.micro_batch} x "
-            f"{args.seq_len} tokens per rank, median of {args.steps} steps after {args.warmup} warm-up, the faster of "
+            f"{args.seq_len} tokens per rank, base built {'partitioned (zero.Init)' if args.zero_init else 'whole on every rank'}, median of {args.steps} steps after {args.warmup} warm-up, the faster of "
             f"{args.repeats} interleaved runs per method. Machine: "
             f"{machine()}.\n\n" + markdown_table(
                 ["method", "step s", "time vs AdamW", "of which engine.step() s", "peak GiB/rank", "memory vs AdamW", "cache MiB/rank",

@@ -153,7 +153,7 @@ def test_load_state_dict_resumes_exactly():
 
 
 # ---- 2 ranks: DDP, DeepSpeed ZeRO 2 and 3, FSDP2, each cached vs cache-free -----------------------
-ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
+ENGINES = ("ddp", "zero2", "zero3", "zero3-init", "fsdp2")  # zero3-init: model partitioned from birth
 
 
 def engine_worker(rank, world, out):
@@ -163,13 +163,20 @@ def engine_worker(rank, world, out):
     import psilora_ds.distributed.deepspeed as psd
     from psilora_ds.distributed import DDPDistributor
 
+    import deepspeed
+
     from .test_deepspeed import ds_config, full_factors
 
     data = regression_batches(17, STEPS * ACC, 2 * B)
     for engine_name in ENGINES:
         for name in NAMES:
             for cache_free in (False, True):
-                model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+                if engine_name == "zero3-init":  # base and LoRA factors partitioned from birth (shape [0] outside forward)
+                    with deepspeed.zero.Init(config_dict_or_path=ds_config(3, micro_batch=B, clip=CLIP, gas=ACC)):
+                        model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+                    assert model.base_model.model.fc1.lora_A["default"].weight.numel() == 0
+                else:
+                    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
                 kw = dict(cache_free=cache_free, accumulation_steps=ACC)
                 if engine_name == "ddp":
                     opt = make(name, model, max_grad_norm=CLIP, distributor=DDPDistributor(shard_state=True), **kw)
@@ -183,7 +190,7 @@ def engine_worker(rank, world, out):
                     forward = model
                 else:
                     opt = make(name, model, **kw)
-                    cfg = ds_config(int(engine_name[-1]), micro_batch=B, clip=CLIP, gas=ACC)
+                    cfg = ds_config(int(engine_name[4]), micro_batch=B, clip=CLIP, gas=ACC)
                     forward, _, _, _ = psd.initialize(model=model, optimizer=opt, config=cfg)
                 for i, (x, t) in enumerate(data):
                     rows = slice(rank * B, (rank + 1) * B)

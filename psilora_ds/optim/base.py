@@ -122,6 +122,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
                               for layer in stepped])
         for layer in self.layers:
             A, B = d.read_factors(layer, group["params"])
+            if A.shape != (layer.rank, layer.in_features):
+                # partitioned from birth (deepspeed.zero.Init) and no engine yet: the engine's adapter attaches
+                # and refreshes; a capture without factors is an error, never a silent zero
+                continue
             state = self.state[layer.A] if layer.index in stepped_idx else self._init_state(layer, group)
             self.capture.set_factors(layer.index, A, B, self._momentum_factors(state, group))
         for layer in stepped:
