@@ -139,14 +139,14 @@ class ActivationCapture:
             x = x.detach()
 
             def commit(grad: torch.Tensor) -> None:
-                self._store(idx, x.reshape(-1, x.shape[-1]), grad.detach().reshape(-1, grad.shape[-1]))
+                self.add(idx, x.reshape(-1, x.shape[-1]), grad.detach().reshape(-1, grad.shape[-1]))
                 self._count_microbatch(idx)
 
             output.register_hook(commit)
 
         return hook
 
-    def _store(self, idx: int, X: torch.Tensor, Z: torch.Tensor) -> None:
+    def add(self, idx: int, X: torch.Tensor, Z: torch.Tensor) -> None:
         """Keep one micro-batch's rows ``X`` (N x n) and ``Z`` (N x m) of layer ``idx``."""
         batch = self._batches.setdefault(idx, LayerBatch())
         batch.xs.append(X)

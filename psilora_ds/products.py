@@ -67,6 +67,7 @@ class ProductCapture(ActivationCapture):
         super().__init__(layers, max_bytes=None, fold=False)
         self.sketch_probes = sketch_probes
         self.step = 0
+        self.keep_rows = False  # this step keeps rows instead (a spectral first step needs K >= 1 iterations)
         self._factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (left m x q, right q x n)
         self._master_dtypes: dict[int, torch.dtype] = {}
         self._omegas: dict[int, torch.Tensor] = {}  # this step's probes, drawn once per layer
@@ -118,7 +119,9 @@ class ProductCapture(ActivationCapture):
             self._omegas[idx] = omega
         return omega
 
-    def _store(self, idx: int, X: torch.Tensor, Z: torch.Tensor) -> None:
+    def add(self, idx: int, X: torch.Tensor, Z: torch.Tensor) -> None:
+        if self.keep_rows:
+            return super().add(idx, X, Z)
         if idx not in self._factors:
             raise RuntimeError("cache-free capture without probe factors: the optimizer did not set them")
         left, right = self._factors[idx]

@@ -110,8 +110,8 @@ def clip_coefficient(dense_grads, max_norm):
     return min(1.0, max_norm / (float(norm) + 1e-6)), float(norm)
 
 
-def ema_metric(ema, stat, *, beta2, step, damping, power):
-    """EMA of a metric statistic, Adam-style bias correction, damping and fractional power.
-    Returns ``(new_ema, D)``."""
+def ema_metric(ema, stat, *, beta2, step, damping, power, corrected=True):
+    """EMA of a metric statistic, Adam-style bias correction (unless ``corrected=False``: an EMA started at
+    ones, the paper authors' code), damping and fractional power. Returns ``(new_ema, D)``."""
     ema = beta2 * ema.to(f64) + (1 - beta2) * stat.to(f64)
-    return ema, (ema / (1 - beta2**step) + damping) ** power
+    return ema, (ema / ((1 - beta2**step) if corrected else 1.0) + damping) ** power

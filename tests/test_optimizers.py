@@ -145,6 +145,35 @@ def test_scaled_psilora_matches_dense_reference(metric, beta1, fold, reuse):
         torch.testing.assert_close(opt.state[layer.A]["metric_out"], e_out)
 
 
+@pytest.mark.parametrize("iters", [0, 2])
+def test_scaled_psilora_metric_started_at_ones_matches_dense_reference(iters):
+    """``metric_init="ones"`` (the paper authors' code, psilora_ds.presets.PAPER): EMAs from ones, no bias
+    correction; iters=0 takes the cache-free path."""
+    model = lora_two_layer_net(head_trainable=False)
+    twin = DenseTwin(model)
+    lr, prox, beta1, beta2, damping, power = 0.05, 0.1, 0.0, 0.99, 1e-5, 0.5
+    opt = ScaledPSILoRA(model, lr, betas=(beta1, beta2), iters=iters, prox=prox, damping=damping,
+                        metric_power=power, metric_init="ones")
+    assert opt.cache_free == (iters == 0)
+    ema_in = [torch.ones(layer.A.shape[1], dtype=f64) for layer in twin.layers]
+    ema_out = [torch.ones(layer.B.shape[0], dtype=f64) for layer in twin.layers]
+    for step, (x, t) in enumerate([data(k) for k in range(3)], start=1):
+        P, X, Z, _ = twin.grads(x, t)
+        for i in range(2):
+            s_in, s_out = ref.kfac_diagonal_stats(X[i], Z[i], twin.s[i])
+            ema_in[i], D_in = ref.ema_metric(ema_in[i], s_in, beta2=beta2, step=step, damping=damping, power=power,
+                                             corrected=False)
+            ema_out[i], D_out = ref.ema_metric(ema_out[i], s_out, beta2=beta2, step=step, damping=damping,
+                                               power=power, corrected=False)
+            twin.A[i], twin.B[i], _ = ref.scaled_psilora_step(
+                twin.A[i], twin.B[i], P[i], D_out, D_in, scaling=twin.s[i], lr=lr, beta1=beta1, iters=iters,
+                lam=lr * prox)
+        run_optimizer(opt, model, [(x, t)])
+        assert_factors(opt.layers, twin.A, twin.B)
+    with pytest.raises(ValueError, match="metric_init must be one of"):
+        ScaledPSILoRA(lora_two_layer_net(), lr, metric_init="identity")
+
+
 @pytest.mark.parametrize("fold", [True, False])
 def test_svdlora_matches_dense_svd(fold):
     model = lora_two_layer_net(head_trainable=False)

@@ -496,3 +496,28 @@ def test_help_is_generated_from_the_fields():
     assert rows["--model"].split()[1] == "null" and rows["--packing"].split()[1] == "true"
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata["help"] in rows[f"--{f.name}"]
+
+
+def test_preset_paper_fills_what_is_not_given():
+    """``--preset paper``: the authors' LLM configuration in our units (psilora_ds/presets.py); a key given
+    explicitly wins; the optimizer gets it all; an unknown preset is one line."""
+    sys.path.insert(0, ROOT)
+    from psilora_ds import ScaledPSILoRA
+    from psilora_ds.recipe.config import ConfigError, parse
+    from psilora_ds.recipe.optimizers import build_optimizer
+
+    from .models import lora_two_layer_net
+
+    cfg = parse(["--preset", "paper"])
+    assert (cfg.optim, cfg.iters, cfg.lr, cfg.betas, cfg.prox, cfg.damping, cfg.metric_power, cfg.metric_init) == \
+        ("scaled_psilora", 0, 0.02, [0.0, 0.99], 0.1, 1e-5, 0.5, "ones")
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.max_grad_norm, cfg.other_lr) == (8, 8.0, 0.1, 1.0, 1e-4)
+    assert parse(["--preset", "paper", "--lr", "0.05"]).lr == 0.05  # explicit wins
+    opt = build_optimizer(cfg, lora_two_layer_net())
+    group = opt.lora_group
+    assert isinstance(opt, ScaledPSILoRA) and opt.cache_free and opt.max_grad_norm == 1.0
+    assert (group["lr"], group["iters"], group["betas"], group["prox"], group["metric_init"]) == \
+        (0.02, 0, (0.0, 0.99), 0.1, "ones")
+    assert opt.other_optimizer.param_groups[0]["lr"] == 1e-4
+    with pytest.raises(ConfigError, match="preset='authors': choose one of paper"):
+        parse(["--preset", "authors"])

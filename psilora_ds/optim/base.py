@@ -131,6 +131,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         for layer in stepped:
             d.release_state(layer, self.state[layer.A])
         self.capture.step = self.steps_taken
+        self.capture.keep_rows = self.spectral_step(group)  # its K >= 1 iterations need the rows
 
     def _sketch_probes(self) -> int:
         """Probes of the clipping norm's sketch the cache-free hooks take (0: no clipping, no sketch)."""
@@ -225,6 +226,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 self.steps_taken += 1
                 if self.cache_free:
                     self.capture.step = self.steps_taken  # seeds the next step's norm-sketch probes
+                    self.capture.keep_rows = False
             self._plan = None
         return loss
 
@@ -239,6 +241,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if self.capture.pending_microbatches > self._microbatches_per_step:
             self._microbatches_per_step = self.capture.pending_microbatches
             self.set_accumulation_steps(self.options.accumulation_steps)
+        rows_step = not self.cache_free or self.capture.keep_rows
         batches = self.capture.pop()
         d = self.distributor
         # One collective tells every rank which layers captured rows anywhere and whether any
@@ -256,7 +259,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             return _StepPlan(skip=True, clip=1.0, grads={})
         # A layer that captured nothing on any rank is left out: it keeps its factors and state,
         # as torch optimizers skip parameters whose grad is None.
-        if self.cache_free:
+        if self.cache_free and not rows_step:
             grads = self._product_gradients(batches, flags[:-1])
         else:
             grads = {idx: self._layer_gradient(idx, batches.get(idx), int(rows), autograd.get(idx))
@@ -409,6 +412,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if grads:  # (not a ZeRO-3 call after the one that consumed the capture)
             self.last_grad_norm = norm
         return min(1.0, self.max_grad_norm / (norm + CLIP_EPS))
+
+    def spectral_step(self, group: dict[str, Any]) -> bool:
+        """Whether this step is the spectral first step (``first_step_iters``, LoRA-One): the run's first."""
+        return bool(group.get("first_step_iters")) and self.steps_taken == 0
 
     def prox_weight(self, group: dict[str, Any]) -> float:
         """``lam = lr * prox``, floored (METHOD.md section 2)."""

@@ -11,7 +11,7 @@ from torch import nn
 from ..gradient import LayerGradient, ProductGradient
 from ..lora_layers import LoRALayer
 from ..ops import balance_factors, compute_dtype, lorsum
-from .base import LoRAOptimizer
+from .base import MIN_PROX_WEIGHT, LoRAOptimizer
 
 MOMENTUM_SEED = 0x5151
 
@@ -46,6 +46,11 @@ def low_rank_momentum_update(
     state["momentum_A"], state["momentum_B"] = M_A, M_B
 
 
+def check_first_step_iters(first_step_iters: int | None) -> None:
+    if first_step_iters is not None and first_step_iters < 1:
+        raise ValueError(f"first_step_iters must be >= 1 (None: an ordinary first step), got {first_step_iters}")
+
+
 def jacobi_blocker(iters: int) -> str | None:
     """Why LoRSum with ``iters`` inner iterations needs the activation rows (None: it does not)."""
     if iters == 0:
@@ -69,6 +74,10 @@ class PSILoRA(LoRAOptimizer):
         iters: LoRSum inner iterations (0 = Jacobi = preconditioned LoRA).
         prox: proximal weight relative to lr (``lam = lr * prox``).
         rank_multiplier: momentum rank ``round(r * rank_multiplier)``.
+        first_step_iters: the spectral first step (LoRA-One, arXiv 2502.01235): the run's first step takes this
+            many inner iterations with a negligible proximal weight, then balances the factors, reaching the
+            SVDLoRA oracle's step (from peft's ``B = 0``: the truncated SVD of the first full gradient step).
+            Cache-free optimizers keep rows for that step only. None: an ordinary first step.
         **options: the family's shared options (:class:`~psilora_ds.optim.options.LoRAOptions`: clipping,
             the other trainables' optimizer, the engine's distributor, the activation cache).
     """
@@ -83,8 +92,10 @@ class PSILoRA(LoRAOptimizer):
         iters: int = 1,
         prox: float = 1e-2,
         rank_multiplier: float = 1.0,
+        first_step_iters: int | None = None,
         **options: Any,
     ):
+        check_first_step_iters(first_step_iters)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if iters < 0:
@@ -92,7 +103,7 @@ class PSILoRA(LoRAOptimizer):
         if rank_multiplier <= 0:
             raise ValueError(f"rank_multiplier must be > 0, got {rank_multiplier}")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox,
-                        rank_multiplier=rank_multiplier)
+                        rank_multiplier=rank_multiplier, first_step_iters=first_step_iters)
         super().__init__(model, defaults, **options)
 
     def _init_state(self, layer, group) -> dict[str, Any]:
@@ -110,9 +121,14 @@ class PSILoRA(LoRAOptimizer):
         lam = self.prox_weight(group)
         g = 1.0 - group["dampening"]
         shared = [(-eta * beta, state["momentum_B"], state["momentum_A"])] if beta > 0 else []
-        A_new, B_new = lorsum(A, B, grad.terms(-eta * g), shared_terms=shared, lam=lam, iters=iters,
+        spectral = self.spectral_step(group)
+        A_new, B_new = lorsum(A, B, grad.terms(-eta * g), shared_terms=shared,
+                              lam=MIN_PROX_WEIGHT if spectral else lam,
+                              iters=group["first_step_iters"] if spectral else iters,
                               known_products=grad.known_products(-eta * g),
                               reduce=grad.reduce)
+        if spectral:
+            A_new, B_new = balance_factors(A_new, B_new)
         if beta > 0:
             low_rank_momentum_update(state, grad, beta=beta, grad_scale=g, lam=lam, iters=iters)
         return A_new, B_new
@@ -130,6 +146,7 @@ class PreconditionedLoRA(PSILoRA):
         lr: float = 1e-2,
         *,
         prox: float = 1e-2,
+        first_step_iters: int | None = None,
         **options: Any,
     ):
-        super().__init__(model, lr, momentum=0.0, iters=0, prox=prox, **options)
+        super().__init__(model, lr, momentum=0.0, iters=0, prox=prox, first_step_iters=first_step_iters, **options)

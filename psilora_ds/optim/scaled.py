@@ -9,17 +9,19 @@ import torch
 from torch import nn
 
 from ..gradient import LayerGradient
-from ..ops import compute_dtype, damped_power, kfac_diagonals, lorsum, shampoo_diagonals
-from .base import LoRAOptimizer
-from .psilora import init_low_rank_momentum, jacobi_blocker, low_rank_momentum_update
+from ..ops import balance_factors, compute_dtype, damped_power, kfac_diagonals, lorsum, shampoo_diagonals
+from .base import MIN_PROX_WEIGHT, LoRAOptimizer
+from .psilora import check_first_step_iters, init_low_rank_momentum, jacobi_blocker, low_rank_momentum_update
 
 METRICS = ("kfac", "shampoo")
+METRIC_INITS = ("zero", "ones")
 
 
 class ScaledPSILoRA(LoRAOptimizer):
     """Scaled PSI-LoRA.
 
-    Per step and layer: EMA metric statistics (bias-corrected like Adam's second moment),
+    Per step and layer: EMA metric statistics (from zero and bias-corrected like Adam's second moment; or from
+    ones, uncorrected: ``metric_init="ones"``, the paper authors' code),
     ``D = (stat + damping) ** metric_power``, then
     ``(A, B) <- F-LoRSum(T~ = B A - eta' D_out^-1 ((1 - beta1) P + beta1 M) D_in^-1)`` and
     ``M <- LoRSum(beta1 M + (1 - beta1) P)``, with ``eta' = lr / scaling**2``.
@@ -34,6 +36,13 @@ class ScaledPSILoRA(LoRAOptimizer):
         metric_power: ``p`` in [0, 1] (1/2 = square-root K-FAC, the paper's default).
         metric: ``"kfac"`` (diag E[x x^T], diag E[g g^T]) or ``"shampoo"`` (diag G^T G, diag G G^T).
         rank_multiplier: momentum rank ``round(r * rank_multiplier)`` (``1/r`` gives rank 1).
+        first_step_iters: the spectral first step (LoRA-One, arXiv 2502.01235): the run's first step takes this
+            many inner iterations with a negligible proximal weight, then balances the factors, reaching the
+            SVDLoRA oracle's step (from peft's ``B = 0``: the truncated SVD of the first full gradient step).
+            Cache-free optimizers keep rows for that step only. None: an ordinary first step.
+        metric_init: ``"zero"``: the EMAs start at zero and are bias-corrected (``stat / (1 - beta2^t)``);
+            ``"ones"``: they start at ones, uncorrected, as in the paper authors' code (an implicit warm-up:
+            the first steps are preconditioned by about the identity; :mod:`psilora_ds.presets`).
         **options: the family's shared options (:class:`~psilora_ds.optim.options.LoRAOptions`).
     """
 
@@ -49,8 +58,13 @@ class ScaledPSILoRA(LoRAOptimizer):
         metric_power: float = 0.5,
         metric: str = "kfac",
         rank_multiplier: float = 1.0,
+        metric_init: str = "zero",
+        first_step_iters: int | None = None,
         **options: Any,
     ):
+        check_first_step_iters(first_step_iters)
+        if metric_init not in METRIC_INITS:
+            raise ValueError(f"metric_init must be one of {METRIC_INITS}, got {metric_init!r}")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -62,7 +76,8 @@ class ScaledPSILoRA(LoRAOptimizer):
         if iters < 0:
             raise ValueError(f"iters must be >= 0, got {iters}")
         defaults = dict(lr=lr, betas=tuple(betas), iters=iters, prox=prox, damping=damping,
-                        metric_power=metric_power, metric=metric, rank_multiplier=rank_multiplier)
+                        metric_power=metric_power, metric=metric, rank_multiplier=rank_multiplier, metric_init=metric_init,
+                        first_step_iters=first_step_iters)
         super().__init__(model, defaults, **options)
 
     def _check_distributor(self, distributor) -> None:
@@ -83,10 +98,11 @@ class ScaledPSILoRA(LoRAOptimizer):
     def _init_state(self, layer, group) -> dict[str, Any]:
         dtype = compute_dtype(layer.lora_A.weight.dtype)
         device = layer.A.device
+        start = torch.ones if group.get("metric_init", "zero") == "ones" else torch.zeros
         state = {
             "step": 0,
-            "metric_in": torch.zeros(layer.in_features, dtype=dtype, device=device),
-            "metric_out": torch.zeros(layer.out_features, dtype=dtype, device=device),
+            "metric_in": start(layer.in_features, dtype=dtype, device=device),
+            "metric_out": start(layer.out_features, dtype=dtype, device=device),
         }
         if group["betas"][0] > 0:
             state.update(init_low_rank_momentum(layer, group["rank_multiplier"]))
@@ -115,15 +131,20 @@ class ScaledPSILoRA(LoRAOptimizer):
         state["metric_out"].mul_(beta2).add_(d_out, alpha=1 - beta2)
         # Bias correction, as for Adam's second moment: otherwise the first steps would be
         # (1 - beta2)^(-p) times too large on each side.
-        correction = 1 - beta2 ** state["step"]
+        correction = 1.0 if group.get("metric_init", "zero") == "ones" else 1 - beta2 ** state["step"]
         D_in = damped_power(state["metric_in"] / correction, group["damping"], group["metric_power"])
         D_out = damped_power(state["metric_out"] / correction, group["damping"], group["metric_power"])
 
         g = 1 - beta1
         shared = [(-eta * beta1, state["momentum_B"], state["momentum_A"])] if beta1 > 0 else []
-        A_new, B_new = lorsum(A, B, grad.terms(-eta * g), shared_terms=shared, lam=lam, iters=iters,
+        spectral = self.spectral_step(group)
+        A_new, B_new = lorsum(A, B, grad.terms(-eta * g), shared_terms=shared,
+                              lam=MIN_PROX_WEIGHT if spectral else lam,
+                              iters=group["first_step_iters"] if spectral else iters,
                               known_products=grad.known_products(-eta * g),
                               d_out=D_out, d_in=D_in, reduce=grad.reduce)
+        if spectral:
+            A_new, B_new = balance_factors(A_new, B_new)
         if beta1 > 0:
             low_rank_momentum_update(state, grad, beta=beta1, grad_scale=g, lam=lam, iters=iters)
         return A_new, B_new

@@ -58,9 +58,11 @@ class TrainConfig:
     corpus_lines: int = opt(4000, "offline corpus: generated lines")
     cache_dir: str = opt(".cache/psilora_ds", "tokenizer, generated corpus, tokenized data")
     # --- optimizer -------------------------------------------------------------------------------
+    preset: str | None = opt(None, "paper: the PSI-LoRA authors' LLM configuration (psilora_ds/presets.py) for every key not given explicitly")
     optim: str = opt("scaled_psilora", "psilora | scaled_psilora | precond_lora | svdlora | adamw | sgd")
     lr: float = opt(2e-3, "learning rate (PSI-LoRA: step size of the effective weight)")
     iters: int = opt(1, "LoRSum inner iterations")
+    first_step_iters: int | None = opt(None, "spectral first step (LoRA-One): inner iterations of the first step, reaching the truncated SVD of the first full step; null: off")
     momentum: float = opt(0.9, "psilora / sgd momentum")
     betas: list = field(default_factory=lambda: [0.9, 0.999],
         metadata={"help": "scaled_psilora / adamw betas"})
@@ -68,6 +70,7 @@ class TrainConfig:
     damping: float = opt(1e-8, "scaled_psilora metric damping")
     metric_power: float = opt(0.5, "scaled_psilora fractional power")
     metric: str = opt("kfac", "scaled_psilora metric: kfac | shampoo")
+    metric_init: str = opt("zero", "scaled_psilora metric EMA start: zero (bias-corrected like Adam) | ones (uncorrected, the authors' code)")
     rank_multiplier: float = opt(1.0, "momentum rank = round(r * rank_multiplier)")
     weight_decay: float = opt(0.0, "adamw / the optimizer of non-LoRA parameters")
     other_lr: float = opt(1e-4, "lr of non-LoRA trainable parameters (heads, norms, modules_to_save; AdamW), independent of the LoRA lr")
@@ -183,6 +186,13 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
     cli = {k: v for k, v in pairs if k != "config"}
     _check_keys(cli, "the command line")
     values.update({k: _coerce(k, v) for k, v in cli.items()})
+    if values.get("preset") is not None:  # the preset fills what was not given explicitly
+        from ..presets import PRESETS
+
+        if values["preset"] not in PRESETS:
+            raise ConfigError(f"preset={values['preset']!r}: choose one of {', '.join(PRESETS)} (or leave it unset)")
+        for key, value in PRESETS[values["preset"]].recipe_values().items():
+            values.setdefault(key, _coerce(key, value))
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg

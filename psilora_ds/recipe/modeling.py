@@ -36,14 +36,27 @@ def build_tokenizer(cfg: TrainConfig):
 
 
 def tiny_llama(cfg: TrainConfig, vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The offline LLaMA built from a config (``from_config``: under a live ``HfDeepSpeedConfig`` of ZeRO-3,
+    transformers builds it inside ``deepspeed.zero.Init``, partitioned from birth)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(cfg.seed)
     h = cfg.tiny_hidden_size
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=cfg.tiny_layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(256, cfg.max_seq_len),
                          tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
+    return AutoModelForCausalLM.from_config(config)
+
+
+# transformers reads the live HfDeepSpeedConfig (a weak global) while it builds or loads a model, and so does peft:
+# the recipe's ZeRO-3 config is kept here for the process's lifetime
+_ZERO3_CONFIG = None
+
+
+def partitions_from_birth(cfg: TrainConfig, zero_stage: int | None) -> bool:
+    """Whether the base is built partitioned over the ranks (ZeRO-3, not 4-bit: bitsandbytes quantizes on
+    loading, which ``zero.Init`` does not support); then every rank must build the model together."""
+    return zero_stage == 3 and not cfg.load_in_4bit
 
 
 def check_bitsandbytes(device: torch.device) -> None:
@@ -88,11 +101,20 @@ def load_pretrained(path: str, **kwargs):
 
 
 def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype: torch.dtype = torch.float32,
-                shards_weights: bool = False):
+                shards_weights: bool = False, zero3_config: dict | None = None):
     """The base model (fp32 masters, or 4-bit with ``load_in_4bit``) wrapped with peft LoRA;
-    ``shards_weights``: the engine shards the weights (ZeRO-3, FSDP2)."""
+    ``shards_weights``: the engine shards the weights (ZeRO-3, FSDP2). ``zero3_config``: the (filled) DeepSpeed
+    config of a ZeRO-3 run whose base is built partitioned from birth (:func:`partitions_from_birth`), through
+    transformers' public route (``HfDeepSpeedConfig`` alive during ``from_config`` / ``from_pretrained``): no
+    rank ever holds the whole base. Every rank calls it together then. The LoRA factors are created after,
+    unpartitioned (peft initializes them as usual); ``deepspeed.initialize`` partitions them."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    global _ZERO3_CONFIG
+    if zero3_config is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _ZERO3_CONFIG = HfDeepSpeedConfig(zero3_config)
     path = cfg.model
     if cfg.model is None:
         model = tiny_llama(cfg, len(tokenizer))

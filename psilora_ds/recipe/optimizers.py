@@ -31,12 +31,13 @@ def _betas(cfg: TrainConfig) -> tuple[float, float]:
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     "psilora": OptimizerEntry(lambda cfg, model, o: PSILoRA(
         model, cfg.lr, momentum=cfg.momentum, iters=cfg.iters, prox=cfg.prox, rank_multiplier=cfg.rank_multiplier,
-        **o), lora=True),
+        first_step_iters=cfg.first_step_iters, **o), lora=True),
     "scaled_psilora": OptimizerEntry(lambda cfg, model, o: ScaledPSILoRA(
         model, cfg.lr, betas=_betas(cfg), iters=cfg.iters, prox=cfg.prox, damping=cfg.damping,
-        metric_power=cfg.metric_power, metric=cfg.metric, rank_multiplier=cfg.rank_multiplier, **o), lora=True),
-    "precond_lora": OptimizerEntry(lambda cfg, model, o: PreconditionedLoRA(model, cfg.lr, prox=cfg.prox, **o),
-                                   lora=True),
+        metric_power=cfg.metric_power, metric=cfg.metric, metric_init=cfg.metric_init, rank_multiplier=cfg.rank_multiplier,
+        first_step_iters=cfg.first_step_iters, **o), lora=True),
+    "precond_lora": OptimizerEntry(lambda cfg, model, o: PreconditionedLoRA(
+        model, cfg.lr, prox=cfg.prox, first_step_iters=cfg.first_step_iters, **o), lora=True),
     "svdlora": OptimizerEntry(lambda cfg, model, o: SVDLoRA(model, cfg.lr, momentum=cfg.momentum, **o), lora=True),
     "adamw": OptimizerEntry(lambda cfg, params: torch.optim.AdamW(
         params, lr=cfg.lr, betas=_betas(cfg), weight_decay=cfg.weight_decay), lora=False),

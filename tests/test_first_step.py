@@ -1,0 +1,110 @@
+"""The spectral first step (LoRA-One, arXiv 2502.01235): from peft's B = 0, ``first_step_iters`` inner
+iterations on the first step give the truncated SVD of the first full gradient step (the SVDLoRA oracle at
+B = 0), in one process and on 2 ranks, also for cache-free (Jacobi) optimizers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA
+from psilora_ds import reference as ref
+from psilora_ds.ops import svd_project, weighted_svd_project
+
+from .distributed import run_distributed
+from .models import lora_two_layer_net
+from .test_optimizers import DenseTwin, data
+
+f64 = torch.float64
+LR, K = 0.3, 60
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def first_step_targets(model, x, t, metric=None, beta1=0.9, beta2=0.99, damping=1e-5, power=0.5):
+    """Per layer: the product ``B'A'`` of the oracle's first step, ``svd_r(-eta' P)`` (Scaled: the metric-weighted
+    best rank-r approximation of ``-eta' (1 - beta1) D_out^-1 P D_in^-1``), from the dense float64 gradient."""
+    twin = DenseTwin(model)
+    P, X, Z, _ = twin.grads(x, t)
+    out = []
+    for i, layer in enumerate(twin.layers):
+        assert float(twin.B[i].norm()) == 0.0  # peft's start
+        T = -(LR / twin.s[i] ** 2) * P[i]
+        if metric is None:
+            A, B = svd_project(T, layer.rank)
+        else:
+            s_in, s_out = ref.kfac_diagonal_stats(X[i], Z[i], twin.s[i])
+            _, D_in = ref.ema_metric(torch.zeros_like(s_in), s_in, beta2=beta2, step=1, damping=damping, power=power)
+            _, D_out = ref.ema_metric(torch.zeros_like(s_out), s_out, beta2=beta2, step=1, damping=damping,
+                                      power=power)
+            A, B = weighted_svd_project((1 - beta1) * T / D_out[:, None] / D_in[None, :], layer.rank, D_out, D_in)
+        out.append(B @ A)
+    return out
+
+
+def make(name, model, **kw):
+    if name == "psilora":
+        return PSILoRA(model, LR, momentum=0.9, iters=1, first_step_iters=K, **kw)
+    if name == "preconditioned":  # cache-free after its first step
+        return PreconditionedLoRA(model, LR, first_step_iters=K, **kw)
+    return ScaledPSILoRA(model, LR, betas=(0.9, 0.99), iters=0, damping=1e-5, first_step_iters=K, **kw)
+
+
+@pytest.mark.parametrize("name", ["psilora", "preconditioned", "scaled"])
+def test_first_step_is_the_truncated_svd_of_the_first_full_step(name):
+    model = lora_two_layer_net(nonzero_B=False, head_trainable=False)
+    x, t = data(0)
+    targets = first_step_targets(model, x, t, metric="kfac" if name == "scaled" else None)
+    opt = make(name, model)
+    F.mse_loss(model(x), t).backward()
+    opt.step()
+    opt.zero_grad()
+    for layer, target in zip(opt.layers, targets):
+        assert rel(layer.B.detach() @ layer.A.detach(), target) <= 1e-6
+        # balanced split, like the oracle's B = U S^1/2, A = S^1/2 V^T
+        torch.testing.assert_close(layer.A.detach() @ layer.A.detach().T, layer.B.detach().T @ layer.B.detach())
+    # later steps are ordinary ones, and a cache-free optimizer is cache-free again
+    F.mse_loss(model(x), t).backward()
+    opt.step()
+    assert opt.last_cache_bytes == 0 if name != "psilora" else opt.last_cache_bytes > 0
+
+
+def test_without_first_step_iters_the_first_step_is_not_the_svd():
+    """The test above can fail: one Jacobi step from B = 0 is far from the oracle."""
+    model = lora_two_layer_net(nonzero_B=False, head_trainable=False)
+    x, t = data(0)
+    targets = first_step_targets(model, x, t)
+    opt = PreconditionedLoRA(model, LR)
+    F.mse_loss(model(x), t).backward()
+    opt.step()
+    assert min(rel(layer.B.detach() @ layer.A.detach(), target) for layer, target in zip(opt.layers, targets)) > 0.1
+
+
+def test_first_step_iters_must_be_positive():
+    with pytest.raises(ValueError, match="first_step_iters must be >= 1"):
+        PSILoRA(lora_two_layer_net(), LR, first_step_iters=0)
+
+
+def ddp_worker(rank, world, out):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from psilora_ds.distributed import DDPDistributor
+
+    model = lora_two_layer_net(nonzero_B=False, head_trainable=False)
+    x, t = data(0)
+    targets = first_step_targets(model, x, t)  # the whole batch, densely
+    opt = make("preconditioned", model, distributor=DDPDistributor(shard_state=True))
+    half = x.shape[0] // 2
+    rows = slice(rank * half, (rank + 1) * half)
+    F.mse_loss(DistributedDataParallel(model)(x[rows]), t[rows]).backward()
+    opt.step()
+    torch.save([rel(layer.B.detach() @ layer.A.detach(), target) for layer, target in zip(opt.layers, targets)],
+               out / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_first_step_on_two_ranks_is_the_truncated_svd_of_the_whole_batch(tmp_path):
+    run_distributed(ddp_worker, 2, tmp_path)
+    for rank in range(2):
+        assert max(torch.load(tmp_path / f"rank{rank}.pt")) <= 1e-6
