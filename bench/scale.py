@@ -7,6 +7,10 @@ process), the same model, data and steps.
     python bench/scale.py --shape 0.9b          # hidden 2048, 24 layers, as in the scale issue (~10 GB per rank)
     python bench/scale.py --write docs/BENCHMARKS.md
 
+Memory per rank (CPU: resident set sampled after each forward, backward and step; CUDA: allocated): once the
+model, engine and optimizer are built; the peak during the steps (the ratio to AdamW's is of this); and the
+process's peak since it started (CPU ``ru_maxrss``, which includes building the model).
+
 Reported per method: step time (median of the steps after the warm-up, engine forward + backward + step)
 and its ratio to AdamW's, and the part spent in ``engine.step()`` (the optimizer and ZeRO's step work); peak RSS per rank (CUDA: max allocated) and its ratio; the activation cache (peak
 of the last step) and optimizer state bytes (summed over ranks); the optimizer's own collectives per step
@@ -32,9 +36,9 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SHAPES = {  # hidden, intermediate, layers, heads
-    "small": (1024, 2752, 8, 16),
-    "0.9b": (2048, 5504, 24, 16),
+SHAPES = {  # hidden, intermediate, layers, heads, key-value heads
+    "small": (1024, 2048, 8, 4, 2),
+    "0.9b": (2048, 4096, 24, 4, 2),  # the recipe's LLaMA at --tiny_hidden_size 2048 --tiny_layers 24 (scale issue)
 }
 METHODS = ("adamw", "precond_lora", "scaled_iters0", "scaled_iters1")
 VOCAB, R, ALPHA = 4096, 16, 32
@@ -49,10 +53,10 @@ def build_model(shape: str, zero_init: dict | None = None):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, inter, layers, heads = SHAPES[shape]
+    hidden, inter, layers, heads, kv_heads = SHAPES[shape]
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048)
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048)
     if zero_init is not None:
         import deepspeed
 
@@ -75,7 +79,16 @@ def ds_config(micro_batch: int) -> dict:
             "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
-def peak_memory_bytes() -> int:
+def memory_now() -> int:
+    """Bytes in use: CUDA allocated, or this process's resident set (VmRSS)."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def process_peak_bytes() -> int:
+    """The process's peak since it started (CUDA: since the last reset), building the model included."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -108,6 +121,10 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
             opt = ScaledPSILoRA(model, 0.05, iters=int(method[-1]), betas=(0.9, 0.99), damping=1e-5)
         engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=config)
     device = engine.device
+    built = memory_now()  # the model (its partition), engine and optimizer built, before any step
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    in_steps = built
     g = torch.Generator().manual_seed(1 + rank)
     times = []
     for step in range(args.warmup + args.steps):
@@ -118,17 +135,21 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
             torch.cuda.synchronize()
         start = time.perf_counter()
         loss = engine(input_ids=ids, labels=ids).loss
+        in_steps = max(in_steps, memory_now())  # activations and the capture are largest here
         engine.backward(loss)
         if cuda:
             torch.cuda.synchronize()
+        in_steps = max(in_steps, memory_now())
         middle = time.perf_counter()
         engine.step()
+        in_steps = max(in_steps, memory_now())
         if cuda:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append((time.perf_counter() - start, time.perf_counter() - middle))
     result = {"step_s": statistics.median(t for t, _ in times), "opt_s": statistics.median(o for _, o in times),
-              "peak_bytes": peak_memory_bytes(), "loss": loss.item()}
+              "built_bytes": built, "peak_bytes": torch.cuda.max_memory_allocated() if cuda else in_steps,
+              "process_peak_bytes": process_peak_bytes(), "loss": loss.item()}
     if method == "adamw":
         inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
         result.update(cache=0, state=sum(v.numel() * v.element_size() for st in inner.state.values()
@@ -191,7 +212,7 @@ def main() -> None:
                 if method not in results or max(r["step_s"] for r in ranks) < max(r["step_s"] for r in results[method]):
                     results[method] = ranks
                 print(f"{method} (repeat {repeat + 1}/{args.repeats}): done", file=sys.stderr, flush=True)
-    hidden, inter, layers, _ = SHAPES[args.shape]
+    hidden, inter, layers, _, _ = SHAPES[args.shape]
     base = results["adamw"]
     t0 = max(r["step_s"] for r in base)
     m0 = max(r["peak_bytes"] for r in base)
@@ -201,18 +222,23 @@ def main() -> None:
         step = max(r["step_s"] for r in ranks)  # the slowest rank sets the pace
         peak = max(r["peak_bytes"] for r in ranks)
         opt_s = max(r["opt_s"] for r in ranks)
-        rows.append([method, f"{step:.2f}", f"{step / t0:.2f}x", f"{opt_s:.2f}", f"{peak * 2**-30:.2f}", f"{peak / m0:.3f}x",
+        built = max(r["built_bytes"] for r in ranks)
+        whole = max(r["process_peak_bytes"] for r in ranks)
+        rows.append([method, f"{step:.2f}", f"{step / t0:.2f}x", f"{opt_s:.2f}", f"{built * 2**-30:.2f}",
+                     f"{peak * 2**-30:.2f}", f"{peak / m0:.3f}x", f"{whole * 2**-30:.2f}",
                      f"{max(r['cache'] for r in ranks) * mib:.1f}", f"{sum(r['state'] for r in ranks) * mib:.1f}",
                      ranks[0]["calls"], f"{ranks[0]['comm'] * mib:.2f}"])
     with torch.device("meta"):  # counted, not allocated
         n_params = sum(p.numel() for p in build_model(args.shape).parameters())
     title = f"Scale: ZeRO-3 on {args.ranks} ranks, LLaMA {n_params / 1e9:.2f} B"
     body = (f"LLaMA hidden {hidden}, intermediate {inter}, {layers} layers, vocab {VOCAB} ({n_params / 1e9:.2f} B "
-            f"parameters, {7 * layers} LoRA layers, r = {R}), {args.dtype}, micro-batch {args.micro_batch} x "
+            f"parameters, {n_params * (2 if args.dtype == 'bf16' else 4) / args.ranks * 2**-30:.2f} GiB per rank when "
+            f"partitioned over {args.ranks} ranks, {7 * layers} LoRA layers, r = {R}), {args.dtype}, micro-batch {args.micro_batch} x "
             f"{args.seq_len} tokens per rank, base built {'partitioned (zero.Init)' if args.zero_init else 'whole on every rank'}, median of {args.steps} steps after {args.warmup} warm-up, the faster of "
             f"{args.repeats} interleaved runs per method. Machine: "
             f"{machine()}.\n\n" + markdown_table(
-                ["method", "step s", "time vs AdamW", "of which engine.step() s", "peak GiB/rank", "memory vs AdamW", "cache MiB/rank",
+                ["method", "step s", "time vs AdamW", "of which engine.step() s", "built GiB/rank", "peak in steps GiB/rank",
+                 "memory vs AdamW", "process peak GiB/rank", "cache MiB/rank",
                  "state MiB (all ranks)", "optimizer collectives/step", "optimizer MiB sent/step/rank"], rows))
     print(f"## {title}\n\n{body}")
     if args.write:
