@@ -47,7 +47,9 @@ def peft_model():
 
 
 def settings():
-    return dict(optim="scaled_psilora", lr=LR, iters=2, betas=(0.9, 0.99), damping=1e-6)
+    """PSILORA_ITERS=0 in the environment: Jacobi steps, which are cache-free."""
+    return dict(optim="scaled_psilora", lr=LR, iters=int(os.environ.get("PSILORA_ITERS", "2")), betas=(0.9, 0.99),
+                damping=1e-6)
 
 
 def ds_config(stage):

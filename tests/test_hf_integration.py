@@ -101,10 +101,10 @@ def test_trainer_checkpoint_resume_continues_identically(tmp_path):
     assert resumed.psilora_optimizer.lora_group["lr"] == straight.psilora_optimizer.lora_group["lr"]
 
 
-def launch(tmp_path, ranks, mode, stage, port):
+def launch(tmp_path, ranks, mode, stage, port, **env):
     cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), SCRIPT,
            str(tmp_path), mode, str(stage)]
-    return subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=launcher_env(**env), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -158,10 +158,12 @@ def test_trl_sft_trainer_with_peft_config_trains_with_psilora():
 
 
 @pytest.mark.slow
-def test_trainer_deepspeed_checkpoint_resume_continues_identically(tmp_path):
+@pytest.mark.parametrize("iters", [2, 0])
+def test_trainer_deepspeed_checkpoint_resume_continues_identically(tmp_path, iters):
     """Trainer + the integration under DeepSpeed ZeRO-2 on 2 ranks: resuming from checkpoint-3 (the engine's own
-    checkpoint, PSI-LoRA's layer-sharded state inside it) ends with the same factors as the straight run."""
-    proc = launch(tmp_path, 2, "resume", 2, 29641)
+    checkpoint, PSI-LoRA's layer-sharded state inside it) ends with the same factors as the straight run; also
+    with cache-free Jacobi steps (iters=0), whose factor copy must follow what the engine restores."""
+    proc = launch(tmp_path, 2, "resume", 2, 29641 + iters, PSILORA_ITERS=str(iters))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     states = torch.load(tmp_path / "resume.pt")
     assert states["straight_steps"] == states["resumed_steps"] == script.STEPS  # steps_taken is in the state too
