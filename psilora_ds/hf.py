@@ -50,6 +50,19 @@ def psilora_trainer(base: type) -> type:
     defaults to ``args.learning_rate``), or a callable ``model -> LoRAOptimizer``.
     """
 
+    from transformers import TrainerCallback
+
+    class RefreshFactorsAtTrainBegin(TrainerCallback):
+        """At the start of training, after the Trainer restored a checkpoint (under DeepSpeed the engine restores
+        the fp32 masters after the optimizer's state): cache-free steps take their factor copy again."""
+
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.trainer.psilora_optimizer is not None:
+                self.trainer.psilora_optimizer.refresh_factors()
+
     class PSILoRATrainerOf(base):
         def __init__(self, *args: Any, psilora: dict[str, Any] | Any = None, **kwargs: Any):
             if kwargs.get("optimizers", (None, None))[0] is not None:
@@ -69,6 +82,7 @@ def psilora_trainer(base: type) -> type:
             self.psilora_clip = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 \
                 else None
             self.args.max_grad_norm = 0.0
+            self.add_callback(RefreshFactorsAtTrainBegin(self))
 
         def create_optimizer(self, model=None):
             if self.optimizer is not None:
