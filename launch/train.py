@@ -27,7 +27,7 @@ from psilora_ds.recipe.data import build_datasets, check_sizes, micro_batches
 from psilora_ds.recipe.ds_config import fill_auto, read_ds_config, zero_stage_of
 from psilora_ds.recipe.engines import TrainableParams, build_engine, shard_model
 from psilora_ds.recipe.loop import evaluate, optimizer_metrics, train_step
-from psilora_ds.recipe.modeling import DTYPES, build_model, build_tokenizer, partitions_from_birth
+from psilora_ds.recipe.modeling import DTYPES, build_model, build_tokenizer, offline_base, partitions_from_birth
 from psilora_ds.recipe.optimizers import build_optimizer, build_scheduler, check_optim
 from psilora_ds.recipe.plot import plot_run
 from psilora_ds.recipe.ranks import exit_with_error, finish, rank0_first, setup_distributed
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ds_cfg = fill_auto(ds_raw, cfg, world) if ds_raw is not None else None
     stage = zero_stage_of(ds_cfg)
     if partitions_from_birth(cfg, stage):  # zero.Init partitions as it builds: all ranks at once
+        if cfg.model is None:
+            rank0_first(rank, lambda: offline_base(cfg, tokenizer))
         model = build_model(cfg, tokenizer, device, DTYPES[cfg.dtype], True, zero3_config=ds_cfg)
         logger.info("ZeRO-3: base built partitioned from birth (deepspeed.zero.Init), 1/%d of it per rank", world)
     else:

@@ -48,6 +48,25 @@ def tiny_llama(cfg: TrainConfig, vocab_size: int):
     return AutoModelForCausalLM.from_config(config)
 
 
+def offline_base(cfg: TrainConfig, tokenizer) -> str:
+    """The offline LLaMA saved once under ``cache_dir`` (call it on rank 0 first): every engine then loads the same
+    weights with ``from_pretrained``, whether it builds them whole, in 4 bit or partitioned from birth (ZeRO-3,
+    where building from a config would draw other initial weights)."""
+    max_pos = max(256, cfg.max_seq_len)
+    path = os.path.join(cfg.cache_dir, f"tiny-llama-{cfg.tiny_hidden_size}x{cfg.tiny_layers}-v{len(tokenizer)}"
+                                       f"-pos{max_pos}-seed{cfg.seed}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        tiny_llama(cfg, len(tokenizer)).save_pretrained(tmp)
+        try:
+            os.replace(tmp, path)  # atomic: a concurrent reader never sees half a model
+        except OSError:  # another process got there first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 # transformers reads the live HfDeepSpeedConfig (a weak global) while it builds or loads a model, and so does peft:
 # the recipe's ZeRO-3 config is kept here for the process's lifetime
 _ZERO3_CONFIG = None
@@ -115,13 +134,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype:
         from transformers.integrations import HfDeepSpeedConfig
 
         _ZERO3_CONFIG = HfDeepSpeedConfig(zero3_config)
-    path = cfg.model
-    if cfg.model is None:
-        model = tiny_llama(cfg, len(tokenizer))
-        if cfg.load_in_4bit:  # quantization happens on loading: go through a local copy
-            path = os.path.join(cfg.cache_dir, f"tiny-llama-{cfg.tiny_hidden_size}x{cfg.tiny_layers}-seed{cfg.seed}")
-            if not os.path.exists(os.path.join(path, "config.json")):
-                model.save_pretrained(path)
+    path = cfg.model if cfg.model is not None else offline_base(cfg, tokenizer)
     if cfg.load_in_4bit:
         check_bitsandbytes(device)
         model = load_pretrained(path, quantization_config=quantization_config(cfg, engine_dtype, shards_weights),
@@ -129,13 +142,14 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         keep_training_kernels(model)  # evaluation between steps must not repack the 4-bit weights (CPU)
-    elif cfg.model is not None:
+    else:
         model = load_pretrained(path, torch_dtype=torch.float32)
     if cfg.gradient_checkpointing and not cfg.load_in_4bit:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = cfg.target_modules
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                       use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)  # the adapters' initialization, whatever building the base drew
     try:
         model = get_peft_model(model, lora)
     except ValueError as err:
