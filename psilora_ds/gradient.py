@@ -11,6 +11,7 @@ from .capture import LayerBatch
 from .products import LayerProducts
 from .ops import kfac_sums
 from .ops.lorsum import Term
+from .ops.rounds import Rounds
 
 
 class LayerGradient:
@@ -51,14 +52,15 @@ class LayerGradient:
         """This rank's ``Z^T X + P_k`` formed densely (for the oracle and dense statistics)."""
         return self.batch.P()
 
-    def kfac_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sum over all rows of x**2, sum over all rows of (coef z)**2)``, reduced over ranks."""
+    def kfac_sums(self) -> Rounds[tuple[torch.Tensor, torch.Tensor]]:
+        """``(sum over all rows of x**2, sum over all rows of (coef z)**2)``, summed over ranks (rounds:
+        :mod:`~psilora_ds.ops.rounds`)."""
         sum_x2, sum_z2 = kfac_sums(self.X, self.Z)
         if self.dense is not None:
             sum_x2, sum_z2 = sum_x2 + self.batch.folded_x2, sum_z2 + self.batch.folded_z2
         both = torch.cat([sum_x2, sum_z2 * self.coef**2])
         if self.reduce is not None:
-            both = self.reduce(both)
+            both = yield both
         n = self.X.shape[1]
         return both[:n], both[n:]
 
@@ -87,8 +89,9 @@ class ProductGradient:
         p, c = self.products, scale * self.coef
         return p.left[self.r:] * c, p.right[:, self.r:] * c
 
-    def kfac_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def kfac_sums(self) -> Rounds[tuple[torch.Tensor, torch.Tensor]]:
         return self.products.sum_x2, self.products.sum_z2 * self.coef**2
+        yield  # (already summed over ranks: no round)
 
     def sketched_norm_sq(self) -> torch.Tensor:
         """``||P Omega||_F^2 / k``: the unbiased estimate of ``||P||_F^2``."""

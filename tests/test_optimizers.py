@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA, find_lora_layers
 from psilora_ds import reference as ref
+from psilora_ds.ops.rounds import run_rounds
 from psilora_ds.optim.psilora import init_low_rank_momentum
 
 from .models import lora_two_layer_net
@@ -242,7 +243,7 @@ def test_sketched_clipping_norm_in_one_process(fold):
     grad = opt._layer_gradient(0, batches[0], batches[0].rows, None)
     samples = []
     for step in range(400):
-        samples.append(float(opt.distributor.lora_norm_sq(layer, grad, step)))
+        samples.append(float(run_rounds(opt.distributor.lora_norm_sq(layer, grad, step), None)))
     exact0 = float(P[0].square().sum())
     std0 = float(torch.sqrt(2 * (P[0].T @ P[0]).square().sum() / k))
     assert abs(sum(samples) / len(samples) - exact0) <= 4 * std0 / 400**0.5

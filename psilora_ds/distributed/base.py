@@ -19,21 +19,9 @@ from torch.distributed.tensor import DTensor
 from ..gradient import LayerGradient, ProductGradient
 from ..lora_layers import LoRALayer
 from ..ops import frobenius_sq, gaussian_probes, norm_sketch_seed, sketched_product
+from ..ops.rounds import Rounds
 
 DEFAULT_NORM_PROBES = 32  # probes of the clipping norm's sketch when none are asked for and it must be sketched
-
-
-def all_reduce_flat_(tensors: Sequence[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Sum ``tensors`` over ranks in place with one ``reduce`` call per dtype (flattened into one buffer)."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
-        flat = reduce(torch.cat([t.reshape(-1) for t in group]))
-        offset = 0
-        for t in group:
-            t.copy_(flat[offset: offset + t.numel()].view_as(t))
-            offset += t.numel()
 
 
 @runtime_checkable
@@ -134,8 +122,9 @@ class Distributor:
         """Whether :meth:`lora_norm_sq` is the Gaussian sketch (else exact)."""
         return self.norm_probes > 0
 
-    def lora_norm_sq(self, layer: LoRALayer, grad: LayerGradient | ProductGradient, step: int) -> torch.Tensor:
-        """``||P||_F^2`` of the layer's whole gradient (summed over ranks); ``step`` seeds the sketch.
+    def lora_norm_sq(self, layer: LoRALayer, grad: LayerGradient | ProductGradient, step: int) -> Rounds[torch.Tensor]:
+        """``||P||_F^2`` of the layer's whole gradient (summed over ranks: rounds, :mod:`~psilora_ds.ops.rounds`);
+        ``step`` seeds the sketch.
 
         Exact: the Gram trick on the rows, or the dense store when the rows were folded into it.
         Sketch: with ``Omega`` (n x k) standard Gaussian from a seed shared by all ranks (step and
@@ -156,7 +145,7 @@ class Distributor:
                                 dtype=torch.float64 if X.dtype == torch.float64 else torch.float32)
         Y = sketched_product(grad.Z, X, omega, grad.dense)
         if self.reduce is not None:
-            Y = self.reduce(Y)
+            Y = yield Y
         return Y.square().sum() * (grad.coef**2 / self.norm_probes)
 
     def other_grads_are_sharded(self) -> bool:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .linalg import compute_dtype, solve_spd_left, solve_spd_right
+from .rounds import Rounds, run_rounds
 
 Term = tuple[float, torch.Tensor, torch.Tensor | None]
 
@@ -39,7 +40,13 @@ class _PreparedTerm:
         return self.F_b @ At.T if self.H is None else self.F_b @ (self.H @ At.T)
 
 
-def lorsum(
+def lorsum(*args, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lorsum_rounds` run on its own: each thin product summed over ranks by its own ``reduce`` call."""
+    return run_rounds(lorsum_rounds(*args, reduce=reduce, **kwargs), reduce)
+
+
+def lorsum_rounds(
     A: torch.Tensor,
     B: torch.Tensor,
     terms: Sequence[Term],
@@ -52,7 +59,7 @@ def lorsum(
     shared_terms: Sequence[Term] = (),
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     known_products: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Rounds[tuple[torch.Tensor, torch.Tensor]]:
     """Approximate the best rank-r factorization ``B' A'`` of ``T = c0*B@A + sum_j coef_j*F_j@H_j``.
 
     Minimizes ``1/2 ||B'A' - T||_F^2 + lam/2 (||A'-A||_F^2 + ||B'-B||_F^2)`` by ALS warm-started
@@ -75,8 +82,9 @@ def lorsum(
         shared_terms: more ``(coef, F, H)`` terms that are identical on every data-parallel rank
             (e.g. the low-rank momentum); never reduced.
         reduce: data parallelism (METHOD.md section 6): ``terms`` hold this rank's share of the
-            data, and ``reduce`` sums a thin product over the ranks (an all-reduce of an ``r x n``
-            or ``m x r`` tensor, twice per iteration). ``None``: one process.
+            data, and each thin product (``r x n`` or ``m x r``, twice per iteration) is summed over the
+            ranks: this generator yields it and receives the sum (:mod:`~psilora_ds.ops.rounds`; with
+            :func:`lorsum`, ``reduce`` is called on it). ``None``: one process.
         known_products: ``(B^T G, G A^T)`` for ``G = sum_j coef_j F_j H_j`` over ``terms`` (summed over
             ranks), when the caller already has them: with ``G = -eta P`` they are ``-eta`` times
             autograd's LoRA gradients ``A.grad``, ``B.grad`` (METHOD.md section 6). Used for the
@@ -110,7 +118,7 @@ def lorsum(
             out = part.mul_(c) if out is None else out.add_(part, alpha=c)  # parts are fresh products
         return torch.zeros_like(like) if out is None else out
 
-    def a_step(Bt: torch.Tensor) -> torch.Tensor:
+    def a_step(Bt: torch.Tensor) -> Rounds[torch.Tensor]:
         # (Bt^T D_out Bt + lam I) A+ = lam A + c0 (Bt^T D_out B) A + sum c_j (Bt^T F_j)(H_j D_in^-1)
         if known_products is not None and Bt is B0:
             data = known_products[0].to(cd, copy=True)
@@ -118,7 +126,7 @@ def lorsum(
         else:
             data = summed(A0, ((t.coef, t.a_product(Bt)) for t in local))
             if reduce is not None:
-                data = reduce(data)
+                data = yield data
         for t in shared:
             data.add_(t.a_product(Bt), alpha=t.coef)
         DBt = Bt if d_out is None else d_out[:, None] * Bt
@@ -127,7 +135,7 @@ def lorsum(
         data.add_(A0, alpha=lam).addmm_(cross, A0, alpha=c0)
         return solve_spd_left(gram + lam * eye, data)
 
-    def b_step(At: torch.Tensor) -> torch.Tensor:
+    def b_step(At: torch.Tensor) -> Rounds[torch.Tensor]:
         # B+ (At D_in At^T + lam I) = lam B + c0 B (A D_in At^T) + sum c_j (D_out^-1 F_j)(H_j At^T)
         if known_products is not None and At is A0:
             data = known_products[1].to(cd, copy=True)
@@ -135,7 +143,7 @@ def lorsum(
         else:
             data = summed(B0, ((t.coef, t.b_product(At)) for t in local))
             if reduce is not None:
-                data = reduce(data)
+                data = yield data
         for t in shared:
             data.add_(t.b_product(At), alpha=t.coef)
         DAt = At if d_in is None else At * d_in[None, :]
@@ -145,11 +153,12 @@ def lorsum(
         return solve_spd_right(data, gram + lam * eye)
 
     if iters == 0:
-        A_new, B_new = a_step(B0), b_step(A0)
+        A_new = yield from a_step(B0)
+        B_new = yield from b_step(A0)
     else:
         Bt = B0
         for _ in range(iters):
-            A_new = a_step(Bt)
-            Bt = b_step(A_new)
+            A_new = yield from a_step(Bt)
+            Bt = yield from b_step(A_new)
         B_new = Bt
     return A_new.to(out_dtype).contiguous(), B_new.to(out_dtype).contiguous()

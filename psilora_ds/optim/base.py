@@ -15,10 +15,11 @@ from torch import nn
 
 from ..capture import ActivationCapture, LayerBatch
 from ..distributed import Distributor, default_distributor
-from ..distributed.base import DEFAULT_NORM_PROBES, all_reduce_flat_
+from ..distributed.base import DEFAULT_NORM_PROBES
 from ..gradient import LayerGradient, ProductGradient
 from ..lora_layers import LoRALayer, find_lora_layers, other_parameters
 from ..ops import compute_dtype
+from ..ops.rounds import Rounds, reduce_flat_, run_lockstep
 from ..products import LayerProducts, ProductCapture
 from .options import LoRAOptions, OtherOptimizerFactory  # noqa: F401 - OtherOptimizerFactory re-exported
 
@@ -183,8 +184,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
     def _update_layer(
         self, layer: LoRALayer, state: dict[str, Any], A: torch.Tensor, B: torch.Tensor,
         grad: LayerGradient, group: dict[str, Any],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """New factors of ``layer`` from its current ``A``, ``B`` and gradient; updates ``state`` in place."""
+    ) -> Rounds[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, torch.Tensor]:
+        """New factors of ``layer`` from its current ``A``, ``B`` and gradient; updates ``state`` in place. A
+        generator of rounds (:mod:`~psilora_ds.ops.rounds`: it yields each thin product to be summed over the
+        ranks and receives the sum) that returns them, so that all layers run in lockstep; or the factors."""
         raise NotImplementedError
 
     # ---- torch.optim API ------------------------------------------------------------------------
@@ -293,6 +296,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         group = self._lora_group
         d.materialize_states([(self.layers[idx], self.state[self.layers[idx].A],
                                lambda layer=self.layers[idx]: self._init_state(layer, group)) for idx in plan.grads])
+        programs = {}
         for idx, grad in plan.grads.items():
             layer = self.layers[idx]
             state = self.state[layer.A]
@@ -306,7 +310,13 @@ class LoRAOptimizer(torch.optim.Optimizer):
                     raise self.capture.stale(idx)
             else:
                 A, B = d.read_factors(layer, group["params"])
-            A_new, B_new = self._update_layer(layer, state, A, B, grad, group)
+            programs[idx] = self._update_layer(layer, state, A, B, grad, group)
+        # all layers' updates in lockstep: the thin products of one round, every layer's, in one collective
+        new_factors = run_lockstep(programs, d.reduce)
+        for idx, grad in plan.grads.items():
+            layer = self.layers[idx]
+            state = self.state[layer.A]
+            A_new, B_new = new_factors[idx]
             d.write_factors(layer, group["params"], A_new, B_new)
             if self.cache_free:  # the next step's products are taken at the new factors
                 self.capture.set_factors(idx, A_new, B_new, self._momentum_factors(state, group))
@@ -341,7 +351,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         present = [idx for idx, n in enumerate(rows) if n > 0]
         products = {idx: batches.get(idx) or self.capture.zeros(idx) for idx in present}
         if self.distributor.reduce is not None:
-            all_reduce_flat_([t for idx in present for t in products[idx].tensors()], self.distributor.reduce)
+            reduce_flat_([t for idx in present for t in products[idx].tensors()], self.distributor.reduce)
         coef = self.distributor.grad_coef()
         return {idx: ProductGradient(products[idx], self.layers[idx].rank, coef, int(rows[idx])) for idx in present}
 
@@ -396,8 +406,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
         trainable parameters' gradients, over all ranks (METHOD.md section 6): exact in one process,
         the distributor's documented estimator across ranks."""
         d = self.distributor
-        lora = sum(float(d.lora_norm_sq(self.layers[i], g, self.steps_taken)) / self.layers[i].scaling ** 2
-                   for i, g in grads.items())
+        squares = run_lockstep({i: d.lora_norm_sq(self.layers[i], g, self.steps_taken) for i, g in grads.items()},
+                               d.reduce)  # every layer's sketch summed over ranks in one collective
+        lora = float(sum(squares[i].double() / self.layers[i].scaling ** 2 for i in grads)) if grads else 0.0
         other = torch.zeros((), dtype=torch.float64, device=self.layers[0].A.device)
         for g in self._local_other_grads(other_groups):
             other += g.to(compute_dtype(g.dtype)).square().sum().to(torch.float64)

@@ -10,7 +10,9 @@ from torch import nn
 
 from ..gradient import LayerGradient, ProductGradient
 from ..lora_layers import LoRALayer
-from ..ops import balance_factors, compute_dtype, lorsum
+from ..ops import balance_factors, compute_dtype
+from ..ops.lorsum import lorsum_rounds
+from ..ops.rounds import Rounds
 from .base import MIN_PROX_WEIGHT, LoRAOptimizer
 
 MOMENTUM_SEED = 0x5151
@@ -32,10 +34,10 @@ def init_low_rank_momentum(layer: LoRALayer, rank_multiplier: float) -> dict[str
 
 def low_rank_momentum_update(
     state: dict[str, Any], grad: LayerGradient | ProductGradient, *, beta: float, grad_scale: float, lam: float, iters: int
-) -> None:
+) -> Rounds[None]:
     """``M <- LoRSum(beta M + grad_scale P)`` warm-started at the old factors, then re-factored in
     balanced form (:func:`~psilora_ds.ops.balance_factors`: the same product)."""
-    M_A, M_B = lorsum(
+    M_A, M_B = yield from lorsum_rounds(
         state["momentum_A"], state["momentum_B"], grad.terms(grad_scale), c0=beta, lam=lam, iters=iters,
         reduce=grad.reduce, known_products=grad.known_momentum_products(grad_scale),
     )
@@ -122,7 +124,7 @@ class PSILoRA(LoRAOptimizer):
         g = 1.0 - group["dampening"]
         shared = [(-eta * beta, state["momentum_B"], state["momentum_A"])] if beta > 0 else []
         spectral = self.spectral_step(group)
-        A_new, B_new = lorsum(A, B, grad.terms(-eta * g), shared_terms=shared,
+        A_new, B_new = yield from lorsum_rounds(A, B, grad.terms(-eta * g), shared_terms=shared,
                               lam=MIN_PROX_WEIGHT if spectral else lam,
                               iters=group["first_step_iters"] if spectral else iters,
                               known_products=grad.known_products(-eta * g),
@@ -130,7 +132,7 @@ class PSILoRA(LoRAOptimizer):
         if spectral:
             A_new, B_new = balance_factors(A_new, B_new)
         if beta > 0:
-            low_rank_momentum_update(state, grad, beta=beta, grad_scale=g, lam=lam, iters=iters)
+            yield from low_rank_momentum_update(state, grad, beta=beta, grad_scale=g, lam=lam, iters=iters)
         return A_new, B_new
 
 

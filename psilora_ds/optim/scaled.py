@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from ..gradient import LayerGradient
-from ..ops import balance_factors, compute_dtype, damped_power, kfac_diagonals, lorsum, shampoo_diagonals
+from ..ops import balance_factors, compute_dtype, damped_power, kfac_diagonals, shampoo_diagonals
+from ..ops.lorsum import lorsum_rounds
+from ..ops.rounds import Rounds
 from .base import MIN_PROX_WEIGHT, LoRAOptimizer
 from .psilora import check_first_step_iters, init_low_rank_momentum, jacobi_blocker, low_rank_momentum_update
 
@@ -108,10 +110,10 @@ class ScaledPSILoRA(LoRAOptimizer):
             state.update(init_low_rank_momentum(layer, group["rank_multiplier"]))
         return state
 
-    def _metric_statistics(self, group, layer, grad: LayerGradient) -> tuple[torch.Tensor, torch.Tensor]:
+    def _metric_statistics(self, group, layer, grad: LayerGradient) -> Rounds[tuple[torch.Tensor, torch.Tensor]]:
         """This step's ``(d_in, d_out)`` statistics of the (clipped) gradient, over all ranks."""
         if group["metric"] == "kfac":
-            sum_x2, sum_z2 = grad.kfac_sums()
+            sum_x2, sum_z2 = yield from grad.kfac_sums()
             return kfac_diagonals(sum_x2, sum_z2, grad.rows, layer.scaling)
         if grad.dense is None:
             d_in, d_out = shampoo_diagonals(grad.X, grad.Z, layer.scaling)
@@ -126,7 +128,7 @@ class ScaledPSILoRA(LoRAOptimizer):
         lam = self.prox_weight(group)
         iters = group["iters"]
         state["step"] += 1
-        d_in, d_out = self._metric_statistics(group, layer, grad)
+        d_in, d_out = yield from self._metric_statistics(group, layer, grad)
         state["metric_in"].mul_(beta2).add_(d_in, alpha=1 - beta2)
         state["metric_out"].mul_(beta2).add_(d_out, alpha=1 - beta2)
         # Bias correction, as for Adam's second moment: otherwise the first steps would be
@@ -138,7 +140,7 @@ class ScaledPSILoRA(LoRAOptimizer):
         g = 1 - beta1
         shared = [(-eta * beta1, state["momentum_B"], state["momentum_A"])] if beta1 > 0 else []
         spectral = self.spectral_step(group)
-        A_new, B_new = lorsum(A, B, grad.terms(-eta * g), shared_terms=shared,
+        A_new, B_new = yield from lorsum_rounds(A, B, grad.terms(-eta * g), shared_terms=shared,
                               lam=MIN_PROX_WEIGHT if spectral else lam,
                               iters=group["first_step_iters"] if spectral else iters,
                               known_products=grad.known_products(-eta * g),
@@ -146,5 +148,5 @@ class ScaledPSILoRA(LoRAOptimizer):
         if spectral:
             A_new, B_new = balance_factors(A_new, B_new)
         if beta1 > 0:
-            low_rank_momentum_update(state, grad, beta=beta1, grad_scale=g, lam=lam, iters=iters)
+            yield from low_rank_momentum_update(state, grad, beta=beta1, grad_scale=g, lam=lam, iters=iters)
         return A_new, B_new

@@ -1,0 +1,64 @@
+"""Steps written as *rounds*: a step that needs sums over data-parallel ranks is a generator that yields each
+tensor to be summed and receives the sum back (``total = yield partial``). Driving many layers' steps in
+lockstep sums all the tensors of one round in a single flattened call, so the number of collectives per
+optimizer step does not grow with the number of layers (METHOD.md section 6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Hashable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+Rounds = Generator[torch.Tensor, torch.Tensor, T]
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def reduce_flat_(tensors: Sequence[torch.Tensor], reduce: Reduce) -> None:
+    """Sum ``tensors`` over ranks in place with one ``reduce`` call per dtype (flattened into one buffer)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype in sorted(by_dtype, key=str):  # the same order on every rank
+        group = by_dtype[dtype]
+        flat = reduce(torch.cat([t.reshape(-1) for t in group]))
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def run_lockstep(programs: Mapping[Hashable, Rounds[Any] | Any], reduce: Reduce | None) -> dict[Hashable, Any]:
+    """Run every program (a generator as above, or an already computed value) to its return value; the tensors
+    they yield in the same round are summed by one :func:`reduce_flat_` (``reduce=None``: one process, each
+    tensor is its own sum). Every rank must hold programs that yield the same shapes in the same order."""
+    results: dict[Hashable, Any] = {}
+    pending: dict[Hashable, torch.Tensor] = {}
+
+    def advance(key: Hashable, value: torch.Tensor | None) -> None:
+        try:
+            pending[key] = programs[key].send(value)
+        except StopIteration as done:
+            pending.pop(key, None)
+            results[key] = done.value
+
+    for key, program in programs.items():
+        if isinstance(program, Generator):
+            advance(key, None)
+        else:
+            results[key] = program
+    while pending:
+        keys = list(pending)
+        tensors = [pending[k].contiguous() for k in keys]
+        if reduce is not None:
+            reduce_flat_(tensors, reduce)
+        for key, total in zip(keys, tensors):
+            advance(key, total)
+    return results
+
+
+def run_rounds(program: Rounds[T], reduce: Reduce | None) -> T:
+    """Run one program, each yielded tensor summed by its own ``reduce`` call."""
+    return run_lockstep({0: program}, reduce)[0]
