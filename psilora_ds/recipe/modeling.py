@@ -36,16 +36,15 @@ def build_tokenizer(cfg: TrainConfig):
 
 
 def tiny_llama(cfg: TrainConfig, vocab_size: int):
-    """The offline LLaMA built from a config (``from_config``: under a live ``HfDeepSpeedConfig`` of ZeRO-3,
-    transformers builds it inside ``deepspeed.zero.Init``, partitioned from birth)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """The offline LLaMA built whole from a config (the recipe saves it once: :func:`offline_base`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
     h = cfg.tiny_hidden_size
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=cfg.tiny_layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(256, cfg.max_seq_len),
                          tie_word_embeddings=False)
-    return AutoModelForCausalLM.from_config(config)
+    return LlamaForCausalLM(config)
 
 
 def offline_base(cfg: TrainConfig, tokenizer) -> str:
@@ -130,11 +129,11 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     global _ZERO3_CONFIG
+    path = cfg.model if cfg.model is not None else offline_base(cfg, tokenizer)  # built whole: before zero.Init is on
     if zero3_config is not None:
         from transformers.integrations import HfDeepSpeedConfig
 
         _ZERO3_CONFIG = HfDeepSpeedConfig(zero3_config)
-    path = cfg.model if cfg.model is not None else offline_base(cfg, tokenizer)
     if cfg.load_in_4bit:
         check_bitsandbytes(device)
         model = load_pretrained(path, quantization_config=quantization_config(cfg, engine_dtype, shards_weights),
