@@ -56,8 +56,8 @@ class LayerBatch:
 
     @property
     def nbytes(self) -> int:
-        extra = (self.dense, self.folded_x2, self.folded_z2) if self.dense is not None else ()
-        return sum(t.numel() * t.element_size() for t in (*self.xs, *self.zs, *extra))
+        folded = [self.folded_x2, self.folded_z2] if self.dense is not None else []
+        return sum(t.numel() * t.element_size() for t in (*self.tensors(), *folded))
 
     def tensors(self) -> list[torch.Tensor]:
         """Everything held: the rows and the dense store."""

@@ -98,10 +98,6 @@ class ProductCapture(ActivationCapture):
             "ones. Call optimizer.refresh_factors() after changing factors (optimizer.load_state_dict does), "
             "or build the optimizer with cache_free=False")
 
-    def factor_width(self, idx: int) -> int:
-        """``q = r + r_m``: the number of probe factors of layer ``idx``."""
-        return self._factors[idx][0].shape[1]
-
     def zeros(self, idx: int) -> LayerProducts:
         """Products of no rows, shaped for layer ``idx`` (a rank that saw none takes part in the reduction)."""
         left, right = self._factors[idx]
@@ -143,9 +139,6 @@ class ProductCapture(ActivationCapture):
     def clear(self) -> None:
         self._omegas = {}
         super().clear()
-
-    def forget_factors(self) -> None:
-        self._factors = {}
 
     @property
     def factor_nbytes(self) -> int:

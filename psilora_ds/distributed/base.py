@@ -95,9 +95,9 @@ class Distributor:
         B_master.copy_(B)
 
     def factors_match(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
-                      B: torch.Tensor) -> bool | None:
-        """Whether the engine's copy of the layer's factors equals ``(A, B)`` bit for bit, read without a
-        collective (this rank's shard where they are sharded); None when that cannot be told locally."""
+                      B: torch.Tensor) -> bool:
+        """Whether the engine's copy of the layer's factors equals ``(A, B)`` bit for bit. Here: read whole;
+        engines that shard them compare this rank's shard where they can (no collective)."""
         A_m, B_m = self.read_factors(layer, masters)
         return torch.equal(A_m, A.to(A_m.dtype)) and torch.equal(B_m, B.to(B_m.dtype))
 

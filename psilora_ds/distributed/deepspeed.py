@@ -103,11 +103,10 @@ class DeepSpeedDistributor(DDPDistributor):
         safe_set_full_fp32_param(layer.B, B.float())
 
     def factors_match(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
-                      B: torch.Tensor) -> bool | None:
-        if not self._flattened(masters):
+                      B: torch.Tensor) -> bool:
+        if not self._flattened(masters) or self.stage != 3:
+            # stage 0 masters are local; ZeRO 1/2 fragments have no public local accessor: read whole
             return super().factors_match(layer, masters, A, B)
-        if self.stage != 3:
-            return None  # ZeRO 1/2 fragments have no public local accessor: the caller reads them whole
         from deepspeed.utils import safe_get_local_fp32_param
 
         # ZeRO-3 keeps elements [rank * p, (rank + 1) * p) of the flattened fp32 master here (the layout

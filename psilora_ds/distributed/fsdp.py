@@ -40,17 +40,14 @@ class FSDP2Distributor(DDPDistributor):
                 param.copy_(new)
 
     def factors_match(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
-                      B: torch.Tensor) -> bool | None:
+                      B: torch.Tensor) -> bool:
         params = super().read_factors(layer, masters)
         if not all(isinstance(p, DTensor) for p in params):
             return super().factors_match(layer, masters, A, B)
-        for param, full in zip(params, (A, B)):
-            local, mine = param.to_local(), _local_shard(full.to(param.dtype), param)
-            if local.shape != mine.shape:
-                return None
-            if not torch.equal(local, mine):
-                return False
-        return True
+        shards = [(param.to_local(), _local_shard(full.to(param.dtype), param)) for param, full in zip(params, (A, B))]
+        if any(local.shape != mine.shape for local, mine in shards):  # a layout not cut like distribute_tensor's
+            return super().factors_match(layer, masters, A, B)
+        return all(torch.equal(local, mine) for local, mine in shards)
 
     def other_grads_are_sharded(self) -> bool:
         return True

@@ -111,5 +111,5 @@ def thin_products(
     Zc, Xc = Z.to(cd), X.to(cd)
     left_p = (Zc @ left).T @ Xc
     right_p = Zc.T @ (Xc @ right.T)
-    sketch = None if omega is None else Zc.T @ (Xc @ omega)
+    sketch = None if omega is None else sketched_product(Zc, Xc, omega)
     return left_p, right_p, Xc.square().sum(0), Zc.square().sum(0), sketch

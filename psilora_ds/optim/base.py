@@ -132,7 +132,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         for layer in stepped:
             d.release_state(layer, self.state[layer.A])
         self.capture.step = self.steps_taken
-        self.capture.keep_rows = self.spectral_step(group)  # its K >= 1 iterations need the rows
+        self.capture.keep_rows = self.spectral_iters(group) is not None  # its K >= 1 iterations need the rows
 
     def _sketch_probes(self) -> int:
         """Probes of the clipping norm's sketch the cache-free hooks take (0: no clipping, no sketch)."""
@@ -252,8 +252,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         flags = torch.zeros(len(self.layers) + 1, dtype=torch.float64, device=self.layers[0].A.device)
         for idx, batch in batches.items():
             flags[idx] = batch.rows
-        autograd = {} if self.cache_free else \
-            {idx: pair for idx in batches if (pair := self._autograd_products(idx)) is not None}
+        autograd = {idx: pair for idx in batches if (pair := self._autograd_products(idx)) is not None}
         flags[-1] = 0.0 if self._all_finite(batches, autograd, others_now) else 1.0
         flags = d.all_reduce_(flags).tolist()
         if flags[-1] > 0:
@@ -262,7 +261,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             return _StepPlan(skip=True, clip=1.0, grads={})
         # A layer that captured nothing on any rank is left out: it keeps its factors and state,
         # as torch optimizers skip parameters whose grad is None.
-        if self.cache_free and not rows_step:
+        if not rows_step:
             grads = self._product_gradients(batches, flags[:-1])
         else:
             grads = {idx: self._layer_gradient(idx, batches.get(idx), int(rows), autograd.get(idx))
@@ -302,11 +301,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             state = self.state[layer.A]
             if self.cache_free:  # start from the copy the products were taken at, once the engine's is checked
                 A, B = self.capture.factors(idx)
-                match = d.factors_match(layer, group["params"], A, B)
-                if match is None:
-                    A_m, B_m = d.read_factors(layer, group["params"])
-                    match = torch.equal(A_m, A) and torch.equal(B_m, B)
-                if not match:
+                if not d.factors_match(layer, group["params"], A, B):
                     raise self.capture.stale(idx)
             else:
                 A, B = d.read_factors(layer, group["params"])
@@ -424,9 +419,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
             self.last_grad_norm = norm
         return min(1.0, self.max_grad_norm / (norm + CLIP_EPS))
 
-    def spectral_step(self, group: dict[str, Any]) -> bool:
-        """Whether this step is the spectral first step (``first_step_iters``, LoRA-One): the run's first."""
-        return bool(group.get("first_step_iters")) and self.steps_taken == 0
+    def spectral_iters(self, group: dict[str, Any]) -> int | None:
+        """The inner iterations of the spectral first step (``first_step_iters``, LoRA-One) when this step is
+        it (the run's first), else None."""
+        return group.get("first_step_iters") if self.steps_taken == 0 else None
 
     def prox_weight(self, group: dict[str, Any]) -> float:
         """``lam = lr * prox``, floored (METHOD.md section 2)."""

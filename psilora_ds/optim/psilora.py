@@ -48,6 +48,29 @@ def low_rank_momentum_update(
     state["momentum_A"], state["momentum_B"] = M_A, M_B
 
 
+def factor_and_momentum_step(
+    state: dict[str, Any], A: torch.Tensor, B: torch.Tensor, grad: LayerGradient | ProductGradient, *, eta: float,
+    beta: float, grad_scale: float, lam: float, iters: int, spectral_iters: int | None = None,
+    d_out: torch.Tensor | None = None, d_in: torch.Tensor | None = None,
+) -> Rounds[tuple[torch.Tensor, torch.Tensor]]:
+    """The factors' step ``(A, B) <- LoRSum(B A - eta (grad_scale P + beta M))`` (F-LoRSum with ``d_out``,
+    ``d_in``), then the momentum's ``M <- LoRSum(beta M + grad_scale P)``; returns the new factors.
+    ``spectral_iters``: the spectral first step (METHOD.md section 5): that many iterations at the proximal
+    floor, then balanced factors."""
+    shared = [(-eta * beta, state["momentum_B"], state["momentum_A"])] if beta > 0 else []
+    spectral = spectral_iters is not None
+    A_new, B_new = yield from lorsum_rounds(A, B, grad.terms(-eta * grad_scale), shared_terms=shared,
+                                            lam=MIN_PROX_WEIGHT if spectral else lam,
+                                            iters=spectral_iters if spectral else iters,
+                                            known_products=grad.known_products(-eta * grad_scale),
+                                            d_out=d_out, d_in=d_in, reduce=grad.reduce)
+    if spectral:
+        A_new, B_new = balance_factors(A_new, B_new)
+    if beta > 0:
+        yield from low_rank_momentum_update(state, grad, beta=beta, grad_scale=grad_scale, lam=lam, iters=iters)
+    return A_new, B_new
+
+
 def check_first_step_iters(first_step_iters: int | None) -> None:
     if first_step_iters is not None and first_step_iters < 1:
         raise ValueError(f"first_step_iters must be >= 1 (None: an ordinary first step), got {first_step_iters}")
@@ -118,22 +141,10 @@ class PSILoRA(LoRAOptimizer):
         return (state["momentum_A"], state["momentum_B"]) if group["momentum"] > 0 else None
 
     def _update_layer(self, layer, state, A, B, grad, group):
-        beta, iters = group["momentum"], group["iters"]
-        eta = group["lr"] / layer.scaling**2  # product-space step (METHOD.md section 1)
-        lam = self.prox_weight(group)
-        g = 1.0 - group["dampening"]
-        shared = [(-eta * beta, state["momentum_B"], state["momentum_A"])] if beta > 0 else []
-        spectral = self.spectral_step(group)
-        A_new, B_new = yield from lorsum_rounds(A, B, grad.terms(-eta * g), shared_terms=shared,
-                              lam=MIN_PROX_WEIGHT if spectral else lam,
-                              iters=group["first_step_iters"] if spectral else iters,
-                              known_products=grad.known_products(-eta * g),
-                              reduce=grad.reduce)
-        if spectral:
-            A_new, B_new = balance_factors(A_new, B_new)
-        if beta > 0:
-            yield from low_rank_momentum_update(state, grad, beta=beta, grad_scale=g, lam=lam, iters=iters)
-        return A_new, B_new
+        return (yield from factor_and_momentum_step(
+            state, A, B, grad, eta=group["lr"] / layer.scaling**2,  # product-space step (METHOD.md section 1)
+            beta=group["momentum"], grad_scale=1.0 - group["dampening"], lam=self.prox_weight(group),
+            iters=group["iters"], spectral_iters=self.spectral_iters(group)))
 
 
 class PreconditionedLoRA(PSILoRA):

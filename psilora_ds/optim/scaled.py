@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 from ..gradient import LayerGradient
-from ..ops import balance_factors, compute_dtype, damped_power, kfac_diagonals, shampoo_diagonals
-from ..ops.lorsum import lorsum_rounds
+from ..ops import compute_dtype, damped_power, kfac_diagonals, shampoo_diagonals
 from ..ops.rounds import Rounds
-from .base import MIN_PROX_WEIGHT, LoRAOptimizer
-from .psilora import check_first_step_iters, init_low_rank_momentum, jacobi_blocker, low_rank_momentum_update
+from .base import LoRAOptimizer
+from .psilora import check_first_step_iters, factor_and_momentum_step, init_low_rank_momentum, jacobi_blocker
 
 METRICS = ("kfac", "shampoo")
 METRIC_INITS = ("zero", "ones")
@@ -100,7 +99,7 @@ class ScaledPSILoRA(LoRAOptimizer):
     def _init_state(self, layer, group) -> dict[str, Any]:
         dtype = compute_dtype(layer.lora_A.weight.dtype)
         device = layer.A.device
-        start = torch.ones if group.get("metric_init", "zero") == "ones" else torch.zeros
+        start = torch.ones if group["metric_init"] == "ones" else torch.zeros
         state = {
             "step": 0,
             "metric_in": start(layer.in_features, dtype=dtype, device=device),
@@ -124,29 +123,17 @@ class ScaledPSILoRA(LoRAOptimizer):
 
     def _update_layer(self, layer, state, A, B, grad, group):
         beta1, beta2 = group["betas"]
-        eta = group["lr"] / layer.scaling**2
-        lam = self.prox_weight(group)
-        iters = group["iters"]
         state["step"] += 1
         d_in, d_out = yield from self._metric_statistics(group, layer, grad)
         state["metric_in"].mul_(beta2).add_(d_in, alpha=1 - beta2)
         state["metric_out"].mul_(beta2).add_(d_out, alpha=1 - beta2)
         # Bias correction, as for Adam's second moment: otherwise the first steps would be
         # (1 - beta2)^(-p) times too large on each side.
-        correction = 1.0 if group.get("metric_init", "zero") == "ones" else 1 - beta2 ** state["step"]
+        correction = 1.0 if group["metric_init"] == "ones" else 1 - beta2 ** state["step"]
         D_in = damped_power(state["metric_in"] / correction, group["damping"], group["metric_power"])
         D_out = damped_power(state["metric_out"] / correction, group["damping"], group["metric_power"])
 
-        g = 1 - beta1
-        shared = [(-eta * beta1, state["momentum_B"], state["momentum_A"])] if beta1 > 0 else []
-        spectral = self.spectral_step(group)
-        A_new, B_new = yield from lorsum_rounds(A, B, grad.terms(-eta * g), shared_terms=shared,
-                              lam=MIN_PROX_WEIGHT if spectral else lam,
-                              iters=group["first_step_iters"] if spectral else iters,
-                              known_products=grad.known_products(-eta * g),
-                              d_out=D_out, d_in=D_in, reduce=grad.reduce)
-        if spectral:
-            A_new, B_new = balance_factors(A_new, B_new)
-        if beta1 > 0:
-            yield from low_rank_momentum_update(state, grad, beta=beta1, grad_scale=g, lam=lam, iters=iters)
-        return A_new, B_new
+        return (yield from factor_and_momentum_step(
+            state, A, B, grad, eta=group["lr"] / layer.scaling**2, beta=beta1, grad_scale=1 - beta1,
+            lam=self.prox_weight(group), iters=group["iters"], spectral_iters=self.spectral_iters(group),
+            d_out=D_out, d_in=D_in))
