@@ -5,7 +5,8 @@ seed); the table and a PNG show eval loss against lr.
 
 Two settings (``--base``):
 
-* ``random``: the recipe's offline default as is (LoRA on a randomly initialized base, generated corpus).
+* ``random``: the recipe's former offline default (LoRA on a randomly initialized base, generated corpus;
+  ``--model builtin:tiny-llama --dataset builtin:generated``).
 * ``pretrained`` (the paper's setting, fine-tuning a pretrained model): the tiny LLaMA is first
   fully trained with AdamW on the generated corpus (``--pretrain_steps``, cached under .cache/), then
   LoRA-fine-tuned on a shifted task this script writes: multiplication and subtraction facts (the base
@@ -99,7 +100,8 @@ def pretrained_base(cache: str, steps: int) -> tuple[str, float]:
     if os.path.exists(done):
         with open(done) as f:
             return path, json.load(f)["eval_loss"]
-    cfg = TrainConfig(cache_dir=cache, corpus_lines=20000, micro_batch_size=16)
+    cfg = TrainConfig(model="builtin:tiny-llama", dataset="builtin:generated", cache_dir=cache, corpus_lines=20000,
+                      micro_batch_size=16)
     tok = build_tokenizer(cfg)
     train, evalset = build_datasets(cfg, tok)
     model = tiny_llama(cfg, len(tok))
@@ -140,11 +142,11 @@ def main() -> None:
     parser.add_argument("--pretrain_steps", type=int, default=400)
     args = parser.parse_args()
     cache = os.path.join(ROOT, ".cache", "psilora_ds")
-    extra: list[str] = []
+    extra: list[str] = ["--model", "builtin:tiny-llama", "--dataset", "builtin:generated"]
     if args.base == "pretrained":
         base_dir, base_loss = pretrained_base(cache, args.pretrain_steps)
         task = generate_corpus(os.path.join(cache, "bench-shifted-task.txt"), 4000, seed=1, line=shifted_line)
-        extra = ["--model", base_dir, "--dataset", task]
+        extra = ["--model", base_dir, "--tokenizer", base_dir, "--dataset", task]
     results = {}
     for name, (optim, lrs) in GRID.items():
         if args.fine:

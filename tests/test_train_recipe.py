@@ -16,7 +16,7 @@ from .distributed import launcher_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
-SMALL = ["--tiny_hidden_size", "64", "--tiny_layers", "2", "--corpus_lines", "1500", "--max_seq_len", "64",
+SMALL = ["--model", "builtin:tiny-llama", "--dataset", "builtin:generated", "--tiny_hidden_size", "64", "--tiny_layers", "2", "--corpus_lines", "1500", "--max_seq_len", "64",
          "--micro_batch_size", "4", "--eval_batches", "2", "--lr", "1e-2"]
 
 
@@ -390,9 +390,9 @@ def test_prompt_tokens_are_masked(tmp_path):
     data = tmp_path / "pairs.jsonl"
     rows = [{"q": f"what is {i} plus one", "a": f"{i + 1}"} for i in range(40)]
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = parse(["--dataset", str(data), "--prompt_field", "q", "--response_field", "a", "--packing", "false",
+    cfg = parse(["--model", "builtin:tiny-llama", "--dataset", str(data), "--prompt_field", "q", "--response_field", "a", "--packing", "false",
                  "--cache_dir", str(tmp_path / "cache"), "--eval_fraction", "0.1", "--corpus_lines", "300"])
-    tok = build_tokenizer(cfg)  # the offline BPE (no --model)
+    tok = build_tokenizer(cfg)  # the BPE of the generated corpus
     train, evals = build_datasets(cfg, tok)
     assert len(train) + len(evals) == 40
     for row in train:
@@ -439,7 +439,8 @@ def test_qlora_evaluation_leaves_training_exact(tmp_path, hidden):
     from psilora_ds.recipe.config import parse
     from psilora_ds.recipe.modeling import build_model
 
-    cfg = parse(["--load_in_4bit", "--bnb_4bit_compute_dtype", "float32", "--tiny_hidden_size", str(hidden),
+    cfg = parse(["--model", "builtin:tiny-llama", "--load_in_4bit", "--bnb_4bit_compute_dtype", "float32",
+                 "--tiny_hidden_size", str(hidden),
                  "--tiny_layers", "2", "--lora_dropout", "0", "--cache_dir", str(tmp_path)])
     model = build_model(cfg, tokenizer=range(256), device=torch.device("cpu"))
     with torch.no_grad():
@@ -493,7 +494,7 @@ def test_help_is_generated_from_the_fields():
     assert set(rows) == {f"--{f.name}" for f in dataclasses.fields(TrainConfig)}
     assert rows["--betas"].split()[1:3] == ["[0.9,", "0.999]"]
     assert rows["--prompt_template"].split()[1] == '"{prompt}\\n"'
-    assert rows["--model"].split()[1] == "null" and rows["--packing"].split()[1] == "true"
+    assert rows["--model"].split()[1] == "builtin:stdlib-llama" and rows["--tokenizer"].split()[1] == "null" and rows["--packing"].split()[1] == "true"
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata["help"] in rows[f"--{f.name}"]
 

@@ -28,10 +28,10 @@ def opt(default: Any, help: str) -> Any:
 @dataclass
 class TrainConfig:
     # --- model -----------------------------------------------------------------------------------
-    model: str | None = opt(None, "HF hub id or local path of a causal LM; null: the offline tiny LLaMA built from a config")
-    tokenizer: str | None = opt(None, "defaults to `model`; offline: a byte-level BPE trained on the corpus")
-    tiny_hidden_size: int = opt(128, "offline tiny LLaMA: hidden size")
-    tiny_layers: int = opt(4, "offline tiny LLaMA: decoder layers")
+    model: str = opt("builtin:stdlib-llama", "HF hub id or local path of a causal LM; builtin:stdlib-llama: a small LLaMA pretrained on Python's standard-library source (ships in psilora_ds/assets, launch/pretrain_base.py); builtin:tiny-llama: a randomly initialized LLaMA built from the tiny_* keys")
+    tokenizer: str | None = opt(None, "defaults to the model's; builtin:tiny-llama: a byte-level BPE trained on the generated corpus")
+    tiny_hidden_size: int = opt(128, "builtin:tiny-llama: hidden size")
+    tiny_layers: int = opt(4, "builtin:tiny-llama: decoder layers")
     load_in_4bit: bool = opt(False, "QLoRA: load the base model in 4 bit with bitsandbytes")
     bnb_4bit_quant_type: str = opt("nf4", "nf4 | fp4")
     bnb_4bit_use_double_quant: bool = opt(True, "quantize the quantization constants too")
@@ -45,7 +45,7 @@ class TrainConfig:
     target_modules: Any = opt("all-linear", "\"all-linear\" or a list of module names (q_proj, v_proj, ...)")
     use_rslora: bool = opt(False, "rank-stabilized scaling alpha / sqrt(r)")
     # --- data ------------------------------------------------------------------------------------
-    dataset: str | None = opt(None, "HF dataset id or a local .json/.jsonl/.parquet/.txt/.csv; null: the generated offline corpus")
+    dataset: str = opt("builtin:python-reference", "HF dataset id or a local .json/.jsonl/.parquet/.txt/.csv; builtin:python-reference: the English language reference that ships with Python (pydoc_data topics; a fixed held-out split of 8 topics is the eval set); builtin:generated: a generated corpus of templated sentences and sums")
     dataset_config: str | None = opt(None, "HF dataset configuration name")
     dataset_split: str = opt("train", "split to read")
     text_field: str = opt("text", "column with the text (when no prompt/response fields)")
@@ -54,12 +54,12 @@ class TrainConfig:
     prompt_template: str = opt("{prompt}\n", "how the prompt is written before the response")
     max_seq_len: int = opt(128, "tokens per training sequence")
     packing: bool = opt(True, "concatenate documents and cut into max_seq_len blocks")
-    eval_fraction: float = opt(0.05, "share of sequences held out for evaluation")
-    corpus_lines: int = opt(4000, "offline corpus: generated lines")
-    cache_dir: str = opt(".cache/psilora_ds", "tokenizer, generated corpus, tokenized data")
+    eval_fraction: float = opt(0.05, "share of sequences held out for evaluation (builtin:python-reference: its fixed held-out topics; 0: no evaluation)")
+    corpus_lines: int = opt(4000, "builtin:generated: generated lines")
+    cache_dir: str = opt(".cache/psilora_ds", "tokenizer, generated corpus, tokenized data, the saved tiny LLaMA")
     # --- optimizer -------------------------------------------------------------------------------
     preset: str | None = opt(None, "paper: the PSI-LoRA authors' LLM configuration (psilora_ds/presets.py) for every key not given explicitly")
-    optim: str = opt("scaled_psilora", "psilora | scaled_psilora | precond_lora | svdlora | adamw | sgd")
+    optim: str = opt("scaled_psilora", "psilora | scaled_psilora | precond_lora | svdlora | adamw | loraplus | riemannian | sgd (loraplus, riemannian: peft.optimizers' LoRA+ and Riemannian LoRA over AdamW)")
     lr: float = opt(2e-3, "learning rate (PSI-LoRA: step size of the effective weight)")
     iters: int = opt(1, "LoRSum inner iterations")
     first_step_iters: int | None = opt(None, "spectral first step (LoRA-One): inner iterations of the first step, reaching the truncated SVD of the first full step; null: off")
@@ -72,6 +72,8 @@ class TrainConfig:
     metric: str = opt("kfac", "scaled_psilora metric: kfac | shampoo")
     metric_init: str = opt("zero", "scaled_psilora metric EMA start: zero (bias-corrected like Adam) | ones (uncorrected, the authors' code)")
     rank_multiplier: float = opt(1.0, "momentum rank = round(r * rank_multiplier)")
+    loraplus_lr_ratio: float = opt(16.0, "loraplus: lr of the B factors / lr of the A factors")
+    riemannian_reg: float = opt(1e-2, "riemannian: damping of the r x r preconditioners")
     weight_decay: float = opt(0.0, "adamw / the optimizer of non-LoRA parameters")
     other_lr: float = opt(1e-4, "lr of non-LoRA trainable parameters (heads, norms, modules_to_save; AdamW), independent of the LoRA lr")
     lr_scheduler: str = opt("cosine", "cosine | linear | constant (all with linear warm-up)")
@@ -207,14 +209,18 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"dtype={cfg.dtype!r}: choose fp32, bf16 or fp16")
     if (cfg.prompt_field is None) != (cfg.response_field is None):
         raise ConfigError("set prompt_field and response_field together (or neither, to train on text_field)")
-    if cfg.dataset is not None and not _looks_like_hub_id(cfg.dataset) and not os.path.exists(cfg.dataset):
+    for name, choices in (("model", BUILTIN_MODELS), ("dataset", BUILTIN_DATASETS)):
+        value = getattr(cfg, name)
+        if value.startswith(BUILTIN) and value not in choices:
+            raise ConfigError(f"{name}={value}: the built-in ones are {', '.join(choices)} (or give a hub id or a path)")
+    if not is_builtin(cfg.dataset) and not _looks_like_hub_id(cfg.dataset) and not os.path.exists(cfg.dataset):
         raise ConfigError(f"dataset file {cfg.dataset} does not exist (give a local .json/.jsonl/.parquet/.txt/.csv "
                           "file or a hub id owner/name)")
     if cfg.ds_config is not None and not os.path.isfile(cfg.ds_config):
         raise ConfigError(f"DeepSpeed config {cfg.ds_config} does not exist")
     for name in ("model", "tokenizer"):
         path = getattr(cfg, name)
-        if path is not None and not _looks_like_hub_id(path) and not os.path.exists(path):
+        if path is not None and not is_builtin(path) and not _looks_like_hub_id(path) and not os.path.exists(path):
             raise ConfigError(f"{name}={path} does not exist (give a local directory saved with save_pretrained, "
                               "or a hub id owner/name)")
     if cfg.resume_from_checkpoint == "":
@@ -225,7 +231,8 @@ def validate(cfg: TrainConfig) -> None:
                  "eval_every", "eval_batches", "log_every", "corpus_lines", "tiny_layers"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("save_every", "save_total_limit", "warmup_steps", "max_grad_norm", "weight_decay", "other_lr"):
+    for name in ("save_every", "save_total_limit", "warmup_steps", "max_grad_norm", "weight_decay", "other_lr",
+                 "loraplus_lr_ratio", "riemannian_reg"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lora_alpha <= 0:
@@ -263,6 +270,16 @@ def validate(cfg: TrainConfig) -> None:
                           "--fsdp true; the plain PyTorch path trains in fp32")
     if cfg.dtype == "fp16" and not _cuda():
         raise ConfigError("dtype=fp16 needs a GPU (DeepSpeed refuses fp16 on CPUs); use bf16 or fp32")
+
+
+BUILTIN = "builtin:"
+BUILTIN_MODELS = ("builtin:stdlib-llama", "builtin:tiny-llama")
+BUILTIN_DATASETS = ("builtin:python-reference", "builtin:generated")
+
+
+def is_builtin(name: str | None) -> bool:
+    """A model or dataset that ships with the repository or is made by it (no download)."""
+    return name is not None and name.startswith(BUILTIN)
 
 
 def _cuda() -> bool:

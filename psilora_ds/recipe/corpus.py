@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the robot", "a teacher", "the children", "our neighbour",
             "the pilot", "a farmer", "the painter", "my friend"]
@@ -56,8 +56,17 @@ def generate_corpus(path: str, lines: int, seed: int = 0,
 
 
 def train_tokenizer(corpus_path: str, out_dir: str, vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on the corpus, saved and reloaded as a transformers
-    ``PreTrainedTokenizerFast`` (with bos/eos/pad tokens)."""
+    """A byte-level BPE tokenizer trained on the lines of a corpus file (:func:`bpe_tokenizer`)."""
+    def lines():
+        with open(corpus_path) as f:
+            yield from f
+
+    return bpe_tokenizer(lines, out_dir, vocab_size)
+
+
+def bpe_tokenizer(texts: Callable[[], Iterable[str]], out_dir: str, vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts()`` (called only when ``out_dir`` holds none yet), saved
+    there and reloaded as a transformers ``PreTrainedTokenizerFast`` (with bos/eos/pad tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -67,7 +76,7 @@ def train_tokenizer(corpus_path: str, out_dir: str, vocab_size: int = 512):
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train([corpus_path], trainer)
+        tok.train_from_iterator(texts(), trainer)
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
         tmp = f"{out_dir}.tmp{os.getpid()}"
         fast.save_pretrained(tmp)

@@ -11,6 +11,7 @@ from torch.utils.data import DistributedSampler
 
 from .config import ConfigError, TrainConfig
 from .corpus import generate_corpus
+from .stdlib_text import python_reference_documents
 
 IGNORE = -100
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
@@ -21,11 +22,15 @@ def corpus_path(cfg: TrainConfig) -> str:
 
 
 def load_raw(cfg: TrainConfig):
+    """The dataset's documents, or ``(train, eval)`` documents for a dataset with a fixed held-out split."""
     import datasets
 
-    if cfg.dataset is None:
+    if cfg.dataset == "builtin:generated":
         return datasets.load_dataset("text", data_files=generate_corpus(corpus_path(cfg), cfg.corpus_lines, cfg.seed),
                                      split="train", cache_dir=os.path.join(cfg.cache_dir, "datasets"))
+    if cfg.dataset == "builtin:python-reference":
+        train, held = python_reference_documents()
+        return datasets.Dataset.from_dict({"text": train}), datasets.Dataset.from_dict({"text": held})
     ext = os.path.splitext(cfg.dataset)[1].lower()
     try:
         if ext in LOCAL_BUILDERS:
@@ -99,8 +104,14 @@ def pack_or_truncate(cfg: TrainConfig, tokenized):
 
 
 def build_datasets(cfg: TrainConfig, tokenizer):
-    """``(train, eval)`` with a deterministic seeded split."""
-    data = pack_or_truncate(cfg, tokenize(cfg, load_raw(cfg), tokenizer))
+    """``(train, eval)``: the dataset's own held-out split, or a deterministic seeded split of the sequences."""
+    raw = load_raw(cfg)
+    if isinstance(raw, tuple):
+        train, held = (pack_or_truncate(cfg, tokenize(cfg, part, tokenizer)) for part in raw)
+        if len(train) < 2:
+            raise ConfigError(f"the dataset yields {len(train)} sequences of {cfg.max_seq_len} tokens: too little to train")
+        return train, (held if cfg.eval_fraction > 0 else None)
+    data = pack_or_truncate(cfg, tokenize(cfg, raw, tokenizer))
     if len(data) < 2:
         raise ConfigError(f"the dataset yields {len(data)} sequences of {cfg.max_seq_len} tokens: too little to train")
     n_eval = max(1, int(round(len(data) * cfg.eval_fraction))) if cfg.eval_fraction > 0 else 0

@@ -19,13 +19,24 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
           "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
 
 
+STDLIB_LLAMA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "stdlib-llama")
+
+
+def builtin_base() -> str:
+    """The directory of ``builtin:stdlib-llama`` (weights, tokenizer, ``pretrain.json``)."""
+    if not os.path.isfile(os.path.join(STDLIB_LLAMA, "config.json")):
+        raise ConfigError(f"the built-in base {STDLIB_LLAMA} is missing: rebuild it with python launch/pretrain_base.py "
+                          "(about 8 minutes on 2 CPU cores)")
+    return STDLIB_LLAMA
+
+
 def build_tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
-    if cfg.model is None and cfg.tokenizer is None:
+    if cfg.model == "builtin:tiny-llama" and cfg.tokenizer is None:
         corpus = generate_corpus(corpus_path(cfg), cfg.corpus_lines, cfg.seed)
         return train_tokenizer(corpus, os.path.join(cfg.cache_dir, f"tokenizer-bpe512-{cfg.corpus_lines}-seed{cfg.seed}"))
-    name = cfg.tokenizer or cfg.model
+    name = cfg.tokenizer or (builtin_base() if cfg.model == "builtin:stdlib-llama" else cfg.model)
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
@@ -37,14 +48,20 @@ def build_tokenizer(cfg: TrainConfig):
 
 def tiny_llama(cfg: TrainConfig, vocab_size: int):
     """The offline LLaMA built whole from a config (the recipe saves it once: :func:`offline_base`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
-    h = cfg.tiny_hidden_size
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=cfg.tiny_layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(256, cfg.max_seq_len),
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(llama_config(cfg.tiny_hidden_size, cfg.tiny_layers, vocab_size, max(256, cfg.max_seq_len)))
+
+
+def llama_config(hidden: int, layers: int, vocab_size: int, max_positions: int):
+    """The recipe's small LLaMA shape (4 query heads, 2 key/value heads, MLP 2 x hidden, untied head): the
+    offline tiny LLaMA and the built-in pretrained base (:mod:`psilora_ds.recipe.pretrain`)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=max_positions, tie_word_embeddings=False)
 
 
 def offline_base(cfg: TrainConfig, tokenizer) -> str:
@@ -64,6 +81,14 @@ def offline_base(cfg: TrainConfig, tokenizer) -> str:
 
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def base_path(cfg: TrainConfig, tokenizer) -> str:
+    """Where ``from_pretrained`` finds the base: the hub id or path given, the shipped built-in base, or the tiny
+    LLaMA saved once whole (before ``zero.Init`` is on)."""
+    if cfg.model == "builtin:tiny-llama":
+        return offline_base(cfg, tokenizer)
+    return builtin_base() if cfg.model == "builtin:stdlib-llama" else cfg.model
 
 
 # transformers reads the live HfDeepSpeedConfig (a weak global) while it builds or loads a model, and so does peft:
@@ -129,7 +154,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     global _ZERO3_CONFIG
-    path = cfg.model if cfg.model is not None else offline_base(cfg, tokenizer)  # built whole: before zero.Init is on
+    path = base_path(cfg, tokenizer)
     if zero3_config is not None:
         from transformers.integrations import HfDeepSpeedConfig
 

@@ -17,11 +17,31 @@ from .config import ConfigError, TrainConfig
 @dataclass(frozen=True)
 class OptimizerEntry:
     """How ``--optim NAME`` is built. ``lora``: a PSI-LoRA-family optimizer, built as ``build(cfg, model,
-    options)`` with the family's shared options; otherwise a torch optimizer ``build(cfg, params)``
-    over every trainable parameter (the baselines)."""
+    options)`` with the family's shared options; otherwise a baseline ``build(cfg, model)`` over every trainable
+    parameter (torch, or peft's LoRA+ / Riemannian wrappers of AdamW). ``any_engine``: False where only plain
+    PyTorch runs it correctly."""
 
     build: Callable[..., torch.optim.Optimizer]
     lora: bool
+    any_engine: bool = True
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _loraplus(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.lr, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                     betas=_betas(cfg), weight_decay=cfg.weight_decay)
+
+
+def _riemannian(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    from peft.optimizers import create_riemannian_optimizer
+
+    return create_riemannian_optimizer(model, torch.optim.AdamW, lr=cfg.lr, reg=cfg.riemannian_reg, betas=_betas(cfg),
+                                       weight_decay=cfg.weight_decay)
 
 
 def _betas(cfg: TrainConfig) -> tuple[float, float]:
@@ -39,16 +59,26 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
     "precond_lora": OptimizerEntry(lambda cfg, model, o: PreconditionedLoRA(
         model, cfg.lr, prox=cfg.prox, first_step_iters=cfg.first_step_iters, **o), lora=True),
     "svdlora": OptimizerEntry(lambda cfg, model, o: SVDLoRA(model, cfg.lr, momentum=cfg.momentum, **o), lora=True),
-    "adamw": OptimizerEntry(lambda cfg, params: torch.optim.AdamW(
-        params, lr=cfg.lr, betas=_betas(cfg), weight_decay=cfg.weight_decay), lora=False),
-    "sgd": OptimizerEntry(lambda cfg, params: torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay), lora=False),
+    "adamw": OptimizerEntry(lambda cfg, model: torch.optim.AdamW(
+        _trainable(model), lr=cfg.lr, betas=_betas(cfg), weight_decay=cfg.weight_decay), lora=False),
+    # LoRA+ (arXiv 2402.12354): AdamW with the B factors at loraplus_lr_ratio x lr (peft's parameter groups)
+    "loraplus": OptimizerEntry(_loraplus, lora=False),
+    # Riemannian preconditioned LoRA (arXiv 2402.02347): AdamW on r x r-preconditioned LoRA gradients. peft's
+    # preconditioner reads the gradients on the model's own parameters, which DeepSpeed's ZeRO flat partitions
+    # and FSDP2's shards are not: plain PyTorch (one process or DDP) only
+    "riemannian": OptimizerEntry(_riemannian, lora=False, any_engine=False),
+    "sgd": OptimizerEntry(lambda cfg, model: torch.optim.SGD(
+        _trainable(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay), lora=False),
 }
 
 
 def check_optim(cfg: TrainConfig) -> None:
     if cfg.optim not in OPTIMIZERS:
         raise ConfigError(f"optim={cfg.optim!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if not OPTIMIZERS[cfg.optim].any_engine and (cfg.ds_config is not None or cfg.fsdp):
+        raise ConfigError(f"optim={cfg.optim} runs only on plain PyTorch (one process, or DDP under torchrun): peft's "
+                          "preconditioner reads gradients that DeepSpeed and FSDP2 keep elsewhere; drop --ds_config / "
+                          "--fsdp, or choose another optim")
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -61,7 +91,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     entry = OPTIMIZERS[cfg.optim]
     try:
         if not entry.lora:
-            return entry.build(cfg, [p for p in model.parameters() if p.requires_grad])
+            return entry.build(cfg, model)
         return entry.build(cfg, model, lora_options(cfg))
     except ValueError as err:  # the optimizers check their hyperparameters (lr >= 0, iters >= 0, betas, ...)
         raise ConfigError(f"optim={cfg.optim}: {err}") from None

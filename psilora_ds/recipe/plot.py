@@ -1,5 +1,5 @@
 """Loss curves of a run: ``python -m psilora_ds.recipe.plot RUN_DIR`` writes ``RUN_DIR/loss.png`` from
-``RUN_DIR/metrics.jsonl`` (train loss per step, eval loss where evaluated)."""
+``RUN_DIR/metrics.jsonl`` (train loss per step, eval loss where evaluated, the base's eval loss at step 0)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
         ax.plot(*zip(*train), label="train loss", lw=1)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
+        if evals[0][0] == 0:  # the base before fine-tuning, evaluated at step 0
+            ax.axhline(evals[0][1], color="gray", ls=":", lw=1, label=f"base before fine-tuning ({evals[0][1]:.2f})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(os.path.basename(os.path.abspath(run_dir)))

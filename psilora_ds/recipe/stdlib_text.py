@@ -1,0 +1,57 @@
+"""Real text with no download: two domains that ship with every Python installation.
+
+* **Python source** (:func:`python_source_documents`): a fixed list of pure-Python standard-library
+  modules, one document per file (about 2.6 MB on CPython 3.11). The built-in base
+  (``builtin:stdlib-llama``) is pretrained on it (:mod:`psilora_ds.recipe.pretrain`).
+* **The Python language reference in English** (:func:`python_reference_documents`): the topics of
+  ``pydoc_data/topics.py`` (what ``help("if")`` prints; 79 topics, 465 KB on 3.11), one document per
+  topic. The default fine-tuning task (``builtin:python-reference``): prose about the language with code
+  in it, a different domain from the source files. Its held-out split is fixed: every tenth topic in sorted
+  order (8 topics), so runs with different seeds are evaluated on the same text.
+
+Both are read from the running interpreter, so the exact text depends on its version (the figures in
+docs/ were taken on CPython 3.11). The text is the Python Software Foundation's (PSF licence).
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+
+# pure-Python modules present as single files from CPython 3.10 to 3.13; a missing one is skipped
+SOURCE_MODULES = (
+    "argparse ast base64 bisect calendar cmd code codecs configparser contextlib copy csv dataclasses difflib dis "
+    "doctest enum filecmp fileinput fnmatch fractions ftplib functools getopt gettext glob gzip heapq hmac imaplib "
+    "inspect ipaddress locale mailbox netrc numbers operator optparse pickle pkgutil platform plistlib poplib pprint "
+    "queue quopri random reprlib sched secrets selectors shlex shutil smtplib socket statistics string subprocess "
+    "tarfile tempfile textwrap threading timeit tokenize trace traceback types typing uuid warnings wave weakref"
+).split()
+HELD_OUT_EVERY = 10  # every tenth document (sorted order) is held out for evaluation
+
+
+def python_source_documents() -> tuple[list[str], list[str]]:
+    """``(train, eval)`` source files of :data:`SOURCE_MODULES` (every tenth module held out)."""
+    lib = sysconfig.get_paths()["stdlib"]
+    docs = []
+    for name in SOURCE_MODULES:
+        path = os.path.join(lib, f"{name}.py")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                docs.append(f.read())
+    if len(docs) < HELD_OUT_EVERY:
+        raise FileNotFoundError(f"only {len(docs)} of the standard-library source files were found under {lib}")
+    return _split(docs)
+
+
+def python_reference_documents() -> tuple[list[str], list[str]]:
+    """``(train, eval)`` topics of the English language reference (``pydoc_data.topics``), sorted by
+    topic name; every tenth topic is held out."""
+    from pydoc_data.topics import topics
+
+    return _split([topics[k] for k in sorted(topics)])
+
+
+def _split(docs: list[str]) -> tuple[list[str], list[str]]:
+    train = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY]
+    held = [d for i, d in enumerate(docs) if not i % HELD_OUT_EVERY]
+    return train, held
