@@ -29,16 +29,24 @@ def run(args, tmp_path, launcher=(sys.executable,), check=True, extra_env=None):
     return proc
 
 
-def metrics(run_dir):
+def all_records(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def metrics(run_dir):
+    """The training steps' records (the step-0 record holds only the base's eval loss)."""
+    return [r for r in all_records(run_dir) if r["step"] > 0]
 
 
 def assert_outputs(out):
     for name in ("metrics.jsonl", "loss.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert os.path.exists(os.path.join(out, name)), name
+    base = all_records(out)[0]  # the base before fine-tuning, evaluated first
+    assert base["step"] == 0 and set(base) == {"step", "eval_loss", "eval_ppl"}
     records = metrics(out)
     assert records[-1]["loss"] < records[0]["loss"]
+    assert records[-1]["eval_loss"] < base["eval_loss"]
     assert "eval_loss" in records[-1] and "eval_ppl" in records[-1]
     for key in ("lr", "tokens_per_s", "step_time", "grad_norm", "cache_bytes", "state_bytes_rank_max", "state_bytes_total", "skipped_steps"):
         assert key in records[0], key
@@ -318,6 +326,8 @@ BAD_INPUTS = [
     (["--lora_alpha", "0"], "lora_alpha must be > 0"),
     (["--tiny_hidden_size", "30"], "tiny_hidden_size must be a multiple of 8"),
     (["--target_modules", "5"], "target_modules must be"),
+    (["--model", "builtin:gpt"], "the built-in ones are builtin:stdlib-llama, builtin:tiny-llama"),
+    (["--optim", "riemannian", "--ds_config", "ds_configs/zero2.json"], "optim=riemannian runs only on plain PyTorch"),
     (["--target_modules", "[no_such_proj]"], "match no layer"),
     (["--load_in_4bit", "--bnb_4bit_compute_dtype", "int8"], "bnb_4bit_compute_dtype='int8'"),
     (["--load_in_4bit", "--ds_config", "ds_configs/zero3.json", "--bnb_4bit_quant_storage", "uint8"], "ZeRO-3"),
@@ -465,7 +475,8 @@ def test_qlora_evaluation_leaves_training_exact(tmp_path, hidden):
         torch.testing.assert_close(after[name], g, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("optim", ["psilora", "scaled_psilora", "precond_lora", "svdlora", "adamw", "sgd"])
+@pytest.mark.parametrize("optim", ["psilora", "scaled_psilora", "precond_lora", "svdlora", "adamw", "loraplus",
+                                   "riemannian", "sgd"])
 def test_every_optim_choice_trains(tmp_path, optim):
     """Each --optim builds and takes 2 steps through the recipe (svdlora once crashed on a keyword)."""
     sys.path.insert(0, ROOT)
@@ -494,7 +505,8 @@ def test_help_is_generated_from_the_fields():
     assert set(rows) == {f"--{f.name}" for f in dataclasses.fields(TrainConfig)}
     assert rows["--betas"].split()[1:3] == ["[0.9,", "0.999]"]
     assert rows["--prompt_template"].split()[1] == '"{prompt}\\n"'
-    assert rows["--model"].split()[1] == "builtin:stdlib-llama" and rows["--tokenizer"].split()[1] == "null" and rows["--packing"].split()[1] == "true"
+    assert rows["--model"].split()[1] == "builtin:stdlib-llama" and rows["--tokenizer"].split()[1] == "null"
+    assert rows["--packing"].split()[1] == "true"
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata["help"] in rows[f"--{f.name}"]
 
@@ -522,3 +534,34 @@ def test_preset_paper_fills_what_is_not_given():
     assert opt.other_optimizer.param_groups[0]["lr"] == 1e-4
     with pytest.raises(ConfigError, match="preset='authors': choose one of paper"):
         parse(["--preset", "authors"])
+
+
+def test_loraplus_and_riemannian_are_peft_optimizers_on_the_lora_factors():
+    """``--optim loraplus``: the B factors at loraplus_lr_ratio x lr (peft's groups); ``riemannian``: peft's
+    preconditioned AdamW, which changes the LoRA step and leaves the rest AdamW's."""
+    sys.path.insert(0, ROOT)
+    from psilora_ds.recipe.config import TrainConfig
+    from psilora_ds.recipe.optimizers import build_optimizer
+
+    from .models import lora_two_layer_net
+
+    model = lora_two_layer_net()
+    opt = build_optimizer(TrainConfig(optim="loraplus", lr=1e-3, loraplus_lr_ratio=16), model)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            assert lr_of[id(p)] == pytest.approx(16e-3), name
+        elif "lora_A" in name:
+            assert lr_of[id(p)] == pytest.approx(1e-3), name
+
+    def one_step(optim):
+        net = lora_two_layer_net()
+        o = build_optimizer(TrainConfig(optim=optim, lr=1e-2), net)
+        net(torch.randn(8, net.base_model.model.fc1.in_features, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(1))).pow(2).sum().backward()
+        o.step()
+        return dict(net.named_parameters())
+
+    adamw, riem = one_step("adamw"), one_step("riemannian")
+    assert any(not torch.equal(riem[n], adamw[n]) for n in adamw if "lora_" in n)
+    assert all(torch.equal(riem[n], adamw[n]) for n in adamw if "lora_" not in n and adamw[n].requires_grad)
