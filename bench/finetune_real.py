@@ -186,8 +186,8 @@ def report(args, base: str, made: dict, done: dict) -> None:
         i_best = min(range(len(points)), key=lambda i: points[i][1] if points[i][1] == points[i][1] else math.inf)
         cells = [f"**{m:.3f} ± {sd:.3f}**" if i == i_best else (f"{m:.3f} ± {sd:.3f}" if m == m else "diverged")
                  for i, (_, m, sd) in enumerate(points)]
-        rows.append([name, *(f"{lr:g}: {c}" for (lr, _, _), c in zip(points, cells)), f"{best:.3f}",
-                     f"{points[i_best][0]:g}", f"{math.log10(hi / lo):.2f}"])
+        rows.append([name, *(f"{lr:.3g}: {c}" for (lr, _, _), c in zip(points, cells)), f"{best:.3f}",
+                     f"{points[i_best][0]:.3g}", f"{math.log10(hi / lo):.2f}"])
     table = markdown_table(["method", *(f"lr {i + 1}" for i in range(7)), "best mean", "best lr",
                             "lr window (decades, 2%)"], rows)
     print(table)

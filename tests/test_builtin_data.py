@@ -18,8 +18,10 @@ def test_reference_split_is_fixed_and_disjoint():
     from pydoc_data.topics import topics
 
     train, held = python_reference_documents()
-    assert len(held) == (len(topics) + 9) // 10 and len(train) + len(held) == len(topics)
-    assert not set(train) & set(held)
+    texts = [topics[k] for k in sorted(topics)]
+    assert held == texts[::10] and len(held) == 8
+    assert not set(train) & set(held) and len(set(train)) == len(train)  # "if" repeats the held-out "else"
+    assert set(train) | set(held) == set(texts)
     assert python_reference_documents() == (train, held)  # no seed: every run evaluates on the same topics
     src_train, src_held = python_source_documents()
     assert len(src_train) > 50 and "def " in src_train[0] and not set(src_train) & set(src_held)

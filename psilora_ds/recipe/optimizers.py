@@ -38,7 +38,13 @@ def _loraplus(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _riemannian(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    from peft.optimizers import create_riemannian_optimizer
+    try:
+        from peft.optimizers import create_riemannian_optimizer
+    except ImportError:
+        import peft
+
+        raise ConfigError(f"optim=riemannian needs peft.optimizers.create_riemannian_optimizer, which peft "
+                          f"{peft.__version__} lacks: pip install -U peft") from None
 
     return create_riemannian_optimizer(model, torch.optim.AdamW, lr=cfg.lr, reg=cfg.riemannian_reg, betas=_betas(cfg),
                                        weight_decay=cfg.weight_decay)

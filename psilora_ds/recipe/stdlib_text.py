@@ -7,7 +7,8 @@
   ``pydoc_data/topics.py`` (what ``help("if")`` prints; 79 topics, 465 KB on 3.11), one document per
   topic. The default fine-tuning task (``builtin:python-reference``): prose about the language with code
   in it, a different domain from the source files. Its held-out split is fixed: every tenth topic in sorted
-  order (8 topics), so runs with different seeds are evaluated on the same text.
+  order (8 topics), so runs with different seeds are evaluated on the same text; a training topic with the
+  text of a held-out one is dropped.
 
 Both are read from the running interpreter, so the exact text depends on its version (the figures in
 docs/ were taken on CPython 3.11). The text is the Python Software Foundation's (PSF licence).
@@ -52,6 +53,13 @@ def python_reference_documents() -> tuple[list[str], list[str]]:
 
 
 def _split(docs: list[str]) -> tuple[list[str], list[str]]:
-    train = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY]
+    """Every tenth document held out; a training document identical to a held-out one (or to an earlier one)
+    is dropped (pydoc's topics "else" and "if" share one text)."""
     held = [d for i, d in enumerate(docs) if not i % HELD_OUT_EVERY]
+    seen = set(held)
+    train = []
+    for i, d in enumerate(docs):
+        if i % HELD_OUT_EVERY and d not in seen:
+            train.append(d)
+            seen.add(d)
     return train, held
