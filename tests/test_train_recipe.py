@@ -16,12 +16,24 @@ from .distributed import launcher_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
-SMALL = ["--model", "builtin:tiny-llama", "--dataset", "builtin:generated", "--tiny_hidden_size", "64", "--tiny_layers", "2", "--corpus_lines", "1500", "--max_seq_len", "64",
-         "--micro_batch_size", "4", "--eval_batches", "2", "--lr", "1e-2"]
+# the tests' small runs: a random tiny LLaMA on the generated corpus (the offline default is a real fine-tune)
+SMALL_MODEL = ["--model", "builtin:tiny-llama", "--tiny_hidden_size", "64", "--tiny_layers", "2"]
+SMALL_DATA = ["--dataset", "builtin:generated", "--corpus_lines", "1500"]
+SMALL = [*SMALL_MODEL, *SMALL_DATA, "--max_seq_len", "64", "--micro_batch_size", "4", "--eval_batches", "2", "--lr", "1e-2"]
+
+
+def small_for(args):
+    """SMALL without the model (data) part when ``args`` name their own model (dataset)."""
+    drop = set()
+    if "--model" in args:
+        drop |= {SMALL.index(x) + i for x in SMALL_MODEL[:1] for i in range(len(SMALL_MODEL))}
+    if "--dataset" in args:
+        drop |= {SMALL.index(x) + i for x in SMALL_DATA[:1] for i in range(len(SMALL_DATA))}
+    return [a for i, a in enumerate(SMALL) if i not in drop]
 
 
 def run(args, tmp_path, launcher=(sys.executable,), check=True, extra_env=None):
-    cmd = [*launcher, TRAIN, *SMALL, "--cache_dir", str(tmp_path / "cache"), *args]
+    cmd = [*launcher, TRAIN, *small_for(args), "--cache_dir", str(tmp_path / "cache"), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(**(extra_env or {})), capture_output=True, text=True,
                           timeout=600)
     if check and proc.returncode != 0:
@@ -324,7 +336,9 @@ BAD_INPUTS = [
     (["--warmup_steps", "-3"], "warmup_steps must be >= 0"),
     (["--lora_dropout", "1.5"], "lora_dropout must be in [0, 1)"),
     (["--lora_alpha", "0"], "lora_alpha must be > 0"),
-    (["--tiny_hidden_size", "30"], "tiny_hidden_size must be a multiple of 8"),
+    (["--model", "builtin:tiny-llama", "--tiny_hidden_size", "30"], "tiny_hidden_size must be a multiple of 8"),
+    (["--model", "builtin:stdlib-llama", "--tiny_layers", "2"], "tiny_layers applies only to --model builtin:tiny"),
+    (["--dataset", "builtin:python-reference", "--corpus_lines", "9"], "corpus_lines applies only to --dataset builtin:gen"),
     (["--target_modules", "5"], "target_modules must be"),
     (["--model", "builtin:gpt"], "the built-in ones are builtin:stdlib-llama, builtin:tiny-llama"),
     (["--optim", "riemannian", "--ds_config", "ds_configs/zero2.json"], "optim=riemannian runs only on plain PyTorch"),
@@ -339,7 +353,7 @@ def test_bad_inputs_fail_with_one_line(tmp_path, args, message):
     """Every mistake in configuration, data or paths: exit code 2, one ``error:`` line, no traceback."""
     bad_files(tmp_path)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    defaults = ["--max_steps", "1", "--output_dir", str(tmp_path / "bad"), "--tiny_hidden_size", "32"]
+    defaults = ["--max_steps", "1", "--output_dir", str(tmp_path / "bad")]
     proc = run([*defaults, *args], tmp_path, check=False)  # the case's own values come later and win
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2, proc.stderr[-3000:]

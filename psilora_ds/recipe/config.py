@@ -197,6 +197,12 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
             values.setdefault(key, _coerce(key, value))
     cfg = TrainConfig(**values)
     validate(cfg)
+    for keys, owner, value in ((("tiny_hidden_size", "tiny_layers"), "model", "builtin:tiny-llama"),
+                               (("corpus_lines",), "dataset", "builtin:generated")):
+        given = [k for k in keys if k in values]
+        if given and getattr(cfg, owner) != value:  # never ignored silently
+            raise ConfigError(f"{given[0]} applies only to --{owner} {value} (this run's {owner} is "
+                              f"{getattr(cfg, owner)}): add --{owner} {value} or drop {given[0]}")
     return cfg
 
 
