@@ -239,6 +239,26 @@ def engine_worker(rank, world, out):
         opt.remove_hooks()
     torch.save(counts, out / f"calls-rank{rank}.pt")
 
+    # factors changed behind the optimizer's back on rank 1 only: every rank refuses the step (rank 0 alone
+    # stepping would leave the ranks with different factors; a rank raising alone could leave the other waiting)
+    model = lora_two_layer_net(dtype=torch.float32)
+    opt = make("scaled", model, cache_free=True, distributor=DDPDistributor())
+    forward = DistributedDataParallel(model)
+    x, t = data[0]
+    outcomes = []
+    for changed in (False, True):
+        if changed and rank == 1:
+            with torch.no_grad():
+                opt.layers[0].A.mul_(1.5)
+        F.mse_loss(forward(x[rank * B:(rank + 1) * B]), t[rank * B:(rank + 1) * B]).backward()
+        try:
+            opt.step()
+            outcomes.append("stepped")
+        except StaleFactorsError as err:
+            outcomes.append(str(err))
+        opt.zero_grad()
+    torch.save(outcomes, out / f"stale-rank{rank}.pt")
+
 
 @pytest.fixture(scope="module")
 def engine_runs(tmp_path_factory):
@@ -269,6 +289,15 @@ def test_two_ranks_cache_free_equals_the_cached_rows(engine_runs, engine, name):
         for layer, (A, B_) in rows["factors"].items():
             assert rel_err(free["factors"][layer][0], A) <= 1e-6
             assert rel_err(free["factors"][layer][1], B_) <= 1e-6
+
+
+@pytest.mark.slow
+def test_stale_factors_on_one_rank_stop_every_rank(engine_runs):
+    first0, then0 = torch.load(engine_runs / "stale-rank0.pt")
+    first1, then1 = torch.load(engine_runs / "stale-rank1.pt")
+    assert first0 == first1 == "stepped"
+    assert "another rank" in then0 and "refresh_factors" in then0
+    assert "fc1" in then1 and "refresh_factors" in then1
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from ..gradient import LayerGradient, ProductGradient
 from ..lora_layers import LoRALayer, find_lora_layers, other_parameters
 from ..ops import compute_dtype
 from ..ops.rounds import Rounds, reduce_flat_, run_lockstep
-from ..products import LayerProducts, ProductCapture
+from ..products import LayerProducts, ProductCapture, StaleFactorsError
 from .options import LoRAOptions, OtherOptimizerFactory  # noqa: F401 - OtherOptimizerFactory re-exported
 
 logger = logging.getLogger(__name__)
@@ -261,9 +261,15 @@ class LoRAOptimizer(torch.optim.Optimizer):
             return _StepPlan(skip=True, clip=1.0, grads={})
         # A layer that captured nothing on any rank is left out: it keeps its factors and state,
         # as torch optimizers skip parameters whose grad is None.
+        # cache-free: the step starts from the optimizer's copy of the factors, checked against the engine's
+        # (a mismatch on any rank stops every rank: a rank raising alone would leave the others in a collective)
+        stale = self._stale_layers(flags[:-1]) if self.cache_free else []
         if not rows_step:
-            grads = self._product_gradients(batches, flags[:-1])
+            grads = self._product_gradients(batches, flags[:-1], stale)
         else:
+            if self.cache_free:
+                self._raise_if_stale(stale, d.all_reduce_(torch.tensor([float(len(stale))], dtype=torch.float64,
+                                                                       device=self.layers[0].A.device)))
             grads = {idx: self._layer_gradient(idx, batches.get(idx), int(rows), autograd.get(idx))
                      for idx, rows in enumerate(flags[:-1]) if rows > 0}
         if self.cache_free and self.max_grad_norm and not d.sketches_norm() and not self._logged_sketch:
@@ -299,10 +305,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         for idx, grad in plan.grads.items():
             layer = self.layers[idx]
             state = self.state[layer.A]
-            if self.cache_free:  # start from the copy the products were taken at, once the engine's is checked
+            if self.cache_free:  # start from the copy the products were taken at (checked in _make_plan)
                 A, B = self.capture.factors(idx)
-                if not d.factors_match(layer, group["params"], A, B):
-                    raise self.capture.stale(idx)
             else:
                 A, B = d.read_factors(layer, group["params"])
             programs[idx] = self._update_layer(layer, state, A, B, grad, group)
@@ -340,13 +344,36 @@ class LoRAOptimizer(torch.optim.Optimizer):
                                zs=[torch.zeros(0, layer.out_features, dtype=dtype, device=layer.A.device)])
         return LayerGradient(batch, self.distributor.grad_coef(), rows, self.distributor.reduce, autograd)
 
-    def _product_gradients(self, batches: dict[int, LayerProducts], rows: list[float]) -> dict[int, ProductGradient]:
+    def _stale_layers(self, rows: list[float]) -> list[int]:
+        """Layers (captured on some rank) whose engine factors differ from the copy the products were taken at;
+        the same layers in the same order on every rank (ZeRO 1/2 read whole: a collective per layer)."""
+        group = self._lora_group
+        return [idx for idx, n in enumerate(rows) if n > 0
+                and not self.distributor.factors_match(self.layers[idx], group["params"], *self.capture.factors(idx))]
+
+    def _raise_if_stale(self, stale: list[int], count: torch.Tensor) -> None:
+        """``count``: the stale layers summed over ranks."""
+        if stale:
+            raise self.capture.stale(stale[0])
+        if float(count.reshape(-1)[0]) > 0:
+            raise StaleFactorsError(
+                "the LoRA factors changed outside the optimizer after its last step on another rank (an adapter or "
+                "checkpoint loaded into the model?): call optimizer.refresh_factors() after changing factors, or "
+                "build the optimizer with cache_free=False")
+
+    def _product_gradients(self, batches: dict[int, LayerProducts], rows: list[float],
+                           stale: list[int]) -> dict[int, ProductGradient]:
         """The cache-free gradients of the layers that captured rows on some rank: every rank's products
-        summed by one flat all-reduce for all layers (a rank that saw none of a layer adds zeros)."""
+        summed by one flat all-reduce for all layers (a rank that saw none of a layer adds zeros), which also
+        sums the ranks' counts of ``stale`` layers (raised on every rank)."""
         present = [idx for idx, n in enumerate(rows) if n > 0]
         products = {idx: batches.get(idx) or self.capture.zeros(idx) for idx in present}
+        tensors = [t for idx in present for t in products[idx].tensors()]
+        count = torch.tensor([float(len(stale))], dtype=tensors[0].dtype if tensors else torch.float64,
+                             device=self.layers[0].A.device)
         if self.distributor.reduce is not None:
-            reduce_flat_([t for idx in present for t in products[idx].tensors()], self.distributor.reduce)
+            reduce_flat_([*tensors, count], self.distributor.reduce)
+        self._raise_if_stale(stale, count)
         coef = self.distributor.grad_coef()
         return {idx: ProductGradient(products[idx], self.layers[idx].rank, coef, int(rows[idx])) for idx in present}
 
