@@ -70,6 +70,29 @@ def test_first_step_is_the_truncated_svd_of_the_first_full_step(name):
     assert opt.last_cache_bytes == 0 if name != "psilora" else opt.last_cache_bytes > 0
 
 
+def test_a_warm_up_step_at_lr_0_defers_the_spectral_step():
+    """A warm-up schedule's first step has lr 0: the spectral step is the first step with lr > 0 (taken at lr 0
+    it would leave B = 0 and the option would do nothing, as it once did in the recipe, whose warm-up starts at 0)."""
+    model = lora_two_layer_net(nonzero_B=False, head_trainable=False)
+    x, t = data(0)
+    targets = first_step_targets(model, x, t)
+    opt = PreconditionedLoRA(model, LR, first_step_iters=K)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s))  # lr 0, then LR
+    for step in range(2):
+        F.mse_loss(model(x), t).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if step == 0:  # nothing moved: B is still peft's zero, so the next gradient is the same
+            assert not opt.spectral_done and all(float(layer.B.norm()) == 0 for layer in opt.layers)
+    assert opt.spectral_done
+    for layer, target in zip(opt.layers, targets):
+        assert rel(layer.B.detach() @ layer.A.detach(), target) <= 1e-6
+    resumed = PreconditionedLoRA(lora_two_layer_net(nonzero_B=False, head_trainable=False), LR, first_step_iters=K)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.spectral_done
+
+
 def test_without_first_step_iters_the_first_step_is_not_the_svd():
     """The test above can fail: one Jacobi step from B = 0 is far from the oracle."""
     model = lora_two_layer_net(nonzero_B=False, head_trainable=False)

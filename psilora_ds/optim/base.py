@@ -86,6 +86,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             )
         self.skipped_steps = 0
         self.steps_taken = 0
+        self.spectral_done = False  # the spectral first step (first_step_iters) has been taken
         self._plan: _StepPlan | None = None
         self.last_grad_norm: float | None = None
         self.last_cache_bytes = 0  # peak bytes of the activation cache during the last step
@@ -132,7 +133,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         for layer in stepped:
             d.release_state(layer, self.state[layer.A])
         self.capture.step = self.steps_taken
-        self.capture.keep_rows = self.spectral_iters(group) is not None  # its K >= 1 iterations need the rows
+        self.capture.keep_rows = self._spectral_pending(group)  # its K >= 1 iterations need the rows
 
     def _sketch_probes(self) -> int:
         """Probes of the clipping norm's sketch the cache-free hooks take (0: no clipping, no sketch)."""
@@ -225,11 +226,13 @@ class LoRAOptimizer(torch.optim.Optimizer):
             if not plan.skip and plan.grads:
                 # (ZeRO-3 calls step() once per param group with every group listed: the calls after the
                 # one that consumed the capture find nothing and are not steps)
+                spectral = self.spectral_iters(self._lora_group) is not None
                 self._step_lora(plan)
                 self.steps_taken += 1
+                self.spectral_done = self.spectral_done or spectral
                 if self.cache_free:
                     self.capture.step = self.steps_taken  # seeds the next step's norm-sketch probes
-                    self.capture.keep_rows = False
+                    self.capture.keep_rows = self._spectral_pending(self._lora_group)
             self._plan = None
         return loss
 
@@ -448,8 +451,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     def spectral_iters(self, group: dict[str, Any]) -> int | None:
         """The inner iterations of the spectral first step (``first_step_iters``, LoRA-One) when this step is
-        it (the run's first), else None."""
-        return group.get("first_step_iters") if self.steps_taken == 0 else None
+        it, else None: the run's first step with ``lr > 0`` (a warm-up schedule's first step has lr 0, and a
+        spectral step of length 0 would leave peft's ``B = 0`` start as it is)."""
+        return group.get("first_step_iters") if self._spectral_pending(group) and group["lr"] > 0 else None
+
+    def _spectral_pending(self, group: dict[str, Any]) -> bool:
+        return group.get("first_step_iters") is not None and not self.spectral_done
 
     def prox_weight(self, group: dict[str, Any]) -> float:
         """``lam = lr * prox``, floored (METHOD.md section 2)."""
@@ -474,7 +481,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         group = {k: v for k, v in self._lora_group.items() if k != "params"}
         state = {layer.name: dict(self.state[layer.A]) for layer in self.layers if self.state.get(layer.A)}
         return {"layers": state, "lora_group": group, "skipped_steps": self.skipped_steps,
-                "steps_taken": self.steps_taken, "layout": self.distributor.layout()}
+                "steps_taken": self.steps_taken, "spectral_done": self.spectral_done,
+                "layout": self.distributor.layout()}
 
     def lora_state_template(self) -> dict[str, Any]:
         """A :meth:`lora_state_dict` with an entry for every layer: freshly initialized tensors and
@@ -518,6 +526,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self._lora_group.update(state_dict["lora_group"])
         self.skipped_steps = state_dict["skipped_steps"]
         self.steps_taken = state_dict.get("steps_taken", 0)
+        self.spectral_done = state_dict.get("spectral_done", self.steps_taken > 0)
         self.capture.clear()
         self._plan = None
         self.refresh_factors()
