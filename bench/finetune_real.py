@@ -55,8 +55,8 @@ METHODS: dict[str, tuple[list[str], list[float]]] = {  # recipe arguments, lr gr
     "PSI-LoRA iters 2": (["--optim", "psilora", "--iters", "2"], grid(-2)),
     "Scaled PSI-LoRA (defaults)": (["--optim", "scaled_psilora"], grid(-3)),
     "Scaled PSI-LoRA (defaults) + first step": (["--optim", "scaled_psilora", *FIRST], grid(-3)),
-    "Scaled PSI-LoRA (paper preset, r 8)": (["--preset", "paper"], grid(-3)),
-    "Scaled PSI-LoRA (paper preset, r 8) + first step": (["--preset", "paper", *FIRST], grid(-3)),
+    "Scaled PSI-LoRA (paper preset, r 8)": (["--preset", "paper"], grid(-2)),  # no momentum: its best lr sits higher
+    "Scaled PSI-LoRA (paper preset, r 8) + first step": (["--preset", "paper", *FIRST], grid(-2)),
     "SVDLoRA oracle (momentum 0.9)": (["--optim", "svdlora"], grid(-2)),
 }
 BASELINES = ("LoRA-AdamW", "LoRA+ (ratio 16)", "Riemannian LoRA")

@@ -579,3 +579,21 @@ def test_loraplus_and_riemannian_are_peft_optimizers_on_the_lora_factors():
     adamw, riem = one_step("adamw"), one_step("riemannian")
     assert any(not torch.equal(riem[n], adamw[n]) for n in adamw if "lora_" in n)
     assert all(torch.equal(riem[n], adamw[n]) for n in adamw if "lora_" not in n and adamw[n].requires_grad)
+
+
+def test_lr_not_given_is_chosen_per_optim_and_model_and_logged(caplog):
+    """No --lr: the benchmark's best on a built-in base, a conservative starting point on any other model."""
+    sys.path.insert(0, ROOT)
+    import logging
+
+    from psilora_ds.recipe.config import TrainConfig
+    from psilora_ds.recipe.optimizers import resolve_lr
+
+    with caplog.at_level(logging.INFO, logger="psilora_ds"):
+        assert resolve_lr(TrainConfig()).lr == 0.1
+        assert resolve_lr(TrainConfig(optim="adamw", model="builtin:tiny-llama")).lr == 1e-2
+        assert resolve_lr(TrainConfig(model="org/model")).lr == 2e-3
+        assert resolve_lr(TrainConfig(optim="adamw", model="/models/llama")).lr == 2e-4
+    assert resolve_lr(TrainConfig(lr=0.5)).lr == 0.5
+    lines = [r.getMessage() for r in caplog.records if "lr not given" in r.getMessage()]
+    assert len(lines) == 4 and "tune --lr" in lines[2] and "bench/finetune_real.py" in lines[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +13,9 @@ from torch import nn
 
 from .. import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
 from ..distributed import FSDP2Distributor
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, is_builtin
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,10 @@ class OptimizerEntry:
 
     build: Callable[..., torch.optim.Optimizer]
     lora: bool
+    # lr when --lr is not given: (on a built-in base, on any other model). The built-in figures are the best mean
+    # eval loss of bench/finetune_real.py (docs/BENCHMARKS.md, "Real-text fine-tuning"); the others are common
+    # starting points, not measurements: tune lr for your model
+    default_lr: tuple[float, float]
     any_engine: bool = True
 
 
@@ -57,25 +65,40 @@ def _betas(cfg: TrainConfig) -> tuple[float, float]:
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     "psilora": OptimizerEntry(lambda cfg, model, o: PSILoRA(
         model, cfg.lr, momentum=cfg.momentum, iters=cfg.iters, prox=cfg.prox, rank_multiplier=cfg.rank_multiplier,
-        first_step_iters=cfg.first_step_iters, **o), lora=True),
+        first_step_iters=cfg.first_step_iters, **o), lora=True, default_lr=(0.1, 2e-3)),
     "scaled_psilora": OptimizerEntry(lambda cfg, model, o: ScaledPSILoRA(
         model, cfg.lr, betas=_betas(cfg), iters=cfg.iters, prox=cfg.prox, damping=cfg.damping,
         metric_power=cfg.metric_power, metric=cfg.metric, metric_init=cfg.metric_init, rank_multiplier=cfg.rank_multiplier,
-        first_step_iters=cfg.first_step_iters, **o), lora=True),
+        first_step_iters=cfg.first_step_iters, **o), lora=True, default_lr=(0.1, 2e-3)),
     "precond_lora": OptimizerEntry(lambda cfg, model, o: PreconditionedLoRA(
-        model, cfg.lr, prox=cfg.prox, first_step_iters=cfg.first_step_iters, **o), lora=True),
-    "svdlora": OptimizerEntry(lambda cfg, model, o: SVDLoRA(model, cfg.lr, momentum=cfg.momentum, **o), lora=True),
+        model, cfg.lr, prox=cfg.prox, first_step_iters=cfg.first_step_iters, **o), lora=True, default_lr=(0.1, 2e-3)),
+    "svdlora": OptimizerEntry(lambda cfg, model, o: SVDLoRA(model, cfg.lr, momentum=cfg.momentum, **o), lora=True,
+                              default_lr=(0.1, 2e-3)),
     "adamw": OptimizerEntry(lambda cfg, model: torch.optim.AdamW(
-        _trainable(model), lr=cfg.lr, betas=_betas(cfg), weight_decay=cfg.weight_decay), lora=False),
+        _trainable(model), lr=cfg.lr, betas=_betas(cfg), weight_decay=cfg.weight_decay), lora=False,
+        default_lr=(1e-2, 2e-4)),
     # LoRA+ (arXiv 2402.12354): AdamW with the B factors at loraplus_lr_ratio x lr (peft's parameter groups)
-    "loraplus": OptimizerEntry(_loraplus, lora=False),
+    "loraplus": OptimizerEntry(_loraplus, lora=False, default_lr=(1e-3, 5e-5)),
     # Riemannian preconditioned LoRA (arXiv 2402.02347): AdamW on r x r-preconditioned LoRA gradients. peft's
     # preconditioner reads the gradients on the model's own parameters, which DeepSpeed's ZeRO flat partitions
     # and FSDP2's shards are not: plain PyTorch (one process or DDP) only
-    "riemannian": OptimizerEntry(_riemannian, lora=False, any_engine=False),
+    "riemannian": OptimizerEntry(_riemannian, lora=False, default_lr=(1e-2, 2e-4), any_engine=False),
     "sgd": OptimizerEntry(lambda cfg, model: torch.optim.SGD(
-        _trainable(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay), lora=False),
+        _trainable(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay), lora=False,
+        default_lr=(2e-3, 2e-3)),  # not benchmarked
 }
+
+
+def resolve_lr(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``lr`` filled when it was not given (:attr:`OptimizerEntry.default_lr`), the choice logged."""
+    if cfg.lr is not None:
+        return cfg
+    builtin, other = OPTIMIZERS[cfg.optim].default_lr
+    lr = builtin if is_builtin(cfg.model) else other
+    logger.info("lr not given: %g for %s on %s (%s)", lr, cfg.optim, cfg.model,
+                "the best of bench/finetune_real.py on the built-in base" if is_builtin(cfg.model)
+                else "a common starting point, not a measurement: tune --lr for your model")
+    return dataclasses.replace(cfg, lr=lr)
 
 
 def check_optim(cfg: TrainConfig) -> None:
@@ -94,6 +117,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     checks the config's ``gradient_clipping``, which the recipe fills with the same value); the torch
     baselines are clipped by the engine (DeepSpeed, or :class:`~psilora_ds.recipe.engines.PlainEngine`)."""
     check_optim(cfg)
+    cfg = resolve_lr(cfg)
     entry = OPTIMIZERS[cfg.optim]
     try:
         if not entry.lora:
