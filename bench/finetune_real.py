@@ -192,7 +192,7 @@ def report(args, base: str, made: dict, done: dict) -> None:
                             "lr window (decades, 2%)"], rows)
     print(table)
     by_name = {r[0]: (float(r[-3]), float(r[-1])) for r in rows}
-    family = [n for n in by_name if n not in BASELINES]
+    family = [n for n in by_name if n not in BASELINES and not n.startswith("SVDLoRA")]  # the oracle is a reference
     base_best = min(BASELINES, key=lambda n: by_name[n][0]) if all(n in by_name for n in BASELINES) else None
     verdict = ""
     if base_best is not None and family:
@@ -212,10 +212,13 @@ def report(args, base: str, made: dict, done: dict) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-        for name, points in curves.items():
+        palette = plt.get_cmap("tab20")
+        for i, (name, points) in enumerate(curves.items()):
             lrs, means, sds = zip(*points)
+            oracle = name.startswith("SVDLoRA")
             ax.errorbar(lrs, means, yerr=sds, marker="o", ms=3, capsize=2, label=name,
-                        ls="--" if name in BASELINES else "-")
+                        color="black" if oracle else palette(2 * i % 20 + (2 * i // 20)),
+                        ls=":" if oracle else "--" if name in BASELINES else "-")
         ax.axhline(start, color="gray", lw=0.8, ls=":", label=f"base before fine-tuning ({start:.2f})")
         ax.set_xscale("log")
         finite = [m for pts in curves.values() for _, m, _ in pts if m == m]

@@ -180,7 +180,7 @@ def main() -> None:
         fig.savefig(args.png)
     if args.write:
         if args.base == "random":
-            title = "Learning-rate robustness (offline default)"
+            title = "Learning-rate robustness (random tiny base, generated corpus)"
             body = table + ("\n\nBefore training the loss is 6.27 (train loss at step 1). One seed per point; LoRA on a "
                             "randomly initialized tiny base, so this is a smoke-scale check of the paper's LR-robustness "
                             "claim, not a reproduction.")

@@ -11,7 +11,7 @@ runs it:
   0.02`` here (our lr is their lr times the LoRA scaling ``s = alpha / r = 1``). Their proximal weight is
   ``their_lr x lmbd = 0.2 x 1e-2 = 2e-3``, which is ``lr x prox`` with ``prox = 0.1`` here;
 - LoRA r = alpha = 8, dropout 0.1; clipping of the full gradient at 1.0; the non-LoRA parameters
-  (classification heads) on Adam(W) at 1e-4.
+  (classification heads) on Adam(W) at 1e-4; an ordinary first step (no spectral first step).
 
 Differences that remain: they floor the proximal weight at 1e-5 (here 1e-12: only a warm-up reaches it),
 capture the layer input before LoRA dropout (here: the adapter's real input), and add a 1e-6 ridge to
@@ -47,7 +47,7 @@ class Preset:
 PAPER = Preset(
     optimizer_class="ScaledPSILoRA",
     optimizer=dict(lr=0.02, iters=0, betas=(0.0, 0.99), prox=0.1, damping=1e-5, metric_power=0.5, metric="kfac",
-                   metric_init="ones", max_grad_norm=1.0, other_lr=1e-4),
+                   metric_init="ones", max_grad_norm=1.0, other_lr=1e-4, first_step_iters=None),
     lora=dict(r=8, lora_alpha=8, lora_dropout=0.1),
 )
 

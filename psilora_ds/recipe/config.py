@@ -62,7 +62,7 @@ class TrainConfig:
     optim: str = opt("scaled_psilora", "psilora | scaled_psilora | precond_lora | svdlora | adamw | loraplus | riemannian | sgd (loraplus, riemannian: peft.optimizers' LoRA+ and Riemannian LoRA over AdamW)")
     lr: float | None = opt(None, "learning rate (PSI-LoRA: step size of the effective weight); null: per optim, the best of bench/finetune_real.py on a built-in base (scaled_psilora 0.1, adamw 1e-2), else a common starting point (scaled_psilora 2e-3, adamw 2e-4; logged): tune it for your model")
     iters: int = opt(1, "LoRSum inner iterations")
-    first_step_iters: int | None = opt(None, "spectral first step (LoRA-One): inner iterations of the first step, reaching the truncated SVD of the first full step; null: off")
+    first_step_iters: int | None = opt(8, "spectral first step (LoRA-One): inner iterations of the first step with lr > 0, reaching the truncated SVD of that full step (bench/finetune_real.py: better at every lr); null: an ordinary first step")
     momentum: float = opt(0.9, "psilora / sgd momentum")
     betas: list = field(default_factory=lambda: [0.9, 0.999],
         metadata={"help": "scaled_psilora / adamw betas"})
