@@ -72,3 +72,13 @@ def write_section(path: str, title: str, command: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     with open(path, "w") as f:
         f.write(text)
+
+
+def save_lr_figure(fig, ax, ylabel: str, path: str, legend_size: int = 8) -> None:
+    """Label an eval-loss-against-lr plot (log lr axis set by the caller) and write it to ``path``."""
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path)

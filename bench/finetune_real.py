@@ -34,7 +34,7 @@ from multiprocessing import get_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import markdown_table, write_section  # noqa: E402
+from bench.common import markdown_table, save_lr_figure, write_section  # noqa: E402
 
 HALF = [1.0, 10 ** 0.5]
 
@@ -223,12 +223,8 @@ def report(args, base: str, made: dict, done: dict) -> None:
         ax.set_xscale("log")
         finite = [m for pts in curves.values() for _, m, _ in pts if m == m]
         ax.set_ylim(min(finite) - 0.05, min(start + 0.1, max(finite) + 0.05))
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel(f"held-out eval loss after {args.steps} steps (mean ± sd, {len(args.seeds)} seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(args.png)
+        save_lr_figure(fig, ax, f"held-out eval loss after {args.steps} steps (mean ± sd, {len(args.seeds)} seeds)",
+                       args.png, legend_size=6)
     if args.write:
         body = (table + verdict + f"\n\nBase: {made['parameters'] / 1e6:.2f} M parameters (hidden "
                 f"{made['config']['hidden']}, {made['config']['layers']} layers, BPE {made['config']['vocab_size']}), "

@@ -28,7 +28,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import markdown_table, write_section  # noqa: E402
+from bench.common import markdown_table, save_lr_figure, write_section  # noqa: E402
 from psilora_ds.recipe.corpus import generate_corpus  # noqa: E402
 
 GRID = {  # one point per decade, 3 decades (--fine adds the half-decades)
@@ -172,12 +172,7 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         for name, points in results.items():
             ax.semilogx(*zip(*points), "o-", label=name)
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel(f"eval loss after {args.steps} steps")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(args.png)
+        save_lr_figure(fig, ax, f"eval loss after {args.steps} steps", args.png)
     if args.write:
         if args.base == "random":
             title = "Learning-rate robustness (random tiny base, generated corpus)"
