@@ -231,7 +231,8 @@ def report(args, base: str, made: dict, done: dict) -> None:
                 f"pretrained {made['config']['steps']} steps on the standard library's source; held-out loss before "
                 f"fine-tuning {start:.3f} on the reference topics. Each cell: mean ± sd over seeds "
                 f"{', '.join(map(str, args.seeds))} (LoRA init, data order, dropout); {args.steps} steps of 8 x 128 "
-                "tokens; 'diverged': a seed ended above loss 20 or failed.")
+                f"tokens; runs in {args.workers} worker processes of one thread each; 'diverged': a seed ended above "
+                "loss 20 or failed.")
         if args.png:
             body += f"\n\n![real-text fine-tuning]({os.path.basename(args.png)})"
         command = f"python bench/finetune_real.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
