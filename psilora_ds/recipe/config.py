@@ -197,12 +197,15 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
             values.setdefault(key, _coerce(key, value))
     cfg = TrainConfig(**values)
     validate(cfg)
-    for keys, owner, value in ((("tiny_hidden_size", "tiny_layers"), "model", "builtin:tiny-llama"),
-                               (("corpus_lines",), "dataset", "builtin:generated")):
-        given = [k for k in keys if k in values]
-        if given and getattr(cfg, owner) != value:  # never ignored silently
-            raise ConfigError(f"{given[0]} applies only to --{owner} {value} (this run's {owner} is "
-                              f"{getattr(cfg, owner)}): add --{owner} {value} or drop {given[0]}")
+    tiny = cfg.model == "builtin:tiny-llama"
+    for key in ("tiny_hidden_size", "tiny_layers"):  # never ignored silently
+        if key in values and not tiny:
+            raise ConfigError(f"{key} applies only to --model builtin:tiny-llama (this run's model is {cfg.model}): "
+                              f"add --model builtin:tiny-llama or drop {key}")
+    # the generated corpus is the data of builtin:generated and what builtin:tiny-llama's tokenizer is trained on
+    if "corpus_lines" in values and cfg.dataset != "builtin:generated" and not (tiny and cfg.tokenizer is None):
+        raise ConfigError(f"corpus_lines applies only to --dataset builtin:generated or --model builtin:tiny-llama "
+                          f"(this run: {cfg.model} on {cfg.dataset}): drop corpus_lines")
     return cfg
 
 
