@@ -10,7 +10,7 @@ import torch
 from psilora_ds.recipe.config import parse
 from psilora_ds.recipe.data import build_datasets
 from psilora_ds.recipe.modeling import STDLIB_LLAMA, build_model, build_tokenizer
-from psilora_ds.recipe.pretrain import PretrainConfig, blocks, mean_loss, pretrain_base
+from psilora_ds.recipe.pretrain import PretrainConfig, blocks, mean_loss, pretrain_base, text_sha256
 from psilora_ds.recipe.stdlib_text import python_reference_documents, python_source_documents
 
 
@@ -44,7 +44,8 @@ def test_recipe_evaluates_on_the_held_out_topics(tmp_path):
 
 def test_shipped_base_is_what_its_record_says(tmp_path):
     """The weights in psilora_ds/assets are the ones pretrain.json measured: the held-out loss on the source
-    files recomputed here (bf16 weights loaded in fp32, as the recipe loads them) equals the recorded one."""
+    files recomputed here (bf16 weights loaded in fp32, as the recipe loads them) equals the recorded one (on
+    another Python, whose standard library differs, it is only checked to be far below a uniform guess)."""
     with open(os.path.join(STDLIB_LLAMA, "pretrain.json")) as f:
         record = json.load(f)
     cfg = parse(["--cache_dir", str(tmp_path)])
@@ -57,7 +58,8 @@ def test_shipped_base_is_what_its_record_says(tmp_path):
     data = blocks(held, tok, record["config"]["seq_len"])
     with model.disable_adapter():
         loss = mean_loss(base, data, 16)
-    assert loss == pytest.approx(record["eval_loss_python_source"], rel=1e-4)
+    if text_sha256(held) == record["held_out_source_sha256"]:  # the same standard library as when it was made
+        assert loss == pytest.approx(record["eval_loss_python_source"], rel=1e-4)
     assert loss < 0.6 * torch.log(torch.tensor(float(len(tok)))).item()  # far below a uniform guess: pretrained
 
 

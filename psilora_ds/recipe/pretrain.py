@@ -10,6 +10,7 @@ beside the weights records how it was made and its held-out losses on both domai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -41,6 +42,11 @@ class PretrainConfig:
     weight_decay: float = 0.01
     seed: int = 0
     save_dtype: str = "bfloat16"  # the weights as stored (loaded back in fp32 by the recipe)
+
+
+def text_sha256(docs: list[str]) -> str:
+    """Identifies the text a held-out loss was measured on (the standard library differs between Pythons)."""
+    return hashlib.sha256("\0".join(docs).encode()).hexdigest()
 
 
 def blocks(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -111,7 +117,8 @@ def pretrain_base(out_dir: str, cfg: PretrainConfig) -> dict:
         "train_tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len, "train_blocks": len(train),
         "eval_loss_python_source": mean_loss(saved, held, cfg.batch_size),
         "eval_loss_python_reference": mean_loss(saved, reference, cfg.batch_size),
-        "source_files": len(src_train) + len(src_eval), "seconds": round(time.time() - start),
+        "source_files": len(src_train) + len(src_eval), "held_out_source_sha256": text_sha256(src_eval),
+        "seconds": round(time.time() - start),
         "python": platform.python_version(), "torch": torch.__version__,
     }
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
