@@ -107,26 +107,25 @@ def key(name: str, lr: float, seed: int, steps: int, base: str) -> str:
     return json.dumps([name, METHODS[name][0], f"{lr:.6g}", seed, steps, os.path.basename(base)])
 
 
-def window(points: list[tuple[float, float]], tolerance: float = 0.02) -> tuple[float, float, float]:
-    """``(best mean, lo lr, hi lr)``: the contiguous log-lr range around the best point where the piecewise
-    linear (in log10 lr) mean loss stays within ``tolerance`` of the best."""
-    finite = [(math.log10(lr), v) for lr, v in points]
-    i_best = min(range(len(finite)), key=lambda i: finite[i][1] if finite[i][1] == finite[i][1] else math.inf)
-    best = finite[i_best][1]
-    limit = best * (1 + tolerance)
+def window(points: list[tuple[float, float]], tolerance: float = 0.02) -> tuple[int, float, float]:
+    """``(index of the best point, lo lr, hi lr)``: the contiguous log-lr range around the best point where the
+    piecewise linear (in log10 lr) mean loss stays within ``tolerance`` of the best (NaN: diverged)."""
+    curve = [(math.log10(lr), v) for lr, v in points]
+    i_best = min(range(len(curve)), key=lambda i: curve[i][1] if curve[i][1] == curve[i][1] else math.inf)
+    limit = curve[i_best][1] * (1 + tolerance)
 
     def edge(step: int) -> float:
         i = i_best
-        while 0 <= i + step < len(finite):
-            (x0, y0), (x1, y1) = finite[i], finite[i + step]
-            if not (y1 == y1) or y1 > limit:  # crosses the limit between the two points (NaN: diverged)
-                if not (y1 == y1):
-                    return x0
+        while 0 <= i + step < len(curve):
+            (x0, y0), (x1, y1) = curve[i], curve[i + step]
+            if y1 != y1:  # diverged next to it
+                return x0
+            if y1 > limit:  # crosses the limit between the two points
                 return x0 + (x1 - x0) * (limit - y0) / (y1 - y0)
             i += step
-        return finite[i][0]
+        return curve[i][0]
 
-    return best, 10 ** edge(-1), 10 ** edge(1)
+    return i_best, 10 ** edge(-1), 10 ** edge(1)
 
 
 def main() -> None:
@@ -160,7 +159,6 @@ def main() -> None:
           "tokens each)", flush=True)
     with get_context("spawn").Pool(args.workers, maxtasksperchild=8) as pool:
         for n, (name, lr, seed, result) in enumerate(pool.imap_unordered(run_point, tasks), 1):
-            done = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
             done[key(name, lr, seed, args.steps, base)] = result
             os.makedirs(CACHE, exist_ok=True)
             with open(RESULTS, "w") as f:
@@ -171,8 +169,9 @@ def main() -> None:
 
 def report(args, base: str, made: dict, done: dict) -> None:
     curves, rows, base_losses = {}, [], []
+    by_name: dict[str, tuple[float, float]] = {}  # best mean, lr window in decades
     for name in args.methods:
-        points = []
+        points, cells = [], []
         for lr in METHODS[name][1]:
             vals = [done[key(name, lr, s, args.steps, base)] for s in args.seeds]
             losses = [v["eval_loss"] for v in vals]
@@ -181,17 +180,17 @@ def report(args, base: str, made: dict, done: dict) -> None:
             mean = statistics.mean(ok) if len(ok) == len(losses) else float("nan")
             sd = statistics.stdev(ok) if len(ok) == len(losses) and len(ok) > 1 else 0.0
             points.append((lr, mean, sd))
+            cells.append(f"{mean:.3f} ± {sd:.3f}" if mean == mean else
+                         "failed" if any("error" in v for v in vals) else "diverged")
         curves[name] = points
-        best, lo, hi = window([(lr, m) for lr, m, _ in points])
-        i_best = min(range(len(points)), key=lambda i: points[i][1] if points[i][1] == points[i][1] else math.inf)
-        cells = [f"**{m:.3f} ± {sd:.3f}**" if i == i_best else (f"{m:.3f} ± {sd:.3f}" if m == m else "diverged")
-                 for i, (_, m, sd) in enumerate(points)]
-        rows.append([name, *(f"{lr:.3g}: {c}" for (lr, _, _), c in zip(points, cells)), f"{best:.3f}",
-                     f"{points[i_best][0]:.3g}", f"{math.log10(hi / lo):.2f}"])
+        i_best, lo, hi = window([(lr, m) for lr, m, _ in points])
+        cells[i_best] = f"**{cells[i_best]}**"
+        by_name[name] = (points[i_best][1], math.log10(hi / lo))
+        rows.append([name, *(f"{lr:.3g}: {c}" for (lr, _, _), c in zip(points, cells)), f"{by_name[name][0]:.3f}",
+                     f"{points[i_best][0]:.3g}", f"{by_name[name][1]:.2f}"])
     table = markdown_table(["method", *(f"lr {i + 1}" for i in range(7)), "best mean", "best lr",
                             "lr window (decades, 2%)"], rows)
     print(table)
-    by_name = {r[0]: (float(r[-3]), float(r[-1])) for r in rows}
     family = [n for n in by_name if n not in BASELINES and not n.startswith("SVDLoRA")]  # the oracle is a reference
     base_best = min(BASELINES, key=lambda n: by_name[n][0]) if all(n in by_name for n in BASELINES) else None
     verdict = ""
@@ -232,7 +231,7 @@ def report(args, base: str, made: dict, done: dict) -> None:
                 f"fine-tuning {start:.3f} on the reference topics. Each cell: mean ± sd over seeds "
                 f"{', '.join(map(str, args.seeds))} (LoRA init, data order, dropout); {args.steps} steps of 8 x 128 "
                 f"tokens; runs in {args.workers} worker processes of one thread each; 'diverged': a seed ended above "
-                "loss 20 or failed.")
+                "loss 20 (or NaN); 'failed': a run raised (its error is in the results file).")
         if args.png:
             body += f"\n\n![real-text fine-tuning]({os.path.basename(args.png)})"
         command = f"python bench/finetune_real.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"

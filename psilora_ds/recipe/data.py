@@ -108,17 +108,20 @@ def build_datasets(cfg: TrainConfig, tokenizer):
     raw = load_raw(cfg)
     if isinstance(raw, tuple):
         train, held = (pack_or_truncate(cfg, tokenize(cfg, part, tokenizer)) for part in raw)
-        if len(train) < 2:
-            raise ConfigError(f"the dataset yields {len(train)} sequences of {cfg.max_seq_len} tokens: too little to train")
-        return train, (held if cfg.eval_fraction > 0 else None)
-    data = pack_or_truncate(cfg, tokenize(cfg, raw, tokenizer))
-    if len(data) < 2:
-        raise ConfigError(f"the dataset yields {len(data)} sequences of {cfg.max_seq_len} tokens: too little to train")
+        return enough_to_train(cfg, train), (held if cfg.eval_fraction > 0 else None)
+    data = enough_to_train(cfg, pack_or_truncate(cfg, tokenize(cfg, raw, tokenizer)))
     n_eval = max(1, int(round(len(data) * cfg.eval_fraction))) if cfg.eval_fraction > 0 else 0
     if n_eval == 0:
         return data, None
     split = data.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
     return split["train"], split["test"]
+
+
+def enough_to_train(cfg: TrainConfig, data):
+    """``data``, or one line when it holds fewer than two sequences."""
+    if len(data) < 2:
+        raise ConfigError(f"the dataset yields {len(data)} sequences of {cfg.max_seq_len} tokens: too little to train")
+    return data
 
 
 def check_sizes(cfg: TrainConfig, train, evals, world: int) -> None:

@@ -26,7 +26,7 @@ def builtin_base() -> str:
     """The directory of ``builtin:stdlib-llama`` (weights, tokenizer, ``pretrain.json``)."""
     if not os.path.isfile(os.path.join(STDLIB_LLAMA, "config.json")):
         raise ConfigError(f"the built-in base {STDLIB_LLAMA} is missing: rebuild it with python launch/pretrain_base.py "
-                          "(about 8 minutes on 2 CPU cores)")
+                          "(about 10 minutes on 2 CPU cores)")
     return STDLIB_LLAMA
 
 
@@ -36,7 +36,7 @@ def build_tokenizer(cfg: TrainConfig):
     if cfg.model == "builtin:tiny-llama" and cfg.tokenizer is None:
         corpus = generate_corpus(corpus_path(cfg), cfg.corpus_lines, cfg.seed)
         return train_tokenizer(corpus, os.path.join(cfg.cache_dir, f"tokenizer-bpe512-{cfg.corpus_lines}-seed{cfg.seed}"))
-    name = cfg.tokenizer or (builtin_base() if cfg.model == "builtin:stdlib-llama" else cfg.model)
+    name = cfg.tokenizer or saved_base(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
@@ -83,12 +83,15 @@ def offline_base(cfg: TrainConfig, tokenizer) -> str:
     return path
 
 
-def base_path(cfg: TrainConfig, tokenizer) -> str:
-    """Where ``from_pretrained`` finds the base: the hub id or path given, the shipped built-in base, or the tiny
-    LLaMA saved once whole (before ``zero.Init`` is on)."""
-    if cfg.model == "builtin:tiny-llama":
-        return offline_base(cfg, tokenizer)
+def saved_base(cfg: TrainConfig) -> str:
+    """The hub id or path of a base that exists already (with its tokenizer): the one given, or the shipped one."""
     return builtin_base() if cfg.model == "builtin:stdlib-llama" else cfg.model
+
+
+def base_path(cfg: TrainConfig, tokenizer) -> str:
+    """Where ``from_pretrained`` finds the base: :func:`saved_base`, or the tiny LLaMA saved once whole (before
+    ``zero.Init`` is on)."""
+    return offline_base(cfg, tokenizer) if cfg.model == "builtin:tiny-llama" else saved_base(cfg)
 
 
 # transformers reads the live HfDeepSpeedConfig (a weak global) while it builds or loads a model, and so does peft:
