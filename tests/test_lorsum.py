@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from psilora_ds import reference as ref
-from psilora_ds.ops import lorsum, solve_spd_left, svd_project, weighted_svd_project
+from psilora_ds.ops import SPDSolve, lorsum, solve_spd_batch, solve_spd_left, svd_project, weighted_svd_project
 
 f64 = torch.float64
 
@@ -131,6 +131,30 @@ def test_solve_falls_back_when_cholesky_fails():
     G = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=f64)  # symmetric, indefinite
     R = torch.tensor([[1.0], [3.0]], dtype=f64)
     torch.testing.assert_close(G @ solve_spd_left(G, R), R)
+
+
+def test_batched_solves_equal_each_system_solved_alone(monkeypatch):
+    """Systems of two shapes, left and right, one of them indefinite (its Cholesky fails inside the batch):
+    one factorization per shape, each answer equal to the dense solve (or to the least-squares fallback)."""
+    g = torch.Generator().manual_seed(3)
+
+    def spd(k):
+        M = torch.randn(k, k, generator=g, dtype=f64)
+        return M @ M.T + 0.1 * torch.eye(k, dtype=f64)
+
+    indefinite = torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=f64)
+    systems = [SPDSolve(spd(3), torch.randn(3, 7, generator=g, dtype=f64), "left"),
+               SPDSolve(spd(5), torch.randn(9, 5, generator=g, dtype=f64), "right"),
+               SPDSolve(indefinite, torch.randn(3, 4, generator=g, dtype=f64), "left"),
+               SPDSolve(spd(3), torch.randn(6, 3, generator=g, dtype=f64), "right")]
+    calls = []
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda G, **kw: calls.append(G.shape) or real(G, **kw))
+    got = solve_spd_batch(systems)
+    assert sorted(calls) == [(1, 5, 5), (3, 3, 3)]  # one batched factorization per bucket
+    for s, y in zip(systems, got):
+        expected = torch.linalg.solve(s.G, s.R) if s.side == "left" else torch.linalg.solve(s.G.T, s.R.T).T
+        torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_rank_deficient_B_with_tiny_lam_stays_finite():

@@ -511,3 +511,35 @@ def test_every_optimizer_takes_the_shared_options():
             (0.5, 123, False, False)
         with pytest.raises(TypeError, match="unexpected keyword argument.*max_grad_norm, clip_norm_probes"):
             cls(lora_two_layer_net(), 0.1, clip=1.0)
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda m: PSILoRA(m, 1e-2, iters=2, momentum=0.9), 4 + 4),  # step: 2 iterations x 2 half-steps; momentum: same
+    (lambda m: ScaledPSILoRA(m, 1e-2, iters=1), 2 + 2),
+    (lambda m: ScaledPSILoRA(m, 1e-2, iters=0, cache_free=True), 2 + 2),  # Jacobi: A- and B-step, then momentum
+    (lambda m: PreconditionedLoRA(m, 1e-2), 2),
+])
+def test_solves_are_batched_over_the_layers(monkeypatch, make, expected):
+    """The r x r systems of every layer are factored together, round by round: the number of Cholesky
+    factorizations per step (each followed by the solve's one host sync) does not grow with the layer count."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    counts = {}
+    for layers in (1, 4):
+        torch.manual_seed(0)
+        net = nn.Sequential(*[nn.Linear(10, 10) for _ in range(layers)])
+        model = get_peft_model(net, LoraConfig(r=3, lora_alpha=6, target_modules=[str(i) for i in range(layers)],
+                                               init_lora_weights="gaussian"))
+        opt = make(model)
+        for step in range(2):
+            model(torch.randn(8, 10)).square().mean().backward()
+            calls = []
+            real = torch.linalg.cholesky_ex
+            monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda G, **kw: calls.append(G.shape[0]) or real(G, **kw))
+            opt.step()
+            monkeypatch.setattr(torch.linalg, "cholesky_ex", real)
+            opt.zero_grad()
+        assert all(batch == layers for batch in calls), calls  # every layer's system in each factorization
+        counts[layers] = len(calls)
+    assert counts[1] == counts[4] == expected

@@ -3,12 +3,13 @@
 from .balance import balance_factors
 from .factored import (dense_gradient, frobenius_sq, gaussian_probes, gradient_gram_diagonals, norm_sketch_seed,
                        sketched_product, thin_products)
-from .linalg import compute_dtype, solve_spd_left, solve_spd_right
+from .linalg import SPDSolve, compute_dtype, solve_spd_batch, solve_spd_left, solve_spd_right
 from .lorsum import lorsum
 from .metrics import damped_power, kfac_diagonals, kfac_sums, shampoo_diagonals
 from .svd import svd_project, weighted_svd_project
 
 __all__ = [
+    "SPDSolve",
     "balance_factors",
     "compute_dtype",
     "damped_power",
@@ -22,6 +23,7 @@ __all__ = [
     "norm_sketch_seed",
     "shampoo_diagonals",
     "sketched_product",
+    "solve_spd_batch",
     "solve_spd_left",
     "solve_spd_right",
     "svd_project",

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .linalg import compute_dtype, solve_spd_left, solve_spd_right
+from .linalg import SPDSolve, compute_dtype
 from .rounds import Rounds, run_rounds
 
 Term = tuple[float, torch.Tensor, torch.Tensor | None]
@@ -84,7 +84,9 @@ def lorsum_rounds(
         reduce: data parallelism (METHOD.md section 6): ``terms`` hold this rank's share of the
             data, and each thin product (``r x n`` or ``m x r``, twice per iteration) is summed over the
             ranks: this generator yields it and receives the sum (:mod:`~psilora_ds.ops.rounds`; with
-            :func:`lorsum`, ``reduce`` is called on it). ``None``: one process.
+            :func:`lorsum`, ``reduce`` is called on it). ``None``: one process. Whatever ``reduce``, the
+            generator also yields its r x r systems (:class:`~psilora_ds.ops.linalg.SPDSolve`), which the
+            driver solves batched with every other layer's of the same round.
         known_products: ``(B^T G, G A^T)`` for ``G = sum_j coef_j F_j H_j`` over ``terms`` (summed over
             ranks), when the caller already has them: with ``G = -eta P`` they are ``-eta`` times
             autograd's LoRA gradients ``A.grad``, ``B.grad`` (METHOD.md section 6). Used for the
@@ -133,7 +135,7 @@ def lorsum_rounds(
         gram = DBt.T @ Bt
         cross = gram if Bt is B0 else DBt.T @ B0
         data.add_(A0, alpha=lam).addmm_(cross, A0, alpha=c0)
-        return solve_spd_left(gram + lam * eye, data)
+        return (yield SPDSolve(gram + lam * eye, data, "left"))  # batched with the other layers' systems
 
     def b_step(At: torch.Tensor) -> Rounds[torch.Tensor]:
         # B+ (At D_in At^T + lam I) = lam B + c0 B (A D_in At^T) + sum c_j (D_out^-1 F_j)(H_j At^T)
@@ -150,7 +152,7 @@ def lorsum_rounds(
         gram = DAt @ At.T
         cross = gram if At is A0 else A0 @ DAt.T
         data.add_(B0, alpha=lam).addmm_(B0, cross, alpha=c0)
-        return solve_spd_right(data, gram + lam * eye)
+        return (yield SPDSolve(gram + lam * eye, data, "right"))
 
     if iters == 0:
         A_new = yield from a_step(B0)

@@ -2,6 +2,11 @@
 tensor to be summed and receives the sum back (``total = yield partial``). Driving many layers' steps in
 lockstep sums all the tensors of one round in a single flattened call, so the number of collectives per
 optimizer step does not grow with the number of layers (METHOD.md section 6).
+
+A program may also yield a small SPD system (:class:`~psilora_ds.ops.linalg.SPDSolve`) and receive its
+solution: the driver solves the systems that all programs are waiting on together
+(:func:`~psilora_ds.ops.linalg.solve_spd_batch`: one batched factorization and one host sync per round
+and bucket, not one per layer).
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from typing import Any, TypeVar
 
 import torch
 
+from .linalg import SPDSolve, solve_spd_batch
+
 T = TypeVar("T")
-Rounds = Generator[torch.Tensor, torch.Tensor, T]
+Rounds = Generator[torch.Tensor | SPDSolve, torch.Tensor, T]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -33,9 +40,12 @@ def reduce_flat_(tensors: Sequence[torch.Tensor], reduce: Reduce) -> None:
 def run_lockstep(programs: Mapping[Hashable, Rounds[Any] | Any], reduce: Reduce | None) -> dict[Hashable, Any]:
     """Run every program (a generator as above, or an already computed value) to its return value; the tensors
     they yield in the same round are summed by one :func:`reduce_flat_` (``reduce=None``: one process, each
-    tensor is its own sum). Every rank must hold programs that yield the same shapes in the same order."""
+    tensor is its own sum). Every rank must hold programs that yield the same shapes in the same order.
+
+    Systems are local: whenever some programs wait on a solve, those are solved (batched) and advanced first,
+    and a sum runs only once every live program waits on one, so solves never split a round of sums."""
     results: dict[Hashable, Any] = {}
-    pending: dict[Hashable, torch.Tensor] = {}
+    pending: dict[Hashable, torch.Tensor | SPDSolve] = {}
 
     def advance(key: Hashable, value: torch.Tensor | None) -> None:
         try:
@@ -50,6 +60,11 @@ def run_lockstep(programs: Mapping[Hashable, Rounds[Any] | Any], reduce: Reduce 
         else:
             results[key] = program
     while pending:
+        solving = [k for k, v in pending.items() if isinstance(v, SPDSolve)]
+        if solving:
+            for key, solution in zip(solving, solve_spd_batch([pending[k] for k in solving])):
+                advance(key, solution)
+            continue
         keys = list(pending)
         tensors = [pending[k].contiguous() for k in keys]
         if reduce is not None:
