@@ -55,12 +55,15 @@ def exact_worker(rank, world, out):
         model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
         opt = make_optimizer(name, model, fold=fold)
         engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(stage))
+        reads = []
+        read = opt.distributor.read_factors
+        opt.distributor.read_factors = lambda *a: reads.append(1) or read(*a)
         for x, t in batches():
             rows = slice(rank * B, (rank + 1) * B)
             loss = F.mse_loss(engine(x[rows]), t[rows])
             engine.backward(loss)
             engine.step()
-        torch.save({"factors": full_factors(opt), "state_bytes": opt.state_nbytes()},
+        torch.save({"factors": full_factors(opt), "state_bytes": opt.state_nbytes(), "reads": len(reads)},
                    out / f"{name}-{stage}-{fold}-rank{rank}.pt")
         opt.distributor.close()
         opt.remove_hooks()
@@ -88,6 +91,10 @@ def test_zero_two_ranks_equal_one_process_with_double_batch(exact_runs, stage, n
     _, ref_factors, total = one_process_reference(name, batches())
     assert_ranks_match([r["factors"] for r in ranks], ref_factors)
     assert_state_split([r["state_bytes"] for r in ranks], total, sharded=stage >= 1)  # ZeRO >= 1: layer-sharded
+    # factor reads in the steps: ZeRO-3 starts from the optimizer's copy (no all-gathers), the others read
+    # each layer at least once per step (local at stage 0; ZeRO 1/2 would have to read whole to check a copy)
+    reads = [r["reads"] for r in ranks]
+    assert all(n == 0 for n in reads) if stage == 3 else all(n >= 2 * STEPS for n in reads), reads
 
 
 def llama_with_lora():

@@ -68,6 +68,34 @@ def worker(rank, world, out):
         opt.zero_grad()
     factors = {layer.name: (layer.A.full_tensor().clone(), layer.B.full_tensor().clone()) for layer in opt.layers}
     torch.save(factors, out / f"ckpt-final-rank{rank}.pt")
+    # cached steps start from the optimizer's factor copy (no gathers); a factor changed behind the optimizer on
+    # one rank's shard only is read again by every rank: the same run as one that gathers every step
+    runs = {}
+    for copy in (True, False):
+        model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+        net = model.base_model.model
+        for sub in (net.fc1, net.fc2):
+            fully_shard(sub)
+        fully_shard(model)
+        opt = make_optimizer("scaled", model, distributor=FSDP2Distributor())
+        if not copy:
+            opt.distributor.reads_factors_collectively = lambda masters: False
+            opt.refresh_factors()
+        reads = []
+        read = opt.distributor.read_factors
+        opt.distributor.read_factors = lambda *a: reads.append(1) or read(*a)
+        for step, (x, t) in enumerate(batches()):
+            if step == 3 and rank == 0:
+                with torch.no_grad():
+                    opt.layers[1].B.to_local().mul_(0.5)
+            rows = slice(rank * B, (rank + 1) * B)
+            F.mse_loss(model(x[rows]), t[rows]).backward()
+            opt.step()
+            opt.zero_grad()
+        runs[copy] = ({layer.name: (layer.A.full_tensor().clone(), layer.B.full_tensor().clone())
+                       for layer in opt.layers}, len(reads))
+        opt.remove_hooks()
+    torch.save(runs, out / f"copy-rank{rank}.pt")
 
 
 
@@ -84,6 +112,16 @@ def test_fsdp2_two_ranks_equal_one_process(runs, name):
     _, ref, total = one_process_reference(name, batches())
     assert_ranks_match([r["factors"] for r in ranks], ref)
     assert_state_split([r["state_bytes"] for r in ranks], total, sharded=True)
+
+
+def test_cached_steps_start_from_the_factor_copy_and_reread_changes(runs):
+    for k in range(2):
+        r = torch.load(runs / f"copy-rank{k}.pt")
+        (with_copy, reads_copy), (gathered, reads_gathered) = r[True], r[False]
+        assert reads_gathered == 2 * 5  # 2 layers, 5 steps: one gather per layer per step
+        assert reads_copy == 1  # only the layer changed behind the optimizer (on rank 0 only), once
+        for name, (A, B_) in gathered.items():
+            assert torch.equal(with_copy[name][0], A) and torch.equal(with_copy[name][1], B_)
 
 
 def test_dcp_checkpoint_reshards_to_one_process(runs):

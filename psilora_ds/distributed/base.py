@@ -94,6 +94,11 @@ class Distributor:
         A_master.copy_(A)
         B_master.copy_(B)
 
+    def reads_factors_collectively(self, masters: Sequence[torch.Tensor]) -> bool:
+        """Whether :meth:`read_factors` is a collective while :meth:`factors_match` is local (sharded factors):
+        then cached steps start from the optimizer's own copy of the factors instead of gathering them."""
+        return False
+
     def factors_match(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
                       B: torch.Tensor) -> bool:
         """Whether the engine's copy of the layer's factors equals ``(A, B)`` bit for bit. Here: read whole;

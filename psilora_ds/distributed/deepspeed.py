@@ -102,6 +102,11 @@ class DeepSpeedDistributor(DDPDistributor):
         safe_set_full_fp32_param(layer.A, A.float())
         safe_set_full_fp32_param(layer.B, B.float())
 
+    def reads_factors_collectively(self, masters: Sequence[torch.Tensor]) -> bool:
+        # ZeRO-3: safe_get_full_fp32_param all-gathers, the local partition is public (factors_match);
+        # ZeRO 1/2 would have to read whole to compare, which is no cheaper than reading
+        return self._flattened(masters) and self.stage == 3
+
     def factors_match(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
                       B: torch.Tensor) -> bool:
         if not self._flattened(masters) or self.stage != 3:

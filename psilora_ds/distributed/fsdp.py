@@ -39,6 +39,9 @@ class FSDP2Distributor(DDPDistributor):
             else:
                 param.copy_(new)
 
+    def reads_factors_collectively(self, masters: Sequence[torch.Tensor]) -> bool:
+        return any(isinstance(p, DTensor) for p in masters)
+
     def factors_match(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
                       B: torch.Tensor) -> bool:
         params = super().read_factors(layer, masters)

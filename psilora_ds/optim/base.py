@@ -70,6 +70,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
             ProductCapture(self.layers, self._sketch_probes) if self.cache_free
             else ActivationCapture(self.layers, max_bytes=self.options.cache_max_bytes, fold=self.options.fold))
         self._logged_memory = self._logged_sketch = False
+        # cached steps on engines whose factor reads are collectives (ZeRO-3, FSDP2): the optimizer's own copy of
+        # every layer's factors, as the engine holds them after the last step (None: read them from the engine)
+        self._factor_copy: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         others = other_parameters(model, self.layers)
         self.other_optimizer: torch.optim.Optimizer | None = None
         if others:
@@ -108,11 +111,14 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def refresh_factors(self) -> None:
-        """Cache-free steps: take the model's LoRA factors as they are now (and this optimizer's momentum
-        factors) as those the next step's products are taken at, dropping anything captured since the last
-        step. Every rank calls it (factors may be gathered, sharded state broadcast). :meth:`attach` and
-        :meth:`load_state_dict` call it; call it after changing the factors any other way. No-op otherwise."""
+        """Take the model's LoRA factors as they are now as those the next step starts from. Cache-free steps:
+        also the factors (and this optimizer's momentum factors) the next step's products are taken at, dropping
+        anything captured since the last step; a later mismatch is an error. Cached steps on engines that would
+        gather the factors every step (ZeRO-3, FSDP2): the optimizer's copy, which replaces those gathers; a
+        later mismatch is re-read. Every rank calls it (factors may be gathered, sharded state broadcast).
+        :meth:`attach` and :meth:`load_state_dict` call it; call it after changing the factors any other way."""
         if not self.cache_free:
+            self._refresh_factor_copy()
             return
         d, group = self.distributor, self._lora_group
         self.capture.clear()
@@ -134,6 +140,27 @@ class LoRAOptimizer(torch.optim.Optimizer):
             d.release_state(layer, self.state[layer.A])
         self.capture.step = self.steps_taken
         self.capture.keep_rows = self._spectral_pending(group)  # its K >= 1 iterations need the rows
+
+    def _refresh_factor_copy(self) -> None:
+        d, params = self.distributor, self._lora_group["params"]
+        if not d.reads_factors_collectively(params):
+            self._factor_copy = None
+            return
+        copy = {}
+        for layer in self.layers:
+            A, B = d.read_factors(layer, params)
+            if A.shape == (layer.rank, layer.in_features):  # (not partitioned from birth with no engine yet)
+                copy[layer.index] = (A.detach().clone(), B.detach().clone())
+        self._factor_copy = copy
+
+    def _start_factors(self, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors a step of ``layer`` starts from: the cache-free copy the products were taken at, the cached
+        steps' copy where the engine's reads are collectives (checked in the plan), else the engine's."""
+        if self.cache_free:
+            return self.capture.factors(layer.index)
+        if self._factor_copy is not None and layer.index in self._factor_copy:
+            return self._factor_copy[layer.index]
+        return self.distributor.read_factors(layer, self._lora_group["params"])
 
     def _sketch_probes(self) -> int:
         """Probes of the clipping norm's sketch the cache-free hooks take (0: no clipping, no sketch)."""
@@ -252,12 +279,24 @@ class LoRAOptimizer(torch.optim.Optimizer):
         d = self.distributor
         # One collective tells every rank which layers captured rows anywhere and whether any
         # rank saw a non-finite value, so that all ranks take the same branches.
-        flags = torch.zeros(len(self.layers) + 1, dtype=torch.float64, device=self.layers[0].A.device)
+        # Cached steps that start from the optimizer's factor copy add, per layer, whether this rank's shard of
+        # the engine's factors still equals the copy (changed behind the optimizer: re-read on every rank).
+        L = len(self.layers)
+        copy = self._factor_copy
+        flags = torch.zeros(2 * L + 1 if copy is not None else L + 1, dtype=torch.float64,
+                            device=self.layers[0].A.device)
         for idx, batch in batches.items():
             flags[idx] = batch.rows
         autograd = {idx: pair for idx in batches if (pair := self._autograd_products(idx)) is not None}
-        flags[-1] = 0.0 if self._all_finite(batches, autograd, others_now) else 1.0
+        flags[L] = 0.0 if self._all_finite(batches, autograd, others_now) else 1.0
+        if copy is not None:
+            params = self._lora_group["params"]
+            for idx, (A, B) in copy.items():
+                flags[L + 1 + idx] = 0.0 if d.factors_match(self.layers[idx], params, A, B) else 1.0
         flags = d.all_reduce_(flags).tolist()
+        if copy is not None:
+            self._reread_changed_factors([idx for idx in range(L) if flags[L + 1 + idx] > 0])
+        flags = flags[: L + 1]
         if flags[-1] > 0:
             self.skipped_steps += 1
             logger.warning("non-finite gradient factors: step skipped on all ranks (%d so far)", self.skipped_steps)
@@ -308,10 +347,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         for idx, grad in plan.grads.items():
             layer = self.layers[idx]
             state = self.state[layer.A]
-            if self.cache_free:  # start from the copy the products were taken at (checked in _make_plan)
-                A, B = self.capture.factors(idx)
-            else:
-                A, B = d.read_factors(layer, group["params"])
+            A, B = self._start_factors(layer)  # (a copy is checked against the engine in _make_plan)
             programs[idx] = self._update_layer(layer, state, A, B, grad, group)
         # all layers' updates in lockstep: the thin products of one round, every layer's, in one collective
         new_factors = run_lockstep(programs, d.reduce)
@@ -322,6 +358,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
             d.write_factors(layer, group["params"], A_new, B_new)
             if self.cache_free:  # the next step's products are taken at the new factors
                 self.capture.set_factors(idx, A_new, B_new, self._momentum_factors(state, group))
+            elif self._factor_copy is not None and idx in self._factor_copy:
+                self._factor_copy[idx] = (A_new, B_new)  # (the dtype read: what the engine now holds)
             d.release_state(layer, state)
             if grad.autograd is not None:  # consumed: the next step's gradients start from zero
                 layer.A.grad = layer.B.grad = None
@@ -346,6 +384,18 @@ class LoRAOptimizer(torch.optim.Optimizer):
             batch = LayerBatch(xs=[torch.zeros(0, layer.in_features, dtype=dtype, device=layer.A.device)],
                                zs=[torch.zeros(0, layer.out_features, dtype=dtype, device=layer.A.device)])
         return LayerGradient(batch, self.distributor.grad_coef(), rows, self.distributor.reduce, autograd)
+
+    def _reread_changed_factors(self, changed: list[int]) -> None:
+        """Cached steps: the layers whose engine factors changed since the copy was taken on some rank (e.g.
+        ``engine.load_checkpoint``) are read again, by every rank in the same order (collectives)."""
+        if not changed:
+            return
+        logger.info("LoRA factors of %d layers changed outside the optimizer (a checkpoint loaded?): read again",
+                    len(changed))
+        params = self._lora_group["params"]
+        for idx in changed:
+            A, B = self.distributor.read_factors(self.layers[idx], params)
+            self._factor_copy[idx] = (A.detach().clone(), B.detach().clone())
 
     def _stale_layers(self, rows: list[float]) -> list[int]:
         """Layers (captured on some rank) whose engine factors differ from the copy the products were taken at;
