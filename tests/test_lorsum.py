@@ -147,14 +147,34 @@ def test_batched_solves_equal_each_system_solved_alone(monkeypatch):
                SPDSolve(spd(5), torch.randn(9, 5, generator=g, dtype=f64), "right"),
                SPDSolve(indefinite, torch.randn(3, 4, generator=g, dtype=f64), "left"),
                SPDSolve(spd(3), torch.randn(6, 3, generator=g, dtype=f64), "right")]
-    calls = []
     real = torch.linalg.cholesky_ex
-    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda G, **kw: calls.append(G.shape) or real(G, **kw))
-    got = solve_spd_batch(systems)
-    assert sorted(calls) == [(1, 5, 5), (3, 3, 3)]  # one batched factorization per bucket
-    for s, y in zip(systems, got):
-        expected = torch.linalg.solve(s.G, s.R) if s.side == "left" else torch.linalg.solve(s.G.T, s.R.T).T
-        torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    for sync_free in (False, True):  # the host-read fallback (CPU default) and the device-side one (GPUs)
+        calls = []
+        monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda G, **kw: calls.append(G.shape) or real(G, **kw))
+        got = solve_spd_batch(systems, sync_free=sync_free)
+        # one batched factorization per bucket (and on the device path one more, of the fallback's G^2 + mu I)
+        assert sorted(calls) == sorted([(1, 5, 5), (3, 3, 3)] * (2 if sync_free else 1))
+        for s, y in zip(systems, got):
+            expected = torch.linalg.solve(s.G, s.R) if s.side == "left" else torch.linalg.solve(s.G.T, s.R.T).T
+            torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_batched_solves_of_singular_and_non_finite_systems(sync_free):
+    """A singular SPD-looking system gets the minimum-norm least-squares answer (as lstsq / pinv), a
+    non-finite one NaN, and neither disturbs the well-posed system beside it."""
+    g = torch.Generator().manual_seed(4)
+    singular = torch.zeros(4, 4, dtype=f64)
+    singular[:2, :2] = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=f64)  # rank 2 of 4: Cholesky fails
+    good = singular + torch.eye(4, dtype=f64)
+    bad = good.clone()
+    bad[0, 1] = bad[1, 0] = float("inf")
+    R = torch.randn(4, 3, generator=g, dtype=f64)
+    y_singular, y_good, y_bad = solve_spd_batch([SPDSolve(singular, R), SPDSolve(good, R), SPDSolve(bad, R)],
+                                                sync_free=sync_free)
+    torch.testing.assert_close(y_singular, torch.linalg.pinv(singular, hermitian=True) @ R, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(y_good, torch.linalg.solve(good, R), rtol=1e-10, atol=1e-10)
+    assert torch.isnan(y_bad).all()
 
 
 def test_rank_deficient_B_with_tiny_lam_stays_finite():

@@ -39,22 +39,30 @@ class SPDSolve:
     side: str = "left"
 
 
-def solve_spd_batch(systems: Sequence[SPDSolve]) -> list[torch.Tensor]:
-    """Solve many small SPD systems: one batched Cholesky factorization and inverse per bucket of equal
-    shape, dtype and device, and ONE host synchronization per bucket (reading whether any factorization
-    failed; on a GPU each read is a device sync), instead of one per system. For the r x r systems of
-    LoRSum the inverse times the thin right-hand side is several times faster than ``cholesky_solve`` on
-    CPU, with the same O(cond * eps) forward error. A failed factorization (numerically indefinite G)
-    falls back to least squares for that system only."""
+def solve_spd_batch(systems: Sequence[SPDSolve], *, sync_free: bool | None = None) -> list[torch.Tensor]:
+    """Solve many small SPD systems with one batched Cholesky factorization and inverse per bucket of equal
+    shape, dtype and device, instead of one per system. For the r x r systems of LoRSum the inverse times the
+    thin right-hand side is several times faster than ``cholesky_solve`` on CPU, with the same O(cond * eps)
+    forward error. A failed factorization (numerically indefinite or singular G) falls back to the
+    minimum-norm least-squares answer for that system; a non-finite system gives NaN.
+
+    ``sync_free`` (default: on any device but the CPU): never read the factorization's status on the host —
+    each read is a device sync on a GPU — but compute the fallback (a regularized pseudo-inverse, see
+    :func:`_select_fallback`) for the whole bucket and select it where the factorization failed. Off (the CPU, where
+    a read costs nothing): one read per bucket, and the fallback only for the systems that need it."""
     out: list[torch.Tensor | None] = [None] * len(systems)
     buckets: dict[tuple, list[int]] = {}
     for i, s in enumerate(systems):
         buckets.setdefault((tuple(s.G.shape), s.G.dtype, s.G.device), []).append(i)
-    for members in buckets.values():
+    for (_, _, device), members in buckets.items():
         G = torch.stack([systems[i].G for i in members]) if len(members) > 1 else systems[members[0]].G[None]
         L, info = torch.linalg.cholesky_ex(G)
-        inverse = torch.cholesky_inverse(L)
-        failed = set(torch.nonzero(info).flatten().tolist()) if bool(info.any()) else set()  # the host sync
+        inverse = _inverse_from_cholesky(L)
+        failed: set[int] = set()
+        if sync_free if sync_free is not None else device.type != "cpu":
+            inverse = _select_fallback(G, inverse, info)
+        elif bool(info.any()):  # the bucket's one host read
+            failed = set(torch.nonzero(info).flatten().tolist())
         for j, i in enumerate(members):
             s = systems[i]
             if j in failed:
@@ -63,6 +71,34 @@ def solve_spd_batch(systems: Sequence[SPDSolve]) -> list[torch.Tensor]:
             else:
                 out[i] = inverse[j] @ s.R if s.side == "left" else s.R @ inverse[j]
     return out  # type: ignore[return-value]
+
+
+def _inverse_from_cholesky(L: torch.Tensor) -> torch.Tensor:
+    """``G^-1 = L^-T L^-1`` for a batch of lower Cholesky factors, by triangular solves, which neither check nor
+    raise (``cholesky_inverse`` raises on a zero pivot, i.e. reads the status on the host): a failed
+    factorization gives non-finite entries, replaced by the caller."""
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+    return L_inv.transpose(-1, -2) @ L_inv
+
+
+def _select_fallback(G: torch.Tensor, inverse: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+    """``inverse`` (a batch from Cholesky) where the factorization succeeded, else the Tikhonov pseudo-inverse
+    ``(G^2 + mu I)^-1 G`` of the symmetric ``G`` with ``mu = eps ||G||^2`` — the minimum-norm least-squares
+    operator up to O(eps) on G's range, 0 on its null space (as ``lstsq``) — NaN where ``G`` is not finite.
+    All on the device: Cholesky of the positive definite ``G^2 + mu I`` and triangular solves, which read
+    nothing back (``eigh``, ``pinv`` and ``lstsq`` check their status on the host, and CUDA's ``lstsq`` is not
+    minimum-norm)."""
+    finite = torch.isfinite(G).flatten(-2).all(-1)[:, None, None]
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    safe = torch.where(finite, G, eye)
+    scale = safe.abs().flatten(-2).amax(-1)[:, None, None].clamp_min(torch.finfo(G.dtype).tiny)
+    square = safe @ safe
+    mu = torch.finfo(G.dtype).eps * (G.shape[-1] * scale) ** 2
+    L2, _ = torch.linalg.cholesky_ex(square + mu * eye)
+    pinv = _inverse_from_cholesky(L2) @ safe
+    chosen = torch.where((info == 0)[:, None, None], inverse, pinv)
+    return torch.where(finite, chosen, torch.full_like(chosen, float("nan")))
 
 
 def solve_spd_left(G: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
