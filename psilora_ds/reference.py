@@ -46,7 +46,16 @@ def svd_truncate(T, rank):
     return root[:, None] * Vh[:rank], U[:, :rank] * root
 
 
-def psilora_step(A, B, P, *, scaling, lr, momentum=0.0, dampening=0.0, iters=1, lam, M=None):
+def momentum_lam(M, lam, momentum_prox):
+    """The momentum update's proximal weight ``max(lam, momentum_prox * mean singular value of M)`` (METHOD.md 3),
+    from the SVD of the dense product."""
+    if M is None or momentum_prox <= 0:
+        return lam
+    r_m = M[0].shape[0]
+    return max(lam, momentum_prox * float(torch.linalg.svdvals(M[1].to(f64) @ M[0].to(f64))[:r_m].sum()) / r_m)
+
+
+def psilora_step(A, B, P, *, scaling, lr, momentum=0.0, dampening=0.0, iters=1, lam, M=None, momentum_prox=0.0):
     """One PSI-LoRA step on dense ``P`` (METHOD.md 3). ``M`` = ``(M_A, M_B)`` or None.
     Returns ``(A', B', M')``."""
     eta = lr / scaling**2
@@ -56,8 +65,8 @@ def psilora_step(A, B, P, *, scaling, lr, momentum=0.0, dampening=0.0, iters=1, 
     A_new, B_new = lorsum_dense(A, B, T, lam=lam, iters=iters)
     M_new = None
     if M is not None:
-        M_new = balanced(*lorsum_dense(M[0].to(f64), M[1].to(f64), momentum * Md + (1 - dampening) * P, lam=lam,
-                                       iters=iters))
+        M_new = balanced(*lorsum_dense(M[0].to(f64), M[1].to(f64), momentum * Md + (1 - dampening) * P,
+                                       lam=momentum_lam(M, lam, momentum_prox), iters=iters))
     return A_new, B_new, M_new
 
 
@@ -83,7 +92,7 @@ def shampoo_diagonal_stats(P, scaling):
     return torch.diagonal(G.T @ G), torch.diagonal(G @ G.T)
 
 
-def scaled_psilora_step(A, B, P, D_out, D_in, *, scaling, lr, beta1, iters, lam, M=None):
+def scaled_psilora_step(A, B, P, D_out, D_in, *, scaling, lr, beta1, iters, lam, M=None, momentum_prox=0.0):
     """One Scaled PSI-LoRA step on dense ``P`` given the final metric diagonals (METHOD.md 4)."""
     eta = lr / scaling**2
     A, B, P = A.to(f64), B.to(f64), P.to(f64)
@@ -94,7 +103,8 @@ def scaled_psilora_step(A, B, P, D_out, D_in, *, scaling, lr, beta1, iters, lam,
     A_new, B_new = lorsum_dense(A, B, T, lam=lam, iters=iters, d_out=Do, d_in=Di)
     M_new = None
     if M is not None:
-        M_new = balanced(*lorsum_dense(M[0].to(f64), M[1].to(f64), step, lam=lam, iters=iters))
+        M_new = balanced(*lorsum_dense(M[0].to(f64), M[1].to(f64), step, lam=momentum_lam(M, lam, momentum_prox),
+                                       iters=iters))
     return A_new, B_new, M_new
 
 

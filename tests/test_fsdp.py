@@ -22,6 +22,10 @@ def batches():
     return regression_batches(31, STEPS, 2 * B)
 
 
+def full_factors(opt):
+    return {layer.name: (layer.A.full_tensor().clone(), layer.B.full_tensor().clone()) for layer in opt.layers}
+
+
 def sharded_net():
     model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
     net = model.base_model.model
@@ -37,11 +41,7 @@ def worker(rank, world, out):
     with pytest.raises(ValueError, match="the LoRA factors are DTensors"):
         make_optimizer("psilora", sharded_net(), distributor=DDPDistributor())
     for name in OPTIMIZERS:
-        model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-        net = model.base_model.model
-        for sub in (net.fc1, net.fc2):
-            fully_shard(sub)
-        fully_shard(model)
+        model = sharded_net()
         opt = make_optimizer(name, model, distributor=FSDP2Distributor())
         assert isinstance(opt.layers[0].A, DTensor)
         for x, t in batches():
@@ -49,15 +49,11 @@ def worker(rank, world, out):
             F.mse_loss(model(x[rows]), t[rows]).backward()
             opt.step()
             opt.zero_grad()
-        factors = {layer.name: (layer.A.full_tensor().clone(), layer.B.full_tensor().clone()) for layer in opt.layers}
+        factors = full_factors(opt)
         torch.save({"factors": factors, "state_bytes": opt.state_nbytes()}, out / f"{name}-rank{rank}.pt")
         opt.remove_hooks()
     # checkpoint after 3 steps, then 2 more steps
-    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-    net = model.base_model.model
-    for sub in (net.fc1, net.fc2):
-        fully_shard(sub)
-    fully_shard(model)
+    model = sharded_net()
     opt = make_optimizer("scaled", model, distributor=FSDP2Distributor())
     for step, (x, t) in enumerate(batches()):
         if step == 3:
@@ -66,17 +62,13 @@ def worker(rank, world, out):
         F.mse_loss(model(x[rows]), t[rows]).backward()
         opt.step()
         opt.zero_grad()
-    factors = {layer.name: (layer.A.full_tensor().clone(), layer.B.full_tensor().clone()) for layer in opt.layers}
+    factors = full_factors(opt)
     torch.save(factors, out / f"ckpt-final-rank{rank}.pt")
     # cached steps start from the optimizer's factor copy (no gathers); a factor changed behind the optimizer on
     # one rank's shard only is read again by every rank: the same run as one that gathers every step
     runs = {}
     for copy in (True, False):
-        model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-        net = model.base_model.model
-        for sub in (net.fc1, net.fc2):
-            fully_shard(sub)
-        fully_shard(model)
+        model = sharded_net()
         opt = make_optimizer("scaled", model, distributor=FSDP2Distributor())
         if not copy:
             opt.distributor.reads_factors_collectively = lambda masters: False
@@ -92,8 +84,7 @@ def worker(rank, world, out):
             F.mse_loss(model(x[rows]), t[rows]).backward()
             opt.step()
             opt.zero_grad()
-        runs[copy] = ({layer.name: (layer.A.full_tensor().clone(), layer.B.full_tensor().clone())
-                       for layer in opt.layers}, len(reads))
+        runs[copy] = (full_factors(opt), len(reads))
         opt.remove_hooks()
     torch.save(runs, out / f"copy-rank{rank}.pt")
 

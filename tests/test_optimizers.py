@@ -73,13 +73,13 @@ def assert_factors(layers, A, B, tol=1e-10):
 @pytest.mark.parametrize("reuse", [True, False])
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("iters", [0, 1, 2])
-@pytest.mark.parametrize("momentum,dampening", [(0.0, 0.0), (0.9, 0.1)])
-def test_psilora_matches_dense_reference(iters, momentum, dampening, fold, reuse):
+@pytest.mark.parametrize("momentum,dampening,momentum_prox", [(0.0, 0.0, 0.0), (0.9, 0.1, 0.0), (0.9, 0.1, 0.3)])
+def test_psilora_matches_dense_reference(iters, momentum, dampening, momentum_prox, fold, reuse):
     model = lora_two_layer_net(head_trainable=False)
     twin = DenseTwin(model)
     lr, prox = 0.3, 1e-2
     opt = PSILoRA(model, lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox, fold=fold,
-                  reuse_autograd_grads=reuse)
+                  reuse_autograd_grads=reuse, momentum_prox=momentum_prox)
     M = [tuple(init_low_rank_momentum(layer, 1.0).values()) if momentum else None for layer in twin.layers]
     batches = [data(k) for k in range(3)]
     for x, t in batches:
@@ -87,7 +87,7 @@ def test_psilora_matches_dense_reference(iters, momentum, dampening, fold, reuse
         for i in range(2):
             twin.A[i], twin.B[i], M[i] = ref.psilora_step(
                 twin.A[i], twin.B[i], P[i], scaling=twin.s[i], lr=lr, momentum=momentum, dampening=dampening,
-                iters=iters, lam=lr * prox, M=M[i])
+                iters=iters, lam=lr * prox, M=M[i], momentum_prox=momentum_prox)
         run_optimizer(opt, model, [(x, t)])
         assert_factors(opt.layers, twin.A, twin.B)
     if momentum:
@@ -115,13 +115,14 @@ def test_preconditioned_lora_is_jacobi_psilora():
 @pytest.mark.parametrize("reuse", [True, False])
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("metric", ["kfac", "shampoo"])
-@pytest.mark.parametrize("beta1", [0.0, 0.8])
-def test_scaled_psilora_matches_dense_reference(metric, beta1, fold, reuse):
+@pytest.mark.parametrize("beta1,momentum_prox", [(0.0, 0.0), (0.8, 0.0), (0.8, 0.3)])
+def test_scaled_psilora_matches_dense_reference(metric, beta1, momentum_prox, fold, reuse):
     model = lora_two_layer_net(head_trainable=False)
     twin = DenseTwin(model)
     lr, prox, beta2, damping, power, iters = 0.05, 1e-2, 0.9, 1e-3, 0.5, 2
     opt = ScaledPSILoRA(model, lr, betas=(beta1, beta2), iters=iters, prox=prox, damping=damping,
-                        metric_power=power, metric=metric, fold=fold, reuse_autograd_grads=reuse)
+                        metric_power=power, metric=metric, fold=fold, reuse_autograd_grads=reuse,
+                        momentum_prox=momentum_prox)
     M = [tuple(init_low_rank_momentum(layer, 1.0).values()) if beta1 else None for layer in twin.layers]
     ema_in = [torch.zeros(layer.A.shape[1], dtype=f64) for layer in twin.layers]
     ema_out = [torch.zeros(layer.B.shape[0], dtype=f64) for layer in twin.layers]
@@ -138,7 +139,7 @@ def test_scaled_psilora_matches_dense_reference(metric, beta1, fold, reuse):
                                                power=power)
             twin.A[i], twin.B[i], M[i] = ref.scaled_psilora_step(
                 twin.A[i], twin.B[i], P[i], D_out, D_in, scaling=twin.s[i], lr=lr, beta1=beta1, iters=iters,
-                lam=lr * prox, M=M[i])
+                lam=lr * prox, M=M[i], momentum_prox=momentum_prox)
         run_optimizer(opt, model, [(x, t)])
         assert_factors(opt.layers, twin.A, twin.B)
     for layer, e_in, e_out in zip(opt.layers, ema_in, ema_out):

@@ -51,7 +51,7 @@ def lorsum_rounds(
     B: torch.Tensor,
     terms: Sequence[Term],
     *,
-    lam: float,
+    lam: float | torch.Tensor,
     iters: int,
     c0: float = 1.0,
     d_out: torch.Tensor | None = None,
@@ -71,7 +71,7 @@ def lorsum_rounds(
         terms: ``(coef, F, H)`` with ``F`` ``m x k`` and ``H`` ``k x n``. For captured gradient
             factors ``P = Z^T X`` pass ``F = Z.T``, ``H = X``; micro-batches may be separate terms.
             ``(coef, P, None)`` is a dense ``m x n`` term (the exact fallback store of METHOD.md 6).
-        lam: proximal weight (> 0).
+        lam: proximal weight (> 0); a 0-dim tensor when it is computed on the device (never read back).
         iters: ``0`` = Jacobi (both half-steps use the old factors: preconditioned LoRA);
             ``K >= 1`` = K alternating (Gauss-Seidel) iterations, a block power method that
             converges to the truncated SVD of ``T`` as K grows.
@@ -98,7 +98,7 @@ def lorsum_rounds(
     """
     if iters < 0:
         raise ValueError(f"lorsum: iters must be >= 0, got {iters}")
-    if lam <= 0:
+    if not isinstance(lam, torch.Tensor) and lam <= 0:
         raise ValueError(f"lorsum: lam must be > 0, got {lam}")
     if (d_out is None) != (d_in is None):
         raise ValueError("lorsum: pass both d_out and d_in (F-LoRSum) or neither")
@@ -113,6 +113,12 @@ def lorsum_rounds(
         d_out, d_in = d_out.to(cd), d_in.to(cd)
     local = [_PreparedTerm(c, F, H, d_out, d_in, cd) for c, F, H in terms]
     shared = [_PreparedTerm(c, F, H, d_out, d_in, cd) for c, F, H in shared_terms]
+
+    if isinstance(lam, torch.Tensor):
+        lam = lam.to(cd)
+
+    def add_prox(data: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:  # data += lam * anchor
+        return data.add_(anchor * lam) if isinstance(lam, torch.Tensor) else data.add_(anchor, alpha=lam)
 
     def summed(like: torch.Tensor, parts) -> torch.Tensor:
         out = None
@@ -134,7 +140,7 @@ def lorsum_rounds(
         DBt = Bt if d_out is None else d_out[:, None] * Bt
         gram = DBt.T @ Bt
         cross = gram if Bt is B0 else DBt.T @ B0
-        data.add_(A0, alpha=lam).addmm_(cross, A0, alpha=c0)
+        add_prox(data, A0).addmm_(cross, A0, alpha=c0)
         return (yield SPDSolve(gram + lam * eye, data, "left"))  # batched with the other layers' systems
 
     def b_step(At: torch.Tensor) -> Rounds[torch.Tensor]:
@@ -151,7 +157,7 @@ def lorsum_rounds(
         DAt = At if d_in is None else At * d_in[None, :]
         gram = DAt @ At.T
         cross = gram if At is A0 else A0 @ DAt.T
-        data.add_(B0, alpha=lam).addmm_(B0, cross, alpha=c0)
+        add_prox(data, B0).addmm_(B0, cross, alpha=c0)
         return (yield SPDSolve(gram + lam * eye, data, "right"))
 
     if iters == 0:

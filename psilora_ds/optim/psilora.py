@@ -16,6 +16,8 @@ from ..ops.rounds import Rounds
 from .base import MIN_PROX_WEIGHT, LoRAOptimizer
 
 MOMENTUM_SEED = 0x5151
+# the momentum update's proximal weight relative to the momentum's mean singular value (METHOD.md section 3)
+MOMENTUM_PROX = 0.0  # off: 0.3 meets issue 12's linear-task bounds but costs 0.2% on the real-text benchmark
 
 
 def init_low_rank_momentum(layer: LoRALayer, rank_multiplier: float) -> dict[str, torch.Tensor]:
@@ -32,11 +34,27 @@ def init_low_rank_momentum(layer: LoRALayer, rank_multiplier: float) -> dict[str
     return {"momentum_A": M_A.to(device), "momentum_B": torch.zeros(m, r_m, dtype=dtype, device=device)}
 
 
+def momentum_prox_weight(state: dict[str, Any], lam: float, momentum_prox: float) -> float | torch.Tensor:
+    """The momentum update's proximal weight: ``max(lam, momentum_prox * mean singular value of M)`` (METHOD.md
+    section 3, momentum inertia), a 0-dim tensor computed on the device (no host read). The factors are kept
+    balanced, ``M_B = U S^1/2``, ``M_A = S^1/2 V^T``, so ``sum_i |M_A row i| |M_B column i| = sum S``; it is 0 at
+    the start (``M_B = 0``)."""
+    if momentum_prox <= 0:
+        return lam
+    M_A, M_B = state["momentum_A"], state["momentum_B"]
+    cd = compute_dtype(M_A.dtype)
+    mean_sv = (M_A.to(cd).norm(dim=1) * M_B.to(cd).norm(dim=0)).sum() / M_A.shape[0]
+    return torch.clamp(mean_sv * momentum_prox, min=lam)
+
+
 def low_rank_momentum_update(
-    state: dict[str, Any], grad: LayerGradient | ProductGradient, *, beta: float, grad_scale: float, lam: float, iters: int
+    state: dict[str, Any], grad: LayerGradient | ProductGradient, *, beta: float, grad_scale: float, lam: float,
+    iters: int, momentum_prox: float = 0.0,
 ) -> Rounds[None]:
-    """``M <- LoRSum(beta M + grad_scale P)`` warm-started at the old factors, then re-factored in
-    balanced form (:func:`~psilora_ds.ops.balance_factors`: the same product)."""
+    """``M <- LoRSum(beta M + grad_scale P)`` warm-started at the old factors, with the proximal weight of
+    :func:`momentum_prox_weight`, then re-factored in balanced form (:func:`~psilora_ds.ops.balance_factors`:
+    the same product)."""
+    lam = momentum_prox_weight(state, lam, momentum_prox)
     M_A, M_B = yield from lorsum_rounds(
         state["momentum_A"], state["momentum_B"], grad.terms(grad_scale), c0=beta, lam=lam, iters=iters,
         reduce=grad.reduce, known_products=grad.known_momentum_products(grad_scale),
@@ -51,7 +69,7 @@ def low_rank_momentum_update(
 def factor_and_momentum_step(
     state: dict[str, Any], A: torch.Tensor, B: torch.Tensor, grad: LayerGradient | ProductGradient, *, eta: float,
     beta: float, grad_scale: float, lam: float, iters: int, spectral_iters: int | None = None,
-    d_out: torch.Tensor | None = None, d_in: torch.Tensor | None = None,
+    d_out: torch.Tensor | None = None, d_in: torch.Tensor | None = None, momentum_prox: float = 0.0,
 ) -> Rounds[tuple[torch.Tensor, torch.Tensor]]:
     """The factors' step ``(A, B) <- LoRSum(B A - eta (grad_scale P + beta M))`` (F-LoRSum with ``d_out``,
     ``d_in``), then the momentum's ``M <- LoRSum(beta M + grad_scale P)``; returns the new factors.
@@ -67,13 +85,20 @@ def factor_and_momentum_step(
     if spectral:
         A_new, B_new = balance_factors(A_new, B_new)
     if beta > 0:
-        yield from low_rank_momentum_update(state, grad, beta=beta, grad_scale=grad_scale, lam=lam, iters=iters)
+        yield from low_rank_momentum_update(state, grad, beta=beta, grad_scale=grad_scale, lam=lam, iters=iters,
+                                            momentum_prox=momentum_prox)
     return A_new, B_new
 
 
 def check_first_step_iters(first_step_iters: int | None) -> None:
     if first_step_iters is not None and first_step_iters < 1:
         raise ValueError(f"first_step_iters must be >= 1 (None: an ordinary first step), got {first_step_iters}")
+
+
+def check_momentum_prox(momentum_prox: float) -> None:
+    if not 0.0 <= momentum_prox < 1.0:
+        raise ValueError(f"momentum_prox must be in [0, 1) (0: off; 0.3 measured; 1 freezes the momentum), "
+                         f"got {momentum_prox}")
 
 
 def jacobi_blocker(iters: int) -> str | None:
@@ -99,6 +124,9 @@ class PSILoRA(LoRAOptimizer):
         iters: LoRSum inner iterations (0 = Jacobi = preconditioned LoRA).
         prox: proximal weight relative to lr (``lam = lr * prox``).
         rank_multiplier: momentum rank ``round(r * rank_multiplier)``.
+        momentum_prox: the momentum update's proximal weight relative to the momentum's mean singular value
+            (``lam_M = max(lam, momentum_prox * mean sv(M))``): its subspace's inertia against the noise of one
+            mini-batch (METHOD.md section 3); 0 gives the plain ``lam``.
         first_step_iters: the spectral first step (LoRA-One, arXiv 2502.01235): the run's first step takes this
             many inner iterations with a negligible proximal weight, then balances the factors, reaching the
             SVDLoRA oracle's step (from peft's ``B = 0``: the truncated SVD of the first full gradient step).
@@ -117,10 +145,12 @@ class PSILoRA(LoRAOptimizer):
         iters: int = 1,
         prox: float = 1e-2,
         rank_multiplier: float = 1.0,
+        momentum_prox: float = MOMENTUM_PROX,
         first_step_iters: int | None = None,
         **options: Any,
     ):
         check_first_step_iters(first_step_iters)
+        check_momentum_prox(momentum_prox)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if iters < 0:
@@ -128,7 +158,7 @@ class PSILoRA(LoRAOptimizer):
         if rank_multiplier <= 0:
             raise ValueError(f"rank_multiplier must be > 0, got {rank_multiplier}")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox,
-                        rank_multiplier=rank_multiplier, first_step_iters=first_step_iters)
+                        rank_multiplier=rank_multiplier, momentum_prox=momentum_prox, first_step_iters=first_step_iters)
         super().__init__(model, defaults, **options)
 
     def _init_state(self, layer, group) -> dict[str, Any]:
@@ -144,7 +174,7 @@ class PSILoRA(LoRAOptimizer):
         return (yield from factor_and_momentum_step(
             state, A, B, grad, eta=group["lr"] / layer.scaling**2,  # product-space step (METHOD.md section 1)
             beta=group["momentum"], grad_scale=1.0 - group["dampening"], lam=self.prox_weight(group),
-            iters=group["iters"], spectral_iters=self.spectral_iters(group)))
+            iters=group["iters"], spectral_iters=self.spectral_iters(group), momentum_prox=group["momentum_prox"]))
 
 
 class PreconditionedLoRA(PSILoRA):

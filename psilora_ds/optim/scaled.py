@@ -12,7 +12,8 @@ from ..gradient import LayerGradient
 from ..ops import compute_dtype, damped_power, kfac_diagonals, shampoo_diagonals
 from ..ops.rounds import Rounds
 from .base import LoRAOptimizer
-from .psilora import check_first_step_iters, factor_and_momentum_step, init_low_rank_momentum, jacobi_blocker
+from .psilora import (MOMENTUM_PROX, check_first_step_iters, check_momentum_prox, factor_and_momentum_step,
+                      init_low_rank_momentum, jacobi_blocker)
 
 METRICS = ("kfac", "shampoo")
 METRIC_INITS = ("zero", "ones")
@@ -37,6 +38,8 @@ class ScaledPSILoRA(LoRAOptimizer):
         metric_power: ``p`` in [0, 1] (1/2 = square-root K-FAC, the paper's default).
         metric: ``"kfac"`` (diag E[x x^T], diag E[g g^T]) or ``"shampoo"`` (diag G^T G, diag G G^T).
         rank_multiplier: momentum rank ``round(r * rank_multiplier)`` (``1/r`` gives rank 1).
+        momentum_prox: the momentum update's proximal weight relative to the momentum's mean singular value
+            (:class:`~psilora_ds.optim.psilora.PSILoRA`; METHOD.md section 3); 0 gives the plain ``lam``.
         first_step_iters: the spectral first step (LoRA-One, arXiv 2502.01235): the run's first step takes this
             many inner iterations with a negligible proximal weight, then balances the factors, reaching the
             SVDLoRA oracle's step (from peft's ``B = 0``: the truncated SVD of the first full gradient step).
@@ -60,10 +63,12 @@ class ScaledPSILoRA(LoRAOptimizer):
         metric: str = "kfac",
         rank_multiplier: float = 1.0,
         metric_init: str = "zero",
+        momentum_prox: float = MOMENTUM_PROX,
         first_step_iters: int | None = None,
         **options: Any,
     ):
         check_first_step_iters(first_step_iters)
+        check_momentum_prox(momentum_prox)
         if metric_init not in METRIC_INITS:
             raise ValueError(f"metric_init must be one of {METRIC_INITS}, got {metric_init!r}")
         if metric not in METRICS:
@@ -78,7 +83,7 @@ class ScaledPSILoRA(LoRAOptimizer):
             raise ValueError(f"iters must be >= 0, got {iters}")
         defaults = dict(lr=lr, betas=tuple(betas), iters=iters, prox=prox, damping=damping,
                         metric_power=metric_power, metric=metric, rank_multiplier=rank_multiplier, metric_init=metric_init,
-                        first_step_iters=first_step_iters)
+                        momentum_prox=momentum_prox, first_step_iters=first_step_iters)
         super().__init__(model, defaults, **options)
 
     def _check_distributor(self, distributor) -> None:
@@ -136,4 +141,4 @@ class ScaledPSILoRA(LoRAOptimizer):
         return (yield from factor_and_momentum_step(
             state, A, B, grad, eta=group["lr"] / layer.scaling**2, beta=beta1, grad_scale=1 - beta1,
             lam=self.prox_weight(group), iters=group["iters"], spectral_iters=self.spectral_iters(group),
-            d_out=D_out, d_in=D_in))
+            d_out=D_out, d_in=D_in, momentum_prox=group["momentum_prox"]))

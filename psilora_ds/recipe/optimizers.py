@@ -65,11 +65,11 @@ def _betas(cfg: TrainConfig) -> tuple[float, float]:
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     "psilora": OptimizerEntry(lambda cfg, model, o: PSILoRA(
         model, cfg.lr, momentum=cfg.momentum, iters=cfg.iters, prox=cfg.prox, rank_multiplier=cfg.rank_multiplier,
-        first_step_iters=cfg.first_step_iters, **o), lora=True, default_lr=(0.1, 2e-3)),
+        momentum_prox=cfg.momentum_prox, first_step_iters=cfg.first_step_iters, **o), lora=True, default_lr=(0.1, 2e-3)),
     "scaled_psilora": OptimizerEntry(lambda cfg, model, o: ScaledPSILoRA(
         model, cfg.lr, betas=_betas(cfg), iters=cfg.iters, prox=cfg.prox, damping=cfg.damping,
         metric_power=cfg.metric_power, metric=cfg.metric, metric_init=cfg.metric_init, rank_multiplier=cfg.rank_multiplier,
-        first_step_iters=cfg.first_step_iters, **o), lora=True, default_lr=(0.1, 2e-3)),
+        momentum_prox=cfg.momentum_prox, first_step_iters=cfg.first_step_iters, **o), lora=True, default_lr=(0.1, 2e-3)),
     "precond_lora": OptimizerEntry(lambda cfg, model, o: PreconditionedLoRA(
         model, cfg.lr, prox=cfg.prox, first_step_iters=cfg.first_step_iters, **o), lora=True, default_lr=(0.1, 2e-3)),
     "svdlora": OptimizerEntry(lambda cfg, model, o: SVDLoRA(model, cfg.lr, momentum=cfg.momentum, **o), lora=True,
