@@ -55,8 +55,8 @@ OPTIMIZERS = ("psilora", "scaled")
 def make_optimizer(name, model, **kw):
     from psilora_ds import PSILoRA, ScaledPSILoRA
 
-    if name == "psilora":
-        return PSILoRA(model, 0.2, momentum=0.9, iters=2, **kw)
+    if name == "psilora":  # with momentum inertia (its weight from the replicated momentum); "scaled" without
+        return PSILoRA(model, 0.2, momentum=0.9, iters=2, momentum_prox=0.3, **kw)
     return ScaledPSILoRA(model, 1e-2, betas=(0.9, 0.99), iters=2, damping=1e-6, **kw)
 
 
