@@ -5,8 +5,8 @@ optimizer step does not grow with the number of layers (METHOD.md section 6).
 
 A program may also yield a small SPD system (:class:`~psilora_ds.ops.linalg.SPDSolve`) and receive its
 solution: the driver solves the systems that all programs are waiting on together
-(:func:`~psilora_ds.ops.linalg.solve_spd_batch`: one batched factorization and one host sync per round
-and bucket, not one per layer).
+(:func:`~psilora_ds.ops.linalg.solve_spd_batch`: one batched factorization per round and bucket, not one per
+layer, and on GPUs no host read of its status).
 """
 
 from __future__ import annotations
