@@ -29,12 +29,9 @@ from psilora_ds.synthetic import balanced_svd_init, linear_task, train_stochasti
 
 LR, MOMENTUM, PROX = 0.1, 0.75, 1e-3
 METHODS = {
-    "PSI-LoRA K=1": lambda m: PSILoRA(m, LR, momentum=MOMENTUM, iters=1, prox=PROX),
-    "PSI-LoRA K=2": lambda m: PSILoRA(m, LR, momentum=MOMENTUM, iters=2, prox=PROX),
-    "PSI-LoRA K=8": lambda m: PSILoRA(m, LR, momentum=MOMENTUM, iters=8, prox=PROX),
-    "PSI-LoRA K=1, momentum_prox 0.2": lambda m: PSILoRA(m, LR, momentum=MOMENTUM, iters=1, prox=PROX, momentum_prox=0.2),
-    "PSI-LoRA K=2, momentum_prox 0.2": lambda m: PSILoRA(m, LR, momentum=MOMENTUM, iters=2, prox=PROX, momentum_prox=0.2),
-    "PSI-LoRA K=8, momentum_prox 0.2": lambda m: PSILoRA(m, LR, momentum=MOMENTUM, iters=8, prox=PROX, momentum_prox=0.2),
+    **{f"PSI-LoRA K={k}{suffix}": lambda m, k=k, mp=mp: PSILoRA(m, LR, momentum=MOMENTUM, iters=k, prox=PROX,
+                                                                momentum_prox=mp)
+       for mp, suffix in ((0.0, ""), (0.2, ", momentum_prox 0.2")) for k in (1, 2, 8)},
     "SVDLoRA oracle (dense momentum)": lambda m: SVDLoRA(m, LR, momentum=MOMENTUM),
 }
 

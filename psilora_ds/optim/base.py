@@ -142,16 +142,20 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self.capture.keep_rows = self._spectral_pending(group)  # its K >= 1 iterations need the rows
 
     def _refresh_factor_copy(self) -> None:
-        d, params = self.distributor, self._lora_group["params"]
-        if not d.reads_factors_collectively(params):
+        if not self.distributor.reads_factors_collectively(self._lora_group["params"]):
             self._factor_copy = None
             return
         copy = {}
         for layer in self.layers:
-            A, B = d.read_factors(layer, params)
+            A, B = self._read_factor_copy(layer)
             if A.shape == (layer.rank, layer.in_features):  # (not partitioned from birth with no engine yet)
-                copy[layer.index] = (A.detach().clone(), B.detach().clone())
+                copy[layer.index] = (A, B)
         self._factor_copy = copy
+
+    def _read_factor_copy(self, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The engine's factors of ``layer``, as the optimizer's own copy (a collective where they are sharded)."""
+        A, B = self.distributor.read_factors(layer, self._lora_group["params"])
+        return A.detach().clone(), B.detach().clone()
 
     def _start_factors(self, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
         """The factors a step of ``layer`` starts from: the cache-free copy the products were taken at, the cached
@@ -392,10 +396,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
             return
         logger.info("LoRA factors of %d layers changed outside the optimizer (a checkpoint loaded?): read again",
                     len(changed))
-        params = self._lora_group["params"]
         for idx in changed:
-            A, B = self.distributor.read_factors(self.layers[idx], params)
-            self._factor_copy[idx] = (A.detach().clone(), B.detach().clone())
+            self._factor_copy[idx] = self._read_factor_copy(self.layers[idx])
 
     def _stale_layers(self, rows: list[float]) -> list[int]:
         """Layers (captured on some rank) whose engine factors differ from the copy the products were taken at;
