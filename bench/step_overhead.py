@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per step (sequences of 256)")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's (and rows') dtype")
     parser.add_argument("--write", default=None)
     parser.add_argument("--profile", default=None, metavar="METHOD",
                         help="instead of the table: torch.profiler's top operators of METHOD's optimizer step")
@@ -88,7 +89,7 @@ def main() -> None:
         "PSI-LoRA iters=1, momentum": lambda m: PSILoRA(m, 1e-2, iters=1, momentum=0.9, fold=False),
         "Scaled PSI-LoRA iters=1 (rank-r momentum)": lambda m: ScaledPSILoRA(m, 1e-3, iters=1, fold=False),
         "preconditioned LoRA": lambda m: PreconditionedLoRA(m, 1e-2, fold=False),
-        "PSI-LoRA iters=1, dense store": lambda m: PSILoRA(m, 1e-2, iters=1, fold=True),
+        "PSI-LoRA iters=1, dense store": lambda m: PSILoRA(m, 1e-2, iters=1, cache_max_bytes=None),
         # clipping by the exact ||G||_F (METHOD.md section 6): Gram or dense route per layer
         "PSI-LoRA iters=1, max_grad_norm=1": lambda m: PSILoRA(m, 1e-2, iters=1, max_grad_norm=1.0, fold=False),
         "PSI-LoRA iters=1, max_grad_norm=1, 32-probe sketch": lambda m: PSILoRA(
@@ -99,7 +100,7 @@ def main() -> None:
         makers = {args.profile: makers[args.profile]}
     runs = {name: build(args, make) for name, make in makers.items()}
     for model, _ in runs.values():
-        model.to(device)
+        model.to(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     seq = 256
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1024, (args.tokens // seq, seq), generator=g).to(device)
@@ -132,7 +133,7 @@ def main() -> None:
     print(table)
     if args.write:
         cmd = (f"python bench/step_overhead.py --hidden {args.hidden} --layers {args.layers} --rank {args.rank} "
-               f"--tokens {args.tokens} --rounds {args.rounds}")
+               f"--tokens {args.tokens} --rounds {args.rounds}" + (" --dtype bf16" if args.dtype == "bf16" else ""))
         write_section(args.write, "Step overhead vs AdamW", cmd, table)
 
 

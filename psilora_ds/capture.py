@@ -13,15 +13,19 @@ Memory (METHOD.md section 6): a layer's rows cost ``N (m + n)`` numbers in the a
 once that reaches the size of a dense fp32 ``m x n`` accumulator, the layer's rows can be folded into
 ``P = sum Z_i^T X_i`` (exact, and the smaller store from then on), keeping the K-FAC row sums beside it.
 Folding trades time for memory: forming P costs ``N m n`` per layer (about a third of the layer's
-training matmuls) while LoRSum on rows costs ``N (m + n) r`` per product. Without ``max_bytes`` a
-layer folds as soon as its dense store is the smaller one (memory first); with a budget ``max_bytes``,
+training matmuls) while LoRSum on rows costs ``N (m + n) r`` per product. With a budget ``max_bytes``,
 rows are kept while the whole cache fits in it and foldable layers are folded (largest saving first)
-only when it does not; a cache still over budget is logged once with the largest layers.
+only when it does not; a cache still over budget is logged once with the largest layers. Without one
+(``None``) a layer folds as soon as its dense store is the smaller one (memory first, and a trap for
+large layers: the dense stores of every layer are twice a bf16 base). The optimizers' default budget
+is :func:`default_cache_budget`: a quarter of the memory of the device the rows live on, shared by the
+ranks on it (docs/BENCHMARKS.md "Activation-cache policy" has the measurements behind it).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -100,6 +104,72 @@ class LayerBatch:
         return like.new_zeros(0, like.shape[0])
 
 
+DEFAULT_CACHE_FRACTION = 0.25  # of the device's memory, for the rows of every LoRA layer of one step
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+          "gb": 10**9, "tb": 10**12}
+
+
+def parse_cache_budget(value: int | str | None) -> int | str | None:
+    """A cache budget as given by a user: bytes (an int, or a string such as ``"1073741824"``,
+    ``"8GiB"``, ``"512MB"``), ``"auto"`` (:func:`default_cache_budget`) or None (no budget: fold each
+    layer once its dense store is the smaller). Raises ValueError with the accepted forms."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"cache_max_bytes={value!r}: give bytes (8GiB, 512MiB, 1073741824), auto or null")
+    if isinstance(value, int):
+        number, unit = value, ""
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits):]
+        try:
+            number = float(digits)
+        except ValueError:
+            number = None
+        if number is None or unit not in _UNITS:
+            raise ValueError(f"cache_max_bytes={value!r}: give bytes (8GiB, 512MiB, 1073741824), auto or null")
+    if number < 0:
+        raise ValueError(f"cache_max_bytes={value!r} must be >= 0")
+    return int(number * _UNITS[unit])
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """The memory of ``device``: a GPU's total memory; for the CPU the physical memory, or the
+    container's limit (cgroup ``memory.max``) when that is lower."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        raise ValueError(f"cache_max_bytes='auto' cannot tell the memory of a {device.type} device: give the "
+                         "budget in bytes (cache_max_bytes=8GiB)")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def ranks_sharing(device: torch.device) -> int:
+    """How many ranks of this job share ``device``'s memory: one per GPU; on the CPU the ranks of this
+    node (the launchers' LOCAL_WORLD_SIZE or LOCAL_SIZE, else every rank of the job)."""
+    if device.type != "cpu":
+        return 1
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return max(1, int(os.environ[name]))
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def default_cache_budget(device: torch.device, fraction: float = DEFAULT_CACHE_FRACTION) -> int:
+    """``cache_max_bytes="auto"``: ``fraction`` of ``device``'s memory over the ranks sharing it."""
+    return int(fraction * device_memory_bytes(device) / ranks_sharing(device))
+
+
 class StepNotCalledError(RuntimeError):
     """The capture hooks saw more backward passes than the optimizer's steps can account for."""
 
@@ -107,11 +177,14 @@ class StepNotCalledError(RuntimeError):
 class ActivationCapture:
     """Hooks on the peft LoRA layers that cache ``X`` and ``Z`` per layer (in the activation dtype)."""
 
-    def __init__(self, layers: list[LoRALayer], max_bytes: int | None = None, fold: bool = True):
+    def __init__(self, layers: list[LoRALayer], max_bytes: int | str | None = None, fold: bool = True):
         self.layers = layers
-        self.max_bytes = max_bytes
+        # bytes, or "auto": default_cache_budget of the device the first rows arrive on (the model may be
+        # moved there after the optimizer is built, as deepspeed.initialize does)
+        self.max_bytes = parse_cache_budget(max_bytes)
         self.fold = fold  # fold a layer's rows into a dense accumulator when that is the smaller store (see above)
         self.peak_nbytes = 0  # bytes of cached rows and dense stores, peak since the last pop()
+        self.row_itemsize = 0  # bytes per number of the rows last captured (the activation dtype)
         # backward passes (micro-batches) committed since the last pop()/clear(), and the most allowed
         # before it is an error (set by the optimizer: a step that never comes is a silent fallback)
         self.pending_microbatches = 0
@@ -149,6 +222,12 @@ class ActivationCapture:
     def add(self, idx: int, X: torch.Tensor, Z: torch.Tensor) -> None:
         """Keep one micro-batch's rows ``X`` (N x n) and ``Z`` (N x m) of layer ``idx``."""
         batch = self._batches.setdefault(idx, LayerBatch())
+        self.row_itemsize = X.element_size()
+        if self.max_bytes == "auto":
+            self.max_bytes = default_cache_budget(X.device)
+            logger.info("activation-cache budget: %.1f MiB per rank (cache_max_bytes='auto': %g of %s memory over %d "
+                        "rank(s))", self.max_bytes / 2**20, DEFAULT_CACHE_FRACTION, X.device.type,
+                        ranks_sharing(X.device))
         batch.xs.append(X)
         batch.zs.append(Z)
         self._after_commit(idx, batch)
@@ -175,7 +254,7 @@ class ActivationCapture:
         return bool(batch.xs) and (batch.dense is not None or batch.cached_nbytes() >= self._dense_nbytes(idx, batch))
 
     def _after_commit(self, idx: int, batch: LayerBatch) -> None:
-        if self.fold and self.max_bytes is None:
+        if self.fold and self.max_bytes is None:  # no budget: memory first
             if self._foldable(idx, batch):
                 batch.fold()
         total = self.nbytes
@@ -194,8 +273,9 @@ class ActivationCapture:
             self._warned = True
             top = sorted(self._batches.items(), key=lambda kv: -kv[1].nbytes)[:3]
             logger.warning(
-                "activation cache holds %d bytes, over its budget of %d (largest: %s); fewer or shorter "
-                "micro-batches per step lower it", total, self.max_bytes,
+                "activation cache holds %d bytes, over its budget of %d (%s; largest: %s); fewer or shorter "
+                "micro-batches per step lower it, and Jacobi steps (iters=0) are cache-free", total, self.max_bytes,
+                "every foldable layer folded" if self.fold else "folding is off",
                 ", ".join(f"{self.layers[i].name}={b.nbytes}" for i, b in top))
 
     def pop(self) -> dict[int, LayerBatch]:
@@ -210,6 +290,10 @@ class ActivationCapture:
         self._pending_x = {}
         self.peak_nbytes = 0
         self.pending_microbatches, self._commits = 0, {}
+
+    def folded_layers(self) -> int:
+        """Layers whose rows were folded into a dense store since the last pop()."""
+        return sum(b.dense is not None for b in self._batches.values())
 
     @property
     def nbytes(self) -> int:

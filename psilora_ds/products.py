@@ -132,6 +132,9 @@ class ProductCapture(ActivationCapture):
         else:
             batch.add_(new, X.shape[0])
 
+    def folded_layers(self) -> int:
+        return 0  # products, never rows: nothing to fold
+
     def pop(self) -> dict[int, LayerProducts]:
         self._omegas = {}
         return super().pop()

@@ -55,6 +55,9 @@ OPTIMIZERS = ("psilora", "scaled")
 def make_optimizer(name, model, **kw):
     from psilora_ds import PSILoRA, ScaledPSILoRA
 
+    # no cache budget: with fold=True these small layers' rows go to the dense store as soon as it is smaller
+    kw.setdefault("cache_max_bytes", None)
+
     if name == "psilora":  # with momentum inertia (its weight from the replicated momentum); "scaled" without
         return PSILoRA(model, 0.2, momentum=0.9, iters=2, momentum_prox=0.3, **kw)
     return ScaledPSILoRA(model, 1e-2, betas=(0.9, 0.99), iters=2, damping=1e-6, **kw)

@@ -1,10 +1,13 @@
 """Captured (X, Z) must reproduce autograd's LoRA gradients: A.grad = B^T Z^T X, B.grad = Z^T X A^T."""
 
+import os
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 from psilora_ds import ActivationCapture, find_lora_layers
+from psilora_ds.capture import default_cache_budget, device_memory_bytes, parse_cache_budget
 from psilora_ds.lora_layers import NoLoRALayersError
 
 from .models import tiny_llama
@@ -110,6 +113,59 @@ def test_budget_keeps_rows_until_exceeded_then_folds_the_largest_savings(caplog)
             (model(**batch(k)).loss / 3).backward()
     assert sum("over its budget" in r.message for r in caplog.records) == 1
     assert all(b.dense is not None for b in impossible.pop().values())
+
+
+def test_cache_budget_forms_and_the_auto_default(monkeypatch):
+    """Budgets in bytes or with a unit; "auto" is a quarter of the device's memory over the ranks sharing
+    it (the CPU's physical memory, or the container's limit when lower), read from the launcher's
+    LOCAL_WORLD_SIZE."""
+    assert parse_cache_budget("8GiB") == 8 * 2**30
+    assert parse_cache_budget("512MB") == 512 * 10**6
+    assert parse_cache_budget("1.5 KiB") == 1536
+    assert parse_cache_budget(123) == parse_cache_budget("123") == 123
+    assert parse_cache_budget("auto") == "auto" and parse_cache_budget(None) is None
+    for bad in ("lots", "8 parsecs", -1, "-1GiB", True):
+        with pytest.raises(ValueError, match="cache_max_bytes"):
+            parse_cache_budget(bad)
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = device_memory_bytes(torch.device("cpu"))
+    assert 0 < memory <= physical
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    one = default_cache_budget(torch.device("cpu"))
+    assert one == int(memory / 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_cache_budget(torch.device("cpu")) == int(memory / 16)
+    with pytest.raises(ValueError, match="give the budget in bytes"):
+        default_cache_budget(torch.device("meta"))
+
+
+def test_optimizers_default_budget_keeps_rows_where_no_budget_folds(monkeypatch, caplog):
+    """The optimizers' default (cache_max_bytes="auto") resolves the budget on the device of the first rows
+    and keeps this small model's rows; no budget (None) folds every layer once its dense store is smaller;
+    both steps are the same (exact); the first step logs the budget and the fold count."""
+    from psilora_ds import PSILoRA
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    results = {}
+    for budget in ("auto", None):
+        model = llama_lora(seed=3)
+        opt = PSILoRA(model, 0.1, iters=1, **({} if budget == "auto" else {"cache_max_bytes": budget}))
+        assert opt.capture.max_bytes == budget
+        for k in range(3):
+            (model(**batch(k, t=40)).loss / 3).backward()
+        folded = opt.capture.folded_layers()
+        with caplog.at_level("INFO", logger="psilora_ds.optim.base"):
+            opt.step()
+        log = [r.message for r in caplog.records if r.message.startswith("activation cache:")][-1]
+        if budget == "auto":
+            expected = default_cache_budget(torch.device("cpu"))
+            assert opt.capture.max_bytes == expected and folded == 0
+            assert f"budget {expected / 2**20:.1f} MiB" in log and "0 of 6 layers folded" in log
+        else:
+            assert folded == 6 and "budget none" in log and "6 of 6 layers folded" in log
+        results[budget] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    for a, b in zip(results["auto"], results[None]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_capture_two_adapters_and_three_microbatches():

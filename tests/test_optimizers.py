@@ -68,7 +68,8 @@ def assert_factors(layers, A, B, tol=1e-10):
         torch.testing.assert_close(layer.B.detach(), b, rtol=tol, atol=tol)
 
 
-# fold=True: these small layers' rows go to the dense store; fold=False keeps the factored rows.
+# fold=True with no budget (cache_max_bytes=None): these small layers' rows go to the dense store; fold=False keeps
+# the factored rows.
 # reuse=True: the products at the current factors come from autograd's A.grad / B.grad
 @pytest.mark.parametrize("reuse", [True, False])
 @pytest.mark.parametrize("fold", [True, False])
@@ -78,7 +79,7 @@ def test_psilora_matches_dense_reference(iters, momentum, dampening, momentum_pr
     model = lora_two_layer_net(head_trainable=False)
     twin = DenseTwin(model)
     lr, prox = 0.3, 1e-2
-    opt = PSILoRA(model, lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox, fold=fold,
+    opt = PSILoRA(model, lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox, fold=fold, cache_max_bytes=None,
                   reuse_autograd_grads=reuse, momentum_prox=momentum_prox)
     M = [tuple(init_low_rank_momentum(layer, 1.0).values()) if momentum else None for layer in twin.layers]
     batches = [data(k) for k in range(3)]
@@ -121,7 +122,7 @@ def test_scaled_psilora_matches_dense_reference(metric, beta1, momentum_prox, fo
     twin = DenseTwin(model)
     lr, prox, beta2, damping, power, iters = 0.05, 1e-2, 0.9, 1e-3, 0.5, 2
     opt = ScaledPSILoRA(model, lr, betas=(beta1, beta2), iters=iters, prox=prox, damping=damping,
-                        metric_power=power, metric=metric, fold=fold, reuse_autograd_grads=reuse,
+                        metric_power=power, metric=metric, fold=fold, cache_max_bytes=None, reuse_autograd_grads=reuse,
                         momentum_prox=momentum_prox)
     M = [tuple(init_low_rank_momentum(layer, 1.0).values()) if beta1 else None for layer in twin.layers]
     ema_in = [torch.zeros(layer.A.shape[1], dtype=f64) for layer in twin.layers]
@@ -180,7 +181,7 @@ def test_scaled_psilora_metric_started_at_ones_matches_dense_reference(iters):
 def test_svdlora_matches_dense_svd(fold):
     model = lora_two_layer_net(head_trainable=False)
     twin = DenseTwin(model)
-    opt = SVDLoRA(model, 0.3, fold=fold)
+    opt = SVDLoRA(model, 0.3, fold=fold, cache_max_bytes=None)
     for x, t in [data(k) for k in range(2)]:
         P, _, _, _ = twin.grads(x, t)
         for i in range(2):
@@ -197,7 +198,7 @@ def test_clipping_scales_the_step_like_the_dense_clipped_step(max_norm, fold):
     model = lora_two_layer_net(head_trainable=True)
     twin = DenseTwin(model)
     lr = 0.3
-    opt = PSILoRA(model, lr, iters=2, max_grad_norm=max_norm, fold=fold)
+    opt = PSILoRA(model, lr, iters=2, max_grad_norm=max_norm, fold=fold, cache_max_bytes=None)
     x, t = data(7)
     P, _, _, g_head = twin.grads(x, t)
     dense_G = [p / s for p, s in zip(P, twin.s)] + g_head
@@ -223,7 +224,7 @@ def test_sketched_clipping_norm_in_one_process(fold):
     k, max_norm, lr = 16, 0.05, 0.3
     model = lora_two_layer_net(head_trainable=True)
     twin = DenseTwin(model)
-    opt = PSILoRA(model, lr, iters=2, max_grad_norm=max_norm, clip_norm_probes=k, fold=fold)
+    opt = PSILoRA(model, lr, iters=2, max_grad_norm=max_norm, clip_norm_probes=k, fold=fold, cache_max_bytes=None)
     x, t = data(7)
     P, _, _, g_head = twin.grads(x, t)
     G = [p / s for p, s in zip(P, twin.s)]
@@ -351,7 +352,7 @@ def test_one_non_finite_entry_skips_the_step(reuse, at_step, where, fold):
     check reads the rows or autograd's LoRA gradients."""
     model = lora_two_layer_net(head_trainable=True)
     # fold False: the rows (or autograd's products) are checked, True: the dense store
-    opt = PSILoRA(model, 0.1, momentum=0.9, reuse_autograd_grads=reuse, fold=fold)
+    opt = PSILoRA(model, 0.1, momentum=0.9, reuse_autograd_grads=reuse, fold=fold, cache_max_bytes=None)
     x, t = data(0)
     for _ in range(at_step):
         model_loss(model, x, t).backward()

@@ -336,6 +336,7 @@ BAD_INPUTS = [
     (["--warmup_steps", "-3"], "warmup_steps must be >= 0"),
     (["--lora_dropout", "1.5"], "lora_dropout must be in [0, 1)"),
     (["--momentum_prox", "1"], "momentum_prox must be in [0, 1)"),
+    (["--cache_max_bytes", "lots"], "cache_max_bytes='lots': give bytes (8GiB, 512MiB, 1073741824), auto or null"),
     (["--lora_alpha", "0"], "lora_alpha must be > 0"),
     (["--model", "builtin:tiny-llama", "--tiny_hidden_size", "30"], "tiny_hidden_size must be a multiple of 8"),
     (["--model", "builtin:stdlib-llama", "--tiny_layers", "2"], "tiny_layers applies only to --model builtin:tiny"),

@@ -440,12 +440,15 @@ class LoRAOptimizer(torch.optim.Optimizer):
             logger.info("cache-free capture: no activation rows kept; %.1f MiB of thin products and %.1f MiB of "
                         "probe factors per rank", held * mib, self.capture.factor_nbytes * mib)
             return
-        rows = sum(layer.in_features + layer.out_features for layer in self.layers)
+        cap = self.capture
+        rows = sum(layer.in_features + layer.out_features for layer in self.layers) * cap.row_itemsize
         # cache-free Jacobi steps hold (2r)(m + n) + m + n fp32 numbers per layer (momentum of rank r)
         products = sum((2 * layer.rank + 1) * (layer.in_features + layer.out_features) for layer in self.layers) * 4
-        logger.info("activation cache: %.1f MiB per rank at its peak in the first step (%.2f MiB per token of "
-                    "rows); cache-free steps (iters=0) would hold about %.1f MiB of products instead",
-                    self.capture.peak_nbytes * mib, rows * 4 * mib, products * mib)
+        budget = "none" if cap.max_bytes is None else f"{cap.max_bytes * mib:.1f} MiB"
+        logger.info("activation cache: %.1f MiB per rank at its peak in the first step (budget %s; rows %.2f MiB per "
+                    "token; %d of %d layers folded into dense fp32 stores); cache-free steps (iters=0) would hold "
+                    "about %.1f MiB of products instead", cap.peak_nbytes * mib, budget, rows * mib,
+                    cap.folded_layers(), len(self.layers), products * mib)
 
     def state_nbytes(self) -> int:
         """Bytes of the LoRA layers' optimizer state this rank holds (its owned layers when sharded)."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..capture import parse_cache_budget
 from ..distributed import Distributor
 
 DEFAULT_OTHER_LR = 1e-4  # AdamW for heads and norms, whatever PSI-LoRA's lr is
@@ -38,9 +39,11 @@ class LoRAOptions:
             (default): on whenever the method allows it (``iters=0``, the K-FAC metric); True: required (an
             error says why when it cannot be); False: keep the rows. Cache-free steps estimate the clipping
             norm by the Gaussian sketch (``clip_norm_probes``, 32 when 0), also in one process (logged once).
-        cache_max_bytes: activation-cache budget per rank: rows are kept (fastest) while they fit, then
-            layers are folded into dense fp32 stores, largest saving first (None: fold a layer as soon
-            as its dense store is smaller).
+        cache_max_bytes: activation-cache budget per rank, in bytes (an int or ``"8GiB"``): rows are kept
+            (fastest) while they fit, then layers are folded into dense fp32 stores, largest saving first.
+            ``"auto"`` (default): a quarter of the memory of the device the rows live on, over the ranks
+            sharing it (:func:`~psilora_ds.capture.default_cache_budget`); None: no budget, fold each layer
+            as soon as its dense store is the smaller (least memory, slowest).
         fold: allow folding rows into a dense store at all.
         reuse_autograd_grads: in one process, take the products at the current factors from autograd's
             LoRA gradients instead of recomputing them (METHOD.md section 6).
@@ -56,12 +59,13 @@ class LoRAOptions:
     other_lr: float = DEFAULT_OTHER_LR
     distributor: Distributor | None = None
     cache_free: bool | None = None
-    cache_max_bytes: int | None = None
+    cache_max_bytes: int | str | None = "auto"
     fold: bool = True
     reuse_autograd_grads: bool = True
     accumulation_steps: int | None = None
 
     def __post_init__(self) -> None:
+        self.cache_max_bytes = parse_cache_budget(self.cache_max_bytes)
         if self.clip_norm_probes < 0:
             raise ValueError(f"clip_norm_probes must be >= 0 (0: exact norm), got {self.clip_norm_probes}")
         if self.accumulation_steps is not None and self.accumulation_steps < 1:

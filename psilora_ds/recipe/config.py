@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from ..capture import parse_cache_budget
+
 
 class ConfigError(ValueError):
     """A configuration mistake, reported as one line."""
@@ -82,7 +84,7 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "full-gradient clipping norm (fills \"auto\" in the DeepSpeed config); 0: off")
     clip_norm_probes: int = opt(0, "clipping norm: 0 exact in one process (several ranks: 32-probe sketch); k > 0: Gaussian sketch with k probes")
     cache_free: bool | None = opt(None, "keep no activation rows: thin products accumulated in the hooks, exact for Jacobi steps (iters 0, K-FAC metric); null: on where possible; true: required (error otherwise); false: keep rows")
-    cache_max_bytes: int | None = opt(None, "PSI-LoRA activation-cache budget per rank: rows kept (fastest) while they fit, layers folded to dense fp32 over it; null: fold each layer once dense is smaller")
+    cache_max_bytes: str | None = opt("auto", "PSI-LoRA activation-cache budget per rank (bytes, or 8GiB, 512MiB): rows kept (fastest) while they fit, layers folded to dense fp32 over it; auto: a quarter of the memory of the device holding the rows, over the ranks sharing it; null: no budget, fold each layer once dense is smaller")
     # --- run -------------------------------------------------------------------------------------
     ds_config: str | None = opt(None, "DeepSpeed JSON config; null: plain PyTorch (one process, or DDP under torchrun)")
     fsdp: bool = opt(False, "torch FSDP2 under torchrun: fully_shard per decoder layer, then the root; checkpoints through torch.distributed.checkpoint")
@@ -130,6 +132,8 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
+        if kind.startswith("str") and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # a number where text is also a number (cache_max_bytes: 1073741824 in YAML)
         if kind.startswith("str") and not isinstance(value, str):
             raise ValueError
         if kind.startswith("bool") and not isinstance(value, bool):
@@ -215,6 +219,10 @@ def validate(cfg: TrainConfig) -> None:
     :func:`psilora_ds.recipe.optimizers.check_optim`)."""
     if cfg.lr_scheduler not in ("cosine", "linear", "constant"):
         raise ConfigError(f"lr_scheduler={cfg.lr_scheduler!r}: choose cosine, linear or constant")
+    try:
+        parse_cache_budget(cfg.cache_max_bytes)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.dtype not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"dtype={cfg.dtype!r}: choose fp32, bf16 or fp16")
     if (cfg.prompt_field is None) != (cfg.response_field is None):
