@@ -39,14 +39,16 @@ def row_bytes(model, tokens: int, dtype: torch.dtype) -> int:
     return tokens * per_token * torch.finfo(dtype).bits // 8
 
 
-def makers(half_rows: int) -> dict:
+def makers(half_rows: int, micro_batches: int) -> dict:
+    kw = {"accumulation_steps": micro_batches}
     adamw = lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, foreach=True)  # noqa: E731
     return {
         "LoRA + AdamW": adamw,
-        "Scaled iters=1, rows (default budget)": lambda m: ScaledPSILoRA(m, 1e-3, iters=1),
-        "Scaled iters=1, budget = half the rows": lambda m: ScaledPSILoRA(m, 1e-3, iters=1, cache_max_bytes=half_rows),
-        "Scaled iters=1, no budget (fold asap)": lambda m: ScaledPSILoRA(m, 1e-3, iters=1, cache_max_bytes=None),
-        "Scaled iters=0 (cache-free)": lambda m: ScaledPSILoRA(m, 1e-3, iters=0),
+        "Scaled iters=1, rows (default budget)": lambda m: ScaledPSILoRA(m, 1e-3, iters=1, **kw),
+        "Scaled iters=1, budget = half the rows": lambda m: ScaledPSILoRA(m, 1e-3, iters=1, cache_max_bytes=half_rows,
+                                                                         **kw),
+        "Scaled iters=1, no budget (fold asap)": lambda m: ScaledPSILoRA(m, 1e-3, iters=1, cache_max_bytes=None, **kw),
+        "Scaled iters=0 (cache-free)": lambda m: ScaledPSILoRA(m, 1e-3, iters=0, **kw),
     }
 
 
@@ -55,7 +57,7 @@ def run_tokens(args, tokens: int, dtype: torch.dtype) -> list[list[object]]:
     half = row_bytes(probe, tokens, dtype) // 2
     del probe
     runs = {}
-    for name, make in makers(half).items():
+    for name, make in makers(half, tokens // MICRO_TOKENS).items():
         model, _ = build(args, lambda m: None)
         model.to(DEVICE, dtype)
         runs[name] = (model, make(model))
