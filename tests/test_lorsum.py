@@ -170,11 +170,14 @@ def test_batched_solves_of_singular_and_non_finite_systems(sync_free):
     bad = good.clone()
     bad[0, 1] = bad[1, 0] = float("inf")
     R = torch.randn(4, 3, generator=g, dtype=f64)
-    y_singular, y_good, y_bad = solve_spd_batch([SPDSolve(singular, R), SPDSolve(good, R), SPDSolve(bad, R)],
-                                                sync_free=sync_free)
-    torch.testing.assert_close(y_singular, torch.linalg.pinv(singular, hermitian=True) @ R, rtol=1e-8, atol=1e-8)
-    torch.testing.assert_close(y_good, torch.linalg.solve(good, R), rtol=1e-10, atol=1e-10)
-    assert torch.isnan(y_bad).all()
+    # repeated: LAPACK's default least-squares driver on the CPU (gelsy) got this wrong in about one call of
+    # eight, nondeterministically
+    for _ in range(64):
+        y_singular, y_good, y_bad = solve_spd_batch([SPDSolve(singular, R), SPDSolve(good, R), SPDSolve(bad, R)],
+                                                    sync_free=sync_free)
+        torch.testing.assert_close(y_singular, torch.linalg.pinv(singular, hermitian=True) @ R, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(y_good, torch.linalg.solve(good, R), rtol=1e-10, atol=1e-10)
+        assert torch.isnan(y_bad).all()
 
 
 def test_rank_deficient_B_with_tiny_lam_stays_finite():

@@ -25,7 +25,9 @@ def _fallback(G: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         logger.warning("non-finite %dx%d LoRSum system (diverged factors?): result is NaN", *G.shape)
         return torch.full_like(R, float("nan"))
     logger.debug("Cholesky failed on a %dx%d system; using lstsq", *G.shape)
-    return torch.linalg.lstsq(G, R).solution
+    # gelsd (SVD): the CPU default gelsy returned wrong answers (zero, or not the minimum norm) for about one
+    # rank-deficient call in eight on this stack (torch 2.13 CPU), nondeterministically
+    return torch.linalg.lstsq(G, R, driver="gelsd" if G.device.type == "cpu" else None).solution
 
 
 @dataclass
