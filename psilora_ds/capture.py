@@ -39,6 +39,39 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class HostRows:
+    """One micro-batch's rows of a layer moved off the accelerator into host memory (``cache_offload``;
+    pinned when they came from a GPU), read back to ``device`` one micro-batch at a time where they are
+    used. ``sums`` holds their fp32 sums, taken on the device before the copy (the finiteness check reads
+    those, never the host copy, whose asynchronous copy may still be in flight)."""
+
+    X: torch.Tensor  # (N, n), on the host
+    Z: torch.Tensor  # (N, m)
+    device: torch.device
+    sums: torch.Tensor  # (2,) on ``device``
+
+    @classmethod
+    def offload(cls, X: torch.Tensor, Z: torch.Tensor) -> HostRows:
+        pin = X.device.type == "cuda"
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=pin) for t in (X, Z)]
+        sums = torch.stack([X.sum(dtype=torch.float32), Z.sum(dtype=torch.float32)])
+        return cls(host[0], host[1], X.device, sums)
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(X, Z)`` on the device they came from (a copy, for one use)."""
+        return self.X.to(self.device, non_blocking=True), self.Z.to(self.device, non_blocking=True)
+
+    def fetch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Z^T, X)``: the term ``Z^T X`` on the device, for LoRSum's products (:mod:`~psilora_ds.ops.lorsum`)."""
+        X, Z = self.rows()
+        return Z.T, X
+
+    @property
+    def nbytes(self) -> int:
+        return self.X.numel() * self.X.element_size() + self.Z.numel() * self.Z.element_size()
+
+
+@dataclass
 class LayerBatch:
     """The captured factors of one layer since the last step: rows of micro-batches, and the
     dense accumulator they were folded into once it became the cheaper exact store."""
@@ -49,10 +82,11 @@ class LayerBatch:
     folded_x2: torch.Tensor | None = None  # their sum of X**2 over rows (n,)
     folded_z2: torch.Tensor | None = None  # their sum of Z**2 over rows (m,)
     folded_rows: int = 0
+    host: list[HostRows] = field(default_factory=list)  # micro-batches moved to host memory (cache_offload)
 
     @property
     def cached_rows(self) -> int:
-        return sum(x.shape[0] for x in self.xs)
+        return sum(x.shape[0] for x in self.xs) + sum(h.X.shape[0] for h in self.host)
 
     @property
     def rows(self) -> int:
@@ -60,17 +94,29 @@ class LayerBatch:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held on the rows' device (host rows not counted: :attr:`host_nbytes`)."""
         folded = [self.folded_x2, self.folded_z2] if self.dense is not None else []
         return sum(t.numel() * t.element_size() for t in (*self.tensors(), *folded))
 
+    @property
+    def host_nbytes(self) -> int:
+        return sum(h.nbytes for h in self.host)
+
     def tensors(self) -> list[torch.Tensor]:
-        """Everything held: the rows and the dense store."""
+        """Everything held on the device: the rows, the dense store, the host rows' sums."""
         extra = [self.dense] if self.dense is not None else []
-        return [*self.xs, *self.zs, *extra]
+        return [*self.xs, *self.zs, *extra, *(h.sums for h in self.host)]
 
     def P(self) -> torch.Tensor:
-        """The whole accumulated ``sum_i Z_i^T X_i`` formed densely (rows and dense store)."""
-        P = dense_gradient(self.Z(), self.X())
+        """The whole accumulated ``sum_i Z_i^T X_i`` formed densely (rows, dense store, host rows one
+        micro-batch at a time)."""
+        pairs = [*zip(self.xs, self.zs)] or [(self.X(), self.Z())]
+        P = dense_gradient(pairs[0][1], pairs[0][0])
+        for x, z in pairs[1:]:
+            P += dense_gradient(z, x)
+        for h in self.host:
+            x, z = h.rows()
+            P += dense_gradient(z, x)
         return P if self.dense is None else P.add_(self.dense)
 
     def cached_nbytes(self) -> int:
@@ -93,15 +139,20 @@ class LayerBatch:
         self.xs, self.zs = [], []
 
     def X(self) -> torch.Tensor:
-        """The cached rows (possibly none, after a fold)."""
-        return self.xs[0] if len(self.xs) == 1 else torch.cat(self.xs) if self.xs else self._empty(self.folded_x2)
+        """The rows cached on the device (possibly none, after a fold or an offload)."""
+        return self._device_rows(self.xs, 0)
 
     def Z(self) -> torch.Tensor:
-        return self.zs[0] if len(self.zs) == 1 else torch.cat(self.zs) if self.zs else self._empty(self.folded_z2)
+        return self._device_rows(self.zs, 1)
 
-    @staticmethod
-    def _empty(like: torch.Tensor) -> torch.Tensor:
-        return like.new_zeros(0, like.shape[0])
+    def _device_rows(self, rows: list[torch.Tensor], which: int) -> torch.Tensor:
+        if rows:
+            return rows[0] if len(rows) == 1 else torch.cat(rows)
+        if self.dense is not None:
+            like = (self.folded_x2, self.folded_z2)[which]
+            return like.new_zeros(0, like.shape[0])
+        host = (self.host[0].X, self.host[0].Z)[which]
+        return torch.zeros(0, host.shape[1], dtype=host.dtype, device=self.host[0].device)
 
 
 DEFAULT_CACHE_FRACTION = 0.25  # of the device's memory, for the rows of every LoRA layer of one step
@@ -177,13 +228,19 @@ class StepNotCalledError(RuntimeError):
 class ActivationCapture:
     """Hooks on the peft LoRA layers that cache ``X`` and ``Z`` per layer (in the activation dtype)."""
 
-    def __init__(self, layers: list[LoRALayer], max_bytes: int | str | None = None, fold: bool = True):
+    def __init__(self, layers: list[LoRALayer], max_bytes: int | str | None = None, fold: bool = True,
+                 offload: bool = False):
         self.layers = layers
         # bytes, or "auto": default_cache_budget of the device the first rows arrive on (the model may be
         # moved there after the optimizer is built, as deepspeed.initialize does)
         self.max_bytes = parse_cache_budget(max_bytes)
         self.fold = fold  # fold a layer's rows into a dense accumulator when that is the smaller store (see above)
+        # over the budget, move rows to host memory instead of folding them (the dense stores are what a GPU
+        # cannot hold when this is needed)
+        self.offload = offload
+        self._warned_offload = False
         self.peak_nbytes = 0  # bytes of cached rows and dense stores, peak since the last pop()
+        self.peak_host_nbytes = 0  # bytes of rows moved to host memory (offload), peak since the last pop()
         self.row_itemsize = 0  # bytes per number of the rows last captured (the activation dtype)
         # backward passes (micro-batches) committed since the last pop()/clear(), and the most allowed
         # before it is an error (set by the optimizer: a step that never comes is a silent fallback)
@@ -254,6 +311,9 @@ class ActivationCapture:
         return bool(batch.xs) and (batch.dense is not None or batch.cached_nbytes() >= self._dense_nbytes(idx, batch))
 
     def _after_commit(self, idx: int, batch: LayerBatch) -> None:
+        if self.offload:
+            self._offload_over_budget(idx, batch)
+            return
         if self.fold and self.max_bytes is None:  # no budget: memory first
             if self._foldable(idx, batch):
                 batch.fold()
@@ -278,17 +338,31 @@ class ActivationCapture:
                 "every foldable layer folded" if self.fold else "folding is off",
                 ", ".join(f"{self.layers[i].name}={b.nbytes}" for i, b in top))
 
+    def _offload_over_budget(self, idx: int, batch: LayerBatch) -> None:
+        """``offload``: the micro-batch just committed goes to host memory when the device cache is over budget."""
+        total = self.nbytes
+        if self.max_bytes is not None and total > self.max_bytes:
+            X, Z = batch.xs.pop(), batch.zs.pop()
+            if X.device.type != "cuda" and not self._warned_offload:
+                self._warned_offload = True
+                logger.warning("cache_offload: the rows are on the %s, already host memory: offloading copies them "
+                               "and saves nothing (it is meant for GPUs)", X.device.type)
+            batch.host.append(HostRows.offload(X, Z))
+            total = self.nbytes
+        self.peak_nbytes = max(self.peak_nbytes, total)
+        self.peak_host_nbytes = max(self.peak_host_nbytes, self.host_nbytes)
+
     def pop(self) -> dict[int, LayerBatch]:
         """Hand over everything captured since the last call and start empty."""
         batches, self._batches = self._batches, {}
-        self.peak_nbytes = 0
+        self.peak_nbytes = self.peak_host_nbytes = 0
         self.pending_microbatches, self._commits = 0, {}
         return batches
 
     def clear(self) -> None:
         self._batches = {}
         self._pending_x = {}
-        self.peak_nbytes = 0
+        self.peak_nbytes = self.peak_host_nbytes = 0
         self.pending_microbatches, self._commits = 0, {}
 
     def folded_layers(self) -> int:
@@ -297,8 +371,13 @@ class ActivationCapture:
 
     @property
     def nbytes(self) -> int:
-        """Bytes currently held by the cache."""
+        """Bytes currently held by the cache on the rows' device."""
         return sum(b.nbytes for b in self._batches.values())
+
+    @property
+    def host_nbytes(self) -> int:
+        """Bytes of rows moved to host memory (``offload``)."""
+        return sum(b.host_nbytes for b in self._batches.values())
 
     def remove(self) -> None:
         for h in self._handles:

@@ -9,7 +9,7 @@ import torch
 
 from .capture import LayerBatch
 from .products import LayerProducts
-from .ops import kfac_sums
+from .ops import kfac_sums, sketched_product
 from .ops.lorsum import Term
 from .ops.rounds import Rounds
 
@@ -23,8 +23,8 @@ class LayerGradient:
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None,
                  autograd: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.batch = batch
-        self.X, self.Z = batch.X(), batch.Z()
         self.dense = batch.dense
+        self.host = batch.host  # micro-batches in host memory (cache_offload), read back one at a time
         self.coef = coef
         self.rows = rows
         self.reduce = reduce
@@ -43,25 +43,77 @@ class LayerGradient:
 
     def terms(self, scale: float) -> list[Term]:
         """``scale * P`` as LoRSum terms (rank-local, summed by ``reduce``)."""
-        out: list[Term] = [(scale * self.coef, self.Z.T, self.X)]
+        # one term per micro-batch: the rows are never concatenated (that would double the cache for the step)
+        out: list[Term] = [(scale * self.coef, z.T, x) for x, z in zip(self.batch.xs, self.batch.zs)]
         if self.dense is not None:
             out.append((scale * self.coef, self.dense, None))
+        out += [(scale * self.coef, h, None) for h in self.host]
         return out
 
+    @property
+    def X(self) -> torch.Tensor:
+        """The device rows concatenated (a copy when there are several micro-batches: for statistics taken
+        one layer at a time, never held for the step)."""
+        return self.batch.X()
+
+    @property
+    def Z(self) -> torch.Tensor:
+        return self.batch.Z()
+
+    @property
+    def row_dtype(self) -> torch.dtype:
+        b = self.batch
+        return b.xs[0].dtype if b.xs else b.host[0].X.dtype if b.host else b.dense.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the rows are used (the host rows' device of origin)."""
+        b = self.batch
+        return b.xs[0].device if b.xs else b.host[0].device if b.host else b.dense.device
+
+    def _row_pairs(self):
+        """``(X_i, Z_i)`` of each micro-batch: the device rows, then the host rows read back one at a time."""
+        yield from zip(self.batch.xs, self.batch.zs)
+        for h in self.host:
+            yield h.rows()
+
+    def sketch(self, omega: torch.Tensor) -> torch.Tensor:
+        """``P_k Omega`` (m x k) of this rank's share, micro-batch by micro-batch (METHOD.md section 6)."""
+        parts = [sketched_product(z, x, omega) for x, z in self._row_pairs()]
+        if self.dense is not None:
+            parts.append(self.dense.to(omega.dtype) @ omega)
+        return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+
+    @property
+    def dense_for_quadratics(self) -> bool:
+        """Whether statistics quadratic in ``P`` (the exact norm, Shampoo diagonals) form this rank's ``P``
+        densely, one layer at a time (:meth:`local_dense`, micro-batch by micro-batch) rather than take the
+        Gram route on the concatenated rows: when the rows are not all on the device (a dense store, host
+        rows), or when there are several micro-batches and ``P`` is the smaller (``N (m + n) > m n``: their
+        concatenation would be a copy larger than ``P``, and the Gram route costs more too)."""
+        b = self.batch
+        if self.dense is not None or self.host:
+            return True
+        rows = sum(x.shape[0] for x in b.xs)
+        m, n = b.zs[0].shape[1], b.xs[0].shape[1]
+        return len(b.xs) > 1 and rows * (m + n) > m * n
+
     def local_dense(self) -> torch.Tensor:
-        """This rank's ``Z^T X + P_k`` formed densely (for the oracle and dense statistics)."""
+        """This rank's ``Z^T X + P_k`` (and host rows) formed densely (for the oracle and dense statistics)."""
         return self.batch.P()
 
     def kfac_sums(self) -> Rounds[tuple[torch.Tensor, torch.Tensor]]:
         """``(sum over all rows of x**2, sum over all rows of (coef z)**2)``, summed over ranks (rounds:
         :mod:`~psilora_ds.ops.rounds`)."""
-        sum_x2, sum_z2 = kfac_sums(self.X, self.Z)
+        b = self.batch
+        parts = [kfac_sums(x, z) for x, z in self._row_pairs()]
         if self.dense is not None:
-            sum_x2, sum_z2 = sum_x2 + self.batch.folded_x2, sum_z2 + self.batch.folded_z2
+            parts.append((b.folded_x2, b.folded_z2))
+        sum_x2, sum_z2 = (torch.stack(t).sum(0) if len(t) > 1 else t[0] for t in zip(*parts))
+        n = sum_x2.shape[0]
         both = torch.cat([sum_x2, sum_z2 * self.coef**2])
         if self.reduce is not None:
             both = yield both
-        n = self.X.shape[1]
         return both[:n], both[n:]
 
 
@@ -71,6 +123,7 @@ class ProductGradient:
     LoRA rank (the first ``r`` probe factors are ``(A, B)``, the rest the momentum's)."""
 
     X = Z = dense = autograd = reduce = None  # no rows, no dense store, nothing left to reduce
+    host = ()
 
     def __init__(self, products: LayerProducts, r: int, coef: float, rows: int):
         self.products = products

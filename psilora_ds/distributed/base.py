@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from ..gradient import LayerGradient, ProductGradient
 from ..lora_layers import LoRALayer
-from ..ops import frobenius_sq, gaussian_probes, norm_sketch_seed, sketched_product
+from ..ops import frobenius_sq, gaussian_probes, norm_sketch_seed
 from ..ops.rounds import Rounds
 
 DEFAULT_NORM_PROBES = 32  # probes of the clipping norm's sketch when none are asked for and it must be sketched
@@ -141,14 +141,13 @@ class Distributor:
         if isinstance(grad, ProductGradient):  # cache-free: the sketch was taken in the hooks, already reduced
             return grad.sketched_norm_sq()
         if not self.sketches_norm():
-            if grad.dense is not None:
+            if grad.dense_for_quadratics:
                 return grad.local_dense().square().sum() * grad.coef**2
             return frobenius_sq(grad.Z, grad.X) * grad.coef**2
-        X = grad.X
         seed = norm_sketch_seed(step, layer.index)
-        omega = gaussian_probes(X.shape[1], self.norm_probes, seed, device=X.device,
-                                dtype=torch.float64 if X.dtype == torch.float64 else torch.float32)
-        Y = sketched_product(grad.Z, X, omega, grad.dense)
+        omega = gaussian_probes(layer.in_features, self.norm_probes, seed, device=grad.device,
+                                dtype=torch.float64 if grad.row_dtype == torch.float64 else torch.float32)
+        Y = grad.sketch(omega)
         if self.reduce is not None:
             Y = yield Y
         return Y.square().sum() * (grad.coef**2 / self.norm_probes)

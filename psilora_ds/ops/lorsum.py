@@ -5,39 +5,48 @@ terms, by warm-started alternating least squares on thin matrices (METHOD.md sec
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
 from .linalg import SPDSolve, compute_dtype
 from .rounds import Rounds, run_rounds
 
-Term = tuple[float, torch.Tensor, torch.Tensor | None]
+class Fetched(Protocol):
+    """A term ``F H`` kept elsewhere (host memory) and read back for each product, so that only one such
+    term is on the device at a time: ``fetch()`` returns ``(F, H)`` on the device."""
+
+    def fetch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+Term = tuple[float, "torch.Tensor | Fetched", "torch.Tensor | None"]
 
 
 class _PreparedTerm:
-    """One term ``coef * F @ H`` (or a dense ``coef * F`` when ``H is None``) with its metric
-    scalings applied once: the products LoRSum needs are ``Bt^T F H D_in^-1`` and ``D_out^-1 F H At^T``."""
+    """One term ``coef * F @ H`` (or a dense ``coef * F`` when ``H is None``). The products LoRSum needs are
+    ``Bt^T F H D_in^-1`` and ``D_out^-1 F H At^T``: the diagonal metrics scale the thin ``r x n`` and ``m x r``
+    results, and ``F``, ``H`` are taken to the compute dtype inside each product, so that nothing the size
+    of the rows is kept beside them for the step (the cache is the memory wall, METHOD.md section 6). A
+    :class:`Fetched` term is read back at each product."""
 
     def __init__(self, coef, F, H, d_out, d_in, cd):
-        self.coef = float(coef)
-        F = F.to(cd)
-        self.H = None if H is None else H.to(cd)
-        if self.H is None:  # dense m x n
-            self.F_a = F if d_in is None else F / d_in[None, :]
-            self.F_b = F if d_out is None else F / d_out[:, None]
-        else:
-            self.F_a = F
-            self.H_a = self.H if d_in is None else self.H / d_in[None, :]
-            self.F_b = F if d_out is None else F / d_out[:, None]
+        self.coef, self.F, self.H, self.d_out, self.d_in, self.cd = float(coef), F, H, d_out, d_in, cd
+
+    def _parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        F, H = self.F.fetch() if hasattr(self.F, "fetch") else (self.F, self.H)
+        return F.to(self.cd), None if H is None else H.to(self.cd)
 
     def a_product(self, Bt: torch.Tensor) -> torch.Tensor:
         """``Bt^T F H D_in^-1`` (r x n)."""
-        left = Bt.T @ self.F_a
-        return left if self.H is None else left @ self.H_a
+        F, H = self._parts()
+        out = Bt.T @ F if H is None else (Bt.T @ F) @ H
+        return out if self.d_in is None else out.div_(self.d_in[None, :])
 
     def b_product(self, At: torch.Tensor) -> torch.Tensor:
         """``D_out^-1 F H At^T`` (m x r)."""
-        return self.F_b @ At.T if self.H is None else self.F_b @ (self.H @ At.T)
+        F, H = self._parts()
+        out = F @ At.T if H is None else F @ (H @ At.T)
+        return out if self.d_out is None else out.div_(self.d_out[:, None])
 
 
 def lorsum(*args, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -70,7 +79,8 @@ def lorsum_rounds(
         B: ``m x r`` (``lora_B.weight``).
         terms: ``(coef, F, H)`` with ``F`` ``m x k`` and ``H`` ``k x n``. For captured gradient
             factors ``P = Z^T X`` pass ``F = Z.T``, ``H = X``; micro-batches may be separate terms.
-            ``(coef, P, None)`` is a dense ``m x n`` term (the exact fallback store of METHOD.md 6).
+            ``(coef, P, None)`` is a dense ``m x n`` term (the exact fallback store of METHOD.md 6), and
+            ``(coef, source, None)`` with a :class:`Fetched` source a term read back for each product.
         lam: proximal weight (> 0); a 0-dim tensor when it is computed on the device (never read back).
         iters: ``0`` = Jacobi (both half-steps use the old factors: preconditioned LoRA);
             ``K >= 1`` = K alternating (Gauss-Seidel) iterations, a block power method that

@@ -68,7 +68,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self.cache_free = blocker is None if self.options.cache_free is None else self.options.cache_free
         self.capture: ActivationCapture = (
             ProductCapture(self.layers, self._sketch_probes) if self.cache_free
-            else ActivationCapture(self.layers, max_bytes=self.options.cache_max_bytes, fold=self.options.fold))
+            else ActivationCapture(self.layers, max_bytes=self.options.cache_max_bytes, fold=self.options.fold,
+                                   offload=self.options.cache_offload))
         self._logged_memory = self._logged_sketch = False
         # cached steps on engines whose factor reads are collectives (ZeRO-3, FSDP2): the optimizer's own copy of
         # every layer's factors, as the engine holds them after the last step (None: read them from the engine)
@@ -445,10 +446,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
         # cache-free Jacobi steps hold (2r)(m + n) + m + n fp32 numbers per layer (momentum of rank r)
         products = sum((2 * layer.rank + 1) * (layer.in_features + layer.out_features) for layer in self.layers) * 4
         budget = "none" if cap.max_bytes is None else f"{cap.max_bytes * mib:.1f} MiB"
+        where = (f"{cap.folded_layers()} of {len(self.layers)} layers folded into dense fp32 stores" if not cap.offload
+                 else f"{cap.peak_host_nbytes * mib:.1f} MiB of rows offloaded to host memory")
         logger.info("activation cache: %.1f MiB per rank at its peak in the first step (budget %s; rows %.2f MiB per "
-                    "token; %d of %d layers folded into dense fp32 stores); cache-free steps (iters=0) would hold "
-                    "about %.1f MiB of products instead", cap.peak_nbytes * mib, budget, rows * mib,
-                    cap.folded_layers(), len(self.layers), products * mib)
+                    "token; %s); cache-free steps (iters=0) would hold about %.1f MiB of products instead",
+                    cap.peak_nbytes * mib, budget, rows * mib, where, products * mib)
 
     def state_nbytes(self) -> int:
         """Bytes of the LoRA layers' optimizer state this rank holds (its owned layers when sharded)."""

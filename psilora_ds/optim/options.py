@@ -45,6 +45,13 @@ class LoRAOptions:
             sharing it (:func:`~psilora_ds.capture.default_cache_budget`); None: no budget, fold each layer
             as soon as its dense store is the smaller (least memory, slowest).
         fold: allow folding rows into a dense store at all.
+        cache_offload: over the budget, move each further micro-batch's rows to host memory (pinned) instead of
+            folding them, and read them back one micro-batch at a time for each product of the step: the GPU
+            holds at most the budget (plus one layer's micro-batch), at the price of moving the rows over
+            the host link once out and once back per product (docs/BENCHMARKS.md "Activation-cache policy").
+            The exact clipping norm and Shampoo statistics then form each layer's ``P`` densely, one layer
+            at a time (``clip_norm_probes=32`` sketches the norm instead). Meant for GPUs; on the CPU it only
+            copies (logged once).
         reuse_autograd_grads: in one process, take the products at the current factors from autograd's
             LoRA gradients instead of recomputing them (METHOD.md section 6).
         accumulation_steps: micro-batches per optimizer step. The capture hooks raise
@@ -61,11 +68,15 @@ class LoRAOptions:
     cache_free: bool | None = None
     cache_max_bytes: int | str | None = "auto"
     fold: bool = True
+    cache_offload: bool = False
     reuse_autograd_grads: bool = True
     accumulation_steps: int | None = None
 
     def __post_init__(self) -> None:
         self.cache_max_bytes = parse_cache_budget(self.cache_max_bytes)
+        if self.cache_offload and self.cache_max_bytes is None:
+            raise ValueError("cache_offload=True moves the rows over the budget to host memory, and "
+                             "cache_max_bytes=None sets none: give a budget (or 'auto')")
         if self.clip_norm_probes < 0:
             raise ValueError(f"clip_norm_probes must be >= 0 (0: exact norm), got {self.clip_norm_probes}")
         if self.accumulation_steps is not None and self.accumulation_steps < 1:

@@ -119,7 +119,7 @@ class ScaledPSILoRA(LoRAOptimizer):
         if group["metric"] == "kfac":
             sum_x2, sum_z2 = yield from grad.kfac_sums()
             return kfac_diagonals(sum_x2, sum_z2, grad.rows, layer.scaling)
-        if grad.dense is None:
+        if not grad.dense_for_quadratics:
             d_in, d_out = shampoo_diagonals(grad.X, grad.Z, layer.scaling)
         else:
             G2 = grad.local_dense().square_().div_(layer.scaling**2)

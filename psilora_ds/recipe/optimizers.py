@@ -133,7 +133,8 @@ def lora_options(cfg: TrainConfig) -> dict[str, Any]:
         return torch.optim.AdamW(params, lr=cfg.other_lr, betas=_betas(cfg), weight_decay=cfg.weight_decay)
 
     return dict(max_grad_norm=cfg.max_grad_norm or None, clip_norm_probes=cfg.clip_norm_probes, other_optimizer=other,
-                cache_free=cfg.cache_free, cache_max_bytes=cfg.cache_max_bytes, accumulation_steps=cfg.gradient_accumulation_steps,
+                cache_free=cfg.cache_free, cache_max_bytes=cfg.cache_max_bytes, cache_offload=cfg.cache_offload,
+                accumulation_steps=cfg.gradient_accumulation_steps,
                 distributor=FSDP2Distributor() if cfg.fsdp else None)
 
 

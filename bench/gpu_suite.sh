@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The checks and timings that need a CUDA GPU, in one call (CI has no GPU; issue 13, item 6):
+#   1. DeepSpeed fp16 with dynamic loss scaling at ZeRO 2 and 3: a forced overflow is skipped on every rank
+#      with nothing lost (bench/gpu_checks.py fp16-overflow), and the recipe trains end to end in fp16;
+#      the activation cache offloaded to pinned host memory equals it kept on the GPU (gpu_checks.py offload);
+#   2. QLoRA: the recipe on a bitsandbytes nf4 base under ZeRO-3 (bnb_4bit_quant_storage = the engine dtype);
+#   3. timings in bf16: step overhead, LoRSum vs SVD, the activation-cache policy, and bench/scale.py on one GPU.
+# Every part's output and exit status go to REPORT_DIR/gpu_report.md (a failed part does not stop the rest);
+# the script exits 1 if any part failed.
+#
+#   bash bench/gpu_suite.sh [REPORT_DIR] [all|checks|timings]   # default: $OUT (else ./gpu-report), all
+#
+# "checks" (parts 1-2) and "timings" (part 3) each end within 10 minutes on an H100-class GPU, for machines
+# lent by the call; "all" runs both.
+# Needs torch with CUDA and this repository's dependencies. Where the machine lacks some (deepspeed,
+# bitsandbytes, datasets), put their wheels in .whl/ (bench/gpu_wheels.sh downloads them here) and the suite
+# installs them from there, offline.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-gpu-report}}
+which=${2:-all}
+case $which in all|checks|timings) ;; *) echo "error: bench/gpu_suite.sh: the second argument must be all, checks or timings (got '$which')" >&2; exit 2;; esac
+mkdir -p "$out"
+report="$out/gpu_report_$which.md"
+py=${PYTHON:-python3}
+
+if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "error: bench/gpu_suite.sh needs a CUDA GPU (torch.cuda.is_available() is False in $py); CPU runs are covered by the test suite" >&2
+  exit 2
+fi
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/psilora-site .whl/*.whl \
+    || { echo "error: installing the wheels in .whl/ failed" >&2; exit 2; }
+  export PYTHONPATH=/tmp/psilora-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+{
+  echo "# GPU suite report"
+  echo
+  echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo
+  echo '```'
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  "$py" -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| peft', peft.__version__)" 2>&1
+  "$py" -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1
+  "$py" -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
+  echo '```'
+} > "$report"
+
+failed=0
+# part NAME TIMEOUT_S COMMAND...: run one part, its last 60 lines and exit status into the report
+part() {
+  local name=$1 limit=$2; shift 2
+  local log="$out/$(echo "$name" | tr -c 'A-Za-z0-9._-' '_').log"
+  echo "== $name" >&2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$log" 2>&1
+  local rc=$?
+  [ $rc -ne 0 ] && failed=1
+  { echo; echo "## $name"; echo; echo "\`$*\` -> exit $rc in $((SECONDS - start)) s"; echo; echo '```'
+    grep -v -e '^\[20..-..-.. ' -e 'real_accelerator' "$log" | tail -n 60; echo '```'; } >> "$report"
+  tail -n 5 "$log" >&2
+}
+
+recipe="launch/train.py --max_steps 40 --eval_every 20 --log_every 10"
+if [ "$which" != timings ]; then
+  part "fp16 overflow, ZeRO-2" 150 torchrun --standalone --nproc_per_node 1 bench/gpu_checks.py fp16-overflow --stage 2
+  part "fp16 overflow, ZeRO-3" 150 torchrun --standalone --nproc_per_node 1 bench/gpu_checks.py fp16-overflow --stage 3
+  part "cache offload" 120 "$py" bench/gpu_checks.py offload
+  part "recipe fp16, ZeRO-2" 120 deepspeed --num_gpus 1 $recipe --ds_config ds_configs/zero2.json --dtype fp16 \
+    --output_dir "$out/run-fp16-z2"
+  part "recipe fp16, ZeRO-3" 120 deepspeed --num_gpus 1 $recipe --ds_config ds_configs/zero3.json --dtype fp16 \
+    --output_dir "$out/run-fp16-z3"
+  part "recipe QLoRA nf4, bf16, ZeRO-3" 120 deepspeed --num_gpus 1 $recipe --ds_config ds_configs/zero3.json \
+    --dtype bf16 --load_in_4bit true --bnb_4bit_quant_type nf4 --output_dir "$out/run-qlora-z3"
+fi
+if [ "$which" != checks ]; then
+  part "step overhead (bf16)" 120 "$py" bench/step_overhead.py --dtype bf16 --hidden 2048 --layers 4 --tokens 8192 \
+    --rounds 10
+  part "LoRSum vs SVD" 180 "$py" bench/lorsum_vs_svd.py --repeats 3
+  part "activation-cache policy (bf16)" 150 "$py" bench/cache_policy.py --dtype bf16 --hidden 2048 --layers 4 \
+    --tokens 4096 16384 65536 --rounds 5
+  part "scale, 0.9 B, one GPU (bf16)" 120 "$py" bench/scale.py --shape 0.9b --ranks 1 --dtype bf16 --steps 6 \
+    --warmup 2 --repeats 1
+fi
+
+for run in run-fp16-z2 run-fp16-z3 run-qlora-z3; do  # the recipe runs' first and last eval losses
+  [ -f "$out/$run/metrics.jsonl" ] && { echo; echo "$run eval: $(grep -o '"eval_loss": [0-9.]*' "$out/$run/metrics.jsonl" | sed -n '1p;$p' | tr '\n' ' ')"; } >> "$report"
+  rm -rf "$out/$run"  # checkpoints do not travel back
+done
+echo >> "$report"; echo "suite: $([ $failed -eq 0 ] && echo all parts passed || echo SOME PARTS FAILED)" >> "$report"
+cat "$report"
+exit $failed
