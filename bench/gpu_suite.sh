@@ -31,7 +31,7 @@ fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/psilora-site .whl/*.whl \
     || { echo "error: installing the wheels in .whl/ failed" >&2; exit 2; }
-  export PYTHONPATH=/tmp/psilora-site${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=/tmp/psilora-site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/psilora-site/bin:$PATH  # the deepspeed launcher
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
