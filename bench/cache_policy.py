@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import machine, markdown_table, write_section  # noqa: E402
+from bench.common import machine, markdown_table, sync, write_section  # noqa: E402
 from bench.step_overhead import build  # noqa: E402
 from psilora_ds import ScaledPSILoRA  # noqa: E402
 
@@ -68,8 +68,7 @@ def run_tokens(args, tokens: int, dtype: torch.dtype) -> list[list[object]]:
     cache, folded = {}, {}
     for r in range(args.rounds + 1):  # one warm-up round
         for name, (model, opt) in runs.items():
-            if DEVICE.type == "cuda":
-                torch.cuda.synchronize()
+            sync(DEVICE)
             start = time.perf_counter()
             for ids in micro:
                 (model(input_ids=ids, labels=ids).loss / len(micro)).backward()
@@ -78,8 +77,7 @@ def run_tokens(args, tokens: int, dtype: torch.dtype) -> list[list[object]]:
                 folded[name] = capture.folded_layers()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if DEVICE.type == "cuda":
-                torch.cuda.synchronize()
+            sync(DEVICE)
             if r >= 1:
                 times[name].append(time.perf_counter() - start)
             cache[name] = getattr(opt, "last_cache_bytes", 0)

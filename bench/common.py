@@ -27,6 +27,12 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[floa
     return statistics.median(times), max(times) - min(times)
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that wall times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         dev = torch.cuda.get_device_name(0)

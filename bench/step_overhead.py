@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import markdown_table, write_section  # noqa: E402
+from bench.common import markdown_table, sync, write_section  # noqa: E402
 from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA  # noqa: E402
 
 
@@ -110,14 +110,12 @@ def main() -> None:
     times = {name: [] for name in runs}
     for r in range(args.rounds + 2):  # two warm-up rounds
         for name, (model, opt) in runs.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             start = time.perf_counter()
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             if r >= 2:
                 times[name].append(time.perf_counter() - start)
     adam = times["AdamW (foreach), LoRA params"]
