@@ -66,11 +66,19 @@ def worker(rank, world, out):
     torch.save(factors, out / f"ckpt-final-rank{rank}.pt")
     # cached steps start from the optimizer's factor copy (no gathers); a factor changed behind the optimizer on
     # one rank's shard only is read again by every rank: the same run as one that gathers every step
+    # "odd": rank 1 alone finds its shards cut unlike distribute_tensor: every rank agrees to read whole (no rank
+    # is left waiting in a collective the other skipped), and the run equals the gathered one
+    import psilora_ds.distributed.fsdp as fsdp_module
+
     runs = {}
-    for copy in (True, False):
+    for copy in (True, False, "odd"):
         model = sharded_net()
+        cut = fsdp_module._cut_like_distribute_tensor
+        if copy == "odd" and rank == 1:
+            fsdp_module._cut_like_distribute_tensor = lambda param: False
         opt = make_optimizer("scaled", model, distributor=FSDP2Distributor())
-        if not copy:
+        fsdp_module._cut_like_distribute_tensor = cut
+        if copy is False:
             opt.distributor.reads_factors_collectively = lambda masters: False
             opt.refresh_factors()
         reads = []
@@ -84,7 +92,7 @@ def worker(rank, world, out):
             F.mse_loss(model(x[rows]), t[rows]).backward()
             opt.step()
             opt.zero_grad()
-        runs[copy] = (full_factors(opt), len(reads))
+        runs[copy] = (full_factors(opt), len(reads), opt.distributor.shards_cut_locally)
         opt.remove_hooks()
     torch.save(runs, out / f"copy-rank{rank}.pt")
 
@@ -108,11 +116,14 @@ def test_fsdp2_two_ranks_equal_one_process(runs, name):
 def test_cached_steps_start_from_the_factor_copy_and_reread_changes(runs):
     for k in range(2):
         r = torch.load(runs / f"copy-rank{k}.pt")
-        (with_copy, reads_copy), (gathered, reads_gathered) = r[True], r[False]
+        (with_copy, reads_copy, cut), (gathered, reads_gathered, _), (odd, reads_odd, odd_cut) = (
+            r[True], r[False], r["odd"])
         assert reads_gathered == 2 * 5  # 2 layers, 5 steps: one gather per layer per step
         assert reads_copy == 1  # only the layer changed behind the optimizer (on rank 0 only), once
+        assert cut and not odd_cut and reads_odd == 2 * 5  # both ranks agreed to read whole, every step
         for name, (A, B_) in gathered.items():
             assert torch.equal(with_copy[name][0], A) and torch.equal(with_copy[name][1], B_)
+            assert torch.equal(odd[name][0], A) and torch.equal(odd[name][1], B_)
 
 
 def test_dcp_checkpoint_reshards_to_one_process(runs):

@@ -9,6 +9,7 @@ optimizer state of the layers it owns.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,8 @@ from ..lora_layers import LoRALayer
 from .base import LoRAOptimizerProtocol
 from .ddp import DDPDistributor
 
+logger = logging.getLogger(__name__)
+
 
 class FSDP2Distributor(DDPDistributor):
     """Adapter for models wrapped with ``fully_shard`` over a 1-D data-parallel mesh."""
@@ -27,6 +30,23 @@ class FSDP2Distributor(DDPDistributor):
 
     def __init__(self, group=None, *, shard_state: bool = True):
         super().__init__(group, shard_state=shard_state)
+        # whether every rank's factor shards are cut as distribute_tensor cuts them, so that a rank can compare
+        # the optimizer's copy with its shard alone (agreed by all ranks in bind: a rank that alone fell back to a
+        # collective read would leave the others waiting)
+        self.shards_cut_locally = True
+
+    def bind(self, layers: Sequence[LoRALayer], *, norm_probes: int = 0) -> None:
+        super().bind(layers, norm_probes=norm_probes)
+        sharded = [p for layer in layers for p in (layer.A, layer.B) if isinstance(p, DTensor)]
+        if not sharded:  # (the same model on every rank: all skip)
+            return
+        odd = torch.tensor([0.0 if all(_cut_like_distribute_tensor(p) for p in sharded) else 1.0],
+                           device=sharded[0].to_local().device)
+        self.all_reduce_(odd)
+        self.shards_cut_locally = float(odd) == 0.0
+        if not self.shards_cut_locally:
+            logger.warning("FSDP2 shards of the LoRA factors are not cut as distribute_tensor cuts them on some rank: "
+                           "every step reads each layer's factors whole (an all-gather per factor)")
 
     def read_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(p.full_tensor() if isinstance(p, DTensor) else p for p in super().read_factors(layer, masters))
@@ -40,20 +60,24 @@ class FSDP2Distributor(DDPDistributor):
                 param.copy_(new)
 
     def reads_factors_collectively(self, masters: Sequence[torch.Tensor]) -> bool:
-        return any(isinstance(p, DTensor) for p in masters)
+        return self.shards_cut_locally and any(isinstance(p, DTensor) for p in masters)
 
     def factors_match(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
                       B: torch.Tensor) -> bool:
         params = super().read_factors(layer, masters)
-        if not all(isinstance(p, DTensor) for p in params):
-            return super().factors_match(layer, masters, A, B)
-        shards = [(param.to_local(), _local_shard(full.to(param.dtype), param)) for param, full in zip(params, (A, B))]
-        if any(local.shape != mine.shape for local, mine in shards):  # a layout not cut like distribute_tensor's
-            return super().factors_match(layer, masters, A, B)
-        return all(torch.equal(local, mine) for local, mine in shards)
+        if not self.shards_cut_locally or not all(isinstance(p, DTensor) for p in params):
+            return super().factors_match(layer, masters, A, B)  # read whole: on every rank alike
+        return all(torch.equal(param.to_local(), _local_shard(full.to(param.dtype), param))
+                   for param, full in zip(params, (A, B)))
 
     def other_grads_are_sharded(self) -> bool:
         return True
+
+
+def _cut_like_distribute_tensor(param: DTensor) -> bool:
+    """Whether this rank's shard of ``param`` has the shape ``distribute_tensor`` gives it (no communication)."""
+    return param.to_local().shape == _local_shard(torch.empty(param.shape, dtype=param.dtype,
+                                                              device=param.to_local().device), param).shape
 
 
 def _local_shard(full: torch.Tensor, like: DTensor) -> torch.Tensor:
