@@ -107,15 +107,18 @@ class LayerBatch:
         extra = [self.dense] if self.dense is not None else []
         return [*self.xs, *self.zs, *extra, *(h.sums for h in self.host)]
 
-    def P(self) -> torch.Tensor:
-        """The whole accumulated ``sum_i Z_i^T X_i`` formed densely (rows, dense store, host rows one
-        micro-batch at a time)."""
-        pairs = [*zip(self.xs, self.zs)] or [(self.X(), self.Z())]
-        P = dense_gradient(pairs[0][1], pairs[0][0])
-        for x, z in pairs[1:]:
-            P += dense_gradient(z, x)
+    def row_pairs(self):
+        """``(X_i, Z_i)`` of each micro-batch: the device rows, then the host rows read back one at a time."""
+        yield from zip(self.xs, self.zs)
         for h in self.host:
-            x, z = h.rows()
+            yield h.rows()
+
+    def P(self) -> torch.Tensor:
+        """The whole accumulated ``sum_i Z_i^T X_i`` formed densely (rows and host rows micro-batch by
+        micro-batch, never concatenated, and the dense store)."""
+        x, z = (self.xs[0], self.zs[0]) if self.xs else (self.X(), self.Z())  # (no concatenation)
+        P = dense_gradient(z[:0], x[:0])  # zeros m x n in the compute dtype
+        for x, z in self.row_pairs():
             P += dense_gradient(z, x)
         return P if self.dense is None else P.add_(self.dense)
 

@@ -71,15 +71,9 @@ class LayerGradient:
         b = self.batch
         return b.xs[0].device if b.xs else b.host[0].device if b.host else b.dense.device
 
-    def _row_pairs(self):
-        """``(X_i, Z_i)`` of each micro-batch: the device rows, then the host rows read back one at a time."""
-        yield from zip(self.batch.xs, self.batch.zs)
-        for h in self.host:
-            yield h.rows()
-
     def sketch(self, omega: torch.Tensor) -> torch.Tensor:
         """``P_k Omega`` (m x k) of this rank's share, micro-batch by micro-batch (METHOD.md section 6)."""
-        parts = [sketched_product(z, x, omega) for x, z in self._row_pairs()]
+        parts = [sketched_product(z, x, omega) for x, z in self.batch.row_pairs()]
         if self.dense is not None:
             parts.append(self.dense.to(omega.dtype) @ omega)
         return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
@@ -106,7 +100,7 @@ class LayerGradient:
         """``(sum over all rows of x**2, sum over all rows of (coef z)**2)``, summed over ranks (rounds:
         :mod:`~psilora_ds.ops.rounds`)."""
         b = self.batch
-        parts = [kfac_sums(x, z) for x, z in self._row_pairs()]
+        parts = [kfac_sums(x, z) for x, z in self.batch.row_pairs()]
         if self.dense is not None:
             parts.append((b.folded_x2, b.folded_z2))
         sum_x2, sum_z2 = (torch.stack(t).sum(0) if len(t) > 1 else t[0] for t in zip(*parts))

@@ -7,7 +7,7 @@ check on sums taken before the copy). Held here to the same steps taken with eve
 import pytest
 import torch
 
-from psilora_ds import PSILoRA, ScaledPSILoRA, SVDLoRA
+from psilora_ds import PSILoRA, ScaledPSILoRA, SVDLoRA, find_lora_layers
 from psilora_ds.capture import ActivationCapture, HostRows
 
 from .test_capture import batch, llama_lora
@@ -34,7 +34,7 @@ def run(make, budget, offload, steps=3, poison=None):
 def rows_bytes():
     """Bytes of one step's rows (every layer, every micro-batch) of the runs below."""
     model = llama_lora(seed=5)
-    cap = ActivationCapture(__import__("psilora_ds").find_lora_layers(model), fold=False)
+    cap = ActivationCapture(find_lora_layers(model), fold=False)
     for k in range(MICRO):
         (model(**batch(k, t=12)).loss / MICRO).backward()
     total = cap.nbytes
