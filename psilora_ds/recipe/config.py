@@ -259,7 +259,7 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if not 0.0 <= cfg.momentum_prox < 1.0:
-        raise ConfigError(f"momentum_prox must be in [0, 1) (0: off; 0.3 measured), got {cfg.momentum_prox}")
+        raise ConfigError(f"momentum_prox must be in [0, 1) (0: off; 0.2 measured best), got {cfg.momentum_prox}")
     if not 0 <= cfg.eval_fraction < 1:
         raise ConfigError(f"eval_fraction must be in [0, 1) (0: no evaluation), got {cfg.eval_fraction}")
     if cfg.tiny_hidden_size < 8 or cfg.tiny_hidden_size % 8:
