@@ -68,6 +68,55 @@ def exact_worker(rank, world, out):
         opt.distributor.close()
         opt.remove_hooks()
 
+    # ZeRO 1/2 start each step from the optimizer's factor copy: the fp32 masters written behind the optimizer on
+    # rank 1's partition only (safe_set_full_fp32_param writes the fragment a rank holds) are read again by every
+    # rank, and the run equals one that reads the masters every step
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for stage in (1, 2):
+        runs = {}
+        for copy in (True, False):
+            model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+            opt = make_optimizer("scaled", model)
+            engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(stage))
+            if not copy:
+                opt.distributor.reads_factors_collectively = lambda masters: False
+                opt.refresh_factors()
+            reads = []
+            read = opt.distributor.read_factors
+            opt.distributor.read_factors = lambda *a: reads.append(1) or read(*a)
+            for step, (x, t) in enumerate(batches()):
+                if step == 3 and rank == 1:
+                    for layer in opt.layers:
+                        safe_set_full_fp32_param(layer.B, torch.full(layer.B.shape, 0.01 * (layer.index + 1)))
+                rows = slice(rank * B, (rank + 1) * B)
+                engine.backward(F.mse_loss(engine(x[rows]), t[rows]))
+                engine.step()
+            runs[copy] = (full_factors(opt), len(reads))
+            opt.distributor.close()
+            opt.remove_hooks()
+        # cache-free steps took their products at the old factors: the same write stops every rank with an error
+        from psilora_ds import ScaledPSILoRA
+        from psilora_ds.products import StaleFactorsError
+
+        model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+        opt = ScaledPSILoRA(model, 1e-2, iters=0, cache_free=True)
+        engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(stage))
+        outcomes = []
+        for step, (x, t) in enumerate(batches(4)):
+            if step == 3 and rank == 1:
+                safe_set_full_fp32_param(opt.layers[0].B, torch.full(opt.layers[0].B.shape, 0.01))
+            rows = slice(rank * B, (rank + 1) * B)
+            engine.backward(F.mse_loss(engine(x[rows]), t[rows]))
+            try:
+                engine.step()
+                outcomes.append("stepped")
+            except StaleFactorsError as err:
+                outcomes.append(str(err))
+        runs["cache_free"] = outcomes
+        opt.distributor.close()
+        opt.remove_hooks()
+        torch.save(runs, out / f"behind-{stage}-rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +140,27 @@ def test_zero_two_ranks_equal_one_process_with_double_batch(exact_runs, stage, n
     _, ref_factors, total = one_process_reference(name, batches())
     assert_ranks_match([r["factors"] for r in ranks], ref_factors)
     assert_state_split([r["state_bytes"] for r in ranks], total, sharded=stage >= 1)  # ZeRO >= 1: layer-sharded
-    # factor reads in the steps: ZeRO-3 starts from the optimizer's copy (no all-gathers), the others read
-    # each layer at least once per step (local at stage 0; ZeRO 1/2 would have to read whole to check a copy)
+    # factor reads in the steps: ZeRO >= 1 starts from the optimizer's copy (no all-reduces / all-gathers of the
+    # masters, which were read once when the engine was built), stage 0 reads each layer's local masters each step
     reads = [r["reads"] for r in ranks]
-    assert all(n == 0 for n in reads) if stage == 3 else all(n >= 2 * STEPS for n in reads), reads
+    assert all(n == 0 for n in reads) if stage >= 1 else all(n >= 2 * STEPS for n in reads), reads
+
+
+@pytest.mark.parametrize("stage", (1, 2))
+def test_zero12_factor_copy_rereads_masters_changed_on_one_rank(exact_runs, stage):
+    for k in range(2):
+        runs = torch.load(exact_runs / f"behind-{stage}-rank{k}.pt")
+        (with_copy, reads_copy), (gathered, reads_gathered) = runs[True], runs[False]
+        assert reads_gathered == 2 * STEPS  # 2 layers, a read (an all-reduce per factor) per layer per step
+        assert reads_copy == 2  # both layers once, on both ranks, after rank 1's partition changed
+        for name, (A, B_) in gathered.items():
+            assert torch.equal(with_copy[name][0], A) and torch.equal(with_copy[name][1], B_)
+        first, then = runs["cache_free"][:3], runs["cache_free"][3]
+        assert first == ["stepped"] * 3
+        assert "refresh_factors" in then and ("another rank" in then if k == 0 else "fc1" in then), then
+    # and the write did change the run: it left the unperturbed trajectory (one process, the double batch)
+    _, ref_factors, _ = one_process_reference("scaled", batches())
+    assert all(rel_err(with_copy[name][1], ref_factors[name][1]) > 1e-3 for name in ref_factors)
 
 
 def llama_with_lora():

@@ -106,6 +106,20 @@ class Distributor:
         A_m, B_m = self.read_factors(layer, masters)
         return torch.equal(A_m, A.to(A_m.dtype)) and torch.equal(B_m, B.to(B_m.dtype))
 
+    def factors_changed(self, layers: Sequence[LoRALayer], masters: Sequence[torch.Tensor],
+                        factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One float64 flag per layer of ``layers``, on the device of the given factors: 1 where what this rank
+        holds of the engine's factors differs from the given ``(A, B)``, else 0. A rank answers for its own
+        part only: the caller sums the flags over ranks (the step's flags all-reduce). Here
+        :meth:`factors_match` per layer; engines override it to compare without collectives or host syncs."""
+        device = factors[0][0].device if factors else torch.device("cpu")
+        return torch.tensor([0.0 if self.factors_match(layer, masters, A, B) else 1.0
+                             for layer, (A, B) in zip(layers, factors)], dtype=torch.float64, device=device)
+
+    def factors_synced(self, masters: Sequence[torch.Tensor]) -> None:
+        """Called by the optimizer whenever the factors it holds equal the engine's (after reading them, after
+        writing a step's): an engine that detects changes against a snapshot takes it here."""
+
     # ---- gradients -------------------------------------------------------------------------------
     def grad_coef(self) -> float:
         """Multiplier turning this rank's captured ``Z`` into its share of the engine's gradient."""

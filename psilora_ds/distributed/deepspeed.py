@@ -23,6 +23,11 @@ What the engine changes and how this distributor follows it:
   frees ``p.grad``. PSI-LoRA needs neither: it reads the full fp32 master of each factor with
   ``deepspeed.utils.safe_get_full_fp32_param`` and writes the new one with
   ``safe_set_full_fp32_param``; the engine then copies masters to the low-precision model weights.
+  Reading is a collective per factor (an all-reduce at ZeRO 1/2, an all-gather at ZeRO-3), so steps
+  start from the optimizer's own copy of the factors, checked without communication: at ZeRO-3
+  against this rank's partition of each factor (``safe_get_local_fp32_param``); at ZeRO 1/2, whose
+  fragments have no public local accessor, by comparing this rank's whole flat partition with a
+  snapshot taken when the copy last equalled it (any difference: every layer is read again).
   At stage 0 the LoRA param group still lists one tensor per factor (the fp32 masters under bf16).
 - The engine averages gradients over the data-parallel group and, under fp16, scales the loss:
   a captured ``Z`` is this rank's share of the gradient times the loss scale of its micro-batch, so
@@ -69,6 +74,9 @@ class DeepSpeedDistributor(DDPDistributor):
         self._on_skipped_step = on_skipped_step
         self.dropped_captures = 0
         self._hook = engine.module.register_forward_pre_hook(self._before_forward)
+        # ZeRO 1/2: this rank's flat fp32 partitions of the LoRA group as they were when the optimizer's factors
+        # last equalled the engine's (factors_synced); factors_changed compares against it
+        self._snapshot: list[torch.Tensor] | None = None
 
     def _before_forward(self, module, args) -> None:
         if self.engine.global_steps != self._steps_seen:
@@ -103,32 +111,69 @@ class DeepSpeedDistributor(DDPDistributor):
         safe_set_full_fp32_param(layer.B, B.float())
 
     def reads_factors_collectively(self, masters: Sequence[torch.Tensor]) -> bool:
-        # ZeRO-3: safe_get_full_fp32_param all-gathers, the local partition is public (factors_match);
-        # ZeRO 1/2 would have to read whole to compare, which is no cheaper than reading
-        return self._flattened(masters) and self.stage == 3
+        # ZeRO >= 1: safe_get_full_fp32_param is an all-reduce (1/2) or all-gather (3) per factor, while
+        # factors_changed compares without communication: steps start from the optimizer's factor copy
+        return self._flattened(masters) and self.stage >= 1
 
-    def factors_match(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
-                      B: torch.Tensor) -> bool:
-        if not self._flattened(masters) or self.stage != 3:
-            # stage 0 masters are local; ZeRO 1/2 fragments have no public local accessor: read whole
-            return super().factors_match(layer, masters, A, B)
+    def factors_changed(self, layers: Sequence[LoRALayer], masters: Sequence[torch.Tensor],
+                        factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        if not self._flattened(masters) or self.stage == 0:
+            return super().factors_changed(layers, masters, factors)  # stage 0: the masters are local
+        if self.stage == 3:
+            return self._partitions_changed(layers, factors)
+        # ZeRO 1/2: this rank's flat fp32 partition of the LoRA group (the tensors the engine put in the param
+        # group) holds a fragment of some factors, where in it is not public; but the partition is. Unchanged bit
+        # for bit since the snapshot taken when the optimizer's factors last equalled the engine's means no
+        # factor fragment here changed; changed means some may have: flag every layer (all are read again).
+        snap = self._snapshot
+        if snap is None or len(snap) != len(masters) or any(s.shape != m.shape for s, m in zip(snap, masters)):
+            changed = torch.ones((), dtype=torch.bool)
+        else:
+            changed = torch.stack([torch.ne(_bits(m), _bits(s.to(m.device))).any() for m, s in zip(masters, snap)]).any()
+        device = factors[0][0].device if factors else masters[0].device
+        return changed.to(device=device, dtype=torch.float64).expand(len(layers)).clone()
+
+    def _partitions_changed(self, layers: Sequence[LoRALayer],
+                            factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         from deepspeed.utils import safe_get_local_fp32_param
 
         # ZeRO-3 keeps elements [rank * p, (rank + 1) * p) of the flattened fp32 master here (the layout
-        # safe_set_full_fp32_param writes), the last partition padded
-        for param, full in ((layer.A, A), (layer.B, B)):
-            local = safe_get_local_fp32_param(param).reshape(-1)
-            start = self.rank * local.numel()
-            mine = full.reshape(-1)[start: start + local.numel()].to(local.dtype)
-            if not torch.equal(local[: mine.numel()], mine):
-                return False
-        return True
+        # safe_set_full_fp32_param writes), the last partition padded; compared on the device (no host sync)
+        flags = []
+        for layer, (A, B) in zip(layers, factors):
+            differs = []
+            for param, full in ((layer.A, A), (layer.B, B)):
+                local = safe_get_local_fp32_param(param).reshape(-1)
+                start = self.rank * local.numel()
+                mine = full.reshape(-1)[start: start + local.numel()].to(local.dtype)
+                differs.append(torch.ne(local[: mine.numel()], mine).any().to(A.device))
+            flags.append(torch.stack(differs).any())
+        if not flags:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.stack(flags).to(torch.float64)
+
+    def factors_synced(self, masters: Sequence[torch.Tensor]) -> None:
+        if not self._flattened(masters) or self.stage not in (1, 2):
+            return
+        snap = self._snapshot
+        if snap is not None and len(snap) == len(masters) and all(
+                s.shape == m.shape and s.device == m.device for s, m in zip(snap, masters)):
+            for s, m in zip(snap, masters):
+                s.copy_(m.detach())
+        else:
+            self._snapshot = [m.detach().clone() for m in masters]
 
     def other_grads_are_sharded(self) -> bool:
         return self.stage >= 1
 
     def close(self) -> None:
         self._hook.remove()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements as same-size integers: compared bit for bit (a NaN equals itself, -0.0 differs from 0.0)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.detach().reshape(-1).view(ints[t.element_size()])
 
 
 def check_world(engine) -> None:

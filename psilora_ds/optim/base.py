@@ -139,6 +139,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             self.capture.set_factors(layer.index, A, B, self._momentum_factors(state, group))
         for layer in stepped:
             d.release_state(layer, self.state[layer.A])
+        d.factors_synced(group["params"])
         self.capture.step = self.steps_taken
         self.capture.keep_rows = self._spectral_pending(group)  # its K >= 1 iterations need the rows
 
@@ -152,6 +153,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             if A.shape == (layer.rank, layer.in_features):  # (not partitioned from birth with no engine yet)
                 copy[layer.index] = (A, B)
         self._factor_copy = copy
+        self.distributor.factors_synced(self._lora_group["params"])
 
     def _read_factor_copy(self, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
         """The engine's factors of ``layer``, as the optimizer's own copy (a collective where they are sharded)."""
@@ -294,10 +296,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
             flags[idx] = batch.rows
         autograd = {idx: pair for idx in batches if (pair := self._autograd_products(idx)) is not None}
         flags[L] = 0.0 if self._all_finite(batches, autograd, others_now) else 1.0
-        if copy is not None:
-            params = self._lora_group["params"]
-            for idx, (A, B) in copy.items():
-                flags[L + 1 + idx] = 0.0 if d.factors_match(self.layers[idx], params, A, B) else 1.0
+        if copy:
+            idxs = list(copy)
+            flags[[L + 1 + idx for idx in idxs]] = d.factors_changed(
+                [self.layers[idx] for idx in idxs], self._lora_group["params"], list(copy.values())).to(flags.device)
         flags = d.all_reduce_(flags).tolist()
         if copy is not None:
             self._reread_changed_factors([idx for idx in range(L) if flags[L + 1 + idx] > 0])
@@ -368,6 +370,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
             d.release_state(layer, state)
             if grad.autograd is not None:  # consumed: the next step's gradients start from zero
                 layer.A.grad = layer.B.grad = None
+        if plan.grads:  # what the optimizer holds (copy or capture factors) is what the engine holds now
+            d.factors_synced(group["params"])
 
     def _autograd_products(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Autograd's ``(A.grad, B.grad)`` of layer ``idx`` when the step may use them in place of the
@@ -399,13 +403,17 @@ class LoRAOptimizer(torch.optim.Optimizer):
                     len(changed))
         for idx in changed:
             self._factor_copy[idx] = self._read_factor_copy(self.layers[idx])
+        self.distributor.factors_synced(self._lora_group["params"])
 
     def _stale_layers(self, rows: list[float]) -> list[int]:
-        """Layers (captured on some rank) whose engine factors differ from the copy the products were taken at;
-        the same layers in the same order on every rank (ZeRO 1/2 read whole: a collective per layer)."""
-        group = self._lora_group
-        return [idx for idx, n in enumerate(rows) if n > 0
-                and not self.distributor.factors_match(self.layers[idx], group["params"], *self.capture.factors(idx))]
+        """Layers (captured on some rank) whose engine factors, as far as this rank holds them, differ from the copy
+        the products were taken at (local checks: the callers sum the count over ranks, so that all raise)."""
+        idxs = [idx for idx, n in enumerate(rows) if n > 0]
+        if not idxs:
+            return []
+        changed = self.distributor.factors_changed([self.layers[idx] for idx in idxs], self._lora_group["params"],
+                                                   [self.capture.factors(idx) for idx in idxs]).tolist()
+        return [idx for idx, c in zip(idxs, changed) if c > 0]
 
     def _raise_if_stale(self, stale: list[int], count: torch.Tensor) -> None:
         """``count``: the stale layers summed over ranks."""
