@@ -1,7 +1,8 @@
 """Bytes the optimizer hands to collectives per step on 2 ranks (gloo, CPU), against the bytes of
 the LoRA gradients (what plain data-parallel LoRA all-reduces): small LLaMA, LoRA r=16 on all linear
 layers, DDP (replicated state) and DeepSpeed ZeRO-2 (layer-sharded state). The engine's own
-reduction of A.grad/B.grad is not counted.
+reduction of A.grad/B.grad is not counted; the optimizer's reads of the fp32 masters through DeepSpeed
+(``safe_get_full_fp32_param``: an all-reduce of the whole factor each at ZeRO-2) are, in their own column.
 
     python bench/comm.py [--write docs/BENCHMARKS.md]
 """
@@ -66,14 +67,26 @@ def worker(rank, world, out):
                        "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
                 ds_engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=cfg)
                 fwd, bwd, step = ds_engine, ds_engine.backward, ds_engine.step
+            reads = [0, 0]  # bytes and calls of the master reads in the counted step
+            if engine != "DDP":  # (DDP reads the model's own parameters: no communication)
+                read = opt.distributor.read_factors
+
+                def counted(*a, read=read, reads=reads):
+                    A, B = read(*a)
+                    reads[0] += (A.numel() + B.numel()) * 4
+                    reads[1] += 2
+                    return A, B
+
+                opt.distributor.read_factors = counted
             for k in range(2):  # the second step is counted (sharded state is broadcast from then on)
                 opt.distributor.comm_bytes = dict.fromkeys(opt.distributor.comm_bytes, 0)
+                reads[:] = [0, 0]
                 bwd(fwd(input_ids=ids, labels=ids).loss)
                 step()
                 if engine == "DDP":
                     opt.zero_grad()
             lora = sum(layer.rank * (layer.in_features + layer.out_features) * 4 for layer in opt.layers)
-            results[(engine, name)] = (dict(opt.distributor.comm_bytes), lora)
+            results[(engine, name)] = (dict(opt.distributor.comm_bytes), lora, None if engine == "DDP" else reads)
             if engine != "DDP":
                 opt.distributor.close()
             opt.remove_hooks()
@@ -93,17 +106,22 @@ def main() -> None:
         run_distributed(worker, 2, out)
         results = torch.load(os.path.join(out, "comm.pt"))
     rows = []
-    for (engine, name), (comm, lora) in results.items():
-        rows.append([engine, name, comm["all_reduce"], comm["broadcast"], lora,
-                     f"{comm['all_reduce'] / lora:.2f}", f"{(comm['all_reduce'] + comm['broadcast']) / lora:.2f}"])
-    table = markdown_table(["engine", "method", "all-reduce B/step", "broadcast B/step", "LoRA gradient B",
-                            "all-reduce / LoRA grad", "all / LoRA grad"], rows)
+    for (engine, name), (comm, lora, reads) in results.items():
+        read_bytes = reads[0] if reads else 0
+        rows.append([engine, name, comm["all_reduce"], comm["broadcast"],
+                     "local" if reads is None else f"{reads[0]} ({reads[1]} calls)", lora,
+                     f"{comm['all_reduce'] / lora:.2f}",
+                     f"{(comm['all_reduce'] + comm['broadcast'] + read_bytes) / lora:.2f}"])
+    table = markdown_table(["engine", "method", "all-reduce B/step", "broadcast B/step", "master reads B/step",
+                            "LoRA gradient B", "all-reduce / LoRA grad", "all / LoRA grad"], rows)
     print(table)
     if args.write:
         write_section(args.write, "Communication per step (2 ranks)", "python bench/comm.py", table +
                       "\n\nSmall LLaMA (hidden 256, 2 blocks, 14 LoRA layers, r = 16), one step after a first one. "
                       "All-reduce: the LoRSum thin products (2 per inner iteration, step and momentum), the K-FAC "
-                      "vectors, the per-layer flags; broadcast: the sharded state of the layers a rank does not own.")
+                      "vectors, the per-layer flags; broadcast: the sharded state of the layers a rank does not own; master "
+                      "reads: the fp32 factors read from the engine during the step (ZeRO-2 starts each step from the "
+                      "optimizer's own copy, so none unless a factor changed behind the optimizer).")
 
 
 if __name__ == "__main__":

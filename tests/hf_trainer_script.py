@@ -94,6 +94,12 @@ def resume(out, stage):
         states[name] = TrainableParams(model, trainer.psilora_optimizer).state()
         states[name + "_steps"] = trainer.psilora_optimizer.steps_taken
     if int(os.environ.get("RANK", "0")) == 0:
+        # what the engine's own checkpoint holds of the model (transformers saves a peft model's without the frozen base)
+        import glob
+
+        files = glob.glob(os.path.join(out, "straight", "checkpoint-3", "global_step*", "mp_rank_00_model_states.pt"))
+        states["checkpoint_module_keys"] = [sorted(torch.load(f, weights_only=False)["module"]) for f in files]
+        states["parameters"] = {n: p.requires_grad for n, p in model.named_parameters()}
         torch.save(states, os.path.join(out, "resume.pt"))
 
 

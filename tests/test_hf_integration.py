@@ -169,3 +169,9 @@ def test_trainer_deepspeed_checkpoint_resume_continues_identically(tmp_path, ite
     assert states["straight_steps"] == states["resumed_steps"] == script.STEPS  # steps_taken is in the state too
     for name, value in states["straight"].items():
         assert torch.equal(states["resumed"][name], value), name
+    # the checkpoint carries the trainable parameters, never the frozen base
+    (keys,) = states["checkpoint_module_keys"]
+    frozen = {n for n, trainable in states["parameters"].items() if not trainable}
+    trainable = {n for n, t in states["parameters"].items() if t}
+    assert frozen and not frozen & set(keys), sorted(frozen & set(keys))[:5]
+    assert trainable <= set(keys), sorted(trainable - set(keys))[:5]

@@ -95,26 +95,23 @@ class Distributor:
         B_master.copy_(B)
 
     def reads_factors_collectively(self, masters: Sequence[torch.Tensor]) -> bool:
-        """Whether :meth:`read_factors` is a collective while :meth:`factors_match` is local (sharded factors):
+        """Whether :meth:`read_factors` is a collective while :meth:`factors_changed` is local (sharded factors):
         then cached steps start from the optimizer's own copy of the factors instead of gathering them."""
         return False
-
-    def factors_match(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
-                      B: torch.Tensor) -> bool:
-        """Whether the engine's copy of the layer's factors equals ``(A, B)`` bit for bit. Here: read whole;
-        engines that shard them compare this rank's shard where they can (no collective)."""
-        A_m, B_m = self.read_factors(layer, masters)
-        return torch.equal(A_m, A.to(A_m.dtype)) and torch.equal(B_m, B.to(B_m.dtype))
 
     def factors_changed(self, layers: Sequence[LoRALayer], masters: Sequence[torch.Tensor],
                         factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One float64 flag per layer of ``layers``, on the device of the given factors: 1 where what this rank
-        holds of the engine's factors differs from the given ``(A, B)``, else 0. A rank answers for its own
-        part only: the caller sums the flags over ranks (the step's flags all-reduce). Here
-        :meth:`factors_match` per layer; engines override it to compare without collectives or host syncs."""
+        holds of the engine's factors differs from the given ``(A, B)`` bit for bit, else 0. A rank answers for
+        its own part only: the caller sums the flags over ranks (the step's flags all-reduce). Here: read whole;
+        engines that shard the factors override it to compare without collectives or host syncs."""
+        flags = []
+        for layer, (A, B) in zip(layers, factors):
+            A_m, B_m = self.read_factors(layer, masters)
+            same = torch.equal(A_m, A.to(A_m.dtype)) and torch.equal(B_m, B.to(B_m.dtype))
+            flags.append(0.0 if same else 1.0)
         device = factors[0][0].device if factors else torch.device("cpu")
-        return torch.tensor([0.0 if self.factors_match(layer, masters, A, B) else 1.0
-                             for layer, (A, B) in zip(layers, factors)], dtype=torch.float64, device=device)
+        return torch.tensor(flags, dtype=torch.float64, device=device)
 
     def factors_synced(self, masters: Sequence[torch.Tensor]) -> None:
         """Called by the optimizer whenever the factors it holds equal the engine's (after reading them, after

@@ -62,13 +62,21 @@ class FSDP2Distributor(DDPDistributor):
     def reads_factors_collectively(self, masters: Sequence[torch.Tensor]) -> bool:
         return self.shards_cut_locally and any(isinstance(p, DTensor) for p in masters)
 
-    def factors_match(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
-                      B: torch.Tensor) -> bool:
-        params = super().read_factors(layer, masters)
-        if not self.shards_cut_locally or not all(isinstance(p, DTensor) for p in params):
-            return super().factors_match(layer, masters, A, B)  # read whole: on every rank alike
-        return all(torch.equal(param.to_local(), _local_shard(full.to(param.dtype), param))
-                   for param, full in zip(params, (A, B)))
+    def factors_changed(self, layers: Sequence[LoRALayer], masters: Sequence[torch.Tensor],
+                        factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        flags = []
+        for layer, (A, B) in zip(layers, factors):
+            params = super().read_factors(layer, masters)
+            if not self.shards_cut_locally or not all(isinstance(p, DTensor) for p in params):
+                flags.append(super().factors_changed([layer], masters, [(A, B)])[0])  # read whole: every rank alike
+                continue
+            # this rank's shards against the same cut of the copy: no collective, compared on the device
+            differs = [torch.ne(param.to_local(), _local_shard(full.to(param.dtype), param)).any()
+                       for param, full in zip(params, (A, B))]
+            flags.append(torch.stack(differs).any().to(device=A.device, dtype=torch.float64))
+        if not flags:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.stack(flags)
 
     def other_grads_are_sharded(self) -> bool:
         return True
