@@ -71,7 +71,7 @@ def run_tokens(args, tokens: int, dtype: torch.dtype) -> list[list[object]]:
             sync(DEVICE)
             start = time.perf_counter()
             for ids in micro:
-                (model(input_ids=ids, labels=ids).loss / len(micro)).backward()
+                (model(input_ids=ids, labels=ids, use_cache=False).loss / len(micro)).backward()
             capture = getattr(opt, "capture", None)
             if capture is not None:
                 folded[name] = capture.folded_layers()

@@ -81,7 +81,7 @@ def worker(rank, world, out):
             for k in range(2):  # the second step is counted (sharded state is broadcast from then on)
                 opt.distributor.comm_bytes = dict.fromkeys(opt.distributor.comm_bytes, 0)
                 reads[:] = [0, 0]
-                bwd(fwd(input_ids=ids, labels=ids).loss)
+                bwd(fwd(input_ids=ids, labels=ids, use_cache=False).loss)
                 step()
                 if engine == "DDP":
                     opt.zero_grad()

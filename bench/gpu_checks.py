@@ -77,7 +77,7 @@ def train(stage: int, data: list[torch.Tensor], overflow_at: int | None, report:
     start = full_factors(opt)
     for step, ids in enumerate(data):
         ids = ids.to(engine.device)
-        loss = engine(input_ids=ids, labels=ids).loss
+        loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
         skip = step == overflow_at
         if skip:
             loss = loss * float("inf")
@@ -154,7 +154,7 @@ def offload(args) -> int:
             for step in data:
                 for ids in step:
                     ids = ids.cuda()
-                    (model(input_ids=ids, labels=ids).loss / micro).backward()
+                    (model(input_ids=ids, labels=ids, use_cache=False).loss / micro).backward()
                 opt.step()
                 opt.zero_grad()
             torch.cuda.synchronize()

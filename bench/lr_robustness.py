@@ -111,7 +111,7 @@ def pretrained_base(cache: str, steps: int) -> tuple[str, float]:
     batches = micro_batches(train, cfg, 0, 1, tok.pad_token_id)
     model.train()
     for step in range(steps):
-        loss = model(**next(batches)).loss
+        loss = model(**next(batches), use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -123,7 +123,7 @@ def pretrained_base(cache: str, steps: int) -> tuple[str, float]:
     with torch.no_grad():
         eval_batches = micro_batches(evalset, cfg, 0, 1, tok.pad_token_id, shuffle=False)
         n = max(1, len(evalset) // cfg.micro_batch_size)
-        eval_loss = sum(model(**next(eval_batches)).loss.item() for _ in range(n)) / n
+        eval_loss = sum(model(**next(eval_batches), use_cache=False).loss.item() for _ in range(n)) / n
     model.save_pretrained(path)
     tok.save_pretrained(path)
     with open(done, "w") as f:

@@ -134,7 +134,7 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = engine(input_ids=ids, labels=ids).loss
+        loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
         in_steps = max(in_steps, memory_now())  # activations and the capture are largest here
         engine.backward(loss)
         if cuda:

@@ -57,10 +57,10 @@ def profile(run, ids) -> None:
 
     model, opt = run
     for _ in range(3):
-        model(input_ids=ids, labels=ids).loss.backward()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    model(input_ids=ids, labels=ids).loss.backward()
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with torch_profile(activities=activities) as prof:
         opt.step()
@@ -112,7 +112,7 @@ def main() -> None:
         for name, (model, opt) in runs.items():
             sync(device)
             start = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             sync(device)

@@ -600,3 +600,39 @@ def test_lr_not_given_is_chosen_per_optim_and_model_and_logged(caplog):
     assert resolve_lr(TrainConfig(lr=0.5)).lr == 0.5
     lines = [r.getMessage() for r in caplog.records if "lr not given" in r.getMessage()]
     assert len(lines) == 4 and "tune --lr" in lines[2] and "bench/finetune_real.py" in lines[0]
+
+
+def test_training_and_evaluation_forwards_build_no_kv_cache():
+    """The recipe's forwards pass ``use_cache=False``: with the config's default (True) a causal LM would build a KV
+    cache in every training forward, copying every layer's keys and values (memory no step needs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from psilora_ds.recipe.config import TrainConfig
+    from psilora_ds.recipe.loop import evaluate, train_step
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert model.config.use_cache
+    caches = []
+    model.register_forward_hook(lambda module, args, out: caches.append(out.past_key_values))
+
+    class Engine:  # the recipe's engine interface over the plain model
+        def __call__(self, **batch):
+            return model(**batch)
+
+        def backward(self, loss):
+            loss.backward()
+
+        def step(self):
+            model.zero_grad()
+
+    ids = torch.randint(0, 50, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    cfg = TrainConfig(micro_batch_size=2, gradient_accumulation_steps=2, eval_batches=2)
+    record = train_step(Engine(), iter([batch, batch]), cfg, 1, torch.device("cpu"), 1)
+    rows = [{"input_ids": ids[0].tolist(), "labels": ids[0].tolist()}] * 4  # (the tokenized dataset's records)
+    metrics = evaluate(Engine(), model, rows, cfg, 0, 1, 0, torch.device("cpu"))
+    assert len(caches) == 4 and math.isfinite(record["loss"]) and math.isfinite(metrics["eval_loss"])
+    assert all(cache is None for cache in caches), caches
+    assert model(input_ids=ids).past_key_values is not None  # (what the hook would have seen without it)

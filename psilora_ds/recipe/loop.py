@@ -24,7 +24,7 @@ def train_step(engine, stream: Iterator[dict[str, torch.Tensor]], cfg: TrainConf
     losses, tokens = [], 0.0
     for _ in range(cfg.gradient_accumulation_steps):
         batch = {k: v.to(device) for k, v in next(stream).items()}
-        loss = engine(**batch).loss
+        loss = engine(**batch, use_cache=False).loss  # (a KV cache would copy every layer's keys and values)
         engine.backward(loss)
         fault_point("step", step)
         engine.step()
@@ -56,7 +56,7 @@ def evaluate(engine, model, eval_ds, cfg: TrainConfig, rank: int, world: int, pa
     for _ in range(cfg.eval_batches):
         batch = {k: v.to(device) for k, v in next(stream).items()}
         tokens = float((batch["labels"][:, 1:] != -100).sum())
-        total[0] += float(engine(**batch).loss) * tokens
+        total[0] += float(engine(**batch, use_cache=False).loss) * tokens
         total[1] += tokens
     model.train()
     loss_sum, tokens = over_ranks(total)
