@@ -63,6 +63,19 @@ def make_optimizer(name, model, **kw):
     return ScaledPSILoRA(model, 1e-2, betas=(0.9, 0.99), iters=2, damping=1e-6, **kw)
 
 
+def count_factor_reads(opt, *, copy: bool = True) -> list:
+    """Count the optimizer's reads of the engine's factors (a collective each where they are sharded): the list
+    returned grows by one per read. ``copy=False``: read them every step instead of starting from the optimizer's
+    own factor copy."""
+    if not copy:
+        opt.distributor.reads_factors_collectively = lambda masters: False
+        opt.refresh_factors()
+    reads = []
+    read = opt.distributor.read_factors
+    opt.distributor.read_factors = lambda *a: reads.append(1) or read(*a)
+    return reads
+
+
 def regression_batches(seed, steps, rows):
     """``steps`` batches of ``rows`` inputs (12 features) and targets (3) for the two-layer test net."""
     g = torch.Generator().manual_seed(seed)

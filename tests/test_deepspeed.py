@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 
-from .distributed import (OPTIMIZERS, assert_ranks_match, assert_state_split, make_optimizer, one_process_reference,
-                          regression_batches, rel_err, run_distributed)
+from .distributed import (OPTIMIZERS, assert_ranks_match, assert_state_split, count_factor_reads, make_optimizer,
+                          one_process_reference, regression_batches, rel_err, run_distributed)
 from .models import lora_two_layer_net
 
 pytestmark = pytest.mark.slow
@@ -55,9 +55,7 @@ def exact_worker(rank, world, out):
         model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
         opt = make_optimizer(name, model, fold=fold)
         engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(stage))
-        reads = []
-        read = opt.distributor.read_factors
-        opt.distributor.read_factors = lambda *a: reads.append(1) or read(*a)
+        reads = count_factor_reads(opt)
         for x, t in batches():
             rows = slice(rank * B, (rank + 1) * B)
             loss = F.mse_loss(engine(x[rows]), t[rows])
@@ -79,12 +77,7 @@ def exact_worker(rank, world, out):
             model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
             opt = make_optimizer("scaled", model)
             engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(stage))
-            if not copy:
-                opt.distributor.reads_factors_collectively = lambda masters: False
-                opt.refresh_factors()
-            reads = []
-            read = opt.distributor.read_factors
-            opt.distributor.read_factors = lambda *a: reads.append(1) or read(*a)
+            reads = count_factor_reads(opt, copy=copy)
             for step, (x, t) in enumerate(batches()):
                 if step == 3 and rank == 1:
                     for layer in opt.layers:

@@ -10,8 +10,8 @@ from torch.distributed.tensor import DTensor
 from psilora_ds.distributed import DDPDistributor, FSDP2Distributor
 from psilora_ds.distributed.fsdp import load_checkpoint, save_checkpoint
 
-from .distributed import (OPTIMIZERS, assert_ranks_match, assert_state_split, make_optimizer, one_process_reference,
-                          regression_batches, rel_err, run_distributed)
+from .distributed import (OPTIMIZERS, assert_ranks_match, assert_state_split, count_factor_reads, make_optimizer,
+                          one_process_reference, regression_batches, rel_err, run_distributed)
 from .models import lora_two_layer_net
 
 pytestmark = pytest.mark.slow
@@ -78,12 +78,7 @@ def worker(rank, world, out):
             fsdp_module._cut_like_distribute_tensor = lambda param: False
         opt = make_optimizer("scaled", model, distributor=FSDP2Distributor())
         fsdp_module._cut_like_distribute_tensor = cut
-        if copy is False:
-            opt.distributor.reads_factors_collectively = lambda masters: False
-            opt.refresh_factors()
-        reads = []
-        read = opt.distributor.read_factors
-        opt.distributor.read_factors = lambda *a: reads.append(1) or read(*a)
+        reads = count_factor_reads(opt, copy=copy is not False)
         for step, (x, t) in enumerate(batches()):
             if step == 3 and rank == 0:
                 with torch.no_grad():
