@@ -636,3 +636,66 @@ def test_training_and_evaluation_forwards_build_no_kv_cache():
     assert len(caches) == 4 and math.isfinite(record["loss"]) and math.isfinite(metrics["eval_loss"])
     assert all(cache is None for cache in caches), caches
     assert model(input_ids=ids).past_key_values is not None  # (what the hook would have seen without it)
+
+
+def test_evaluation_is_one_pass_over_the_held_out_split():
+    """The eval loss is the token-weighted mean over every held-out sequence once (computed here sequence by
+    sequence), whatever the micro-batch size; on 2 ranks with an odd count each rank runs the same number of
+    forwards and the ranks' sums add up to it; ``eval_batches`` takes the first micro-batches of the pass."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from psilora_ds.recipe.config import TrainConfig
+    from psilora_ds.recipe.loop import evaluate
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for n in (5, 9, 12, 7, 12, 3, 10):  # 7 sequences of unequal lengths, prompt tokens masked in one
+        ids = torch.randint(1, 50, (n,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:] if n == 9 else ids})
+    nll = tokens = 0.0
+    with torch.no_grad():
+        for r in rows:
+            labels = torch.tensor([r["labels"]])
+            count = float((labels[:, 1:] != -100).sum())
+            nll += float(model(input_ids=torch.tensor([r["input_ids"]]), labels=labels).loss) * count
+            tokens += count
+    expected = nll / tokens
+    forwards = []
+    model.register_forward_hook(lambda module, args, out: forwards.append(1))
+
+    def engine(**batch):
+        return model(**batch)
+
+    def run(mbs, rank=0, world=1, eval_batches=0):
+        import psilora_ds.recipe.loop as loop
+
+        cfg = TrainConfig(micro_batch_size=mbs, eval_batches=eval_batches)
+        sums = []
+        over = loop.over_ranks
+        loop.over_ranks = lambda values: sums.append(list(values)) or values  # this rank's (loss sum, tokens)
+        try:
+            forwards.clear()
+            result = loop.evaluate(engine, model, rows, cfg, rank, world, 0, torch.device("cpu"))
+        finally:
+            loop.over_ranks = over
+        return result, sums[0], len(forwards)
+
+    for mbs in (1, 2, 3, 7):
+        result, _, n = run(mbs)
+        assert result["eval_loss"] == pytest.approx(expected, rel=1e-5) and n == math.ceil(7 / mbs)
+    for mbs in (1, 2, 3):  # rank 0 holds 4 sequences, rank 1 holds 3
+        (_, s0, n0), (_, s1, n1) = run(mbs, 0, 2), run(mbs, 1, 2)
+        assert n0 == n1 == math.ceil(4 / mbs)
+        assert (s0[0] + s1[0]) / (s0[1] + s1[1]) == pytest.approx(expected, rel=1e-5)
+        assert s0[1] + s1[1] == tokens
+    first, _, n = run(2, eval_batches=1)  # the first micro-batch: sequences 0 and 1
+    assert n == 1
+    both = [(5, rows[0]), (9, rows[1])]
+    with torch.no_grad():
+        parts = [(float(model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss),
+                  sum(1 for t in r["labels"][1:] if t != -100)) for _, r in both]
+    assert first["eval_loss"] == pytest.approx(sum(loss * c for loss, c in parts) / sum(c for _, c in parts), rel=1e-5)
+    assert run(2, eval_batches=50)[2] == 4  # more than the split: one pass, never wrapped around

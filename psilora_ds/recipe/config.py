@@ -94,7 +94,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
     max_steps: int = opt(300, "optimizer steps")
     eval_every: int = opt(25, "evaluate every N optimizer steps (and at the end)")
-    eval_batches: int = opt(8, "micro-batches per evaluation")
+    eval_batches: int = opt(0, "micro-batches per rank per evaluation, the first of a pass over the held-out split (0: the whole split, each sequence once)")
     log_every: int = opt(1, "write a metrics line every N steps")
     save_every: int = opt(50, "checkpoint every N steps (0: only at the end)")
     save_total_limit: int = opt(2, "keep the newest N checkpoints")
@@ -247,11 +247,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.clip_norm_probes < 0:
         raise ConfigError(f"clip_norm_probes must be >= 0 (0: exact norm), got {cfg.clip_norm_probes}")
     for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_seq_len", "lora_r",
-                 "eval_every", "eval_batches", "log_every", "corpus_lines", "tiny_layers"):
+                 "eval_every", "log_every", "corpus_lines", "tiny_layers"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("save_every", "save_total_limit", "warmup_steps", "max_grad_norm", "weight_decay", "other_lr",
-                 "loraplus_lr_ratio", "riemannian_reg"):
+    for name in ("save_every", "save_total_limit", "eval_batches", "warmup_steps", "max_grad_norm", "weight_decay",
+                 "other_lr", "loraplus_lr_ratio", "riemannian_reg"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lora_alpha <= 0:

@@ -13,7 +13,7 @@ import torch
 from ..optim.base import LoRAOptimizer
 from .checkpoint import fault_point
 from .config import TrainConfig
-from .data import micro_batches
+from .data import IGNORE, collate, micro_batches
 from .ranks import over_ranks
 
 
@@ -49,15 +49,27 @@ def optimizer_metrics(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(engine, model, eval_ds, cfg: TrainConfig, rank: int, world: int, pad_id: int,
              device: torch.device) -> dict[str, float]:
-    """Token-weighted mean loss over ``eval_batches`` micro-batches per rank, and its perplexity."""
+    """Token-weighted mean loss over one pass of the held-out split, and its perplexity: rank ``k`` takes
+    sequences ``k, k + world, ...`` in micro-batches, each sequence counted once (``eval_batches`` > 0: at most
+    that many micro-batches per rank, the first of the pass). Every rank runs the same number of forwards
+    (ZeRO-3 and FSDP2 gather parameters in them): a rank out of sequences repeats one with no label counted."""
     model.eval()
-    stream = micro_batches(eval_ds, cfg, rank, world, pad_id, shuffle=False)
+    mine = list(range(rank, len(eval_ds), world))
+    n_batches = math.ceil(math.ceil(len(eval_ds) / world) / cfg.micro_batch_size)
+    if cfg.eval_batches > 0:
+        n_batches = min(n_batches, cfg.eval_batches)
     total = [0.0, 0.0]
-    for _ in range(cfg.eval_batches):
-        batch = {k: v.to(device) for k, v in next(stream).items()}
-        tokens = float((batch["labels"][:, 1:] != -100).sum())
-        total[0] += float(engine(**batch, use_cache=False).loss) * tokens
-        total[1] += tokens
+    for b in range(n_batches):
+        rows = mine[b * cfg.micro_batch_size:(b + 1) * cfg.micro_batch_size]
+        batch = collate([eval_ds[i] for i in (rows or mine[-1:])], pad_id)
+        if not rows:
+            batch["labels"].fill_(IGNORE)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        tokens = float((batch["labels"][:, 1:] != IGNORE).sum())
+        loss = engine(**batch, use_cache=False).loss
+        if tokens > 0:  # (no counted label: the loss is 0 / 0)
+            total[0] += float(loss) * tokens
+            total[1] += tokens
     model.train()
     loss_sum, tokens = over_ranks(total)
     loss = loss_sum / max(tokens, 1.0)
