@@ -3,6 +3,7 @@ gradient computed independently by autograd on the dense effective weights."""
 
 import copy
 import io
+import logging
 
 import pytest
 import torch
@@ -340,6 +341,29 @@ def test_non_finite_factors_skip_the_whole_step():
     model_loss(model, x, t).backward()
     opt.step()  # the next finite step proceeds
     assert opt.state_dict()["layers"][opt.layers[0].name]["step"] == 2
+
+
+def test_a_diverged_run_is_told_apart_from_a_transient_overflow(caplog):
+    """A non-finite gradient with finite factors is a warning (the next step may be fine); factors that are
+    themselves non-finite (the run diverged) make every later step skip: an error that says so."""
+    model = lora_two_layer_net(head_trainable=True)
+    opt = ScaledPSILoRA(model, 1e-2)
+    x, t = data(0)
+    with caplog.at_level(logging.WARNING, logger="psilora_ds.optim.base"):
+        (model_loss(model, x, t) * float("inf")).backward()
+        opt.step()
+        opt.zero_grad()
+        transient = [r for r in caplog.records if "skipped" in r.getMessage()]
+        assert len(transient) == 1 and transient[0].levelno == logging.WARNING
+        assert "diverged" not in transient[0].getMessage()
+        caplog.clear()
+        with torch.no_grad():
+            opt.layers[1].B[0, 0] = float("nan")
+        model_loss(model, x, t).backward()
+        opt.step()
+    diverged = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(diverged) == 1 and diverged[0].levelno == logging.ERROR and "diverged" in diverged[0].getMessage()
+    assert opt.skipped_steps == 2
 
 
 @pytest.mark.parametrize("reuse", [True, False])

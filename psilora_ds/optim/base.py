@@ -306,7 +306,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
         flags = flags[: L + 1]
         if flags[-1] > 0:
             self.skipped_steps += 1
-            logger.warning("non-finite gradient factors: step skipped on all ranks (%d so far)", self.skipped_steps)
+            if self._factors_diverged():
+                logger.error("step skipped on all ranks (%d so far): the LoRA factors themselves are not finite, so the "
+                             "run has diverged and every later step will be skipped too; resume from a checkpoint "
+                             "with a lower lr (or stronger clipping)", self.skipped_steps)
+            else:
+                logger.warning("non-finite gradient factors: step skipped on all ranks (%d so far)", self.skipped_steps)
             return _StepPlan(skip=True, clip=1.0, grads={})
         # A layer that captured nothing on any rank is left out: it keeps its factors and state,
         # as torch optimizers skip parameters whose grad is None.
@@ -473,6 +478,17 @@ class LoRAOptimizer(torch.optim.Optimizer):
         """This rank's part of the other parameters' gradients (the local shard of a DTensor)."""
         grads = [p.grad for p in self._other_params(groups) if p.grad is not None]
         return [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+
+    def _factors_diverged(self) -> bool:
+        """Whether some layer's factors, as the next step would start from them, are not finite on some rank (the
+        skipped-step path only: every rank is here together; one all-reduce)."""
+        bad = []
+        for layer in self.layers:
+            A, B = self._start_factors(layer)
+            bad.append(~(torch.isfinite(A).all() & torch.isfinite(B).all()))
+        flag = (torch.stack(bad).any() if bad else torch.zeros((), dtype=torch.bool)).to(
+            device=self.layers[0].A.device, dtype=torch.float64).reshape(1)
+        return float(self.distributor.all_reduce_(flag)[0]) > 0
 
     def _all_finite(self, batches: dict[int, LayerBatch], autograd: dict[int, tuple[torch.Tensor, torch.Tensor]],
                     other_groups: list[dict[str, Any]]) -> bool:
