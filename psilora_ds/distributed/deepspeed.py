@@ -129,7 +129,8 @@ class DeepSpeedDistributor(DDPDistributor):
         if snap is None or len(snap) != len(masters) or any(s.shape != m.shape for s, m in zip(snap, masters)):
             changed = torch.ones((), dtype=torch.bool)
         else:
-            changed = torch.stack([torch.ne(_bits(m), _bits(s.to(m.device))).any() for m, s in zip(masters, snap)]).any()
+            changed = torch.stack([torch.ne(_bits(m), _bits(s.to(m.device))).any()
+                                   for m, s in zip(masters, snap)]).any()
         device = factors[0][0].device if factors else masters[0].device
         return changed.to(device=device, dtype=torch.float64).expand(len(layers)).clone()
 

@@ -307,9 +307,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if flags[-1] > 0:
             self.skipped_steps += 1
             if self._factors_diverged():
-                logger.error("step skipped on all ranks (%d so far): the LoRA factors themselves are not finite, so the "
-                             "run has diverged and every later step will be skipped too; resume from a checkpoint "
-                             "with a lower lr (or stronger clipping)", self.skipped_steps)
+                logger.error("step skipped on all ranks (%d so far): the LoRA factors themselves are not finite, so "
+                             "the run has diverged and every later step will be skipped too; resume from a "
+                             "checkpoint with a lower lr (or stronger clipping)", self.skipped_steps)
             else:
                 logger.warning("non-finite gradient factors: step skipped on all ranks (%d so far)", self.skipped_steps)
             return _StepPlan(skip=True, clip=1.0, grads={})
