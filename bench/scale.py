@@ -1,10 +1,11 @@
-"""Scale: a LLaMA of up to ~0.9 B parameters with LoRA on every projection, DeepSpeed ZeRO-3 on 2 ranks (gloo
+"""Scale: a LLaMA of up to ~0.9 B parameters with LoRA on every projection, DeepSpeed ZeRO-3 (or 2) on 2 ranks (gloo
 on CPU, NCCL on GPUs), LoRA-AdamW against PreconditionedLoRA and Scaled PSI-LoRA with iters 0 (cache-free)
 and 1 (cached rows), side by side in one run. Each method runs in fresh processes (peak memory is per
 process), the same model, data and steps.
 
     python bench/scale.py                       # hidden 1024, 8 layers (~0.1 B), 128 tokens per rank
     python bench/scale.py --shape 0.9b          # hidden 2048, 24 layers, as in the scale issue (~10 GB per rank)
+    python bench/scale.py --stage 2             # ZeRO-2 (the base replicated: built whole on every rank)
     python bench/scale.py --write docs/BENCHMARKS.md
 
 Memory per rank (CPU: resident set sampled after each forward, backward and step; CUDA: allocated): once the
@@ -14,7 +15,8 @@ process's peak since it started (CPU ``ru_maxrss``, which includes building the 
 Reported per method: step time (median of the steps after the warm-up, engine forward + backward + step)
 and its ratio to AdamW's, and the part spent in ``engine.step()`` (the optimizer and ZeRO's step work); peak RSS per rank (CUDA: max allocated) and its ratio; the activation cache (peak
 of the last step) and optimizer state bytes (summed over ranks); the optimizer's own collectives per step
-(calls and bytes, counted by its distributor; the engine's ZeRO traffic is the same for all and not counted).
+(calls and bytes, counted by its distributor; the engine's ZeRO traffic is the same for all and not counted), and
+its reads of the fp32 masters from the engine per step (each an all-reduce at ZeRO 1/2, an all-gather at ZeRO-3).
 """
 
 from __future__ import annotations
@@ -68,14 +70,15 @@ def build_model(shape: str, zero_init: dict | None = None):
     return get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS))
 
 
-def ds_config(micro_batch: int) -> dict:
+def ds_config(micro_batch: int, stage: int = 3) -> dict:
+    # ZeRO's gather and reduce buffers default to 1e9 / 5e8 elements (GBs each at fp32): sized down so that what
+    # is measured is the model, its state and its activations
+    zero = {"stage": stage, "reduce_bucket_size": 2e7, "allgather_bucket_size": 2e7} if stage < 3 else {
+        "stage": 3, "stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 5e7,
+        "stage3_prefetch_bucket_size": 2e7, "reduce_bucket_size": 2e7}
     return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
             "train_batch_size": micro_batch * dist.get_world_size(), "gradient_clipping": 1.0,
-            # ZeRO-3's gather and reduce buffers default to 1e9 / 5e8 elements (GBs each at fp32): sized down
-            # so that what is measured is the model, its state and its activations
-            "zero_optimization": {"stage": 3, "stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 5e7,
-                                  "stage3_prefetch_bucket_size": 2e7, "reduce_bucket_size": 2e7},
-            "zero_allow_untested_optimizer": True,
+            "zero_optimization": zero, "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
@@ -106,7 +109,7 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
     from psilora_ds import PreconditionedLoRA, ScaledPSILoRA
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    config = ds_config(args.micro_batch)
+    config = ds_config(args.micro_batch, args.stage)
     if args.dtype == "bf16":
         config["bf16"] = {"enabled": True}
     model = build_model(args.shape, zero_init=config if args.zero_init else None)
@@ -120,6 +123,9 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
         else:
             opt = ScaledPSILoRA(model, 0.05, iters=int(method[-1]), betas=(0.9, 0.99), damping=1e-5)
         engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=config)
+        reads = [0]  # the optimizer's reads of the fp32 masters (collectives at ZeRO >= 1), counted in the steps
+        read = opt.distributor.read_factors
+        opt.distributor.read_factors = lambda *a: reads.__setitem__(0, reads[0] + 2) or read(*a)
     device = engine.device
     built = memory_now()  # the model (its partition), engine and optimizer built, before any step
     if cuda:
@@ -130,7 +136,7 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
     for step in range(args.warmup + args.steps):
         ids = torch.randint(0, VOCAB, (args.micro_batch, args.seq_len), generator=g).to(device)
         if method != "adamw":
-            calls, sent = dict(opt.distributor.comm_calls), dict(opt.distributor.comm_bytes)
+            calls, sent, read_calls = dict(opt.distributor.comm_calls), dict(opt.distributor.comm_bytes), reads[0]
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -154,12 +160,12 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
         inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
         result.update(cache=0, state=sum(v.numel() * v.element_size() for st in inner.state.values()
                                          for k, v in st.items() if torch.is_tensor(v) and k != "step"),
-                      calls=0, comm=0)
+                      calls=0, comm=0, reads=0)
     else:
         d = opt.distributor
         result.update(cache=opt.last_cache_bytes, state=opt.state_nbytes(),
                       calls=sum(d.comm_calls.values()) - sum(calls.values()),
-                      comm=sum(d.comm_bytes.values()) - sum(sent.values()))
+                      comm=sum(d.comm_bytes.values()) - sum(sent.values()), reads=reads[0] - read_calls)
         d.close()
     per_rank = [None] * world
     dist.all_gather_object(per_rank, result)
@@ -190,14 +196,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--repeats", type=int, default=2, help="runs of every method; the faster one is reported")
-    parser.add_argument("--zero_init", action=argparse.BooleanOptionalAction, default=True,
-                        help="build the base partitioned from birth (deepspeed.zero.Init); --no-zero_init builds it "
-                             "whole on every rank first")
+    parser.add_argument("--stage", type=int, choices=(2, 3), default=3, help="ZeRO stage")
+    parser.add_argument("--zero_init", action=argparse.BooleanOptionalAction, default=None,
+                        help="build the base partitioned from birth (deepspeed.zero.Init; the default at ZeRO-3); "
+                             "--no-zero_init builds it whole on every rank first")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--write", help="replace this section of a markdown file (docs/BENCHMARKS.md)")
     args = parser.parse_args()
     if "adamw" not in args.methods:
         parser.error("the ratios are to AdamW's: keep adamw in --methods")
+    if args.zero_init and args.stage != 3:
+        parser.error("--zero_init partitions the base from birth, which only ZeRO-3 does")
+    args.zero_init = args.stage == 3 if args.zero_init is None else args.zero_init
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.ranks)))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
     results: dict[str, list] = {}
@@ -227,19 +237,21 @@ def main() -> None:
         rows.append([method, f"{step:.2f}", f"{step / t0:.2f}x", f"{opt_s:.2f}", f"{built * 2**-30:.2f}",
                      f"{peak * 2**-30:.2f}", f"{peak / m0:.3f}x", f"{whole * 2**-30:.2f}",
                      f"{max(r['cache'] for r in ranks) * mib:.1f}", f"{sum(r['state'] for r in ranks) * mib:.1f}",
-                     ranks[0]["calls"], f"{ranks[0]['comm'] * mib:.2f}"])
+                     ranks[0]["calls"], f"{ranks[0]['comm'] * mib:.2f}", ranks[0].get("reads", 0)])
     with torch.device("meta"):  # counted, not allocated
         n_params = sum(p.numel() for p in build_model(args.shape).parameters())
-    title = f"Scale: ZeRO-3 on {args.ranks} ranks, LLaMA {n_params / 1e9:.2f} B"
+    title = f"Scale: ZeRO-{args.stage} on {args.ranks} ranks, LLaMA {n_params / 1e9:.2f} B"
     body = (f"LLaMA hidden {hidden}, intermediate {inter}, {layers} layers, vocab {VOCAB} ({n_params / 1e9:.2f} B "
-            f"parameters, {n_params * (2 if args.dtype == 'bf16' else 4) / args.ranks * 2**-30:.2f} GiB per rank when "
-            f"partitioned over {args.ranks} ranks, {7 * layers} LoRA layers, r = {R}), {args.dtype}, micro-batch {args.micro_batch} x "
+            f"parameters, {n_params * (2 if args.dtype == 'bf16' else 4) / (args.ranks if args.stage == 3 else 1) * 2**-30:.2f}"
+            f" GiB per rank {f'when partitioned over {args.ranks} ranks' if args.stage == 3 else 'replicated (ZeRO-2)'}, "
+            f"{7 * layers} LoRA layers, r = {R}), {args.dtype}, micro-batch {args.micro_batch} x "
             f"{args.seq_len} tokens per rank, base built {'partitioned (zero.Init)' if args.zero_init else 'whole on every rank'}, median of {args.steps} steps after {args.warmup} warm-up, the faster of "
             f"{args.repeats} interleaved runs per method. Machine: "
             f"{machine()}.\n\n" + markdown_table(
                 ["method", "step s", "time vs AdamW", "of which engine.step() s", "built GiB/rank", "peak in steps GiB/rank",
                  "memory vs AdamW", "process peak GiB/rank", "cache MiB/rank",
-                 "state MiB (all ranks)", "optimizer collectives/step", "optimizer MiB sent/step/rank"], rows))
+                 "state MiB (all ranks)", "optimizer collectives/step", "optimizer MiB sent/step/rank",
+                 "master reads/step"], rows))
     print(f"## {title}\n\n{body}")
     if args.write:
         command = "python bench/scale.py " + " ".join(sys.argv[1:]).replace(f"--write {args.write}", "").strip()
