@@ -2,7 +2,8 @@
 the LoRA gradients (what plain data-parallel LoRA all-reduces): small LLaMA, LoRA r=16 on all linear
 layers, DDP (replicated state) and DeepSpeed ZeRO-2 (layer-sharded state). The engine's own
 reduction of A.grad/B.grad is not counted; the optimizer's reads of the fp32 masters through DeepSpeed
-(``safe_get_full_fp32_param``: an all-reduce of the whole factor each at ZeRO-2) are, in their own column.
+(``safe_get_full_fp32_param``: an all-reduce of the whole factor each at ZeRO-2; the distributor's
+``comm_bytes["factor_read"]``) are, in their own column.
 
     python bench/comm.py [--write docs/BENCHMARKS.md]
 """
@@ -67,26 +68,17 @@ def worker(rank, world, out):
                        "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
                 ds_engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=cfg)
                 fwd, bwd, step = ds_engine, ds_engine.backward, ds_engine.step
-            reads = [0, 0]  # bytes and calls of the master reads in the counted step
-            if engine != "DDP":  # (DDP reads the model's own parameters: no communication)
-                read = opt.distributor.read_factors
-
-                def counted(*a, read=read, reads=reads):
-                    A, B = read(*a)
-                    reads[0] += (A.numel() + B.numel()) * 4
-                    reads[1] += 2
-                    return A, B
-
-                opt.distributor.read_factors = counted
+            d = opt.distributor
             for k in range(2):  # the second step is counted (sharded state is broadcast from then on)
-                opt.distributor.comm_bytes = dict.fromkeys(opt.distributor.comm_bytes, 0)
-                reads[:] = [0, 0]
+                d.comm_bytes, d.comm_calls = dict.fromkeys(d.comm_bytes, 0), dict.fromkeys(d.comm_calls, 0)
                 bwd(fwd(input_ids=ids, labels=ids, use_cache=False).loss)
                 step()
                 if engine == "DDP":
                     opt.zero_grad()
             lora = sum(layer.rank * (layer.in_features + layer.out_features) * 4 for layer in opt.layers)
-            results[(engine, name)] = (dict(opt.distributor.comm_bytes), lora, None if engine == "DDP" else reads)
+            # master reads: DDP reads the model's own parameters (no communication)
+            reads = None if engine == "DDP" else (d.comm_bytes["factor_read"], d.comm_calls["factor_read"])
+            results[(engine, name)] = (dict(d.comm_bytes), lora, reads)
             if engine != "DDP":
                 opt.distributor.close()
             opt.remove_hooks()

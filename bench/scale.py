@@ -16,7 +16,8 @@ Reported per method: step time (median of the steps after the warm-up, engine fo
 and its ratio to AdamW's, and the part spent in ``engine.step()`` (the optimizer and ZeRO's step work); peak RSS per rank (CUDA: max allocated) and its ratio; the activation cache (peak
 of the last step) and optimizer state bytes (summed over ranks); the optimizer's own collectives per step
 (calls and bytes, counted by its distributor; the engine's ZeRO traffic is the same for all and not counted), and
-its reads of the fp32 masters from the engine per step (each an all-reduce at ZeRO 1/2, an all-gather at ZeRO-3).
+among them its reads of the fp32 masters from the engine per step (each an all-reduce at ZeRO 1/2, an all-gather at
+ZeRO-3; ``comm_calls["factor_read"]``).
 """
 
 from __future__ import annotations
@@ -123,9 +124,6 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
         else:
             opt = ScaledPSILoRA(model, 0.05, iters=int(method[-1]), betas=(0.9, 0.99), damping=1e-5)
         engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=config)
-        reads = [0]  # the optimizer's reads of the fp32 masters (collectives at ZeRO >= 1), counted in the steps
-        read = opt.distributor.read_factors
-        opt.distributor.read_factors = lambda *a: reads.__setitem__(0, reads[0] + 2) or read(*a)
     device = engine.device
     built = memory_now()  # the model (its partition), engine and optimizer built, before any step
     if cuda:
@@ -136,7 +134,7 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
     for step in range(args.warmup + args.steps):
         ids = torch.randint(0, VOCAB, (args.micro_batch, args.seq_len), generator=g).to(device)
         if method != "adamw":
-            calls, sent, read_calls = dict(opt.distributor.comm_calls), dict(opt.distributor.comm_bytes), reads[0]
+            calls, sent = dict(opt.distributor.comm_calls), dict(opt.distributor.comm_bytes)
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -165,7 +163,8 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
         d = opt.distributor
         result.update(cache=opt.last_cache_bytes, state=opt.state_nbytes(),
                       calls=sum(d.comm_calls.values()) - sum(calls.values()),
-                      comm=sum(d.comm_bytes.values()) - sum(sent.values()), reads=reads[0] - read_calls)
+                      comm=sum(d.comm_bytes.values()) - sum(sent.values()),
+                      reads=d.comm_calls["factor_read"] - calls["factor_read"])
         d.close()
     per_rank = [None] * world
     dist.all_gather_object(per_rank, result)

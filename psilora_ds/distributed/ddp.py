@@ -49,9 +49,10 @@ class DDPDistributor(Distributor):
         self.rank = dist.get_rank(group)
         self.shard_state = shard_state
         self._owners: list[int] = []
-        # bytes this rank handed to collectives (optimizer traffic only; the engine's own not counted)
-        self.comm_bytes = {"all_reduce": 0, "broadcast": 0}
-        self.comm_calls = {"all_reduce": 0, "broadcast": 0}  # and how many calls
+        # bytes this rank handed to collectives (optimizer traffic only; the engine's own not counted), and how
+        # many calls; "factor_read": the engine's factors read whole where that is a collective (sharded masters)
+        self.comm_bytes = {"all_reduce": 0, "broadcast": 0, "factor_read": 0}
+        self.comm_calls = {"all_reduce": 0, "broadcast": 0, "factor_read": 0}
 
     def bind(self, layers: Sequence[LoRALayer], *, norm_probes: int = 0) -> None:
         super().bind(layers, norm_probes=norm_probes or DEFAULT_NORM_PROBES)
@@ -72,6 +73,11 @@ class DDPDistributor(Distributor):
         self.comm_bytes["all_reduce"] += buf.numel() * buf.element_size()
         self.comm_calls["all_reduce"] += 1
         return buf
+
+    def _count_factor_reads(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Count ``tensors``, just read whole through a collective of the engine, as optimizer traffic."""
+        self.comm_calls["factor_read"] += len(tensors)
+        self.comm_bytes["factor_read"] += sum(t.numel() * t.element_size() for t in tensors)
 
     def sketches_norm(self) -> bool:
         return self.world_size > 1  # one rank: exact

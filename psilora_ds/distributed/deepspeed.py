@@ -99,7 +99,9 @@ class DeepSpeedDistributor(DDPDistributor):
             return super().read_factors(layer, masters)
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return safe_get_full_fp32_param(layer.A), safe_get_full_fp32_param(layer.B)
+        A, B = safe_get_full_fp32_param(layer.A), safe_get_full_fp32_param(layer.B)
+        self._count_factor_reads((A, B))  # (an all-reduce each at ZeRO 1/2, an all-gather at ZeRO-3)
+        return A, B
 
     def write_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
                       B: torch.Tensor) -> None:

@@ -49,7 +49,9 @@ class FSDP2Distributor(DDPDistributor):
                            "every step reads each layer's factors whole (an all-gather per factor)")
 
     def read_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(p.full_tensor() if isinstance(p, DTensor) else p for p in super().read_factors(layer, masters))
+        params = super().read_factors(layer, masters)
+        self._count_factor_reads([p for p in params if isinstance(p, DTensor)])  # (an all-gather each)
+        return tuple(p.full_tensor() if isinstance(p, DTensor) else p for p in params)
 
     def write_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
                       B: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ import torch
 from ..optim.base import LoRAOptimizer
 from .checkpoint import fault_point
 from .config import TrainConfig
-from .data import IGNORE, collate, micro_batches
+from .data import IGNORE, collate
 from .ranks import over_ranks
 
 
