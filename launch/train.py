@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -27,12 +29,16 @@ from psilora_ds.recipe.config import ConfigError, parse
 from psilora_ds.recipe.data import build_datasets, check_sizes, micro_batches
 from psilora_ds.recipe.ds_config import fill_auto, read_ds_config, zero_stage_of
 from psilora_ds.recipe.engines import TrainableParams, build_engine, shard_model
-from psilora_ds.recipe.loop import evaluate, optimizer_metrics, train_step
+from psilora_ds.recipe.loop import evaluate, inject_overflow, optimizer_metrics, skipped_steps, train_step
 from psilora_ds.recipe.modeling import DTYPES, build_model, build_tokenizer, offline_base, partitions_from_birth
 from psilora_ds.recipe.optimizers import build_optimizer, build_scheduler, check_optim
 from psilora_ds.recipe.plot import plot_run
+from psilora_ds.recipe.preemption import StopRequest, exit_code, signal_name
 from psilora_ds.recipe.ranks import exit_with_error, finish, rank0_first, setup_distributed
-from psilora_ds.recipe.runlog import MetricsLog, make_output_dir, save_outputs
+from psilora_ds.recipe.resume import (apply_hyperparameters, check_resume, config_record, group_hyperparameters,
+                                      restore_schedule, run_identity)
+from psilora_ds.recipe.run_lock import RunLock, check_fresh_start
+from psilora_ds.recipe.runlog import MetricsLog, make_output_dir, save_outputs, summary_line
 
 logger = logging.getLogger("psilora_ds.train")
 
@@ -45,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device = setup_distributed(ds_raw is not None)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     make_output_dir(cfg.output_dir)
-    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-    resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, ckpt_root)
     if rank == 0:
+        RunLock(cfg.output_dir).acquire()  # one run per output_dir; released when this process ends
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, ckpt_root)  # the newest that verifies
+    if rank == 0:
+        if resume is None:
+            check_fresh_start(ckpt_root, cfg.overwrite_output_dir)  # never mix with another run's checkpoints
         checkpoint.remove_leftovers(ckpt_root)  # what a killed save or rotation left behind
 
     # ---- data, model, optimizer, engine (rank 0 fills the caches first) --------------------------
@@ -78,13 +88,22 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- resume, or start a fresh curve ----------------------------------------------------------
     metrics = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), enabled=rank == 0)
-    step, skipped_before = 0, 0
+    identity = run_identity(cfg, model, params.shapes())
+    step, skipped_before, run_id = 0, 0, uuid.uuid4().hex
     if resume is not None:
+        saved = checkpoint.read_trainer_state(resume)
+        changes = check_resume(resume, saved.step, saved.identity, saved.config, cfg, identity)
+        hyper, schedule = group_hyperparameters(optimizer), scheduler.state_dict()  # this run's: they win
         saved = checkpoint.load(resume, optim=cfg.optim, params=params, optimizer=optimizer, scheduler=scheduler,
                                 device=device, sharded_model=sharded)
-        step, skipped_before = saved.step, saved.engine_skipped_steps
+        apply_hyperparameters(optimizer, hyper)
+        next_lr = restore_schedule(scheduler, optimizer, schedule)
+        step, skipped_before, run_id = saved.step, saved.engine_skipped_steps, saved.run_id or run_id
         metrics.truncate_after(step)
-        logger.info("resumed from %s at step %d (saved by %d ranks)", resume, step, saved.world_size)
+        logger.info("resumed from %s at step %d (saved by %d ranks); next lr %.3g", resume, step, saved.world_size,
+                    next_lr)
+        for change in changes:
+            logger.info("resume applies a changed setting: %s", change)
     else:
         metrics.restart()
         if eval_ds is not None:  # where the base starts: the curve's step 0
@@ -94,23 +113,45 @@ def main(argv: list[str] | None = None) -> int:
     # ---- train -----------------------------------------------------------------------------------
     stream = micro_batches(train_ds, cfg, rank, world, tokenizer.pad_token_id, start=step * cfg.gradient_accumulation_steps)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    stop = StopRequest()
+    stop.install()  # SIGTERM / SIGUSR1: finish the step, save, exit non-zero
+    started, skipped_seen, skipped_in_a_row, last_saved = time.perf_counter(), skipped_steps(optimizer), 0, None
+    record: dict = {}
     while step < cfg.max_steps:
         lr = scheduler.get_last_lr()[0]  # the lr this step uses
         step += 1
+        if checkpoint.fault_requested("nan", step):
+            inject_overflow(optimizer)
         record = {**train_step(engine, stream, cfg, step, device, world), "lr": lr, **optimizer_metrics(optimizer)}
         if stage is not None:
             record["engine_skipped_steps"] = skipped_before + engine.skipped_steps
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped_steps(optimizer) > skipped_seen else 0
+        skipped_seen = skipped_steps(optimizer)
         if eval_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             record.update(evaluate(engine, model, eval_ds, cfg, rank, world, tokenizer.pad_token_id, device))
         if step % cfg.log_every == 0 or "eval_loss" in record:
             metrics.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+        if cfg.max_skipped_steps and skipped_in_a_row >= cfg.max_skipped_steps:
+            newest = checkpoint.resolve_resume("latest", ckpt_root) if checkpoint.checkpoint_dirs(ckpt_root) else None
+            raise ConfigError(f"step {step}: {skipped_in_a_row} steps in a row were skipped because their updates were "
+                              "not finite: the run has diverged (nothing non-finite was applied or saved). Resume "
+                              f"{'from ' + newest if newest else 'with a new run'} with a lower --lr (a resume "
+                              "applies it) or a stronger --max_grad_norm")
+        signum = stop.agreed()
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or signum:
             trainer = checkpoint.TrainerState(step=step, world_size=world, optim=cfg.optim, engine=engine_name,
-                                              engine_skipped_steps=record.get("engine_skipped_steps", 0))
-            checkpoint.save(ckpt_root, trainer, params=params, optimizer=optimizer, scheduler=scheduler,
-                            partitioned=bool(stage), keep=cfg.save_total_limit, sharded_model=sharded)
+                                              engine_skipped_steps=record.get("engine_skipped_steps", 0),
+                                              run_id=run_id, identity=identity, config=config_record(cfg))
+            last_saved = checkpoint.save(ckpt_root, trainer, params=params, optimizer=optimizer, scheduler=scheduler,
+                                         partitioned=bool(stage), keep=cfg.save_total_limit, sharded_model=sharded)
+        if signum:
+            bar.close()
+            if rank == 0:
+                print(f"error: stopped by {signal_name(signum)} after step {step}: checkpoint {last_saved} written; "
+                      f"resume with --resume_from_checkpoint latest", file=sys.stderr, flush=True)
+            return exit_code(signum)
     bar.close()
 
     # ---- outputs ---------------------------------------------------------------------------------
@@ -118,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         save_outputs(cfg.output_dir, model, tokenizer, state, merge=cfg.merge_weights and not cfg.load_in_4bit)
         logger.info("loss curve: %s", plot_run(cfg.output_dir))
+        print(summary_line(cfg.output_dir, time.perf_counter() - started), flush=True)
     return 0
 
 

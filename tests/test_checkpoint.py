@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from psilora_ds.distributed import DDPDistributor
 from psilora_ds.recipe import checkpoint
+from psilora_ds.recipe.checkpoint_files import write_manifest
 from psilora_ds.recipe.engines import TrainableParams
 from psilora_ds.recipe.runlog import MetricsLog, read_metrics
 
@@ -110,8 +111,8 @@ def test_two_ranks_to_one_and_one_to_two_continue_exactly(tmp_path):
 def test_partitioned_state_on_another_world_size_is_one_line(tmp_path):
     path = tmp_path / "step-4"
     path.mkdir()
-    (path / checkpoint.TRAINER_STATE).write_text(json.dumps(
-        {"step": 4, "world_size": 2, "optim": "adamw", "engine": "deepspeed-zero2", "rank_specific": ["torch"]}))
+    write_manifest(str(path), {"step": 4, "world_size": 2, "optim": "adamw", "engine": "deepspeed-zero2",
+                               "rank_specific": ["torch"]})
     model, opt, sched, params = setup(1)
     with pytest.raises(checkpoint.ConfigError, match="saved by 2 ranks .* resume it with 2"):
         checkpoint.load(str(path), optim="adamw", params=params, optimizer=opt, scheduler=sched,

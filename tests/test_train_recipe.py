@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 
+from psilora_ds.recipe.checkpoint_files import write_manifest
+
 from .distributed import launcher_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -272,14 +274,17 @@ def bad_files(tmp):
         "list.yaml": "- lr\n",
         "unknown.yaml": "learning_rate: 1e-3\n",
         "a_file": "not a directory",
+        "null_text.jsonl": '{"text": "some words here"}\n{"text": null}\n',
+        "no_text.jsonl": '{"text": "some words here"}\n{"other": "x"}\n',
     }
     for name, text in files.items():
         (tmp / name).write_text(text)
+    (tmp / "latin1.jsonl").write_bytes('{"text": "caf\u00e9 au lait"}\n'.encode("latin-1"))
     (tmp / "not_a_model").mkdir()
     (tmp / "not_a_checkpoint").mkdir()
     (tmp / "fsdp_checkpoint").mkdir()
-    (tmp / "fsdp_checkpoint" / "trainer_state.json").write_text(
-        '{"step": 3, "world_size": 2, "optim": "scaled_psilora", "engine": "fsdp2"}')
+    write_manifest(str(tmp / "fsdp_checkpoint"), {"step": 3, "world_size": 2, "optim": "scaled_psilora",
+                                                  "engine": "fsdp2"})
 
 
 # (arguments with {tmp} for the folder of bad_files, words the single error line must contain)
@@ -322,6 +327,11 @@ BAD_INPUTS = [
     (["--fsdp", "true", "--merge_weights", "true"], "merge_weights under FSDP2"),
     (["--fsdp", "true"], "fsdp=true needs a launcher: torchrun --nproc_per_node N"),
     (["--resume_from_checkpoint", "{tmp}/fsdp_checkpoint"], "written by the fsdp2 engine; resume it with --fsdp true"),
+    (["--dataset", "{tmp}/null_text.jsonl"], "'text' is None, not text"),
+    (["--dataset", "{tmp}/no_text.jsonl"], "'text' is None, not text"),
+    (["--dataset", "{tmp}/latin1.jsonl"], "can't decode byte"),
+    (["--lr", "0"], "lr must be > 0"),
+    (["--prox", "-1"], "prox must be >= 0"),
     # values
     (["--learning_rate", "1e-3"], "unknown config key"),
     (["--optim", "lion"], "choose one of"),

@@ -9,7 +9,10 @@ optimizer state of the layers it owns.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,8 +136,6 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     each rank reads its parameter shards and the PSI-LoRA state of the layers it owns now, whoever saved
     them. ``extra``: the template of what was saved as ``extra`` (e.g. the scheduler's current state
     dict); its loaded values are returned."""
-    import os
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
@@ -146,7 +147,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
         state["psilora"] = _saved_part(optimizer.lora_state_template(), _saved_keys(path))
     if extra is not None:
         state["extra"] = extra
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, storage_reader=safe_dcp_reader(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(ignore_frozen_params=trainable_only,
                                                                          strict=not trainable_only))
     if isinstance(optimizer, LoRAOptimizerProtocol):
@@ -160,9 +161,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
 
 
 def _saved_keys(path: str) -> set[str]:
-    import torch.distributed.checkpoint as dcp
-
-    return set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    return set(safe_dcp_reader(path).read_metadata().state_dict_metadata)
 
 
 def _saved_part(template: dict[str, Any], saved: set[str]) -> dict[str, Any]:
@@ -175,3 +174,53 @@ def _saved_part(template: dict[str, Any], saved: set[str]) -> dict[str, Any]:
         if any(key.startswith(prefix) for key in saved):
             layers[name] = {k: v for k, v in st.items() if prefix + k in saved}
     return {**template, "layers": layers}
+
+
+# ---- loading DCP metadata without pickle's globals ----------------------------------------------------------
+# torch's FileSystemReader loads a checkpoint's ``.metadata`` with plain ``pickle.load``: a crafted file runs code.
+# The reader below builds only DCP's metadata classes, torch sizes and dtypes; DCP itself loads the tensor and
+# bytes entries with ``torch.load(weights_only=True)``.
+
+_DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                         "torch.distributed.checkpoint.planner")
+_TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata classes, ``torch.Size``, torch dtypes / layouts / memory formats and
+    ``OrderedDict``; any other global is an ``UnpicklingError``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _DCP_METADATA_MODULES and not name.startswith("__"):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type):  # (dataclasses and enums; not functions)
+                return obj
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), _TORCH_VALUES)):
+            return getattr(torch, name)
+        if (module, name) == ("collections", "OrderedDict"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a checkpoint's metadata")
+
+
+def load_dcp_metadata(data: bytes) -> Any:
+    """DCP ``.metadata`` bytes as their ``Metadata`` object, refusing every other global (``UnpicklingError``)."""
+    return _MetadataUnpickler(io.BytesIO(data)).load()
+
+
+def safe_dcp_reader(path: str):
+    """A ``torch.distributed.checkpoint`` storage reader for ``path`` (DCP's public ``FileSystemReader``) whose
+    ``read_metadata`` goes through :func:`load_dcp_metadata` instead of ``pickle.load``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeDCPReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:  # FileSystemReader's, with the safe loader
+            rank = kwargs.get("rank")
+            with open(os.path.join(path, ".metadata" if rank is None else f"__{rank}.metadata"), "rb") as f:
+                metadata = load_dcp_metadata(f.read())
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeDCPReader(path)

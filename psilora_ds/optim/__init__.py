@@ -1,6 +1,7 @@
 """Optimizers with the torch.optim API: state, schedules, checkpoints."""
 
 from .base import LoRAOptimizer
+from .finite_guard import skipping_non_finite
 from .options import LoRAOptions, OtherOptimizerFactory
 from .psilora import PreconditionedLoRA, PSILoRA
 from .scaled import ScaledPSILoRA
@@ -11,4 +12,4 @@ OPTIMIZERS_BY_NAME = {"psilora": PSILoRA, "scaled_psilora": ScaledPSILoRA, "prec
                       "svdlora": SVDLoRA}
 
 __all__ = ["LoRAOptimizer", "LoRAOptions", "OPTIMIZERS_BY_NAME", "OtherOptimizerFactory", "PSILoRA",
-           "PreconditionedLoRA", "ScaledPSILoRA", "SVDLoRA"]
+           "PreconditionedLoRA", "ScaledPSILoRA", "SVDLoRA", "skipping_non_finite"]

@@ -21,6 +21,7 @@ from ..lora_layers import LoRALayer, find_lora_layers, other_parameters
 from ..ops import compute_dtype
 from ..ops.rounds import Rounds, reduce_flat_, run_lockstep
 from ..products import LayerProducts, ProductCapture, StaleFactorsError
+from .finite_guard import count_non_finite
 from .options import LoRAOptions, OtherOptimizerFactory  # noqa: F401 - OtherOptimizerFactory re-exported
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,11 @@ class _StepPlan:
     skip: bool
     clip: float
     grads: dict[int, LayerGradient | ProductGradient]
+
+
+def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A layer's optimizer state with its tensors copied (to undo a step)."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 class LoRAOptimizer(torch.optim.Optimizer):
@@ -261,9 +267,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 # (ZeRO-3 calls step() once per param group with every group listed: the calls after the
                 # one that consumed the capture find nothing and are not steps)
                 spectral = self.spectral_iters(self._lora_group) is not None
-                self._step_lora(plan)
-                self.steps_taken += 1
-                self.spectral_done = self.spectral_done or spectral
+                if self._step_lora(plan):
+                    self.steps_taken += 1
+                    self.spectral_done = self.spectral_done or spectral
                 if self.cache_free:
                     self.capture.step = self.steps_taken  # seeds the next step's norm-sketch probes
                     self.capture.keep_rows = self._spectral_pending(self._lora_group)
@@ -334,6 +340,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if grads:  # (not a ZeRO-3 call after the one that consumed the capture)
             self.last_cache_bytes = peak_cache_bytes
         clip = self._clip_coefficient(grads, others_now)
+        if clip is None:  # finite factors whose gradient norm overflows: no finite step can come of it
+            self.skipped_steps += 1
+            logger.warning("the gradient norm overflows (finite inputs, non-finite ||G||): step skipped on all ranks "
+                           "(%d so far)", self.skipped_steps)
+            return _StepPlan(skip=True, clip=1.0, grads={})
         for grad in grads.values():
             grad.coef *= clip
         return _StepPlan(skip=False, clip=clip, grads=grads)
@@ -350,7 +361,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         finally:
             self.other_optimizer.param_groups = all_groups
 
-    def _step_lora(self, plan: _StepPlan) -> None:
+    def _step_lora(self, plan: _StepPlan) -> bool:
+        """The LoRA layers' update; False when it was not applied (non-finite result)."""
         d = self.distributor
         group = self._lora_group
         d.materialize_states([(self.layers[idx], self.state[self.layers[idx].A],
@@ -361,8 +373,16 @@ class LoRAOptimizer(torch.optim.Optimizer):
             state = self.state[layer.A]
             A, B = self._start_factors(layer)  # (a copy is checked against the engine in _make_plan)
             programs[idx] = self._update_layer(layer, state, A, B, grad, group)
+        kept = {idx: _copy_state(self.state[self.layers[idx].A]) for idx in plan.grads}
         # all layers' updates in lockstep: the thin products of one round, every layer's, in one collective
         new_factors = run_lockstep(programs, d.reduce)
+        if self._update_not_finite(plan, new_factors):  # undone on every rank: nothing is written
+            for idx, state in kept.items():
+                layer = self.layers[idx]
+                self.state[layer.A].clear()
+                self.state[layer.A].update(state)
+                d.release_state(layer, self.state[layer.A])
+            return False
         for idx, grad in plan.grads.items():
             layer = self.layers[idx]
             state = self.state[layer.A]
@@ -377,6 +397,20 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 layer.A.grad = layer.B.grad = None
         if plan.grads:  # what the optimizer holds (copy or capture factors) is what the engine holds now
             d.factors_synced(group["params"])
+        return True
+
+    def _update_not_finite(self, plan: _StepPlan, new_factors: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Whether the computed update leaves a non-finite factor or state value on some rank (finite gradients can
+        still overflow in the products or the metrics); then the step is counted as skipped (one all-reduce)."""
+        tensors = [t for idx in plan.grads for t in (*new_factors[idx], *(
+            v for v in self.state[self.layers[idx].A].values() if isinstance(v, torch.Tensor)))]
+        bad = count_non_finite(tensors, self.layers[0].A.device)
+        if self.distributor.all_reduce_(bad.reshape(1).to(self.layers[0].A.device)).item() == 0:
+            return False
+        self.skipped_steps += 1
+        logger.warning("the update would make LoRA factors or optimizer state non-finite: step not applied, on all "
+                       "ranks (%d so far); a lower lr or stronger clipping avoids it", self.skipped_steps)
+        return True
 
     def _autograd_products(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Autograd's ``(A.grad, B.grad)`` of layer ``idx`` when the step may use them in place of the
@@ -522,12 +556,16 @@ class LoRAOptimizer(torch.optim.Optimizer):
             other = d.all_reduce_(other)
         return math.sqrt(lora + float(other))
 
-    def _clip_coefficient(self, grads: dict[int, LayerGradient], other_groups: list[dict[str, Any]]) -> float:
+    def _clip_coefficient(self, grads: dict[int, LayerGradient], other_groups: list[dict[str, Any]]) -> float | None:
+        """The factor clipping scales the gradient by; None when the norm is not finite (the same on every rank:
+        it is computed from reduced sums)."""
         if not self.max_grad_norm or self.max_grad_norm <= 0:
             return 1.0
         norm = self.grad_norm(grads, other_groups)
         if grads:  # (not a ZeRO-3 call after the one that consumed the capture)
             self.last_grad_norm = norm
+        if not math.isfinite(norm):
+            return None
         return min(1.0, self.max_grad_norm / (norm + CLIP_EPS))
 
     def spectral_iters(self, group: dict[str, Any]) -> int | None:

@@ -10,7 +10,10 @@ not depend on the engine or the number of ranks, and never a directory that look
   (:func:`psilora_ds.distributed.fsdp.save_checkpoint`); it loads on any number of FSDP2 ranks;
 - ``rank-K.pt`` (one per rank): that rank's RNG state, and the optimizer state that only exists as
   ZeRO partitions (the non-LoRA optimizer, or a torch baseline, at ZeRO >= 1);
-- ``trainer_state.json``: step, world size, optimizer, engine; written last.
+- ``trainer_state.json``: step, world size, optimizer, engine, the run (its id, the model and adapter it trains,
+  its configuration) and the SHA-256 of every other file; written last
+  (:mod:`psilora_ds.recipe.checkpoint_files`: every file is verified before it is read, and read as data:
+  ``torch.load(weights_only=True)``, never code).
 Everything is written into ``.step-N.partial`` and published by one ``rename`` once complete; rotation
 renames a checkpoint away before deleting it. So a ``kill -9`` at any point leaves only complete
 ``step-N`` directories (hidden leftovers are removed at the next start).
@@ -19,16 +22,25 @@ Resuming with another number of ranks loads the same state (factors, optimizer s
 the dropout RNG streams and the order of the data across ranks then differ from the uninterrupted run
 (both depend on the world size). State that exists only as ZeRO partitions cannot move to another
 world size: that case is a one-line error naming both sizes.
+
+``resume_from_checkpoint=latest`` takes the newest checkpoint that verifies, saying which newer ones it skipped
+and why; a checkpoint named explicitly that does not verify is a one-line error. Non-finite values are never
+written: a save that would write one is refused.
+
+``python -m psilora_ds.recipe.checkpoint upgrade CKPT`` converts a checkpoint of the previous format (no
+checksums) after reading its files as plain tensors.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,6 +49,8 @@ import torch.distributed as dist
 
 from ..distributed.fsdp import load_checkpoint, save_checkpoint
 from ..optim.base import LoRAOptimizer
+from .checkpoint_files import (TRAINER_STATE, CheckpointError, directory_digests, load_tensors, read_manifest,
+                               save_tensors, verify_files, write_manifest)
 from .config import ConfigError
 from .engines import TrainableParams
 
@@ -44,8 +58,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 DCP_ENGINE = "fsdp2"  # the engine whose checkpoints go through torch.distributed.checkpoint
-TRAINER_STATE = "trainer_state.json"
-FAULT_ENV = "PSILORA_DS_FAULT"  # tests: "step:N" or "checkpoint:N" SIGKILLs every rank there
+STATE_FILE = "state.pt"
+FAULT_ENV = "PSILORA_DS_FAULT"  # tests: "step:N" or "checkpoint:N" SIGKILLs every rank there; see fault_point
 
 
 @dataclass
@@ -56,12 +70,25 @@ class TrainerState:
     engine: str  # "pytorch", "fsdp2" or "deepspeed-zero<stage>"
     engine_skipped_steps: int = 0
     rank_specific: list[str] = field(default_factory=list)  # optimizer state held per rank (ZeRO partitions)
+    run_id: str = ""  # made when a run starts fresh, kept by its resumes
+    identity: dict[str, Any] | None = None  # the model and adapter trained (recipe.resume.run_identity)
+    config: dict[str, Any] = field(default_factory=dict)  # the run's configuration when it saved
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> SHA-256
 
 
 def fault_point(where: str, step: int) -> None:
-    """Die like ``kill -9`` here when the tests ask for it through ``PSILORA_DS_FAULT``."""
+    """Die like ``kill -9`` here when the tests ask for it through ``PSILORA_DS_FAULT`` (``where:step``)."""
     if os.environ.get(FAULT_ENV) == f"{where}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_requested(what: str, step: int) -> bool:
+    """Whether the tests ask, through ``PSILORA_DS_FAULT``, for fault ``what`` at ``step``, on every rank
+    (``what:N``) or on one (``what:N:RANK``); the caller injects it: ``nan:N`` an update that overflows,
+    ``sigterm:N`` a SIGTERM in the middle of the step, ``enospc:N`` a full disk while saving."""
+    spec = os.environ.get(FAULT_ENV, "")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return spec in (f"{what}:{step}", f"{what}:{step}:{rank}")
 
 
 def _barrier() -> None:
@@ -69,11 +96,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _save_synced(obj: Any, path: str) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def _to_cpu(value: Any) -> Any:
@@ -81,7 +105,24 @@ def _to_cpu(value: Any) -> Any:
         return value.detach().cpu()
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
     return value
+
+
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _non_finite_count(*values: Any) -> int:
+    return sum(int((~torch.isfinite(t)).sum()) for v in values for t in _tensors(v) if t.is_floating_point())
 
 
 def _has_tensors(layer_state: dict[str, Any]) -> bool:
@@ -106,61 +147,142 @@ def gathered_lora_state(optimizer: LoRAOptimizer) -> dict[str, Any] | None:
     return {**sd, "layers": layers}
 
 
+def positional_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A torch optimizer's state by the position of its parameters in its groups (``param_groups`` and ``state``,
+    public attributes). Under ZeRO the groups hold the rank's flat partitions in place of the parameters its
+    state was keyed by (at ZeRO-3 ``Optimizer.state_dict`` then fails): position is what a resume with the same
+    world size can match."""
+    return {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+            "state": [[_to_cpu(dict(optimizer.state.get(p, {}))) for p in g["params"]] for g in optimizer.param_groups]}
+
+
+def load_positional_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any], where: str) -> None:
+    """Restore :func:`positional_state` (the parameters must have the shapes they had)."""
+    groups = optimizer.param_groups
+
+    def fits(states: list[dict[str, Any]], params: list[torch.Tensor]) -> bool:
+        return len(states) == len(params) and all(
+            v.shape == p.shape for st, p in zip(states, params) for v in st.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+    if len(saved["state"]) != len(groups) or not all(fits(st, g["params"]) for st, g in zip(saved["state"], groups)):
+        raise CheckpointError(f"{where}: the optimizer partitions it holds do not match this run's (another model, "
+                              "adapter or ZeRO configuration?)")
+    for group, hyper, states in zip(groups, saved["param_groups"], saved["state"]):
+        group.update(hyper)
+        for p, st in zip(group["params"], states):
+            if st:
+                optimizer.state[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer, partitioned: bool) -> tuple[dict | None, dict]:
     """``(portable, this rank's)``: the state that is the same on any number of ranks (rank 0's copy;
     None elsewhere), and what exists only as this rank's ZeRO partition (``partitioned``: ZeRO >= 1,
-    where the engine hands optimizers flat partitions)."""
+    where the engine hands optimizers flat partitions: kept by position, :func:`positional_state`)."""
     if isinstance(optimizer, LoRAOptimizer):
         lora = gathered_lora_state(optimizer)
-        other = optimizer.other_optimizer.state_dict() if optimizer.other_optimizer is not None else None
-        own = {"other": other} if partitioned and other is not None else {}
-        return (None if lora is None else {**lora, "other": None if own else other}), own
+        other = optimizer.other_optimizer
+        own = {"other": positional_state(other)} if partitioned and other is not None else {}
+        portable_other = None if own or other is None else _to_cpu(other.state_dict())
+        return (None if lora is None else {**lora, "other": portable_other}), own
     if partitioned:
-        return {}, {"torch": optimizer.state_dict()}
-    return {"torch": optimizer.state_dict()}, {}
+        return {}, {"torch": positional_state(optimizer)}
+    return {"torch": _to_cpu(optimizer.state_dict())}, {}
+
+
+def _check_finite(step: int, *values: Any) -> None:
+    """Refuse to write non-finite weights or optimizer state (every rank: the count is summed over ranks)."""
+    bad = torch.tensor([float(_non_finite_count(*values))], dtype=torch.float64)
+    if dist.is_initialized():
+        bad = bad.to("cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(bad)
+    if bad.item() > 0:
+        raise CheckpointError(f"step {step}: {int(bad.item())} trainable or optimizer-state values are not finite; "
+                              "the checkpoint is not written (the older ones are kept): resume from the newest one "
+                              "with a lower --lr or stronger --max_grad_norm")
+
+
+def _write(step: int, write, *args) -> Any:
+    """Run one file write of a save; a full disk (or an injected one) is one error line keeping older checkpoints."""
+    try:
+        if fault_requested("enospc", step):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(*args)
+    except OSError as err:
+        raise CheckpointError(f"checkpoint step-{step} could not be written ({err.strerror}); the older checkpoints "
+                              "are kept: free space (or choose another output_dir) and resume with "
+                              "--resume_from_checkpoint latest") from None
 
 
 def save(root: str, trainer: TrainerState, *, params: TrainableParams, optimizer: torch.optim.Optimizer,
          scheduler, partitioned: bool, keep: int, sharded_model: torch.nn.Module | None = None) -> str:
     """Write ``root/step-N`` (every rank calls it) and keep the newest ``keep`` checkpoints;
     ``sharded_model``: the FSDP2 model, whose state goes through torch.distributed.checkpoint."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    final = os.path.join(root, f"step-{trainer.step}")
-    partial = os.path.join(root, f".step-{trainer.step}.partial")
+    rank, world = _rank_world()
+    step = trainer.step
+    final = os.path.join(root, f"step-{step}")
+    partial = os.path.join(root, f".step-{step}.partial")
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
+        _write(step, os.makedirs, partial)
     _barrier()
-    if sharded_model is not None:
-        save_checkpoint(os.path.join(partial, "dcp"), sharded_model, optimizer,
-                        extra={"scheduler": scheduler.state_dict()})
-        portable, own = None, {}
-    else:
-        trainable = params.state()  # collectives under ZeRO >= 1
-        portable, own = optimizer_state(optimizer, partitioned)
-    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    _save_synced({"rng": rng, "optimizer": own}, os.path.join(partial, f"rank-{rank}.pt"))
-    fault_point("checkpoint", trainer.step)
-    if rank == 0 and sharded_model is None:
-        trainer.rank_specific = sorted(own)
-        _save_synced({"trainable": trainable, "optimizer": portable, "scheduler": scheduler.state_dict()},
-                     os.path.join(partial, "state.pt"))
-    _barrier()  # every rank's file is on disk
+    try:
+        files = _save_files(partial, trainer, params=params, optimizer=optimizer, scheduler=scheduler,
+                            partitioned=partitioned, sharded_model=sharded_model)
+        if rank == 0:
+            trainer.files = files
+            _write(step, write_manifest, partial, asdict(trainer))
+    except CheckpointError:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     if rank == 0:
-        with open(os.path.join(partial, TRAINER_STATE), "w") as f:
-            json.dump(asdict(trainer), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
         _publish(partial, final)
         rotate(root, keep)
     _barrier()
     return final
 
 
+def _save_files(partial: str, trainer: TrainerState, *, params, optimizer, scheduler, partitioned: bool,
+                sharded_model) -> dict[str, str]:
+    """Every file but the manifest; returns ``{relative path: SHA-256}`` on rank 0."""
+    rank, world = _rank_world()
+    step = trainer.step
+    if sharded_model is not None:
+        _check_finite(step, [p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+                             for p in sharded_model.parameters() if p.requires_grad])
+        save_checkpoint(os.path.join(partial, "dcp"), sharded_model, optimizer,
+                        extra={"scheduler": scheduler.state_dict()})
+        portable, own = None, {}
+    else:
+        trainable = params.state()  # collectives under ZeRO >= 1
+        portable, own = optimizer_state(optimizer, partitioned)
+        _check_finite(step, trainable if rank == 0 else None, portable, own)
+    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rank_file = f"rank-{rank}.pt"
+    digest = _write(step, save_tensors, {"rng": rng, "optimizer": own}, os.path.join(partial, rank_file))
+    digests = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(digests, (rank_file, digest))
+    else:
+        digests = [(rank_file, digest)]
+    fault_point("checkpoint", step)
+    files = dict(digests)
+    if rank == 0 and sharded_model is None:
+        trainer.rank_specific = sorted(own)
+        files[STATE_FILE] = _write(step, save_tensors, {"trainable": trainable, "optimizer": portable,
+                                                        "scheduler": scheduler.state_dict()},
+                                   os.path.join(partial, STATE_FILE))
+    _barrier()  # every rank's file is on disk
+    if rank == 0 and sharded_model is not None:
+        files.update(directory_digests(partial, "dcp"))
+    return files
+
+
 def _publish(partial: str, final: str) -> None:
-    if os.path.exists(final):  # a fresh run writing over an older run's step: move the old one away first
+    if os.path.exists(final):  # a run writing over one of its own older steps: move the old one away first
         old = final.rstrip("/") + ".replaced"
         os.rename(final, os.path.join(os.path.dirname(final), "." + os.path.basename(old)))
     os.rename(partial, final)
@@ -173,7 +295,7 @@ def _publish(partial: str, final: str) -> None:
 
 
 def checkpoint_dirs(root: str) -> list[tuple[int, str]]:
-    """Complete checkpoints under ``root``, oldest first."""
+    """Published checkpoints under ``root`` (holding a manifest), oldest first; not yet verified."""
     if not os.path.isdir(root):
         return []
     found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root)
@@ -190,43 +312,83 @@ def remove_leftovers(root: str) -> None:
 
 
 def rotate(root: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints; each is renamed away (atomically) before its files go."""
-    for step, path in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+    """Delete all but the newest ``keep`` checkpoints; each is renamed away (atomically) before its files go.
+    Only checkpoints that verify count towards ``keep``: a damaged newer one never pushes out a good older one."""
+    if keep <= 0:
+        return
+    good = [(step, path) for step, path in checkpoint_dirs(root) if verify(path) is None]
+    for step, path in good[:-keep]:
         doomed = os.path.join(root, f".step-{step}.deleting")
         os.rename(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 
 
+def read_trainer_state(path: str) -> TrainerState:
+    """The verified trainer state of checkpoint ``path`` (its files are not checked here: :func:`verify`)."""
+    body = read_manifest(path)
+    body.pop("format", None)
+    known = TrainerState.__dataclass_fields__
+    try:
+        return TrainerState(**{k: v for k, v in body.items() if k in known})
+    except TypeError as err:
+        raise CheckpointError(f"{os.path.join(path, TRAINER_STATE)} lacks what a checkpoint records ({err})") from None
+
+
+def verify(path: str) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed (damaged, incomplete, old format), or None when it verifies."""
+    try:
+        verify_files(path, read_trainer_state(path).files)
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
 def resolve_resume(spec: str | None, root: str) -> str | None:
-    """``None``, a checkpoint directory, or ``"latest"`` (the newest complete one under ``root``)."""
+    """``None``, a checkpoint directory, or ``"latest"``: the newest checkpoint under ``root`` that verifies (each
+    newer one skipped with a warning saying why). Every rank gets rank 0's answer."""
     if spec is None:
         return None
+    rank, _ = _rank_world()
+    answer: list[Any] = [None]
+    if rank == 0:
+        try:
+            answer = [_resolve(spec, root)]
+        except ConfigError as err:
+            answer = [err]
+    if dist.is_initialized():
+        dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], ConfigError):
+        raise answer[0]
+    return answer[0]
+
+
+def _resolve(spec: str, root: str) -> str:
     if spec == "latest":
-        found = checkpoint_dirs(root)
-        if not found:
-            raise ConfigError(f"resume_from_checkpoint=latest but {root} holds no complete checkpoint; "
-                              "drop the key to start a new run")
-        return found[-1][1]
+        for step, path in reversed(checkpoint_dirs(root)):
+            problem = verify(path)
+            if problem is None:
+                return path
+            logger.warning("skipping checkpoint %s: %s", path, problem)
+        raise ConfigError(f"resume_from_checkpoint=latest but {root} holds no complete checkpoint that verifies; "
+                          "drop the key to start a new run")
     if not os.path.isdir(spec):
         raise ConfigError(f"resume_from_checkpoint={spec} does not exist (give a checkpoints/step-N directory "
                           "or \"latest\")")
     if not os.path.exists(os.path.join(spec, TRAINER_STATE)):
         raise ConfigError(f"resume_from_checkpoint={spec} is not a complete checkpoint (no {TRAINER_STATE}): "
                           "give a checkpoints/step-N directory or \"latest\"")
+    problem = verify(spec)
+    if problem is not None:
+        raise CheckpointError(f"resume_from_checkpoint={spec}: {problem}")
     return spec
-
-
-def read_trainer_state(path: str) -> TrainerState:
-    with open(os.path.join(path, TRAINER_STATE)) as f:
-        return TrainerState(**json.load(f))
 
 
 def load(path: str, *, optim: str, params: TrainableParams, optimizer: torch.optim.Optimizer, scheduler,
          device: torch.device, sharded_model: torch.nn.Module | None = None) -> TrainerState:
-    """Restore a checkpoint written by :func:`save` (every rank calls it); returns its trainer state.
-    ``sharded_model``: this run's FSDP2 model (it reads FSDP2 checkpoints, and only those)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    """Restore a checkpoint written by :func:`save` (every rank calls it): trainable parameters, optimizer state,
+    LR scheduler, RNG; returns its trainer state. ``sharded_model``: this run's FSDP2 model (it reads FSDP2
+    checkpoints, and only those)."""
+    rank, world = _rank_world()
     trainer = read_trainer_state(path)
     if trainer.optim != optim:
         raise ConfigError(f"{path} was written by optim={trainer.optim}; resume it with --optim {trainer.optim}")
@@ -234,39 +396,50 @@ def load(path: str, *, optim: str, params: TrainableParams, optimizer: torch.opt
         how = "with --fsdp true (on any number of ranks)" if trainer.engine == DCP_ENGINE else "without --fsdp"
         raise ConfigError(f"{path} was written by the {trainer.engine} engine; resume it {how}")
     same_world = trainer.world_size == world
+    rank_file = f"rank-{rank}.pt"
     if sharded_model is not None:
-        saved = load_checkpoint(os.path.join(path, "dcp"), sharded_model, optimizer,
-                                extra={"scheduler": scheduler.state_dict()})
+        verify_files(path, {k: v for k, v in trainer.files.items() if k.startswith("dcp" + os.sep)})
+        try:
+            saved = load_checkpoint(os.path.join(path, "dcp"), sharded_model, optimizer,
+                                    extra={"scheduler": scheduler.state_dict()})
+        except Exception as err:  # the safe metadata reader's refusal, or a DCP file that does not parse
+            raise CheckpointError(f"{path}/dcp cannot be loaded as data: {str(err).splitlines()[0]}") from None
         scheduler.load_state_dict(saved["scheduler"])
-        _restore_rng(path, trainer, device)
+        own = load_tensors(os.path.join(path, rank_file), trainer.files[rank_file]) if same_world else None
+        _restore_rng(path, trainer, device, own)
         return trainer
     if not same_world and trainer.rank_specific:
         raise ConfigError(f"{path} was saved by {trainer.world_size} ranks and holds ZeRO-partitioned optimizer "
                           f"state ({', '.join(trainer.rank_specific)}: non-LoRA trainables or a torch optimizer at "
                           f"ZeRO >= 1), which cannot move to {world} ranks: resume it with {trainer.world_size}")
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-    own = torch.load(os.path.join(path, f"rank-{rank}.pt"), map_location="cpu", weights_only=False) \
-        if same_world else {"optimizer": {}}
-    params.load(state["trainable"])
-    portable, partition = state["optimizer"], own["optimizer"]
-    if isinstance(optimizer, LoRAOptimizer):
-        other = partition.get("other", portable.get("other"))
-        optimizer.load_state_dict({**portable, "other": other})
-    else:
-        optimizer.load_state_dict(partition.get("torch", portable.get("torch")))
+    state = load_tensors(os.path.join(path, STATE_FILE), trainer.files[STATE_FILE])
+    own = load_tensors(os.path.join(path, rank_file), trainer.files[rank_file]) if same_world else {"optimizer": {}}
+    try:
+        params.load(state["trainable"])
+        portable, partition = state["optimizer"], own["optimizer"]
+        if isinstance(optimizer, LoRAOptimizer):
+            if "other" in partition:
+                optimizer.load_lora_state_dict(portable)
+                load_positional_state(optimizer.other_optimizer, partition["other"], path)
+                optimizer.resync_param_groups()
+            else:
+                optimizer.load_state_dict(portable)
+        elif "torch" in partition:
+            load_positional_state(optimizer, partition["torch"], path)
+        else:
+            optimizer.load_state_dict(portable["torch"])
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} does not hold what this run's optimizer and model need ({type(err).__name__}: "
+                              f"{err}): resume with the settings it was saved with") from None
     scheduler.load_state_dict(state["scheduler"])
     _restore_rng(path, trainer, device, own)
     return trainer
 
 
-def _restore_rng(path: str, trainer: TrainerState, device: torch.device, own: dict[str, Any] | None = None) -> None:
-    """This rank's RNG streams when the world size is the one that saved (else a warning); ``own``: this
-    rank's file when the caller already read it."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if trainer.world_size == world:
-        if own is None:
-            own = torch.load(os.path.join(path, f"rank-{rank}.pt"), map_location="cpu", weights_only=False)
+def _restore_rng(path: str, trainer: TrainerState, device: torch.device, own: dict[str, Any] | None) -> None:
+    """This rank's RNG streams when the world size is the one that saved (else a warning)."""
+    _, world = _rank_world()
+    if trainer.world_size == world and own is not None:
         torch.set_rng_state(own["rng"]["cpu"])
         if "cuda" in own["rng"] and device.type == "cuda":
             torch.cuda.set_rng_state(own["rng"]["cuda"])
@@ -274,3 +447,47 @@ def _restore_rng(path: str, trainer: TrainerState, device: torch.device, own: di
         logger.warning("%s was saved by %d ranks, resuming on %d: factors, optimizer state and schedule continue; "
                        "the data order across ranks and the dropout RNG streams differ from the uninterrupted run",
                        path, trainer.world_size, world)
+
+
+def upgrade(path: str) -> None:
+    """Convert a checkpoint of format 1 (no manifest) in place: its ``.pt`` files are read as plain tensors
+    (``weights_only=True``: a file holding anything else is refused, nothing runs), and a manifest with their
+    digests is written. The model identity and configuration were not recorded then: a resume cannot check them."""
+    from .checkpoint_files import FORMAT, sha256_of
+
+    where = os.path.join(path, TRAINER_STATE)
+    with open(where) as f:
+        body = json.load(f)
+    if body.get("format") == FORMAT:
+        raise CheckpointError(f"{path} is already of format {FORMAT}")
+    if body.get("engine") == DCP_ENGINE:
+        raise CheckpointError(f"{path} is an FSDP2 checkpoint of format 1, whose metadata only pickle reads: it "
+                              "cannot be converted safely; resume it with the psilora_ds version that wrote it")
+    files = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".pt"):
+            full = os.path.join(path, name)
+            digest = sha256_of(full)
+            load_tensors(full, digest)  # refuses anything but tensors in plain containers
+            files[name] = digest
+    trainer = TrainerState(**{k: v for k, v in body.items() if k in TrainerState.__dataclass_fields__})
+    trainer.files = files
+    write_manifest(path, asdict(trainer))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "upgrade":
+        print("usage: python -m psilora_ds.recipe.checkpoint upgrade CHECKPOINT_DIR", file=sys.stderr)
+        return 2
+    try:
+        upgrade(argv[1])
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{argv[1]}: converted to the current checkpoint format")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -98,7 +98,9 @@ class TrainConfig:
     log_every: int = opt(1, "write a metrics line every N steps")
     save_every: int = opt(50, "checkpoint every N steps (0: only at the end)")
     save_total_limit: int = opt(2, "keep the newest N checkpoints")
-    resume_from_checkpoint: str | None = opt(None, "a checkpoint directory, or \"latest\" in output_dir")
+    resume_from_checkpoint: str | None = opt(None, "a checkpoint directory, or \"latest\" in output_dir (the newest that verifies); the model and adapter must be the ones it trained, other changes (lr, max_steps, ...) apply and are logged")
+    overwrite_output_dir: bool = opt(False, "a run that does not resume, into an output_dir holding checkpoints: delete them (else refused)")
+    max_skipped_steps: int = opt(10, "stop with an error after this many consecutive steps skipped for non-finite values (0: never)")
     merge_weights: bool = opt(False, "also save the base model with the adapter merged in")
     output_dir: str = opt("runs/default", "metrics.jsonl, loss.png, adapter/, checkpoints/")
     seed: int = opt(0, "model init, data order, dropout")
@@ -251,9 +253,11 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("save_every", "save_total_limit", "eval_batches", "warmup_steps", "max_grad_norm", "weight_decay",
-                 "other_lr", "loraplus_lr_ratio", "riemannian_reg"):
+                 "other_lr", "loraplus_lr_ratio", "riemannian_reg", "prox", "damping", "max_skipped_steps"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise ConfigError(f"lr must be > 0 (a run at lr 0 trains nothing), got {cfg.lr}")
     if cfg.lora_alpha <= 0:
         raise ConfigError(f"lora_alpha must be > 0 (the adapter scaling is lora_alpha / r), got {cfg.lora_alpha}")
     if not 0 <= cfg.lora_dropout < 1:

@@ -68,6 +68,8 @@ def tokenize(cfg: TrainConfig, raw, tokenizer):
 
         def encode(batch):
             ids, labels = [], []
+            _check_text(batch[cfg.prompt_field], cfg.prompt_field, cfg.dataset)
+            _check_text(batch[cfg.response_field], cfg.response_field, cfg.dataset, numbers=True)
             for p, r in zip(batch[cfg.prompt_field], batch[cfg.response_field]):
                 p_ids = tokenizer(cfg.prompt_template.format(prompt=p), add_special_tokens=False)["input_ids"]
                 r_ids = tokenizer(str(r), add_special_tokens=False)["input_ids"] + [eos]
@@ -79,10 +81,27 @@ def tokenize(cfg: TrainConfig, raw, tokenizer):
             raise ConfigError(f"dataset has no column {cfg.text_field!r}; columns: {raw.column_names} (set text_field)")
 
         def encode(batch):
+            _check_text(batch[cfg.text_field], cfg.text_field, cfg.dataset)
             ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in batch[cfg.text_field]]
             return {"input_ids": ids, "labels": [list(x) for x in ids]}
 
-    return raw.map(encode, batched=True, remove_columns=raw.column_names, desc="tokenize")
+    try:
+        return raw.map(encode, batched=True, remove_columns=raw.column_names, desc="tokenize")
+    except ConfigError:
+        raise
+    except (UnicodeError, ValueError, TypeError) as err:  # bytes that are not UTF-8, values a tokenizer refuses
+        raise ConfigError(f"cannot tokenize dataset {cfg.dataset}: {one_line(err)} (the text must be UTF-8 strings)") \
+            from None
+
+
+def _check_text(values: list, field: str, dataset: str, numbers: bool = False) -> None:
+    """Every value of a text column is a string (a response may also be a number): a missing key or a null reads
+    as None, which the tokenizer would refuse with a message that names neither the row nor the column."""
+    allowed = (str, int, float) if numbers else (str,)
+    for value in values:
+        if not isinstance(value, allowed) or isinstance(value, bool):
+            raise ConfigError(f"dataset {dataset}: a row's {field!r} is {value!r}, not text (a null, or a row "
+                              f"without the key): fix or drop such rows")
 
 
 def pack_or_truncate(cfg: TrainConfig, tokenized):

@@ -127,6 +127,10 @@ class TrainableParams:
         """Trainable parameter count (ZeRO-3 partitions report their full size)."""
         return sum(getattr(p, "ds_numel", p.numel()) for _, p in self.named)
 
+    def shapes(self) -> dict[str, list[int]]:
+        """Every trainable parameter's full shape by name (ZeRO-3 partitions and FSDP2 shards too)."""
+        return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in self.named}
+
     @staticmethod
     def _partitioned(p: torch.Tensor) -> bool:
         return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")

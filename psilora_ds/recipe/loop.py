@@ -4,6 +4,8 @@ engine's three calls; the metrics record of a step."""
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import torch
 
 from ..optim.base import LoRAOptimizer
-from .checkpoint import fault_point
+from .checkpoint import fault_point, fault_requested
 from .config import TrainConfig
 from .data import IGNORE, collate
 from .ranks import over_ranks
@@ -27,6 +29,8 @@ def train_step(engine, stream: Iterator[dict[str, torch.Tensor]], cfg: TrainConf
         loss = engine(**batch, use_cache=False).loss  # (a KV cache would copy every layer's keys and values)
         engine.backward(loss)
         fault_point("step", step)
+        if fault_requested("sigterm", step):  # (tests: a preemption notice in the middle of a step)
+            os.kill(os.getpid(), signal.SIGTERM)
         engine.step()
         losses.append(float(loss.detach()))
         tokens += float(batch["attention_mask"].sum())
@@ -35,13 +39,26 @@ def train_step(engine, stream: Iterator[dict[str, torch.Tensor]], cfg: TrainConf
     return {"step": step, "loss": loss_mean, "step_time": elapsed, "tokens_per_s": tokens_all / elapsed}
 
 
+def skipped_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Steps the optimizer did not apply because a value was not finite (its own and its other optimizer's)."""
+    other = getattr(optimizer, "other_optimizer", None)
+    return getattr(optimizer, "skipped_steps", 0) + getattr(other, "skipped_steps", 0)
+
+
+def inject_overflow(optimizer: torch.optim.Optimizer) -> None:
+    """Tests (``PSILORA_DS_FAULT=nan:N``): an lr so large that step N's update overflows from finite gradients
+    (the schedule sets the lr again at the next step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = 1e38
+
+
 def optimizer_metrics(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """PSI-LoRA's own numbers for a metrics record (nothing for a torch baseline)."""
+    """PSI-LoRA's own numbers for a metrics record (a torch baseline: its skipped steps)."""
     if not isinstance(optimizer, LoRAOptimizer):
-        return {}
+        return {"skipped_steps": skipped_steps(optimizer)}
     state = optimizer.state_nbytes()
     (state_max,), (state_total,) = over_ranks([state], "max"), over_ranks([state], "sum")
-    return {"grad_norm": optimizer.last_grad_norm, "skipped_steps": optimizer.skipped_steps,
+    return {"grad_norm": optimizer.last_grad_norm, "skipped_steps": skipped_steps(optimizer),
             "cache_bytes": optimizer.last_cache_bytes, "state_bytes_rank_max": int(state_max),
             "state_bytes_total": int(state_total)}
 

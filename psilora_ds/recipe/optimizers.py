@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
+from ..optim import skipping_non_finite
 from ..distributed import FSDP2Distributor
 from .config import ConfigError, TrainConfig, is_builtin
 
@@ -34,6 +35,12 @@ class OptimizerEntry:
     any_engine: bool = True
 
 
+# the torch optimizers of the baselines and of PSI-LoRA's non-LoRA parameters, undoing steps that leave a
+# non-finite value (psilora_ds.optim.finite_guard): no method writes NaN into the weights
+AdamW = skipping_non_finite(torch.optim.AdamW)
+SGD = skipping_non_finite(torch.optim.SGD)
+
+
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -41,7 +48,7 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 def _loraplus(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     from peft.optimizers import create_loraplus_optimizer
 
-    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.lr, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+    return create_loraplus_optimizer(model, AdamW, lr=cfg.lr, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
                                      betas=_betas(cfg), weight_decay=cfg.weight_decay)
 
 
@@ -54,7 +61,7 @@ def _riemannian(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         raise ConfigError(f"optim=riemannian needs peft.optimizers.create_riemannian_optimizer, which peft "
                           f"{peft.__version__} lacks: pip install -U peft") from None
 
-    return create_riemannian_optimizer(model, torch.optim.AdamW, lr=cfg.lr, reg=cfg.riemannian_reg, betas=_betas(cfg),
+    return create_riemannian_optimizer(model, AdamW, lr=cfg.lr, reg=cfg.riemannian_reg, betas=_betas(cfg),
                                        weight_decay=cfg.weight_decay)
 
 
@@ -74,7 +81,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
         model, cfg.lr, prox=cfg.prox, first_step_iters=cfg.first_step_iters, **o), lora=True, default_lr=(0.1, 2e-3)),
     "svdlora": OptimizerEntry(lambda cfg, model, o: SVDLoRA(model, cfg.lr, momentum=cfg.momentum, **o), lora=True,
                               default_lr=(0.1, 2e-3)),
-    "adamw": OptimizerEntry(lambda cfg, model: torch.optim.AdamW(
+    "adamw": OptimizerEntry(lambda cfg, model: AdamW(
         _trainable(model), lr=cfg.lr, betas=_betas(cfg), weight_decay=cfg.weight_decay), lora=False,
         default_lr=(1e-2, 2e-4)),
     # LoRA+ (arXiv 2402.12354): AdamW with the B factors at loraplus_lr_ratio x lr (peft's parameter groups)
@@ -83,7 +90,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
     # preconditioner reads the gradients on the model's own parameters, which DeepSpeed's ZeRO flat partitions
     # and FSDP2's shards are not: plain PyTorch (one process or DDP) only
     "riemannian": OptimizerEntry(_riemannian, lora=False, default_lr=(1e-2, 2e-4), any_engine=False),
-    "sgd": OptimizerEntry(lambda cfg, model: torch.optim.SGD(
+    "sgd": OptimizerEntry(lambda cfg, model: SGD(
         _trainable(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay), lora=False,
         default_lr=(2e-3, 2e-3)),  # not benchmarked
 }
@@ -130,7 +137,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 def lora_options(cfg: TrainConfig) -> dict[str, Any]:
     """The PSI-LoRA family's shared options (:class:`~psilora_ds.optim.options.LoRAOptions`) from the config."""
     def other(params):
-        return torch.optim.AdamW(params, lr=cfg.other_lr, betas=_betas(cfg), weight_decay=cfg.weight_decay)
+        return AdamW(params, lr=cfg.other_lr, betas=_betas(cfg), weight_decay=cfg.weight_decay)
 
     return dict(max_grad_norm=cfg.max_grad_norm or None, clip_norm_probes=cfg.clip_norm_probes, other_optimizer=other,
                 cache_free=cfg.cache_free, cache_max_bytes=cfg.cache_max_bytes, cache_offload=cfg.cache_offload,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -61,12 +62,59 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def save_outputs(output_dir: str, model, tokenizer, state: dict[str, torch.Tensor], *, merge: bool) -> None:
-    """``adapter/`` (peft, from the fp32 masters in ``state``) and ``merged/`` when asked."""
-    model.save_pretrained(os.path.join(output_dir, "adapter"), state_dict=state)
-    tokenizer.save_pretrained(os.path.join(output_dir, "adapter"))
-    if merge:
+    """``adapter/`` (peft, from the fp32 masters in ``state``) and ``merged/`` when asked, each written into a hidden
+    directory and published by renames once complete (a full disk or a kill leaves the previous one whole).
+    Non-finite weights are refused (one line), never written."""
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in state.values() if t.is_floating_point())
+    if bad:
+        raise ConfigError(f"the adapter holds {bad} non-finite values: not written to {output_dir}/adapter; resume "
+                          "from the newest checkpoint with a lower --lr")
+
+    def write_adapter(path: str) -> None:
+        model.save_pretrained(path, state_dict=state)
+        tokenizer.save_pretrained(path)
+
+    def write_merged(path: str) -> None:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in state:
                     p.copy_(state[name].to(p.dtype))
-        model.merge_and_unload().save_pretrained(os.path.join(output_dir, "merged"))
+        model.merge_and_unload().save_pretrained(path)
+
+    _publish_dir(output_dir, "adapter", write_adapter)
+    if merge:
+        _publish_dir(output_dir, "merged", write_merged)
+
+
+def _publish_dir(output_dir: str, name: str, write) -> None:
+    final = os.path.join(output_dir, name)
+    partial = os.path.join(output_dir, f".{name}.partial")
+    old = os.path.join(output_dir, f".{name}.old")
+    for leftover in (partial, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        write(partial)
+    except OSError as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ConfigError(f"{final} could not be written ({err.strerror}); the checkpoints are kept: free space and "
+                          "run again with --resume_from_checkpoint latest") from None
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def summary_line(output_dir: str, wall_s: float) -> str:
+    """The run in one line: steps, train loss (mean of the last 10 logged steps), the last eval loss and
+    perplexity, wall time of this process's training, and where the outputs are."""
+    records = [r for r in read_metrics(os.path.join(output_dir, "metrics.jsonl")) if r.get("step", 0) > 0]
+    train = [r["loss"] for r in records if "loss" in r][-10:]
+    evals = [r for r in records if "eval_loss" in r]
+    parts = [f"done: {records[-1]['step'] if records else 0} steps"]
+    if train:
+        parts.append(f"train loss {sum(train) / len(train):.4f} (last {len(train)} steps)")
+    if evals:
+        parts.append(f"eval loss {evals[-1]['eval_loss']:.4f} (perplexity {evals[-1]['eval_ppl']:.2f})")
+    parts.append(f"{wall_s:.0f} s")
+    parts.append(f"outputs in {output_dir}: adapter/, metrics.jsonl, loss.png, checkpoints/")
+    return "; ".join(parts)

@@ -1,0 +1,71 @@
+"""Steps that would make a weight or an optimizer state non-finite are not applied, for torch optimizers too.
+
+:func:`skipping_non_finite` makes a subclass of a ``torch.optim.Optimizer`` class whose ``step`` keeps a copy of
+the parameters and the state it updates, steps, and, when any of them came out non-finite (on any rank: one
+all-reduce of one number), puts the copy back and counts the step in ``skipped_steps``. It is how the recipe's
+baselines (AdamW, SGD, peft's LoRA+ and Riemannian wrappers) get the guarantee PSI-LoRA's optimizers give
+(:class:`psilora_ds.optim.base.LoRAOptimizer` checks its update the same way). The copy costs one more set of
+the stepped parameters and their state for the duration of a step: meant for adapters, not full fine-tuning.
+Under DeepSpeed ZeRO the parameters it sees are the rank's flat fp32 partitions; every rank steps together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+def count_non_finite(tensors: Iterable[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """A 0-d float64 tensor: how many of ``tensors`` hold a NaN or an infinity (one fp32 sum each, no masks: a
+    non-finite entry makes its tensor's sum non-finite)."""
+    sums = [t.detach().float().sum() for t in tensors if t.is_floating_point() and t.numel()]
+    if not sums:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return (~torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]))).sum().to(torch.float64)
+
+
+def any_rank(count: torch.Tensor) -> bool:
+    """Whether ``count`` is positive on some rank (an all-reduce when a process group runs)."""
+    if dist.is_initialized():
+        count = count.to("cuda" if dist.get_backend() == "nccl" else "cpu").reshape(1)
+        dist.all_reduce(count)
+    return bool(count.item() > 0)
+
+
+class NonFiniteGuard:
+    """Mixin over a ``torch.optim.Optimizer``: :meth:`step` is undone when it leaves a non-finite value."""
+
+    skipped_steps: int = 0
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        params = [p for g in self.param_groups for p in g["params"]]
+        kept_params = [p.detach().clone() for p in params]
+        kept_state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.state[p].items()}
+                      for p in params if p in self.state}
+        loss = super().step(closure)
+        after = [*params, *(v for p in params for v in self.state.get(p, {}).values() if isinstance(v, torch.Tensor))]
+        if any_rank(count_non_finite(after, params[0].device if params else None)):
+            for p, kept in zip(params, kept_params):
+                p.copy_(kept)
+            for p in params:
+                if p in kept_state:
+                    self.state[p] = kept_state[p]
+                else:
+                    self.state.pop(p, None)
+            self.skipped_steps += 1
+            logger.warning("the update would make a weight or optimizer state non-finite: step not applied, on all "
+                           "ranks (%d so far)", self.skipped_steps)
+        return loss
+
+
+def skipping_non_finite(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """``cls`` with :class:`NonFiniteGuard`'s step: same constructor, state dict and behaviour otherwise."""
+    return type(f"NonFinite{cls.__name__}", (NonFiniteGuard, cls), {"__module__": __name__,
+                                                                     "__doc__": f"{cls.__name__}, skipping non-finite updates."})
