@@ -326,7 +326,7 @@ BAD_INPUTS = [
     (["--fsdp", "true", "--dtype", "fp16"], "dtype=fp16 under FSDP2 needs loss scaling"),
     (["--fsdp", "true", "--merge_weights", "true"], "merge_weights under FSDP2"),
     (["--fsdp", "true"], "fsdp=true needs a launcher: torchrun --nproc_per_node N"),
-    (["--resume_from_checkpoint", "{tmp}/fsdp_checkpoint"], "written by the fsdp2 engine; resume it with --fsdp true"),
+    (["--resume_from_checkpoint", "{tmp}/fsdp_checkpoint", "--max_steps", "5"], "written by the fsdp2 engine; resume it with --fsdp true"),
     (["--dataset", "{tmp}/null_text.jsonl"], "'text' is None, not text"),
     (["--dataset", "{tmp}/no_text.jsonl"], "'text' is None, not text"),
     (["--dataset", "{tmp}/latin1.jsonl"], "can't decode byte"),
@@ -335,7 +335,7 @@ BAD_INPUTS = [
     # values
     (["--learning_rate", "1e-3"], "unknown config key"),
     (["--optim", "lion"], "choose one of"),
-    (["--lr", "-1"], "lr must be >= 0"),
+    (["--lr", "-1"], "lr must be > 0"),
     (["--lr", "abc"], "lr='abc' is not a valid float"),
     (["--iters", "-2"], "iters must be >= 0"),
     (["--metric", "fisher"], "metric must be one of"),
