@@ -42,7 +42,8 @@ def runs():
 def test_every_method_falls_and_stays_finite(runs):
     for name, (losses, left) in runs.items():
         assert all(math.isfinite(v) for v in losses), name
-        assert losses[-1] < losses[0] and 0.0 <= left < 1.0, (name, left)
+        # (the SVD oracle reaches the optimum: its share left is 0 up to fp32 rounding, about -7e-7 on some CPUs)
+        assert losses[-1] < losses[0] and -1e-5 <= left < 1.0, (name, left)
 
 
 def test_more_inner_iterations_approach_the_svd_oracle(runs):

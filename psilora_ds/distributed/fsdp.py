@@ -184,11 +184,14 @@ def _saved_part(template: dict[str, Any], saved: set[str]) -> dict[str, Any]:
 _DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
                          "torch.distributed.checkpoint.planner")
 _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
+# plain values the metadata holds: the checkpoint's path, a layout looked up by name, an ordered dict
+_PLAIN_GLOBALS = {("collections", "OrderedDict"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                  ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     """Builds DCP's metadata classes, ``torch.Size``, torch dtypes / layouts / memory formats and
-    ``OrderedDict``; any other global is an ``UnpicklingError``."""
+    :data:`_PLAIN_GLOBALS`; any other global is an ``UnpicklingError``."""
 
     def find_class(self, module: str, name: str) -> Any:
         if module in _DCP_METADATA_MODULES and not name.startswith("__"):
@@ -197,7 +200,7 @@ class _MetadataUnpickler(pickle.Unpickler):
                 return obj
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), _TORCH_VALUES)):
             return getattr(torch, name)
-        if (module, name) == ("collections", "OrderedDict"):
+        if (module, name) in _PLAIN_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a checkpoint's metadata")
 

@@ -375,7 +375,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
             programs[idx] = self._update_layer(layer, state, A, B, grad, group)
         kept = {idx: _copy_state(self.state[self.layers[idx].A]) for idx in plan.grads}
         # all layers' updates in lockstep: the thin products of one round, every layer's, in one collective
-        new_factors = run_lockstep(programs, d.reduce)
+        try:
+            new_factors = run_lockstep(programs, d.reduce)
+        except torch.linalg.LinAlgError:  # a factorization met non-finite values (the same on every rank: its inputs
+            new_factors = None            # are reduced products), so the update cannot be finite
         if self._update_not_finite(plan, new_factors):  # undone on every rank: nothing is written
             for idx, state in kept.items():
                 layer = self.layers[idx]
@@ -399,12 +402,17 @@ class LoRAOptimizer(torch.optim.Optimizer):
             d.factors_synced(group["params"])
         return True
 
-    def _update_not_finite(self, plan: _StepPlan, new_factors: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> bool:
-        """Whether the computed update leaves a non-finite factor or state value on some rank (finite gradients can
-        still overflow in the products or the metrics); then the step is counted as skipped (one all-reduce)."""
-        tensors = [t for idx in plan.grads for t in (*new_factors[idx], *(
-            v for v in self.state[self.layers[idx].A].values() if isinstance(v, torch.Tensor)))]
-        bad = count_non_finite(tensors, self.layers[0].A.device)
+    def _update_not_finite(self, plan: _StepPlan,
+                           new_factors: dict[int, tuple[torch.Tensor, torch.Tensor]] | None) -> bool:
+        """Whether the computed update (None: it failed on non-finite values) leaves a non-finite factor or state
+        value on some rank (finite gradients can still overflow in the products or the metrics); then the step is
+        counted as skipped (one all-reduce)."""
+        if new_factors is None:
+            bad = torch.ones((), dtype=torch.float64, device=self.layers[0].A.device)
+        else:
+            tensors = [t for idx in plan.grads for t in (*new_factors[idx], *(
+                v for v in self.state[self.layers[idx].A].values() if isinstance(v, torch.Tensor)))]
+            bad = count_non_finite(tensors, self.layers[0].A.device)
         if self.distributor.all_reduce_(bad.reshape(1).to(self.layers[0].A.device)).item() == 0:
             return False
         self.skipped_steps += 1

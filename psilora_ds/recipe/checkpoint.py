@@ -335,9 +335,14 @@ def read_trainer_state(path: str) -> TrainerState:
 
 
 def verify(path: str) -> str | None:
-    """Why checkpoint ``path`` cannot be resumed (damaged, incomplete, old format), or None when it verifies."""
+    """Why checkpoint ``path`` cannot be resumed (damaged, incomplete, old format, a ``.pt`` file holding more than
+    tensors), or None when it verifies."""
     try:
-        verify_files(path, read_trainer_state(path).files)
+        files = read_trainer_state(path).files
+        verify_files(path, files)
+        for name, digest in files.items():  # what resuming reads as tensors must load as data
+            if name.endswith(".pt"):
+                load_tensors(os.path.join(path, name), digest)
     except CheckpointError as err:
         return str(err)
     return None

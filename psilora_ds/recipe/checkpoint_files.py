@@ -22,6 +22,7 @@ import io
 import json
 import os
 import pickle
+import re
 from typing import Any
 
 import torch
@@ -68,9 +69,10 @@ def load_tensors(path: str, digest: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"global {found.group(1)}" if found else str(err).strip().splitlines()[0][:200]
         raise CheckpointError(f"{path} holds objects other than tensors and plain containers, refused (it is not "
-                              f"loaded with pickle): {first}") from None
+                              f"loaded with pickle): {what}") from None
     except Exception as err:  # a file that matches its digest but does not parse: written by something else
         raise CheckpointError(f"{path} is not a tensor file this version can read ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''})") from None

@@ -46,10 +46,10 @@ def skipped_steps(optimizer: torch.optim.Optimizer) -> int:
 
 
 def inject_overflow(optimizer: torch.optim.Optimizer) -> None:
-    """Tests (``PSILORA_DS_FAULT=nan:N``): an lr so large that step N's update overflows from finite gradients
-    (the schedule sets the lr again at the next step)."""
+    """Tests (``PSILORA_DS_FAULT=nan:N``): an infinite lr, so that step N's update is not finite although its
+    gradients are (the schedule sets the lr again at the next step)."""
     for group in optimizer.param_groups:
-        group["lr"] = 1e38
+        group["lr"] = float("inf")
 
 
 def optimizer_metrics(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -1,0 +1,311 @@
+"""Nothing a run did is lost or corrupted: divergence never reaches the weights or the checkpoints, a resume says
+what it changes and refuses what it cannot continue, damaged checkpoints are skipped, crafted ones never run
+code, one run per output_dir, preemption saves. Each test injects its fault (``PSILORA_DS_FAULT``, a crafted
+file, a held lock) into launch/train.py and checks exit code, the one ``error:`` line and what is on disk."""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from psilora_ds.recipe import checkpoint
+from psilora_ds.recipe.checkpoint_files import TRAINER_STATE, read_manifest, sha256_of, write_manifest
+from psilora_ds.recipe.run_lock import RunLock
+
+from .test_train_recipe import ROOT, all_records, assert_same_curve, deepspeed_launcher, metrics, run
+
+MARKER_ENV = "PSILORA_TEST_MARKER"
+FAST = ["--max_steps", "6", "--save_every", "2", "--eval_every", "3", "--warmup_steps", "0", "--save_total_limit", "5"]
+
+
+def error_lines(proc):
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def assert_one_error(proc, text, code=2):
+    errors = error_lines(proc)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert len(errors) == 1 and text in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def saved_tensors(step_dir):
+    return torch.load(os.path.join(step_dir, "state.pt"), weights_only=True)
+
+
+def all_finite(step_dir):
+    state = saved_tensors(step_dir)
+    tensors = list(state["trainable"].values())
+    stack = [state["optimizer"]]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+def steps_of(out):
+    return sorted(int(d.split("-")[1]) for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step-"))
+
+
+# ---- finding 1: a non-finite update is not applied, never saved; a diverged run stops with one line ----------
+
+@pytest.mark.parametrize("optim", ["scaled_psilora", "psilora", "adamw", "loraplus"])
+def test_an_update_that_overflows_is_not_applied(tmp_path, optim):
+    out = tmp_path / optim
+    run(["--optim", optim, "--max_steps", "4", "--save_every", "1", "--warmup_steps", "0", "--save_total_limit", "4",
+         "--output_dir", str(out)], tmp_path, extra_env={"PSILORA_DS_FAULT": "nan:3"})
+    records = {r["step"]: r for r in metrics(out)}
+    assert [records[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
+    step2, step3 = saved_tensors(out / "checkpoints" / "step-2"), saved_tensors(out / "checkpoints" / "step-3")
+    for name, value in step2["trainable"].items():  # step 3 left every weight as step 2 had it
+        assert torch.equal(step3["trainable"][name], value), name
+    assert all(all_finite(out / "checkpoints" / f"step-{s}") for s in (1, 2, 3, 4))
+    assert records[4]["loss"] == records[4]["loss"] and os.path.exists(out / "adapter")
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_its_finite_checkpoints(tmp_path):
+    out = tmp_path / "nan"
+    proc = run(["--model", "builtin:stdlib-llama", "--dataset", "builtin:python-reference", "--lr", "1e4", "--max_steps", "40", "--save_every", "5", "--save_total_limit", "2",
+                "--max_skipped_steps", "3", "--output_dir", str(out)], tmp_path, check=False)
+    assert_one_error(proc, "steps in a row were skipped because their updates were not finite")
+    assert "Resume from" in error_lines(proc)[0]
+    assert not os.path.exists(out / "adapter")  # no adapter from a diverged run
+    saved = steps_of(out)
+    assert saved and all(all_finite(out / "checkpoints" / f"step-{s}") for s in saved)
+    assert max(r["step"] for r in metrics(out)) < 40
+
+
+# ---- finding 2 and 9: a resume applies a new lr and schedule length, says so, and refuses past max_steps ------
+
+def test_resume_applies_a_new_lr_and_schedule_and_logs_it(tmp_path):
+    out = tmp_path / "run"
+    args = ["--max_steps", "4", "--save_every", "2", "--warmup_steps", "0", "--lr_scheduler", "linear"]
+    run([*args, "--output_dir", str(out)], tmp_path)
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    proc = run([*args[2:], "--max_steps", "8", "--lr", "5e-3", "--output_dir", str(out),
+                "--resume_from_checkpoint", "latest"], tmp_path)
+    log = proc.stderr + proc.stdout
+    assert "resume applies a changed setting: lr: 0.01 -> 0.005" in log
+    assert "resume applies a changed setting: max_steps: 4 -> 8" in log
+    lrs = {r["step"]: r["lr"] for r in metrics(out)}
+    # linear decay over 8 steps from 5e-3, continued at step 3 (0-based position 2)
+    for step in range(3, 9):
+        assert lrs[step] == pytest.approx(5e-3 * (8 - (step - 1)) / 8), step
+    proc = run(["--max_steps", "8", "--output_dir", str(out), "--resume_from_checkpoint", "latest"], tmp_path,
+               check=False)
+    assert_one_error(proc, "is at step 8 and max_steps is 8: nothing to train")
+
+
+# ---- finding 3: another model, scaling, rank or targets is refused ----------------------------------------------
+
+@pytest.mark.parametrize("change,text", [
+    (["--tiny_hidden_size", "32"], "another architecture"),
+    (["--model", "builtin:stdlib-llama"], "resume with --model builtin:tiny-llama"),
+    (["--lora_alpha", "64"], "trained with lora_alpha=32.0"),
+    (["--lora_r", "8"], "differing in name or shape"),
+    (["--target_modules", "[q_proj]"], "differing in name or shape"),
+    (["--optim", "adamw"], "trained with optim=scaled_psilora"),
+])
+def test_resume_refuses_another_model_or_adapter(tmp_path, change, text):
+    out = tmp_path / "run"
+    run(["--max_steps", "2", "--output_dir", str(out)], tmp_path)
+    proc = run(["--max_steps", "4", "--output_dir", str(out), "--resume_from_checkpoint", "latest", *change],
+               tmp_path, check=False)
+    assert_one_error(proc, text)
+
+
+# ---- finding 4: checksums; latest falls back past a damaged checkpoint; a named one is one line ------------------
+
+def flip_byte(path):
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def truncate(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 3])
+
+
+@pytest.mark.parametrize("damage,name", [(flip_byte, "state.pt"), (truncate, "rank-0.pt"),
+                                         (truncate, TRAINER_STATE), (flip_byte, TRAINER_STATE)])
+def test_a_damaged_newest_checkpoint_is_skipped_and_a_named_one_refused(tmp_path, damage, name):
+    out = tmp_path / "straight"
+    run([*FAST, "--output_dir", str(out)], tmp_path)
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-6")
+    damage(cut / "checkpoints" / "step-4" / name)
+    proc = run([*FAST, "--output_dir", str(cut), "--resume_from_checkpoint", str(cut / "checkpoints" / "step-4")],
+               tmp_path, check=False)
+    assert_one_error(proc, "step-4")
+    proc = run([*FAST, "--output_dir", str(cut), "--resume_from_checkpoint", "latest"], tmp_path)
+    assert "skipping checkpoint" in proc.stderr and "step-4" in proc.stderr
+    assert "resumed from " + str(cut / "checkpoints" / "step-2") in proc.stderr
+    assert_same_curve(out, cut, 2)
+
+
+# ---- issue 28: a crafted checkpoint never runs code ----------------------------------------------------------
+
+class Payload:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def craft(step_dir, name, marker):
+    """Add the payload to ``name`` and record the new file's digest, as an attacker who rewrites the manifest can."""
+    path = os.path.join(step_dir, name)
+    obj = torch.load(path, weights_only=True)
+    obj["extra"] = Payload(marker)
+    torch.save(obj, path)
+    body = read_manifest(step_dir)
+    body["files"][name] = sha256_of(path)
+    body.pop("format")
+    write_manifest(step_dir, body)
+
+
+@pytest.mark.parametrize("name", ["state.pt", "rank-0.pt"])
+def test_a_crafted_checkpoint_never_runs_code(tmp_path, name):
+    out = tmp_path / "run"
+    run([*FAST, "--output_dir", str(out)], tmp_path)
+    marker = tmp_path / "marker"
+    craft(str(out / "checkpoints" / "step-6"), name, marker)
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    proc = run([*FAST, "--max_steps", "8", "--output_dir", str(out), "--resume_from_checkpoint",
+                str(out / "checkpoints" / "step-6")], tmp_path, check=False)
+    assert not marker.exists()
+    assert_one_error(proc, f"{name} holds objects other than tensors and plain containers, refused")
+    proc = run([*FAST, "--max_steps", "8", "--output_dir", str(out), "--resume_from_checkpoint", "latest"], tmp_path)
+    assert not marker.exists()
+    assert "skipping checkpoint" in proc.stderr and "resumed from " + str(out / "checkpoints" / "step-2") in proc.stderr
+
+
+def test_dcp_metadata_is_read_without_running_code(tmp_path):
+    """FSDP2 checkpoints: torch's reader unpickles ``.metadata`` freely; ours builds DCP's metadata classes only."""
+    import torch.distributed.checkpoint as dcp
+
+    from psilora_ds.distributed.fsdp import safe_dcp_reader
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "extra": {"scheduler": {"last_epoch": 3, "base_lrs": [0.1]}}}
+    dcp.save(state, checkpoint_id=str(tmp_path / "ok"))
+    into = {"w": torch.zeros(2, 3), "extra": {"scheduler": {"last_epoch": 0, "base_lrs": [0.0]}}}
+    dcp.load(into, storage_reader=safe_dcp_reader(str(tmp_path / "ok")))
+    assert torch.equal(into["w"], state["w"]) and into["extra"]["scheduler"]["last_epoch"] == 3
+
+    marker = tmp_path / "marker"
+    shutil.copytree(tmp_path / "ok", tmp_path / "crafted")
+    with open(tmp_path / "crafted" / ".metadata", "wb") as f:
+        pickle.dump(Payload(marker), f)
+    with pytest.raises(pickle.UnpicklingError, match="global (posix|os).system is not allowed"):
+        dcp.load(into, storage_reader=safe_dcp_reader(str(tmp_path / "crafted")))
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_the_previous_format_is_refused_then_converted(tmp_path):
+    out = tmp_path / "run"
+    run([*FAST, "--output_dir", str(out)], tmp_path)
+    step6 = out / "checkpoints" / "step-6"
+    body = read_manifest(str(step6))
+    old = {k: body[k] for k in ("step", "world_size", "optim", "engine", "engine_skipped_steps", "rank_specific")}
+    (step6 / TRAINER_STATE).write_text(json.dumps(old))
+    proc = run([*FAST, "--max_steps", "8", "--output_dir", str(out), "--resume_from_checkpoint", str(step6)],
+               tmp_path, check=False)
+    assert_one_error(proc, "python -m psilora_ds.recipe.checkpoint upgrade")
+    conv = subprocess.run([sys.executable, "-m", "psilora_ds.recipe.checkpoint", "upgrade", str(step6)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert conv.returncode == 0, conv.stderr
+    proc = run([*FAST, "--max_steps", "8", "--output_dir", str(out), "--resume_from_checkpoint", str(step6)], tmp_path)
+    assert "were not recorded" in proc.stderr and max(r["step"] for r in metrics(out)) == 8
+
+
+# ---- finding 5: one run per output_dir; a fresh run does not mix with another run's checkpoints ----------------
+
+def test_one_run_per_output_dir_and_no_fresh_run_over_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    os.makedirs(out)
+    lock = RunLock(str(out))
+    lock.acquire()  # a live run holds the directory
+    proc = run(["--max_steps", "2", "--output_dir", str(out)], tmp_path, check=False)
+    assert_one_error(proc, "is in use by a running job (host ")
+    lock.release()  # (a dead holder releases it too: the kernel drops flock locks with the process)
+    run(["--max_steps", "2", "--output_dir", str(out)], tmp_path)
+    proc = run(["--max_steps", "2", "--output_dir", str(out)], tmp_path, check=False)
+    assert_one_error(proc, "holds the checkpoints of an earlier run (newest: step-2)")
+    run(["--max_steps", "3", "--save_every", "3", "--output_dir", str(out), "--overwrite_output_dir", "true"], tmp_path)
+    assert steps_of(out) == [3]
+
+
+# ---- finding 6: SIGTERM finishes the step, saves, exits non-zero; the resume continues the same curve ------------
+
+def test_sigterm_saves_the_step_and_resumes_the_same_curve(tmp_path):
+    out = tmp_path / "straight"
+    run([*FAST, "--output_dir", str(out)], tmp_path)
+    cut = tmp_path / "cut"
+    proc = run([*FAST, "--output_dir", str(cut)], tmp_path, check=False, extra_env={"PSILORA_DS_FAULT": "sigterm:3"})
+    assert_one_error(proc, "stopped by SIGTERM after step 3", code=143)
+    assert steps_of(cut) == [2, 3]
+    run([*FAST, "--output_dir", str(cut), "--resume_from_checkpoint", "latest"], tmp_path)
+    assert_same_curve(out, cut, 3)
+
+
+# ---- finding 7: a full disk while saving is one line and keeps the older checkpoints -----------------------------
+
+def test_a_full_disk_while_saving_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = run([*FAST, "--output_dir", str(out)], tmp_path, check=False, extra_env={"PSILORA_DS_FAULT": "enospc:4"})
+    assert_one_error(proc, "checkpoint step-4 could not be written (No space left on device)")
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-2"]
+
+
+# ---- 2 ranks ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_zero2_two_ranks_sigterm_on_one_rank_and_an_overflowing_update(tmp_path):
+    """SIGTERM to rank 1 alone stops both ranks after the same step with a complete checkpoint, which resumes the
+    uninterrupted curve; an update that overflows is undone on both ranks."""
+    ds = deepspeed_launcher(29541)
+    args = ["--ds_config", os.path.join(ROOT, "ds_configs", "zero2.json"), *FAST]
+    out = tmp_path / "straight"
+    run([*args, "--output_dir", str(out)], tmp_path, launcher=ds)
+    cut = tmp_path / "cut"
+    proc = run([*args, "--output_dir", str(cut)], tmp_path, launcher=ds, check=False,
+               extra_env={"PSILORA_DS_FAULT": "sigterm:3:1"})
+    assert proc.returncode != 0 and "stopped by SIGTERM after step 3" in proc.stderr, proc.stderr[-3000:]
+    assert steps_of(cut) == [2, 3]
+    run([*args, "--output_dir", str(cut), "--resume_from_checkpoint", "latest"], tmp_path, launcher=ds)
+    assert_same_curve(out, cut, 3)
+    nan = tmp_path / "nan"
+    run([*args, "--output_dir", str(nan)], tmp_path, launcher=ds, extra_env={"PSILORA_DS_FAULT": "nan:3"})
+    assert [r["skipped_steps"] for r in metrics(nan)][:4] == [0, 0, 1, 1]
+    assert all(all_finite(nan / "checkpoints" / f"step-{s}") for s in steps_of(nan))
+
+
+@pytest.mark.slow
+def test_zero3_adamw_saves_and_resumes_the_same_curve(tmp_path):
+    """The LoRA-AdamW baseline under ZeRO-3 (its optimizer state saved by position: Optimizer.state_dict fails there)."""
+    ds = deepspeed_launcher(29543)
+    args = ["--ds_config", os.path.join(ROOT, "ds_configs", "zero3.json"), "--optim", "adamw", *FAST]
+    out = tmp_path / "straight"
+    run([*args, "--output_dir", str(out)], tmp_path, launcher=ds)
+    resumed = tmp_path / "resumed"
+    os.makedirs(resumed / "checkpoints")
+    shutil.copytree(out / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    shutil.copy(out / "metrics.jsonl", resumed / "metrics.jsonl")
+    run([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], tmp_path, launcher=ds)
+    assert_same_curve(out, resumed, 2)
+    assert all_records(resumed)[0]["step"] == 0
