@@ -407,8 +407,10 @@ def load(path: str, *, optim: str, params: TrainableParams, optimizer: torch.opt
         try:
             saved = load_checkpoint(os.path.join(path, "dcp"), sharded_model, optimizer,
                                     extra={"scheduler": scheduler.state_dict()})
-        except Exception as err:  # the safe metadata reader's refusal, or a DCP file that does not parse
-            raise CheckpointError(f"{path}/dcp cannot be loaded as data: {str(err).splitlines()[0]}") from None
+        except Exception as err:  # the safe metadata reader's refusal (DCP wraps it), or a file that does not parse
+            lines = str(err).splitlines() or [type(err).__name__]
+            detail = next((line.strip() for line in lines if "is not allowed" in line), lines[0])
+            raise CheckpointError(f"{path}/dcp cannot be loaded as data: {detail}") from None
         scheduler.load_state_dict(saved["scheduler"])
         own = load_tensors(os.path.join(path, rank_file), trainer.files[rank_file]) if same_world else None
         _restore_rng(path, trainer, device, own)
