@@ -198,6 +198,7 @@ def test_a_crafted_checkpoint_never_runs_code(tmp_path, name):
 def test_dcp_metadata_is_read_without_running_code(tmp_path):
     """FSDP2 checkpoints: torch's reader unpickles ``.metadata`` freely; ours builds DCP's metadata classes only."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from psilora_ds.distributed.fsdp import safe_dcp_reader
 
@@ -213,7 +214,7 @@ def test_dcp_metadata_is_read_without_running_code(tmp_path):
         pickle.dump(Payload(marker), f)
     with pytest.raises(pickle.UnpicklingError, match="global (posix|os).system is not allowed"):
         safe_dcp_reader(str(tmp_path / "crafted")).read_metadata()
-    with pytest.raises(Exception):  # (DCP wraps the refusal in its CheckpointException)
+    with pytest.raises(CheckpointException):  # (DCP wraps the refusal in its exception, a BaseException)
         dcp.load(into, storage_reader=safe_dcp_reader(str(tmp_path / "crafted")))
     assert not marker.exists()
 

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..distributed.fsdp import load_checkpoint, save_checkpoint
 from ..optim.base import LoRAOptimizer
@@ -407,7 +408,8 @@ def load(path: str, *, optim: str, params: TrainableParams, optimizer: torch.opt
         try:
             saved = load_checkpoint(os.path.join(path, "dcp"), sharded_model, optimizer,
                                     extra={"scheduler": scheduler.state_dict()})
-        except Exception as err:  # the safe metadata reader's refusal (DCP wraps it), or a file that does not parse
+        except (Exception, CheckpointException) as err:  # the safe reader's refusal (DCP wraps it in its exception,
+            # a BaseException), or a file that does not parse
             lines = str(err).splitlines() or [type(err).__name__]
             detail = next((line.strip() for line in lines if "is not allowed" in line), lines[0])
             raise CheckpointError(f"{path}/dcp cannot be loaded as data: {detail}") from None
