@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from psilora_ds.recipe import checkpoint
-from psilora_ds.recipe.config import ConfigError, parse
+from psilora_ds.recipe.config import ConfigError, is_builtin, parse
 from psilora_ds.recipe.data import build_datasets, check_sizes, micro_batches
 from psilora_ds.recipe.ds_config import fill_auto, read_ds_config, zero_stage_of
 from psilora_ds.recipe.engines import TrainableParams, build_engine, shard_model
@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     # ---- outputs ---------------------------------------------------------------------------------
     state = params.state()  # a collective under ZeRO: every rank
     if rank == 0:
-        save_outputs(cfg.output_dir, model, tokenizer, state, merge=cfg.merge_weights and not cfg.load_in_4bit)
+        save_outputs(cfg.output_dir, model, tokenizer, state, merge=cfg.merge_weights and not cfg.load_in_4bit,
+                     base_name=cfg.model if is_builtin(cfg.model) else None)
         logger.info("loss curve: %s", plot_run(cfg.output_dir))
         print(summary_line(cfg.output_dir, time.perf_counter() - started), flush=True)
     return 0

@@ -88,8 +88,12 @@ def resume_copy(out, tmp_path, tag, name="resumed"):
 def test_single_process_trains_saves_and_resumes_the_same_curve(tmp_path):
     out = tmp_path / "straight"
     args = ["--max_steps", "8", "--save_every", "4", "--eval_every", "4", "--save_total_limit", "2"]
-    run([*args, "--output_dir", str(out), "--merge_weights", "true"], tmp_path)
+    proc = run([*args, "--output_dir", str(out), "--merge_weights", "true"], tmp_path)
     assert_outputs(out)
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("done: 8 steps; train loss ")]
+    assert len(summary) == 1 and f"outputs in {out}" in summary[0], proc.stdout[-2000:]
+    with open(out / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == "builtin:tiny-llama"  # not this machine's cache path
     assert os.path.exists(out / "merged" / "config.json")
     assert sorted(os.listdir(out / "checkpoints")) == ["step-4", "step-8"]
     resumed = resume_copy(out, tmp_path, "step-4")

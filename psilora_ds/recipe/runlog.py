@@ -61,16 +61,21 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     return records
 
 
-def save_outputs(output_dir: str, model, tokenizer, state: dict[str, torch.Tensor], *, merge: bool) -> None:
+def save_outputs(output_dir: str, model, tokenizer, state: dict[str, torch.Tensor], *, merge: bool,
+                 base_name: str | None = None) -> None:
     """``adapter/`` (peft, from the fp32 masters in ``state``) and ``merged/`` when asked, each written into a hidden
     directory and published by renames once complete (a full disk or a kill leaves the previous one whole).
-    Non-finite weights are refused (one line), never written."""
+    Non-finite weights are refused (one line), never written. ``base_name``: how the adapter names its base
+    (a built-in base's name, not the path of this machine's cache)."""
     bad = sum(int((~torch.isfinite(t)).sum()) for t in state.values() if t.is_floating_point())
     if bad:
         raise ConfigError(f"the adapter holds {bad} non-finite values: not written to {output_dir}/adapter; resume "
                           "from the newest checkpoint with a lower --lr")
 
     def write_adapter(path: str) -> None:
+        if base_name is not None:
+            for config in model.peft_config.values():
+                config.base_model_name_or_path = base_name
         model.save_pretrained(path, state_dict=state)
         tokenizer.save_pretrained(path)
 
