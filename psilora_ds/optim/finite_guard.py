@@ -66,6 +66,9 @@ class NonFiniteGuard:
 
 
 def skipping_non_finite(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
-    """``cls`` with :class:`NonFiniteGuard`'s step: same constructor, state dict and behaviour otherwise."""
-    return type(f"NonFinite{cls.__name__}", (NonFiniteGuard, cls), {"__module__": __name__,
-                                                                     "__doc__": f"{cls.__name__}, skipping non-finite updates."})
+    """``cls`` with :class:`NonFiniteGuard`'s step and :class:`~psilora_ds.optim.positional_state.PositionalState`'s
+    checkpoint methods (how the recipe saves it under ZeRO); same constructor and behaviour otherwise."""
+    from .positional_state import PositionalState
+
+    return type(f"NonFinite{cls.__name__}", (PositionalState, NonFiniteGuard, cls), {
+        "__module__": __name__, "__doc__": f"{cls.__name__}, skipping non-finite updates."})

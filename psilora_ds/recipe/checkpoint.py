@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ..distributed.fsdp import load_checkpoint, save_checkpoint
 from ..optim.base import LoRAOptimizer
+from ..optim.positional_state import PositionalState, PositionalStateError
 from .checkpoint_files import (TRAINER_STATE, CheckpointError, directory_digests, load_tensors, read_manifest,
                                save_tensors, verify_files, write_manifest)
 from .config import ConfigError
@@ -149,31 +150,19 @@ def gathered_lora_state(optimizer: LoRAOptimizer) -> dict[str, Any] | None:
 
 
 def positional_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """A torch optimizer's state by the position of its parameters in its groups (``param_groups`` and ``state``,
-    public attributes). Under ZeRO the groups hold the rank's flat partitions in place of the parameters its
-    state was keyed by (at ZeRO-3 ``Optimizer.state_dict`` then fails): position is what a resume with the same
-    world size can match."""
-    return {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
-            "state": [[_to_cpu(dict(optimizer.state.get(p, {}))) for p in g["params"]] for g in optimizer.param_groups]}
+    """A ZeRO-partitioned torch optimizer's state (:class:`psilora_ds.optim.positional_state.PositionalState`)."""
+    if not isinstance(optimizer, PositionalState):
+        raise ConfigError(f"{type(optimizer).__name__} cannot be checkpointed under ZeRO >= 1 by the recipe (its "
+                          "state is keyed by the engine's partitions): build it with psilora_ds.optim.skipping_non_finite")
+    return optimizer.positional_state_dict()
 
 
 def load_positional_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any], where: str) -> None:
-    """Restore :func:`positional_state` (the parameters must have the shapes they had)."""
-    groups = optimizer.param_groups
-
-    def fits(states: list[dict[str, Any]], params: list[torch.Tensor]) -> bool:
-        return len(states) == len(params) and all(
-            v.shape == p.shape for st, p in zip(states, params) for v in st.values()
-            if isinstance(v, torch.Tensor) and v.dim() > 0)
-
-    if len(saved["state"]) != len(groups) or not all(fits(st, g["params"]) for st, g in zip(saved["state"], groups)):
-        raise CheckpointError(f"{where}: the optimizer partitions it holds do not match this run's (another model, "
-                              "adapter or ZeRO configuration?)")
-    for group, hyper, states in zip(groups, saved["param_groups"], saved["state"]):
-        group.update(hyper)
-        for p, st in zip(group["params"], states):
-            if st:
-                optimizer.state[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+    try:
+        positional_state(optimizer)  # (the same refusal for an optimizer that cannot take it)
+        optimizer.load_positional_state_dict(saved)
+    except PositionalStateError as err:
+        raise CheckpointError(f"{where}: {err}") from None
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, partitioned: bool) -> tuple[dict | None, dict]:
