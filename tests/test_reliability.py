@@ -312,3 +312,19 @@ def test_zero3_adamw_saves_and_resumes_the_same_curve(tmp_path):
     run([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], tmp_path, launcher=ds)
     assert_same_curve(out, resumed, 2)
     assert all_records(resumed)[0]["step"] == 0
+
+
+# ---- every method saves and resumes the same curve (one process; 2 ranks above and in test_train_recipe.py) ------
+
+@pytest.mark.parametrize("optim", ["scaled_psilora", "psilora", "precond_lora", "svdlora", "adamw", "loraplus",
+                                   "riemannian", "sgd"])
+def test_every_method_saves_and_resumes_the_same_curve(tmp_path, optim):
+    args = ["--optim", optim, "--max_steps", "4", "--save_every", "2", "--warmup_steps", "0", "--eval_every", "4"]
+    out = tmp_path / "straight"
+    run([*args, "--output_dir", str(out)], tmp_path)
+    resumed = tmp_path / "resumed"
+    os.makedirs(resumed / "checkpoints")
+    shutil.copytree(out / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    shutil.copy(out / "metrics.jsonl", resumed / "metrics.jsonl")
+    run([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], tmp_path)
+    assert_same_curve(out, resumed, 2)
