@@ -22,6 +22,7 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import torch
+from huggingface_hub.utils import logging as hub_logging
 from tqdm import tqdm
 
 from psilora_ds.recipe import checkpoint
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ds_raw = read_ds_config(cfg.ds_config) if cfg.ds_config is not None else None
     rank, world, device = setup_distributed(ds_raw is not None)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    hub_logging.set_verbosity_error()  # its retry warnings (a hub id without network: 40 lines) before our one line
     make_output_dir(cfg.output_dir)
     if rank == 0:
         RunLock(cfg.output_dir).acquire()  # one run per output_dir; released when this process ends
