@@ -124,3 +124,37 @@ def test_qlora_4bit_base_sharded_under_fsdp2(tmp_path):
     run([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], tmp_path,
         launcher=torchrun(29672))
     assert_same_curve(out, resumed, 2, rel=1e-3)  # bf16 compute
+
+
+def test_fsdp2_sigterm_on_one_rank_overflow_and_crafted_metadata(straight, tmp_path):
+    """Under torchrun + FSDP2 (the DCP path): SIGTERM to rank 1 alone saves step 2 on both ranks and exits 143; the
+    resume continues the uninterrupted curve; a crafted DCP ``.metadata`` never runs code (refused by name, skipped
+    by latest); an update that overflows is undone on both ranks."""
+    import pickle
+
+    from .test_reliability import Payload, steps_of
+
+    tmp, runs, _ = straight
+    args = [*EXACT, "--fsdp", "true", "--gradient_checkpointing", "true"]
+    cut = tmp_path / "cut"
+    proc = run([*args, "--output_dir", str(cut)], tmp_path, launcher=torchrun(29675), check=False,
+               extra_env={"PSILORA_DS_FAULT": "sigterm:2:1"})
+    assert proc.returncode != 0 and "stopped by SIGTERM after step 2" in proc.stderr, proc.stderr[-3000:]
+    assert steps_of(cut) == [2]
+    run([*args, "--output_dir", str(cut), "--resume_from_checkpoint", "latest"], tmp_path, launcher=torchrun(29676))
+    assert_same_curve(runs["fsdp2"], cut, 2)
+    assert steps_of(cut) == [3, 5]
+
+    marker = tmp_path / "marker"
+    with open(cut / "checkpoints" / "step-5" / "dcp" / ".metadata", "wb") as f:
+        pickle.dump(Payload(marker), f)  # (its digest no longer matches either: both refusals name the file)
+    proc = run([*args, "--max_steps", "7", "--output_dir", str(cut), "--resume_from_checkpoint",
+                str(cut / "checkpoints" / "step-5")], tmp_path, launcher=torchrun(29677), check=False)
+    assert proc.returncode != 0 and "step-5" in proc.stderr and not marker.exists(), proc.stderr[-3000:]
+    proc = run([*args, "--max_steps", "7", "--output_dir", str(cut), "--resume_from_checkpoint", "latest"], tmp_path,
+               launcher=torchrun(29678))
+    assert not marker.exists() and "resumed from " + str(cut / "checkpoints" / "step-3") in proc.stderr
+
+    nan = tmp_path / "nan"
+    run([*args, "--output_dir", str(nan)], tmp_path, launcher=torchrun(29679), extra_env={"PSILORA_DS_FAULT": "nan:2"})
+    assert [r["skipped_steps"] for r in metrics(nan)][:3] == [0, 1, 1]

@@ -405,19 +405,20 @@ class LoRAOptimizer(torch.optim.Optimizer):
     def _update_not_finite(self, plan: _StepPlan,
                            new_factors: dict[int, tuple[torch.Tensor, torch.Tensor]] | None) -> bool:
         """Whether the computed update (None: it failed on non-finite values) leaves a non-finite factor or state
-        value on some rank (finite gradients can still overflow in the products or the metrics); then the step is
-        counted as skipped (one all-reduce)."""
+        value (finite gradients can still overflow in the products or the metrics); then the step is counted as
+        skipped. No collective: every rank computes every layer's update from the same reduced products and
+        states (the engines write each rank's shard of it), so every rank reaches the same verdict."""
         if new_factors is None:
             bad = torch.ones((), dtype=torch.float64, device=self.layers[0].A.device)
         else:
             tensors = [t for idx in plan.grads for t in (*new_factors[idx], *(
                 v for v in self.state[self.layers[idx].A].values() if isinstance(v, torch.Tensor)))]
             bad = count_non_finite(tensors, self.layers[0].A.device)
-        if self.distributor.all_reduce_(bad.reshape(1).to(self.layers[0].A.device)).item() == 0:
+        if bad.item() == 0:
             return False
         self.skipped_steps += 1
-        logger.warning("the update would make LoRA factors or optimizer state non-finite: step not applied, on all "
-                       "ranks (%d so far); a lower lr or stronger clipping avoids it", self.skipped_steps)
+        logger.warning("the update would make LoRA factors or optimizer state non-finite: step not applied (%d so "
+                       "far); a lower lr or stronger clipping avoids it", self.skipped_steps)
         return True
 
     def _autograd_products(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
