@@ -328,3 +328,71 @@ def test_every_method_saves_and_resumes_the_same_curve(tmp_path, optim):
     shutil.copy(out / "metrics.jsonl", resumed / "metrics.jsonl")
     run([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], tmp_path)
     assert_same_curve(out, resumed, 2)
+
+
+# ---- finding 9: the adapter is published atomically and never holds non-finite weights ---------------------------
+
+class _FakeModel:
+    """Writes one file of a new adapter, then meets a full disk (or writes it all when ``fail`` is False)."""
+
+    def __init__(self, fail):
+        self.fail = fail
+        self.peft_config = {}
+
+    def save_pretrained(self, path, state_dict):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "adapter_model.safetensors"), "w") as f:
+            f.write("new")
+        if self.fail:
+            raise OSError(28, "No space left on device")
+
+
+class _FakeTokenizer:
+    def save_pretrained(self, path):
+        with open(os.path.join(path, "tokenizer.json"), "w") as f:
+            f.write("{}")
+
+
+def test_the_adapter_is_published_whole_or_not_at_all(tmp_path):
+    from psilora_ds.recipe.config import ConfigError
+    from psilora_ds.recipe.runlog import save_outputs
+
+    state = {"w": torch.ones(2)}
+    save_outputs(str(tmp_path), _FakeModel(fail=False), _FakeTokenizer(), state, merge=False)
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_model.safetensors", "tokenizer.json"]
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_text("old")
+    with pytest.raises(ConfigError, match="No space left on device"):
+        save_outputs(str(tmp_path), _FakeModel(fail=True), _FakeTokenizer(), state, merge=False)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_text() == "old"  # the previous one, whole
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no partial left
+    with pytest.raises(ConfigError, match="1 non-finite values"):
+        save_outputs(str(tmp_path), _FakeModel(fail=False), _FakeTokenizer(), {"w": torch.tensor([1.0, float("nan")])},
+                     merge=False)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_text() == "old"
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_reaches_the_ranks_and_saves(tmp_path):
+    """The documented route: signal torchrun itself; it forwards SIGTERM to its workers, which save and exit."""
+    import signal
+    import time
+
+    from .test_train_recipe import TRAIN, small_for
+    from .distributed import launcher_env
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545", TRAIN,
+           *small_for([]), "--cache_dir", str(tmp_path / "cache"), "--max_steps", "100000", "--save_every", "0",
+           "--eval_every", "100000", "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    def lines():
+        return open(out / "metrics.jsonl").read().count("\n") if os.path.exists(out / "metrics.jsonl") else 0
+
+    while time.time() < deadline and lines() < 4:  # the base's evaluation and 3 steps
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped by SIGTERM after step" in stderr, stderr[-3000:]
+    saved = steps_of(out)
+    assert len(saved) == 1 and saved[0] >= 3 and saved[0] == max(r["step"] for r in metrics(out))
