@@ -30,6 +30,7 @@ from psilora_ds.recipe.config import ConfigError, is_builtin, parse
 from psilora_ds.recipe.data import build_datasets, check_sizes, micro_batches
 from psilora_ds.recipe.ds_config import fill_auto, read_ds_config, zero_stage_of
 from psilora_ds.recipe.engines import TrainableParams, build_engine, shard_model
+from psilora_ds.recipe.loggers import build_loggers, report_to
 from psilora_ds.recipe.loop import evaluate, inject_overflow, optimizer_metrics, skipped_steps, train_step
 from psilora_ds.recipe.modeling import DTYPES, build_model, build_tokenizer, offline_base, partitions_from_birth
 from psilora_ds.recipe.optimizers import build_optimizer, build_scheduler, check_optim
@@ -108,9 +109,17 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("resume applies a changed setting: %s", change)
     else:
         metrics.restart()
-        if eval_ds is not None:  # where the base starts: the curve's step 0
-            metrics.write({"step": 0, **evaluate(engine, model, eval_ds, cfg, rank, world, tokenizer.pad_token_id,
-                                                 device)})
+    loggers = [metrics]  # (+ TensorBoard / W&B on rank 0, --report_to)
+    if rank == 0:
+        loggers += build_loggers(report_to(cfg.report_to), cfg.output_dir, run_id=run_id, config=config_record(cfg),
+                                 resumed_at=None if resume is None else step)
+
+    def log(record: dict) -> None:
+        for logger_ in loggers:
+            logger_.log(record)
+
+    if resume is None and eval_ds is not None:  # where the base starts: the curve's step 0
+        log({"step": 0, **evaluate(engine, model, eval_ds, cfg, rank, world, tokenizer.pad_token_id, device)})
 
     # ---- train -----------------------------------------------------------------------------------
     stream = micro_batches(train_ds, cfg, rank, world, tokenizer.pad_token_id, start=step * cfg.gradient_accumulation_steps)
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             if eval_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 record.update(evaluate(engine, model, eval_ds, cfg, rank, world, tokenizer.pad_token_id, device))
             if step % cfg.log_every == 0 or "eval_loss" in record:
-                metrics.write(record)
+                log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             if cfg.max_skipped_steps and skipped_in_a_row >= cfg.max_skipped_steps:
@@ -157,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 return exit_code(signum)
     finally:
         bar.close()
+        for logger_ in loggers:
+            logger_.close()
 
     # ---- outputs ---------------------------------------------------------------------------------
     state = params.state()  # a collective under ZeRO: every rank

@@ -334,6 +334,7 @@ BAD_INPUTS = [
     (["--dataset", "{tmp}/no_text.jsonl"], "'text' is None, not text"),
     (["--dataset", "{tmp}/latin1.jsonl"], "can't decode byte"),
     (["--lr", "0"], "lr must be > 0"),
+    (["--report_to", "jsonl,mlflow"], "report_to='jsonl,mlflow': unknown logger(s) ['mlflow']"),
     (["--prox", "-1"], "prox must be >= 0"),
     # values
     (["--learning_rate", "1e-3"], "unknown config key"),

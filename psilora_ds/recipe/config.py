@@ -103,6 +103,7 @@ class TrainConfig:
     max_skipped_steps: int = opt(10, "stop with an error after this many consecutive steps skipped for non-finite values (0: never)")
     merge_weights: bool = opt(False, "also save the base model with the adapter merged in")
     output_dir: str = opt("runs/default", "metrics.jsonl, loss.png, adapter/, checkpoints/")
+    report_to: str = opt("jsonl", "metric loggers, comma-separated: jsonl (always: metrics.jsonl) | tensorboard (output_dir/tensorboard) | wandb (WANDB_MODE=offline works without network; WANDB_PROJECT names the project)")
     seed: int = opt(0, "model init, data order, dropout")
     local_rank: int = opt(-1, "set by the deepspeed launcher")
 
@@ -256,6 +257,10 @@ def validate(cfg: TrainConfig) -> None:
                  "other_lr", "loraplus_lr_ratio", "riemannian_reg", "prox", "damping", "max_skipped_steps"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    unknown = sorted({n.strip() for n in cfg.report_to.split(",")} - set(REPORT_TO) - {"", "none"})
+    if unknown:
+        raise ConfigError(f"report_to={cfg.report_to!r}: unknown logger(s) {unknown}; choose from "
+                          f"{', '.join(REPORT_TO)} (comma-separated)")
     if cfg.lr is not None and not cfg.lr > 0:
         raise ConfigError(f"lr must be > 0 (a run at lr 0 trains nothing), got {cfg.lr}")
     if cfg.lora_alpha <= 0:
@@ -298,6 +303,7 @@ def validate(cfg: TrainConfig) -> None:
 
 
 BUILTIN = "builtin:"
+REPORT_TO = ("jsonl", "tensorboard", "wandb")  # metric loggers (psilora_ds.recipe.loggers)
 BUILTIN_MODELS = ("builtin:stdlib-llama", "builtin:tiny-llama")
 BUILTIN_DATASETS = ("builtin:python-reference", "builtin:generated")
 

@@ -39,6 +39,11 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    log = write  # (the MetricLogger protocol of psilora_ds.recipe.loggers)
+
+    def close(self) -> None:
+        """Nothing held open: each record is appended and closed."""
+
 
 def make_output_dir(path: str) -> None:
     try:
