@@ -95,9 +95,52 @@ def test_no_private_member_read_across_objects():
     assert found == []
 
 
+def layer_table() -> list[tuple[str, list[str]]]:
+    """ARCHITECTURE.md's layers in order, each with the files or folders its ``files`` column names (paths relative
+    to the repository; a bare name is relative to the folder of the cell's first path)."""
+    rows = []
+    for line in open(os.path.join(ROOT, "docs", "ARCHITECTURE.md")):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[1].startswith("`"):
+            continue
+        paths, folder = [], ""
+        for token in cells[1].split("`")[1::2]:
+            if "/" in token.rstrip("/"):
+                folder = token.rsplit("/", 1)[0] + "/" if not token.endswith("/") else ""
+                paths.append(token)
+            else:
+                paths.append(folder + token)
+        rows.append((cells[0], paths))
+    return rows
+
+
+def layer_of(path: str, table: list[tuple[str, list[str]]]) -> int | None:
+    rel = os.path.relpath(path, ROOT)
+    for index, (_, paths) in enumerate(table):
+        if any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in paths):
+            return index
+    return None
+
+
+def test_every_module_is_in_the_layer_table_and_imports_only_layers_above_it():
+    known = package_modules()
+    table = layer_table()
+    assert [name for name, _ in table][:3] == ["kernels", "reference", "capture"]
+    layers = {m: layer_of(p, table) for m, p in known.items()}
+    assert sorted(m for m, layer in layers.items() if layer is None) == []
+    upward = [f"{m} ({table[layers[m]][0]}) imports {t} ({table[layers[t]][0]})"
+              for m, p in known.items() for t in imported_modules(m, p, known) if layers[t] > layers[m]]
+    assert upward == []
+
+
 def test_the_checks_can_fail():
     """The cycle finder sees a cycle, and the import resolver follows relative imports."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    table = layer_table()
+    assert layer_of(os.path.join(ROOT, "psilora_ds", "products.py"), table) == 2  # a bare name in the capture row
+    assert layer_of(os.path.join(ROOT, "psilora_ds", "optim", "base.py"), table) > layer_of(
+        os.path.join(ROOT, "psilora_ds", "ops", "lorsum.py"), table)
+    assert layer_of(os.path.join(ROOT, "psilora_ds", "nowhere.py"), table) is None
     known = package_modules()
     assert "psilora_ds.distributed.base" in imported_modules(
         "psilora_ds.optim.base", known["psilora_ds.optim.base"], known) | imported_modules(
