@@ -396,3 +396,38 @@ def test_sigterm_to_torchrun_reaches_the_ranks_and_saves(tmp_path):
     assert proc.returncode != 0 and "stopped by SIGTERM after step" in stderr, stderr[-3000:]
     saved = steps_of(out)
     assert len(saved) == 1 and saved[0] >= 3 and saved[0] == max(r["step"] for r in metrics(out))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_deepspeed_node_launcher_reaches_the_ranks_and_saves(tmp_path):
+    """The documented route under the deepspeed runner: signal its per-node launcher (deepspeed.launcher.launch),
+    which forwards SIGTERM to the ranks and waits for them; the ranks save and stop."""
+    import signal
+    import time
+
+    import psutil
+
+    from .distributed import launcher_env
+    from .test_train_recipe import TRAIN, small_for
+
+    out = tmp_path / "zero2"
+    cmd = [*deepspeed_launcher(29547), TRAIN, *small_for([]), "--cache_dir", str(tmp_path / "cache"),
+           "--ds_config", os.path.join(ROOT, "ds_configs", "zero2.json"), "--max_steps", "100000", "--save_every", "0",
+           "--eval_every", "100000", "--output_dir", str(out)]
+    runner = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+
+    def lines():
+        return open(out / "metrics.jsonl").read().count("\n") if os.path.exists(out / "metrics.jsonl") else 0
+
+    deadline = time.time() + 300
+    while time.time() < deadline and lines() < 4:
+        time.sleep(0.5)
+    launchers = [p for p in psutil.Process(runner.pid).children(recursive=True)
+                 if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
+    assert len(launchers) == 1
+    launchers[0].send_signal(signal.SIGTERM)
+    _, stderr = runner.communicate(timeout=120)
+    assert runner.returncode != 0 and "stopped by SIGTERM after step" in stderr, stderr[-3000:]
+    saved = steps_of(out)
+    assert len(saved) == 1 and saved[0] >= 3 and saved[0] == max(r["step"] for r in metrics(out))
