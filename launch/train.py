@@ -31,7 +31,7 @@ from psilora_ds.recipe.data import build_datasets, check_sizes, micro_batches
 from psilora_ds.recipe.ds_config import fill_auto, read_ds_config, zero_stage_of
 from psilora_ds.recipe.engines import TrainableParams, build_engine, shard_model
 from psilora_ds.recipe.loggers import build_loggers, report_to
-from psilora_ds.recipe.loop import evaluate, inject_overflow, optimizer_metrics, skipped_steps, train_step
+from psilora_ds.recipe.loop import DivergenceStop, evaluate, inject_overflow, optimizer_metrics, train_step
 from psilora_ds.recipe.modeling import DTYPES, build_model, build_tokenizer, offline_base, partitions_from_birth
 from psilora_ds.recipe.optimizers import build_optimizer, build_scheduler, check_optim
 from psilora_ds.recipe.plot import plot_run
@@ -126,43 +126,38 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     stop = StopRequest()
     stop.install()  # SIGTERM / SIGUSR1: finish the step, save, exit non-zero
-    started, skipped_seen, skipped_in_a_row, last_saved = time.perf_counter(), skipped_steps(optimizer), 0, None
-    record: dict = {}
+    divergence = DivergenceStop(optimizer, cfg.max_skipped_steps)  # steps skipped in a row: stop with one line
+    started, last_saved = time.perf_counter(), None
     try:  # (the bar is closed on every way out: an error line must not share the bar's line)
         while step < cfg.max_steps:
             lr = scheduler.get_last_lr()[0]  # the lr this step uses
             step += 1
             if checkpoint.fault_requested("nan", step):
                 inject_overflow(optimizer)
-            record = {**train_step(engine, stream, cfg, step, device, world), "lr": lr, **optimizer_metrics(optimizer)}
+            record = {**train_step(engine, stream, cfg, step, device, world), "lr": lr,
+                      **optimizer_metrics(optimizer)}
             if stage is not None:
                 record["engine_skipped_steps"] = skipped_before + engine.skipped_steps
-            skipped_in_a_row = skipped_in_a_row + 1 if skipped_steps(optimizer) > skipped_seen else 0
-            skipped_seen = skipped_steps(optimizer)
             if eval_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 record.update(evaluate(engine, model, eval_ds, cfg, rank, world, tokenizer.pad_token_id, device))
             if step % cfg.log_every == 0 or "eval_loss" in record:
                 log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if cfg.max_skipped_steps and skipped_in_a_row >= cfg.max_skipped_steps:
-                newest = checkpoint.resolve_resume("latest", ckpt_root) if checkpoint.checkpoint_dirs(ckpt_root) else None
-                raise ConfigError(f"step {step}: {skipped_in_a_row} steps in a row were skipped because their updates were "
-                                  "not finite: the run has diverged (nothing non-finite was applied or saved). Resume "
-                                  f"{'from ' + newest if newest else 'with a new run'} with a lower --lr (a resume "
-                                  "applies it) or a stronger --max_grad_norm")
+            divergence.after_step(step, ckpt_root)
             signum = stop.agreed()
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or signum:
                 trainer = checkpoint.TrainerState(step=step, world_size=world, optim=cfg.optim, engine=engine_name,
                                                   engine_skipped_steps=record.get("engine_skipped_steps", 0),
                                                   run_id=run_id, identity=identity, config=config_record(cfg))
-                last_saved = checkpoint.save(ckpt_root, trainer, params=params, optimizer=optimizer, scheduler=scheduler,
-                                             partitioned=bool(stage), keep=cfg.save_total_limit, sharded_model=sharded)
+                last_saved = checkpoint.save(ckpt_root, trainer, params=params, optimizer=optimizer,
+                                             scheduler=scheduler, partitioned=bool(stage), keep=cfg.save_total_limit,
+                                             sharded_model=sharded)
             if signum:
                 bar.close()
                 if rank == 0:
-                    print(f"error: stopped by {signal_name(signum)} after step {step}: checkpoint {last_saved} written; "
-                          f"resume with --resume_from_checkpoint latest", file=sys.stderr, flush=True)
+                    print(f"error: stopped by {signal_name(signum)} after step {step}: checkpoint {last_saved} "
+                          "written; resume with --resume_from_checkpoint latest", file=sys.stderr, flush=True)
                 return exit_code(signum)
     finally:
         bar.close()

@@ -153,7 +153,8 @@ def positional_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """A ZeRO-partitioned torch optimizer's state (:class:`psilora_ds.optim.positional_state.PositionalState`)."""
     if not isinstance(optimizer, PositionalState):
         raise ConfigError(f"{type(optimizer).__name__} cannot be checkpointed under ZeRO >= 1 by the recipe (its "
-                          "state is keyed by the engine's partitions): build it with psilora_ds.optim.skipping_non_finite")
+                          "state is keyed by the engine's partitions): build it with "
+                          "psilora_ds.optim.skipping_non_finite")
     return optimizer.positional_state_dict()
 
 

@@ -109,7 +109,8 @@ def write_manifest(path: str, body: dict[str, Any]) -> None:
     """``trainer_state.json``: ``body`` (which names every file's digest under ``files``), the format and the
     digest of the rest of it."""
     body = {**body, "format": FORMAT}
-    write_synced(json.dumps({**body, "digest": _body_digest(body)}, indent=1).encode(), os.path.join(path, TRAINER_STATE))
+    text = json.dumps({**body, "digest": _body_digest(body)}, indent=1)
+    write_synced(text.encode(), os.path.join(path, TRAINER_STATE))
 
 
 def read_manifest(path: str) -> dict[str, Any]:

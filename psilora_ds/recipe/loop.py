@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from ..optim.base import LoRAOptimizer
-from .checkpoint import fault_point, fault_requested
-from .config import TrainConfig
+from .checkpoint import checkpoint_dirs, fault_point, fault_requested, resolve_resume
+from .config import ConfigError, TrainConfig
 from .data import IGNORE, collate
 from .ranks import over_ranks
 
@@ -43,6 +43,29 @@ def skipped_steps(optimizer: torch.optim.Optimizer) -> int:
     """Steps the optimizer did not apply because a value was not finite (its own and its other optimizer's)."""
     other = getattr(optimizer, "other_optimizer", None)
     return getattr(optimizer, "skipped_steps", 0) + getattr(other, "skipped_steps", 0)
+
+
+class DivergenceStop:
+    """Counts the steps in a row that the optimizer skipped because their update was not finite, and stops the run
+    with one line at ``limit`` (0: never), naming the checkpoint to resume from (every rank: the skips agree)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, limit: int):
+        self.optimizer = optimizer
+        self.limit = limit
+        self.seen = skipped_steps(optimizer)
+        self.in_a_row = 0
+
+    def after_step(self, step: int, checkpoint_root: str) -> None:
+        now = skipped_steps(self.optimizer)
+        self.in_a_row = self.in_a_row + 1 if now > self.seen else 0
+        self.seen = now
+        if not self.limit or self.in_a_row < self.limit:
+            return
+        newest = resolve_resume("latest", checkpoint_root) if checkpoint_dirs(checkpoint_root) else None
+        raise ConfigError(f"step {step}: {self.in_a_row} steps in a row were skipped because their updates were not "
+                          "finite: the run has diverged (nothing non-finite was applied or saved). Resume "
+                          f"{'from ' + newest if newest else 'with a new run'} with a lower --lr (a resume applies "
+                          "it) or a stronger --max_grad_norm")
 
 
 def inject_overflow(optimizer: torch.optim.Optimizer) -> None:
