@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 return exit_code(signum)
     finally:
         bar.close()
+        stop.uninstall()
         for logger_ in loggers:
             logger_.close()
 

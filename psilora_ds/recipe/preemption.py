@@ -20,10 +20,18 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum = 0
+        self._previous: dict[int, object] = {}
 
     def install(self) -> None:
         for sig in SIGNALS:
-            signal.signal(sig, self._record)
+            self._previous[sig] = signal.signal(sig, self._record)
+
+    def uninstall(self) -> None:
+        """The handlers that were there before (a process that runs the recipe's main and goes on, such as a
+        bench's pool worker, must die of SIGTERM again afterwards)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
     def _record(self, signum: int, frame) -> None:  # (a signal handler: nothing but a store)
         self.signum = signum
