@@ -38,6 +38,8 @@ RUNS: dict[str, list[str]] = {  # name -> recipe arguments (lr included)
     "LoRA-AdamW lr 3e-3": ["--optim", "adamw", "--lr", "3e-3"],
     "LoRA-AdamW lr 1e-2": ["--optim", "adamw", "--lr", "1e-2"],
     "LoRA-AdamW lr 3e-2": ["--optim", "adamw", "--lr", "3e-2"],
+    "Scaled lr 0.03": [*SCALED, "--lr", "0.03"],
+    "Scaled lr 0.05": [*SCALED, "--lr", "0.05"],
     "Scaled lr 0.1 (default)": [*SCALED, "--lr", "0.1"],
     "Scaled lr 0.2": [*SCALED, "--lr", "0.2"],
     "Scaled lr 0.4": [*SCALED, "--lr", "0.4"],
@@ -45,6 +47,8 @@ RUNS: dict[str, list[str]] = {  # name -> recipe arguments (lr included)
     "Scaled lr 0.2 prox 1e-3": [*SCALED, "--lr", "0.2", "--prox", "1e-3"],
     "Scaled lr 0.1 prox 0": [*SCALED, "--lr", "0.1", "--prox", "0"],
     "Scaled lr 0.1 constant lr": [*SCALED, "--lr", "0.1", "--lr_scheduler", "constant"],
+    "Scaled lr 0.1 iters 2": [*SCALED, "--lr", "0.1", "--iters", "2"],
+    "Scaled lr 0.1 betas 0.9,0.99": [*SCALED, "--lr", "0.1", "--betas", "[0.9, 0.99]"],
     "LoRA-AdamW lr 1e-2 constant lr": ["--optim", "adamw", "--lr", "1e-2", "--lr_scheduler", "constant"],
 }
 
