@@ -158,3 +158,18 @@ def test_fsdp2_sigterm_on_one_rank_overflow_and_crafted_metadata(straight, tmp_p
     nan = tmp_path / "nan"
     run([*args, "--output_dir", str(nan)], tmp_path, launcher=torchrun(29679), extra_env={"PSILORA_DS_FAULT": "nan:2"})
     assert [r["skipped_steps"] for r in metrics(nan)][:3] == [0, 1, 1]
+
+
+def test_fsdp2_adamw_baseline_skips_an_overflowing_update_and_resumes(tmp_path):
+    """The torch baselines' non-finite guard on DTensor shards (each rank checks its shard, one all-reduce), and
+    their DCP checkpoint resumes the same curve."""
+    args = ["--optim", "adamw", "--fsdp", "true", "--max_steps", "4", "--save_every", "2", "--warmup_steps", "0"]
+    nan = tmp_path / "nan"
+    run([*args, "--output_dir", str(nan)], tmp_path, launcher=torchrun(29681), extra_env={"PSILORA_DS_FAULT": "nan:3"})
+    assert [r["skipped_steps"] for r in metrics(nan)] == [0, 0, 1, 1]
+    out = tmp_path / "straight"
+    run([*args, "--output_dir", str(out)], tmp_path, launcher=torchrun(29682))
+    resumed = resume_copy(out, tmp_path, "step-2")
+    run([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], tmp_path,
+        launcher=torchrun(29683))
+    assert_same_curve(out, resumed, 2)

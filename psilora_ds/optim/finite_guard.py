@@ -17,14 +17,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 
 
 def count_non_finite(tensors: Iterable[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
     """A 0-d float64 tensor: how many of ``tensors`` hold a NaN or an infinity (one fp32 sum each, no masks: a
-    non-finite entry makes its tensor's sum non-finite)."""
-    sums = [t.detach().float().sum() for t in tensors if t.is_floating_point() and t.numel()]
+    non-finite entry makes its tensor's sum non-finite); of a DTensor, this rank's shard (sum over ranks with
+    :func:`any_rank`)."""
+    local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors)  # (FSDP2: this rank's shard)
+    sums = [t.detach().float().sum() for t in local if t.is_floating_point() and t.numel()]
     if not sums:
         return torch.zeros((), dtype=torch.float64, device=device)
     return (~torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]))).sum().to(torch.float64)
