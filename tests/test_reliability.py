@@ -53,6 +53,19 @@ def all_finite(step_dir):
     return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    """One uninterrupted FAST run (checkpoints 2, 4, 6) that tests copy and damage; ``(tmp, its directory)``."""
+    tmp = tmp_path_factory.mktemp("fast")
+    run([*FAST, "--output_dir", str(tmp / "straight")], tmp)
+    return tmp, tmp / "straight"
+
+
+def copy_run(fast_run, to):
+    shutil.copytree(fast_run[1], to)
+    return to
+
+
 def steps_of(out):
     return sorted(int(d.split("-")[1]) for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step-"))
 
@@ -116,10 +129,9 @@ def test_resume_applies_a_new_lr_and_schedule_and_logs_it(tmp_path):
     (["--target_modules", "[q_proj]"], "differing in name or shape"),
     (["--optim", "adamw"], "trained with optim=scaled_psilora"),
 ])
-def test_resume_refuses_another_model_or_adapter(tmp_path, change, text):
-    out = tmp_path / "run"
-    run(["--max_steps", "2", "--output_dir", str(out)], tmp_path)
-    proc = run(["--max_steps", "4", "--output_dir", str(out), "--resume_from_checkpoint", "latest", *change],
+def test_resume_refuses_another_model_or_adapter(fast_run, tmp_path, change, text):
+    out = copy_run(fast_run, tmp_path / "run")
+    proc = run(["--max_steps", "8", "--output_dir", str(out), "--resume_from_checkpoint", "latest", *change],
                tmp_path, check=False)
     assert_one_error(proc, text)
 
@@ -139,11 +151,9 @@ def truncate(path):
 
 @pytest.mark.parametrize("damage,name", [(flip_byte, "state.pt"), (truncate, "rank-0.pt"),
                                          (truncate, TRAINER_STATE), (flip_byte, TRAINER_STATE)])
-def test_a_damaged_newest_checkpoint_is_skipped_and_a_named_one_refused(tmp_path, damage, name):
-    out = tmp_path / "straight"
-    run([*FAST, "--output_dir", str(out)], tmp_path)
-    cut = tmp_path / "cut"
-    shutil.copytree(out, cut)
+def test_a_damaged_newest_checkpoint_is_skipped_and_a_named_one_refused(fast_run, tmp_path, damage, name):
+    out = fast_run[1]
+    cut = copy_run(fast_run, tmp_path / "cut")
     shutil.rmtree(cut / "checkpoints" / "step-6")
     damage(cut / "checkpoints" / "step-4" / name)
     proc = run([*FAST, "--output_dir", str(cut), "--resume_from_checkpoint", str(cut / "checkpoints" / "step-4")],
@@ -180,9 +190,8 @@ def craft(step_dir, name, marker):
 
 
 @pytest.mark.parametrize("name", ["state.pt", "rank-0.pt"])
-def test_a_crafted_checkpoint_never_runs_code(tmp_path, name):
-    out = tmp_path / "run"
-    run([*FAST, "--output_dir", str(out)], tmp_path)
+def test_a_crafted_checkpoint_never_runs_code(fast_run, tmp_path, name):
+    out = copy_run(fast_run, tmp_path / "run")
     marker = tmp_path / "marker"
     craft(str(out / "checkpoints" / "step-6"), name, marker)
     shutil.rmtree(out / "checkpoints" / "step-4")
@@ -219,9 +228,8 @@ def test_dcp_metadata_is_read_without_running_code(tmp_path):
     assert not marker.exists()
 
 
-def test_a_checkpoint_of_the_previous_format_is_refused_then_converted(tmp_path):
-    out = tmp_path / "run"
-    run([*FAST, "--output_dir", str(out)], tmp_path)
+def test_a_checkpoint_of_the_previous_format_is_refused_then_converted(fast_run, tmp_path):
+    out = copy_run(fast_run, tmp_path / "run")
     step6 = out / "checkpoints" / "step-6"
     body = read_manifest(str(step6))
     old = {k: body[k] for k in ("step", "world_size", "optim", "engine", "engine_skipped_steps", "rank_specific")}
@@ -255,9 +263,8 @@ def test_one_run_per_output_dir_and_no_fresh_run_over_checkpoints(tmp_path):
 
 # ---- finding 6: SIGTERM finishes the step, saves, exits non-zero; the resume continues the same curve ------------
 
-def test_sigterm_saves_the_step_and_resumes_the_same_curve(tmp_path):
-    out = tmp_path / "straight"
-    run([*FAST, "--output_dir", str(out)], tmp_path)
+def test_sigterm_saves_the_step_and_resumes_the_same_curve(fast_run, tmp_path):
+    out = fast_run[1]
     cut = tmp_path / "cut"
     proc = run([*FAST, "--output_dir", str(cut)], tmp_path, check=False, extra_env={"PSILORA_DS_FAULT": "sigterm:3"})
     assert_one_error(proc, "stopped by SIGTERM after step 3", code=143)
