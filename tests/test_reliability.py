@@ -438,3 +438,30 @@ def test_sigterm_to_the_deepspeed_node_launcher_reaches_the_ranks_and_saves(tmp_
     assert runner.returncode != 0 and "stopped by SIGTERM after step" in stderr, stderr[-3000:]
     saved = steps_of(out)
     assert len(saved) == 1 and saved[0] >= 3 and saved[0] == max(r["step"] for r in metrics(out))
+
+
+@pytest.mark.parametrize("overflowing", ["lora", "other", None])
+def test_a_step_is_applied_whole_or_not_at_all_with_non_lora_trainables(overflowing):
+    """PSI-LoRA's step and its other-parameter optimizer's (the trainable head) are one step: when either half's
+    update is not finite, neither is applied, and the step counts once."""
+    from psilora_ds import ScaledPSILoRA
+    from psilora_ds.optim import skipping_non_finite
+
+    from .models import lora_two_layer_net
+
+    model = lora_two_layer_net()
+    opt = ScaledPSILoRA(model, 0.1, other_optimizer=lambda ps: skipping_non_finite(torch.optim.AdamW)(ps, lr=1e-2))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    x = torch.randn(8, model.base_model.model.fc1.in_features, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
+    model(x).pow(2).sum().backward()
+    for group in opt.param_groups:
+        if (overflowing == "lora") == (group is opt.lora_group) and overflowing is not None:
+            group["lr"] = float("inf")
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    skipped = opt.skipped_steps + opt.other_optimizer.skipped_steps
+    if overflowing is None:
+        assert skipped == 0 and any("head" in n for n in changed) and any("lora_A" in n for n in changed)
+    else:
+        assert skipped == 1 and changed == set(), changed

@@ -85,6 +85,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if others:
             factory = self.options.other_optimizer or (lambda ps: torch.optim.AdamW(ps, lr=self.options.other_lr))
             self.other_optimizer = factory([p for _, p in others])
+            if hasattr(self.other_optimizer, "keep_undo"):  # (a guarded optimizer: a step is applied whole or not)
+                self.other_optimizer.keep_undo = True
             # The other groups come first: ZeRO engines call step() once per group, in order, and
             # the clipping norm needs the other gradients before the LoRA group is updated.
             self.param_groups[:0] = self.other_optimizer.param_groups
@@ -267,12 +269,16 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 # (ZeRO-3 calls step() once per param group with every group listed: the calls after the
                 # one that consumed the capture find nothing and are not steps)
                 spectral = self.spectral_iters(self._lora_group) is not None
-                if self._step_lora(plan):
+                applied = not self._other_step_was_undone() and self._step_lora(plan)
+                self._finish_other_step(applied)
+                if applied:
                     self.steps_taken += 1
                     self.spectral_done = self.spectral_done or spectral
                 if self.cache_free:
                     self.capture.step = self.steps_taken  # seeds the next step's norm-sketch probes
                     self.capture.keep_rows = self._spectral_pending(self._lora_group)
+            else:  # no LoRA update in this call: the other half, if any, stands
+                self._finish_other_step(True)
             self._plan = None
         return loss
 
@@ -348,6 +354,20 @@ class LoRAOptimizer(torch.optim.Optimizer):
         for grad in grads.values():
             grad.coef *= clip
         return _StepPlan(skip=False, clip=clip, grads=grads)
+
+    def _other_step_was_undone(self) -> bool:
+        """Whether the other-parameter optimizer undid this step's update (non-finite): then the LoRA half is not
+        applied either (its own skip counter already counted the step)."""
+        return bool(getattr(self.other_optimizer, "last_step_skipped", False))
+
+    def _finish_other_step(self, applied: bool) -> None:
+        """The other-parameter half of a step follows the LoRA half: kept when it was applied, else undone."""
+        other = self.other_optimizer
+        if other is None or not hasattr(other, "undo_last_step"):
+            return
+        if not applied:
+            other.undo_last_step()
+        other.release_undo()
 
     def _step_other(self, groups: list[dict[str, Any]], clip: float) -> None:
         if clip != 1.0:

@@ -42,9 +42,16 @@ def any_rank(count: torch.Tensor) -> bool:
 
 
 class NonFiniteGuard:
-    """Mixin over a ``torch.optim.Optimizer``: :meth:`step` is undone when it leaves a non-finite value."""
+    """Mixin over a ``torch.optim.Optimizer``: :meth:`step` is undone when it leaves a non-finite value.
+
+    With ``keep_undo = True`` (set by a PSI-LoRA optimizer over its other-parameter optimizer) the copy of a step
+    that was applied is kept until :meth:`release_undo`, so that :meth:`undo_last_step` can take it back when the
+    LoRA half of the same step turns out non-finite: the whole step is applied or none of it."""
 
     skipped_steps: int = 0
+    last_step_skipped: bool = False
+    keep_undo: bool = False
+    _undo: tuple[list, list, dict] | None = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -54,18 +61,35 @@ class NonFiniteGuard:
                       for p in params if p in self.state}
         loss = super().step(closure)
         after = [*params, *(v for p in params for v in self.state.get(p, {}).values() if isinstance(v, torch.Tensor))]
-        if any_rank(count_non_finite(after, params[0].device if params else None)):
-            for p, kept in zip(params, kept_params):
-                p.copy_(kept)
-            for p in params:
-                if p in kept_state:
-                    self.state[p] = kept_state[p]
-                else:
-                    self.state.pop(p, None)
+        self.last_step_skipped = any_rank(count_non_finite(after, params[0].device if params else None))
+        self._undo = (params, kept_params, kept_state)
+        if self.last_step_skipped:
+            self.undo_last_step()
             self.skipped_steps += 1
             logger.warning("the update would make a weight or optimizer state non-finite: step not applied, on all "
                            "ranks (%d so far)", self.skipped_steps)
+        elif not self.keep_undo:
+            self.release_undo()
         return loss
+
+    @torch.no_grad()
+    def undo_last_step(self) -> None:
+        """Put back the parameters and state as they were before the last :meth:`step` (if its copy is kept)."""
+        if self._undo is None:
+            return
+        params, kept_params, kept_state = self._undo
+        for p, kept in zip(params, kept_params):
+            p.copy_(kept)
+        for p in params:
+            if p in kept_state:
+                self.state[p] = kept_state[p]
+            else:
+                self.state.pop(p, None)
+        self._undo = None
+
+    def release_undo(self) -> None:
+        """Drop the copy of the last step."""
+        self._undo = None
 
 
 def skipping_non_finite(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
