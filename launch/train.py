@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- resume, or start a fresh curve ----------------------------------------------------------
     metrics = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), enabled=rank == 0)
-    identity = run_identity(cfg, model, params.shapes())
+    identity, run_config = run_identity(cfg, model, params.shapes()), config_record(cfg)  # (what saves record)
     step, skipped_before, run_id = 0, 0, uuid.uuid4().hex
     if resume is not None:
         saved = checkpoint.read_trainer_state(resume)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.restart()
     loggers = [metrics]  # (+ TensorBoard / W&B on rank 0, --report_to)
     if rank == 0:
-        loggers += build_loggers(report_to(cfg.report_to), cfg.output_dir, run_id=run_id, config=config_record(cfg),
+        loggers += build_loggers(report_to(cfg.report_to), cfg.output_dir, run_id=run_id, config=run_config,
                                  resumed_at=None if resume is None else step)
 
     def log(record: dict) -> None:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or signum:
                 trainer = checkpoint.TrainerState(step=step, world_size=world, optim=cfg.optim, engine=engine_name,
                                                   engine_skipped_steps=record.get("engine_skipped_steps", 0),
-                                                  run_id=run_id, identity=identity, config=config_record(cfg))
+                                                  run_id=run_id, identity=identity, config=run_config)
                 last_saved = checkpoint.save(ckpt_root, trainer, params=params, optimizer=optimizer,
                                              scheduler=scheduler, partitioned=bool(stage), keep=cfg.save_total_limit,
                                              sharded_model=sharded)

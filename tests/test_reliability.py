@@ -378,51 +378,15 @@ def test_the_adapter_is_published_whole_or_not_at_all(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_text() == "old"
 
 
-@pytest.mark.slow
-def test_sigterm_to_torchrun_reaches_the_ranks_and_saves(tmp_path):
-    """The documented route: signal torchrun itself; it forwards SIGTERM to its workers, which save and exit."""
+def signal_after_three_steps(cmd, out, target):
+    """Start ``cmd`` (a launcher running the recipe into ``out``), and once the base's evaluation and 3 steps are
+    logged send SIGTERM to ``target(launcher process)``; returns ``(returncode, stderr)``."""
     import signal
     import time
 
-    from .test_train_recipe import TRAIN, small_for
     from .distributed import launcher_env
 
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545", TRAIN,
-           *small_for([]), "--cache_dir", str(tmp_path / "cache"), "--max_steps", "100000", "--save_every", "0",
-           "--eval_every", "100000", "--output_dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    def lines():
-        return open(out / "metrics.jsonl").read().count("\n") if os.path.exists(out / "metrics.jsonl") else 0
-
-    while time.time() < deadline and lines() < 4:  # the base's evaluation and 3 steps
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "stopped by SIGTERM after step" in stderr, stderr[-3000:]
-    saved = steps_of(out)
-    assert len(saved) == 1 and saved[0] >= 3 and saved[0] == max(r["step"] for r in metrics(out))
-
-
-@pytest.mark.slow
-def test_sigterm_to_the_deepspeed_node_launcher_reaches_the_ranks_and_saves(tmp_path):
-    """The documented route under the deepspeed runner: signal its per-node launcher (deepspeed.launcher.launch),
-    which forwards SIGTERM to the ranks and waits for them; the ranks save and stop."""
-    import signal
-    import time
-
-    import psutil
-
-    from .distributed import launcher_env
-    from .test_train_recipe import TRAIN, small_for
-
-    out = tmp_path / "zero2"
-    cmd = [*deepspeed_launcher(29547), TRAIN, *small_for([]), "--cache_dir", str(tmp_path / "cache"),
-           "--ds_config", os.path.join(ROOT, "ds_configs", "zero2.json"), "--max_steps", "100000", "--save_every", "0",
-           "--eval_every", "100000", "--output_dir", str(out)]
-    runner = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
 
     def lines():
         return open(out / "metrics.jsonl").read().count("\n") if os.path.exists(out / "metrics.jsonl") else 0
@@ -430,14 +394,50 @@ def test_sigterm_to_the_deepspeed_node_launcher_reaches_the_ranks_and_saves(tmp_
     deadline = time.time() + 300
     while time.time() < deadline and lines() < 4:
         time.sleep(0.5)
-    launchers = [p for p in psutil.Process(runner.pid).children(recursive=True)
-                 if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
-    assert len(launchers) == 1
-    launchers[0].send_signal(signal.SIGTERM)
-    _, stderr = runner.communicate(timeout=120)
-    assert runner.returncode != 0 and "stopped by SIGTERM after step" in stderr, stderr[-3000:]
+    target(proc).send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stderr
+
+
+def assert_stopped_and_saved(out, returncode, stderr):
+    assert returncode != 0 and "stopped by SIGTERM after step" in stderr, stderr[-3000:]
     saved = steps_of(out)
     assert len(saved) == 1 and saved[0] >= 3 and saved[0] == max(r["step"] for r in metrics(out))
+
+
+def endless(tmp_path, out):
+    """The recipe's arguments of a run that only a signal ends (no periodic checkpoint, no evaluation)."""
+    from .test_train_recipe import TRAIN, small_for
+
+    return [TRAIN, *small_for([]), "--cache_dir", str(tmp_path / "cache"), "--max_steps", "100000", "--save_every",
+            "0", "--eval_every", "100000", "--output_dir", str(out)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_reaches_the_ranks_and_saves(tmp_path):
+    """The documented route: signal torchrun itself; it forwards SIGTERM to its workers, which save and exit."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545",
+           *endless(tmp_path, out)]
+    assert_stopped_and_saved(out, *signal_after_three_steps(cmd, out, lambda proc: proc))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_deepspeed_node_launcher_reaches_the_ranks_and_saves(tmp_path):
+    """The documented route under the deepspeed runner: signal its per-node launcher (deepspeed.launcher.launch),
+    which forwards SIGTERM to the ranks and waits for them; the ranks save and stop."""
+    import psutil
+
+    def node_launcher(runner):
+        launchers = [p for p in psutil.Process(runner.pid).children(recursive=True)
+                     if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
+        assert len(launchers) == 1
+        return launchers[0]
+
+    out = tmp_path / "zero2"
+    cmd = [*deepspeed_launcher(29547), *endless(tmp_path, out), "--ds_config",
+           os.path.join(ROOT, "ds_configs", "zero2.json")]
+    assert_stopped_and_saved(out, *signal_after_three_steps(cmd, out, node_launcher))
 
 
 @pytest.mark.parametrize("overflowing", ["lora", "other", None])

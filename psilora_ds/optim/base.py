@@ -21,7 +21,7 @@ from ..lora_layers import LoRALayer, find_lora_layers, other_parameters
 from ..ops import compute_dtype
 from ..ops.rounds import Rounds, reduce_flat_, run_lockstep
 from ..products import LayerProducts, ProductCapture, StaleFactorsError
-from .finite_guard import count_non_finite
+from .finite_guard import copy_state, count_non_finite
 from .options import LoRAOptions, OtherOptimizerFactory  # noqa: F401 - OtherOptimizerFactory re-exported
 
 logger = logging.getLogger(__name__)
@@ -41,11 +41,6 @@ class _StepPlan:
     skip: bool
     clip: float
     grads: dict[int, LayerGradient | ProductGradient]
-
-
-def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
-    """A layer's optimizer state with its tensors copied (to undo a step)."""
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 class LoRAOptimizer(torch.optim.Optimizer):
@@ -393,7 +388,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             state = self.state[layer.A]
             A, B = self._start_factors(layer)  # (a copy is checked against the engine in _make_plan)
             programs[idx] = self._update_layer(layer, state, A, B, grad, group)
-        kept = {idx: _copy_state(self.state[self.layers[idx].A]) for idx in plan.grads}
+        kept = {idx: copy_state(self.state[self.layers[idx].A]) for idx in plan.grads}
         # all layers' updates in lockstep: the thin products of one round, every layer's, in one collective
         try:
             new_factors = run_lockstep(programs, d.reduce)

@@ -22,6 +22,11 @@ from torch.distributed.tensor import DTensor
 logger = logging.getLogger(__name__)
 
 
+def copy_state(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state entry with its tensors copied (to undo a step)."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
 def count_non_finite(tensors: Iterable[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
     """A 0-d float64 tensor: how many of ``tensors`` hold a NaN or an infinity (one fp32 sum each, no masks: a
     non-finite entry makes its tensor's sum non-finite); of a DTensor, this rank's shard (sum over ranks with
@@ -57,8 +62,7 @@ class NonFiniteGuard:
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         params = [p for g in self.param_groups for p in g["params"]]
         kept_params = [p.detach().clone() for p in params]
-        kept_state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.state[p].items()}
-                      for p in params if p in self.state}
+        kept_state = {p: copy_state(self.state[p]) for p in params if p in self.state}
         loss = super().step(closure)
         after = [*params, *(v for p in params for v in self.state.get(p, {}).values() if isinstance(v, torch.Tensor))]
         self.last_step_skipped = any_rank(count_non_finite(after, params[0].device if params else None))

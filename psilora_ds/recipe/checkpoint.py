@@ -50,9 +50,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ..distributed.fsdp import load_checkpoint, save_checkpoint
 from ..optim.base import LoRAOptimizer
+from ..optim.finite_guard import any_rank, count_non_finite
 from ..optim.positional_state import PositionalState, PositionalStateError
-from .checkpoint_files import (TRAINER_STATE, CheckpointError, directory_digests, load_tensors, read_manifest,
-                               save_tensors, verify_files, write_manifest)
+from .checkpoint_files import (TRAINER_STATE, CheckpointError, directory_digests, load_tensors, publish_directory,
+                               read_manifest, save_tensors, verify_files, write_manifest)
 from .config import ConfigError
 from .engines import TrainableParams
 
@@ -123,10 +124,6 @@ def _tensors(value: Any):
             yield from _tensors(v)
 
 
-def _non_finite_count(*values: Any) -> int:
-    return sum(int((~torch.isfinite(t)).sum()) for v in values for t in _tensors(v) if t.is_floating_point())
-
-
 def _has_tensors(layer_state: dict[str, Any]) -> bool:
     return any(isinstance(v, torch.Tensor) for v in layer_state.values())
 
@@ -149,19 +146,23 @@ def gathered_lora_state(optimizer: LoRAOptimizer) -> dict[str, Any] | None:
     return {**sd, "layers": layers}
 
 
-def positional_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """A ZeRO-partitioned torch optimizer's state (:class:`psilora_ds.optim.positional_state.PositionalState`)."""
+def _positional(optimizer: torch.optim.Optimizer) -> PositionalState:
+    """``optimizer``, when it can save its state by position (what ZeRO's partitions need), else one line."""
     if not isinstance(optimizer, PositionalState):
         raise ConfigError(f"{type(optimizer).__name__} cannot be checkpointed under ZeRO >= 1 by the recipe (its "
                           "state is keyed by the engine's partitions): build it with "
                           "psilora_ds.optim.skipping_non_finite")
-    return optimizer.positional_state_dict()
+    return optimizer
+
+
+def positional_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A ZeRO-partitioned torch optimizer's state (:class:`psilora_ds.optim.positional_state.PositionalState`)."""
+    return _positional(optimizer).positional_state_dict()
 
 
 def load_positional_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any], where: str) -> None:
     try:
-        positional_state(optimizer)  # (the same refusal for an optimizer that cannot take it)
-        optimizer.load_positional_state_dict(saved)
+        _positional(optimizer).load_positional_state_dict(saved)
     except PositionalStateError as err:
         raise CheckpointError(f"{where}: {err}") from None
 
@@ -182,15 +183,12 @@ def optimizer_state(optimizer: torch.optim.Optimizer, partitioned: bool) -> tupl
 
 
 def _check_finite(step: int, *values: Any) -> None:
-    """Refuse to write non-finite weights or optimizer state (every rank: the count is summed over ranks)."""
-    bad = torch.tensor([float(_non_finite_count(*values))], dtype=torch.float64)
-    if dist.is_initialized():
-        bad = bad.to("cuda" if torch.cuda.is_available() else "cpu")
-        dist.all_reduce(bad)
-    if bad.item() > 0:
-        raise CheckpointError(f"step {step}: {int(bad.item())} trainable or optimizer-state values are not finite; "
-                              "the checkpoint is not written (the older ones are kept): resume from the newest one "
-                              "with a lower --lr or stronger --max_grad_norm")
+    """Refuse to write non-finite weights or optimizer state (every rank: this rank's tensors, DTensors by their
+    shard, agreed over the ranks)."""
+    if any_rank(count_non_finite(_tensors(values))):
+        raise CheckpointError(f"step {step}: trainable or optimizer-state values are not finite; the checkpoint is not "
+                              "written (the older ones are kept): resume from the newest one with a lower --lr or "
+                              "stronger --max_grad_norm")
 
 
 def _write(step: int, write, *args) -> Any:
@@ -240,8 +238,7 @@ def _save_files(partial: str, trainer: TrainerState, *, params, optimizer, sched
     rank, world = _rank_world()
     step = trainer.step
     if sharded_model is not None:
-        _check_finite(step, [p.detach().to_local() if hasattr(p, "to_local") else p.detach()
-                             for p in sharded_model.parameters() if p.requires_grad])
+        _check_finite(step, [p for p in sharded_model.parameters() if p.requires_grad])
         save_checkpoint(os.path.join(partial, "dcp"), sharded_model, optimizer,
                         extra={"scheduler": scheduler.state_dict()})
         portable, own = None, {}
@@ -273,16 +270,10 @@ def _save_files(partial: str, trainer: TrainerState, *, params, optimizer, sched
 
 
 def _publish(partial: str, final: str) -> None:
-    if os.path.exists(final):  # a run writing over one of its own older steps: move the old one away first
-        old = final.rstrip("/") + ".replaced"
-        os.rename(final, os.path.join(os.path.dirname(final), "." + os.path.basename(old)))
-    os.rename(partial, final)
-    fd = os.open(os.path.dirname(final), os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself is durable
-    finally:
-        os.close(fd)
-    remove_leftovers(os.path.dirname(final))
+    # (a run writing over one of its own older steps: the old one is moved to a hidden leftover first)
+    root = os.path.dirname(final)
+    publish_directory(partial, final, os.path.join(root, "." + os.path.basename(final.rstrip("/")) + ".replaced"))
+    remove_leftovers(root)
 
 
 def checkpoint_dirs(root: str) -> list[tuple[int, str]]:

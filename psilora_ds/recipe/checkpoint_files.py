@@ -89,6 +89,19 @@ def _read_verified(path: str, digest: str) -> bytes:
     return data
 
 
+def publish_directory(partial: str, final: str, aside: str) -> None:
+    """Make the complete directory ``partial`` appear as ``final`` by renames: an existing ``final`` is first renamed
+    to ``aside`` (hidden; the caller's leftover cleanup or this function removes it), and the renames are synced."""
+    if os.path.exists(final):
+        os.rename(final, aside)
+    os.rename(partial, final)
+    fd = os.open(os.path.dirname(final) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself is durable
+    finally:
+        os.close(fd)
+
+
 def directory_digests(root: str, sub: str) -> dict[str, str]:
     """``{relative path: SHA-256}`` of every file under ``root/sub`` (a DCP directory)."""
     out = {}

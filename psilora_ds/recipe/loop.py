@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..optim.base import LoRAOptimizer
-from .checkpoint import checkpoint_dirs, fault_point, fault_requested, resolve_resume
+from .checkpoint import fault_point, fault_requested, resolve_resume
 from .config import ConfigError, TrainConfig
 from .data import IGNORE, collate
 from .ranks import over_ranks
@@ -61,7 +61,10 @@ class DivergenceStop:
         self.seen = now
         if not self.limit or self.in_a_row < self.limit:
             return
-        newest = resolve_resume("latest", checkpoint_root) if checkpoint_dirs(checkpoint_root) else None
+        try:
+            newest = resolve_resume("latest", checkpoint_root)  # (a collective: every rank is here together)
+        except ConfigError:  # none that verifies
+            newest = None
         raise ConfigError(f"step {step}: {self.in_a_row} steps in a row were skipped because their updates were not "
                           "finite: the run has diverged (nothing non-finite was applied or saved). Resume "
                           f"{'from ' + newest if newest else 'with a new run'} with a lower --lr (a resume applies "

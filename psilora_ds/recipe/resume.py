@@ -62,7 +62,7 @@ def check_resume(path: str, saved_step: int, saved_identity: dict[str, Any] | No
         logger.warning("%s was converted from the previous checkpoint format: the model and adapter it was trained "
                        "with were not recorded, so this resume cannot check them", path)
     else:
-        _check_identity(path, saved_identity, saved_config, cfg, identity)
+        _check_identity(path, saved_identity, saved_config, identity)
     for key in FIXED:
         if key in saved_config and saved_config[key] != current[key] and key != "model":
             raise CheckpointError(f"{path} was trained with {key}={format_value(saved_config[key])} and this run has "
@@ -73,8 +73,7 @@ def check_resume(path: str, saved_step: int, saved_identity: dict[str, Any] | No
             if key in saved_config and saved_config[key] != value and key not in FIXED and key not in NOT_A_CHANGE]
 
 
-def _check_identity(path: str, saved: dict[str, Any], saved_config: dict[str, Any], cfg: TrainConfig,
-                    now: dict[str, Any]) -> None:
+def _check_identity(path: str, saved: dict[str, Any], saved_config: dict[str, Any], now: dict[str, Any]) -> None:
     if saved["model"] != now["model"]:
         moved = saved["architecture"] == now["architecture"] and not is_builtin(now["model"]) and \
             not is_builtin(saved["model"]) and "/" in now["model"] and now["model"].startswith((".", "/", "~"))

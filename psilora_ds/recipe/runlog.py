@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint_files import publish_directory
 from .config import ConfigError
 
 
@@ -108,9 +109,7 @@ def _publish_dir(output_dir: str, name: str, write) -> None:
         shutil.rmtree(partial, ignore_errors=True)
         raise ConfigError(f"{final} could not be written ({err.strerror}); the checkpoints are kept: free space and "
                           "run again with --resume_from_checkpoint latest") from None
-    if os.path.exists(final):
-        os.rename(final, old)
-    os.rename(partial, final)
+    publish_directory(partial, final, old)
     shutil.rmtree(old, ignore_errors=True)
 
 
