@@ -71,8 +71,9 @@ def base_dir(args) -> str:
         return builtin_base()
     from psilora_ds.recipe.pretrain import PretrainConfig, pretrain_base
 
-    cfg = PretrainConfig(hidden=args.hidden, layers=args.layers, vocab_size=args.vocab_size, steps=args.pretrain_steps)
-    path = os.path.join(CACHE, f"bench-base-{cfg.hidden}x{cfg.layers}-v{cfg.vocab_size}-s{cfg.steps}")
+    cfg = PretrainConfig(hidden=args.hidden, layers=args.layers, vocab_size=args.vocab_size, steps=args.pretrain_steps,
+                         corpus=args.corpus)
+    path = os.path.join(CACHE, f"bench-base-{cfg.hidden}x{cfg.layers}-v{cfg.vocab_size}-s{cfg.steps}-{cfg.corpus}")
     pretrain_base(path, cfg)
     return path
 
@@ -137,7 +138,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=None, help="build a larger base: hidden size (default: built-in)")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--pretrain_steps", type=int, default=3000)
+    parser.add_argument("--pretrain_steps", type=int, default=2000)
+    parser.add_argument("--corpus", default="stdlib", help="the larger base's pretraining text (recipe/pretrain.py)")
     parser.add_argument("--write", default=None)
     parser.add_argument("--png", default=None)
     args = parser.parse_args()
@@ -237,7 +239,7 @@ def report(args, base: str, made: dict, done: dict) -> None:
         command = f"python bench/finetune_real.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
         if args.hidden is not None:
             command += (f" --hidden {args.hidden} --layers {args.layers} --vocab_size {args.vocab_size} "
-                        f"--pretrain_steps {args.pretrain_steps}")
+                        f"--pretrain_steps {args.pretrain_steps} --corpus {args.corpus}")
         write_section(args.write, "Real-text fine-tuning (pretrained base, Python reference)",
                       command + (f" --png {args.png}" if args.png else ""), body)
 

@@ -13,7 +13,7 @@ from ..lora_layers import LoRALayer
 from ..ops import balance_factors, compute_dtype
 from ..ops.lorsum import lorsum_rounds
 from ..ops.rounds import Rounds
-from .base import MIN_PROX_WEIGHT, LoRAOptimizer
+from .lorsum_family import MIN_PROX_WEIGHT, LoRSumOptimizer, check_first_step_iters
 
 MOMENTUM_SEED = 0x5151
 # the momentum update's proximal weight relative to the momentum's mean singular value (METHOD.md section 3)
@@ -90,11 +90,6 @@ def factor_and_momentum_step(
     return A_new, B_new
 
 
-def check_first_step_iters(first_step_iters: int | None) -> None:
-    if first_step_iters is not None and first_step_iters < 1:
-        raise ValueError(f"first_step_iters must be >= 1 (None: an ordinary first step), got {first_step_iters}")
-
-
 def check_momentum_prox(momentum_prox: float) -> None:
     if not 0.0 <= momentum_prox < 1.0:
         raise ValueError(f"momentum_prox must be in [0, 1) (0: off; 0.2 measured best; 1 freezes the momentum), "
@@ -109,7 +104,7 @@ def jacobi_blocker(iters: int) -> str | None:
             "only the cached rows give (cache-free steps are Jacobi steps, iters=0)")
 
 
-class PSILoRA(LoRAOptimizer):
+class PSILoRA(LoRSumOptimizer):
     """Proximal Subspace Iteration LoRA.
 
     Each step approximates the SVDLoRA oracle ``(A, B) <- svd_r(B A - eta' d)`` with
@@ -161,16 +156,16 @@ class PSILoRA(LoRAOptimizer):
                         rank_multiplier=rank_multiplier, momentum_prox=momentum_prox, first_step_iters=first_step_iters)
         super().__init__(model, defaults, **options)
 
-    def _init_state(self, layer, group) -> dict[str, Any]:
+    def init_state(self, layer, group) -> dict[str, Any]:
         return init_low_rank_momentum(layer, group["rank_multiplier"]) if group["momentum"] > 0 else {}
 
-    def _cache_free_blocker(self, group) -> str | None:
+    def cache_free_blocker(self, group) -> str | None:
         return jacobi_blocker(group["iters"])
 
-    def _momentum_factors(self, state, group):
+    def momentum_factors(self, state, group):
         return (state["momentum_A"], state["momentum_B"]) if group["momentum"] > 0 else None
 
-    def _update_layer(self, layer, state, A, B, grad, group):
+    def update_layer(self, layer, state, A, B, grad, group):
         return (yield from factor_and_momentum_step(
             state, A, B, grad, eta=group["lr"] / layer.scaling**2,  # product-space step (METHOD.md section 1)
             beta=group["momentum"], grad_scale=1.0 - group["dampening"], lam=self.prox_weight(group),

@@ -11,15 +11,15 @@ from torch import nn
 from ..gradient import LayerGradient
 from ..ops import compute_dtype, damped_power, kfac_diagonals, shampoo_diagonals
 from ..ops.rounds import Rounds
-from .base import LoRAOptimizer
-from .psilora import (MOMENTUM_PROX, check_first_step_iters, check_momentum_prox, factor_and_momentum_step,
+from .lorsum_family import LoRSumOptimizer, check_first_step_iters
+from .psilora import (MOMENTUM_PROX, check_momentum_prox, factor_and_momentum_step,
                       init_low_rank_momentum, jacobi_blocker)
 
 METRICS = ("kfac", "shampoo")
 METRIC_INITS = ("zero", "ones")
 
 
-class ScaledPSILoRA(LoRAOptimizer):
+class ScaledPSILoRA(LoRSumOptimizer):
     """Scaled PSI-LoRA.
 
     Per step and layer: EMA metric statistics (from zero and bias-corrected like Adam's second moment; or from
@@ -86,22 +86,22 @@ class ScaledPSILoRA(LoRAOptimizer):
                         momentum_prox=momentum_prox, first_step_iters=first_step_iters)
         super().__init__(model, defaults, **options)
 
-    def _check_distributor(self, distributor) -> None:
+    def check_distributor(self, distributor) -> None:
         if self.lora_group["metric"] == "shampoo" and distributor.world_size > 1:
             raise ValueError(
                 "metric='shampoo' needs the column norms of the rank-summed gradient, which data parallelism "
                 "cannot reduce from thin products; use metric='kfac' with several ranks"
             )
 
-    def _cache_free_blocker(self, group) -> str | None:
+    def cache_free_blocker(self, group) -> str | None:
         if group["metric"] == "shampoo":
             return "metric='shampoo' needs the column norms of the whole gradient, which only the rows give"
         return jacobi_blocker(group["iters"])
 
-    def _momentum_factors(self, state, group):
+    def momentum_factors(self, state, group):
         return (state["momentum_A"], state["momentum_B"]) if group["betas"][0] > 0 else None
 
-    def _init_state(self, layer, group) -> dict[str, Any]:
+    def init_state(self, layer, group) -> dict[str, Any]:
         dtype = compute_dtype(layer.lora_A.weight.dtype)
         device = layer.A.device
         start = torch.ones if group["metric_init"] == "ones" else torch.zeros
@@ -126,7 +126,7 @@ class ScaledPSILoRA(LoRAOptimizer):
             d_in, d_out = G2.sum(0), G2.sum(1)
         return d_in * grad.coef**2, d_out * grad.coef**2
 
-    def _update_layer(self, layer, state, A, B, grad, group):
+    def update_layer(self, layer, state, A, B, grad, group):
         beta1, beta2 = group["betas"]
         state["step"] += 1
         d_in, d_out = yield from self._metric_statistics(group, layer, grad)

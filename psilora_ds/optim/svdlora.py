@@ -27,11 +27,11 @@ class SVDLoRA(LoRAOptimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         super().__init__(model, dict(lr=lr, momentum=momentum), **options)
 
-    def _check_distributor(self, distributor) -> None:
+    def check_distributor(self, distributor) -> None:
         if distributor.world_size > 1:
             raise ValueError("SVDLoRA is a dense single-process oracle; use PSILoRA with several ranks")
 
-    def _update_layer(self, layer, state, A, B, grad, group):
+    def update_layer(self, layer, state, A, B, grad, group):
         d = grad.local_dense().mul_(grad.coef)
         if group["momentum"] > 0:
             if "momentum" in state:

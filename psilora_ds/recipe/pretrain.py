@@ -24,7 +24,7 @@ import torch
 
 from .corpus import bpe_tokenizer
 from .modeling import llama_config
-from .stdlib_text import python_reference_documents, python_source_documents
+from .stdlib_text import python_reference_documents, python_source_documents, stdlib_source_documents
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,12 @@ class PretrainConfig:
     weight_decay: float = 0.01
     seed: int = 0
     save_dtype: str = "bfloat16"  # the weights as stored (loaded back in fp32 by the recipe)
+    # modules: the built-in base's 72 modules (2.6 MB); stdlib: every standard-library source file but tests and the
+    # held-out modules (11 MB), for larger bases, which overfit the modules (same held-out split)
+    corpus: str = "modules"
+
+
+CORPORA = {"modules": python_source_documents, "stdlib": stdlib_source_documents}
 
 
 def text_sha256(docs: list[str]) -> str:
@@ -81,7 +87,9 @@ def pretrain_base(out_dir: str, cfg: PretrainConfig) -> dict:
         with open(record_path) as f:
             return json.load(f)
     start = time.time()
-    src_train, src_eval = python_source_documents()
+    if cfg.corpus not in CORPORA:
+        raise ValueError(f"corpus={cfg.corpus!r}: choose one of {', '.join(CORPORA)}")
+    src_train, src_eval = CORPORA[cfg.corpus]()
     ref_train, ref_eval = python_reference_documents()
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     tokenizer = bpe_tokenizer(lambda: iter(src_train), tmp, cfg.vocab_size)
@@ -117,7 +125,7 @@ def pretrain_base(out_dir: str, cfg: PretrainConfig) -> dict:
         "train_tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len, "train_blocks": len(train),
         "eval_loss_python_source": mean_loss(saved, held, cfg.batch_size),
         "eval_loss_python_reference": mean_loss(saved, reference, cfg.batch_size),
-        "source_files": len(src_train) + len(src_eval), "held_out_source_sha256": text_sha256(src_eval),
+        "source_files": len(src_train) + len(src_eval), "train_chars": sum(len(d) for d in src_train), "held_out_source_sha256": text_sha256(src_eval),
         "seconds": round(time.time() - start),
         "python": platform.python_version(), "torch": torch.__version__,
     }

@@ -2,7 +2,9 @@
 
 * **Python source** (:func:`python_source_documents`): a fixed list of pure-Python standard-library
   modules, one document per file (about 2.6 MB on CPython 3.11). The built-in base
-  (``builtin:stdlib-llama``) is pretrained on it (:mod:`psilora_ds.recipe.pretrain`).
+  (``builtin:stdlib-llama``) is pretrained on it (:mod:`psilora_ds.recipe.pretrain`). Larger bases train on
+  :func:`stdlib_source_documents`: every pure-Python file of the standard library but tests and the held-out
+  modules (about 11 MB on 3.11), evaluated on the same held-out modules.
 * **The Python language reference in English** (:func:`python_reference_documents`): the topics of
   ``pydoc_data/topics.py`` (what ``help("if")`` prints; 79 topics, 465 KB on 3.11), one document per
   topic. The default fine-tuning task (``builtin:python-reference``): prose about the language with code
@@ -42,6 +44,33 @@ def python_source_documents() -> tuple[list[str], list[str]]:
     if len(docs) < HELD_OUT_EVERY:
         raise FileNotFoundError(f"only {len(docs)} of the standard-library source files were found under {lib}")
     return _split(docs)
+
+
+# folders of the standard library left out of the larger corpus: tests, bundled wheels, demos, build files
+SKIPPED_FOLDERS = ("test", "tests", "idle_test", "idlelib", "lib2to3", "ensurepip", "turtledemo", "site-packages",
+                   "__pycache__")
+
+
+def stdlib_source_documents() -> tuple[list[str], list[str]]:
+    """``(train, eval)``: every ``.py`` file of the standard library outside :data:`SKIPPED_FOLDERS` and the
+    ``config-*`` build folder, in sorted path order, with :func:`python_source_documents`' held-out modules (and any
+    file with their text) taken out of training; ``eval`` is exactly that function's held-out split."""
+    _, held = python_source_documents()
+    lib = sysconfig.get_paths()["stdlib"]
+    held_text, paths = set(held), []
+    for folder, dirs, files in os.walk(lib):
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_FOLDERS and not d.startswith("config-"))
+        paths += [os.path.join(folder, f) for f in files if f.endswith(".py")]
+    train = []
+    for path in sorted(paths):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (UnicodeDecodeError, OSError):
+            continue  # (a few test-data files are not UTF-8)
+        if text.strip() and text not in held_text:
+            train.append(text)
+    return train, held
 
 
 def python_reference_documents() -> tuple[list[str], list[str]]:

@@ -1,0 +1,49 @@
+"""What the LoRSum methods (PSI-LoRA, Scaled PSI-LoRA, preconditioned LoRA) share over the base: the proximal
+weight and the spectral first step (METHOD.md sections 2 and 5)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import LoRAOptimizer
+
+# Proximal weights are floored here: lr can be 0 (warm-up), and lam must stay > 0.
+MIN_PROX_WEIGHT = 1e-12
+
+
+def check_first_step_iters(first_step_iters: int | None) -> None:
+    if first_step_iters is not None and first_step_iters < 1:
+        raise ValueError(f"first_step_iters must be >= 1 (None: an ordinary first step), got {first_step_iters}")
+
+
+class LoRSumOptimizer(LoRAOptimizer):
+    """A method whose steps are LoRSum solves with the proximal weight ``lam = lr * prox`` (its group has ``prox``),
+    and whose run may start with the spectral first step (its group's ``first_step_iters``, LoRA-One): that many
+    inner iterations at the proximal floor on the run's first step with ``lr > 0``. Cache-free methods keep the rows
+    for that one step (:meth:`needs_rows`)."""
+
+    spectral_done: bool = False  # the spectral first step has been taken
+
+    def spectral_iters(self, group: dict[str, Any]) -> int | None:
+        """The inner iterations of the spectral first step when this step is it, else None: the run's first step
+        with ``lr > 0`` (a warm-up schedule's first step has lr 0, and a spectral step of length 0 would leave
+        peft's ``B = 0`` start as it is)."""
+        return group.get("first_step_iters") if self.needs_rows(group) and group["lr"] > 0 else None
+
+    def prox_weight(self, group: dict[str, Any]) -> float:
+        """``lam = lr * prox``, floored (METHOD.md section 2)."""
+        return max(group["lr"] * group["prox"], MIN_PROX_WEIGHT)
+
+    def needs_rows(self, group: dict[str, Any]) -> bool:
+        """The spectral first step is pending: its ``K >= 1`` iterations need the rows."""
+        return group.get("first_step_iters") is not None and not self.spectral_done
+
+    def on_step_applied(self, group: dict[str, Any]) -> None:
+        if self.spectral_iters(group) is not None:
+            self.spectral_done = True
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"spectral_done": self.spectral_done}
+
+    def load_extra_state(self, state_dict: dict[str, Any]) -> None:
+        self.spectral_done = state_dict.get("spectral_done", self.steps_taken > 0)

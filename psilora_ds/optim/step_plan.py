@@ -1,0 +1,214 @@
+"""The first call of an optimizer step: what was captured, whether every rank takes the step, each layer's
+gradient and the clipping coefficient."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..capture import LayerBatch
+from ..distributed import Distributor
+from ..gradient import LayerGradient, ProductGradient
+from ..lora_layers import LoRALayer
+from ..ops import compute_dtype
+from ..ops.rounds import reduce_flat_, run_lockstep
+from ..products import LayerProducts
+from .factor_source import FactorSource
+from .other_params import local_grads
+
+logger = logging.getLogger(__name__)
+
+# As in torch.nn.utils.clip_grad_norm_.
+CLIP_EPS = 1e-6
+
+# why a step is skipped on every rank
+NON_FINITE = "non-finite gradient factors"
+DIVERGED = "the LoRA factors themselves are not finite"
+NORM_OVERFLOW = "the gradient norm overflows"
+
+
+@dataclass
+class StepPlan:
+    """What the first call of a step decided, for the calls that follow within the same step.
+
+    ``skip``: why every rank skips the step (None: it is taken); ``grads``: the gradient of each layer that
+    captured rows on some rank, already scaled by the clipping coefficient ``clip``; ``grad_norm``: ``||G||_F``
+    when it was computed; ``cache_bytes``: the capture's peak during the step (None on a call that found nothing
+    captured)."""
+
+    skip: str | None
+    clip: float
+    grads: dict[int, LayerGradient | ProductGradient]
+    grad_norm: float | None = None
+    cache_bytes: int | None = None
+
+
+class StepPlanner:
+    """Plans each step from what the capture holds: one all-reduce of flags (which layers captured rows anywhere,
+    whether any rank saw a non-finite value, whether the engine's factors changed behind the optimizer's copy), then
+    each layer's gradient (:class:`~psilora_ds.gradient.LayerGradient` on rows, or
+    :class:`~psilora_ds.gradient.ProductGradient` from cache-free products) and the clipping coefficient of the full
+    gradient norm (METHOD.md section 6)."""
+
+    def __init__(self, layers: Sequence[LoRALayer], distributor: Distributor, capture: Any, factors: FactorSource,
+                 *, cache_free: bool, reuse_autograd_grads: bool):
+        self.layers = layers
+        self.distributor = distributor
+        self.capture = capture
+        self.factors = factors
+        self.cache_free = cache_free
+        # In one process, take the LoRSum products at the current factors from autograd's LoRA gradients
+        # (A.grad = B^T P, B.grad = P A^T) instead of recomputing them (METHOD.md section 6).
+        self.reuse_autograd_grads = reuse_autograd_grads
+        self.logged_sketch = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].A.device
+
+    def plan(self, other_groups: list[dict[str, Any]], max_grad_norm: float | None, step: int,
+             sketch_probes: int) -> StepPlan:
+        """Consume the capture and plan the step (every rank, together: collectives)."""
+        peak_cache_bytes = self.capture.peak_nbytes
+        rows_step = not self.cache_free or self.capture.keep_rows
+        batches = self.capture.pop()
+        d, L = self.distributor, len(self.layers)
+        copy = self.factors.copy
+        flags = torch.zeros(2 * L + 1 if copy is not None else L + 1, dtype=torch.float64, device=self.device)
+        for idx, batch in batches.items():
+            flags[idx] = batch.rows
+        autograd = {idx: pair for idx in batches if (pair := self.autograd_products(idx)) is not None}
+        flags[L] = 0.0 if self.all_finite(batches, autograd, other_groups) else 1.0
+        if copy:
+            idxs, changed = self.factors.changed_flags()
+            flags[[L + 1 + idx for idx in idxs]] = changed.to(flags.device)
+        flags = d.all_reduce_(flags).tolist()
+        if copy is not None:
+            self.factors.reread([idx for idx in range(L) if flags[L + 1 + idx] > 0])
+        rows = flags[:L]
+        if flags[L] > 0:
+            return StepPlan(skip=DIVERGED if self.factors.diverged() else NON_FINITE, clip=1.0, grads={})
+        # A layer that captured nothing on any rank is left out: it keeps its factors and state,
+        # as torch optimizers skip parameters whose grad is None.
+        # cache-free: the step starts from the optimizer's copy of the factors, checked against the engine's
+        # (a mismatch on any rank stops every rank: a rank raising alone would leave the others in a collective)
+        stale = self.factors.stale_layers(rows) if self.cache_free else []
+        if not rows_step:
+            grads = self.product_gradients(batches, rows, stale)
+        else:
+            if self.cache_free:
+                count = torch.tensor([float(len(stale))], dtype=torch.float64, device=self.device)
+                self.factors.raise_if_stale(stale, d.all_reduce_(count))
+            grads = {idx: self.layer_gradient(idx, batches.get(idx), int(n), autograd.get(idx))
+                     for idx, n in enumerate(rows) if n > 0}
+        if self.cache_free and max_grad_norm and not d.sketches_norm() and not self.logged_sketch:
+            self.logged_sketch = True
+            logger.warning("cache-free steps keep no rows, so the clipping norm is the %d-probe Gaussian sketch "
+                           "(relative sd <= %.2f), not the exact one-process norm; cache_free=False keeps the rows",
+                           sketch_probes, math.sqrt(2 / sketch_probes))
+        plan = StepPlan(skip=None, clip=1.0, grads=grads, cache_bytes=peak_cache_bytes if grads else None)
+        if not max_grad_norm or max_grad_norm <= 0:
+            return plan
+        norm = self.grad_norm(grads, other_groups, step)
+        if grads:  # (not a ZeRO-3 call after the one that consumed the capture)
+            plan.grad_norm = norm
+        if not math.isfinite(norm):  # finite factors whose gradient norm overflows: no finite step can come of it
+            plan.skip, plan.grads = NORM_OVERFLOW, {}
+            return plan
+        plan.clip = min(1.0, max_grad_norm / (norm + CLIP_EPS))
+        for grad in grads.values():
+            grad.coef *= plan.clip
+        return plan
+
+    def layer_gradient(self, idx: int, batch: LayerBatch | None, rows: int,
+                       autograd: tuple[torch.Tensor, torch.Tensor] | None) -> LayerGradient:
+        """Layer ``idx``'s gradient from this rank's captured rows (``rows``: over all ranks)."""
+        layer = self.layers[idx]
+        if batch is None:  # captured nothing here but elsewhere: take part in the collectives with no rows
+            dtype = compute_dtype(layer.lora_A.weight.dtype)
+            batch = LayerBatch(xs=[torch.zeros(0, layer.in_features, dtype=dtype, device=layer.A.device)],
+                               zs=[torch.zeros(0, layer.out_features, dtype=dtype, device=layer.A.device)])
+        return LayerGradient(batch, self.distributor.grad_coef(), rows, self.distributor.reduce, autograd)
+
+    def product_gradients(self, batches: dict[int, LayerProducts], rows: list[float],
+                          stale: list[int]) -> dict[int, ProductGradient]:
+        """The cache-free gradients of the layers that captured rows on some rank: every rank's products
+        summed by one flat all-reduce for all layers (a rank that saw none of a layer adds zeros), which also
+        sums the ranks' counts of ``stale`` layers (raised on every rank)."""
+        present = [idx for idx, n in enumerate(rows) if n > 0]
+        products = {idx: batches.get(idx) or self.capture.zeros(idx) for idx in present}
+        tensors = [t for idx in present for t in products[idx].tensors()]
+        count = torch.tensor([float(len(stale))], dtype=tensors[0].dtype if tensors else torch.float64,
+                             device=self.device)
+        if self.distributor.reduce is not None:
+            reduce_flat_([*tensors, count], self.distributor.reduce)
+        self.factors.raise_if_stale(stale, count)
+        coef = self.distributor.grad_coef()
+        return {idx: ProductGradient(products[idx], self.layers[idx].rank, coef, int(rows[idx])) for idx in present}
+
+    def autograd_products(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Autograd's ``(A.grad, B.grad)`` of layer ``idx`` when the step may use them in place of the
+        products at the current factors: one process, plain fp32/fp64 tensors (not DTensor shards)."""
+        if self.cache_free or not self.reuse_autograd_grads or self.distributor.world_size != 1:
+            return None
+        layer = self.layers[idx]
+        gA, gB = layer.A.grad, layer.B.grad
+        plain = type(gA) is torch.Tensor and type(gB) is torch.Tensor
+        if plain and gA.dtype in (torch.float32, torch.float64) and gB.dtype == gA.dtype:
+            return gA, gB
+        return None
+
+    def all_finite(self, batches: dict[int, LayerBatch], autograd: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                   other_groups: list[dict[str, Any]]) -> bool:
+        """Whether every captured factor and other gradient is finite: a NaN or inf anywhere makes its
+        tensor's sum non-finite, so one fp32 sum per tensor and one sync do (no mask tensors).
+
+        A layer whose autograd products are used is checked on them instead of on its rows: a
+        non-finite entry of ``X`` or ``Z`` makes ``B.grad = s Z^T (X A^T)`` non-finite (IEEE:
+        ``inf * 0`` is NaN, so no multiplier hides it), which reads ``r (m + n)`` numbers instead of
+        ``N (m + n)``."""
+        tensors = [t for i, b in batches.items() for t in (autograd[i] if i in autograd else b.tensors())]
+        tensors += local_grads(other_groups)
+        if not tensors:
+            return True
+        sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
+                            for t in tensors])
+        return bool(torch.isfinite(sums.sum()))
+
+    def grad_norm(self, grads: dict[int, LayerGradient | ProductGradient], other_groups: list[dict[str, Any]],
+                  step: int) -> float:
+        """``||G||_F`` over every LoRA layer's effective weight (``G = P / scaling``) and the other
+        trainable parameters' gradients, over all ranks (METHOD.md section 6): exact in one process,
+        the distributor's documented estimator across ranks; ``step`` seeds the sketch."""
+        d = self.distributor
+        squares = run_lockstep({i: d.lora_norm_sq(self.layers[i], g, step) for i, g in grads.items()},
+                               d.reduce)  # every layer's sketch summed over ranks in one collective
+        lora = float(sum(squares[i].double() / self.layers[i].scaling ** 2 for i in grads)) if grads else 0.0
+        other = torch.zeros((), dtype=torch.float64, device=self.device)
+        for g in local_grads(other_groups):
+            other += g.to(compute_dtype(g.dtype)).square().sum().to(torch.float64)
+        if d.other_grads_are_sharded():
+            other = d.all_reduce_(other)
+        return math.sqrt(lora + float(other))
+
+
+def capture_memory_message(capture: Any, layers: Sequence[LoRALayer], cache_free: bool) -> str:
+    """What the capture holds per rank at the first step, and what the other mode would (logged once)."""
+    mib = 2.0**-20
+    if cache_free:
+        return (f"cache-free capture: no activation rows kept; {capture.nbytes * mib:.1f} MiB of thin products and "
+                f"{capture.factor_nbytes * mib:.1f} MiB of probe factors per rank")
+    rows = sum(layer.in_features + layer.out_features for layer in layers) * capture.row_itemsize
+    # cache-free Jacobi steps hold (2r)(m + n) + m + n fp32 numbers per layer (momentum of rank r)
+    products = sum((2 * layer.rank + 1) * (layer.in_features + layer.out_features) for layer in layers) * 4
+    budget = "none" if capture.max_bytes is None else f"{capture.max_bytes * mib:.1f} MiB"
+    where = (f"{capture.folded_layers()} of {len(layers)} layers folded into dense fp32 stores" if not capture.offload
+             else f"{capture.peak_host_nbytes * mib:.1f} MiB of rows offloaded to host memory")
+    return (f"activation cache: {capture.peak_nbytes * mib:.1f} MiB per rank at its peak in the first step (budget "
+            f"{budget}; rows {rows * mib:.2f} MiB per token; {where}); cache-free steps (iters=0) would hold about "
+            f"{products * mib:.1f} MiB of products instead")
