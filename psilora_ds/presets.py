@@ -35,8 +35,10 @@ class Preset:
 
     def recipe_values(self) -> dict[str, Any]:
         """The same configuration as ``launch/train.py`` keys."""
-        names = {"ScaledPSILoRA": "scaled_psilora", "PSILoRA": "psilora", "PreconditionedLoRA": "precond_lora"}
-        values: dict[str, Any] = {"optim": names[self.optimizer_class]}
+        from .optim import METHODS
+
+        optim = next(name for name, m in METHODS.items() if m.lora and m.build.__name__ == self.optimizer_class)
+        values: dict[str, Any] = {"optim": optim}
         for key, value in self.optimizer.items():
             values[key] = list(value) if isinstance(value, tuple) else value
         values.update({"lora_r": self.lora["r"], "lora_alpha": self.lora["lora_alpha"],

@@ -5,11 +5,11 @@ from .finite_guard import skipping_non_finite
 from .options import LoRAOptions, OtherOptimizerFactory
 from .psilora import PreconditionedLoRA, PSILoRA
 from .scaled import ScaledPSILoRA
+from .registry import METHODS, Method
 from .svdlora import SVDLoRA
 
-# the family by name, as psilora_ds.hf's psilora=dict(optim=...) takes it (the recipe's --optim uses the same names)
-OPTIMIZERS_BY_NAME = {"psilora": PSILoRA, "scaled_psilora": ScaledPSILoRA, "precond_lora": PreconditionedLoRA,
-                      "svdlora": SVDLoRA}
+# the family by name, as psilora_ds.hf's psilora=dict(optim=...) takes it (the registry's lora methods)
+OPTIMIZERS_BY_NAME = {name: m.optimizer_class for name, m in METHODS.items() if m.lora}
 
-__all__ = ["LoRAOptimizer", "LoRAOptions", "OPTIMIZERS_BY_NAME", "OtherOptimizerFactory", "PSILoRA",
+__all__ = ["LoRAOptimizer", "LoRAOptions", "METHODS", "Method", "OPTIMIZERS_BY_NAME", "OtherOptimizerFactory", "PSILoRA",
            "PreconditionedLoRA", "ScaledPSILoRA", "SVDLoRA", "skipping_non_finite"]

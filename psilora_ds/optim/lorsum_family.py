@@ -11,11 +11,6 @@ from .base import LoRAOptimizer
 MIN_PROX_WEIGHT = 1e-12
 
 
-def check_first_step_iters(first_step_iters: int | None) -> None:
-    if first_step_iters is not None and first_step_iters < 1:
-        raise ValueError(f"first_step_iters must be >= 1 (None: an ordinary first step), got {first_step_iters}")
-
-
 class LoRSumOptimizer(LoRAOptimizer):
     """A method whose steps are LoRSum solves with the proximal weight ``lam = lr * prox`` (its group has ``prox``),
     and whose run may start with the spectral first step (its group's ``first_step_iters``, LoRA-One): that many

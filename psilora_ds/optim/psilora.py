@@ -13,11 +13,12 @@ from ..lora_layers import LoRALayer
 from ..ops import balance_factors, compute_dtype
 from ..ops.lorsum import lorsum_rounds
 from ..ops.rounds import Rounds
-from .lorsum_family import MIN_PROX_WEIGHT, LoRSumOptimizer, check_first_step_iters
+from .hyperparameters import HYPERPARAMETERS, check
+from .lorsum_family import MIN_PROX_WEIGHT, LoRSumOptimizer
 
 MOMENTUM_SEED = 0x5151
 # the momentum update's proximal weight relative to the momentum's mean singular value (METHOD.md section 3)
-MOMENTUM_PROX = 0.0  # off: 0.2 meets issue 12's linear-task bounds but costs 0.1% on the real-text benchmark
+MOMENTUM_PROX = HYPERPARAMETERS["momentum_prox"].default  # (advice: hyperparameters.MOMENTUM_PROX_ADVICE)
 
 
 def init_low_rank_momentum(layer: LoRALayer, rank_multiplier: float) -> dict[str, torch.Tensor]:
@@ -90,12 +91,6 @@ def factor_and_momentum_step(
     return A_new, B_new
 
 
-def check_momentum_prox(momentum_prox: float) -> None:
-    if not 0.0 <= momentum_prox < 1.0:
-        raise ValueError(f"momentum_prox must be in [0, 1) (0: off; 0.2 measured best; 1 freezes the momentum), "
-                         f"got {momentum_prox}")
-
-
 def jacobi_blocker(iters: int) -> str | None:
     """Why LoRSum with ``iters`` inner iterations needs the activation rows (None: it does not)."""
     if iters == 0:
@@ -144,14 +139,8 @@ class PSILoRA(LoRSumOptimizer):
         first_step_iters: int | None = None,
         **options: Any,
     ):
-        check_first_step_iters(first_step_iters)
-        check_momentum_prox(momentum_prox)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if iters < 0:
-            raise ValueError(f"iters must be >= 0, got {iters}")
-        if rank_multiplier <= 0:
-            raise ValueError(f"rank_multiplier must be > 0, got {rank_multiplier}")
+        check(first_step_iters=first_step_iters, momentum_prox=momentum_prox, momentum=momentum, iters=iters,
+              prox=prox, rank_multiplier=rank_multiplier)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox,
                         rank_multiplier=rank_multiplier, momentum_prox=momentum_prox, first_step_iters=first_step_iters)
         super().__init__(model, defaults, **options)

@@ -11,12 +11,13 @@ from torch import nn
 from ..gradient import LayerGradient
 from ..ops import compute_dtype, damped_power, kfac_diagonals, shampoo_diagonals
 from ..ops.rounds import Rounds
-from .lorsum_family import LoRSumOptimizer, check_first_step_iters
-from .psilora import (MOMENTUM_PROX, check_momentum_prox, factor_and_momentum_step,
+from .hyperparameters import HYPERPARAMETERS, check
+from .lorsum_family import LoRSumOptimizer
+from .psilora import (MOMENTUM_PROX, factor_and_momentum_step,
                       init_low_rank_momentum, jacobi_blocker)
 
-METRICS = ("kfac", "shampoo")
-METRIC_INITS = ("zero", "ones")
+METRICS = HYPERPARAMETERS["metric"].choices
+METRIC_INITS = HYPERPARAMETERS["metric_init"].choices
 
 
 class ScaledPSILoRA(LoRSumOptimizer):
@@ -67,20 +68,11 @@ class ScaledPSILoRA(LoRSumOptimizer):
         first_step_iters: int | None = None,
         **options: Any,
     ):
-        check_first_step_iters(first_step_iters)
-        check_momentum_prox(momentum_prox)
-        if metric_init not in METRIC_INITS:
-            raise ValueError(f"metric_init must be one of {METRIC_INITS}, got {metric_init!r}")
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if not 0.0 <= metric_power <= 1.0:
-            raise ValueError(f"metric_power must be in [0, 1], got {metric_power}")
+        check(first_step_iters=first_step_iters, momentum_prox=momentum_prox, metric_init=metric_init, metric=metric,
+              betas=betas, metric_power=metric_power, damping=damping, iters=iters, prox=prox,
+              rank_multiplier=rank_multiplier)
         if damping <= 0 and metric_power > 0:
             raise ValueError(f"damping must be > 0 so the metric is invertible, got {damping}")
-        if iters < 0:
-            raise ValueError(f"iters must be >= 0, got {iters}")
         defaults = dict(lr=lr, betas=tuple(betas), iters=iters, prox=prox, damping=damping,
                         metric_power=metric_power, metric=metric, rank_multiplier=rank_multiplier, metric_init=metric_init,
                         momentum_prox=momentum_prox, first_step_iters=first_step_iters)

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..ops import svd_project
 from .base import LoRAOptimizer
+from .hyperparameters import check
 
 
 class SVDLoRA(LoRAOptimizer):
@@ -23,8 +24,7 @@ class SVDLoRA(LoRAOptimizer):
         momentum: float = 0.0,
         **options: Any,
     ):
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        check(momentum=momentum)
         super().__init__(model, dict(lr=lr, momentum=momentum), **options)
 
     def check_distributor(self, distributor) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from ..capture import parse_cache_budget
+from ..optim.hyperparameters import HYPERPARAMETERS
+from ..optim.registry import METHODS
 
 
 class ConfigError(ValueError):
@@ -25,6 +27,16 @@ class ConfigError(ValueError):
 def opt(default: Any, help: str) -> Any:
     """A config field with its meaning: ``--help`` and docs/CONFIG.md are generated from these."""
     return field(default=default, metadata={"help": help})
+
+
+def hyper(name: str) -> Any:
+    """The config field of a method hyperparameter: its default and meaning from the registry, and the methods that
+    take it."""
+    h = HYPERPARAMETERS[name]
+    help = f"{', '.join(m.name for m in METHODS.values() if name in m.takes) or 'no method'}: {h.help}"
+    if isinstance(h.default, list):
+        return field(default_factory=lambda: list(h.default), metadata={"help": help})
+    return opt(h.default, help)
 
 
 @dataclass
@@ -61,23 +73,23 @@ class TrainConfig:
     cache_dir: str = opt(".cache/psilora_ds", "tokenizer, generated corpus, tokenized data, the saved tiny LLaMA")
     # --- optimizer -------------------------------------------------------------------------------
     preset: str | None = opt(None, "paper: the PSI-LoRA authors' LLM configuration (psilora_ds/presets.py) for every key not given explicitly")
-    optim: str = opt("scaled_psilora", "psilora | scaled_psilora | precond_lora | svdlora | adamw | loraplus | riemannian | sgd (loraplus, riemannian: peft.optimizers' LoRA+ and Riemannian LoRA over AdamW)")
+    optim: str = opt("scaled_psilora", "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     lr: float | None = opt(None, "learning rate (PSI-LoRA: step size of the effective weight); null: per optim, the best of bench/finetune_real.py on a built-in base (scaled_psilora 0.1, adamw 1e-2), else a common starting point (scaled_psilora 2e-3, adamw 2e-4; logged): tune it for your model")
-    iters: int = opt(1, "LoRSum inner iterations")
-    first_step_iters: int | None = opt(8, "spectral first step (LoRA-One): inner iterations of the first step with lr > 0, reaching the truncated SVD of that full step (bench/finetune_real.py: better at every lr); null: an ordinary first step")
-    momentum: float = opt(0.9, "psilora / sgd momentum")
-    betas: list = field(default_factory=lambda: [0.9, 0.999],
-        metadata={"help": "scaled_psilora / adamw betas"})
-    prox: float = opt(1e-2, "LoRSum proximal weight relative to lr")
-    damping: float = opt(1e-8, "scaled_psilora metric damping")
-    metric_power: float = opt(0.5, "scaled_psilora fractional power")
-    metric: str = opt("kfac", "scaled_psilora metric: kfac | shampoo")
-    metric_init: str = opt("zero", "scaled_psilora metric EMA start: zero (bias-corrected like Adam) | ones (uncorrected, the authors' code)")
-    rank_multiplier: float = opt(1.0, "momentum rank = round(r * rank_multiplier)")
-    momentum_prox: float = opt(0.0, "psilora / scaled_psilora: the momentum update's proximal weight relative to its mean singular value (0: off; 0.2 measured best against mini-batch noise: the stochastic linear task's excess loss down about a quarter, 0.1% worse on the 100-step real-text fine-tune)")
-    loraplus_lr_ratio: float = opt(16.0, "loraplus: lr of the B factors / lr of the A factors")
-    riemannian_reg: float = opt(1e-2, "riemannian: damping of the r x r preconditioners")
-    weight_decay: float = opt(0.0, "adamw / the optimizer of non-LoRA parameters")
+    # the methods' hyperparameters: default, range and meaning declared once, in psilora_ds/optim/hyperparameters.py
+    iters: int = hyper("iters")
+    first_step_iters: int | None = hyper("first_step_iters")
+    momentum: float = hyper("momentum")
+    betas: list = hyper("betas")
+    prox: float = hyper("prox")
+    damping: float = hyper("damping")
+    metric_power: float = hyper("metric_power")
+    metric: str = hyper("metric")
+    metric_init: str = hyper("metric_init")
+    rank_multiplier: float = hyper("rank_multiplier")
+    momentum_prox: float = hyper("momentum_prox")
+    loraplus_lr_ratio: float = hyper("loraplus_lr_ratio")
+    riemannian_reg: float = hyper("riemannian_reg")
+    weight_decay: float = hyper("weight_decay")
     other_lr: float = opt(1e-4, "lr of non-LoRA trainable parameters (heads, norms, modules_to_save; AdamW), independent of the LoRA lr")
     lr_scheduler: str = opt("cosine", "cosine | linear | constant (all with linear warm-up)")
     warmup_steps: int = opt(10, "warm-up optimizer steps")
@@ -253,8 +265,8 @@ def validate(cfg: TrainConfig) -> None:
                  "eval_every", "log_every", "corpus_lines", "tiny_layers"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("save_every", "save_total_limit", "eval_batches", "warmup_steps", "max_grad_norm", "weight_decay",
-                 "other_lr", "loraplus_lr_ratio", "riemannian_reg", "prox", "damping", "max_skipped_steps"):
+    for name in ("save_every", "save_total_limit", "eval_batches", "warmup_steps", "max_grad_norm", "other_lr",
+                 "max_skipped_steps"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     unknown = sorted({n.strip() for n in cfg.report_to.split(",")} - set(REPORT_TO) - {"", "none"})
@@ -267,16 +279,14 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"lora_alpha must be > 0 (the adapter scaling is lora_alpha / r), got {cfg.lora_alpha}")
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
-    if not 0.0 <= cfg.momentum_prox < 1.0:
-        raise ConfigError(f"momentum_prox must be in [0, 1) (0: off; 0.2 measured best), got {cfg.momentum_prox}")
     if not 0 <= cfg.eval_fraction < 1:
         raise ConfigError(f"eval_fraction must be in [0, 1) (0: no evaluation), got {cfg.eval_fraction}")
     if cfg.tiny_hidden_size < 8 or cfg.tiny_hidden_size % 8:
         raise ConfigError(f"tiny_hidden_size must be a multiple of 8 (4 heads of an even size), got "
                           f"{cfg.tiny_hidden_size}")
-    if not isinstance(cfg.betas, list) or len(cfg.betas) != 2 or \
-            not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.betas):
-        raise ConfigError(f"betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {cfg.betas!r}")
+    for h in HYPERPARAMETERS.values():  # the methods' ranges (the optimizers check the same on their arguments)
+        if problem := h.problem(getattr(cfg, h.name)):
+            raise ConfigError(problem)
     if cfg.bnb_4bit_compute_dtype not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"bnb_4bit_compute_dtype={cfg.bnb_4bit_compute_dtype!r}: use bfloat16, float16 or float32")
     if not (cfg.target_modules == "all-linear" or (isinstance(cfg.target_modules, list) and cfg.target_modules

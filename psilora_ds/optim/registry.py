@@ -1,0 +1,114 @@
+"""Every method the recipe (``--optim``), the Trainer integration (``psilora_ds.hf``) and the presets know, declared
+once: its name, how it is built, which hyperparameters (:mod:`~psilora_ds.optim.hyperparameters`) it takes, and its
+lr when none is given. Adding a method: its module, one :class:`Method` entry here, its tests
+(docs/ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .finite_guard import skipping_non_finite
+from .psilora import PreconditionedLoRA, PSILoRA
+from .scaled import ScaledPSILoRA
+from .svdlora import SVDLoRA
+
+# the torch optimizers of the baselines (and the default of PSI-LoRA's non-LoRA parameters in the recipe), undoing
+# steps that leave a non-finite value (finite_guard.py): no method writes NaN into the weights
+AdamW = skipping_non_finite(torch.optim.AdamW)
+SGD = skipping_non_finite(torch.optim.SGD)
+
+
+@dataclass(frozen=True)
+class Method:
+    """``build(model, lr, **hyperparameters)`` (a PSI-LoRA-family ``lora`` method also takes the family's shared
+    options, :class:`~psilora_ds.optim.options.LoRAOptions`; a baseline is built over every trainable parameter).
+    ``takes``: the hyperparameters passed, by name. ``default_lr``: lr when none is given, ``(on a built-in base,
+    on any other model)``: the built-in figure is the best mean eval loss of bench/finetune_real.py
+    (docs/BENCHMARKS.md), the other a common starting point, not a measurement. ``any_engine``: False where only
+    plain PyTorch (one process or DDP) runs it correctly."""
+
+    name: str
+    build: Callable[..., torch.optim.Optimizer]
+    takes: tuple[str, ...]
+    default_lr: tuple[float, float]
+    summary: str
+    lora: bool = True
+    any_engine: bool = True
+
+    @property
+    def optimizer_class(self) -> type | None:
+        """The PSI-LoRA-family class of a ``lora`` method (None for a baseline)."""
+        return self.build if self.lora else None
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _adamw(model: nn.Module, lr: float, *, betas, weight_decay: float) -> torch.optim.Optimizer:
+    return AdamW(_trainable(model), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+def _sgd(model: nn.Module, lr: float, *, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    return SGD(_trainable(model), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _loraplus(model: nn.Module, lr: float, *, betas, weight_decay: float, loraplus_lr_ratio: float):
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, AdamW, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio, betas=tuple(betas),
+                                     weight_decay=weight_decay)
+
+
+def _riemannian(model: nn.Module, lr: float, *, betas, weight_decay: float, riemannian_reg: float):
+    try:
+        from peft.optimizers import create_riemannian_optimizer
+    except ImportError:
+        import peft
+
+        raise ValueError(f"it needs peft.optimizers.create_riemannian_optimizer, which peft {peft.__version__} "
+                         "lacks: pip install -U peft") from None
+    return create_riemannian_optimizer(model, AdamW, lr=lr, reg=riemannian_reg, betas=tuple(betas),
+                                       weight_decay=weight_decay)
+
+
+PSI_FAMILY_LR = (0.1, 2e-3)
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("psilora", PSILoRA, ("momentum", "iters", "prox", "rank_multiplier", "momentum_prox", "first_step_iters"),
+           PSI_FAMILY_LR, "PSI-LoRA: LoRSum steps with low-rank heavy-ball momentum"),
+    Method("scaled_psilora", ScaledPSILoRA, ("betas", "iters", "prox", "damping", "metric_power", "metric",
+                                             "metric_init", "rank_multiplier", "momentum_prox", "first_step_iters"),
+           PSI_FAMILY_LR, "Scaled PSI-LoRA: F-LoRSum under diagonal fractional K-FAC or Shampoo metrics"),
+    Method("precond_lora", PreconditionedLoRA, ("prox", "first_step_iters"), PSI_FAMILY_LR,
+           "preconditioned (scaled-GD) LoRA: PSI-LoRA's Jacobi step without momentum"),
+    Method("svdlora", SVDLoRA, ("momentum",), PSI_FAMILY_LR,
+           "the SVDLoRA oracle: a dense step projected by a truncated SVD (small layers, one process)"),
+    Method("adamw", _adamw, ("betas", "weight_decay"), (1e-2, 2e-4), "LoRA with AdamW", lora=False),
+    # LoRA+ (arXiv 2402.12354): AdamW with the B factors at loraplus_lr_ratio x lr (peft's parameter groups)
+    Method("loraplus", _loraplus, ("betas", "weight_decay", "loraplus_lr_ratio"), (1e-3, 5e-5),
+           "LoRA+ (peft.optimizers): AdamW with the B factors at loraplus_lr_ratio x lr", lora=False),
+    # Riemannian preconditioned LoRA (arXiv 2402.02347): AdamW on r x r-preconditioned LoRA gradients. peft's
+    # preconditioner reads the gradients on the model's own parameters, which DeepSpeed's ZeRO flat partitions
+    # and FSDP2's shards are not: plain PyTorch (one process or DDP) only
+    Method("riemannian", _riemannian, ("betas", "weight_decay", "riemannian_reg"), (1e-2, 2e-4),
+           "Riemannian LoRA (peft.optimizers): AdamW on r x r-preconditioned gradients", lora=False, any_engine=False),
+    Method("sgd", _sgd, ("momentum", "weight_decay"), (2e-3, 2e-3), "SGD (not benchmarked)", lora=False),
+)}
+
+
+def lora_method_of(optimizer_class: type) -> Method:
+    """The registry entry of a PSI-LoRA-family class."""
+    for method in METHODS.values():
+        if method.lora and method.build is optimizer_class:
+            return method
+    raise KeyError(f"{optimizer_class.__name__} is not a registered method")
+
+
+def hyperparameter_arguments(method: Method, values: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``method.build`` from ``values`` (hyperparameter name: value; lists as tuples)."""
+    return {k: tuple(values[k]) if isinstance(values[k], list) else values[k] for k in method.takes}

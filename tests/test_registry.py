@@ -1,0 +1,60 @@
+"""The method registry (psilora_ds/optim/registry.py) is the one declaration of every method and hyperparameter:
+the recipe's keys, help, validation, the presets and psilora_ds.hf derive from it."""
+
+import dataclasses
+import inspect
+
+import pytest
+
+from psilora_ds.optim import OPTIMIZERS_BY_NAME
+from psilora_ds.optim.hyperparameters import HYPERPARAMETERS
+from psilora_ds.optim.registry import METHODS, lora_method_of
+from psilora_ds.recipe.config import ConfigError, TrainConfig, field_default, help_text, validate
+
+from .models import lora_two_layer_net
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# keyword arguments of the classes that are not recipe hyperparameters
+NOT_RECIPE_KEYS = {"model", "lr", "options", "dampening"}
+
+
+def test_every_hyperparameter_is_a_config_key_with_the_registry_default_and_help():
+    for name, h in HYPERPARAMETERS.items():
+        f = FIELDS[name]
+        assert field_default(f) == h.default, name
+        assert h.help in f.metadata["help"], name
+        assert f.type.split(" |")[0] == h.type.__name__, (name, f.type)
+        users = [m.name for m in METHODS.values() if name in m.takes]
+        assert users and f.metadata["help"].startswith(", ".join(users)), name
+    for method in METHODS.values():
+        assert set(method.takes) <= set(HYPERPARAMETERS), method.name
+        assert method.name in help_text()
+
+
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.lora])
+def test_a_lora_method_takes_exactly_its_declared_hyperparameters(name):
+    method = METHODS[name]
+    keywords = {p.name for p in inspect.signature(method.build).parameters.values()
+                if p.kind is not inspect.Parameter.VAR_KEYWORD} - NOT_RECIPE_KEYS
+    assert keywords == set(method.takes)
+    assert OPTIMIZERS_BY_NAME[name] is method.build and lora_method_of(method.build) is method
+
+
+@pytest.mark.parametrize("name,bad", [("iters", -1), ("momentum", 1.0), ("momentum_prox", 1.0), ("prox", -1e-3),
+                                      ("metric", "fisher"), ("metric_init", "twos"), ("rank_multiplier", 0.0),
+                                      ("metric_power", 1.5), ("first_step_iters", 0), ("betas", [0.9])])
+def test_a_value_out_of_range_is_the_same_error_in_the_optimizer_and_the_config(name, bad):
+    method = next(m for m in METHODS.values() if m.lora and name in m.takes)
+    with pytest.raises(ValueError) as built:
+        method.build(lora_two_layer_net(), 0.1, **{name: tuple(bad) if isinstance(bad, list) else bad})
+    with pytest.raises(ConfigError) as configured:
+        validate(dataclasses.replace(TrainConfig(), **{name: bad}))
+    assert str(built.value) == str(configured.value)
+    assert str(configured.value).startswith(f"{name} must be")
+
+
+def test_the_paper_preset_names_a_registered_method():
+    from psilora_ds.presets import PRESETS
+
+    for preset in PRESETS.values():
+        assert preset.recipe_values()["optim"] in OPTIMIZERS_BY_NAME
