@@ -30,6 +30,7 @@ from psilora_ds.recipe.config import ConfigError, is_builtin, parse
 from psilora_ds.recipe.data import build_datasets, check_sizes, micro_batches
 from psilora_ds.recipe.ds_config import fill_auto, read_ds_config, zero_stage_of
 from psilora_ds.recipe.engines import TrainableParams, build_engine, shard_model
+from psilora_ds.recipe.faults import fault_requested
 from psilora_ds.recipe.loggers import build_loggers, report_to
 from psilora_ds.recipe.loop import DivergenceStop, evaluate, inject_overflow, optimizer_metrics, train_step
 from psilora_ds.recipe.modeling import DTYPES, build_model, build_tokenizer, offline_base, partitions_from_birth
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         while step < cfg.max_steps:
             lr = scheduler.get_last_lr()[0]  # the lr this step uses
             step += 1
-            if checkpoint.fault_requested("nan", step):
+            if fault_requested("nan", step):
                 inject_overflow(optimizer)
             record = {**train_step(engine, stream, cfg, step, device, world), "lr": lr,
                       **optimizer_metrics(optimizer)}

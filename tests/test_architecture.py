@@ -145,3 +145,22 @@ def test_the_checks_can_fail():
     assert "psilora_ds.distributed.base" in imported_modules(
         "psilora_ds.optim.base", known["psilora_ds.optim.base"], known) | imported_modules(
         "psilora_ds.distributed", known["psilora_ds.distributed"], known)
+
+
+MAX_CLASS_METHODS = 25
+MAX_FILE_LINES = 450
+
+
+def test_no_class_over_25_methods_and_no_file_over_450_lines():
+    """Each class one responsibility, each file one job (docs/ARCHITECTURE.md): the sizes that say so."""
+    too_big = []
+    for module, path in package_modules().items():
+        source = open(path).read()
+        if source.count("\n") > MAX_FILE_LINES:
+            too_big.append(f"{path}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef):
+                methods = sum(isinstance(b, (ast.FunctionDef, ast.AsyncFunctionDef)) for b in node.body)
+                if methods > MAX_CLASS_METHODS:
+                    too_big.append(f"{module}.{node.name}: {methods} methods")
+    assert too_big == []

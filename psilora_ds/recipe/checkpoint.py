@@ -39,7 +39,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -52,9 +51,10 @@ from ..distributed.fsdp import load_checkpoint, save_checkpoint
 from ..optim.base import LoRAOptimizer
 from ..optim.finite_guard import any_rank, count_non_finite
 from ..optim.positional_state import PositionalState, PositionalStateError
-from .checkpoint_files import (TRAINER_STATE, CheckpointError, directory_digests, load_tensors, publish_directory,
+from .checkpoint_files import (TRAINER_STATE, tensors_in, to_cpu, CheckpointError, directory_digests, load_tensors, publish_directory,
                                read_manifest, save_tensors, verify_files, write_manifest)
 from .config import ConfigError
+from .faults import fault_point, fault_requested
 from .engines import TrainableParams
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 DCP_ENGINE = "fsdp2"  # the engine whose checkpoints go through torch.distributed.checkpoint
 STATE_FILE = "state.pt"
-FAULT_ENV = "PSILORA_DS_FAULT"  # tests: "step:N" or "checkpoint:N" SIGKILLs every rank there; see fault_point
 
 
 @dataclass
@@ -79,21 +78,6 @@ class TrainerState:
     files: dict[str, str] = field(default_factory=dict)  # relative path -> SHA-256
 
 
-def fault_point(where: str, step: int) -> None:
-    """Die like ``kill -9`` here when the tests ask for it through ``PSILORA_DS_FAULT`` (``where:step``)."""
-    if os.environ.get(FAULT_ENV) == f"{where}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def fault_requested(what: str, step: int) -> bool:
-    """Whether the tests ask, through ``PSILORA_DS_FAULT``, for fault ``what`` at ``step``, on every rank
-    (``what:N``) or on one (``what:N:RANK``); the caller injects it: ``nan:N`` an update that overflows,
-    ``sigterm:N`` a SIGTERM in the middle of the step, ``enospc:N`` a full disk while saving."""
-    spec = os.environ.get(FAULT_ENV, "")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return spec in (f"{what}:{step}", f"{what}:{step}:{rank}")
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -103,27 +87,6 @@ def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_cpu(v) for v in value]
-    return value
-
-
-def _tensors(value: Any):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-
-
 def _has_tensors(layer_state: dict[str, Any]) -> bool:
     return any(isinstance(v, torch.Tensor) for v in layer_state.values())
 
@@ -131,7 +94,7 @@ def _has_tensors(layer_state: dict[str, Any]) -> bool:
 def gathered_lora_state(optimizer: LoRAOptimizer) -> dict[str, Any] | None:
     """The LoRA optimizer state of every layer, each from the rank that owns it, on rank 0 (None on
     the others); a collective when several ranks run."""
-    sd = _to_cpu(optimizer.lora_state_dict())
+    sd = to_cpu(optimizer.lora_state_dict())
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return sd
     parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -175,17 +138,17 @@ def optimizer_state(optimizer: torch.optim.Optimizer, partitioned: bool) -> tupl
         lora = gathered_lora_state(optimizer)
         other = optimizer.other_optimizer
         own = {"other": positional_state(other)} if partitioned and other is not None else {}
-        portable_other = None if own or other is None else _to_cpu(other.state_dict())
+        portable_other = None if own or other is None else to_cpu(other.state_dict())
         return (None if lora is None else {**lora, "other": portable_other}), own
     if partitioned:
         return {}, {"torch": positional_state(optimizer)}
-    return {"torch": _to_cpu(optimizer.state_dict())}, {}
+    return {"torch": to_cpu(optimizer.state_dict())}, {}
 
 
 def _check_finite(step: int, *values: Any) -> None:
     """Refuse to write non-finite weights or optimizer state (every rank: this rank's tensors, DTensors by their
     shard, agreed over the ranks)."""
-    if any_rank(count_non_finite(_tensors(values))):
+    if any_rank(count_non_finite(tensors_in(values))):
         raise CheckpointError(f"step {step}: trainable or optimizer-state values are not finite; the checkpoint is not "
                               "written (the older ones are kept): resume from the newest one with a lower --lr or "
                               "stronger --max_grad_norm")

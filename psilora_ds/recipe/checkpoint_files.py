@@ -38,6 +38,29 @@ class CheckpointError(ConfigError):
     """A checkpoint that is damaged, incomplete, of an old format or holds something other than data."""
 
 
+def to_cpu(value: Any) -> Any:
+    """``value`` (tensors in dicts and lists) with every tensor detached and on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_cpu(v) for v in value]
+    return value
+
+
+def tensors_in(value: Any):
+    """Every tensor in ``value`` (dicts, lists, tuples)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from tensors_in(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from tensors_in(v)
+
+
 def sha256_of(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

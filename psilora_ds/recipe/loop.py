@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from ..optim.base import LoRAOptimizer
-from .checkpoint import fault_point, fault_requested, resolve_resume
+from .checkpoint import resolve_resume
+from .faults import fault_point, fault_requested
 from .config import ConfigError, TrainConfig
 from .data import IGNORE, collate
 from .ranks import over_ranks
