@@ -88,3 +88,78 @@ def save_lr_figure(fig, ax, ylabel: str, path: str, legend_size: int = 8) -> Non
     ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def adapter_statistics(adapter_dir: str, scaling: float) -> dict[str, float]:
+    """Medians over the LoRA layers of a saved adapter's learned update ``Delta W = scaling B A``: its Frobenius norm
+    and its stable rank ``||Delta W||_F^2 / ||Delta W||_2^2`` (how many directions the update really uses, the PoLAR
+    paper's diagnosis of LoRA; at most r)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    norms, stable = [], []
+    for name, A in weights.items():
+        if "lora_A" in name:
+            B = weights[name.replace("lora_A", "lora_B")]
+            delta = scaling * B.double() @ A.double()
+            s = torch.linalg.svdvals(delta)
+            norms.append(float(s.square().sum().sqrt()))
+            stable.append(float(s.square().sum() / s[0].square()) if s[0] > 0 else 0.0)
+    return {"update_norm": statistics.median(norms), "stable_rank": statistics.median(stable)}
+
+
+def recipe_run(argv: list[str], scaling: float) -> dict:
+    """One run of ``launch/train.py``'s ``main`` in this process (one thread; its output silenced), into a temporary
+    output directory: its eval curve ``{step: eval_loss}``, the training seconds up to each eval step (the sum of the
+    step times: time-to-quality, the optimizer's overhead included), the last 10 steps' mean training loss and the
+    learned update's :func:`adapter_statistics`; or ``{"error": ...}`` for a run that diverged or was refused."""
+    import contextlib
+    import importlib.util
+    import io
+    import json
+    import tempfile
+
+    torch.set_num_threads(1)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("psilora_train", os.path.join(root, "launch", "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    with tempfile.TemporaryDirectory() as out:
+        try:
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                train.main([*argv, "--save_every", "0", "--output_dir", out])
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                records = [json.loads(line) for line in f]
+            elapsed, seconds = 0.0, {}
+            for r in records:
+                elapsed += r.get("step_time", 0.0)
+                if "eval_loss" in r:
+                    seconds[str(r["step"])] = round(elapsed, 2)
+            return {"eval": {str(r["step"]): r["eval_loss"] for r in records if "eval_loss" in r},
+                    "train_seconds": seconds,
+                    "train_last10": statistics.mean([r["loss"] for r in records if "loss" in r][-10:]),
+                    **adapter_statistics(os.path.join(out, "adapter"), scaling)}
+        except Exception as err:  # noqa: BLE001 - a diverged or refused run is reported as such
+            return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+        except SystemExit as err:  # a refused configuration exits 2 after one error line
+            return {"error": f"SystemExit {err.code}"}
+
+
+def load_json(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            import json
+
+            return json.load(f)
+    return {}
+
+
+def save_json(results: dict, path: str) -> None:
+    """Written atomically: an interrupted bench leaves the previous file whole."""
+    import json
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)

@@ -17,19 +17,15 @@ one stopped); ``--workers`` runs go in parallel, one thread each.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
-import io
 import json
 import os
 import statistics
 import sys
-import tempfile
 from multiprocessing import get_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import markdown_table, write_section  # noqa: E402
+from bench.common import load_json, markdown_table, recipe_run, save_json, write_section  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results", "horizon.json")
 CACHE = os.path.join(ROOT, ".cache", "psilora_ds")
@@ -53,42 +49,13 @@ RUNS: dict[str, list[str]] = {  # name -> recipe arguments (lr included)
 }
 
 
-def update_size(adapter_dir: str, scaling: float) -> float:
-    """Median over LoRA layers of ``||scaling B A||_F`` of a saved adapter."""
-    from safetensors.torch import load_file
-
-    weights = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-    sizes = []
-    for name, A in weights.items():
-        if "lora_A" in name:
-            B = weights[name.replace("lora_A", "lora_B")]
-            sizes.append(float((scaling * B.float() @ A.float()).norm()))
-    return statistics.median(sizes)
-
-
 def run_point(task: tuple[str, list[str], int, int, int]) -> tuple[str, int, dict]:
     """One run of launch/train.py's main in this worker: its eval curve and update size."""
     name, recipe_args, seed, steps, eval_every = task
-    import torch
-
-    torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("psilora_train", os.path.join(ROOT, "launch", "train.py"))
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    with tempfile.TemporaryDirectory() as out:
-        argv = [*recipe_args, "--seed", str(seed), "--max_steps", str(steps), "--eval_every", str(eval_every),
-                "--save_every", "0", "--output_dir", out, "--cache_dir", CACHE]
-        result: dict = {}
-        try:
-            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-                train.main(argv)
-            with open(os.path.join(out, "metrics.jsonl")) as f:
-                records = [json.loads(line) for line in f]
-            result["eval"] = {str(r["step"]): r["eval_loss"] for r in records if "eval_loss" in r}
-            result["train_last10"] = statistics.mean([r["loss"] for r in records if "loss" in r][-10:])
-            result["update_size"] = update_size(os.path.join(out, "adapter"), 32.0 / 16)
-        except Exception as err:  # noqa: BLE001 - a diverged or refused run is reported as such
-            result["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    result = recipe_run([*recipe_args, "--seed", str(seed), "--max_steps", str(steps), "--eval_every", str(eval_every),
+                         "--cache_dir", CACHE], scaling=32.0 / 16)
+    if "update_norm" in result:
+        result["update_size"] = result.pop("update_norm")
     return name, seed, result
 
 
@@ -97,18 +64,11 @@ def key(name: str, seed: int, steps: int, eval_every: int) -> str:
 
 
 def load() -> dict:
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as f:
-            return json.load(f)
-    return {}
+    return load_json(RESULTS)
 
 
 def save(results: dict) -> None:
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    tmp = RESULTS + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
-    os.replace(tmp, RESULTS)
+    save_json(results, RESULTS)
 
 
 def table(results: dict, names: list[str], seeds: list[int], steps: int, eval_every: int) -> str:

@@ -74,3 +74,26 @@ def test_pretrain_script_builds_a_base_the_recipe_fine_tunes(tmp_path):
     assert len(tok) == 300
     model = build_model(cfg, tok, torch.device("cpu"))
     assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_gnu_manuals_are_info_nodes_with_a_fixed_held_out_split(tmp_path):
+    """builtin:gnu-manuals: one document per Info node long enough to be prose, every tenth held out, whatever the
+    seed; a machine without the manuals is one error line naming them."""
+    import gzip
+
+    from psilora_ds.recipe.system_text import MANUALS, MIN_NODE_CHARS, gnu_manual_documents
+
+    for m, name in enumerate(MANUALS):
+        nodes = [f"File: {name}.info,  Node: n{i}\n\n" + f"{name} section {i} prose. " * (MIN_NODE_CHARS // 10)
+                 for i in range(6)]
+        text = "preamble\n\x1f\n" + "\n\x1f\n".join([*nodes, "Tag Table:\nNode: n0\x7f1"]) + "\n\x1fEnd"
+        with gzip.open(tmp_path / f"{name}.info.gz", "wt") as f:
+            f.write(text)
+    train, held = gnu_manual_documents(str(tmp_path))
+    assert len(train) + len(held) == 6 * len(MANUALS) and len(held) == -(-6 * len(MANUALS) // 10)
+    assert held[0].startswith(f"File: {MANUALS[0]}.info,  Node: n0") and not set(train) & set(held)
+    assert all(not d.startswith("Tag Table") for d in train + held)
+    for name in MANUALS[: len(MANUALS) // 2 + 1]:
+        (tmp_path / f"{name}.info.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="needs the GNU Info manuals"):
+        gnu_manual_documents(str(tmp_path))

@@ -59,7 +59,7 @@ class TrainConfig:
     target_modules: Any = opt("all-linear", "\"all-linear\" or a list of module names (q_proj, v_proj, ...)")
     use_rslora: bool = opt(False, "rank-stabilized scaling alpha / sqrt(r)")
     # --- data ------------------------------------------------------------------------------------
-    dataset: str = opt("builtin:python-reference", "HF dataset id or a local .json/.jsonl/.parquet/.txt/.csv; builtin:python-reference: the English language reference that ships with Python (pydoc_data topics; a fixed held-out split of 8 topics is the eval set); builtin:generated: a generated corpus of templated sentences and sums")
+    dataset: str = opt("builtin:python-reference", "HF dataset id or a local .json/.jsonl/.parquet/.txt/.csv; builtin:python-reference: the English language reference that ships with Python (pydoc_data topics; a fixed held-out split of 8 topics is the eval set); builtin:gnu-manuals: the GNU Info manuals of grep, sed, diffutils, gzip, bzip2, bc, ed, time under /usr/share/info (Debian; every tenth node held out); builtin:generated: a generated corpus of templated sentences and sums")
     dataset_config: str | None = opt(None, "HF dataset configuration name")
     dataset_split: str = opt("train", "split to read")
     text_field: str = opt("text", "column with the text (when no prompt/response fields)")
@@ -315,7 +315,7 @@ def validate(cfg: TrainConfig) -> None:
 BUILTIN = "builtin:"
 REPORT_TO = ("jsonl", "tensorboard", "wandb")  # metric loggers (psilora_ds.recipe.loggers)
 BUILTIN_MODELS = ("builtin:stdlib-llama", "builtin:tiny-llama")
-BUILTIN_DATASETS = ("builtin:python-reference", "builtin:generated")
+BUILTIN_DATASETS = ("builtin:python-reference", "builtin:gnu-manuals", "builtin:generated")
 
 
 def is_builtin(name: str | None) -> bool:

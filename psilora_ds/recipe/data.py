@@ -12,6 +12,7 @@ from torch.utils.data import DistributedSampler
 from .config import ConfigError, TrainConfig
 from .corpus import generate_corpus
 from .stdlib_text import python_reference_documents
+from .system_text import gnu_manual_documents
 
 IGNORE = -100
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
@@ -28,8 +29,12 @@ def load_raw(cfg: TrainConfig):
     if cfg.dataset == "builtin:generated":
         return datasets.load_dataset("text", data_files=generate_corpus(corpus_path(cfg), cfg.corpus_lines, cfg.seed),
                                      split="train", cache_dir=os.path.join(cfg.cache_dir, "datasets"))
-    if cfg.dataset == "builtin:python-reference":
-        train, held = python_reference_documents()
+    if cfg.dataset in ("builtin:python-reference", "builtin:gnu-manuals"):
+        try:
+            train, held = (python_reference_documents if cfg.dataset == "builtin:python-reference"
+                           else gnu_manual_documents)()
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
         return datasets.Dataset.from_dict({"text": train}), datasets.Dataset.from_dict({"text": held})
     ext = os.path.splitext(cfg.dataset)[1].lower()
     try:

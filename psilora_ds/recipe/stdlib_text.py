@@ -43,7 +43,7 @@ def python_source_documents() -> tuple[list[str], list[str]]:
                 docs.append(f.read())
     if len(docs) < HELD_OUT_EVERY:
         raise FileNotFoundError(f"only {len(docs)} of the standard-library source files were found under {lib}")
-    return _split(docs)
+    return split_held_out(docs)
 
 
 # folders of the standard library left out of the larger corpus: tests, bundled wheels, demos, build files
@@ -78,10 +78,10 @@ def python_reference_documents() -> tuple[list[str], list[str]]:
     topic name; every tenth topic is held out."""
     from pydoc_data.topics import topics
 
-    return _split([topics[k] for k in sorted(topics)])
+    return split_held_out([topics[k] for k in sorted(topics)])
 
 
-def _split(docs: list[str]) -> tuple[list[str], list[str]]:
+def split_held_out(docs: list[str]) -> tuple[list[str], list[str]]:
     """Every tenth document held out; a training document identical to a held-out one (or to an earlier one)
     is dropped (pydoc's topics "else" and "if" share one text)."""
     held = [d for i, d in enumerate(docs) if not i % HELD_OUT_EVERY]
