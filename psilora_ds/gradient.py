@@ -1,17 +1,56 @@
-"""A layer's gradient w.r.t. ``B A`` as the optimizers see it: factored rows, a dense fallback store,
-a coefficient (engine averaging, loss scale, clipping) and the reduction over data-parallel ranks."""
+"""A layer's gradient w.r.t. ``B A`` as the optimizers see it, whatever holds it: factored rows, a dense fallback
+store, host rows (:class:`LayerGradient`) or the cache-free thin products (:class:`ProductGradient`); with a
+coefficient (engine averaging, loss scale, clipping) and the reduction over data-parallel ranks.
+
+:class:`FactoredGradient` is the public API both implement: what a method may ask of a layer's gradient.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from .capture import LayerBatch
 from .products import LayerProducts
-from .ops import kfac_sums, sketched_product
+from .ops import compute_dtype, frobenius_sq, gaussian_probes, kfac_sums, sketched_product
 from .ops.lorsum import Term
 from .ops.rounds import Rounds
+
+
+@runtime_checkable
+class FactoredGradient(Protocol):
+    """A layer's full gradient ``P = coef * sum_ranks P_k`` (m x n, w.r.t. ``B A``; ``G = P / scaling`` w.r.t. the
+    effective weight) as an operator, never formed where it need not be. The products and statistics are summed over
+    the data-parallel ranks, as generators of rounds (:mod:`~psilora_ds.ops.rounds`: each yields a rank-local thin
+    matrix and receives its sum over ranks), so that the layers of a step share one collective per round.
+
+    - ``coef``, ``rows`` (rows over all ranks), ``reduce`` (the sum over ranks of what is still rank-local; None when
+      nothing is), ``autograd`` (autograd's ``(A.grad, B.grad)`` when the step may use them, else None);
+    - :meth:`right_product` ``P @ V``, :meth:`left_product` ``U^T @ P``: any ``V``/``U`` on rows; cache-free
+      gradients know them only at the probe factors their products were taken at (the step's starting ``A^T``/``B``
+      and the momentum's), and say so otherwise;
+    - :meth:`norm_sq` ``||P||_F^2``: exact, or the unbiased ``k``-probe Gaussian sketch (METHOD.md section 6);
+    - :meth:`kfac_sums`: the K-FAC row statistics;
+    - LoRSum's inputs: :meth:`terms` (``scale * P`` as rank-local ``(coef, F, H)`` terms) and :meth:`known_products`
+      (``(B^T P, P A^T)`` at the step's factors when known without the terms).
+    """
+
+    coef: float
+    rows: int
+
+    def right_product(self, V: torch.Tensor) -> Rounds[torch.Tensor]: ...
+
+    def left_product(self, U: torch.Tensor) -> Rounds[torch.Tensor]: ...
+
+    def norm_sq(self, probes: int, seed: int) -> Rounds[torch.Tensor]: ...
+
+    def kfac_sums(self) -> Rounds[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def terms(self, scale: float) -> list[Term]: ...
+
+    def known_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
 
 class LayerGradient:
@@ -96,6 +135,49 @@ class LayerGradient:
         """This rank's ``Z^T X + P_k`` (and host rows) formed densely (for the oracle and dense statistics)."""
         return self.batch.P()
 
+    def right_product(self, V: torch.Tensor) -> Rounds[torch.Tensor]:
+        """``P @ V`` (m x k), summed over ranks."""
+        out = sum(self._local_products(lambda F, H: F @ V.to(F.dtype) if H is None else F @ (H @ V.to(F.dtype))))
+        return (yield from self._reduced(out * self.coef))
+
+    def left_product(self, U: torch.Tensor) -> Rounds[torch.Tensor]:
+        """``U^T @ P`` (k x n), summed over ranks."""
+        out = sum(self._local_products(lambda F, H: U.to(F.dtype).T @ F if H is None else (U.to(F.dtype).T @ F) @ H))
+        return (yield from self._reduced(out * self.coef))
+
+    def _local_products(self, product: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]):
+        """``product(F, H)`` of each of this rank's terms ``F H`` (``H`` None: a dense ``F``), in the compute dtype."""
+        for _, F, H in self.terms(1.0):
+            F, H = F.fetch() if hasattr(F, "fetch") else (F, H)
+            cd = compute_dtype(F.dtype)
+            yield product(F.to(cd), None if H is None else H.to(cd))
+
+    def _reduced(self, t: torch.Tensor) -> Rounds[torch.Tensor]:
+        if self.reduce is not None:
+            t = yield t
+        return t
+
+    def norm_sq(self, probes: int, seed: int) -> Rounds[torch.Tensor]:
+        """``||P||_F^2`` summed over ranks. ``probes == 0``: exact (one process only: the Gram trick on the rows, or
+        ``P`` formed one layer at a time where that is cheaper). ``probes = k > 0``: with ``Omega`` (n x k) standard
+        Gaussian from ``seed`` (shared by the ranks), ``E ||P Omega||_F^2 / k = ||P||_F^2``; ``P Omega = sum_ranks
+        Z_k^T (X_k Omega) (+ P_k Omega)`` costs one ``m x k`` all-reduce and no activation moves; its relative
+        standard deviation is ``sqrt(2 sum s_i^4 / k) / sum s_i^2 <= sqrt(2 / k)`` (s_i: singular values of P)."""
+        if probes == 0:
+            if self.dense_for_quadratics:
+                return self.local_dense().square().sum() * self.coef**2
+            return frobenius_sq(self.Z, self.X) * self.coef**2
+        n = self.batch.xs[0].shape[1] if self.batch.xs else self.local_n()
+        omega = gaussian_probes(n, probes, seed, device=self.device,
+                                dtype=torch.float64 if self.row_dtype == torch.float64 else torch.float32)
+        Y = yield from self._reduced(self.sketch(omega))
+        return Y.square().sum() * (self.coef**2 / probes)
+
+    def local_n(self) -> int:
+        """``n``, the layer's input features, from whatever this rank holds."""
+        b = self.batch
+        return b.host[0].X.shape[1] if b.host else b.dense.shape[1]
+
     def kfac_sums(self) -> Rounds[tuple[torch.Tensor, torch.Tensor]]:
         """``(sum over all rows of x**2, sum over all rows of (coef z)**2)``, summed over ranks (rounds:
         :mod:`~psilora_ds.ops.rounds`)."""
@@ -112,18 +194,19 @@ class LayerGradient:
 
 
 class ProductGradient:
-    """``P = coef * sum_ranks P_k`` known only through its thin products at the step's starting factors
-    (cache-free Jacobi steps, METHOD.md section 6): ``products`` already summed over ranks, ``r`` the
+    """``P = coef * sum_ranks P_k`` known only through its thin products at the step's probe factors (cache-free
+    Jacobi steps, METHOD.md section 6): ``products`` already summed over ranks, taken at ``probes = (left, right)``
+    (:meth:`~psilora_ds.products.ProductCapture.probe_factors`: ``left = [B, M_B]``, ``right = [A; M_A]``); ``r`` the
     LoRA rank (the first ``r`` probe factors are ``(A, B)``, the rest the momentum's)."""
 
-    X = Z = dense = autograd = reduce = None  # no rows, no dense store, nothing left to reduce
-    host = ()
-
-    def __init__(self, products: LayerProducts, r: int, coef: float, rows: int):
+    def __init__(self, products: LayerProducts, r: int, coef: float, rows: int,
+                 probes: tuple[torch.Tensor, torch.Tensor]):
         self.products = products
         self.r = r
         self.coef = coef
         self.rows = rows
+        self.probes = probes
+        self.reduce = self.autograd = None  # (already summed over ranks; no autograd products to reuse)
 
     def terms(self, scale: float) -> list[Term]:
         return []
@@ -136,16 +219,40 @@ class ProductGradient:
         p, c = self.products, scale * self.coef
         return p.left[self.r:] * c, p.right[:, self.r:] * c
 
+    def _probe_block(self, M: torch.Tensor, probe: torch.Tensor, what: str) -> slice:
+        """The block of probe factors equal to ``M`` (columns), or a one-line error: products at other factors
+        need the rows."""
+        for block in (slice(0, self.r), slice(self.r, probe.shape[1])):
+            part = probe[:, block]
+            if part.shape == M.shape and torch.equal(part, M.to(part.dtype)):
+                return block
+        raise ValueError(f"a cache-free gradient knows {what} only at the factors its products were taken at (the "
+                         "step's A, B and momentum factors); other products need the rows (cache_free=False)")
+
+    def right_product(self, V: torch.Tensor) -> Rounds[torch.Tensor]:
+        """``P @ V`` for ``V`` = the step's ``A^T`` or ``M_A^T`` (already summed: no round)."""
+        block = self._probe_block(V, self.probes[1].T, "P @ V")
+        return self.products.right[:, block] * self.coef
+        yield  # (a generator of rounds, with none)
+
+    def left_product(self, U: torch.Tensor) -> Rounds[torch.Tensor]:
+        """``U^T @ P`` for ``U`` = the step's ``B`` or ``M_B`` (already summed: no round)."""
+        block = self._probe_block(U, self.probes[0], "U^T @ P")
+        return self.products.left[block] * self.coef
+        yield
+
     def kfac_sums(self) -> Rounds[tuple[torch.Tensor, torch.Tensor]]:
         return self.products.sum_x2, self.products.sum_z2 * self.coef**2
         yield  # (already summed over ranks: no round)
 
-    def sketched_norm_sq(self) -> torch.Tensor:
-        """``||P Omega||_F^2 / k``: the unbiased estimate of ``||P||_F^2``."""
+    def norm_sq(self, probes: int, seed: int) -> Rounds[torch.Tensor]:
+        """``||P Omega||_F^2 / k``, the unbiased estimate of ``||P||_F^2`` from the sketch the hooks took (the
+        probes and seed are the capture's: an exact norm needs the rows)."""
         sketch = self.products.sketch
         if sketch is None:
             raise RuntimeError("cache-free products were taken without the clipping norm's sketch")
         return sketch.square().sum() * (self.coef**2 / sketch.shape[1])
+        yield
 
     def local_dense(self) -> torch.Tensor:
         raise RuntimeError("a cache-free gradient has no rows to form P from (build the optimizer with "

@@ -91,6 +91,12 @@ class ProductCapture(ActivationCapture):
         dtype = self._master_dtypes[idx]
         return right[:r].to(dtype), left[:, :r].to(dtype)
 
+    def probe_factors(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left, right)``: the probe factors of layer ``idx`` this step's products are taken at, in the compute
+        dtype: ``left = [B, M_B]`` (m x q), ``right = [A; M_A]`` (q x n); the products are ``left^T P`` and
+        ``P right^T``."""
+        return self._factors[idx]
+
     def stale(self, idx: int) -> StaleFactorsError:
         return StaleFactorsError(
             f"the LoRA factors of {self.layers[idx].name} changed outside the optimizer after its last step "

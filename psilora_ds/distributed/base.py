@@ -16,9 +16,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.distributed.tensor import DTensor
 
-from ..gradient import LayerGradient, ProductGradient
+from ..gradient import FactoredGradient
 from ..lora_layers import LoRALayer
-from ..ops import frobenius_sq, gaussian_probes, norm_sketch_seed
+from ..ops import norm_sketch_seed
 from ..ops.rounds import Rounds
 
 DEFAULT_NORM_PROBES = 32  # probes of the clipping norm's sketch when none are asked for and it must be sketched
@@ -138,30 +138,13 @@ class Distributor:
         """Whether :meth:`lora_norm_sq` is the Gaussian sketch (else exact)."""
         return self.norm_probes > 0
 
-    def lora_norm_sq(self, layer: LoRALayer, grad: LayerGradient | ProductGradient, step: int) -> Rounds[torch.Tensor]:
-        """``||P||_F^2`` of the layer's whole gradient (summed over ranks: rounds, :mod:`~psilora_ds.ops.rounds`);
-        ``step`` seeds the sketch.
-
-        Exact: the Gram trick on the rows, or the dense store when the rows were folded into it.
-        Sketch: with ``Omega`` (n x k) standard Gaussian from a seed shared by all ranks (step and
-        layer), ``E ||P Omega||_F^2 / k = ||P||_F^2``; ``P Omega = sum_ranks Z_k^T (X_k Omega) (+ P_k
-        Omega)`` costs one ``m x k`` all-reduce and no activation moves. Its relative standard deviation
-        is ``sqrt(2 sum s_i^4 / k) / sum s_i^2 <= sqrt(2 / k)`` (s_i: singular values of P), far below
-        the bound for a gradient of high effective rank.
-        """
-        if isinstance(grad, ProductGradient):  # cache-free: the sketch was taken in the hooks, already reduced
-            return grad.sketched_norm_sq()
-        if not self.sketches_norm():
-            if grad.dense_for_quadratics:
-                return grad.local_dense().square().sum() * grad.coef**2
-            return frobenius_sq(grad.Z, grad.X) * grad.coef**2
-        seed = norm_sketch_seed(step, layer.index)
-        omega = gaussian_probes(layer.in_features, self.norm_probes, seed, device=grad.device,
-                                dtype=torch.float64 if grad.row_dtype == torch.float64 else torch.float32)
-        Y = grad.sketch(omega)
-        if self.reduce is not None:
-            Y = yield Y
-        return Y.square().sum() * (grad.coef**2 / self.norm_probes)
+    def lora_norm_sq(self, layer: LoRALayer, grad: FactoredGradient, step: int) -> Rounds[torch.Tensor]:
+        """``||P||_F^2`` of the layer's whole gradient, summed over ranks (rounds, :mod:`~psilora_ds.ops.rounds`):
+        exact in one process unless probes were asked for, else the Gaussian sketch with :attr:`norm_probes` probes
+        seeded by ``step`` and the layer (:meth:`~psilora_ds.gradient.FactoredGradient.norm_sq`; cache-free
+        gradients always sketch, in the hooks)."""
+        probes = self.norm_probes if self.sketches_norm() else 0
+        return (yield from grad.norm_sq(probes, norm_sketch_seed(step, layer.index)))
 
     def other_grads_are_sharded(self) -> bool:
         """Whether each rank holds only a shard of the non-LoRA gradients (their norms add up)."""

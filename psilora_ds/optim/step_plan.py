@@ -149,7 +149,8 @@ class StepPlanner:
             reduce_flat_([*tensors, count], self.distributor.reduce)
         self.factors.raise_if_stale(stale, count)
         coef = self.distributor.grad_coef()
-        return {idx: ProductGradient(products[idx], self.layers[idx].rank, coef, int(rows[idx])) for idx in present}
+        return {idx: ProductGradient(products[idx], self.layers[idx].rank, coef, int(rows[idx]),
+                                     self.capture.probe_factors(idx)) for idx in present}
 
     def autograd_products(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Autograd's ``(A.grad, B.grad)`` of layer ``idx`` when the step may use them in place of the
