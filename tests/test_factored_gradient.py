@@ -80,3 +80,30 @@ def test_cache_free_gradient_knows_its_products_at_the_probe_factors_only():
         # the hooks' sketch (8 probes): an estimate of the exact norm, within its bound of 4 sd
         est, exact = float(run_rounds(grad.norm_sq(0, 0), None)), float(P[idx].square().sum())
         assert abs(est - exact) <= 4 * (2 / 8) ** 0.5 * exact
+
+
+def test_a_method_declares_its_factor_list_and_the_distributor_reads_and_writes_it_in_order():
+    """Factors are a per-layer list (A, B by default; PoLAR's A, S, B): the distributor finds each layer's slice of the
+    LoRA param group from the lists it is bound with, and a write must give the whole list."""
+    from psilora_ds.distributed import Distributor
+    from psilora_ds.lora_layers import find_lora_layers
+
+    model = lora_two_layer_net()
+    layers = find_lora_layers(model)
+    cores = [torch.nn.Parameter(torch.eye(layer.rank, dtype=f64)) for layer in layers]
+    lists = [(layer.A, core, layer.B) for layer, core in zip(layers, cores)]
+    masters = [p for f in lists for p in f]
+    d = Distributor()
+    d.bind(layers, factors=lists)
+    for layer, f in zip(layers, lists):
+        assert all(a is b for a, b in zip(d.read_factors(layer, masters), f, strict=True))
+        new = tuple(torch.full_like(p, float(i)) for i, p in enumerate(f))
+        with torch.no_grad():
+            d.write_factors(layer, masters, *new)
+        assert all(torch.equal(p, n) for p, n in zip(f, new))
+        assert d.factors_changed([layer], masters, [new]).tolist() == [0.0]
+        assert d.factors_changed([layer], masters, [tuple(n + 1 for n in new)]).tolist() == [1.0]
+        with pytest.raises(ValueError), torch.no_grad():
+            d.write_factors(layer, masters, *new[:2])  # a partial list is an error, never a silent half-write
+    with pytest.raises(RuntimeError, match="param group holds"):
+        d.read_factors(layers[0], masters[:-1])

@@ -67,32 +67,40 @@ class Distributor:
     norm_probes: int = 0
     reads_dtensors: bool = False  # factors sharded as DTensors (FSDP2) are read and written whole
 
-    def bind(self, layers: Sequence[LoRALayer], *, norm_probes: int = 0) -> None:
-        """Called once by the optimizer that uses this distributor, with its LoRA layers."""
+    def bind(self, layers: Sequence[LoRALayer], *, norm_probes: int = 0,
+             factors: Sequence[Sequence[torch.Tensor]] | None = None) -> None:
+        """Called once by the optimizer that uses this distributor, with its LoRA layers and, per layer, the
+        trainable factors its method declares (default ``(A, B)``; input side first, output side last), in the
+        order they are in the optimizer's LoRA param group."""
         if norm_probes < 0:
             raise ValueError(f"norm_probes must be >= 0 (0: exact norm), got {norm_probes}")
-        if not self.reads_dtensors and any(isinstance(layer.A, DTensor) for layer in layers):
+        self.layer_factors = [tuple(f) for f in factors] if factors is not None else \
+            [(layer.A, layer.B) for layer in layers]
+        if not self.reads_dtensors and any(isinstance(p, DTensor) for f in self.layer_factors for p in f):
             raise ValueError(f"the LoRA factors are DTensors (the model went through fully_shard) but the distributor "
                              f"is {type(self).__name__}: pass distributor=psilora_ds.distributed.FSDP2Distributor() "
                              "(or none: it is detected)")
-        self.n_lora_params = 2 * len(layers)
+        self.factor_offsets = [0]
+        for f in self.layer_factors:
+            self.factor_offsets.append(self.factor_offsets[-1] + len(f))
+        self.n_lora_params = self.factor_offsets[-1]
         self.norm_probes = norm_probes
 
     # ---- factors ---------------------------------------------------------------------------------
-    def read_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The layer's factors as the engine holds them (its declared list: ``(A, B)`` by default)."""
         if len(masters) != self.n_lora_params:
             raise RuntimeError(
                 f"the LoRA param group holds {len(masters)} tensors instead of {self.n_lora_params}: an engine "
                 "flattened it; build the engine through its psilora_ds adapter (DeepSpeed: "
                 "psilora_ds.distributed.deepspeed.initialize)"
             )
-        return masters[2 * layer.index], masters[2 * layer.index + 1]
+        return tuple(masters[self.factor_offsets[layer.index]: self.factor_offsets[layer.index + 1]])
 
-    def write_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
-                      B: torch.Tensor) -> None:
-        A_master, B_master = self.read_factors(layer, masters)
-        A_master.copy_(A)
-        B_master.copy_(B)
+    def write_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor], *factors: torch.Tensor) -> None:
+        """Write the layer's new factors, in the order of its declared list."""
+        for master, new in zip(self.read_factors(layer, masters), factors, strict=True):
+            master.copy_(new)
 
     def reads_factors_collectively(self, masters: Sequence[torch.Tensor]) -> bool:
         """Whether :meth:`read_factors` is a collective while :meth:`factors_changed` is local (sharded factors):
@@ -100,15 +108,14 @@ class Distributor:
         return False
 
     def factors_changed(self, layers: Sequence[LoRALayer], masters: Sequence[torch.Tensor],
-                        factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                        factors: Sequence[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """One float64 flag per layer of ``layers``, on the device of the given factors: 1 where what this rank
-        holds of the engine's factors differs from the given ``(A, B)`` bit for bit, else 0. A rank answers for
+        holds of the engine's factors differs from the given ones (the layer's list) bit for bit, else 0. A rank answers for
         its own part only: the caller sums the flags over ranks (the step's flags all-reduce). Here: read whole;
         engines that shard the factors override it to compare without collectives or host syncs."""
         flags = []
-        for layer, (A, B) in zip(layers, factors):
-            A_m, B_m = self.read_factors(layer, masters)
-            same = torch.equal(A_m, A.to(A_m.dtype)) and torch.equal(B_m, B.to(B_m.dtype))
+        for layer, given in zip(layers, factors):
+            same = all(torch.equal(m, f.to(m.dtype)) for m, f in zip(self.read_factors(layer, masters), given, strict=True))
             flags.append(0.0 if same else 1.0)
         device = factors[0][0].device if factors else torch.device("cpu")
         return torch.tensor(flags, dtype=torch.float64, device=device)

@@ -94,23 +94,22 @@ class DeepSpeedDistributor(DDPDistributor):
     def _flattened(self, masters: Sequence[torch.Tensor]) -> bool:
         return len(masters) != self.n_lora_params
 
-    def read_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if not self._flattened(masters):
             return super().read_factors(layer, masters)
         from deepspeed.utils import safe_get_full_fp32_param
 
-        A, B = safe_get_full_fp32_param(layer.A), safe_get_full_fp32_param(layer.B)
-        self._count_factor_reads((A, B))  # (an all-reduce each at ZeRO 1/2, an all-gather at ZeRO-3)
-        return A, B
+        factors = tuple(safe_get_full_fp32_param(p) for p in self.layer_factors[layer.index])
+        self._count_factor_reads(factors)  # (an all-reduce each at ZeRO 1/2, an all-gather at ZeRO-3)
+        return factors
 
-    def write_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
-                      B: torch.Tensor) -> None:
+    def write_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor], *factors: torch.Tensor) -> None:
         if not self._flattened(masters):
-            return super().write_factors(layer, masters, A, B)
+            return super().write_factors(layer, masters, *factors)
         from deepspeed.utils import safe_set_full_fp32_param
 
-        safe_set_full_fp32_param(layer.A, A.float())
-        safe_set_full_fp32_param(layer.B, B.float())
+        for param, new in zip(self.layer_factors[layer.index], factors, strict=True):
+            safe_set_full_fp32_param(param, new.float())
 
     def reads_factors_collectively(self, masters: Sequence[torch.Tensor]) -> bool:
         # ZeRO >= 1: safe_get_full_fp32_param is an all-reduce (1/2) or all-gather (3) per factor, while
@@ -118,7 +117,7 @@ class DeepSpeedDistributor(DDPDistributor):
         return self._flattened(masters) and self.stage >= 1
 
     def factors_changed(self, layers: Sequence[LoRALayer], masters: Sequence[torch.Tensor],
-                        factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                        factors: Sequence[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         if not self._flattened(masters) or self.stage == 0:
             return super().factors_changed(layers, masters, factors)  # stage 0: the masters are local
         if self.stage == 3:
@@ -137,19 +136,19 @@ class DeepSpeedDistributor(DDPDistributor):
         return changed.to(device=device, dtype=torch.float64).expand(len(layers)).clone()
 
     def _partitions_changed(self, layers: Sequence[LoRALayer],
-                            factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                            factors: Sequence[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         from deepspeed.utils import safe_get_local_fp32_param
 
         # ZeRO-3 keeps elements [rank * p, (rank + 1) * p) of the flattened fp32 master here (the layout
         # safe_set_full_fp32_param writes), the last partition padded; compared on the device (no host sync)
         flags = []
-        for layer, (A, B) in zip(layers, factors):
+        for layer, given in zip(layers, factors):
             differs = []
-            for param, full in ((layer.A, A), (layer.B, B)):
+            for param, full in zip(self.layer_factors[layer.index], given, strict=True):
                 local = safe_get_local_fp32_param(param).reshape(-1)
                 start = self.rank * local.numel()
                 mine = full.reshape(-1)[start: start + local.numel()].to(local.dtype)
-                differs.append(torch.ne(local[: mine.numel()], mine).any().to(A.device))
+                differs.append(torch.ne(local[: mine.numel()], mine).any().to(given[0].device))
             flags.append(torch.stack(differs).any())
         if not flags:
             return torch.zeros(0, dtype=torch.float64)

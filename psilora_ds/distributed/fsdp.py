@@ -38,9 +38,10 @@ class FSDP2Distributor(DDPDistributor):
         # collective read would leave the others waiting)
         self.shards_cut_locally = True
 
-    def bind(self, layers: Sequence[LoRALayer], *, norm_probes: int = 0) -> None:
-        super().bind(layers, norm_probes=norm_probes)
-        sharded = [p for layer in layers for p in (layer.A, layer.B) if isinstance(p, DTensor)]
+    def bind(self, layers: Sequence[LoRALayer], *, norm_probes: int = 0,
+             factors: Sequence[Sequence[torch.Tensor]] | None = None) -> None:
+        super().bind(layers, norm_probes=norm_probes, factors=factors)
+        sharded = [p for f in self.layer_factors for p in f if isinstance(p, DTensor)]
         if not sharded:  # (the same model on every rank: all skip)
             return
         odd = torch.tensor([0.0 if all(_cut_like_distribute_tensor(p) for p in sharded) else 1.0],
@@ -51,14 +52,13 @@ class FSDP2Distributor(DDPDistributor):
             logger.warning("FSDP2 shards of the LoRA factors are not cut as distribute_tensor cuts them on some rank: "
                            "every step reads each layer's factors whole (an all-gather per factor)")
 
-    def read_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         params = super().read_factors(layer, masters)
         self._count_factor_reads([p for p in params if isinstance(p, DTensor)])  # (an all-gather each)
         return tuple(p.full_tensor() if isinstance(p, DTensor) else p for p in params)
 
-    def write_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor], A: torch.Tensor,
-                      B: torch.Tensor) -> None:
-        for param, new in zip(super().read_factors(layer, masters), (A, B)):
+    def write_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor], *factors: torch.Tensor) -> None:
+        for param, new in zip(super().read_factors(layer, masters), factors, strict=True):
             if isinstance(param, DTensor):
                 param.to_local().copy_(_local_shard(new.to(param.dtype), param))
             else:
@@ -68,17 +68,17 @@ class FSDP2Distributor(DDPDistributor):
         return self.shards_cut_locally and any(isinstance(p, DTensor) for p in masters)
 
     def factors_changed(self, layers: Sequence[LoRALayer], masters: Sequence[torch.Tensor],
-                        factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                        factors: Sequence[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         flags = []
-        for layer, (A, B) in zip(layers, factors):
+        for layer, given in zip(layers, factors):
             params = super().read_factors(layer, masters)
             if not self.shards_cut_locally or not all(isinstance(p, DTensor) for p in params):
-                flags.append(super().factors_changed([layer], masters, [(A, B)])[0])  # read whole: every rank alike
+                flags.append(super().factors_changed([layer], masters, [given])[0])  # read whole: every rank alike
                 continue
             # this rank's shards against the same cut of the copy: no collective, compared on the device
             differs = [torch.ne(param.to_local(), _local_shard(full.to(param.dtype), param)).any()
-                       for param, full in zip(params, (A, B))]
-            flags.append(torch.stack(differs).any().to(device=A.device, dtype=torch.float64))
+                       for param, full in zip(params, given, strict=True)]
+            flags.append(torch.stack(differs).any().to(device=given[0].device, dtype=torch.float64))
         if not flags:
             return torch.zeros(0, dtype=torch.float64)
         return torch.stack(flags)

@@ -19,12 +19,12 @@ from torch import nn
 from ..capture import ActivationCapture
 from ..distributed import Distributor, default_distributor
 from ..distributed.base import DEFAULT_NORM_PROBES
-from ..gradient import LayerGradient, ProductGradient
+from ..gradient import FactoredGradient
 from ..lora_layers import LoRALayer, find_lora_layers, other_parameters
 from ..ops.rounds import Rounds, run_lockstep
 from ..products import ProductCapture
 from .factor_source import FactorSource
-from .finite_guard import copy_state, count_non_finite
+from .finite_guard import copy_state, update_is_finite
 from .options import LoRAOptions, OtherOptimizerFactory  # noqa: F401 - OtherOptimizerFactory re-exported
 from .other_params import build_other_optimizer, finish_other_step, other_step_was_undone, step_other
 from .state_dicts import LoRAStateDicts
@@ -55,7 +55,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         if defaults["lr"] < 0:
             raise ValueError(f"lr must be >= 0, got {defaults['lr']}")
         self.layers: list[LoRALayer] = find_lora_layers(model)
-        params = [p for layer in self.layers for p in (layer.A, layer.B)]
+        params = [p for layer in self.layers for p in self.layer_factors(layer)]
         super().__init__([{"params": params, "name": "lora"}], defaults)
         self._lora_group = self.param_groups[0]
         self.max_grad_norm = self.options.max_grad_norm  # engine helpers may reconcile their setting into it
@@ -100,7 +100,8 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         """Use ``distributor`` from now on (engine helpers call this after building the engine)."""
         self.check_distributor(distributor)
         self.distributor = distributor
-        distributor.bind(self.layers, norm_probes=self.options.clip_norm_probes)
+        distributor.bind(self.layers, norm_probes=self.options.clip_norm_probes,
+                         factors=[self.layer_factors(layer) for layer in self.layers])
         self.factors = FactorSource(self.layers, self._lora_group, distributor, self.capture, self.cache_free)
         self.planner = StepPlanner(self.layers, distributor, self.capture, self.factors, cache_free=self.cache_free,
                                    reuse_autograd_grads=self.reuse_autograd_grads)
@@ -126,7 +127,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         d.materialize_states([(layer, self.state[layer.A], lambda layer=layer: self.init_state(layer, group))
                               for layer in stepped])
         for layer in self.layers:
-            A, B = d.read_factors(layer, group["params"])
+            A, B = d.read_factors(layer, group["params"])  # (cache-free methods declare (A, B))
             if A.shape != (layer.rank, layer.in_features):
                 # partitioned from birth (deepspeed.zero.Init) and no engine yet: the engine's adapter attaches
                 # and refreshes; a capture without factors is an error, never a silent zero
@@ -176,13 +177,20 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
 
     # ---- what a method provides (docs/ARCHITECTURE.md) ------------------------------------------
     def update_layer(
-        self, layer: LoRALayer, state: dict[str, Any], A: torch.Tensor, B: torch.Tensor,
-        grad: LayerGradient | ProductGradient, group: dict[str, Any],
-    ) -> Rounds[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, torch.Tensor]:
-        """New factors of ``layer`` from its current ``A``, ``B`` and gradient; updates ``state`` in place. A
-        generator of rounds (:mod:`~psilora_ds.ops.rounds`: it yields each thin product to be summed over the
-        ranks and receives the sum) that returns them, so that all layers run in lockstep; or the factors."""
+        self, layer: LoRALayer, state: dict[str, Any], factors: tuple[torch.Tensor, ...], grad: FactoredGradient,
+        group: dict[str, Any],
+    ) -> Rounds[tuple[torch.Tensor, ...]] | tuple[torch.Tensor, ...]:
+        """New factors of ``layer`` (in the order of :meth:`layer_factors`) from its current ``factors`` and gradient;
+        updates ``state`` in place. A generator of rounds (:mod:`~psilora_ds.ops.rounds`: it yields each thin product
+        to be summed over the ranks and receives the sum) that returns them, so that all layers run in lockstep; or
+        the factors."""
         raise NotImplementedError
+
+    def layer_factors(self, layer: LoRALayer) -> tuple[torch.nn.Parameter, ...]:
+        """The trainable factors of ``layer`` this method updates, input side first, output side last: ``(A, B)``;
+        the distributors read and write them in this order (a method with a core between them declares
+        ``(A, S, B)``)."""
+        return layer.A, layer.B
 
     def init_state(self, layer: LoRALayer, group: dict[str, Any]) -> dict[str, Any]:
         """A layer's initial state; deterministic, so that every rank builds the same one."""
@@ -293,15 +301,17 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         programs = {}
         for idx, grad in plan.grads.items():
             layer = self.layers[idx]
-            A, B = self.factors.start(layer)
-            programs[idx] = self.update_layer(layer, self.state[layer.A], A, B, grad, group)
+            programs[idx] = self.update_layer(layer, self.state[layer.A], self.factors.start(layer), grad, group)
         kept = {idx: copy_state(self.state[self.layers[idx].A]) for idx in plan.grads}
         # all layers' updates in lockstep: the thin products of one round, every layer's, in one collective
         try:
             new_factors = run_lockstep(programs, d.reduce)
         except torch.linalg.LinAlgError:  # a factorization met non-finite values (the same on every rank: its inputs
             new_factors = None            # are reduced products), so the update cannot be finite
-        if self._update_not_finite(plan, new_factors):  # undone on every rank: nothing is written
+        if not update_is_finite(new_factors, [self.state[self.layers[idx].A] for idx in plan.grads], self.layers[0].A.device):
+            self.skipped_steps += 1  # undone on every rank: nothing is written
+            logger.warning("the update would make LoRA factors or optimizer state non-finite: step not applied (%d so "
+                           "far); a lower lr or stronger clipping avoids it", self.skipped_steps)
             for idx, state in kept.items():
                 layer = self.layers[idx]
                 self.state[layer.A].clear()
@@ -311,33 +321,13 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         for idx, grad in plan.grads.items():
             layer = self.layers[idx]
             state = self.state[layer.A]
-            A_new, B_new = new_factors[idx]
-            d.write_factors(layer, group["params"], A_new, B_new)
-            self.factors.record(idx, A_new, B_new, self.momentum_factors(state, group) if self.cache_free else None)
+            d.write_factors(layer, group["params"], *new_factors[idx])
+            self.factors.record(idx, new_factors[idx], self.momentum_factors(state, group) if self.cache_free else None)
             d.release_state(layer, state)
             if grad.autograd is not None:  # consumed: the next step's gradients start from zero
                 layer.A.grad = layer.B.grad = None
         if plan.grads:  # what the optimizer holds (copy or capture factors) is what the engine holds now
             d.factors_synced(group["params"])
-        return True
-
-    def _update_not_finite(self, plan: StepPlan,
-                           new_factors: dict[int, tuple[torch.Tensor, torch.Tensor]] | None) -> bool:
-        """Whether the computed update (None: it failed on non-finite values) leaves a non-finite factor or state
-        value (finite gradients can still overflow in the products or the metrics); then the step is counted as
-        skipped. No collective: every rank computes every layer's update from the same reduced products and
-        states (the engines write each rank's shard of it), so every rank reaches the same verdict."""
-        if new_factors is None:
-            bad = torch.ones((), dtype=torch.float64, device=self.layers[0].A.device)
-        else:
-            tensors = [t for idx in plan.grads for t in (*new_factors[idx], *(
-                v for v in self.state[self.layers[idx].A].values() if isinstance(v, torch.Tensor)))]
-            bad = count_non_finite(tensors, self.layers[0].A.device)
-        if bad.item() == 0:
-            return False
-        self.skipped_steps += 1
-        logger.warning("the update would make LoRA factors or optimizer state non-finite: step not applied (%d so "
-                       "far); a lower lr or stronger clipping avoids it", self.skipped_steps)
         return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:

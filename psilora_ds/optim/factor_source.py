@@ -14,7 +14,7 @@ from ..products import StaleFactorsError
 
 logger = logging.getLogger(__name__)
 
-Factors = tuple[torch.Tensor, torch.Tensor]
+Factors = tuple[torch.Tensor, ...]  # a layer's trainable factors, as its method declares them: (A, B) by default
 
 
 class FactorSource:
@@ -46,8 +46,7 @@ class FactorSource:
 
     def read_copy(self, layer: LoRALayer) -> Factors:
         """The engine's factors of ``layer``, as the optimizer's own copy (a collective where they are sharded)."""
-        A, B = self.distributor.read_factors(layer, self.masters)
-        return A.detach().clone(), B.detach().clone()
+        return tuple(f.detach().clone() for f in self.distributor.read_factors(layer, self.masters))
 
     def refresh_copy(self) -> None:
         """Cached steps: take the copy again where the engine's reads are collectives (every rank calls it)."""
@@ -56,14 +55,15 @@ class FactorSource:
             return
         copy = {}
         for layer in self.layers:
-            A, B = self.read_copy(layer)
-            if A.shape == (layer.rank, layer.in_features):  # (not partitioned from birth with no engine yet)
-                copy[layer.index] = (A, B)
+            factors = self.read_copy(layer)
+            if factors[0].shape == (layer.rank, layer.in_features):  # (not partitioned from birth, no engine yet)
+                copy[layer.index] = factors
         self.copy = copy
         self.distributor.factors_synced(self.masters)
 
     def start(self, layer: LoRALayer) -> Factors:
-        """The factors a step of ``layer`` starts from (a copy is checked against the engine by the step's plan)."""
+        """The factors a step of ``layer`` starts from (a copy is checked against the engine by the step's plan).
+        Cache-free steps: the capture's ``(A, B)`` (cache-free methods declare no other factors)."""
         if self.cache_free:
             return self.capture.factors(layer.index)
         if self.copy is not None and layer.index in self.copy:
@@ -117,16 +117,16 @@ class FactorSource:
         skipped-step path only: every rank is here together; one all-reduce)."""
         bad = []
         for layer in self.layers:
-            A, B = self.start(layer)
-            bad.append(~(torch.isfinite(A).all() & torch.isfinite(B).all()))
+            bad.append(~torch.stack([torch.isfinite(f).all() for f in self.start(layer)]).all())
         flag = (torch.stack(bad).any() if bad else torch.zeros((), dtype=torch.bool)).to(
             device=self.layers[0].A.device, dtype=torch.float64).reshape(1)
         return float(self.distributor.all_reduce_(flag)[0]) > 0
 
-    def record(self, idx: int, A: torch.Tensor, B: torch.Tensor, momentum: Factors | None) -> None:
-        """A step wrote ``(A, B)`` into the engine: the next step starts from them (cache-free: its products are taken
-        at them and at the momentum factors)."""
+    def record(self, idx: int, factors: Factors, momentum: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """A step wrote ``factors`` into the engine: the next step starts from them (cache-free: its products are taken
+        at them, ``(A, B)``, and at the momentum factors)."""
         if self.cache_free:
+            A, B = factors
             self.capture.set_factors(idx, A, B, momentum)
         elif self.copy is not None and idx in self.copy:
-            self.copy[idx] = (A, B)  # (the dtype read: what the engine now holds)
+            self.copy[idx] = tuple(factors)  # (the dtype read: what the engine now holds)

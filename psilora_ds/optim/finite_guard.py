@@ -46,6 +46,19 @@ def any_rank(count: torch.Tensor) -> bool:
     return bool(count.item() > 0)
 
 
+def update_is_finite(new_factors: dict[int, tuple[torch.Tensor, ...]] | None, states: list[dict],
+                     device: torch.device) -> bool:
+    """Whether a computed LoRA update (None: it failed on non-finite values) leaves every new factor and state value
+    finite (finite gradients can still overflow in the products or the metrics). No collective: every rank computes
+    every layer's update from the same reduced products and states (the engines write each rank's shard of it), so
+    every rank reaches the same verdict."""
+    if new_factors is None:
+        return False
+    tensors = [t for factors in new_factors.values() for t in factors]
+    tensors += [v for state in states for v in state.values() if isinstance(v, torch.Tensor)]
+    return count_non_finite(tensors, device).item() == 0
+
+
 class NonFiniteGuard:
     """Mixin over a ``torch.optim.Optimizer``: :meth:`step` is undone when it leaves a non-finite value.
 

@@ -154,7 +154,8 @@ class PSILoRA(LoRSumOptimizer):
     def momentum_factors(self, state, group):
         return (state["momentum_A"], state["momentum_B"]) if group["momentum"] > 0 else None
 
-    def update_layer(self, layer, state, A, B, grad, group):
+    def update_layer(self, layer, state, factors, grad, group):
+        A, B = factors
         return (yield from factor_and_momentum_step(
             state, A, B, grad, eta=group["lr"] / layer.scaling**2,  # product-space step (METHOD.md section 1)
             beta=group["momentum"], grad_scale=1.0 - group["dampening"], lam=self.prox_weight(group),

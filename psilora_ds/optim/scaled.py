@@ -118,7 +118,8 @@ class ScaledPSILoRA(LoRSumOptimizer):
             d_in, d_out = G2.sum(0), G2.sum(1)
         return d_in * grad.coef**2, d_out * grad.coef**2
 
-    def update_layer(self, layer, state, A, B, grad, group):
+    def update_layer(self, layer, state, factors, grad, group):
+        A, B = factors
         beta1, beta2 = group["betas"]
         state["step"] += 1
         d_in, d_out = yield from self._metric_statistics(group, layer, grad)

@@ -31,7 +31,8 @@ class SVDLoRA(LoRAOptimizer):
         if distributor.world_size > 1:
             raise ValueError("SVDLoRA is a dense single-process oracle; use PSILoRA with several ranks")
 
-    def update_layer(self, layer, state, A, B, grad, group):
+    def update_layer(self, layer, state, factors, grad, group):
+        A, B = factors
         d = grad.local_dense().mul_(grad.coef)
         if group["momentum"] > 0:
             if "momentum" in state:
