@@ -26,14 +26,13 @@ from huggingface_hub.utils import logging as hub_logging
 from tqdm import tqdm
 
 from psilora_ds.recipe import checkpoint
+from psilora_ds.recipe.backends import choose_backend
 from psilora_ds.recipe.config import ConfigError, is_builtin, parse
 from psilora_ds.recipe.data import build_datasets, check_sizes, micro_batches
-from psilora_ds.recipe.ds_config import fill_auto, read_ds_config, zero_stage_of
-from psilora_ds.recipe.engines import TrainableParams, build_engine, shard_model
 from psilora_ds.recipe.faults import fault_requested
 from psilora_ds.recipe.loggers import build_loggers, report_to
 from psilora_ds.recipe.loop import DivergenceStop, evaluate, inject_overflow, optimizer_metrics, train_step
-from psilora_ds.recipe.modeling import DTYPES, build_model, build_tokenizer, offline_base, partitions_from_birth
+from psilora_ds.recipe.modeling import DTYPES, build_model, build_tokenizer, offline_base
 from psilora_ds.recipe.optimizers import build_optimizer, build_scheduler, check_optim
 from psilora_ds.recipe.plot import plot_run
 from psilora_ds.recipe.preemption import StopRequest, exit_code, signal_name
@@ -50,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     # ---- configuration and processes -------------------------------------------------------------
     cfg = parse(argv)
     check_optim(cfg)
-    ds_raw = read_ds_config(cfg.ds_config) if cfg.ds_config is not None else None
-    rank, world, device = setup_distributed(ds_raw is not None)
+    backend = choose_backend(cfg)  # plain PyTorch / DDP, DeepSpeed or FSDP2: the one place the engine is chosen
+    rank, world, device = setup_distributed(backend.uses_deepspeed_launcher)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     hub_logging.set_verbosity_error()  # its retry warnings (a hub id without network: 40 lines) before our one line
     make_output_dir(cfg.output_dir)
@@ -68,24 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = rank0_first(rank, lambda: build_tokenizer(cfg))
     train_ds, eval_ds = rank0_first(rank, lambda: build_datasets(cfg, tokenizer))
     check_sizes(cfg, train_ds, eval_ds, world)
-    ds_cfg = fill_auto(ds_raw, cfg, world) if ds_raw is not None else None
-    stage = zero_stage_of(ds_cfg)
-    if partitions_from_birth(cfg, stage):  # zero.Init partitions as it builds: all ranks at once
+    backend.configure(cfg, world)
+    model_args = backend.model_arguments()
+    if backend.builds_model_partitioned(cfg):  # zero.Init partitions as it builds: all ranks at once
         if cfg.model == "builtin:tiny-llama":
             rank0_first(rank, lambda: offline_base(cfg, tokenizer))
-        model = build_model(cfg, tokenizer, device, DTYPES[cfg.dtype], True, zero3_config=ds_cfg)
+        model = build_model(cfg, tokenizer, device, DTYPES[cfg.dtype], **model_args)
         logger.info("ZeRO-3: base built partitioned from birth (deepspeed.zero.Init), 1/%d of it per rank", world)
     else:
-        model = rank0_first(rank, lambda: build_model(cfg, tokenizer, device, DTYPES[cfg.dtype], stage == 3 or cfg.fsdp))
+        model = rank0_first(rank, lambda: build_model(cfg, tokenizer, device, DTYPES[cfg.dtype],
+                                                      shards_weights=model_args["shards_weights"]))
     torch.manual_seed(cfg.seed + 1000 * rank)  # dropout differs across ranks, is reproducible per rank
-    sharded = model if cfg.fsdp else None  # FSDP2: shard before the optimizer sees the parameters
-    if sharded is not None:
-        logger.info("FSDP2: %d decoder layers sharded, compute dtype %s", shard_model(model, DTYPES[cfg.dtype]), cfg.dtype)
-    optimizer = build_optimizer(cfg, model)
-    params = TrainableParams(model, optimizer)  # before the engine: it matches ZeRO-0 masters by position
-    engine, scheduler = build_engine(cfg, model, optimizer, build_scheduler(cfg, optimizer), ds_cfg, world)
-    params.engine_built(stage)
-    engine_name = "fsdp2" if cfg.fsdp else "pytorch" if stage is None else f"deepspeed-zero{stage}"
+    if (done := backend.prepare_model(model, cfg)) is not None:  # FSDP2: shard before the optimizer sees it
+        logger.info("%s", done)
+    optimizer = build_optimizer(cfg, model, backend.distributor())
+    engine, scheduler, params = backend.build(cfg, model, optimizer, build_scheduler(cfg, optimizer), world)
+    engine_name = backend.name
     logger.info("%s on %d rank(s) (%s), %d trainable parameters, %d train / %d eval sequences of %d tokens",
                 cfg.optim, world, engine_name, params.numel(),
                 len(train_ds), len(eval_ds) if eval_ds is not None else 0, cfg.max_seq_len)
@@ -99,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         changes = check_resume(resume, saved.step, saved.identity, saved.config, cfg, identity)
         hyper, schedule = group_hyperparameters(optimizer), scheduler.state_dict()  # this run's: they win
         saved = checkpoint.load(resume, optim=cfg.optim, params=params, optimizer=optimizer, scheduler=scheduler,
-                                device=device, sharded_model=sharded)
+                                device=device, sharded_model=backend.checkpoint_arguments(model)["sharded_model"])
         apply_hyperparameters(optimizer, hyper)
         next_lr = restore_schedule(scheduler, optimizer, schedule)
         step, skipped_before, run_id = saved.step, saved.engine_skipped_steps, saved.run_id or run_id
@@ -137,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 inject_overflow(optimizer)
             record = {**train_step(engine, stream, cfg, step, device, world), "lr": lr,
                       **optimizer_metrics(optimizer)}
-            if stage is not None:
+            if backend.counts_skipped_steps:
                 record["engine_skipped_steps"] = skipped_before + engine.skipped_steps
             if eval_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 record.update(evaluate(engine, model, eval_ds, cfg, rank, world, tokenizer.pad_token_id, device))
@@ -152,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   engine_skipped_steps=record.get("engine_skipped_steps", 0),
                                                   run_id=run_id, identity=identity, config=run_config)
                 last_saved = checkpoint.save(ckpt_root, trainer, params=params, optimizer=optimizer,
-                                             scheduler=scheduler, partitioned=bool(stage), keep=cfg.save_total_limit,
-                                             sharded_model=sharded)
+                                             scheduler=scheduler, keep=cfg.save_total_limit,
+                                             **backend.checkpoint_arguments(model))
             if signum:
                 bar.close()
                 if rank == 0:

@@ -54,8 +54,9 @@ class DDPDistributor(Distributor):
         self.comm_bytes = {"all_reduce": 0, "broadcast": 0, "factor_read": 0}
         self.comm_calls = {"all_reduce": 0, "broadcast": 0, "factor_read": 0}
 
-    def bind(self, layers: Sequence[LoRALayer], *, norm_probes: int = 0) -> None:
-        super().bind(layers, norm_probes=norm_probes or DEFAULT_NORM_PROBES)
+    def bind(self, layers: Sequence[LoRALayer], *, norm_probes: int = 0,
+             factors: Sequence[Sequence[torch.Tensor]] | None = None) -> None:
+        super().bind(layers, norm_probes=norm_probes or DEFAULT_NORM_PROBES, factors=factors)
         sizes = [(layer.in_features + layer.out_features) * (layer.rank + 2) for layer in layers]
         self._owners = balanced_owners(sizes, self.world_size)
 

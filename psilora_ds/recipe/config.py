@@ -232,7 +232,8 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Every check that needs nothing but the values (``optim`` is checked against the registry in
-    :func:`psilora_ds.recipe.optimizers.check_optim`)."""
+    :func:`psilora_ds.recipe.optimizers.check_optim`, the engine's settings by its backend,
+    :func:`psilora_ds.recipe.backends.choose_backend`)."""
     if cfg.lr_scheduler not in ("cosine", "linear", "constant"):
         raise ConfigError(f"lr_scheduler={cfg.lr_scheduler!r}: choose cosine, linear or constant")
     try:
@@ -293,23 +294,6 @@ def validate(cfg: TrainConfig) -> None:
                                                   and all(isinstance(t, str) for t in cfg.target_modules))):
         raise ConfigError(f"target_modules must be \"all-linear\" or a list of module names like [q_proj, v_proj], "
                           f"got {cfg.target_modules!r}")
-    if cfg.fsdp and cfg.ds_config is not None:
-        raise ConfigError("fsdp=true and ds_config are two engines: choose one (FSDP2 under torchrun, or DeepSpeed "
-                          "under the deepspeed launcher)")
-    if cfg.fsdp and cfg.dtype == "fp16":
-        raise ConfigError("dtype=fp16 under FSDP2 needs loss scaling, which the recipe provides only through "
-                          "DeepSpeed: use bf16 (or --ds_config with fp16)")
-    if cfg.fsdp and cfg.merge_weights:
-        raise ConfigError("merge_weights under FSDP2: the base is sharded over the ranks; merge afterwards from "
-                          "adapter/ with peft (PeftModel.from_pretrained(base, adapter).merge_and_unload())")
-    if cfg.fsdp and "WORLD_SIZE" not in os.environ:
-        raise ConfigError("fsdp=true needs a launcher: torchrun --nproc_per_node N launch/train.py --fsdp true ... "
-                          "(N may be 1)")
-    if cfg.dtype != "fp32" and cfg.ds_config is None and not cfg.fsdp:
-        raise ConfigError(f"dtype={cfg.dtype} needs --ds_config (it fills the DeepSpeed config's dtype sections) or "
-                          "--fsdp true; the plain PyTorch path trains in fp32")
-    if cfg.dtype == "fp16" and not _cuda():
-        raise ConfigError("dtype=fp16 needs a GPU (DeepSpeed refuses fp16 on CPUs); use bf16 or fp32")
 
 
 BUILTIN = "builtin:"
@@ -321,12 +305,6 @@ BUILTIN_DATASETS = ("builtin:python-reference", "builtin:gnu-manuals", "builtin:
 def is_builtin(name: str | None) -> bool:
     """A model or dataset that ships with the repository or is made by it (no download)."""
     return name is not None and name.startswith(BUILTIN)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -1,8 +1,8 @@
-"""The three ways the recipe drives training, behind the DeepSpeed engine's three calls
-(``engine(**batch)``, ``engine.backward(loss)``, ``engine.step()``): a DeepSpeed engine, or
-:class:`PlainEngine` (one process, DDP under torchrun, or a model that :func:`shard_model` put under
-torch FSDP2), built by :func:`build_engine`; and :class:`TrainableParams`, the trainable parameters by
-name with their fp32 masters under any of them."""
+"""The engines the recipe's backends (:mod:`psilora_ds.recipe.backends`) build, behind the DeepSpeed engine's three
+calls (``engine(**batch)``, ``engine.backward(loss)``, ``engine.step()``): a DeepSpeed engine
+(:func:`build_deepspeed_engine`), or :class:`PlainEngine` (one process, DDP under torchrun, or a model that
+:func:`shard_model` put under torch FSDP2); and :class:`TrainableParams`, the trainable parameters by name with their
+fp32 masters under any of them."""
 
 from __future__ import annotations
 
@@ -70,13 +70,9 @@ def shard_model(model: nn.Module, compute_dtype: torch.dtype) -> int:
     return len(layers)
 
 
-def build_engine(cfg, model: nn.Module, optimizer, scheduler, ds_config: dict | None, world: int):
-    """``(engine, scheduler)``: a DeepSpeed engine for ``ds_config`` (PSI-LoRA through
-    :func:`psilora_ds.distributed.deepspeed.initialize`), else :class:`PlainEngine` (over a model
-    :func:`shard_model` sharded when ``cfg.fsdp``)."""
-    if ds_config is None:
-        return PlainEngine(model, optimizer, scheduler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                           max_grad_norm=cfg.max_grad_norm, world_size=world, sharded=cfg.fsdp), scheduler
+def build_deepspeed_engine(cfg, model: nn.Module, optimizer, scheduler, ds_config: dict):
+    """``(engine, scheduler)``: the DeepSpeed engine of ``ds_config`` (PSI-LoRA through
+    :func:`psilora_ds.distributed.deepspeed.initialize`; a torch optimizer through ``deepspeed.initialize``)."""
     import deepspeed
 
     from ..distributed import deepspeed as psilora_deepspeed

@@ -99,12 +99,6 @@ def base_path(cfg: TrainConfig, tokenizer) -> str:
 _ZERO3_CONFIG = None
 
 
-def partitions_from_birth(cfg: TrainConfig, zero_stage: int | None) -> bool:
-    """Whether the base is built partitioned over the ranks (ZeRO-3, not 4-bit: bitsandbytes quantizes on
-    loading, which ``zero.Init`` does not support); then every rank must build the model together."""
-    return zero_stage == 3 and not cfg.load_in_4bit
-
-
 def check_bitsandbytes(device: torch.device) -> None:
     """Raise one line when bitsandbytes cannot run a 4-bit layer forward and backward on ``device``."""
     try:
@@ -150,7 +144,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype:
                 shards_weights: bool = False, zero3_config: dict | None = None):
     """The base model (fp32 masters, or 4-bit with ``load_in_4bit``) wrapped with peft LoRA;
     ``shards_weights``: the engine shards the weights (ZeRO-3, FSDP2). ``zero3_config``: the (filled) DeepSpeed
-    config of a ZeRO-3 run whose base is built partitioned from birth (:func:`partitions_from_birth`), through
+    config of a ZeRO-3 run whose base is built partitioned from birth (:meth:`~psilora_ds.recipe.backends.DeepSpeedBackend.builds_model_partitioned`), through
     transformers' public route (``HfDeepSpeedConfig`` alive during ``from_config`` / ``from_pretrained``): no
     rank ever holds the whole base. Every rank calls it together then. The LoRA factors are created after,
     unpartitioned (peft initializes them as usual); ``deepspeed.initialize`` partitions them."""

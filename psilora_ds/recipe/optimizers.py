@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import FSDP2Distributor
+from ..distributed import Distributor
 from ..optim.registry import METHODS, AdamW, hyperparameter_arguments
 from .config import ConfigError, TrainConfig, is_builtin
 
@@ -40,25 +40,26 @@ def check_optim(cfg: TrainConfig) -> None:
                           "--fsdp, or choose another optim")
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, model: nn.Module, distributor: Distributor | None = None) -> torch.optim.Optimizer:
     """The ``--optim`` optimizer on ``model``; a hyperparameter it refuses is one line.
 
     PSI-LoRA optimizers get ``max_grad_norm`` themselves (the one clipping route: the DeepSpeed helper
     checks the config's ``gradient_clipping``, which the recipe fills with the same value); the torch
-    baselines are clipped by the engine (DeepSpeed, or :class:`~psilora_ds.recipe.engines.PlainEngine`)."""
+    baselines are clipped by the engine (DeepSpeed, or :class:`~psilora_ds.recipe.engines.PlainEngine`).
+    ``distributor``: the engine's (:meth:`~psilora_ds.recipe.backends.Backend.distributor`; None: detected)."""
     check_optim(cfg)
     cfg = resolve_lr(cfg)
     method = METHODS[cfg.optim]
     arguments = hyperparameter_arguments(method, vars(cfg))
     if method.lora:
-        arguments.update(lora_options(cfg))
+        arguments.update(lora_options(cfg, distributor))
     try:
         return method.build(model, cfg.lr, **arguments)
     except ValueError as err:  # the optimizers check their hyperparameters (lr >= 0, iters >= 0, betas, ...)
         raise ConfigError(f"optim={cfg.optim}: {err}") from None
 
 
-def lora_options(cfg: TrainConfig) -> dict[str, Any]:
+def lora_options(cfg: TrainConfig, distributor: Distributor | None = None) -> dict[str, Any]:
     """The PSI-LoRA family's shared options (:class:`~psilora_ds.optim.options.LoRAOptions`) from the config."""
     def other(params):
         return AdamW(params, lr=cfg.other_lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -66,7 +67,7 @@ def lora_options(cfg: TrainConfig) -> dict[str, Any]:
     return dict(max_grad_norm=cfg.max_grad_norm or None, clip_norm_probes=cfg.clip_norm_probes, other_optimizer=other,
                 cache_free=cfg.cache_free, cache_max_bytes=cfg.cache_max_bytes, cache_offload=cfg.cache_offload,
                 accumulation_steps=cfg.gradient_accumulation_steps,
-                distributor=FSDP2Distributor() if cfg.fsdp else None)
+                distributor=distributor)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
