@@ -125,3 +125,10 @@ def ema_metric(ema, stat, *, beta2, step, damping, power, corrected=True):
     ones, the paper authors' code), damping and fractional power. Returns ``(new_ema, D)``."""
     ema = beta2 * ema.to(f64) + (1 - beta2) * stat.to(f64)
     return ema, (ema / ((1 - beta2**step) if corrected else 1.0) + damping) ** power
+
+
+def landing_field_dense(X, D, lam):
+    """The landing field with its n x n skew matrix formed: ``(D X^T - X D^T) X + lam X (X^T X - I)`` (float64)."""
+    X, D = X.double(), D.double()
+    eye = torch.eye(X.shape[1], dtype=torch.float64)
+    return (D @ X.T - X @ D.T) @ X + lam * X @ (X.T @ X - eye)

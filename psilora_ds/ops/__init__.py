@@ -3,6 +3,7 @@
 from .balance import balance_factors
 from .factored import (dense_gradient, frobenius_sq, gaussian_probes, gradient_gram_diagonals, norm_sketch_seed,
                        sketched_product, thin_products)
+from .landing import landing_field, landing_field_rounds
 from .linalg import SPDSolve, compute_dtype, solve_spd_batch, solve_spd_left, solve_spd_right
 from .lorsum import lorsum
 from .metrics import damped_power, kfac_diagonals, kfac_sums, shampoo_diagonals
@@ -19,6 +20,8 @@ __all__ = [
     "gradient_gram_diagonals",
     "kfac_diagonals",
     "kfac_sums",
+    "landing_field",
+    "landing_field_rounds",
     "lorsum",
     "norm_sketch_seed",
     "shampoo_diagonals",
