@@ -79,6 +79,9 @@ def find_lora_layers(model: nn.Module) -> list[LoRALayer]:
                     f"PSI-LoRA supports plain LoRA adapters only; {path}:{adapter} uses the peft variant "
                     f"{kind} (e.g. DoRA): set use_dora=False in LoraConfig"
                 )
+            if hasattr(module, "lora_S"):  # a PoLAR layer (psilora_ds.polar_adapter)
+                raise ValueError(f"{path}:{adapter} is a PoLAR adapter (Delta W = s B S A), which this optimizer's "
+                                 "B A update would train wrongly; the PoLAR optimizer is not in this version yet")
             if not isinstance(lora_A, nn.Linear):
                 continue  # embedding/conv LoRA: left to the other optimizer (see other_parameters)
             layers.append(LoRALayer(name=f"{path}:{adapter}", module=module, adapter=adapter, index=len(layers)))

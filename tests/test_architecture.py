@@ -83,6 +83,10 @@ def test_no_import_cycle_and_the_library_never_imports_the_recipe():
         {m: [] for m in library}
 
 
+# third-party members whose documented API has a leading underscore (the reason given)
+DOCUMENTED_PRIVATE = {"config._register_custom_module": "peft's custom LoRA layers (developer_guides/custom_models)"}
+
+
 def test_no_private_member_read_across_objects():
     paths = [*package_modules().values(), os.path.join(ROOT, "launch", "train.py")]
     found = []
@@ -90,7 +94,8 @@ def test_no_private_member_read_across_objects():
         for node in ast.walk(ast.parse(open(path).read())):
             if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
                 owner = node.value
-                if not (isinstance(owner, ast.Name) and owner.id in ("self", "cls")) and ast.unparse(node) != "os._exit":
+                if not (isinstance(owner, ast.Name) and owner.id in ("self", "cls")) and ast.unparse(node) != "os._exit" \
+                        and ast.unparse(node) not in DOCUMENTED_PRIVATE:
                     found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {ast.unparse(node)}")
     assert found == []
 
