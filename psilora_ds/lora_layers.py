@@ -35,6 +35,11 @@ class LoRALayer:
         return self.lora_B.weight
 
     @property
+    def S(self) -> nn.Parameter:
+        """PoLAR's ``r x r`` core (``lora_S``; :mod:`psilora_ds.polar_adapter`): ``Delta W = scaling B S A``."""
+        return self.module.lora_S[self.adapter]
+
+    @property
     def scaling(self) -> float:
         """Read live from peft: ``alpha / r`` or ``alpha / sqrt(r)`` (rsLoRA), or whatever ``set_scale`` made it."""
         return float(self.module.scaling[self.adapter])
@@ -58,11 +63,12 @@ class NoLoRALayersError(ValueError):
     pass
 
 
-def find_lora_layers(model: nn.Module) -> list[LoRALayer]:
-    """All trainable linear LoRA adapters of a peft model, in module order.
+def find_lora_layers(model: nn.Module, polar: bool = False) -> list[LoRALayer]:
+    """All trainable linear LoRA adapters of a peft model, in module order: plain ones (``B A``), or with ``polar``
+    PoLAR's (``B S A``, :mod:`psilora_ds.polar_adapter`).
 
-    Raises a one-line error when there are none, or when an adapter uses a peft variant
-    (DoRA, ...) whose update is not ``B A``.
+    Raises a one-line error when there are none, when an adapter uses a peft variant (DoRA, ...) whose update is
+    not ``B A``, or when an adapter is of the other kind (its update would be trained wrongly).
     """
     from peft.tuners.lora import LoraLayer
 
@@ -79,9 +85,12 @@ def find_lora_layers(model: nn.Module) -> list[LoRALayer]:
                     f"PSI-LoRA supports plain LoRA adapters only; {path}:{adapter} uses the peft variant "
                     f"{kind} (e.g. DoRA): set use_dora=False in LoraConfig"
                 )
-            if hasattr(module, "lora_S"):  # a PoLAR layer (psilora_ds.polar_adapter)
-                raise ValueError(f"{path}:{adapter} is a PoLAR adapter (Delta W = s B S A), which this optimizer's "
-                                 "B A update would train wrongly; the PoLAR optimizer is not in this version yet")
+            if hasattr(module, "lora_S") != polar:  # a PoLAR layer (psilora_ds.polar_adapter) or not
+                raise ValueError(
+                    f"{path}:{adapter} is a PoLAR adapter (Delta W = s B S A), which this optimizer's B A update would "
+                    "train wrongly: use optim polar" if not polar else
+                    f"{path}:{adapter} is a plain LoRA adapter in a PoLAR run (a layer type PoLAR does not cover, "
+                    "e.g. a 4-bit base's Linear4bit): PoLAR needs every adapter to be a PolarLinear")
             if not isinstance(lora_A, nn.Linear):
                 continue  # embedding/conv LoRA: left to the other optimizer (see other_parameters)
             layers.append(LoRALayer(name=f"{path}:{adapter}", module=module, adapter=adapter, index=len(layers)))
@@ -93,7 +102,10 @@ def find_lora_layers(model: nn.Module) -> list[LoRALayer]:
     return layers
 
 
-def other_parameters(model: nn.Module, layers: list[LoRALayer]) -> list[tuple[str, nn.Parameter]]:
-    """Trainable parameters that are not LoRA factors of ``layers`` (heads, norms, modules_to_save, biases)."""
-    lora_ids = {id(p) for layer in layers for p in (layer.A, layer.B)}
+def other_parameters(model: nn.Module, layers: list[LoRALayer],
+                     factors: list[tuple[nn.Parameter, ...]] | None = None) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters that are not LoRA factors of ``layers`` (heads, norms, modules_to_save, biases);
+    ``factors``: each layer's factor list (default ``(A, B)``)."""
+    lists = factors if factors is not None else [(layer.A, layer.B) for layer in layers]
+    lora_ids = {id(p) for f in lists for p in f}
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids]

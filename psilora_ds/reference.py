@@ -132,3 +132,24 @@ def landing_field_dense(X, D, lam):
     X, D = X.double(), D.double()
     eye = torch.eye(X.shape[1], dtype=torch.float64)
     return (D @ X.T - X @ D.T) @ X + lam * X @ (X.T @ X - eye)
+
+
+def polar_step_dense(A, S, B, P, state, *, lr, betas, eps, lam, weight_decay):
+    """PoLAR's step from the gradient ``P`` (m x n, w.r.t. the product ``B S A``), everything formed densely in
+    float64: the Euclidean gradients ``P (S A)^T``, ``(B S)^T P``, ``B^T P A^T``; the landing fields of ``B`` and
+    ``A^T`` (:func:`landing_field_dense`); AdamW on the fields and on ``S``'s gradient (weight decay on ``S`` only).
+    ``state``: ``{"step", "m_A", "v_A", "m_S", "v_S", "m_B", "v_B"}`` (updated); returns ``(A, S, B)``."""
+    A, S, B, P = (t.double() for t in (A, S, B, P))
+    directions = {"A": landing_field_dense(A.T, ((B @ S).T @ P).T, lam).T, "S": B.T @ P @ A.T,
+                  "B": landing_field_dense(B, P @ (S @ A).T, lam)}
+    state["step"] += 1
+    t, (b1, b2) = state["step"], betas
+    out = {}
+    for name, x in (("A", A), ("S", S), ("B", B)):
+        g = directions[name]
+        state[f"m_{name}"] = b1 * state[f"m_{name}"] + (1 - b1) * g
+        state[f"v_{name}"] = b2 * state[f"v_{name}"] + (1 - b2) * g * g
+        m_hat, v_hat = state[f"m_{name}"] / (1 - b1**t), state[f"v_{name}"] / (1 - b2**t)
+        decay = weight_decay if name == "S" else 0.0
+        out[name] = x * (1 - lr * decay) - lr * m_hat / (v_hat.sqrt() + eps)
+    return out["A"], out["S"], out["B"]

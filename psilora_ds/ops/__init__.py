@@ -1,5 +1,6 @@
 """Pure math kernels: functions on tensors, no state."""
 
+from .adam import adam_step
 from .balance import balance_factors
 from .factored import (dense_gradient, frobenius_sq, gaussian_probes, gradient_gram_diagonals, norm_sketch_seed,
                        sketched_product, thin_products)
@@ -11,6 +12,7 @@ from .svd import svd_project, weighted_svd_project
 
 __all__ = [
     "SPDSolve",
+    "adam_step",
     "balance_factors",
     "compute_dtype",
     "damped_power",

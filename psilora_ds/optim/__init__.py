@@ -3,6 +3,7 @@
 from .base import LoRAOptimizer
 from .finite_guard import skipping_non_finite
 from .options import LoRAOptions, OtherOptimizerFactory
+from .polar import PoLAR
 from .psilora import PreconditionedLoRA, PSILoRA
 from .scaled import ScaledPSILoRA
 from .registry import METHODS, Method
@@ -11,5 +12,5 @@ from .svdlora import SVDLoRA
 # the family by name, as psilora_ds.hf's psilora=dict(optim=...) takes it (the registry's lora methods)
 OPTIMIZERS_BY_NAME = {name: m.optimizer_class for name, m in METHODS.items() if m.lora}
 
-__all__ = ["LoRAOptimizer", "LoRAOptions", "METHODS", "Method", "OPTIMIZERS_BY_NAME", "OtherOptimizerFactory", "PSILoRA",
+__all__ = ["LoRAOptimizer", "LoRAOptions", "METHODS", "Method", "OPTIMIZERS_BY_NAME", "OtherOptimizerFactory", "PoLAR", "PSILoRA",
            "PreconditionedLoRA", "ScaledPSILoRA", "SVDLoRA", "skipping_non_finite"]

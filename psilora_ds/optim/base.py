@@ -48,13 +48,15 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
     :meth:`on_step_applied`, :meth:`extra_state` and :meth:`load_extra_state` (docs/ARCHITECTURE.md).
     """
 
+    polar_adapter = False  # the adapters this method trains: peft's plain LoRA (B A), or PoLAR's (B S A)
+
     def __init__(self, model: nn.Module, defaults: dict[str, Any], **options: Any):
         """``defaults``: the method's hyperparameters (the LoRA param group); ``options``: the fields of
         :class:`~psilora_ds.optim.options.LoRAOptions`, shared by the whole family."""
         self.options = LoRAOptions.from_keywords(type(self).__name__, options)
         if defaults["lr"] < 0:
             raise ValueError(f"lr must be >= 0, got {defaults['lr']}")
-        self.layers: list[LoRALayer] = find_lora_layers(model)
+        self.layers: list[LoRALayer] = find_lora_layers(model, polar=self.polar_adapter)
         params = [p for layer in self.layers for p in self.layer_factors(layer)]
         super().__init__([{"params": params, "name": "lora"}], defaults)
         self._lora_group = self.param_groups[0]
@@ -69,7 +71,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
             else ActivationCapture(self.layers, max_bytes=self.options.cache_max_bytes, fold=self.options.fold,
                                    offload=self.options.cache_offload))
         self._logged_memory = False
-        others = other_parameters(model, self.layers)
+        others = other_parameters(model, self.layers, [self.layer_factors(layer) for layer in self.layers])
         self.other_optimizer: torch.optim.Optimizer | None = None
         if others:
             self.other_optimizer = build_other_optimizer(self.options, [p for _, p in others])

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .finite_guard import skipping_non_finite
+from .polar import PoLAR
 from .psilora import PreconditionedLoRA, PSILoRA
 from .scaled import ScaledPSILoRA
 from .svdlora import SVDLoRA
@@ -39,6 +40,8 @@ class Method:
     summary: str
     lora: bool = True
     any_engine: bool = True
+    lr_measured: bool = True  # default_lr's built-in figure was measured (else a starting point, said so)
+    adapter: str = "lora"  # the peft adapters it trains: "lora" (B A) or "polar" (B S A, psilora_ds.polar_adapter)
 
     @property
     def optimizer_class(self) -> type | None:
@@ -88,6 +91,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "preconditioned (scaled-GD) LoRA: PSI-LoRA's Jacobi step without momentum"),
     Method("svdlora", SVDLoRA, ("momentum",), PSI_FAMILY_LR,
            "the SVDLoRA oracle: a dense step projected by a truncated SVD (small layers, one process)"),
+    # PoLAR (arXiv 2506.03133): its lr is not measured here yet (the authors' LLaMA-2-7B lr is 10x LoRA's)
+    Method("polar", PoLAR, ("betas", "weight_decay", "polar_lam"), (1e-2, 4e-3),
+           "PoLAR: polar-decomposed adapters B S A, Adam on the landing field", lr_measured=False, adapter="polar"),
     Method("adamw", _adamw, ("betas", "weight_decay"), (1e-2, 2e-4), "LoRA with AdamW", lora=False),
     # LoRA+ (arXiv 2402.12354): AdamW with the B factors at loraplus_lr_ratio x lr (peft's parameter groups)
     Method("loraplus", _loraplus, ("betas", "weight_decay", "loraplus_lr_ratio"), (1e-3, 5e-5),

@@ -87,6 +87,7 @@ class TrainConfig:
     metric_init: str = hyper("metric_init")
     rank_multiplier: float = hyper("rank_multiplier")
     momentum_prox: float = hyper("momentum_prox")
+    polar_lam: float = hyper("polar_lam")
     loraplus_lr_ratio: float = hyper("loraplus_lr_ratio")
     riemannian_reg: float = hyper("riemannian_reg")
     weight_decay: float = hyper("weight_decay")

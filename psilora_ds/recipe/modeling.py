@@ -150,6 +150,9 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype:
     unpartitioned (peft initializes them as usual); ``deepspeed.initialize`` partitions them."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from ..optim.registry import METHODS
+    from ..polar_adapter import register_polar
+
     global _ZERO3_CONFIG
     path = base_path(cfg, tokenizer)
     if zero3_config is not None:
@@ -170,6 +173,11 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype:
     targets = cfg.target_modules
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                       use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
+    if METHODS[cfg.optim].adapter == "polar":  # PoLAR's B S A adapters (psilora_ds.polar_adapter)
+        if cfg.load_in_4bit:
+            raise ConfigError("optim=polar on a 4-bit base: PoLAR's adapter covers nn.Linear layers only so far; "
+                              "drop --load_in_4bit or choose another optim")
+        register_polar(lora)
     torch.manual_seed(cfg.seed)  # the adapters' initialization, whatever building the base drew
     try:
         model = get_peft_model(model, lora)

@@ -23,10 +23,11 @@ def resolve_lr(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with ``lr`` filled when it was not given (:attr:`Method.default_lr`), the choice logged."""
     if cfg.lr is not None:
         return cfg
-    builtin, other = METHODS[cfg.optim].default_lr
+    method = METHODS[cfg.optim]
+    builtin, other = method.default_lr
     lr = builtin if is_builtin(cfg.model) else other
     logger.info("lr not given: %g for %s on %s (%s)", lr, cfg.optim, cfg.model,
-                "the best of bench/finetune_real.py on the built-in base" if is_builtin(cfg.model)
+                "the best of bench/finetune_real.py on the built-in base" if is_builtin(cfg.model) and method.lr_measured
                 else "a common starting point, not a measurement: tune --lr for your model")
     return dataclasses.replace(cfg, lr=lr)
 
