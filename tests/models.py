@@ -42,3 +42,15 @@ def tiny_llama(seed=0, vocab=64, hidden=32, layers=2):
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg)
+
+
+def polar_two_layer_net(dtype=torch.float32, r=4, alpha=8, seed=0, head_trainable=True):
+    """A PoLAR model over TwoLayerNet (psilora_ds.polar_adapter: orthonormal A, B; S = 0)."""
+    from peft import get_peft_model
+
+    from psilora_ds.polar_adapter import polar_config
+
+    torch.manual_seed(seed)
+    base = TwoLayerNet().to(dtype)
+    return get_peft_model(base, polar_config(r=r, lora_alpha=alpha, target_modules=["fc1", "fc2"],
+                                             modules_to_save=["head"] if head_trainable else None))
