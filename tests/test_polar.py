@@ -89,3 +89,39 @@ def test_the_recipe_trains_polar_and_a_resume_continues_identically(tmp_path):
     from safetensors.torch import load_file
 
     assert any("lora_S" in k for k in load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+
+
+def test_the_trainer_integration_trains_polar_like_a_plain_loop(tmp_path):
+    """``PSILoRATrainer(psilora=dict(optim="polar", ...))`` on a model with PoLAR adapters: the same factors as the
+    loop written by hand (one process)."""
+    from peft import get_peft_model
+
+    from psilora_ds.hf import PSILoRATrainer
+    from psilora_ds.polar_adapter import polar_config
+
+    from . import hf_trainer_script as script
+    from .models import tiny_llama
+
+    def model():
+        return get_peft_model(tiny_llama(seed=4), polar_config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    settings = dict(lr=1e-2, polar_lam=0.5, betas=(0.9, 0.99))
+    trained = model()
+    trainer = PSILoRATrainer(model=trained, args=script.training_args(str(tmp_path), "none", learning_rate=1e-2),
+                             train_dataset=script.SameRow(), psilora=dict(optim="polar", **settings))
+    trainer.train()
+    assert isinstance(trainer.psilora_optimizer, PoLAR) and trainer.psilora_optimizer.steps_taken == script.STEPS
+    manual = model()
+    opt = PoLAR(manual, max_grad_norm=100.0, **settings)
+    batch = script.SameRow()[0]["input_ids"].repeat(2, 1)
+    for _ in range(script.STEPS):
+        for _ in range(2):
+            (manual(input_ids=batch, labels=batch).loss / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    got = dict(trained.named_parameters())
+    for name, p in manual.named_parameters():
+        if p.requires_grad:
+            err = float((got[name].detach() - p.detach()).norm() / p.detach().norm().clamp_min(1e-30))
+            assert err <= 1e-5, (name, err)
+    assert any("lora_S" in n for n, p in manual.named_parameters() if p.requires_grad)
