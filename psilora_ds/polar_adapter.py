@@ -91,23 +91,23 @@ def polar_layers(model: nn.Module) -> list[tuple[str, PolarLinear]]:
 
 
 @torch.no_grad()
-def export_plain_lora(model: PeftModel, out_dir: str, adapter: str = "default") -> None:
+def export_plain_lora(model: PeftModel, out_dir: str, adapter: str = "default",
+                      state: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``model``'s PoLAR adapter as a plain LoRA adapter: ``lora_B <- B S``, ``lora_A <- A``, no core; stock
-    peft loads it (``PeftModel.from_pretrained``) with no registration and computes the same ``Delta W``."""
+    peft loads it (``PeftModel.from_pretrained``) with no registration and computes the same ``Delta W``. ``state``:
+    the trainable parameters by name to export (the recipe's fp32 masters; default: the model's own)."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    folded = {}
-    for name, layer in polar_layers(model):
-        folded[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight @ layer.lora_S[adapter].to(
-            layer.lora_B[adapter].weight.dtype)
-    state = get_peft_model_state_dict(model, adapter_name=adapter)
-    missing = sorted(set(folded) - set(state))
-    if missing:
-        raise ValueError(f"export_plain_lora: peft's state dict lacks {missing[0]} (a peft layout this export does "
-                         "not know)")
-    out = {key: folded.get(key, value).detach().contiguous().cpu() for key, value in state.items() if CORE not in key}
+    state = dict(state) if state is not None else {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for name, _ in polar_layers(model):
+        b_key, s_key = f"{name}.lora_B.{adapter}.weight", f"{name}.{CORE}.{adapter}"
+        if b_key not in state or s_key not in state:
+            raise ValueError(f"export_plain_lora: {b_key} or {s_key} missing from the parameters to export")
+        state[b_key] = state[b_key] @ state.pop(s_key).to(state[b_key].dtype)
+    out = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter)
     config = copy.deepcopy(model.peft_config[adapter])  # (the custom-module registration is never saved)
     os.makedirs(out_dir, exist_ok=True)
     config.save_pretrained(out_dir)
-    save_file(out, os.path.join(out_dir, "adapter_model.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in out.items()},
+              os.path.join(out_dir, "adapter_model.safetensors"))

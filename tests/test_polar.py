@@ -75,7 +75,8 @@ def test_directions_stay_near_the_manifold_over_200_steps():
 
 def test_the_recipe_trains_polar_and_a_resume_continues_identically(tmp_path):
     """``--optim polar``: the recipe builds PoLAR adapters; a run resumed from step 2 reaches the straight run's
-    figures; the saved adapter holds the core and loads with psilora_ds.polar_adapter.load_polar."""
+    figures; ``adapter/`` is the plain LoRA fold (stock peft loads it) and ``adapter_polar/`` the directions and core
+    (psilora_ds.polar_adapter.load_polar), the same model."""
     from .test_train_recipe import metrics, run
 
     common = ["--optim", "polar", "--tiny_hidden_size", "32", "--eval_every", "4", "--save_every", "2"]
@@ -86,9 +87,21 @@ def test_the_recipe_trains_polar_and_a_resume_continues_identically(tmp_path):
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert [r["loss"] for r in straight] == [r["loss"] for r in resumed]
     assert straight[-1]["eval_loss"] == resumed[-1]["eval_loss"]
+    from peft import PeftModel
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
-    assert any("lora_S" in k for k in load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    from psilora_ds.polar_adapter import load_polar, polar_layers
+
+    out = tmp_path / "straight"
+    assert not any("lora_S" in k for k in load_file(out / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_S" in k for k in load_file(out / "adapter_polar" / "adapter_model.safetensors"))
+    base_dir = next((tmp_path / "cache").glob("tiny-llama*"))  # the recipe's saved tiny base
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(out / "adapter"))
+    polar = load_polar(AutoModelForCausalLM.from_pretrained(base_dir), str(out / "adapter_polar"))
+    assert polar_layers(polar) and not polar_layers(plain)
+    ids = torch.arange(12).reshape(1, 12)
+    torch.testing.assert_close(plain(input_ids=ids).logits, polar(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_the_trainer_integration_trains_polar_like_a_plain_loop(tmp_path):

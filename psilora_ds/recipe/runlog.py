@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..polar_adapter import export_plain_lora, polar_layers
+
 from .checkpoint_files import publish_directory
 from .config import ConfigError
 
@@ -78,12 +80,28 @@ def save_outputs(output_dir: str, model, tokenizer, state: dict[str, torch.Tenso
         raise ConfigError(f"the adapter holds {bad} non-finite values: not written to {output_dir}/adapter; resume "
                           "from the newest checkpoint with a lower --lr")
 
-    def write_adapter(path: str) -> None:
+    polar = bool(polar_layers(model))
+
+    def name_base() -> None:
         if base_name is not None:
             for config in model.peft_config.values():
                 config.base_model_name_or_path = base_name
-        model.save_pretrained(path, state_dict=state)
+
+    def write_adapter(path: str) -> None:
+        name_base()
+        if polar:  # a PoLAR adapter loads as plain LoRA in stock peft, silently without S: write the fold instead
+            export_plain_lora(model, path, state=state)
+        else:
+            model.save_pretrained(path, state_dict=state)
         tokenizer.save_pretrained(path)
+
+    def write_polar(path: str) -> None:
+        name_base()
+        model.save_pretrained(path, state_dict=state)
+        with open(os.path.join(path, "README-psilora.txt"), "w") as f:
+            f.write("A PoLAR adapter (Delta W = s B S A, directions as trained). Load it with\n"
+                    "psilora_ds.polar_adapter.load_polar(base, path): stock PeftModel.from_pretrained would load it as\n"
+                    "plain LoRA without its core S. ../adapter holds the same update as a plain LoRA adapter.\n")
 
     def write_merged(path: str) -> None:
         with torch.no_grad():
@@ -93,6 +111,8 @@ def save_outputs(output_dir: str, model, tokenizer, state: dict[str, torch.Tenso
         model.merge_and_unload().save_pretrained(path)
 
     _publish_dir(output_dir, "adapter", write_adapter)
+    if polar:
+        _publish_dir(output_dir, "adapter_polar", write_polar)
     if merge:
         _publish_dir(output_dir, "merged", write_merged)
 
