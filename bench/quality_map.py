@@ -8,7 +8,7 @@ every method's lr tuned the same way.
   layers); ``--steps`` (300) steps, cosine schedule with 10 warm-up steps, clipping 1.0, evaluated every 50 steps on
   the fixed held-out split.
 * Methods: LoRA-AdamW, LoRA+, the default Scaled PSI-LoRA, Scaled PSI-LoRA ``iters=0`` (cache-free), the SVDLoRA
-  oracle (momentum 0.9). (PoLAR and full fine-tuning join when the recipe has them: issue 24 and the notes.)
+  oracle (momentum 0.9), PoLAR. (Full fine-tuning joins when the recipe has it.)
 * lr search, per cell and method: seed 0 on a grid a third of a decade apart (10^(k/3)), from three points around
   the method's starting guess, extended until the best is interior; then seeds 1 and 2 at the best and its two
   neighbours. A point is one run; the best is the lowest mean over the seeds run.
@@ -45,6 +45,7 @@ METHODS: dict[str, tuple[list[str], float]] = {
     "Scaled PSI-LoRA (defaults)": (["--optim", "scaled_psilora"], 1e-1),
     "Scaled PSI-LoRA iters 0": (["--optim", "scaled_psilora", "--iters", "0"], 1e-1),
     "SVDLoRA oracle (momentum 0.9)": (["--optim", "svdlora"], 1e-1),
+    "PoLAR": (["--optim", "polar"], 1e-2),
 }
 SEEDS = (0, 1, 2)
 EVAL_EVERY = 50
