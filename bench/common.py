@@ -93,7 +93,8 @@ def save_lr_figure(fig, ax, ylabel: str, path: str, legend_size: int = 8) -> Non
 def adapter_statistics(adapter_dir: str, scaling: float) -> dict[str, float]:
     """Medians over the LoRA layers of a saved adapter's learned update ``Delta W = scaling B A``: its Frobenius norm
     and its stable rank ``||Delta W||_F^2 / ||Delta W||_2^2`` (how many directions the update really uses, the PoLAR
-    paper's diagnosis of LoRA; at most r)."""
+    paper's diagnosis of LoRA; at most r). From the factors, never the m x n matrix: with ``B = Q_B R_B`` and
+    ``A^T = Q_A R_A``, ``Delta W = Q_B (scaling R_B R_A^T) Q_A^T`` has the singular values of the r x r middle."""
     from safetensors.torch import load_file
 
     weights = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
@@ -101,8 +102,9 @@ def adapter_statistics(adapter_dir: str, scaling: float) -> dict[str, float]:
     for name, A in weights.items():
         if "lora_A" in name:
             B = weights[name.replace("lora_A", "lora_B")]
-            delta = scaling * B.double() @ A.double()
-            s = torch.linalg.svdvals(delta)
+            R_B = torch.linalg.qr(B.double(), mode="r")[1]
+            R_A = torch.linalg.qr(A.double().T, mode="r")[1]
+            s = torch.linalg.svdvals(scaling * R_B @ R_A.T)
             norms.append(float(s.square().sum().sqrt()))
             stable.append(float(s.square().sum() / s[0].square()) if s[0] > 0 else 0.0)
     return {"update_norm": statistics.median(norms), "stable_rank": statistics.median(stable)}

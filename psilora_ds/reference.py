@@ -134,13 +134,16 @@ def landing_field_dense(X, D, lam):
     return (D @ X.T - X @ D.T) @ X + lam * X @ (X.T @ X - eye)
 
 
-def polar_step_dense(A, S, B, P, state, *, lr, betas, eps, lam, weight_decay):
+def polar_step_dense(A, S, B, P, state, *, lr, betas, eps, lam, weight_decay, core="full"):
     """PoLAR's step from the gradient ``P`` (m x n, w.r.t. the product ``B S A``), everything formed densely in
-    float64: the Euclidean gradients ``P (S A)^T``, ``(B S)^T P``, ``B^T P A^T``; the landing fields of ``B`` and
+    float64: the Euclidean gradients ``P (S A)^T``, ``(B S)^T P``, ``B^T P A^T`` (its diagonal alone with
+    ``core="diag"``); the landing fields of ``B`` and
     ``A^T`` (:func:`landing_field_dense`); AdamW on the fields and on ``S``'s gradient (weight decay on ``S`` only).
     ``state``: ``{"step", "m_A", "v_A", "m_S", "v_S", "m_B", "v_B"}`` (updated); returns ``(A, S, B)``."""
     A, S, B, P = (t.double() for t in (A, S, B, P))
-    directions = {"A": landing_field_dense(A.T, ((B @ S).T @ P).T, lam).T, "S": B.T @ P @ A.T,
+    D_S = B.T @ P @ A.T
+    directions = {"A": landing_field_dense(A.T, ((B @ S).T @ P).T, lam).T,
+                  "S": D_S * torch.eye(D_S.shape[0], dtype=torch.float64) if core == "diag" else D_S,
                   "B": landing_field_dense(B, P @ (S @ A).T, lam)}
     state["step"] += 1
     t, (b1, b2) = state["step"], betas

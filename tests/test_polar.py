@@ -2,6 +2,7 @@
 P from autograd on the product B S A), its gradients against autograd's on A, S, B, and its factors near the
 Stiefel manifold over 200 steps."""
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -32,10 +33,11 @@ def dense_grads(model, x, y):
     return torch.autograd.grad(loss, products)
 
 
-def test_polar_steps_equal_the_dense_reference_and_its_gradients_autograd():
+@pytest.mark.parametrize("core", ["full", "diag"])
+def test_polar_steps_equal_the_dense_reference_and_its_gradients_autograd(core):
     _, model = polar_net()
     opt = PoLAR(model, KW["lr"], betas=KW["betas"], polar_lam=KW["lam"], weight_decay=KW["weight_decay"],
-                other_lr=0.0, cache_max_bytes=None)
+                polar_core=core, other_lr=0.0, cache_max_bytes=None)
     layers = opt.layers
     states = [{"step": 0, **{f"{k}_{n}": 0.0 for k in ("m", "v") for n in "ASB"}} for _ in layers]
     twin = [(layer.A.detach().clone(), layer.S.detach().clone(), layer.B.detach().clone()) for layer in layers]
@@ -48,11 +50,13 @@ def test_polar_steps_equal_the_dense_reference_and_its_gradients_autograd():
             torch.testing.assert_close(layer.B.grad, p @ (layer.S @ layer.A).detach().T, rtol=1e-10, atol=1e-12)
         opt.step()
         opt.zero_grad()
-        twin = [polar_step_dense(*t, p, st, **KW) for t, p, st in zip(twin, P, states)]
+        twin = [polar_step_dense(*t, p, st, **KW, core=core) for t, p, st in zip(twin, P, states)]
         for layer, (A, S, B) in zip(layers, twin):
             for got, want in ((layer.A, A), (layer.S, S), (layer.B, B)):
                 torch.testing.assert_close(got.detach(), want, rtol=1e-7, atol=1e-9)  # (Adam divides by sqrt(v))
     assert all(float(layer.S.norm()) > 0 for layer in layers)
+    if core == "diag":
+        assert all(torch.count_nonzero(layer.S - torch.diag(layer.S.diagonal())) == 0 for layer in layers)
 
 
 def test_directions_stay_near_the_manifold_over_200_steps():

@@ -83,6 +83,8 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {h.name: h for h in (
                    f"relative to its mean singular value ({MOMENTUM_PROX_ADVICE})", low=0, high=1, high_open=True),
     Hyperparameter("polar_lam", float, 1.0, "the landing field's attraction to the Stiefel manifold (the PoLAR "
                    "authors' code: 1.0; their LLaMA-2-7B scripts: 5e-3)", low=0),
+    Hyperparameter("polar_core", str, "full", "the core S: full (r x r, the authors' default) | diag (diagonal)",
+                   choices=("full", "diag")),
     Hyperparameter("loraplus_lr_ratio", float, 16.0, "lr of the B factors / lr of the A factors", low=0),
     Hyperparameter("riemannian_reg", float, 1e-2, "damping of the r x r preconditioners", low=0),
     Hyperparameter("weight_decay", float, 0.0, "weight decay (under the PSI-LoRA methods: of the non-LoRA parameters' AdamW)", low=0),

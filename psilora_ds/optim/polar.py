@@ -33,6 +33,8 @@ class PoLAR(LoRAOptimizer):
         betas: Adam's.
         polar_lam: the landing field's attraction to the manifold (the authors' code: 1.0; their LLaMA-2-7B
             scripts: 5e-3).
+        polar_core: ``"full"`` r x r core, or ``"diag"``: its gradient kept on the diagonal (from ``S = 0`` the core
+            stays diagonal: Adam moves no entry whose gradient was always 0).
         weight_decay: AdamW's decoupled decay of the core ``S``.
         **options: the family's shared options (:class:`~psilora_ds.optim.options.LoRAOptions`).
     """
@@ -40,10 +42,10 @@ class PoLAR(LoRAOptimizer):
     polar_adapter = True
 
     def __init__(self, model: nn.Module, lr: float = 4e-3, *, betas: tuple[float, float] = (0.9, 0.999),
-                 polar_lam: float = 1.0, weight_decay: float = 0.0, **options: Any):
-        check(betas=betas, polar_lam=polar_lam, weight_decay=weight_decay)
-        super().__init__(model, dict(lr=lr, betas=tuple(betas), polar_lam=polar_lam, weight_decay=weight_decay),
-                         **options)
+                 polar_lam: float = 1.0, polar_core: str = "full", weight_decay: float = 0.0, **options: Any):
+        check(betas=betas, polar_lam=polar_lam, polar_core=polar_core, weight_decay=weight_decay)
+        super().__init__(model, dict(lr=lr, betas=tuple(betas), polar_lam=polar_lam, polar_core=polar_core,
+                                     weight_decay=weight_decay), **options)
 
     def layer_factors(self, layer) -> tuple[nn.Parameter, ...]:
         return layer.A, layer.S, layer.B
@@ -68,7 +70,9 @@ class PoLAR(LoRAOptimizer):
         PAt = yield from grad.right_product(A.T)  # P A^T (m x r), summed over ranks
         BtP = yield from grad.left_product(B)  # B^T P (r x n)
         lam = group["polar_lam"]
-        directions = {"A": landing_field(A.T, (S.T @ BtP).T, lam).T, "S": BtP @ A.T,
+        D_S = BtP @ A.T
+        directions = {"A": landing_field(A.T, (S.T @ BtP).T, lam).T,
+                      "S": torch.diag_embed(D_S.diagonal()) if group["polar_core"] == "diag" else D_S,
                       "B": landing_field(B, PAt @ S.T, lam)}
         state["step"] += 1
         new = []

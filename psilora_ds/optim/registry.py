@@ -92,7 +92,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("svdlora", SVDLoRA, ("momentum",), PSI_FAMILY_LR,
            "the SVDLoRA oracle: a dense step projected by a truncated SVD (small layers, one process)"),
     # PoLAR (arXiv 2506.03133): its lr is not measured here yet (the authors' LLaMA-2-7B lr is 10x LoRA's)
-    Method("polar", PoLAR, ("betas", "weight_decay", "polar_lam"), (1e-2, 4e-3),
+    Method("polar", PoLAR, ("betas", "weight_decay", "polar_lam", "polar_core"), (1e-2, 4e-3),
            "PoLAR: polar-decomposed adapters B S A, Adam on the landing field", lr_measured=False, adapter="polar"),
     Method("adamw", _adamw, ("betas", "weight_decay"), (1e-2, 2e-4), "LoRA with AdamW", lora=False),
     # LoRA+ (arXiv 2402.12354): AdamW with the B factors at loraplus_lr_ratio x lr (peft's parameter groups)

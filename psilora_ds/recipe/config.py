@@ -88,6 +88,7 @@ class TrainConfig:
     rank_multiplier: float = hyper("rank_multiplier")
     momentum_prox: float = hyper("momentum_prox")
     polar_lam: float = hyper("polar_lam")
+    polar_core: str = hyper("polar_core")
     loraplus_lr_ratio: float = hyper("loraplus_lr_ratio")
     riemannian_reg: float = hyper("riemannian_reg")
     weight_decay: float = hyper("weight_decay")
