@@ -58,8 +58,9 @@ METHODS: dict[str, tuple[list[str], list[float]]] = {  # recipe arguments, lr gr
     "Scaled PSI-LoRA (paper preset, r 8)": (["--preset", "paper"], grid(-2)),  # no momentum: its best lr sits higher
     "Scaled PSI-LoRA (paper preset, r 8) + first step": (["--preset", "paper", *FIRST], grid(-2)),
     "SVDLoRA oracle (momentum 0.9)": (["--optim", "svdlora"], grid(-2)),
+    "PoLAR": (["--optim", "polar"], grid(-4)),
 }
-BASELINES = ("LoRA-AdamW", "LoRA+ (ratio 16)", "Riemannian LoRA")
+BASELINES = ("LoRA-AdamW", "LoRA+ (ratio 16)", "Riemannian LoRA", "PoLAR")
 CACHE = os.path.join(ROOT, ".cache", "psilora_ds")
 RESULTS = os.path.join(CACHE, "bench-finetune-real.json")
 

@@ -22,17 +22,22 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import markdown_table, sync, write_section  # noqa: E402
 from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA  # noqa: E402
+from psilora_ds.optim import PoLAR  # noqa: E402
 
 
-def build(args, make):
+def build(args, make, polar: bool = False):
+    """The model (LoRA adapters, or PoLAR's with ``polar``) and ``make(model)``, its optimizer."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from psilora_ds.polar_adapter import register_polar
 
     torch.manual_seed(0)
     h = args.hidden
     base = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=h, intermediate_size=int(2.6875 * h),
                                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8))
-    model = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear"))
+    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
+    model = get_peft_model(base, register_polar(config) if polar else config)
     model.train()
     return model, make(model)
 
@@ -95,10 +100,11 @@ def main() -> None:
         "PSI-LoRA iters=1, max_grad_norm=1, 32-probe sketch": lambda m: PSILoRA(
             m, 1e-2, iters=1, max_grad_norm=1.0, clip_norm_probes=32, fold=False),
         "AdamW (foreach), clip_grad_norm_(1)": lambda m: ClippedAdamW(m),
+        "PoLAR (B S A adapters, Adam on the landing field)": lambda m: PoLAR(m, 4e-3, fold=False),
     }
     if args.profile:
         makers = {args.profile: makers[args.profile]}
-    runs = {name: build(args, make) for name, make in makers.items()}
+    runs = {name: build(args, make, polar=name.startswith("PoLAR")) for name, make in makers.items()}
     for model, _ in runs.values():
         model.to(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     seq = 256
