@@ -46,7 +46,7 @@ def psilora_trainer(base: type) -> type:
     """A subclass of the Trainer class ``base`` that trains with a PSI-LoRA optimizer.
 
     It takes one extra keyword argument, ``psilora``: a dict with ``optim`` (``psilora``,
-    ``scaled_psilora``, ``precond_lora``, ``svdlora``) and the optimizer's keyword arguments (``lr``
+    ``scaled_psilora``, ``precond_lora``, ``svdlora``, ``polar``: the registry's methods) and the optimizer's keyword arguments (``lr``
     defaults to ``args.learning_rate``), or a callable ``model -> LoRAOptimizer``.
     """
 
