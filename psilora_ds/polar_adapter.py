@@ -87,6 +87,9 @@ def load_polar(base: nn.Module, path: str, **kwargs: Any) -> PeftModel:
 
 
 def polar_layers(model: nn.Module) -> list[tuple[str, PolarLinear]]:
+    """The model's PoLAR layers by module name (none for anything that is not a module tree)."""
+    if not isinstance(model, nn.Module):
+        return []
     return [(name, m) for name, m in model.named_modules() if isinstance(m, PolarLinear)]
 
 
