@@ -32,7 +32,7 @@ from multiprocessing import get_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import load_json, markdown_table, recipe_run, save_json  # noqa: E402
+from bench.common import load_json, markdown_table, recipe_run, save_json, write_section  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results", "quality_map.json")
 CACHE = os.path.join(ROOT, ".cache", "psilora_ds")
@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--report", action="store_true", help="print the table of what is done and stop")
     parser.add_argument("--max_rounds", type=int, default=100)
+    parser.add_argument("--write", default=None, help="write the table into this markdown file's section")
     args = parser.parse_args()
     results = load_json(RESULTS)
     if not args.report:
@@ -186,7 +187,15 @@ def main() -> None:
                         save_json(results, RESULTS)  # each finished run at once: an interrupted map resumes here
                         print(point, result.get("eval", {}).get(str(args.steps), result.get("error")),
                               result.get("wall_seconds"), flush=True)
-    print(report(results, args.cells, args.methods, args.steps))
+    table = report(results, args.cells, args.methods, args.steps)
+    print(table)
+    if args.write:
+        base = results.get("_base", {})
+        body = (f"Base: {base.get('parameters', 0) / 1e6:.2f} M parameters ({BASE}), held-out loss "
+                f"{base.get('eval_loss_python_source', float('nan')):.3f} on Python source. {len(results) - 1} runs "
+                f"so far; a best lr marked (edge) is not yet bracketed, seeds < 3 are not yet the protocol's mean.\n\n"
+                + table)
+        write_section(args.write, "Quality map (issue 25, in progress)", "python bench/quality_map.py", body)
 
 
 if __name__ == "__main__":
