@@ -25,8 +25,9 @@ from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA  # noqa: E402
 from psilora_ds.optim import PoLAR  # noqa: E402
 
 
-def build(args, make, polar: bool = False):
-    """The model (LoRA adapters, or PoLAR's with ``polar``) and ``make(model)``, its optimizer."""
+def build(args, make, device: torch.device, dtype: torch.dtype, polar: bool = False):
+    """The model (LoRA adapters, or PoLAR's with ``polar``) on ``device`` in ``dtype``, and ``make(model)``, its
+    optimizer (built after the move, as torch's optimizers are)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,6 +39,7 @@ def build(args, make, polar: bool = False):
                                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8))
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
     model = get_peft_model(base, register_polar(config) if polar else config)
+    model.to(device, dtype)
     model.train()
     return model, make(model)
 
@@ -104,9 +106,8 @@ def main() -> None:
     }
     if args.profile:
         makers = {args.profile: makers[args.profile]}
-    runs = {name: build(args, make, polar=name.startswith("PoLAR")) for name, make in makers.items()}
-    for model, _ in runs.values():
-        model.to(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    runs = {name: build(args, make, device, dtype, polar=name.startswith("PoLAR")) for name, make in makers.items()}
     seq = 256
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1024, (args.tokens // seq, seq), generator=g).to(device)

@@ -106,12 +106,21 @@ class ProductCapture(ActivationCapture):
 
     def zeros(self, idx: int) -> LayerProducts:
         """Products of no rows, shaped for layer ``idx`` (a rank that saw none takes part in the reduction)."""
-        left, right = self._factors[idx]
+        left, right = self._on(idx, self.layers[idx].A.device)
         k = self.sketch_probes()
         m, n = left.shape[0], right.shape[1]
         new = left.new_zeros
         return LayerProducts(new(left.shape[1], n), new(m, left.shape[1]), new(n), new(m),
                              new(m, k) if k > 0 else None)
+
+    def _on(self, idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probe factors of layer ``idx`` on ``device``: a model moved (``model.to("cuda")``) after the optimizer
+        was built takes them along once (same values: the factors moved with it)."""
+        left, right = self._factors[idx]
+        if left.device != device:
+            left, right = left.to(device), right.to(device)
+            self._factors[idx] = (left, right)
+        return left, right
 
     def _omega(self, idx: int, n: int, k: int, like: torch.Tensor) -> torch.Tensor:
         omega = self._omegas.get(idx)
@@ -126,7 +135,7 @@ class ProductCapture(ActivationCapture):
             return super().add(idx, X, Z)
         if idx not in self._factors:
             raise RuntimeError("cache-free capture without probe factors: the optimizer did not set them")
-        left, right = self._factors[idx]
+        left, right = self._on(idx, X.device)
         k = self.sketch_probes()
         omega = self._omega(idx, X.shape[1], k, left) if k > 0 else None
         # full precision whatever autocast a backward inside an autocast region would apply

@@ -313,3 +313,18 @@ def test_cache_free_collectives_do_not_grow_with_the_layers(engine_runs):
     # layer-sharded state: plus one broadcast per owner rank (2 ranks), however many layers it owns
     assert counts[(1, True, True)] <= counts[(2, True, True)] <= 2 + 2
     assert counts[(1, False, True)] <= counts[(2, False, True)] <= 7 + 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_model_moved_after_the_optimizer_steps_as_one_built_there():
+    """``opt = PreconditionedLoRA(model); model.cuda()`` (legal with torch's optimizers): the cache-free products are
+    taken on the model's new device (the H200 run of bench/step_overhead.py crashed with CPU probe factors)."""
+    x = torch.randn(4, 12, dtype=torch.float64)
+    moved, there = lora_two_layer_net(), lora_two_layer_net().cuda()
+    opts = [PreconditionedLoRA(moved, 0.1), PreconditionedLoRA(there, 0.1)]
+    moved.cuda()
+    for model, opt in zip((moved, there), opts):
+        model(x.cuda()).sum().backward()
+        opt.step()
+    for a, b in zip(moved.parameters(), there.parameters()):
+        assert torch.allclose(a, b)
