@@ -90,7 +90,8 @@ def find_lora_layers(model: nn.Module, polar: bool = False) -> list[LoRALayer]:
                     f"{path}:{adapter} is a PoLAR adapter (Delta W = s B S A), which this optimizer's B A update would "
                     "train wrongly: use optim polar" if not polar else
                     f"{path}:{adapter} is a plain LoRA adapter in a PoLAR run (a layer type PoLAR does not cover, "
-                    "e.g. a 4-bit base's Linear4bit): PoLAR needs every adapter to be a PolarLinear")
+                    "e.g. an 8-bit base's Linear8bitLt): PoLAR needs every adapter to be a PoLAR layer "
+                    "(psilora_ds.polar_adapter.register_polar)")
             if not isinstance(lora_A, nn.Linear):
                 continue  # embedding/conv LoRA: left to the other optimizer (see other_parameters)
             layers.append(LoRALayer(name=f"{path}:{adapter}", module=module, adapter=adapter, index=len(layers)))

@@ -22,12 +22,19 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
+try:  # (peft defines its 4-bit layer only where bitsandbytes' 4-bit is available)
+    from bitsandbytes.nn import Linear4bit as BnbLinear4bit
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+except ImportError:
+    BnbLinear4bit = LoraLinear4bit = None
+
 CORE = "lora_S"
 
 
-class PolarLinear(LoraLinear):
-    """A peft LoRA ``Linear`` with PoLAR's core ``S`` between ``lora_A`` and ``lora_B`` (per adapter, in the
-    ``lora_S`` parameter dict: saved, loaded and made trainable by peft as a ``lora_`` parameter)."""
+class PolarLayer:
+    """PoLAR's core ``S`` between peft's ``lora_A`` and ``lora_B`` (per adapter, in the ``lora_S`` parameter dict:
+    saved, loaded and made trainable by peft as a ``lora_`` parameter), mixed into a peft LoRA layer class:
+    :class:`PolarLinear` (an ``nn.Linear`` base) and :class:`PolarLinear4bit` (a bitsandbytes 4-bit base)."""
 
     adapter_layer_names = (*LoraLayer.adapter_layer_names, CORE)
 
@@ -61,22 +68,36 @@ class PolarLinear(LoraLinear):
                 continue
             lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
             h = lora_A(self.lora_dropout[adapter](x.to(lora_A.weight.dtype)))
-            result = result + lora_B(F.linear(h, self.lora_S[adapter].to(h.dtype))) * self.scaling[adapter]
+            out = lora_B(F.linear(h, self.lora_S[adapter].to(h.dtype))) * self.scaling[adapter]
+            result = result + out.to(result.dtype)  # (out of place: a 4-bit base's output may be a view)
         return result
 
 
+class PolarLinear(PolarLayer, LoraLinear):
+    """PoLAR on an ``nn.Linear`` base layer."""
+
+
+PolarLinear4bit: type | None = None
+if LoraLinear4bit is not None:
+    class PolarLinear4bit(PolarLayer, LoraLinear4bit):  # type: ignore[no-redef]
+        """PoLAR on a bitsandbytes ``Linear4bit`` base (QLoRA): peft's 4-bit LoRA layer (its merge dequantizes and
+        quantizes again) with the core."""
+
+
 def polar_config(**lora_config: Any) -> LoraConfig:
-    """A ``LoraConfig`` (same keywords) whose ``nn.Linear`` targets become :class:`PolarLinear` layers. Other layer
-    types (a bitsandbytes 4-bit base's ``Linear4bit``) stay peft's plain LoRA layers: 4-bit bases are not supported
-    yet (:func:`polar_layers` tells them apart)."""
+    """A ``LoraConfig`` (same keywords) whose linear targets become PoLAR layers (:func:`register_polar`)."""
     config = LoraConfig(**lora_config)
     register_polar(config)
     return config
 
 
 def register_polar(config: LoraConfig) -> LoraConfig:
-    """Make ``config``'s linear targets PoLAR layers (peft's custom-module registration); returns it."""
-    config._register_custom_module({nn.Linear: PolarLinear})
+    """Make ``config``'s linear targets PoLAR layers (peft's custom-module registration): a bitsandbytes 4-bit
+    base's ``Linear4bit`` a :class:`PolarLinear4bit` (listed first: it is an ``nn.Linear`` too, and peft takes the
+    first match), any other ``nn.Linear`` a :class:`PolarLinear`; returns ``config``."""
+    mapping: dict[type, type] = {BnbLinear4bit: PolarLinear4bit} if PolarLinear4bit is not None else {}
+    mapping[nn.Linear] = PolarLinear
+    config._register_custom_module(mapping)
     return config
 
 
@@ -86,11 +107,11 @@ def load_polar(base: nn.Module, path: str, **kwargs: Any) -> PeftModel:
     return PeftModel.from_pretrained(base, path, config=config, **kwargs)
 
 
-def polar_layers(model: nn.Module) -> list[tuple[str, PolarLinear]]:
+def polar_layers(model: nn.Module) -> list[tuple[str, PolarLayer]]:
     """The model's PoLAR layers by module name (none for anything that is not a module tree)."""
     if not isinstance(model, nn.Module):
         return []
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, PolarLinear)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PolarLayer)]
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from psilora_ds.recipe.engines import TrainableParams
 from psilora_ds.recipe.runlog import MetricsLog, read_metrics
 
 from .distributed import make_optimizer, regression_batches, run_distributed
-from .models import lora_two_layer_net
+from .models import lora_two_layer_net, polar_two_layer_net
 
 SAVED_AT, B = 3, 8
 
@@ -27,10 +27,17 @@ def batches():
     return regression_batches(23, SAVED_AT + 2, 2 * B)
 
 
-def setup(world):
-    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+def setup(world, optim="scaled"):
     distributor = DDPDistributor(shard_state=True) if world > 1 else None
-    opt = make_optimizer("scaled", model, **({"distributor": distributor} if distributor else {}))
+    kw = {"distributor": distributor} if distributor else {}
+    if optim == "polar":
+        from psilora_ds.optim import PoLAR
+
+        model = polar_two_layer_net(dtype=torch.float32, head_trainable=True)
+        opt = PoLAR(model, 1e-2, **kw)
+    else:
+        model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+        opt = make_optimizer(optim, model, **kw)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
     params = TrainableParams(model, opt)
     params.engine_built(None)
@@ -56,18 +63,19 @@ def _name(model, p):
 
 
 def factors(opt):
-    return {layer.name: torch.cat([layer.A.detach().flatten(), layer.B.detach().flatten()]) for layer in opt.layers}
+    """Every layer's factors as its method declares them ((A, B), or PoLAR's (A, S, B))."""
+    return {layer.name: torch.cat([f.detach().flatten() for f in opt.layer_factors(layer)]) for layer in opt.layers}
 
 
-def run_and_save(rank, world, root, resume_from=None, start=0):
-    model, opt, sched, params = setup(world)
+def run_and_save(rank, world, root, resume_from=None, start=0, optim="scaled"):
+    model, opt, sched, params = setup(world, optim)
     if resume_from is not None:
-        checkpoint.load(resume_from, optim="scaled", params=params, optimizer=opt, scheduler=sched,
+        checkpoint.load(resume_from, optim=optim, params=params, optimizer=opt, scheduler=sched,
                         device=torch.device("cpu"))
     data = batches()
     train(model, opt, sched, data[start:SAVED_AT], rank, world)
     if resume_from is None:
-        trainer = checkpoint.TrainerState(step=SAVED_AT, world_size=world, optim="scaled", engine="pytorch")
+        trainer = checkpoint.TrainerState(step=SAVED_AT, world_size=world, optim=optim, engine="pytorch")
         checkpoint.save(str(root), trainer, params=params, optimizer=opt, scheduler=sched, partitioned=False, keep=2)
     train(model, opt, sched, data[SAVED_AT:], rank, world)
     if rank == 0:
@@ -76,8 +84,8 @@ def run_and_save(rank, world, root, resume_from=None, start=0):
                    os.path.join(root, f"final-{world}-{'resumed' if resume_from else 'straight'}.pt"))
 
 
-def two_ranks(rank, world, root, resume_from):
-    run_and_save(rank, world, root, resume_from, start=SAVED_AT if resume_from else 0)
+def two_ranks(rank, world, root, resume_from, optim):
+    run_and_save(rank, world, root, resume_from, start=SAVED_AT if resume_from else 0, optim=optim)
 
 
 def assert_same_run(a, b):
@@ -88,12 +96,13 @@ def assert_same_run(a, b):
 
 
 @pytest.mark.slow
-def test_two_ranks_to_one_and_one_to_two_continue_exactly(tmp_path):
+@pytest.mark.parametrize("optim", ["scaled", "polar"])
+def test_two_ranks_to_one_and_one_to_two_continue_exactly(tmp_path, optim):
     # 2 ranks (layer-sharded state) save at step 3 and go on; 1 process resumes from their checkpoint
-    run_distributed(two_ranks, 2, tmp_path / "from2", None)
+    run_distributed(two_ranks, 2, tmp_path / "from2", None, optim)
     saved = tmp_path / "from2" / f"step-{SAVED_AT}"
     assert sorted(os.listdir(saved)) == ["rank-0.pt", "rank-1.pt", "state.pt", "trainer_state.json"]
-    run_and_save(0, 1, tmp_path / "from2", resume_from=str(saved), start=SAVED_AT)
+    run_and_save(0, 1, tmp_path / "from2", resume_from=str(saved), start=SAVED_AT, optim=optim)
     straight2 = torch.load(tmp_path / "from2" / "final-2-straight.pt")
     resumed1 = torch.load(tmp_path / "from2" / "final-1-resumed.pt")
     assert_same_run(straight2, resumed1)
@@ -101,8 +110,8 @@ def test_two_ranks_to_one_and_one_to_two_continue_exactly(tmp_path):
     assert resumed1["state_bytes"] > 0 and resumed1["state_bytes"] >= straight2["state_bytes"]
 
     # 1 process saves at step 3 and goes on; 2 ranks resume from its checkpoint
-    run_and_save(0, 1, tmp_path / "from1")
-    run_distributed(two_ranks, 2, tmp_path / "from1", str(tmp_path / "from1" / f"step-{SAVED_AT}"))
+    run_and_save(0, 1, tmp_path / "from1", optim=optim)
+    run_distributed(two_ranks, 2, tmp_path / "from1", str(tmp_path / "from1" / f"step-{SAVED_AT}"), optim)
     straight1 = torch.load(tmp_path / "from1" / "final-1-straight.pt")
     assert_same_run(straight1, torch.load(tmp_path / "from1" / "final-2-resumed.pt"))
     assert_same_run(straight1, straight2)  # and all four are the same run

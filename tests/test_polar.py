@@ -108,6 +108,21 @@ def test_the_recipe_trains_polar_and_a_resume_continues_identically(tmp_path):
     torch.testing.assert_close(plain(input_ids=ids).logits, polar(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_the_recipe_trains_polar_on_a_4bit_base(tmp_path):
+    """``--optim polar --load_in_4bit``: QLoRA with PoLAR's adapters (PolarLinear4bit); both adapter folders written."""
+    pytest.importorskip("bitsandbytes")
+    from .test_train_recipe import all_records, assert_outputs, run
+
+    out = tmp_path / "qlora-polar"
+    run(["--optim", "polar", "--load_in_4bit", "--bnb_4bit_compute_dtype", "float32", "--max_steps", "4",
+         "--eval_every", "4", "--save_every", "0", "--output_dir", str(out), "--target_modules", "[q_proj, v_proj]"],
+        tmp_path)
+    assert_outputs(out)
+    assert (out / "adapter_polar" / "adapter_model.safetensors").is_file()
+    evals = [r["eval_loss"] for r in all_records(out) if "eval_loss" in r]
+    assert len(evals) == 2 and evals[-1] < evals[0]  # step 0 (the base) and step 4
+
+
 def test_the_trainer_integration_trains_polar_like_a_plain_loop(tmp_path):
     """``PSILoRATrainer(psilora=dict(optim="polar", ...))`` on a model with PoLAR adapters: the same factors as the
     loop written by hand (one process)."""

@@ -173,10 +173,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype:
     targets = cfg.target_modules
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                       use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
-    if METHODS[cfg.optim].adapter == "polar":  # PoLAR's B S A adapters (psilora_ds.polar_adapter)
-        if cfg.load_in_4bit:
-            raise ConfigError("optim=polar on a 4-bit base: PoLAR's adapter covers nn.Linear layers only so far; "
-                              "drop --load_in_4bit or choose another optim")
+    if METHODS[cfg.optim].adapter == "polar":  # PoLAR's B S A adapters (psilora_ds.polar_adapter), 4-bit too
         register_polar(lora)
     torch.manual_seed(cfg.seed)  # the adapters' initialization, whatever building the base drew
     try:
