@@ -32,7 +32,7 @@ from multiprocessing import get_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import load_json, markdown_table, recipe_run, save_json, write_section  # noqa: E402
+from bench.common import load_json, markdown_table, recipe_run, save_json, save_lr_figure, write_section  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results", "quality_map.json")
 CACHE = os.path.join(ROOT, ".cache", "psilora_ds")
@@ -153,6 +153,56 @@ def report(results: dict, cells: list[str], methods: list[str], steps: int) -> s
                            "stable rank of s B A (median layer)", "||s B A||_F (median layer)", "train s"], rows)
 
 
+def save_figure(results: dict, cells: list[str], methods: list[str], steps: int, path: str) -> None:
+    """One PNG: per cell, the final eval loss against lr (mean over the seeds run, bars from min to max) above the
+    held-out loss against training seconds at each method's best lr (mean over its seeds; time-to-quality, the step
+    overhead included)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in cells if any(best_point(results, c, m, steps) for m in methods)]
+    fig, axes = plt.subplots(2, len(cells), figsize=(5.5 * len(cells), 8), squeeze=False)
+    for col, cell in enumerate(cells):
+        top, bottom = axes[0][col], axes[1][col]
+        for method in methods:
+            points = curve(results, cell, method, steps)
+            got = best_point(results, cell, method, steps)
+            if not points or got is None:
+                continue
+            ks = sorted(k for k in points if all(math.isfinite(v) for v in points[k]))
+            means = [statistics.mean(points[k]) for k in ks]
+            low = [m - min(points[k]) for k, m in zip(ks, means)]
+            high = [max(points[k]) - m for k, m in zip(ks, means)]
+            line = top.errorbar([lr_of(k) for k in ks], means, yerr=[low, high], marker="o", ms=3, capsize=2,
+                                label=method)
+            runs = [results[key(cell, method, got[0], s, steps)] for s in SEEDS
+                    if key(cell, method, got[0], s, steps) in results]
+            at = sorted(int(t) for t in runs[0]["eval"] if int(t) > 0)
+            seconds = [statistics.mean(r["train_seconds"][str(t)] for r in runs) for t in at]
+            losses = [statistics.mean(r["eval"][str(t)] for r in runs) for t in at]
+            bottom.plot(seconds, losses, marker="o", ms=3, color=line[0].get_color(),
+                        label=f"{method} (lr {lr_of(got[0]):g}, {len(runs)} seeds)")
+        top.set_xscale("log")
+        finals = [y for ln in top.get_lines() for y in ln.get_ydata()]
+        if finals:  # a diverged neighbour would squash the interesting part
+            top.set_ylim(min(finals) - 0.03, min(finals) + 0.45)
+        top.set_title(f"{cell}: eval loss after {steps} steps")
+        save_lr_figure(fig, top, "held-out loss", path, legend_size=7)
+        bottom.set_xlabel("training seconds (2-core CPU, one thread per run)")
+        bottom.set_ylabel("held-out loss")
+        bottom.set_title(f"{cell}: held-out loss against time, best lr")
+        bottom.grid(alpha=0.3)
+        bottom.legend(fontsize=7)
+        lows = [min(ln.get_ydata()) for ln in bottom.get_lines()]
+        if lows:
+            bottom.set_ylim(min(lows) - 0.05, min(lows) + 0.6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
@@ -162,6 +212,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="print the table of what is done and stop")
     parser.add_argument("--max_rounds", type=int, default=100)
     parser.add_argument("--write", default=None, help="write the table into this markdown file's section")
+    parser.add_argument("--png", default=None, help="write the figure (loss vs lr; loss vs time) to this file")
     args = parser.parse_args()
     results = load_json(RESULTS)
     if not args.report:
@@ -189,6 +240,8 @@ def main() -> None:
                               result.get("wall_seconds"), flush=True)
     table = report(results, args.cells, args.methods, args.steps)
     print(table)
+    if args.png:
+        save_figure(results, args.cells, args.methods, args.steps, args.png)
     if args.write:
         base = results.get("_base", {})
         body = (f"Base: {base.get('parameters', 0) / 1e6:.2f} M parameters ({BASE}), held-out loss "

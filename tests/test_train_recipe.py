@@ -598,22 +598,28 @@ def test_loraplus_and_riemannian_are_peft_optimizers_on_the_lora_factors():
     assert all(torch.equal(riem[n], adamw[n]) for n in adamw if "lora_" not in n and adamw[n].requires_grad)
 
 
-def test_lr_not_given_is_chosen_per_optim_and_model_and_logged(caplog):
-    """No --lr: the benchmark's best on a built-in base, a conservative starting point on any other model."""
+def test_lr_not_given_is_the_measured_best_on_a_built_in_base_and_refused_elsewhere(caplog):
+    """No --lr: the benchmark's best on a built-in base (logged); on any other model one line that says what to try
+    (best lrs do not transfer between models; the ratio to LoRA-AdamW's lr is the advice), before any model loads."""
     sys.path.insert(0, ROOT)
     import logging
 
-    from psilora_ds.recipe.config import TrainConfig
-    from psilora_ds.recipe.optimizers import resolve_lr
+    from psilora_ds.recipe.config import ConfigError, TrainConfig
+    from psilora_ds.recipe.optimizers import check_optim, resolve_lr
 
     with caplog.at_level(logging.INFO, logger="psilora_ds"):
         assert resolve_lr(TrainConfig()).lr == 0.1
         assert resolve_lr(TrainConfig(optim="adamw", model="builtin:tiny-llama")).lr == 1e-2
-        assert resolve_lr(TrainConfig(model="org/model")).lr == 2e-3
-        assert resolve_lr(TrainConfig(optim="adamw", model="/models/llama")).lr == 2e-4
-    assert resolve_lr(TrainConfig(lr=0.5)).lr == 0.5
+    assert resolve_lr(TrainConfig(lr=0.5, model="org/model")).lr == 0.5
+    check_optim(TrainConfig(lr=0.5, model="org/model"))
     lines = [r.getMessage() for r in caplog.records if "lr not given" in r.getMessage()]
-    assert len(lines) == 4 and "tune --lr" in lines[2] and "bench/finetune_real.py" in lines[0]
+    assert len(lines) == 2 and "bench/finetune_real.py" in lines[0]
+    for optim, advice in [("scaled_psilora", "10-22x the lr LoRA-AdamW takes"), ("adamw", "1x the lr"),
+                          ("precond_lora", "not measured here: sweep")]:
+        for refuse in (check_optim, resolve_lr):
+            with pytest.raises(ConfigError, match="lr not given for model /models/llama") as err:
+                refuse(TrainConfig(optim=optim, model="/models/llama"))
+            assert advice in str(err.value) and "\n" not in str(err.value)
 
 
 def test_training_and_evaluation_forwards_build_no_kv_cache():

@@ -28,19 +28,22 @@ SGD = skipping_non_finite(torch.optim.SGD)
 class Method:
     """``build(model, lr, **hyperparameters)`` (a PSI-LoRA-family ``lora`` method also takes the family's shared
     options, :class:`~psilora_ds.optim.options.LoRAOptions`; a baseline is built over every trainable parameter).
-    ``takes``: the hyperparameters passed, by name. ``default_lr``: lr when none is given, ``(on a built-in base,
-    on any other model)``: the built-in figure is the best mean eval loss of bench/finetune_real.py
-    (docs/BENCHMARKS.md), the other a common starting point, not a measurement. ``any_engine``: False where only
-    plain PyTorch (one process or DDP) runs it correctly."""
+    ``takes``: the hyperparameters passed, by name. ``default_lr``: lr when none is given on a built-in base, the
+    best mean eval loss of bench/finetune_real.py (docs/BENCHMARKS.md). ``adamw_lr_ratio``: the range of its best lr
+    over LoRA-AdamW's best lr in the same cell, measured (bench/finetune_real.py, bench/quality_map.py); None where
+    not measured. A best lr does not transfer between models, this ratio roughly does: it is the advice for any
+    model that is not built in. ``any_engine``: False where only plain PyTorch (one process or DDP) runs it
+    correctly."""
 
     name: str
     build: Callable[..., torch.optim.Optimizer]
     takes: tuple[str, ...]
-    default_lr: tuple[float, float]
+    default_lr: float
+    adamw_lr_ratio: tuple[float, float] | None
     summary: str
     lora: bool = True
     any_engine: bool = True
-    lr_measured: bool = True  # default_lr's built-in figure was measured (else a starting point, said so)
+    lr_measured: bool = True  # default_lr was measured (else a starting point, said so)
     adapter: str = "lora"  # the peft adapters it trains: "lora" (B A) or "polar" (B S A, psilora_ds.polar_adapter)
 
     @property
@@ -80,30 +83,32 @@ def _riemannian(model: nn.Module, lr: float, *, betas, weight_decay: float, riem
                                        weight_decay=weight_decay)
 
 
-PSI_FAMILY_LR = (0.1, 2e-3)
+# best-lr ratios to LoRA-AdamW's (docs/BENCHMARKS.md): built-in base 100 steps (AdamW 1e-2), larger base 300 steps
+# python-reference r 16 (AdamW 2.2e-3) and gnu-manuals r 16 (AdamW 4.6e-3)
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("psilora", PSILoRA, ("momentum", "iters", "prox", "rank_multiplier", "momentum_prox", "first_step_iters"),
-           PSI_FAMILY_LR, "PSI-LoRA: LoRSum steps with low-rank heavy-ball momentum"),
+           0.1, (10, 32), "PSI-LoRA: LoRSum steps with low-rank heavy-ball momentum"),
     Method("scaled_psilora", ScaledPSILoRA, ("betas", "iters", "prox", "damping", "metric_power", "metric",
                                              "metric_init", "rank_multiplier", "momentum_prox", "first_step_iters"),
-           PSI_FAMILY_LR, "Scaled PSI-LoRA: F-LoRSum under diagonal fractional K-FAC or Shampoo metrics"),
-    Method("precond_lora", PreconditionedLoRA, ("prox", "first_step_iters"), PSI_FAMILY_LR,
-           "preconditioned (scaled-GD) LoRA: PSI-LoRA's Jacobi step without momentum"),
-    Method("svdlora", SVDLoRA, ("momentum",), PSI_FAMILY_LR,
+           0.1, (10, 22), "Scaled PSI-LoRA: F-LoRSum under diagonal fractional K-FAC or Shampoo metrics"),
+    Method("precond_lora", PreconditionedLoRA, ("prox", "first_step_iters"), 0.1, None,
+           "preconditioned (scaled-GD) LoRA: PSI-LoRA's Jacobi step without momentum", lr_measured=False),
+    Method("svdlora", SVDLoRA, ("momentum",), 0.1, (10, 100),
            "the SVDLoRA oracle: a dense step projected by a truncated SVD (small layers, one process)"),
-    # PoLAR (arXiv 2506.03133): its lr is not measured here yet (the authors' LLaMA-2-7B lr is 10x LoRA's)
-    Method("polar", PoLAR, ("betas", "weight_decay", "polar_lam", "polar_core"), (1e-2, 4e-3),
-           "PoLAR: polar-decomposed adapters B S A, Adam on the landing field", lr_measured=False, adapter="polar"),
-    Method("adamw", _adamw, ("betas", "weight_decay"), (1e-2, 2e-4), "LoRA with AdamW", lora=False),
+    # PoLAR (arXiv 2506.03133; the authors' LLaMA-2-7B lr is 10x LoRA's; 3.2-4.6x here)
+    Method("polar", PoLAR, ("betas", "weight_decay", "polar_lam", "polar_core"), 0.0316, (3.2, 4.6),
+           "PoLAR: polar-decomposed adapters B S A, Adam on the landing field", adapter="polar"),
+    Method("adamw", _adamw, ("betas", "weight_decay"), 1e-2, (1, 1), "LoRA with AdamW", lora=False),
     # LoRA+ (arXiv 2402.12354): AdamW with the B factors at loraplus_lr_ratio x lr (peft's parameter groups)
-    Method("loraplus", _loraplus, ("betas", "weight_decay", "loraplus_lr_ratio"), (1e-3, 5e-5),
+    Method("loraplus", _loraplus, ("betas", "weight_decay", "loraplus_lr_ratio"), 1e-3, (0.1, 0.22),
            "LoRA+ (peft.optimizers): AdamW with the B factors at loraplus_lr_ratio x lr", lora=False),
     # Riemannian preconditioned LoRA (arXiv 2402.02347): AdamW on r x r-preconditioned LoRA gradients. peft's
     # preconditioner reads the gradients on the model's own parameters, which DeepSpeed's ZeRO flat partitions
     # and FSDP2's shards are not: plain PyTorch (one process or DDP) only
-    Method("riemannian", _riemannian, ("betas", "weight_decay", "riemannian_reg"), (1e-2, 2e-4),
+    Method("riemannian", _riemannian, ("betas", "weight_decay", "riemannian_reg"), 1e-2, (1, 1),
            "Riemannian LoRA (peft.optimizers): AdamW on r x r-preconditioned gradients", lora=False, any_engine=False),
-    Method("sgd", _sgd, ("momentum", "weight_decay"), (2e-3, 2e-3), "SGD (not benchmarked)", lora=False),
+    Method("sgd", _sgd, ("momentum", "weight_decay"), 2e-3, None, "SGD (not benchmarked)", lora=False,
+           lr_measured=False),
 )}
 
 

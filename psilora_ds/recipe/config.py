@@ -74,7 +74,7 @@ class TrainConfig:
     # --- optimizer -------------------------------------------------------------------------------
     preset: str | None = opt(None, "paper: the PSI-LoRA authors' LLM configuration (psilora_ds/presets.py) for every key not given explicitly")
     optim: str = opt("scaled_psilora", "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
-    lr: float | None = opt(None, "learning rate (PSI-LoRA: step size of the effective weight); null: per optim, the best of bench/finetune_real.py on a built-in base (scaled_psilora 0.1, adamw 1e-2), else a common starting point (scaled_psilora 2e-3, adamw 2e-4; logged): tune it for your model")
+    lr: float | None = opt(None, "learning rate (PSI-LoRA: step size of the effective weight); null: on a built-in base, per optim, the best of bench/finetune_real.py (scaled_psilora 0.1, adamw 1e-2; logged); any other model must be given one (best lrs do not transfer between models; the refusal says where to start: scaled_psilora 10-22x LoRA-AdamW's lr)")
     # the methods' hyperparameters: default, range and meaning declared once, in psilora_ds/optim/hyperparameters.py
     iters: int = hyper("iters")
     first_step_iters: int | None = hyper("first_step_iters")

@@ -20,21 +20,41 @@ OPTIMIZERS = METHODS  # (the name the recipe's tests and benches use)
 
 
 def resolve_lr(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with ``lr`` filled when it was not given (:attr:`Method.default_lr`), the choice logged."""
+    """``cfg`` with ``lr`` filled when it was not given (a built-in base: :attr:`Method.default_lr`), the choice
+    logged; any other model must be given one (:func:`check_optim` refuses it first)."""
     if cfg.lr is not None:
         return cfg
+    if not is_builtin(cfg.model):
+        raise ConfigError(lr_advice(cfg.optim, cfg.model))
     method = METHODS[cfg.optim]
-    builtin, other = method.default_lr
-    lr = builtin if is_builtin(cfg.model) else other
-    logger.info("lr not given: %g for %s on %s (%s)", lr, cfg.optim, cfg.model,
-                "the best of bench/finetune_real.py on the built-in base" if is_builtin(cfg.model) and method.lr_measured
-                else "a common starting point, not a measurement: tune --lr for your model")
-    return dataclasses.replace(cfg, lr=lr)
+    logger.info("lr not given: %g for %s on %s (%s)", method.default_lr, cfg.optim, cfg.model,
+                "the best of bench/finetune_real.py on the built-in base" if method.lr_measured
+                else "a starting point, not a measurement")
+    return dataclasses.replace(cfg, lr=method.default_lr)
+
+
+def lr_advice(optim: str, model: str) -> str:
+    """The one-line refusal of ``--lr null`` on a model that is not built in, with what to try."""
+    ratio = METHODS[optim].adamw_lr_ratio
+    if ratio is None:
+        hint = f"{optim}'s best lr was not measured here: sweep 3 values half a decade apart"
+    else:
+        lo, hi = ratio
+        times = f"{lo:g}x" if lo == hi else f"{lo:g}-{hi:g}x"
+        example = f"{2e-4 * lo:.2g}" if lo == hi else f"{2e-4 * lo:.2g}-{2e-4 * hi:.2g}"
+        hint = (f"for {optim} start at {times} the lr LoRA-AdamW takes on this model (its measured best-lr ratio; "
+                f"e.g. {example} beside AdamW's 2e-4) and sweep half a decade around it")
+    return (f"lr not given for model {model}: a best lr does not transfer between models (LoRA-AdamW's moved from "
+            f"1e-2 on the built-in base to 2.2e-3 and 4.6e-3 on one 5x larger; docs/BENCHMARKS.md, Quality map): "
+            f"pass --lr; {hint}")
 
 
 def check_optim(cfg: TrainConfig) -> None:
+    """The method exists, runs on the chosen engine, and has an lr (given, or measured on a built-in base)."""
     if cfg.optim not in METHODS:
         raise ConfigError(f"optim={cfg.optim!r}: choose one of {', '.join(METHODS)}")
+    if cfg.lr is None and not is_builtin(cfg.model):
+        raise ConfigError(lr_advice(cfg.optim, cfg.model))
     if not METHODS[cfg.optim].any_engine and (cfg.ds_config is not None or cfg.fsdp):
         raise ConfigError(f"optim={cfg.optim} runs only on plain PyTorch (one process, or DDP under torchrun): peft's "
                           "preconditioner reads gradients that DeepSpeed and FSDP2 keep elsewhere; drop --ds_config / "
