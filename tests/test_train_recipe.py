@@ -622,6 +622,46 @@ def test_lr_not_given_is_the_measured_best_on_a_built_in_base_and_refused_elsewh
             assert advice in str(err.value) and "\n" not in str(err.value)
 
 
+def test_iters_auto_keeps_rows_while_they_fit_and_goes_cache_free_over_the_budget(caplog):
+    """``--iters auto``: 1 while a step's rows (counted independently here from the LoRA layers' shapes) fit the cache
+    budget, 0 (cache-free) one byte over it, logged with the figures; an explicit iters >= 1 over the budget warns
+    once; a word other than auto is one line."""
+    sys.path.insert(0, ROOT)
+    import dataclasses
+    import logging
+
+    from peft import LoraConfig, get_peft_model
+
+    from psilora_ds.recipe.config import ConfigError, parse
+    from psilora_ds.recipe.optimizers import build_optimizer, step_row_bytes
+
+    from .models import tiny_llama
+
+    def model():
+        return get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    cfg = parse(["--iters", "auto", "--micro_batch_size", "2", "--max_seq_len", "16",
+                 "--gradient_accumulation_steps", "3", "--lr", "1e-2"])
+    m = model()
+    widths = [mod.in_features + mod.out_features for name, mod in m.named_modules()
+              if name.endswith(("q_proj.base_layer", "v_proj.base_layer"))]
+    rows = step_row_bytes(cfg, m)
+    assert len(widths) == 4 and rows == 2 * 16 * 3 * sum(widths) * 4  # fp32 rows
+    with caplog.at_level(logging.INFO, logger="psilora_ds"):
+        fits = build_optimizer(dataclasses.replace(cfg, cache_max_bytes=str(rows)), model())
+        over = build_optimizer(dataclasses.replace(cfg, cache_max_bytes=str(rows - 1)), model())
+        explicit = build_optimizer(dataclasses.replace(cfg, iters=2, cache_max_bytes=str(rows - 1)), model())
+    assert fits.lora_group["iters"] == 1 and not fits.cache_free
+    assert over.lora_group["iters"] == 0 and over.cache_free and explicit.lora_group["iters"] == 2
+    chosen = [r.getMessage() for r in caplog.records if "iters auto ->" in r.getMessage()]
+    assert len(chosen) == 2 and "-> 1" in chosen[0] and "-> 0" in chosen[1]
+    assert f"{rows / 2**20:.1f} MiB per rank (2 x 16 tokens x 3 micro-batches)" in chosen[0]
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "iters 2 with" in r.getMessage()]
+    assert len(warned) == 1 and "iters 0 (or --iters auto) is the cache-free choice" in warned[0].getMessage()
+    with pytest.raises(ConfigError, match="iters='fast': give a number of inner iterations"):
+        parse(["--iters", "fast"])
+
+
 def test_training_and_evaluation_forwards_build_no_kv_cache():
     """The recipe's forwards pass ``use_cache=False``: with the config's default (True) a causal LM would build a KV
     cache in every training forward, copying every layer's keys and values (memory no step needs)."""

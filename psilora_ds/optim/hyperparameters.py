@@ -65,7 +65,7 @@ MOMENTUM_PROX_ADVICE = ("0: off, the default; 0.2 measured best against mini-bat
                         "task's excess loss down about a quarter, but 0.1% worse on the 100-step real-text fine-tune")
 
 HYPERPARAMETERS: dict[str, Hyperparameter] = {h.name: h for h in (
-    Hyperparameter("iters", int, 1, "LoRSum inner iterations (0: Jacobi, cache-free)", low=0),
+    Hyperparameter("iters", int, 1, "LoRSum inner iterations (0: Jacobi, cache-free); recipe: auto = 1 while a step's activation rows fit the cache budget, else 0 (logged with the figures)", low=0),
     Hyperparameter("first_step_iters", int, 8, "spectral first step (LoRA-One): inner iterations of the first step "
                    "with lr > 0, reaching the truncated SVD of that full step (bench/finetune_real.py: better at every "
                    "lr); null: an ordinary first step", low=1, nullable=True),

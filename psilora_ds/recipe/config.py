@@ -76,7 +76,7 @@ class TrainConfig:
     optim: str = opt("scaled_psilora", "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     lr: float | None = opt(None, "learning rate (PSI-LoRA: step size of the effective weight); null: on a built-in base, per optim, the best of bench/finetune_real.py (scaled_psilora 0.1, adamw 1e-2; logged); any other model must be given one (best lrs do not transfer between models; the refusal says where to start: scaled_psilora 10-22x LoRA-AdamW's lr)")
     # the methods' hyperparameters: default, range and meaning declared once, in psilora_ds/optim/hyperparameters.py
-    iters: int = hyper("iters")
+    iters: int | str = hyper("iters")
     first_step_iters: int | None = hyper("first_step_iters")
     momentum: float = hyper("momentum")
     betas: list = hyper("betas")
@@ -146,6 +146,8 @@ def _coerce(name: str, value: Any) -> Any:
             raise ValueError
         if kind.startswith("float"):
             return float(value)
+        if kind == "int | str" and isinstance(value, str):
+            return value  # a word the key also takes (iters: auto), checked by validate
         if kind.startswith("int"):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -242,6 +244,8 @@ def validate(cfg: TrainConfig) -> None:
         parse_cache_budget(cfg.cache_max_bytes)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if isinstance(cfg.iters, str) and cfg.iters != "auto":
+        raise ConfigError(f"iters={cfg.iters!r}: give a number of inner iterations (0: Jacobi, cache-free) or auto")
     if cfg.dtype not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"dtype={cfg.dtype!r}: choose fp32, bf16 or fp16")
     if (cfg.prompt_field is None) != (cfg.response_field is None):
@@ -288,6 +292,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"tiny_hidden_size must be a multiple of 8 (4 heads of an even size), got "
                           f"{cfg.tiny_hidden_size}")
     for h in HYPERPARAMETERS.values():  # the methods' ranges (the optimizers check the same on their arguments)
+        if h.name == "iters" and cfg.iters == "auto":
+            continue  # (chosen when the optimizer is built: psilora_ds.recipe.optimizers.choose_iters)
         if problem := h.problem(getattr(cfg, h.name)):
             raise ConfigError(problem)
     if cfg.bnb_4bit_compute_dtype not in ("bfloat16", "float16", "float32"):

@@ -71,6 +71,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, distributor: Distributor
     check_optim(cfg)
     cfg = resolve_lr(cfg)
     method = METHODS[cfg.optim]
+    if "iters" in method.takes:
+        cfg = choose_iters(cfg, model)
     arguments = hyperparameter_arguments(method, vars(cfg))
     if method.lora:
         arguments.update(lora_options(cfg, distributor))
@@ -78,6 +80,44 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, distributor: Distributor
         return method.build(model, cfg.lr, **arguments)
     except ValueError as err:  # the optimizers check their hyperparameters (lr >= 0, iters >= 0, betas, ...)
         raise ConfigError(f"optim={cfg.optim}: {err}") from None
+
+
+def step_row_bytes(cfg: TrainConfig, model: nn.Module) -> int:
+    """Bytes of the activation rows (``X``, ``Z`` of every LoRA layer) one rank captures in a step: its tokens per step
+    (micro-batch x sequence x accumulation) times ``sum(in + out)`` numbers in the activations' dtype."""
+    from ..lora_layers import find_lora_layers
+
+    layers = find_lora_layers(model, polar=METHODS[cfg.optim].adapter == "polar")
+    tokens = cfg.micro_batch_size * cfg.max_seq_len * cfg.gradient_accumulation_steps
+    width = 2 if cfg.dtype in ("bf16", "fp16") else 4
+    return tokens * sum(layer.in_features + layer.out_features for layer in layers) * width
+
+
+def choose_iters(cfg: TrainConfig, model: nn.Module) -> TrainConfig:
+    """``iters auto``: 1 (rows kept, LoRSum) while a step's rows fit the cache budget, else 0 (the cache-free Jacobi
+    step), logged once with the figures; ``iters >= 1`` over the budget: one warning that the rows will be folded
+    into dense fp32 stores (+0.2-0.4x step time in bench/cache_policy.py) and that iters 0 is the cache-free choice."""
+    from ..capture import default_cache_budget, parse_cache_budget
+
+    rows = step_row_bytes(cfg, model)
+    budget = parse_cache_budget(cfg.cache_max_bytes)
+    if budget == "auto":
+        budget = default_cache_budget(next(p for p in model.parameters() if p.requires_grad).device)
+    mib = 1 / 2**20
+    figures = (f"a step's activation rows {rows * mib:.1f} MiB per rank "
+               f"({cfg.micro_batch_size} x {cfg.max_seq_len} tokens x {cfg.gradient_accumulation_steps} micro-batches), "
+               f"cache budget {'none' if budget is None else f'{budget * mib:.1f} MiB'}")
+    fits = budget is None or rows <= budget
+    if cfg.iters == "auto":
+        iters = 1 if fits else 0
+        logger.info("iters auto -> %d: %s (%s)", iters, figures,
+                    "rows kept, LoRSum on them" if fits else "over the budget: cache-free Jacobi steps")
+        return dataclasses.replace(cfg, iters=iters)
+    if cfg.iters >= 1 and not fits:
+        logger.warning("iters %d with %s: layers will be folded into dense fp32 stores (+0.2-0.4x step time measured "
+                       "by bench/cache_policy.py); iters 0 (or --iters auto) is the cache-free choice", cfg.iters,
+                       figures)
+    return cfg
 
 
 def lora_options(cfg: TrainConfig, distributor: Distributor | None = None) -> dict[str, Any]:
