@@ -131,3 +131,24 @@ def test_first_step_on_two_ranks_is_the_truncated_svd_of_the_whole_batch(tmp_pat
     run_distributed(ddp_worker, 2, tmp_path)
     for rank in range(2):
         assert max(torch.load(tmp_path / f"rank{rank}.pt")) <= 1e-6
+
+
+def test_a_cache_free_run_says_its_first_step_keeps_rows_and_then_products(caplog):
+    """The memory line is true to what is held: a cache-free optimizer's spectral first step keeps the rows (said with
+    their size), the steps after it thin products (said once when they start)."""
+    import logging
+
+    model = lora_two_layer_net(nonzero_B=False, head_trainable=False)
+    x, t = data(0)
+    opt = PreconditionedLoRA(model, LR, first_step_iters=K)
+    assert opt.cache_free
+    with caplog.at_level(logging.INFO, logger="psilora_ds"):
+        for _ in range(3):
+            F.mse_loss(model(x), t).backward()
+            opt.step()
+            opt.zero_grad()
+    lines = [r.getMessage() for r in caplog.records if "capture" in r.getMessage() and "MiB" in r.getMessage()]
+    rows = x.shape[0] * sum(layer.in_features + layer.out_features for layer in opt.layers) * x.element_size()
+    assert len(lines) == 2, lines
+    assert "this step keeps the activation rows" in lines[0] and f"{rows / 2**20:.1f} MiB of rows" in lines[0]
+    assert "no activation rows kept" in lines[1]

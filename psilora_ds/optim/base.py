@@ -70,7 +70,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
             ProductCapture(self.layers, self._sketch_probes) if self.cache_free
             else ActivationCapture(self.layers, max_bytes=self.options.cache_max_bytes, fold=self.options.fold,
                                    offload=self.options.cache_offload))
-        self._logged_memory = False
+        self._logged_memory: set[str] = set()
         others = other_parameters(model, self.layers, [self.layer_factors(layer) for layer in self.layers])
         self.other_optimizer: torch.optim.Optimizer | None = None
         if others:
@@ -270,8 +270,9 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         if self.cache_free and (blocker := self.cache_free_blocker(self._lora_group)):
             raise ValueError(f"this step cannot be cache-free: {blocker} (the hyperparameters changed after the "
                              "optimizer was built?); build it with cache_free=False")
-        if not self._logged_memory:
-            self._logged_memory = True
+        mode = "rows" if not self.cache_free or self.capture.keep_rows else "products"
+        if mode not in self._logged_memory:  # once per kind of capture (a cache-free run's first step keeps rows)
+            self._logged_memory.add(mode)
             logger.info("%s", capture_memory_message(self.capture, self.layers, self.cache_free))
         if self.capture.pending_microbatches > self._microbatches_per_step:
             self._microbatches_per_step = self.capture.pending_microbatches

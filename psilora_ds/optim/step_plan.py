@@ -201,6 +201,10 @@ class StepPlanner:
 def capture_memory_message(capture: Any, layers: Sequence[LoRALayer], cache_free: bool) -> str:
     """What the capture holds per rank at the first step, and what the other mode would (logged once)."""
     mib = 2.0**-20
+    if cache_free and capture.keep_rows:
+        return (f"cache-free capture, but this step keeps the activation rows (the spectral first step's iterations "
+                f"need them): {max(capture.peak_nbytes, capture.nbytes) * mib:.1f} MiB of rows per rank at its peak; "
+                "the steps after it keep thin products only")
     if cache_free:
         return (f"cache-free capture: no activation rows kept; {capture.nbytes * mib:.1f} MiB of thin products and "
                 f"{capture.factor_nbytes * mib:.1f} MiB of probe factors per rank")
