@@ -247,7 +247,13 @@ def main() -> None:
         body = (f"Base: {base.get('parameters', 0) / 1e6:.2f} M parameters ({BASE}), held-out loss "
                 f"{base.get('eval_loss_python_source', float('nan')):.3f} on Python source. {len(results) - 1} runs "
                 f"so far; a best lr marked (edge) is not yet bracketed, seeds < 3 are not yet the protocol's mean.\n\n"
-                + table)
+                + table
+                + "\n\nSized for about 6 hours of this 2-core machine: a run takes 110-230 s (one thread; 2 workers run "
+                  "about 40 an hour), a cell and method about 11 runs (5 of seed 0 to bracket, 6 more seeds), so the 3 "
+                  "cells x 6 methods are about 200 runs, 4-5 hours, after the base (about 45 minutes to pretrain). "
+                  "Eval loss every 50 steps on the fixed held-out split; train s: training seconds to step 300 (step "
+                  "overhead included)."
+                + (f"\n\n![quality map]({os.path.basename(args.png)})" if args.png else ""))
         write_section(args.write, "Quality map (issue 25, in progress)", "python bench/quality_map.py", body)
 
 
