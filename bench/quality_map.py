@@ -131,7 +131,12 @@ def needed(results: dict, cell: str, method: str, steps: int) -> list[tuple[int,
     todo = [(k, 0) for k in (best - 1, best + 1) if k not in seed0]
     if todo:  # the best is an edge: extend the bracket
         return todo
-    return [(k, s) for k in (best - 1, best, best + 1) for s in SEEDS[1:]
+    # the mean over the seeds may move the best to an edge of what was run: bracket that one too
+    centre = best_point(results, cell, method, steps)[0]
+    todo = [(k, 0) for k in (centre - 1, centre + 1) if k not in seed0]
+    if todo:
+        return todo
+    return [(k, s) for k in sorted({best - 1, best, best + 1, centre - 1, centre, centre + 1}) for s in SEEDS[1:]
             if key(cell, method, k, s, steps) not in results and math.isfinite(seed0[k])]
 
 
