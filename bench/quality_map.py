@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import statistics
@@ -234,6 +235,7 @@ def main() -> None:
     args = parser.parse_args()
     results = load_json(RESULTS)
     if not args.report:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the base's progress
         base = base_dir()
         with open(os.path.join(base, "pretrain.json")) as f:
             made = json.load(f)
