@@ -80,12 +80,17 @@ def write_section(path: str, title: str, command: str, body: str) -> None:
         f.write(text)
 
 
-def save_lr_figure(fig, ax, ylabel: str, path: str, legend_size: int = 8) -> None:
-    """Label an eval-loss-against-lr plot (log lr axis set by the caller) and write it to ``path``."""
+def label_lr_axes(ax, ylabel: str, legend_size: int = 8) -> None:
+    """Label an eval-loss-against-lr plot (log lr axis set by the caller)."""
     ax.set_xlabel("learning rate")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)
+
+
+def save_lr_figure(fig, ax, ylabel: str, path: str, legend_size: int = 8) -> None:
+    """Label an eval-loss-against-lr plot (:func:`label_lr_axes`) and write the figure to ``path``."""
+    label_lr_axes(ax, ylabel, legend_size)
     fig.tight_layout()
     fig.savefig(path)
 

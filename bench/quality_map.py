@@ -33,7 +33,7 @@ from multiprocessing import get_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import load_json, markdown_table, recipe_run, save_json, save_lr_figure, write_section  # noqa: E402
+from bench.common import label_lr_axes, load_json, markdown_table, recipe_run, save_json, write_section  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results", "quality_map.json")
 CACHE = os.path.join(ROOT, ".cache", "psilora_ds")
@@ -208,7 +208,7 @@ def save_figure(results: dict, cells: list[str], methods: list[str], steps: int,
         if finals:  # a diverged neighbour would squash the interesting part
             top.set_ylim(min(finals) - 0.03, min(finals) + 0.45)
         top.set_title(f"{cell}: eval loss after {steps} steps")
-        save_lr_figure(fig, top, "held-out loss", path, legend_size=7)
+        label_lr_axes(top, "held-out loss", legend_size=7)
         bottom.set_xlabel("training seconds (2-core CPU, one thread per run)")
         bottom.set_ylabel("held-out loss")
         bottom.set_title(f"{cell}: held-out loss against time, best lr")
