@@ -2,8 +2,11 @@
 every method's lr tuned the same way.
 
 * Base: a LLaMA of hidden 256, 6 layers, BPE 4096 (5.6 M parameters, 5x the built-in base) pretrained by
-  ``launch/pretrain_base.py`` on the standard library's source files (``--corpus stdlib``); built under
-  ``.cache/psilora_ds`` when missing (about 25 minutes on 2 cores), its record checked against the one in the results.
+  ``launch/pretrain_base.py`` on the standard library's source files (``--corpus stdlib``) and committed under
+  ``bench/bases/`` (11 MB, bf16): a base rebuilt on another machine differs (its stdlib has other files, its CPU
+  other rounding), and the first map's base was lost that way (its runs: ``bench/results/quality_map_base565.json``).
+  Its record is checked against the one in the results, and every run's step-0 held-out loss against the cell's
+  first one (same base, same held-out split: a machine whose GNU manuals differ is refused).
 * Cells: ``builtin:python-reference`` at r 16 and r 64, ``builtin:gnu-manuals`` at r 16 (alpha = 2 r, all linear
   layers); ``--steps`` (300) steps, cosine schedule with 10 warm-up steps, clipping 1.0, evaluated every 50 steps on
   the fixed held-out split.
@@ -38,6 +41,7 @@ from bench.common import label_lr_axes, load_json, markdown_table, recipe_run, s
 RESULTS = os.path.join(ROOT, "bench", "results", "quality_map.json")
 CACHE = os.path.join(ROOT, ".cache", "psilora_ds")
 BASE = dict(hidden=256, layers=6, vocab_size=4096, steps=2000, corpus="stdlib")
+BASE_DIR = os.path.join(ROOT, "bench", "bases", "stdlib-256x6-v4096")
 CELLS = ("python-reference:16", "gnu-manuals:16", "python-reference:64")
 # name -> (recipe arguments, starting lr guess: the built-in base's best at 100 steps)
 METHODS: dict[str, tuple[list[str], float]] = {
@@ -74,13 +78,28 @@ def k_of(lr: float) -> int:
     return round(3 * math.log10(lr))
 
 
-def base_dir() -> str:
-    from psilora_ds.recipe.pretrain import PretrainConfig, pretrain_base
+def base_record() -> dict:
+    """The committed base's pretraining record (its config must be :data:`BASE`)."""
+    path = os.path.join(BASE_DIR, "pretrain.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: the map's base is missing from {BASE_DIR}; restore it with git (it is committed)")
+    with open(path) as f:
+        made = json.load(f)
+    if any(made["config"][k] != v for k, v in BASE.items()):
+        raise SystemExit(f"error: the base in {BASE_DIR} was not pretrained with {BASE}")
+    return made
 
-    cfg = PretrainConfig(**BASE)
-    path = os.path.join(CACHE, f"bench-base-{cfg.hidden}x{cfg.layers}-v{cfg.vocab_size}-s{cfg.steps}-{cfg.corpus}")
-    pretrain_base(path, cfg)
-    return path
+
+def check_step0(results: dict, cell: str, result: dict) -> None:
+    """Every run of a cell starts from the same base on the same held-out split: its step-0 loss is the cell's."""
+    start = result.get("eval", {}).get("0")
+    if start is None:
+        return
+    first = results.setdefault("_step0", {}).setdefault(cell, start)
+    if abs(first - start) > 1e-4:
+        raise SystemExit(f"error: {cell}'s step-0 held-out loss is {start:.5f} here but {first:.5f} in the results: "
+                         f"this machine's data differ from the map's (see recipe/system_text.py); run the map where "
+                         f"they match")
 
 
 def key(cell: str, method: str, k: int, seed: int, steps: int) -> str:
@@ -236,9 +255,7 @@ def main() -> None:
     results = load_json(RESULTS)
     if not args.report:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the base's progress
-        base = base_dir()
-        with open(os.path.join(base, "pretrain.json")) as f:
-            made = json.load(f)
+        base, made = BASE_DIR, base_record()
         record = results.setdefault("_base", {k: made[k] for k in ("config", "parameters", "eval_loss_python_source",
                                                                   "eval_loss_python_reference")})
         if abs(record["eval_loss_python_source"] - made["eval_loss_python_source"]) > 1e-3:
@@ -255,6 +272,7 @@ def main() -> None:
                         break
                     print(f"{cell}: {len(todo)} runs in this round", flush=True)
                     for point, result in pool.imap_unordered(run_point, todo):
+                        check_step0(results, cell, result)
                         results[point] = result
                         save_json(results, RESULTS)  # each finished run at once: an interrupted map resumes here
                         print(point, result.get("eval", {}).get(str(args.steps), result.get("error")),
@@ -265,13 +283,14 @@ def main() -> None:
         save_figure(results, args.cells, args.methods, args.steps, args.png)
     if args.write:
         base = results.get("_base", {})
+        runs = sum(not k.startswith("_") for k in results)
         body = (f"Base: {base.get('parameters', 0) / 1e6:.2f} M parameters ({BASE}), held-out loss "
-                f"{base.get('eval_loss_python_source', float('nan')):.3f} on Python source. {len(results) - 1} runs "
+                f"{base.get('eval_loss_python_source', float('nan')):.3f} on Python source. {runs} runs "
                 f"so far; a best lr marked (edge) is not yet bracketed, seeds < 3 are not yet the protocol's mean.\n\n"
                 + table
                 + "\n\nSized for about 6 hours of this 2-core machine: a run takes 110-230 s (one thread; 2 workers run "
                   "about 40 an hour), a cell and method about 11 runs (5 of seed 0 to bracket, 6 more seeds), so the 3 "
-                  "cells x 6 methods are about 200 runs, 4-5 hours, after the base (about 45 minutes to pretrain). "
+                  "cells x 6 methods are about 200 runs, 4-5 hours (the base is committed; pretraining it took 45-150 minutes). "
                   "Eval loss every 50 steps on the fixed held-out split; train s: training seconds to step 300 (step "
                   "overhead included)."
                 + (f"\n\n![quality map]({os.path.basename(args.png)})" if args.png else ""))
