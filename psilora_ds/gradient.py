@@ -16,6 +16,7 @@ from .capture import LayerBatch
 from .products import LayerProducts
 from .ops import compute_dtype, frobenius_sq, gaussian_probes, kfac_sums, sketched_product
 from .ops.lorsum import Term
+from .ops.sketch_svd import GradientSketch
 from .ops.rounds import Rounds
 
 
@@ -34,7 +35,9 @@ class FactoredGradient(Protocol):
     - :meth:`norm_sq` ``||P||_F^2``: exact, or the unbiased ``k``-probe Gaussian sketch (METHOD.md section 6);
     - :meth:`kfac_sums`: the K-FAC row statistics;
     - LoRSum's inputs: :meth:`terms` (``scale * P`` as rank-local ``(coef, F, H)`` terms) and :meth:`known_products`
-      (``(B^T P, P A^T)`` at the step's factors when known without the terms).
+      (``(B^T P, P A^T)`` at the step's factors when known without the terms);
+    - :meth:`spectral_sketch`: ``scale * P``'s two-sided sketch when the capture took it for the spectral first step
+      (cache-free; None when the rows are there instead).
     """
 
     coef: float
@@ -51,6 +54,8 @@ class FactoredGradient(Protocol):
     def terms(self, scale: float) -> list[Term]: ...
 
     def known_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+    def spectral_sketch(self, scale: float) -> GradientSketch | None: ...
 
 
 class LayerGradient:
@@ -78,6 +83,10 @@ class LayerGradient:
 
     def known_momentum_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(M_B^T G, G M_A^T)`` when known without the rows (never, here: see :class:`ProductGradient`)."""
+        return None
+
+    def spectral_sketch(self, scale: float) -> GradientSketch | None:
+        """None: the rows are here, so the spectral first step iterates on them (exact)."""
         return None
 
     def terms(self, scale: float) -> list[Term]:
@@ -200,13 +209,17 @@ class ProductGradient:
     LoRA rank (the first ``r`` probe factors are ``(A, B)``, the rest the momentum's)."""
 
     def __init__(self, products: LayerProducts, r: int, coef: float, rows: int,
-                 probes: tuple[torch.Tensor, torch.Tensor]):
+                 probes: tuple[torch.Tensor, torch.Tensor], sketch: GradientSketch | None = None):
         self.products = products
         self.r = r
         self.coef = coef
         self.rows = rows
         self.probes = probes
+        self.sketch = sketch  # the spectral first step's, summed over ranks (None: not taken this step)
         self.reduce = self.autograd = None  # (already summed over ranks; no autograd products to reuse)
+
+    def spectral_sketch(self, scale: float) -> GradientSketch | None:
+        return None if self.sketch is None else self.sketch.scaled(scale * self.coef)
 
     def terms(self, scale: float) -> list[Term]:
         return []

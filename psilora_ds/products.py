@@ -4,10 +4,11 @@
 A Jacobi step (``iters=0``) needs ``P = sum_i Z_i^T X_i`` only through products with matrices known
 before the backward pass: ``B^T P`` and ``P A^T`` (the LoRA gradients at the current factors),
 ``M_B^T P`` and ``P M_A^T`` (the low-rank momentum update), the K-FAC row sums of ``X**2`` and
-``Z**2``, and the sketch ``P Omega`` of the clipping norm. All are linear in the rows, so each
-micro-batch adds its share in the backward hook and its rows are dropped at once: the capture holds
-``q (m + n) + m + n (+ m k)`` numbers per layer (``q = r + r_m``) whatever the number of tokens,
-instead of ``N (m + n)``.
+``Z**2``, and the sketch ``P Omega`` of the clipping norm; the spectral first step adds the two-sided sketch
+``(P Omega_s, Psi P)`` it is reconstructed from (:mod:`~psilora_ds.ops.sketch_svd`). All are linear in the rows, so
+each micro-batch adds its share in the backward hook and its rows are dropped at once: the capture holds
+``q (m + n) + m + n (+ m k)`` numbers per layer (``q = r + r_m``; the first step ``(2r + 1) m + (4r + 3) n`` more)
+whatever the number of tokens, instead of ``N (m + n)``.
 
 The products are taken at *probe factors*: the factors (and momentum factors) of the step about to
 be taken, which the optimizer hands over after each step (:meth:`ProductCapture.set_factors`). The
@@ -25,6 +26,7 @@ import torch
 from .capture import ActivationCapture
 from .lora_layers import LoRALayer
 from .ops import compute_dtype, gaussian_probes, norm_sketch_seed, thin_products
+from .ops.sketch_svd import GradientSketch, range_corange_products, sketch_probes, spectral_sketch_seed
 
 
 @dataclass
@@ -36,10 +38,13 @@ class LayerProducts:
     sum_x2: torch.Tensor  # (n,)
     sum_z2: torch.Tensor  # (m,)
     sketch: torch.Tensor | None  # P Omega (m x k), when the clipping norm is wanted
+    range_sketch: torch.Tensor | None = None  # P Omega_s (m x k_s), the spectral first step's
+    corange_sketch: torch.Tensor | None = None  # Psi P (l_s x n), the spectral first step's
     rows: int = 0
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.left, self.right, self.sum_x2, self.sum_z2, self.sketch) if t is not None]
+        return [t for t in (self.left, self.right, self.sum_x2, self.sum_z2, self.sketch, self.range_sketch,
+                            self.corange_sketch) if t is not None]
 
     @property
     def nbytes(self) -> int:
@@ -61,16 +66,23 @@ class ProductCapture(ActivationCapture):
     ``sketch_probes``: called at each micro-batch, the number ``k`` of Gaussian probes of the clipping
     norm's sketch (0: no sketch); the probes of layer ``i`` at step ``t`` are seeded by
     ``norm_sketch_seed(t, i)``, ``t`` = :attr:`step`, so every rank draws the same ones.
+
+    ``spectral_sketch``: called once per step, at its first micro-batch, whether the step takes the spectral first
+    step (then the hooks also add its two-sided sketch; a step at lr 0 is not it, and captures none).
     """
 
-    def __init__(self, layers: list[LoRALayer], sketch_probes: Callable[[], int]):
+    def __init__(self, layers: list[LoRALayer], sketch_probes: Callable[[], int],
+                 spectral_sketch: Callable[[], bool] = lambda: False):
         super().__init__(layers, max_bytes=None, fold=False)
         self.sketch_probes = sketch_probes
+        self.spectral_sketch = spectral_sketch
         self.step = 0
-        self.keep_rows = False  # this step keeps rows instead (a spectral first step needs K >= 1 iterations)
+        self.sketched = False  # whether the step last popped carries the spectral sketch
+        self._sketching: bool | None = None  # this step's decision, made at its first micro-batch
         self._factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (left m x q, right q x n)
         self._master_dtypes: dict[int, torch.dtype] = {}
         self._omegas: dict[int, torch.Tensor] = {}  # this step's probes, drawn once per layer
+        self._spectral_probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (Omega_s, Psi)
 
     def set_factors(self, idx: int, A: torch.Tensor, B: torch.Tensor,
                     momentum: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -110,8 +122,38 @@ class ProductCapture(ActivationCapture):
         k = self.sketch_probes()
         m, n = left.shape[0], right.shape[1]
         new = left.new_zeros
+        spectral = (None, None)
+        if self.sketching():
+            omega, psi = self.spectral_probes(idx, left)
+            spectral = (new(m, omega.shape[1]), new(psi.shape[0], n))
         return LayerProducts(new(left.shape[1], n), new(m, left.shape[1]), new(n), new(m),
-                             new(m, k) if k > 0 else None)
+                             new(m, k) if k > 0 else None, *spectral)
+
+    def sketching(self) -> bool:
+        """Whether this step takes the spectral first step's sketch (decided once, at its first micro-batch)."""
+        if self._sketching is None:
+            self._sketching = bool(self.spectral_sketch())
+        return self._sketching
+
+    def spectral_probes(self, idx: int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Omega_s, Psi)`` of layer ``idx``'s spectral sketch (:func:`~psilora_ds.ops.sketch_svd.sketch_probes`),
+        drawn once per step, in ``like``'s dtype and device."""
+        probes = self._spectral_probes.get(idx)
+        if probes is None:
+            layer = self.layers[idx]
+            like = self._factors[idx][0] if like is None else like
+            probes = sketch_probes(layer.out_features, layer.in_features, layer.rank,
+                                   spectral_sketch_seed(layer.index), dtype=like.dtype, device=like.device)
+            self._spectral_probes[idx] = probes
+        return probes
+
+    def gradient_sketch(self, idx: int, products: LayerProducts) -> GradientSketch | None:
+        """Layer ``idx``'s spectral sketch in ``products`` (summed over ranks) with its probes; None when the step
+        took none."""
+        if products.range_sketch is None:
+            return None
+        omega, psi = self.spectral_probes(idx)
+        return GradientSketch(products.range_sketch, products.corange_sketch, omega, psi)
 
     def _on(self, idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The probe factors of layer ``idx`` on ``device``: a model moved (``model.to("cuda")``) after the optimizer
@@ -131,8 +173,6 @@ class ProductCapture(ActivationCapture):
         return omega
 
     def add(self, idx: int, X: torch.Tensor, Z: torch.Tensor) -> None:
-        if self.keep_rows:
-            return super().add(idx, X, Z)
         if idx not in self._factors:
             raise RuntimeError("cache-free capture without probe factors: the optimizer did not set them")
         left, right = self._on(idx, X.device)
@@ -141,6 +181,8 @@ class ProductCapture(ActivationCapture):
         # full precision whatever autocast a backward inside an autocast region would apply
         with torch.autocast(device_type=X.device.type, enabled=False):
             new = thin_products(Z, X, left, right, omega)
+            if self.sketching():
+                new = (*new, *range_corange_products(Z, X, *self.spectral_probes(idx, left)))
         batch = self._batches.get(idx)
         if batch is None:
             self._batches[idx] = LayerProducts(*new, rows=X.shape[0])
@@ -151,12 +193,30 @@ class ProductCapture(ActivationCapture):
         return 0  # products, never rows: nothing to fold
 
     def pop(self) -> dict[int, LayerProducts]:
+        """This step's products; the spectral probes stay until the next step opens (the step reconstructs with
+        them)."""
         self._omegas = {}
+        self.sketched = bool(self._sketching)
+        if not self.sketched:
+            self._spectral_probes = {}
+        self._sketching = None
         return super().pop()
 
     def clear(self) -> None:
-        self._omegas = {}
+        self._omegas, self._spectral_probes = {}, {}
+        self._sketching = None
         super().clear()
+
+    @property
+    def sketch_nbytes(self) -> int:
+        """Bytes of the spectral first step's sketches held (0 on the other steps)."""
+        return sum(t.numel() * t.element_size() for b in self._batches.values()
+                   for t in (b.range_sketch, b.corange_sketch) if t is not None)
+
+    @property
+    def spectral_probe_nbytes(self) -> int:
+        """Bytes of the spectral sketch's probes held (replicated on every rank; the first step only)."""
+        return sum(t.numel() * t.element_size() for pair in self._spectral_probes.values() for t in pair)
 
     @property
     def factor_nbytes(self) -> int:

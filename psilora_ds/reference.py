@@ -46,6 +46,23 @@ def svd_truncate(T, rank):
     return root[:, None] * Vh[:rank], U[:, :rank] * root
 
 
+def sketched_spectral_step_dense(T, rank, omega, psi, d_out=None, d_in=None):
+    """The cache-free spectral first step (METHOD.md 5) on the dense target ``T`` (already ``T~`` in the metric case):
+    ``S = D_out^1/2 T D_in^1/2`` sketched as ``Y = S Omega~``, ``W = Psi~ S`` with ``Omega~ = D_in^1/2 Omega``,
+    ``Psi~ = Psi D_out^1/2``; ``S^ = Q (Psi~ Q)^+ W`` with ``Q`` an orthonormal basis of ``range(Y)``; the result is
+    ``D_out^-1/2 svd_r(S^) D_in^-1/2`` as ``(A, B)`` (Tropp, Yurtsever, Udell, Cevher 2017)."""
+    T, omega, psi = T.to(f64), omega.to(f64), psi.to(f64)
+    so = torch.ones(T.shape[0], dtype=f64) if d_out is None else d_out.to(f64).sqrt()
+    si = torch.ones(T.shape[1], dtype=f64) if d_in is None else d_in.to(f64).sqrt()
+    S = so[:, None] * T * si[None, :]
+    psi_t = psi * so[None, :]
+    Y, W = S @ (si[:, None] * omega), psi_t @ S
+    Q = torch.linalg.svd(Y, full_matrices=False)[0]  # (Y has full column rank almost surely)
+    S_hat = Q @ torch.linalg.pinv(psi_t @ Q) @ W
+    A, B = svd_truncate(S_hat, rank)
+    return A / si[None, :], B / so[:, None]
+
+
 def momentum_lam(M, lam, momentum_prox):
     """The momentum update's proximal weight ``max(lam, momentum_prox * mean singular value of M)`` (METHOD.md 3),
     from the SVD of the dense product."""

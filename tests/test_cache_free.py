@@ -41,11 +41,12 @@ def test_thin_products_against_the_dense_gradient():
         assert rel_err(got, want) < 1e-13
 
 
-def one_process_run(name, cache_free, *, clip=CLIP, dtype=torch.float32):
+def one_process_run(name, cache_free, *, clip=CLIP, dtype=torch.float32, seed=5, **kw):
     model = lora_two_layer_net(dtype=dtype, head_trainable=True, nonzero_B=False)
-    opt = make(name, model, cache_free=cache_free, max_grad_norm=clip, clip_norm_probes=32, accumulation_steps=ACC)
+    opt = make(name, model, cache_free=cache_free, max_grad_norm=clip, clip_norm_probes=32, accumulation_steps=ACC,
+               **kw)
     cache = []
-    for step, (x, t) in enumerate(regression_batches(5, STEPS * ACC, 2 * B)):
+    for step, (x, t) in enumerate(regression_batches(seed, STEPS * ACC, 2 * B)):
         F.mse_loss(model(x.to(dtype)), t.to(dtype)).div(ACC).backward()
         if step % ACC == ACC - 1:
             opt.step()
@@ -154,6 +155,7 @@ def test_load_state_dict_resumes_exactly():
 
 # ---- 2 ranks: DDP, DeepSpeed ZeRO 2 and 3, FSDP2, each cached vs cache-free -----------------------
 ENGINES = ("ddp", "zero2", "zero3", "zero3-init", "fsdp2")  # zero3-init: model partitioned from birth
+ENGINE_DATA_SEED, FIRST_STEP_ITERS = 17, 3
 
 
 def engine_worker(rank, world, out):
@@ -167,17 +169,19 @@ def engine_worker(rank, world, out):
 
     from .test_deepspeed import ds_config, full_factors
 
-    data = regression_batches(17, STEPS * ACC, 2 * B)
+    data = regression_batches(ENGINE_DATA_SEED, STEPS * ACC, 2 * B)
     for engine_name in ENGINES:
         for name in NAMES:
-            for cache_free in (False, True):
+            for cache_free in (False, True, "first"):  # "first": cache-free with the (sketched) spectral first step
                 if engine_name == "zero3-init":  # base and LoRA factors partitioned from birth (shape [0] outside forward)
                     with deepspeed.zero.Init(config_dict_or_path=ds_config(3, micro_batch=B, clip=CLIP, gas=ACC)):
                         model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
                     assert model.base_model.model.fc1.lora_A["default"].weight.numel() == 0
                 else:
                     model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-                kw = dict(cache_free=cache_free, accumulation_steps=ACC)
+                kw = dict(cache_free=bool(cache_free), accumulation_steps=ACC)
+                if cache_free == "first":
+                    kw["first_step_iters"] = FIRST_STEP_ITERS
                 if engine_name == "ddp":
                     opt = make(name, model, max_grad_norm=CLIP, distributor=DDPDistributor(shard_state=True), **kw)
                     forward = DistributedDataParallel(model)
@@ -289,6 +293,24 @@ def test_two_ranks_cache_free_equals_the_cached_rows(engine_runs, engine, name):
         for layer, (A, B_) in rows["factors"].items():
             assert rel_err(free["factors"][layer][0], A) <= 1e-6
             assert rel_err(free["factors"][layer][1], B_) <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_ranks_sketched_first_step_equals_one_process(engine_runs, engine, name):
+    """The spectral first step from the sketch the hooks took (summed over ranks in the products' flat all-reduce),
+    then 3 ordinary steps: every engine's factors equal one process's on the whole batch (1e-5, fp32), and no step
+    held rows."""
+    opt, want, cache = one_process_run(name, True, seed=ENGINE_DATA_SEED, first_step_iters=FIRST_STEP_ITERS)
+    assert opt.spectral_done and cache == [0] * STEPS
+    for rank in range(2):
+        got = torch.load(engine_runs / f"{engine}-{name}-first-rank{rank}.pt")
+        assert got["cache_free"] and got["cache"] == 0
+        assert got["norm"] == pytest.approx(opt.last_grad_norm, rel=1e-5)
+        for layer, (A, B_) in want.items():
+            assert rel_err(got["factors"][layer][0], A) <= 1e-5
+            assert rel_err(got["factors"][layer][1], B_) <= 1e-5
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """The spectral first step (LoRA-One, arXiv 2502.01235): from peft's B = 0, ``first_step_iters`` inner
 iterations on the first step give the truncated SVD of the first full gradient step (the SVDLoRA oracle at
-B = 0), in one process and on 2 ranks, also for cache-free (Jacobi) optimizers."""
+B = 0), in one process and on 2 ranks. Cache-free (Jacobi) optimizers keep no rows for it: their hooks take a
+two-sided sketch of the step's gradient, reconstructed to rank r (ops/sketch_svd.py; exact when the gradient's rank is
+at most the sketch's, the dense reference's reconstruction otherwise)."""
 
 import pytest
 import torch
@@ -53,8 +55,10 @@ def make(name, model, **kw):
 
 @pytest.mark.parametrize("name", ["psilora", "preconditioned", "scaled"])
 def test_first_step_is_the_truncated_svd_of_the_first_full_step(name):
+    """On rows (psilora, iters=1) for any batch; cache-free from the sketch, exact here since the batch's 6 rows make
+    ``rank(P) <= 6 <= k = 9``."""
     model = lora_two_layer_net(nonzero_B=False, head_trainable=False)
-    x, t = data(0)
+    x, t = data(0) if name == "psilora" else data(0, N=6)
     targets = first_step_targets(model, x, t, metric="kfac" if name == "scaled" else None)
     opt = make(name, model)
     F.mse_loss(model(x), t).backward()
@@ -74,7 +78,7 @@ def test_a_warm_up_step_at_lr_0_defers_the_spectral_step():
     """A warm-up schedule's first step has lr 0: the spectral step is the first step with lr > 0 (taken at lr 0
     it would leave B = 0 and the option would do nothing, as it once did in the recipe, whose warm-up starts at 0)."""
     model = lora_two_layer_net(nonzero_B=False, head_trainable=False)
-    x, t = data(0)
+    x, t = data(0, N=6)
     targets = first_step_targets(model, x, t)
     opt = PreconditionedLoRA(model, LR, first_step_iters=K)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s))  # lr 0, then LR
@@ -115,7 +119,7 @@ def ddp_worker(rank, world, out):
     from psilora_ds.distributed import DDPDistributor
 
     model = lora_two_layer_net(nonzero_B=False, head_trainable=False)
-    x, t = data(0)
+    x, t = data(0, N=6)  # 3 rows per rank; the sketch of the whole batch is exact (rank 6 <= k)
     targets = first_step_targets(model, x, t)  # the whole batch, densely
     opt = make("preconditioned", model, distributor=DDPDistributor(shard_state=True))
     half = x.shape[0] // 2
@@ -133,22 +137,59 @@ def test_first_step_on_two_ranks_is_the_truncated_svd_of_the_whole_batch(tmp_pat
         assert max(torch.load(tmp_path / f"rank{rank}.pt")) <= 1e-6
 
 
-def test_a_cache_free_run_says_its_first_step_keeps_rows_and_then_products(caplog):
-    """The memory line is true to what is held: a cache-free optimizer's spectral first step keeps the rows (said with
-    their size), the steps after it thin products (said once when they start)."""
+@pytest.mark.parametrize("name", ["preconditioned", "scaled"])
+def test_a_cache_free_first_step_is_the_dense_sketch_reconstruction(name):
+    """A batch of 24 rows (``rank(P) = 12 > k = 9`` at fc1): the cache-free first step is the dense float64
+    reconstruction from the same probes (1e-9), which is not the exact truncated SVD but within the sketch's error."""
+    model = lora_two_layer_net(nonzero_B=False, head_trainable=False)
+    x, t = data(0)
+    twin = DenseTwin(model)
+    P, X, Z, _ = twin.grads(x, t)
+    exact = first_step_targets(model, x, t, metric="kfac" if name == "scaled" else None)
+    opt = make(name, model)
+    F.mse_loss(model(x), t).backward()
+    opt.step()
+    for i, layer in enumerate(opt.layers):
+        T = -(LR / twin.s[i] ** 2) * P[i]
+        d_out = d_in = None
+        if name == "scaled":  # as first_step_targets: the metric of the first step, and (1 - beta1) P
+            s_in, s_out = ref.kfac_diagonal_stats(X[i], Z[i], twin.s[i])
+            d_in = ref.ema_metric(torch.zeros_like(s_in), s_in, beta2=0.99, step=1, damping=1e-5, power=0.5)[1]
+            d_out = ref.ema_metric(torch.zeros_like(s_out), s_out, beta2=0.99, step=1, damping=1e-5, power=0.5)[1]
+            T = 0.1 * T / d_out[:, None] / d_in[None, :]
+        omega, psi = opt.capture.spectral_probes(layer.index)
+        A, B = ref.sketched_spectral_step_dense(T, layer.rank, omega, psi, d_out, d_in)
+        got = layer.B.detach() @ layer.A.detach()
+        assert rel(got, B @ A) <= 1e-9
+        assert 1e-4 < rel(got, exact[i]) < 0.5
+    assert opt.spectral_done
+
+
+@pytest.mark.parametrize("warm_up", [False, True])
+def test_a_cache_free_run_keeps_no_rows_and_says_what_its_first_step_holds(caplog, warm_up):
+    """No step of a cache-free run holds rows (``last_cache_bytes == 0`` throughout); the memory line says the first
+    step's sketches and their size, and the ordinary steps' products (each said once). A warm-up step at lr 0 takes
+    no sketch (it is not the spectral step)."""
     import logging
 
     model = lora_two_layer_net(nonzero_B=False, head_trainable=False)
     x, t = data(0)
     opt = PreconditionedLoRA(model, LR, first_step_iters=K)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s) if warm_up else 1.0)
     assert opt.cache_free
+    cache = []
     with caplog.at_level(logging.INFO, logger="psilora_ds"):
         for _ in range(3):
             F.mse_loss(model(x), t).backward()
             opt.step()
+            sched.step()
             opt.zero_grad()
+            cache.append(opt.last_cache_bytes)
+    assert cache == [0, 0, 0] and opt.spectral_done
     lines = [r.getMessage() for r in caplog.records if "capture" in r.getMessage() and "MiB" in r.getMessage()]
-    rows = x.shape[0] * sum(layer.in_features + layer.out_features for layer in opt.layers) * x.element_size()
     assert len(lines) == 2, lines
-    assert "this step keeps the activation rows" in lines[0] and f"{rows / 2**20:.1f} MiB of rows" in lines[0]
-    assert "no activation rows kept" in lines[1]
+    assert all("no activation rows kept" in line for line in lines)
+    sketched = [line for line in lines if "spectral first step's sketches" in line]
+    assert len(sketched) == 1 and sketched[0] == lines[1 if warm_up else 0]
+    # fc1 (16 x 12, r 4: k 9, l 16): Y 16 x 9, W 16 x 12; fc2 (10 x 16: k 9, l 10): Y 10 x 9, W 10 x 16; float64
+    assert f"sketches, {(16 * 9 + 16 * 12 + 10 * 9 + 10 * 16) * 8 / 2**20:.3g} MiB" in sketched[0]

@@ -44,7 +44,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
     hyperparameters, :attr:`lora_group`), so an LR scheduler over this optimizer drives both.
 
     A method implements :meth:`update_layer` and, where it needs them, :meth:`init_state`,
-    :meth:`cache_free_blocker`, :meth:`momentum_factors`, :meth:`check_distributor`, :meth:`needs_rows`,
+    :meth:`cache_free_blocker`, :meth:`momentum_factors`, :meth:`check_distributor`, :meth:`needs_spectral_sketch`,
     :meth:`on_step_applied`, :meth:`extra_state` and :meth:`load_extra_state` (docs/ARCHITECTURE.md).
     """
 
@@ -67,7 +67,8 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         # cache-free (METHOD.md section 6): thin products accumulated in the hooks, no rows kept
         self.cache_free = blocker is None if self.options.cache_free is None else self.options.cache_free
         self.capture: ActivationCapture = (
-            ProductCapture(self.layers, self._sketch_probes) if self.cache_free
+            ProductCapture(self.layers, self._sketch_probes, lambda: self.needs_spectral_sketch(self._lora_group))
+            if self.cache_free
             else ActivationCapture(self.layers, max_bytes=self.options.cache_max_bytes, fold=self.options.fold,
                                    offload=self.options.cache_offload))
         self._logged_memory: set[str] = set()
@@ -142,9 +143,8 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         self._prepare_capture()
 
     def _prepare_capture(self) -> None:
-        """Cache-free steps: the next step's norm-sketch seed, and whether it keeps rows instead of products."""
+        """Cache-free steps: the next step's norm-sketch seed."""
         self.capture.step = self.steps_taken
-        self.capture.keep_rows = self.needs_rows(self._lora_group)
 
     def _sketch_probes(self) -> int:
         """Probes of the clipping norm's sketch the cache-free hooks take (0: no clipping, no sketch)."""
@@ -210,8 +210,9 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
     def check_distributor(self, distributor: Distributor) -> None:
         """Raise a one-line error when this optimizer cannot run under ``distributor``."""
 
-    def needs_rows(self, group: dict[str, Any]) -> bool:
-        """Whether the next step needs the activation rows even where steps are cache-free."""
+    def needs_spectral_sketch(self, group: dict[str, Any]) -> bool:
+        """Whether the step being captured (cache-free) takes the spectral first step, whose two-sided sketch the
+        hooks then add (asked once per step, at its first micro-batch, with the lr it will take)."""
         return False
 
     def on_step_applied(self, group: dict[str, Any]) -> None:
@@ -270,8 +271,8 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         if self.cache_free and (blocker := self.cache_free_blocker(self._lora_group)):
             raise ValueError(f"this step cannot be cache-free: {blocker} (the hyperparameters changed after the "
                              "optimizer was built?); build it with cache_free=False")
-        mode = "rows" if not self.cache_free or self.capture.keep_rows else "products"
-        if mode not in self._logged_memory:  # once per kind of capture (a cache-free run's first step keeps rows)
+        mode = "rows" if not self.cache_free else "sketch" if self.capture.sketching() else "products"
+        if mode not in self._logged_memory:  # once per kind of capture (a cache-free first step adds its sketch)
             self._logged_memory.add(mode)
             logger.info("%s", capture_memory_message(self.capture, self.layers, self.cache_free))
         if self.capture.pending_microbatches > self._microbatches_per_step:

@@ -68,7 +68,8 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {h.name: h for h in (
     Hyperparameter("iters", int, 1, "LoRSum inner iterations (0: Jacobi, cache-free); recipe: auto = 1 while a step's activation rows fit the cache budget, else 0 (logged with the figures)", low=0),
     Hyperparameter("first_step_iters", int, 8, "spectral first step (LoRA-One): inner iterations of the first step "
                    "with lr > 0, reaching the truncated SVD of that full step (bench/finetune_real.py: better at every "
-                   "lr); null: an ordinary first step", low=1, nullable=True),
+                   "lr; cache-free, iters 0: from a two-sided sketch of its gradient, no rows); null: an ordinary "
+                   "first step", low=1, nullable=True),
     Hyperparameter("momentum", float, 0.9, "heavy-ball momentum", low=0, high=1, high_open=True),
     Hyperparameter("betas", list, [0.9, 0.999], "(momentum EMA, second-moment or metric EMA)",
                    check=_two_betas),

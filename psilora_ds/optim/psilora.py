@@ -12,6 +12,7 @@ from ..gradient import LayerGradient, ProductGradient
 from ..lora_layers import LoRALayer
 from ..ops import balance_factors, compute_dtype
 from ..ops.lorsum import lorsum_rounds
+from ..ops.sketch_svd import spectral_step_from_sketch
 from ..ops.rounds import Rounds
 from .hyperparameters import HYPERPARAMETERS, check
 from .lorsum_family import MIN_PROX_WEIGHT, LoRSumOptimizer
@@ -75,16 +76,20 @@ def factor_and_momentum_step(
     """The factors' step ``(A, B) <- LoRSum(B A - eta (grad_scale P + beta M))`` (F-LoRSum with ``d_out``,
     ``d_in``), then the momentum's ``M <- LoRSum(beta M + grad_scale P)``; returns the new factors.
     ``spectral_iters``: the spectral first step (METHOD.md section 5): that many iterations at the proximal
-    floor, then balanced factors."""
+    floor, then balanced factors; a cache-free gradient carries its sketch instead, reconstructed to rank r."""
     shared = [(-eta * beta, state["momentum_B"], state["momentum_A"])] if beta > 0 else []
     spectral = spectral_iters is not None
-    A_new, B_new = yield from lorsum_rounds(A, B, grad.terms(-eta * grad_scale), shared_terms=shared,
-                                            lam=MIN_PROX_WEIGHT if spectral else lam,
-                                            iters=spectral_iters if spectral else iters,
-                                            known_products=grad.known_products(-eta * grad_scale),
-                                            d_out=d_out, d_in=d_in, reduce=grad.reduce)
-    if spectral:
-        A_new, B_new = balance_factors(A_new, B_new)
+    sketch = grad.spectral_sketch(-eta * grad_scale) if spectral else None
+    if sketch is not None:
+        A_new, B_new = spectral_step_from_sketch(A, B, sketch, terms=shared, d_out=d_out, d_in=d_in)
+    else:
+        A_new, B_new = yield from lorsum_rounds(A, B, grad.terms(-eta * grad_scale), shared_terms=shared,
+                                                lam=MIN_PROX_WEIGHT if spectral else lam,
+                                                iters=spectral_iters if spectral else iters,
+                                                known_products=grad.known_products(-eta * grad_scale),
+                                                d_out=d_out, d_in=d_in, reduce=grad.reduce)
+        if spectral:
+            A_new, B_new = balance_factors(A_new, B_new)
     if beta > 0:
         yield from low_rank_momentum_update(state, grad, beta=beta, grad_scale=grad_scale, lam=lam, iters=iters,
                                             momentum_prox=momentum_prox)
@@ -120,7 +125,8 @@ class PSILoRA(LoRSumOptimizer):
         first_step_iters: the spectral first step (LoRA-One, arXiv 2502.01235): the run's first step takes this
             many inner iterations with a negligible proximal weight, then balances the factors, reaching the
             SVDLoRA oracle's step (from peft's ``B = 0``: the truncated SVD of the first full gradient step).
-            Cache-free optimizers keep rows for that step only. None: an ordinary first step.
+            Cache-free optimizers take a two-sided sketch of that step's gradient instead of rows
+            (:mod:`~psilora_ds.ops.sketch_svd`). None: an ordinary first step.
         **options: the family's shared options (:class:`~psilora_ds.optim.options.LoRAOptions`: clipping,
             the other trainables' optimizer, the engine's distributor, the activation cache).
     """

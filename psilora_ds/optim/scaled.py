@@ -44,7 +44,8 @@ class ScaledPSILoRA(LoRSumOptimizer):
         first_step_iters: the spectral first step (LoRA-One, arXiv 2502.01235): the run's first step takes this
             many inner iterations with a negligible proximal weight, then balances the factors, reaching the
             SVDLoRA oracle's step (from peft's ``B = 0``: the truncated SVD of the first full gradient step).
-            Cache-free optimizers keep rows for that step only. None: an ordinary first step.
+            Cache-free optimizers take a two-sided sketch of that step's gradient instead of rows
+            (:mod:`~psilora_ds.ops.sketch_svd`). None: an ordinary first step.
         metric_init: ``"zero"``: the EMAs start at zero and are bias-corrected (``stat / (1 - beta2^t)``);
             ``"ones"``: they start at ones, uncorrected, as in the paper authors' code (an implicit warm-up:
             the first steps are preconditioned by about the identity; :mod:`psilora_ds.presets`).

@@ -75,7 +75,7 @@ class StepPlanner:
              sketch_probes: int) -> StepPlan:
         """Consume the capture and plan the step (every rank, together: collectives)."""
         peak_cache_bytes = self.capture.peak_nbytes
-        rows_step = not self.cache_free or self.capture.keep_rows
+        rows_step = not self.cache_free
         batches = self.capture.pop()
         d, L = self.distributor, len(self.layers)
         copy = self.factors.copy
@@ -150,7 +150,8 @@ class StepPlanner:
         self.factors.raise_if_stale(stale, count)
         coef = self.distributor.grad_coef()
         return {idx: ProductGradient(products[idx], self.layers[idx].rank, coef, int(rows[idx]),
-                                     self.capture.probe_factors(idx)) for idx in present}
+                                     self.capture.probe_factors(idx), self.capture.gradient_sketch(idx, products[idx]))
+                for idx in present}
 
     def autograd_products(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Autograd's ``(A.grad, B.grad)`` of layer ``idx`` when the step may use them in place of the
@@ -201,13 +202,11 @@ class StepPlanner:
 def capture_memory_message(capture: Any, layers: Sequence[LoRALayer], cache_free: bool) -> str:
     """What the capture holds per rank at the first step, and what the other mode would (logged once)."""
     mib = 2.0**-20
-    if cache_free and capture.keep_rows:
-        return (f"cache-free capture, but this step keeps the activation rows (the spectral first step's iterations "
-                f"need them): {max(capture.peak_nbytes, capture.nbytes) * mib:.1f} MiB of rows per rank at its peak; "
-                "the steps after it keep thin products only")
     if cache_free:
-        return (f"cache-free capture: no activation rows kept; {capture.nbytes * mib:.1f} MiB of thin products and "
-                f"{capture.factor_nbytes * mib:.1f} MiB of probe factors per rank")
+        sketch = (f" (with the spectral first step's sketches, {capture.sketch_nbytes * mib:.3g} MiB, and their "
+                  f"probes, {capture.spectral_probe_nbytes * mib:.3g} MiB)" if capture.sketching() else "")
+        return (f"cache-free capture: no activation rows kept; {capture.nbytes * mib:.1f} MiB of thin products{sketch} "
+                f"and {capture.factor_nbytes * mib:.1f} MiB of probe factors per rank")
     rows = sum(layer.in_features + layer.out_features for layer in layers) * capture.row_itemsize
     # cache-free Jacobi steps hold (2r)(m + n) + m + n fp32 numbers per layer (momentum of rank r)
     products = sum((2 * layer.rank + 1) * (layer.in_features + layer.out_features) for layer in layers) * 4
