@@ -79,6 +79,18 @@ def base_dir(args) -> str:
     return path
 
 
+def held_out_batches(base: str):
+    """``(batches, config)``: the eval batches that cover all of the held-out topics (up to the last partial batch)
+    and the recipe's default config on ``base``."""
+    from psilora_ds.recipe.config import parse
+    from psilora_ds.recipe.data import build_datasets
+    from psilora_ds.recipe.modeling import build_tokenizer
+
+    probe = parse(["--model", base, "--cache_dir", CACHE])
+    _, held = build_datasets(probe, build_tokenizer(probe))
+    return len(held) // probe.micro_batch_size, probe
+
+
 def run_point(task: tuple[str, list[str], float, int, int, str, int]) -> tuple[str, float, int, dict]:
     """One fine-tuning run in this worker process: ``(method, lr, seed, {eval_loss, base_eval_loss})``."""
     name, recipe_args, lr, seed, steps, base, eval_batches = task
@@ -147,13 +159,7 @@ def main() -> None:
     base = base_dir(args)
     with open(os.path.join(base, "pretrain.json")) as f:
         made = json.load(f)
-    from psilora_ds.recipe.config import parse
-    from psilora_ds.recipe.data import build_datasets
-    from psilora_ds.recipe.modeling import build_tokenizer
-
-    probe = parse(["--model", base, "--cache_dir", CACHE])
-    _, held = build_datasets(probe, build_tokenizer(probe))
-    eval_batches = len(held) // probe.micro_batch_size  # all of the held-out topics (up to the last partial batch)
+    eval_batches, probe = held_out_batches(base)
     done = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
     tasks = [(name, METHODS[name][0], lr, seed, args.steps, base, eval_batches)
              for name in args.methods for lr in METHODS[name][1] for seed in args.seeds

@@ -41,8 +41,10 @@ def test_thin_products_against_the_dense_gradient():
         assert rel_err(got, want) < 1e-13
 
 
-def one_process_run(name, cache_free, *, clip=CLIP, dtype=torch.float32, seed=5, **kw):
+def one_process_run(name, cache_free, *, clip=CLIP, dtype=torch.float32, seed=5, weights=None, **kw):
     model = lora_two_layer_net(dtype=dtype, head_trainable=True, nonzero_B=False)
+    if weights is not None:
+        model.load_state_dict(weights)
     opt = make(name, model, cache_free=cache_free, max_grad_norm=clip, clip_norm_probes=32, accumulation_steps=ACC,
                **kw)
     cache = []
@@ -177,6 +179,11 @@ def engine_worker(rank, world, out):
                     with deepspeed.zero.Init(config_dict_or_path=ds_config(3, micro_batch=B, clip=CLIP, gas=ACC)):
                         model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
                     assert model.base_model.model.fc1.lora_A["default"].weight.numel() == 0
+                    if cache_free == "first" and name == NAMES[0]:  # (drawn partitioned: not one process's init)
+                        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                            init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        if rank == 0:
+                            torch.save(init, out / "zero3-init-weights.pt")
                 else:
                     model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
                 kw = dict(cache_free=bool(cache_free), accumulation_steps=ACC)
@@ -301,8 +308,10 @@ def test_two_ranks_cache_free_equals_the_cached_rows(engine_runs, engine, name):
 def test_two_ranks_sketched_first_step_equals_one_process(engine_runs, engine, name):
     """The spectral first step from the sketch the hooks took (summed over ranks in the products' flat all-reduce),
     then 3 ordinary steps: every engine's factors equal one process's on the whole batch (1e-5, fp32), and no step
-    held rows."""
-    opt, want, cache = one_process_run(name, True, seed=ENGINE_DATA_SEED, first_step_iters=FIRST_STEP_ITERS)
+    held rows. zero3-init draws its weights partitioned (not as one process does): one process starts from them."""
+    weights = torch.load(engine_runs / "zero3-init-weights.pt") if engine == "zero3-init" else None
+    opt, want, cache = one_process_run(name, True, seed=ENGINE_DATA_SEED, first_step_iters=FIRST_STEP_ITERS,
+                                       weights=weights)
     assert opt.spectral_done and cache == [0] * STEPS
     for rank in range(2):
         got = torch.load(engine_runs / f"{engine}-{name}-first-rank{rank}.pt")

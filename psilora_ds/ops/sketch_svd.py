@@ -83,6 +83,14 @@ def truncated_from_sketch(Y: torch.Tensor, W: torch.Tensor, psi: torch.Tensor,
     return root[:, None] * Vh[:rank], (Q @ U[:, :rank]) * root[None, :]
 
 
+def data_signs(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` with one sign per pair (row of ``A``, column of ``B``) chosen by the data, each column of ``B``
+    with its largest entry positive, not by LAPACK: the same factors on every engine, whose sketches differ by
+    rounding (``B A`` does not depend on it)."""
+    flip = torch.where(B.gather(0, B.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0).to(B.dtype)
+    return A * flip.T, B * flip
+
+
 def spectral_step_from_sketch(
     A: torch.Tensor, B: torch.Tensor, sketch: GradientSketch, *, c0: float = 1.0,
     terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]] = (), d_out: torch.Tensor | None = None,
@@ -118,5 +126,5 @@ def spectral_step_from_sketch(
         Y_S.add_((so[:, None] * B0) @ (A0 @ (si.square()[:, None] * omega)), alpha=c0)
         W_S.add_(((psi * so.square()[None, :]) @ B0) @ (A0 * si[None, :]), alpha=c0)
     A_S, B_S = truncated_from_sketch(Y_S, W_S, psi * so[None, :], r)
-    A_new, B_new = balance_factors(A_S / si[None, :], B_S / so[:, None])
+    A_new, B_new = data_signs(*balance_factors(A_S / si[None, :], B_S / so[:, None]))
     return A_new.to(out_dtype).contiguous(), B_new.to(out_dtype).contiguous()
