@@ -62,6 +62,8 @@ ATTEMPTS: dict[str, tuple[list[str], float]] = {
     "Scaled damping 1e-4": ([*SCALED, "--damping", "1e-4"], 1e-1),
     "Scaled rank_multiplier 2": ([*SCALED, "--rank_multiplier", "2"], 1e-1),
     "Scaled no first step": ([*SCALED, "--first_step_iters", "null"], 1e-1),
+    # ours (METHOD.md section 4): Adafactor's factored second moment of the full gradient as the metric
+    "Scaled metric adafactor": ([*SCALED, "--metric", "adafactor"], 1e-2),
 }
 ATTEMPT_CELLS = ("gnu-manuals:16",)
 METHODS.update(ATTEMPTS)

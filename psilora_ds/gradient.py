@@ -240,16 +240,26 @@ class ProductGradient:
             if part.shape == M.shape and torch.equal(part, M.to(part.dtype)):
                 return block
         raise ValueError(f"a cache-free gradient knows {what} only at the factors its products were taken at (the "
-                         "step's A, B and momentum factors); other products need the rows (cache_free=False)")
+                         "step's A, B and momentum factors, the sketch's probes); other products need the rows "
+                         "(cache_free=False)")
+
+    def _sketched(self, M: torch.Tensor, probe: torch.Tensor | None) -> bool:
+        return probe is not None and probe.shape == M.shape and torch.equal(probe, M.to(probe.dtype))
 
     def right_product(self, V: torch.Tensor) -> Rounds[torch.Tensor]:
-        """``P @ V`` for ``V`` = the step's ``A^T`` or ``M_A^T`` (already summed: no round)."""
+        """``P @ V`` for ``V`` = the step's ``A^T`` or ``M_A^T``, or the two-sided sketch's ``Omega`` (already summed:
+        no round)."""
+        if self._sketched(V, None if self.sketch is None else self.sketch.omega):
+            return self.sketch.Y * self.coef
         block = self._probe_block(V, self.probes[1].T, "P @ V")
         return self.products.right[:, block] * self.coef
         yield  # (a generator of rounds, with none)
 
     def left_product(self, U: torch.Tensor) -> Rounds[torch.Tensor]:
-        """``U^T @ P`` for ``U`` = the step's ``B`` or ``M_B`` (already summed: no round)."""
+        """``U^T @ P`` for ``U`` = the step's ``B`` or ``M_B``, or the two-sided sketch's ``Psi^T`` (already summed: no
+        round)."""
+        if self._sketched(U, None if self.sketch is None else self.sketch.psi.T):
+            return self.sketch.W * self.coef
         block = self._probe_block(U, self.probes[0], "U^T @ P")
         return self.products.left[block] * self.coef
         yield

@@ -4,8 +4,8 @@
 A Jacobi step (``iters=0``) needs ``P = sum_i Z_i^T X_i`` only through products with matrices known
 before the backward pass: ``B^T P`` and ``P A^T`` (the LoRA gradients at the current factors),
 ``M_B^T P`` and ``P M_A^T`` (the low-rank momentum update), the K-FAC row sums of ``X**2`` and
-``Z**2``, and the sketch ``P Omega`` of the clipping norm; the spectral first step adds the two-sided sketch
-``(P Omega_s, Psi P)`` it is reconstructed from (:mod:`~psilora_ds.ops.sketch_svd`). All are linear in the rows, so
+``Z**2``, and the sketch ``P Omega`` of the clipping norm; the spectral first step and the Adafactor metric add
+the two-sided sketch ``(P Omega_s, Psi P)`` (:mod:`~psilora_ds.ops.sketch_svd`). All are linear in the rows, so
 each micro-batch adds its share in the backward hook and its rows are dropped at once: the capture holds
 ``q (m + n) + m + n (+ m k)`` numbers per layer (``q = r + r_m``; the first step ``(2r + 1) m + (4r + 3) n`` more)
 whatever the number of tokens, instead of ``N (m + n)``.
@@ -26,7 +26,7 @@ import torch
 from .capture import ActivationCapture
 from .lora_layers import LoRALayer
 from .ops import compute_dtype, gaussian_probes, norm_sketch_seed, thin_products
-from .ops.sketch_svd import GradientSketch, range_corange_products, sketch_probes, spectral_sketch_seed
+from .ops.sketch_svd import GradientSketch, gradient_sketch_seed, range_corange_products, sketch_probes
 
 
 @dataclass
@@ -67,22 +67,23 @@ class ProductCapture(ActivationCapture):
     norm's sketch (0: no sketch); the probes of layer ``i`` at step ``t`` are seeded by
     ``norm_sketch_seed(t, i)``, ``t`` = :attr:`step`, so every rank draws the same ones.
 
-    ``spectral_sketch``: called once per step, at its first micro-batch, whether the step takes the spectral first
-    step (then the hooks also add its two-sided sketch; a step at lr 0 is not it, and captures none).
+    ``gradient_sketch``: called once per step, at its first micro-batch, whether the step needs the two-sided sketch
+    of each layer's gradient (the spectral first step, the Adafactor metric; a step at lr 0 is not the spectral
+    step); its probes are seeded by ``gradient_sketch_seed(t, i)``.
     """
 
     def __init__(self, layers: list[LoRALayer], sketch_probes: Callable[[], int],
-                 spectral_sketch: Callable[[], bool] = lambda: False):
+                 gradient_sketch: Callable[[], bool] = lambda: False):
         super().__init__(layers, max_bytes=None, fold=False)
         self.sketch_probes = sketch_probes
-        self.spectral_sketch = spectral_sketch
+        self.gradient_sketch = gradient_sketch
         self.step = 0
-        self.sketched = False  # whether the step last popped carries the spectral sketch
         self._sketching: bool | None = None  # this step's decision, made at its first micro-batch
+        self._popped = False  # the step was handed over: its decision and probes stand until the next one opens
         self._factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (left m x q, right q x n)
         self._master_dtypes: dict[int, torch.dtype] = {}
         self._omegas: dict[int, torch.Tensor] = {}  # this step's probes, drawn once per layer
-        self._spectral_probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (Omega_s, Psi)
+        self._sketch_probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (Omega_s, Psi), this step
 
     def set_factors(self, idx: int, A: torch.Tensor, B: torch.Tensor,
                     momentum: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -122,37 +123,43 @@ class ProductCapture(ActivationCapture):
         k = self.sketch_probes()
         m, n = left.shape[0], right.shape[1]
         new = left.new_zeros
-        spectral = (None, None)
+        two_sided = (None, None)
         if self.sketching():
-            omega, psi = self.spectral_probes(idx, left)
-            spectral = (new(m, omega.shape[1]), new(psi.shape[0], n))
+            omega, psi = self.gradient_probes(idx, left)
+            two_sided = (new(m, omega.shape[1]), new(psi.shape[0], n))
         return LayerProducts(new(left.shape[1], n), new(m, left.shape[1]), new(n), new(m),
-                             new(m, k) if k > 0 else None, *spectral)
+                             new(m, k) if k > 0 else None, *two_sided)
+
+    @property
+    def sketched(self) -> bool:
+        """Whether the step being captured (or last handed over) takes the two-sided sketch."""
+        return bool(self._sketching)
 
     def sketching(self) -> bool:
-        """Whether this step takes the spectral first step's sketch (decided once, at its first micro-batch)."""
+        """Whether this step takes the two-sided gradient sketch (decided once, at its first micro-batch)."""
         if self._sketching is None:
-            self._sketching = bool(self.spectral_sketch())
+            self._sketching = bool(self.gradient_sketch())
         return self._sketching
 
-    def spectral_probes(self, idx: int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Omega_s, Psi)`` of layer ``idx``'s spectral sketch (:func:`~psilora_ds.ops.sketch_svd.sketch_probes`),
-        drawn once per step, in ``like``'s dtype and device."""
-        probes = self._spectral_probes.get(idx)
+    def gradient_probes(self, idx: int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Omega_s, Psi)`` of layer ``idx``'s two-sided sketch at this step
+        (:func:`~psilora_ds.ops.sketch_svd.sketch_probes`), drawn once per step, in ``like``'s dtype and device."""
+        probes = self._sketch_probes.get(idx)
         if probes is None:
             layer = self.layers[idx]
             like = self._factors[idx][0] if like is None else like
             probes = sketch_probes(layer.out_features, layer.in_features, layer.rank,
-                                   spectral_sketch_seed(layer.index), dtype=like.dtype, device=like.device)
-            self._spectral_probes[idx] = probes
+                                   gradient_sketch_seed(self.step, layer.index), dtype=like.dtype,
+                                   device=like.device)
+            self._sketch_probes[idx] = probes
         return probes
 
-    def gradient_sketch(self, idx: int, products: LayerProducts) -> GradientSketch | None:
-        """Layer ``idx``'s spectral sketch in ``products`` (summed over ranks) with its probes; None when the step
+    def sketch_of(self, idx: int, products: LayerProducts) -> GradientSketch | None:
+        """Layer ``idx``'s two-sided sketch in ``products`` (summed over ranks) with its probes; None when the step
         took none."""
         if products.range_sketch is None:
             return None
-        omega, psi = self.spectral_probes(idx)
+        omega, psi = self.gradient_probes(idx)
         return GradientSketch(products.range_sketch, products.corange_sketch, omega, psi)
 
     def _on(self, idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,6 +180,8 @@ class ProductCapture(ActivationCapture):
         return omega
 
     def add(self, idx: int, X: torch.Tensor, Z: torch.Tensor) -> None:
+        if self._popped:  # the first micro-batch of a new step
+            self._popped, self._sketching, self._sketch_probes = False, None, {}
         if idx not in self._factors:
             raise RuntimeError("cache-free capture without probe factors: the optimizer did not set them")
         left, right = self._on(idx, X.device)
@@ -182,7 +191,7 @@ class ProductCapture(ActivationCapture):
         with torch.autocast(device_type=X.device.type, enabled=False):
             new = thin_products(Z, X, left, right, omega)
             if self.sketching():
-                new = (*new, *range_corange_products(Z, X, *self.spectral_probes(idx, left)))
+                new = (*new, *range_corange_products(Z, X, *self.gradient_probes(idx, left)))
         batch = self._batches.get(idx)
         if batch is None:
             self._batches[idx] = LayerProducts(*new, rows=X.shape[0])
@@ -193,30 +202,28 @@ class ProductCapture(ActivationCapture):
         return 0  # products, never rows: nothing to fold
 
     def pop(self) -> dict[int, LayerProducts]:
-        """This step's products; the spectral probes stay until the next step opens (the step reconstructs with
-        them)."""
+        """This step's products; its sketch decision and probes stand until the next step's first micro-batch (the
+        step reads them)."""
         self._omegas = {}
-        self.sketched = bool(self._sketching)
-        if not self.sketched:
-            self._spectral_probes = {}
-        self._sketching = None
+        self.sketching()  # (decided now if no micro-batch came: a rank that saw none adds zeros shaped by it)
+        self._popped = True
         return super().pop()
 
     def clear(self) -> None:
-        self._omegas, self._spectral_probes = {}, {}
-        self._sketching = None
+        self._omegas, self._sketch_probes = {}, {}
+        self._sketching, self._popped = None, False
         super().clear()
 
     @property
     def sketch_nbytes(self) -> int:
-        """Bytes of the spectral first step's sketches held (0 on the other steps)."""
+        """Bytes of the two-sided sketches held (0 on steps that take none)."""
         return sum(t.numel() * t.element_size() for b in self._batches.values()
                    for t in (b.range_sketch, b.corange_sketch) if t is not None)
 
     @property
-    def spectral_probe_nbytes(self) -> int:
-        """Bytes of the spectral sketch's probes held (replicated on every rank; the first step only)."""
-        return sum(t.numel() * t.element_size() for pair in self._spectral_probes.values() for t in pair)
+    def sketch_probe_nbytes(self) -> int:
+        """Bytes of the two-sided sketch's probes held (replicated on every rank)."""
+        return sum(t.numel() * t.element_size() for pair in self._sketch_probes.values() for t in pair)
 
     @property
     def factor_nbytes(self) -> int:

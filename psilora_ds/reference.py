@@ -109,6 +109,14 @@ def shampoo_diagonal_stats(P, scaling):
     return torch.diagonal(G.T @ G), torch.diagonal(G @ G.T)
 
 
+def adafactor_diagonal_stats(P, omega, psi, scaling):
+    """``(C (n,), R (m,))``: the column and row sums of squares of ``G = P / scaling`` estimated from the dense
+    sketches ``G Omega`` (m x k) and ``Psi G`` (l x n) (METHOD.md 4, Adafactor metric)."""
+    G = P.to(f64) / scaling
+    Y, W = G @ omega.to(f64), psi.to(f64) @ G
+    return (W**2).sum(0) / W.shape[0], (Y**2).sum(1) / Y.shape[1]
+
+
 def scaled_psilora_step(A, B, P, D_out, D_in, *, scaling, lr, beta1, iters, lam, M=None, momentum_prox=0.0):
     """One Scaled PSI-LoRA step on dense ``P`` given the final metric diagonals (METHOD.md 4)."""
     eta = lr / scaling**2
@@ -137,11 +145,15 @@ def clip_coefficient(dense_grads, max_norm):
     return min(1.0, max_norm / (float(norm) + 1e-6)), float(norm)
 
 
-def ema_metric(ema, stat, *, beta2, step, damping, power, corrected=True):
+def ema_metric(ema, stat, *, beta2, step, damping, power, corrected=True, normalized=False):
     """EMA of a metric statistic, Adam-style bias correction (unless ``corrected=False``: an EMA started at
-    ones, the paper authors' code), damping and fractional power. Returns ``(new_ema, D)``."""
+    ones, the paper authors' code), damping and fractional power. ``normalized``: divided by the root of its sum
+    before the damping (the Adafactor metric). Returns ``(new_ema, D)``."""
     ema = beta2 * ema.to(f64) + (1 - beta2) * stat.to(f64)
-    return ema, (ema / ((1 - beta2**step) if corrected else 1.0) + damping) ** power
+    value = ema / ((1 - beta2**step) if corrected else 1.0)
+    if normalized:
+        value = value / value.sum().sqrt()
+    return ema, (value + damping) ** power
 
 
 def landing_field_dense(X, D, lam):

@@ -23,10 +23,12 @@ def make(name, model, **kw):
         return PreconditionedLoRA(model, 0.2, **kw)
     if name == "psilora":
         return PSILoRA(model, 0.2, momentum=0.9, iters=0, **kw)
+    if name == "scaled-adafactor":  # its statistics from the two-sided sketch the hooks take at every step
+        return ScaledPSILoRA(model, 1e-2, betas=(0.9, 0.99), iters=0, damping=1e-6, metric="adafactor", **kw)
     return ScaledPSILoRA(model, 1e-2, betas=(0.9, 0.99), iters=0, damping=1e-6, **kw)
 
 
-NAMES = ("preconditioned", "psilora", "scaled")
+NAMES = ("preconditioned", "psilora", "scaled", "scaled-adafactor")
 
 
 def test_thin_products_against_the_dense_gradient():

@@ -157,7 +157,7 @@ def test_a_cache_free_first_step_is_the_dense_sketch_reconstruction(name):
             d_in = ref.ema_metric(torch.zeros_like(s_in), s_in, beta2=0.99, step=1, damping=1e-5, power=0.5)[1]
             d_out = ref.ema_metric(torch.zeros_like(s_out), s_out, beta2=0.99, step=1, damping=1e-5, power=0.5)[1]
             T = 0.1 * T / d_out[:, None] / d_in[None, :]
-        omega, psi = opt.capture.spectral_probes(layer.index)
+        omega, psi = opt.capture.gradient_probes(layer.index)
         A, B = ref.sketched_spectral_step_dense(T, layer.rank, omega, psi, d_out, d_in)
         got = layer.B.detach() @ layer.A.detach()
         assert rel(got, B @ A) <= 1e-9
@@ -189,7 +189,7 @@ def test_a_cache_free_run_keeps_no_rows_and_says_what_its_first_step_holds(caplo
     lines = [r.getMessage() for r in caplog.records if "capture" in r.getMessage() and "MiB" in r.getMessage()]
     assert len(lines) == 2, lines
     assert all("no activation rows kept" in line for line in lines)
-    sketched = [line for line in lines if "spectral first step's sketches" in line]
+    sketched = [line for line in lines if "two-sided gradient sketches" in line]
     assert len(sketched) == 1 and sketched[0] == lines[1 if warm_up else 0]
     # fc1 (16 x 12, r 4: k 9, l 16): Y 16 x 9, W 16 x 12; fc2 (10 x 16: k 9, l 10): Y 10 x 9, W 10 x 16; float64
     assert f"sketches, {(16 * 9 + 16 * 12 + 10 * 9 + 10 * 16) * 8 / 2**20:.3g} MiB" in sketched[0]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA, find_lora_layers
 from psilora_ds import reference as ref
 from psilora_ds.ops.rounds import run_rounds
+from psilora_ds.ops.sketch_svd import gradient_sketch_seed, sketch_probes
 from psilora_ds.optim.psilora import init_low_rank_momentum
 
 from .models import lora_two_layer_net
@@ -116,7 +117,7 @@ def test_preconditioned_lora_is_jacobi_psilora():
 
 @pytest.mark.parametrize("reuse", [True, False])
 @pytest.mark.parametrize("fold", [True, False])
-@pytest.mark.parametrize("metric", ["kfac", "shampoo"])
+@pytest.mark.parametrize("metric", ["kfac", "shampoo", "adafactor"])
 @pytest.mark.parametrize("beta1,momentum_prox", [(0.0, 0.0), (0.8, 0.0), (0.8, 0.3)])
 def test_scaled_psilora_matches_dense_reference(metric, beta1, momentum_prox, fold, reuse):
     model = lora_two_layer_net(head_trainable=False)
@@ -134,11 +135,19 @@ def test_scaled_psilora_matches_dense_reference(metric, beta1, momentum_prox, fo
             torch.testing.assert_close(Z[i].T @ X[i], P[i])  # the factorization itself
             if metric == "kfac":
                 s_in, s_out = ref.kfac_diagonal_stats(X[i], Z[i], twin.s[i])
-            else:
+            elif metric == "shampoo":
                 s_in, s_out = ref.shampoo_diagonal_stats(P[i], twin.s[i])
-            ema_in[i], D_in = ref.ema_metric(ema_in[i], s_in, beta2=beta2, step=step, damping=damping, power=power)
+            else:  # the probes the optimizer draws at this step (its steps_taken is step - 1)
+                layer = twin.layers[i]
+                omega, psi = sketch_probes(layer.out_features, layer.in_features, layer.rank,
+                                           gradient_sketch_seed(step - 1, layer.index), dtype=f64,
+                                           device=torch.device("cpu"))
+                s_in, s_out = ref.adafactor_diagonal_stats(P[i], omega, psi, twin.s[i])
+            norm = metric == "adafactor"
+            ema_in[i], D_in = ref.ema_metric(ema_in[i], s_in, beta2=beta2, step=step, damping=damping, power=power,
+                                             normalized=norm)
             ema_out[i], D_out = ref.ema_metric(ema_out[i], s_out, beta2=beta2, step=step, damping=damping,
-                                               power=power)
+                                               power=power, normalized=norm)
             twin.A[i], twin.B[i], M[i] = ref.scaled_psilora_step(
                 twin.A[i], twin.B[i], P[i], D_out, D_in, scaling=twin.s[i], lr=lr, beta1=beta1, iters=iters,
                 lam=lr * prox, M=M[i], momentum_prox=momentum_prox)

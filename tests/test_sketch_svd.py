@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from psilora_ds import reference as ref
-from psilora_ds.ops import svd_project, weighted_svd_project
+from psilora_ds.ops import factored_second_moments, svd_project, weighted_svd_project
 from psilora_ds.ops.sketch_svd import (GradientSketch, range_corange_products, sketch_probes, sketch_widths,
                                        spectral_step_from_sketch, truncated_from_sketch)
 
@@ -104,3 +104,24 @@ def test_error_within_the_sketch_bound(decay):
     mean = sum(errors) / len(errors)
     assert tau <= min(errors) and mean <= 5 * tau
     assert mean <= 2 * tau  # what this implementation reaches (well inside the theorem's bound)
+
+
+def test_adafactor_statistics_are_unbiased_with_the_stated_spread():
+    """``factored_second_moments``: each row (column) sum of ``G**2`` estimated as ``chi^2_k / k`` times itself: the
+    mean over 400 draws within 4 standard errors of the exact sums, the spread ``sqrt(2 / k)`` within 15%."""
+    g = torch.Generator().manual_seed(4)
+    m, n, r, s = 14, 10, 2, 2.0
+    P = randn(m, n, g=g)
+    G = P / s
+    exact_in, exact_out = (G**2).sum(0), (G**2).sum(1)
+    draws_in, draws_out = [], []
+    for seed in range(400):
+        omega, psi = sketch_probes(m, n, r, 1000 + seed, dtype=f64, device=torch.device("cpu"))
+        c, rr = factored_second_moments(P @ omega, psi @ P, s)
+        draws_in.append(c / exact_in)
+        draws_out.append(rr / exact_out)
+    k, l = sketch_widths(r, m, n)
+    for draws, width in ((torch.stack(draws_in), l), (torch.stack(draws_out), k)):
+        sd = (2 / width) ** 0.5
+        assert float((draws.mean(0) - 1).abs().max()) < 4 * sd / 400**0.5
+        assert float((draws.std(0).mean() / sd - 1)) ** 2 < 0.15**2

@@ -7,16 +7,19 @@ from .factored import (dense_gradient, frobenius_sq, gaussian_probes, gradient_g
 from .landing import landing_field, landing_field_rounds
 from .linalg import SPDSolve, compute_dtype, solve_spd_batch, solve_spd_left, solve_spd_right
 from .lorsum import lorsum
-from .metrics import damped_power, kfac_diagonals, kfac_sums, shampoo_diagonals
+from .metrics import (adafactor_normalized, damped_power, factored_second_moments, kfac_diagonals, kfac_sums,
+                      shampoo_diagonals)
 from .svd import svd_project, weighted_svd_project
 
 __all__ = [
     "SPDSolve",
+    "adafactor_normalized",
     "adam_step",
     "balance_factors",
     "compute_dtype",
     "damped_power",
     "dense_gradient",
+    "factored_second_moments",
     "frobenius_sq",
     "gaussian_probes",
     "gradient_gram_diagonals",

@@ -41,6 +41,21 @@ def shampoo_diagonals(
     return d_in / scaling**2, d_out / scaling**2
 
 
+def factored_second_moments(Y: torch.Tensor, W: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adafactor's statistics of ``G = P / scaling`` (METHOD.md section 4): its column and row sums of squares
+    ``(C (n,), R (m,))``, ``C_j = sum_i G_ij^2``, ``R_i = sum_j G_ij^2``, estimated without ``G`` from the sketches
+    ``Y = P Omega`` (m x k) and ``W = Psi P`` (l x n) with standard Gaussian ``Omega``, ``Psi``: ``(Y_i Y_i^T) / k``
+    is ``chi^2_k / k`` times ``R_i`` (unbiased, relative sd ``sqrt(2 / k)``), and likewise each column of ``W``."""
+    k, l = Y.shape[1], W.shape[0]
+    return W.square().sum(0) / (l * scaling**2), Y.square().sum(1) / (k * scaling**2)
+
+
+def adafactor_normalized(stat: torch.Tensor) -> torch.Tensor:
+    """``stat / sqrt(sum stat)``: with ``R`` and ``C`` so normalized, ``R_i C_j`` is Adafactor's rank-1 estimate
+    ``R_i C_j / sum R`` of ``G_ij^2`` (``sum R = sum C = ||G||_F^2``), split evenly between the two sides."""
+    return stat / stat.sum().sqrt().clamp_min(torch.finfo(stat.dtype).tiny)
+
+
 def damped_power(stat: torch.Tensor, damping: float, power: float) -> torch.Tensor:
     """``(stat + damping) ** power``: the diagonal metric used by F-LoRSum."""
     return (stat + damping).pow(power)

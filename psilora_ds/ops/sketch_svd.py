@@ -24,7 +24,7 @@ from .balance import balance_factors
 from .factored import gaussian_probes
 from .linalg import compute_dtype
 
-SPECTRAL_SKETCH_SEED = 0x5BEC7
+SPECTRAL_SKETCH_SEED = 0x5BEC7  # (distinct from the clipping norm's probes)
 
 
 def sketch_widths(rank: int, m: int, n: int) -> tuple[int, int]:
@@ -34,9 +34,9 @@ def sketch_widths(rank: int, m: int, n: int) -> tuple[int, int]:
     return k, min(2 * k + 1, m)
 
 
-def spectral_sketch_seed(layer_index: int) -> int:
-    """The seed of one layer's sketch probes (the same on every rank)."""
-    return SPECTRAL_SKETCH_SEED + 7919 * layer_index
+def gradient_sketch_seed(step: int, layer_index: int) -> int:
+    """The seed of one layer's sketch probes at one step (the same on every rank)."""
+    return SPECTRAL_SKETCH_SEED + 1_000_003 * step + 7919 * layer_index
 
 
 def sketch_probes(m: int, n: int, rank: int, seed: int, *, dtype: torch.dtype,

@@ -44,7 +44,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
     hyperparameters, :attr:`lora_group`), so an LR scheduler over this optimizer drives both.
 
     A method implements :meth:`update_layer` and, where it needs them, :meth:`init_state`,
-    :meth:`cache_free_blocker`, :meth:`momentum_factors`, :meth:`check_distributor`, :meth:`needs_spectral_sketch`,
+    :meth:`cache_free_blocker`, :meth:`momentum_factors`, :meth:`check_distributor`, :meth:`needs_gradient_sketch`,
     :meth:`on_step_applied`, :meth:`extra_state` and :meth:`load_extra_state` (docs/ARCHITECTURE.md).
     """
 
@@ -67,7 +67,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         # cache-free (METHOD.md section 6): thin products accumulated in the hooks, no rows kept
         self.cache_free = blocker is None if self.options.cache_free is None else self.options.cache_free
         self.capture: ActivationCapture = (
-            ProductCapture(self.layers, self._sketch_probes, lambda: self.needs_spectral_sketch(self._lora_group))
+            ProductCapture(self.layers, self._sketch_probes, lambda: self.needs_gradient_sketch(self._lora_group))
             if self.cache_free
             else ActivationCapture(self.layers, max_bytes=self.options.cache_max_bytes, fold=self.options.fold,
                                    offload=self.options.cache_offload))
@@ -210,9 +210,10 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
     def check_distributor(self, distributor: Distributor) -> None:
         """Raise a one-line error when this optimizer cannot run under ``distributor``."""
 
-    def needs_spectral_sketch(self, group: dict[str, Any]) -> bool:
-        """Whether the step being captured (cache-free) takes the spectral first step, whose two-sided sketch the
-        hooks then add (asked once per step, at its first micro-batch, with the lr it will take)."""
+    def needs_gradient_sketch(self, group: dict[str, Any]) -> bool:
+        """Whether the step being captured (cache-free) needs the two-sided sketch of each layer's gradient, which the
+        hooks then add (the spectral first step, the Adafactor metric; asked once per step, at its first
+        micro-batch, with the lr it will take)."""
         return False
 
     def on_step_applied(self, group: dict[str, Any]) -> None:

@@ -76,7 +76,10 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {h.name: h for h in (
     Hyperparameter("prox", float, 1e-2, "LoRSum proximal weight relative to lr", low=0),
     Hyperparameter("damping", float, 1e-8, "metric damping, added before the power", low=0),
     Hyperparameter("metric_power", float, 0.5, "fractional power of the metric (1/2: square-root K-FAC)", low=0, high=1),
-    Hyperparameter("metric", str, "kfac", "metric: kfac | shampoo", choices=("kfac", "shampoo")),
+    Hyperparameter("metric", str, "kfac", "metric: kfac (diag E[x x^T], E[g g^T]) | shampoo (diag G^T G, G G^T; rows, "
+                   "one rank) | adafactor (the factored second moment of the full gradient, Adafactor's row and column "
+                   "sums of G^2 from a two-sided sketch; cache-free, any ranks)",
+                   choices=("kfac", "shampoo", "adafactor")),
     Hyperparameter("metric_init", str, "zero", "metric EMA start: zero (bias-corrected like Adam) | "
                    "ones (uncorrected, the authors' code)", choices=("zero", "ones")),
     Hyperparameter("rank_multiplier", float, 1.0, "momentum rank = round(r * rank_multiplier)", low=0, low_open=True),

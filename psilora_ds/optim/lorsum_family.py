@@ -19,7 +19,7 @@ class LoRSumOptimizer(LoRAOptimizer):
     and whose run may start with the spectral first step (its group's ``first_step_iters``, LoRA-One): that many
     inner iterations at the proximal floor on the run's first step with ``lr > 0``. Cache-free methods keep no rows
     for it: their hooks take a two-sided sketch of that step's gradient instead, reconstructed to rank r
-    (:meth:`needs_spectral_sketch`, :func:`~psilora_ds.ops.sketch_svd.spectral_step_from_sketch`)."""
+    (:meth:`needs_gradient_sketch`, :func:`~psilora_ds.ops.sketch_svd.spectral_step_from_sketch`)."""
 
     spectral_done: bool = False  # the spectral first step has been taken
     _warned_unsketched: bool = False
@@ -46,7 +46,7 @@ class LoRSumOptimizer(LoRAOptimizer):
         """``lam = lr * prox``, floored (METHOD.md section 2)."""
         return max(group["lr"] * group["prox"], MIN_PROX_WEIGHT)
 
-    def needs_spectral_sketch(self, group: dict[str, Any]) -> bool:
+    def needs_gradient_sketch(self, group: dict[str, Any]) -> bool:
         """The spectral first step is pending and this step's lr is > 0: a step at lr 0 (warm-up) captures nothing
         for it."""
         return self.spectral_pending(group) and group["lr"] > 0

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from ..gradient import LayerGradient
-from ..ops import compute_dtype, damped_power, kfac_diagonals, shampoo_diagonals
+from ..ops import (adafactor_normalized, compute_dtype, damped_power, factored_second_moments, kfac_diagonals,
+                   shampoo_diagonals)
+from ..ops.sketch_svd import gradient_sketch_seed, sketch_probes
 from ..ops.rounds import Rounds
 from .hyperparameters import HYPERPARAMETERS, check
 from .lorsum_family import LoRSumOptimizer
@@ -37,7 +39,11 @@ class ScaledPSILoRA(LoRSumOptimizer):
         prox: ``lam = lr * prox``.
         damping: ``delta`` added to the metric statistics before the power.
         metric_power: ``p`` in [0, 1] (1/2 = square-root K-FAC, the paper's default).
-        metric: ``"kfac"`` (diag E[x x^T], diag E[g g^T]) or ``"shampoo"`` (diag G^T G, diag G G^T).
+        metric: ``"kfac"`` (diag E[x x^T], diag E[g g^T]), ``"shampoo"`` (diag G^T G, diag G G^T) or
+            ``"adafactor"``: EMAs of the row and column sums of ``G**2`` (``G`` the full gradient of the step, not
+            per-example), from the two-sided sketch ``(G Omega, Psi G)``, each normalized by the root of its sum, so that
+            ``D_out D_in^T`` is ``V**metric_power`` for Adafactor's factored second moment ``V = R C^T / sum R``
+            (METHOD.md section 4); with ``metric_power=0.5`` the step projects an Adafactor step.
         rank_multiplier: momentum rank ``round(r * rank_multiplier)`` (``1/r`` gives rank 1).
         momentum_prox: the momentum update's proximal weight relative to the momentum's mean singular value
             (:class:`~psilora_ds.optim.psilora.PSILoRA`; METHOD.md section 3); 0 gives the plain ``lam``.
@@ -86,6 +92,9 @@ class ScaledPSILoRA(LoRSumOptimizer):
                 "cannot reduce from thin products; use metric='kfac' with several ranks"
             )
 
+    def needs_gradient_sketch(self, group) -> bool:
+        return group["metric"] == "adafactor" or super().needs_gradient_sketch(group)
+
     def cache_free_blocker(self, group) -> str | None:
         if group["metric"] == "shampoo":
             return "metric='shampoo' needs the column norms of the whole gradient, which only the rows give"
@@ -112,6 +121,13 @@ class ScaledPSILoRA(LoRSumOptimizer):
         if group["metric"] == "kfac":
             sum_x2, sum_z2 = yield from grad.kfac_sums()
             return kfac_diagonals(sum_x2, sum_z2, grad.rows, layer.scaling)
+        if group["metric"] == "adafactor":  # the probes the cache-free hooks drew for this step
+            omega, psi = sketch_probes(layer.out_features, layer.in_features, layer.rank,
+                                       gradient_sketch_seed(self.steps_taken, layer.index),
+                                       dtype=compute_dtype(layer.lora_A.weight.dtype), device=layer.A.device)
+            Y = yield from grad.right_product(omega)
+            W = yield from grad.left_product(psi.T)
+            return factored_second_moments(Y, W, layer.scaling)
         if not grad.dense_for_quadratics:
             d_in, d_out = shampoo_diagonals(grad.X, grad.Z, layer.scaling)
         else:
@@ -129,8 +145,11 @@ class ScaledPSILoRA(LoRSumOptimizer):
         # Bias correction, as for Adam's second moment: otherwise the first steps would be
         # (1 - beta2)^(-p) times too large on each side.
         correction = 1.0 if group["metric_init"] == "ones" else 1 - beta2 ** state["step"]
-        D_in = damped_power(state["metric_in"] / correction, group["damping"], group["metric_power"])
-        D_out = damped_power(state["metric_out"] / correction, group["damping"], group["metric_power"])
+        stat_in, stat_out = state["metric_in"] / correction, state["metric_out"] / correction
+        if group["metric"] == "adafactor":  # R_i C_j / sum R, split between the sides (METHOD.md section 4)
+            stat_in, stat_out = adafactor_normalized(stat_in), adafactor_normalized(stat_out)
+        D_in = damped_power(stat_in, group["damping"], group["metric_power"])
+        D_out = damped_power(stat_out, group["damping"], group["metric_power"])
 
         return (yield from factor_and_momentum_step(
             state, A, B, grad, eta=group["lr"] / layer.scaling**2, beta=beta1, grad_scale=1 - beta1,

@@ -150,7 +150,7 @@ class StepPlanner:
         self.factors.raise_if_stale(stale, count)
         coef = self.distributor.grad_coef()
         return {idx: ProductGradient(products[idx], self.layers[idx].rank, coef, int(rows[idx]),
-                                     self.capture.probe_factors(idx), self.capture.gradient_sketch(idx, products[idx]))
+                                     self.capture.probe_factors(idx), self.capture.sketch_of(idx, products[idx]))
                 for idx in present}
 
     def autograd_products(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -203,8 +203,8 @@ def capture_memory_message(capture: Any, layers: Sequence[LoRALayer], cache_free
     """What the capture holds per rank at the first step, and what the other mode would (logged once)."""
     mib = 2.0**-20
     if cache_free:
-        sketch = (f" (with the spectral first step's sketches, {capture.sketch_nbytes * mib:.3g} MiB, and their "
-                  f"probes, {capture.spectral_probe_nbytes * mib:.3g} MiB)" if capture.sketching() else "")
+        sketch = (f" (with the two-sided gradient sketches, {capture.sketch_nbytes * mib:.3g} MiB, and their "
+                  f"probes, {capture.sketch_probe_nbytes * mib:.3g} MiB)" if capture.sketching() else "")
         return (f"cache-free capture: no activation rows kept; {capture.nbytes * mib:.1f} MiB of thin products{sketch} "
                 f"and {capture.factor_nbytes * mib:.1f} MiB of probe factors per rank")
     rows = sum(layer.in_features + layer.out_features for layer in layers) * capture.row_itemsize
