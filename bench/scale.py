@@ -9,8 +9,10 @@ process), the same model, data and steps.
     python bench/scale.py --write docs/BENCHMARKS.md
 
 Memory per rank (CPU: resident set sampled after each forward, backward and step; CUDA: allocated): once the
-model, engine and optimizer are built; the peak during the steps (the ratio to AdamW's is of this); and the
-process's peak since it started (CPU ``ru_maxrss``, which includes building the model).
+model, engine and optimizer are built; the peak of the first step (the PSI methods take the spectral first step,
+``--first_step_iters``, 8 as in the recipe: from the rows at iters 1, from a two-sided sketch cache-free) and of the
+steps after it (the ratio to AdamW's is of this); and the process's peak since it started (CPU ``ru_maxrss``, which
+includes building the model). The activation cache is reported for the first step and the last.
 
 Reported per method: step time (median of the steps after the warm-up, engine forward + backward + step)
 and its ratio to AdamW's, and the part spent in ``engine.step()`` (the optimizer and ZeRO's step work); peak RSS per rank (CUDA: max allocated) and its ratio; the activation cache (peak
@@ -120,18 +122,26 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
                                                  config=config)
     else:
         if method == "precond_lora":
-            opt = PreconditionedLoRA(model, 0.05)
+            opt = PreconditionedLoRA(model, 0.05, first_step_iters=args.first_step_iters)
         else:
-            opt = ScaledPSILoRA(model, 0.05, iters=int(method[-1]), betas=(0.9, 0.99), damping=1e-5)
+            opt = ScaledPSILoRA(model, 0.05, iters=int(method[-1]), betas=(0.9, 0.99), damping=1e-5,
+                                first_step_iters=args.first_step_iters)
         engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=config)
     device = engine.device
     built = memory_now()  # the model (its partition), engine and optimizer built, before any step
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    in_steps = built
+    in_steps = first_peak = built
+    first_cache = 0
     g = torch.Generator().manual_seed(1 + rank)
     times = []
     for step in range(args.warmup + args.steps):
+        if step == 1:  # the first step's peak, then the later steps' alone
+            first_peak, in_steps = in_steps, built
+            first_cache = 0 if method == "adamw" else opt.last_cache_bytes
+            if cuda:
+                first_peak = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
         ids = torch.randint(0, VOCAB, (args.micro_batch, args.seq_len), generator=g).to(device)
         if method != "adamw":
             calls, sent = dict(opt.distributor.comm_calls), dict(opt.distributor.comm_bytes)
@@ -153,6 +163,7 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
             times.append((time.perf_counter() - start, time.perf_counter() - middle))
     result = {"step_s": statistics.median(t for t, _ in times), "opt_s": statistics.median(o for _, o in times),
               "built_bytes": built, "peak_bytes": torch.cuda.max_memory_allocated() if cuda else in_steps,
+              "first_peak_bytes": first_peak, "first_cache": first_cache,
               "process_peak_bytes": process_peak_bytes(), "loss": loss.item()}
     if method == "adamw":
         inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
@@ -200,6 +211,8 @@ def main() -> None:
                         help="build the base partitioned from birth (deepspeed.zero.Init; the default at ZeRO-3); "
                              "--no-zero_init builds it whole on every rank first")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--first_step_iters", type=int, default=8,
+                        help="the PSI methods' spectral first step (0: none)")
     parser.add_argument("--write", help="replace this section of a markdown file (docs/BENCHMARKS.md)")
     args = parser.parse_args()
     if "adamw" not in args.methods:
@@ -207,6 +220,7 @@ def main() -> None:
     if args.zero_init and args.stage != 3:
         parser.error("--zero_init partitions the base from birth, which only ZeRO-3 does")
     args.zero_init = args.stage == 3 if args.zero_init is None else args.zero_init
+    args.first_step_iters = args.first_step_iters or None
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.ranks)))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
     results: dict[str, list] = {}
@@ -233,8 +247,10 @@ def main() -> None:
         opt_s = max(r["opt_s"] for r in ranks)
         built = max(r["built_bytes"] for r in ranks)
         whole = max(r["process_peak_bytes"] for r in ranks)
+        first = max(r["first_peak_bytes"] for r in ranks)
         rows.append([method, f"{step:.2f}", f"{step / t0:.2f}x", f"{opt_s:.2f}", f"{built * 2**-30:.2f}",
-                     f"{peak * 2**-30:.2f}", f"{peak / m0:.3f}x", f"{whole * 2**-30:.2f}",
+                     f"{first * 2**-30:.2f}", f"{peak * 2**-30:.2f}", f"{peak / m0:.3f}x", f"{whole * 2**-30:.2f}",
+                     f"{max(r['first_cache'] for r in ranks) * mib:.1f}",
                      f"{max(r['cache'] for r in ranks) * mib:.1f}", f"{sum(r['state'] for r in ranks) * mib:.1f}",
                      ranks[0]["calls"], f"{ranks[0]['comm'] * mib:.2f}", ranks[0].get("reads", 0)])
     with torch.device("meta"):  # counted, not allocated
@@ -243,12 +259,14 @@ def main() -> None:
     body = (f"LLaMA hidden {hidden}, intermediate {inter}, {layers} layers, vocab {VOCAB} ({n_params / 1e9:.2f} B "
             f"parameters, {n_params * (2 if args.dtype == 'bf16' else 4) / (args.ranks if args.stage == 3 else 1) * 2**-30:.2f}"
             f" GiB per rank {f'when partitioned over {args.ranks} ranks' if args.stage == 3 else 'replicated (ZeRO-2)'}, "
-            f"{7 * layers} LoRA layers, r = {R}), {args.dtype}, micro-batch {args.micro_batch} x "
+            f"{7 * layers} LoRA layers, r = {R}), {args.dtype}, PSI methods' spectral first step "
+            f"{args.first_step_iters or 'off'}, micro-batch {args.micro_batch} x "
             f"{args.seq_len} tokens per rank, base built {'partitioned (zero.Init)' if args.zero_init else 'whole on every rank'}, median of {args.steps} steps after {args.warmup} warm-up, the faster of "
             f"{args.repeats} interleaved runs per method. Machine: "
             f"{machine()}.\n\n" + markdown_table(
-                ["method", "step s", "time vs AdamW", "of which engine.step() s", "built GiB/rank", "peak in steps GiB/rank",
-                 "memory vs AdamW", "process peak GiB/rank", "cache MiB/rank",
+                ["method", "step s", "time vs AdamW", "of which engine.step() s", "built GiB/rank",
+                 "first step peak GiB/rank", "peak in later steps GiB/rank", "memory vs AdamW",
+                 "process peak GiB/rank", "first step cache MiB/rank", "cache MiB/rank",
                  "state MiB (all ranks)", "optimizer collectives/step", "optimizer MiB sent/step/rank",
                  "master reads/step"], rows))
     print(f"## {title}\n\n{body}")
