@@ -11,7 +11,8 @@ every method's lr tuned the same way.
   layers); ``--steps`` (300) steps, cosine schedule with 10 warm-up steps, clipping 1.0, evaluated every 50 steps on
   the fixed held-out split.
 * Methods: LoRA-AdamW, LoRA+, the default Scaled PSI-LoRA, Scaled PSI-LoRA ``iters=0`` (cache-free), the SVDLoRA
-  oracle (momentum 0.9), PoLAR. (Full fine-tuning joins when the recipe has it.)
+  oracle (momentum 0.9), PoLAR, and full fine-tuning with AdamW, the ceiling (``bench/full_finetune.py``: every
+  weight, on the recipe's data, schedule, clipping and evaluation; in the r 16 cells only, it has no rank).
 * lr search, per cell and method: seed 0 on a grid a third of a decade apart (10^(k/3)), from three points around
   the method's starting guess, extended until the best is interior; then seeds 1 and 2 at the best and its two
   neighbours. A point is one run; the best is the lowest mean over the seeds run.
@@ -39,6 +40,7 @@ sys.path.insert(0, ROOT)
 from bench.common import label_lr_axes, load_json, markdown_table, recipe_run, save_json, write_section  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results", "quality_map.json")
+FULL = "Full fine-tuning (AdamW)"
 CACHE = os.path.join(ROOT, ".cache", "psilora_ds")
 BASE = dict(hidden=256, layers=6, vocab_size=4096, steps=2000, corpus="stdlib")
 BASE_DIR = os.path.join(ROOT, "bench", "bases", "stdlib-256x6-v4096")
@@ -51,6 +53,7 @@ METHODS: dict[str, tuple[list[str], float]] = {
     "Scaled PSI-LoRA iters 0": (["--optim", "scaled_psilora", "--iters", "0"], 1e-1),
     "SVDLoRA oracle (momentum 0.9)": (["--optim", "svdlora"], 1e-1),
     "PoLAR": (["--optim", "polar"], 1e-2),
+    FULL: (["--optim", "adamw"], 1e-3),
 }
 # Attempts to win (issue 25, item 3): variations of the default Scaled PSI-LoRA, each tuned by the same protocol, on
 # the cell where it is furthest behind (gnu-manuals, r 16), after the core map's methods there.
@@ -67,6 +70,13 @@ ATTEMPTS: dict[str, tuple[list[str], float]] = {
 }
 ATTEMPT_CELLS = ("gnu-manuals:16",)
 METHODS.update(ATTEMPTS)
+
+
+def runs_in(method: str, cell: str) -> bool:
+    """Whether the map runs ``method`` in ``cell``: the attempts on ATTEMPT_CELLS, full fine-tuning at r 16."""
+    if method in ATTEMPTS:
+        return cell in ATTEMPT_CELLS
+    return method != FULL or cell.endswith(":16")
 SEEDS = (0, 1, 2)
 EVAL_EVERY = 50
 
@@ -112,10 +122,15 @@ def run_point(task: tuple[str, str, int, int, int, str]) -> tuple[str, dict]:
     cell, method, k, seed, steps, base = task
     domain, rank = cell.split(":")
     start = time.time()
-    result = recipe_run([*METHODS[method][0], "--model", base, "--dataset", f"builtin:{domain}", "--lora_r", rank,
-                         "--lora_alpha", str(2 * int(rank)), "--lr", str(lr_of(k)), "--seed", str(seed),
-                         "--max_steps", str(steps), "--eval_every", str(EVAL_EVERY), "--cache_dir", CACHE],
-                        scaling=2.0)
+    argv = [*METHODS[method][0], "--model", base, "--dataset", f"builtin:{domain}", "--lora_r", rank,
+            "--lora_alpha", str(2 * int(rank)), "--lr", str(lr_of(k)), "--seed", str(seed),
+            "--max_steps", str(steps), "--eval_every", str(EVAL_EVERY), "--cache_dir", CACHE]
+    if method == FULL:
+        from bench.full_finetune import full_finetune_run
+
+        result = full_finetune_run(argv)
+    else:
+        result = recipe_run(argv, scaling=2.0)
     result["wall_seconds"] = round(time.time() - start, 1)
     return key(cell, method, k, seed, steps), result
 
@@ -267,8 +282,7 @@ def main() -> None:
         with get_context("spawn").Pool(args.workers) as pool:
             for cell in args.cells:  # one cell finished before the next: complete tables early
                 for _ in range(args.max_rounds):
-                    todo = [(cell, m, k, s, args.steps, base) for m in args.methods
-                            if m not in ATTEMPTS or cell in ATTEMPT_CELLS
+                    todo = [(cell, m, k, s, args.steps, base) for m in args.methods if runs_in(m, cell)
                             for k, s in needed(results, cell, m, args.steps)]
                     if not todo:
                         break
