@@ -56,15 +56,15 @@ def main() -> None:
     rows = []
     for name, (_, lrs) in METHODS.items():
         for lr in lrs:
-            stats = {}
-            for capture in CAPTURES:
-                losses = [done[json.dumps([name, capture, lr, s])]["eval_loss"] for s in SEEDS]
-                stats[capture] = (statistics.mean(losses), statistics.stdev(losses))
-            (m_rows, sd_rows), (m_sketch, sd_sketch) = stats.values()
+            losses = {c: [done[json.dumps([name, c, lr, s])]["eval_loss"] for s in SEEDS] for c in CAPTURES}
+            (m_rows, sd_rows), (m_sketch, sd_sketch) = ((statistics.mean(v), statistics.stdev(v))
+                                                        for v in losses.values())
+            paired = [b - a for a, b in zip(*losses.values())]  # same seed: same data order and initialization
             rows.append([name, f"{lr:g}", f"{m_rows:.4f} +- {sd_rows:.4f}", f"{m_sketch:.4f} +- {sd_sketch:.4f}",
-                         f"{m_sketch - m_rows:+.4f}", "yes" if m_sketch - m_rows <= max(sd_rows, sd_sketch) else "NO"])
+                         f"{m_sketch - m_rows:+.4f}", "yes" if m_sketch - m_rows <= max(sd_rows, sd_sketch) else "NO",
+                         ", ".join(f"{d:+.4f}" for d in paired)])
     table = markdown_table(["method", "lr", "first step from the rows", "from the sketch", "sketch - rows",
-                            "within the seed sd"], rows)
+                            "within the seed sd", "sketch - rows per seed"], rows)
     print(table)
     if args.write:
         write_section(args.write, "Spectral first step: rows against the sketch (issue 26)",
