@@ -38,8 +38,8 @@ class LayerProducts:
     sum_x2: torch.Tensor  # (n,)
     sum_z2: torch.Tensor  # (m,)
     sketch: torch.Tensor | None  # P Omega (m x k), when the clipping norm is wanted
-    range_sketch: torch.Tensor | None = None  # P Omega_s (m x k_s), the spectral first step's
-    corange_sketch: torch.Tensor | None = None  # Psi P (l_s x n), the spectral first step's
+    range_sketch: torch.Tensor | None = None  # P Omega_s (m x k_s), the two-sided sketch's range side
+    corange_sketch: torch.Tensor | None = None  # Psi P (l_s x n), its co-range side
     rows: int = 0
 
     def tensors(self) -> list[torch.Tensor]:
@@ -129,6 +129,12 @@ class ProductCapture(ActivationCapture):
             two_sided = (new(m, omega.shape[1]), new(psi.shape[0], n))
         return LayerProducts(new(left.shape[1], n), new(m, left.shape[1]), new(n), new(m),
                              new(m, k) if k > 0 else None, *two_sided)
+
+    def open_step(self, step: int) -> None:
+        """The next step opens (the optimizer, after each step): its seeds are ``step``'s; its sketch decision and
+        probes are drawn anew (a step that was not applied keeps them until its retry's first micro-batch)."""
+        self.step = step
+        self._sketching, self._sketch_probes, self._popped = None, {}, False
 
     @property
     def sketched(self) -> bool:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA
 from psilora_ds import reference as ref
 from psilora_ds.ops import svd_project, weighted_svd_project
+from psilora_ds.ops.sketch_svd import gradient_sketch_seed, sketch_probes
 
 from .distributed import run_distributed
 from .models import lora_two_layer_net
@@ -157,7 +158,8 @@ def test_a_cache_free_first_step_is_the_dense_sketch_reconstruction(name):
             d_in = ref.ema_metric(torch.zeros_like(s_in), s_in, beta2=0.99, step=1, damping=1e-5, power=0.5)[1]
             d_out = ref.ema_metric(torch.zeros_like(s_out), s_out, beta2=0.99, step=1, damping=1e-5, power=0.5)[1]
             T = 0.1 * T / d_out[:, None] / d_in[None, :]
-        omega, psi = opt.capture.gradient_probes(layer.index)
+        omega, psi = sketch_probes(layer.out_features, layer.in_features, layer.rank,  # step 0's (every rank's)
+                                   gradient_sketch_seed(0, layer.index), dtype=f64, device=torch.device("cpu"))
         A, B = ref.sketched_spectral_step_dense(T, layer.rank, omega, psi, d_out, d_in)
         got = layer.B.detach() @ layer.A.detach()
         assert rel(got, B @ A) <= 1e-9

@@ -143,8 +143,8 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         self._prepare_capture()
 
     def _prepare_capture(self) -> None:
-        """Cache-free steps: the next step's norm-sketch seed."""
-        self.capture.step = self.steps_taken
+        """Cache-free steps: the next step's seeds (norm sketch, two-sided sketch)."""
+        self.capture.open_step(self.steps_taken)
 
     def _sketch_probes(self) -> int:
         """Probes of the clipping norm's sketch the cache-free hooks take (0: no clipping, no sketch)."""
