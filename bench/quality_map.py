@@ -304,11 +304,13 @@ def main() -> None:
                 f"{base.get('eval_loss_python_source', float('nan')):.3f} on Python source. {runs} runs "
                 f"so far; a best lr marked (edge) is not yet bracketed, seeds < 3 are not yet the protocol's mean.\n\n"
                 + table
-                + "\n\nSized for about 6 hours of this 2-core machine: a run takes 110-230 s (one thread; 2 workers run "
-                  "about 40 an hour), a cell and method about 11 runs (5 of seed 0 to bracket, 6 more seeds), so the 3 "
-                  "cells x 6 methods are about 200 runs, 4-5 hours (the base is committed; pretraining it took 45-150 minutes). "
-                  "Eval loss every 50 steps on the fixed held-out split; train s: training seconds to step 300 (step "
-                  "overhead included)."
+                + "\n\nSized for this 2-core machine: a run takes 110-230 s on a quiet machine (one thread; 2 workers "
+                  "run about 40 an hour), a cell and method about 11 runs (5 of seed 0 to bracket, 6 more seeds): 7 "
+                  "methods (full fine-tuning at r 16 only) x 3 cells and the 7 attempts on gnu-manuals r 16 are about "
+                  "300 runs, 7-8 hours (the base is committed; pretraining it took 45-150 minutes). Eval loss every 50 "
+                  "steps on the fixed held-out split; train s: training seconds to step 300 (step overhead included), "
+                  "inflated where tests or benches shared the cores (session 13: 170-850 s); the full fine-tuning row's "
+                  "stable rank is of its dense update (not bounded by r)."
                 + (f"\n\n![quality map]({os.path.basename(args.png)})" if args.png else ""))
         write_section(args.write, "Quality map (issue 25, in progress)", "python bench/quality_map.py", body)
 
