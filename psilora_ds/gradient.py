@@ -37,7 +37,9 @@ class FactoredGradient(Protocol):
     - LoRSum's inputs: :meth:`terms` (``scale * P`` as rank-local ``(coef, F, H)`` terms) and :meth:`known_products`
       (``(B^T P, P A^T)`` at the step's factors when known without the terms);
     - :meth:`spectral_sketch`: ``scale * P``'s two-sided sketch when the capture took it for the spectral first step
-      (cache-free; None when the rows are there instead).
+      (cache-free; None when the rows are there instead);
+    - :meth:`two_sided_sketch`: ``(P Omega, Psi P)`` summed over ranks: from the rows at ``probes()``, or the one the
+      cache-free hooks took this step (at the same seeded probes).
     """
 
     coef: float
@@ -56,6 +58,8 @@ class FactoredGradient(Protocol):
     def known_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
     def spectral_sketch(self, scale: float) -> GradientSketch | None: ...
+
+    def two_sided_sketch(self, probes: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> Rounds[GradientSketch]: ...
 
 
 class LayerGradient:
@@ -88,6 +92,13 @@ class LayerGradient:
     def spectral_sketch(self, scale: float) -> GradientSketch | None:
         """None: the rows are here, so the spectral first step iterates on them (exact)."""
         return None
+
+    def two_sided_sketch(self, probes: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> Rounds[GradientSketch]:
+        """``(P Omega, Psi P)`` from the rows at ``(Omega, Psi) = probes()``, summed over ranks (two rounds)."""
+        omega, psi = probes()
+        Y = yield from self.right_product(omega)
+        W = yield from self.left_product(psi.T)
+        return GradientSketch(Y, W, omega, psi)
 
     def terms(self, scale: float) -> list[Term]:
         """``scale * P`` as LoRSum terms (rank-local, summed by ``reduce``)."""
@@ -221,6 +232,14 @@ class ProductGradient:
     def spectral_sketch(self, scale: float) -> GradientSketch | None:
         return None if self.sketch is None else self.sketch.scaled(scale * self.coef)
 
+    def two_sided_sketch(self, probes: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> Rounds[GradientSketch]:
+        """The sketch the hooks took this step (its probes are ``probes()``'s: the same seed), already summed."""
+        if self.sketch is None:
+            raise RuntimeError("the cache-free capture took no two-sided sketch this step (needs_gradient_sketch "
+                               "said no)")
+        return self.sketch.scaled(self.coef)
+        yield  # (a generator of rounds, with none)
+
     def terms(self, scale: float) -> list[Term]:
         return []
 
@@ -240,26 +259,16 @@ class ProductGradient:
             if part.shape == M.shape and torch.equal(part, M.to(part.dtype)):
                 return block
         raise ValueError(f"a cache-free gradient knows {what} only at the factors its products were taken at (the "
-                         "step's A, B and momentum factors, the sketch's probes); other products need the rows "
-                         "(cache_free=False)")
-
-    def _sketched(self, M: torch.Tensor, probe: torch.Tensor | None) -> bool:
-        return probe is not None and probe.shape == M.shape and torch.equal(probe, M.to(probe.dtype))
+                         "step's A, B and momentum factors); other products need the rows (cache_free=False)")
 
     def right_product(self, V: torch.Tensor) -> Rounds[torch.Tensor]:
-        """``P @ V`` for ``V`` = the step's ``A^T`` or ``M_A^T``, or the two-sided sketch's ``Omega`` (already summed:
-        no round)."""
-        if self._sketched(V, None if self.sketch is None else self.sketch.omega):
-            return self.sketch.Y * self.coef
+        """``P @ V`` for ``V`` = the step's ``A^T`` or ``M_A^T`` (already summed: no round)."""
         block = self._probe_block(V, self.probes[1].T, "P @ V")
         return self.products.right[:, block] * self.coef
         yield  # (a generator of rounds, with none)
 
     def left_product(self, U: torch.Tensor) -> Rounds[torch.Tensor]:
-        """``U^T @ P`` for ``U`` = the step's ``B`` or ``M_B``, or the two-sided sketch's ``Psi^T`` (already summed: no
-        round)."""
-        if self._sketched(U, None if self.sketch is None else self.sketch.psi.T):
-            return self.sketch.W * self.coef
+        """``U^T @ P`` for ``U`` = the step's ``B`` or ``M_B`` (already summed: no round)."""
         block = self._probe_block(U, self.probes[0], "U^T @ P")
         return self.products.left[block] * self.coef
         yield

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .balance import balance_factors
-from .factored import gaussian_probes
+from .factored import gaussian_probes, sketched_product
 from .linalg import compute_dtype
 
 SPECTRAL_SKETCH_SEED = 0x5BEC7  # (distinct from the clipping norm's probes)
@@ -52,9 +52,8 @@ def range_corange_products(Z: torch.Tensor, X: torch.Tensor, omega: torch.Tensor
                            psi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P Omega, Psi P)`` for ``P = Z^T X`` (``Z`` N x m, ``X`` N x n) in ``omega``'s dtype: ``N (k + l)(m + n)``
     work, no m x n matrix."""
-    cd = omega.dtype
-    Zc, Xc = Z.to(cd), X.to(cd)
-    return Zc.T @ (Xc @ omega), (Zc @ psi.T).T @ Xc
+    cd = psi.dtype
+    return sketched_product(Z, X, omega), (Z.to(cd) @ psi.T).T @ X.to(cd)
 
 
 @dataclass

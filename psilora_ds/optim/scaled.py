@@ -41,8 +41,8 @@ class ScaledPSILoRA(LoRSumOptimizer):
         metric_power: ``p`` in [0, 1] (1/2 = square-root K-FAC, the paper's default).
         metric: ``"kfac"`` (diag E[x x^T], diag E[g g^T]), ``"shampoo"`` (diag G^T G, diag G G^T) or
             ``"adafactor"``: EMAs of the row and column sums of ``G**2`` (``G`` the full gradient of the step, not
-            per-example), from the two-sided sketch ``(G Omega, Psi G)``, each normalized by the root of its sum, so that
-            ``D_out D_in^T`` is ``V**metric_power`` for Adafactor's factored second moment ``V = R C^T / sum R``
+            per-example), from the two-sided sketch ``(G Omega, Psi G)``, each normalized by the root of its sum, so
+            that ``D_out D_in^T`` is ``V**metric_power`` for Adafactor's factored second moment ``V = R C^T / sum R``
             (METHOD.md section 4); with ``metric_power=0.5`` the step projects an Adafactor step.
         rank_multiplier: momentum rank ``round(r * rank_multiplier)`` (``1/r`` gives rank 1).
         momentum_prox: the momentum update's proximal weight relative to the momentum's mean singular value
@@ -121,13 +121,11 @@ class ScaledPSILoRA(LoRSumOptimizer):
         if group["metric"] == "kfac":
             sum_x2, sum_z2 = yield from grad.kfac_sums()
             return kfac_diagonals(sum_x2, sum_z2, grad.rows, layer.scaling)
-        if group["metric"] == "adafactor":  # the probes the cache-free hooks drew for this step
-            omega, psi = sketch_probes(layer.out_features, layer.in_features, layer.rank,
-                                       gradient_sketch_seed(self.steps_taken, layer.index),
-                                       dtype=compute_dtype(layer.lora_A.weight.dtype), device=layer.A.device)
-            Y = yield from grad.right_product(omega)
-            W = yield from grad.left_product(psi.T)
-            return factored_second_moments(Y, W, layer.scaling)
+        if group["metric"] == "adafactor":  # at the probes the cache-free hooks draw for this step (same seed)
+            sketch = yield from grad.two_sided_sketch(lambda: sketch_probes(
+                layer.out_features, layer.in_features, layer.rank, gradient_sketch_seed(self.steps_taken, layer.index),
+                dtype=compute_dtype(layer.lora_A.weight.dtype), device=layer.A.device))
+            return factored_second_moments(sketch.Y, sketch.W, layer.scaling)
         if not grad.dense_for_quadratics:
             d_in, d_out = shampoo_diagonals(grad.X, grad.Z, layer.scaling)
         else:
