@@ -68,6 +68,10 @@ ATTEMPTS: dict[str, tuple[list[str], float]] = {
     "Scaled damping 1e-4": ([*SCALED, "--damping", "1e-4"], 1e-1),
     "Scaled rank_multiplier 2": ([*SCALED, "--rank_multiplier", "2"], 1e-1),
     "Scaled no first step": ([*SCALED, "--first_step_iters", "null"], 1e-1),
+    # the proximal weight lam = lr * prox (METHOD.md section 2), both ways from the default 1e-2: whether it holds
+    # the update's size back (the lead: Scaled's learned ||B A|| about half AdamW's)
+    "Scaled prox 1e-3": ([*SCALED, "--prox", "1e-3"], 1e-1),
+    "Scaled prox 1e-1": ([*SCALED, "--prox", "1e-1"], 1e-1),
 }
 ATTEMPT_CELLS = ("gnu-manuals:16",)
 METHODS.update(ATTEMPTS)
