@@ -274,6 +274,7 @@ class ActivationCapture:
             def commit(grad: torch.Tensor) -> None:
                 self.add(idx, x.reshape(-1, x.shape[-1]), grad.detach().reshape(-1, grad.shape[-1]))
                 self._count_microbatch(idx)
+                self.committed(idx, self._commits[idx])
 
             output.register_hook(commit)
 
@@ -291,6 +292,10 @@ class ActivationCapture:
         batch.xs.append(X)
         batch.zs.append(Z)
         self._after_commit(idx, batch)
+
+    def committed(self, idx: int, microbatches: int) -> None:
+        """Called after each micro-batch's backward pass committed layer ``idx`` (its ``microbatches``-th since the
+        step's start); nothing here."""
 
     def _count_microbatch(self, idx: int) -> None:
         # each micro-batch's backward commits every layer it reached once: count the most-committed layer

@@ -26,7 +26,8 @@ import torch
 from .capture import ActivationCapture
 from .lora_layers import LoRALayer
 from .ops import compute_dtype, gaussian_probes, norm_sketch_seed, thin_products
-from .ops.sketch_svd import GradientSketch, gradient_sketch_seed, range_corange_products, sketch_probes
+from .ops.sketch_svd import GradientSketch, gradient_sketch_seed, sketch_probes
+from .product_buckets import BucketedReduction
 
 
 @dataclass
@@ -70,6 +71,10 @@ class ProductCapture(ActivationCapture):
     ``gradient_sketch``: called once per step, at its first micro-batch, whether the step needs the two-sided sketch
     of each layer's gradient (the spectral first step, the Adafactor metric; a step at lr 0 is not the spectral
     step); its probes are seeded by ``gradient_sketch_seed(t, i)``.
+
+    ``reduction`` (set by the optimizer when the products are summed over ranks): the step's products start their
+    all-reduce in buckets as soon as each layer has taken ``microbatches_per_step`` micro-batches
+    (:mod:`~psilora_ds.product_buckets`); None per step count: all at the step.
     """
 
     def __init__(self, layers: list[LoRALayer], sketch_probes: Callable[[], int],
@@ -84,6 +89,8 @@ class ProductCapture(ActivationCapture):
         self._master_dtypes: dict[int, torch.dtype] = {}
         self._omegas: dict[int, torch.Tensor] = {}  # this step's probes, drawn once per layer
         self._sketch_probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (Omega_s, Psi), this step
+        self.reduction: BucketedReduction | None = None
+        self.microbatches_per_step: int | None = None
 
     def set_factors(self, idx: int, A: torch.Tensor, B: torch.Tensor,
                     momentum: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -190,19 +197,24 @@ class ProductCapture(ActivationCapture):
             self._popped, self._sketching, self._sketch_probes = False, None, {}
         if idx not in self._factors:
             raise RuntimeError("cache-free capture without probe factors: the optimizer did not set them")
+        if self.reduction is not None:
+            self.reduction.late(idx)
         left, right = self._on(idx, X.device)
         k = self.sketch_probes()
         omega = self._omega(idx, X.shape[1], k, left) if k > 0 else None
         # full precision whatever autocast a backward inside an autocast region would apply
         with torch.autocast(device_type=X.device.type, enabled=False):
-            new = thin_products(Z, X, left, right, omega)
-            if self.sketching():
-                new = (*new, *range_corange_products(Z, X, *self.gradient_probes(idx, left)))
+            new = thin_products(Z, X, left, right, omega,
+                                two_sided=self.gradient_probes(idx, left) if self.sketching() else None)
         batch = self._batches.get(idx)
         if batch is None:
             self._batches[idx] = LayerProducts(*new, rows=X.shape[0])
         else:
             batch.add_(new, X.shape[0])
+
+    def committed(self, idx: int, microbatches: int) -> None:
+        if self.reduction is not None and microbatches == self.microbatches_per_step:
+            self.reduction.ready(idx, self._batches[idx])  # the step's last micro-batch: final here, start its sum
 
     def folded_layers(self) -> int:
         return 0  # products, never rows: nothing to fold
@@ -216,6 +228,8 @@ class ProductCapture(ActivationCapture):
         return super().pop()
 
     def clear(self) -> None:
+        if self.reduction is not None:
+            self.reduction.abandon()
         self._omegas, self._sketch_probes = {}, {}
         self._sketching, self._popped = None, False
         super().clear()

@@ -37,10 +37,18 @@ def test_thin_products_against_the_dense_gradient():
     Z, X = torch.randn(N, m, generator=g, dtype=torch.float64), torch.randn(N, n, generator=g, dtype=torch.float64)
     left, right = torch.randn(m, q, generator=g, dtype=torch.float64), torch.randn(q, n, generator=g, dtype=torch.float64)
     omega = torch.randn(n, k, generator=g, dtype=torch.float64)
+    omega_s, psi = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(6, m, generator=g, dtype=torch.float64)
     P = Z.T @ X
-    lp, rp, sx, sz, sk = thin_products(Z, X, left, right, omega)
-    for got, want in ((lp, left.T @ P), (rp, P @ right.T), (sx, (X**2).sum(0)), (sz, (Z**2).sum(0)), (sk, P @ omega)):
-        assert rel_err(got, want) < 1e-13
+    # fused (every right product in one pair of matrix products, every left one in another), with and without probes
+    lp, rp, sx, sz, sk, ys, ws = thin_products(Z, X, left, right, omega, two_sided=(omega_s, psi))
+    for got, want in ((lp, left.T @ P), (rp, P @ right.T), (sx, (X**2).sum(0)), (sz, (Z**2).sum(0)), (sk, P @ omega),
+                      (ys, P @ omega_s), (ws, psi @ P)):
+        assert got.is_contiguous() and rel_err(got, want) < 1e-13
+    lp, rp, sx, sz, sk, ys, ws = thin_products(Z, X, left, right)
+    assert sk is None and ys is None and ws is None
+    assert rel_err(lp, left.T @ P) < 1e-13 and rel_err(rp, P @ right.T) < 1e-13
+    _, _, _, _, sk, ys, ws = thin_products(Z, X, left, right, None, two_sided=(omega_s, psi))
+    assert sk is None and rel_err(ys, P @ omega_s) < 1e-13 and rel_err(ws, psi @ P) < 1e-13
 
 
 def one_process_run(name, cache_free, *, clip=CLIP, dtype=torch.float32, seed=5, weights=None, **kw):
@@ -205,15 +213,21 @@ def engine_worker(rank, world, out):
                     opt = make(name, model, **kw)
                     cfg = ds_config(int(engine_name[4]), micro_batch=B, clip=CLIP, gas=ACC)
                     forward, _, _, _ = psd.initialize(model=model, optimizer=opt, config=cfg)
+                started = []  # cache-free: the products' buckets started by the end of each step's backward pass
+                reduction = opt.capture.reduction if opt.cache_free else None
                 for i, (x, t) in enumerate(data):
                     rows = slice(rank * B, (rank + 1) * B)
                     loss = F.mse_loss(forward(x[rows]), t[rows])
                     if engine_name.startswith("zero"):
                         forward.backward(loss)
+                        if reduction is not None and i % ACC == ACC - 1:
+                            started.append(reduction.started_buckets)
                         forward.step()
                     else:
                         (loss / ACC).backward()
                         if i % ACC == ACC - 1:
+                            if reduction is not None:
+                                started.append(reduction.started_buckets)
                             opt.step()
                             opt.zero_grad()
                 assert opt.steps_taken == STEPS, (engine_name, name, cache_free, opt.steps_taken, opt.skipped_steps)
@@ -226,7 +240,9 @@ def engine_worker(rank, world, out):
                 else:
                     factors = {layer.name: (layer.A.detach().clone(), layer.B.detach().clone()) for layer in opt.layers}
                 torch.save({"factors": factors, "cache": opt.last_cache_bytes, "cache_free": opt.cache_free,
-                            "norm": opt.last_grad_norm}, out / f"{engine_name}-{name}-{cache_free}-rank{rank}.pt")
+                            "norm": opt.last_grad_norm, "started": started,
+                            "buckets": None if reduction is None else len(reduction.buckets)},
+                           out / f"{engine_name}-{name}-{cache_free}-rank{rank}.pt")
                 opt.remove_hooks()
 
 
@@ -244,8 +260,8 @@ def engine_worker(rank, world, out):
                    cache_free=cache_free)
         forward = DistributedDataParallel(model)
         for x, t in data[:2]:
+            opt.distributor.comm_calls = dict.fromkeys(opt.distributor.comm_calls, 0)  # count the last step, backward too
             F.mse_loss(forward(x[rank * B:(rank + 1) * B]), t[rank * B:(rank + 1) * B]).backward()
-            opt.distributor.comm_calls = dict.fromkeys(opt.distributor.comm_calls, 0)  # count the last step
             opt.step()
             opt.zero_grad()
         counts[(len(targets), cache_free, shard)] = sum(opt.distributor.comm_calls.values())
@@ -271,6 +287,25 @@ def engine_worker(rank, world, out):
             outcomes.append(str(err))
         opt.zero_grad()
     torch.save(outcomes, out / f"stale-rank{rank}.pt")
+
+    # more micro-batches per step than the optimizer was told (accumulation_steps 1, 2 taken): the buckets started on
+    # the first micro-batch miss the second; every rank drops those sums and sums the products at the step, logged
+    late = {}
+    for bucket_bytes in (None, 4 * 2**20):
+        torch.manual_seed(0)
+        model = lora_two_layer_net(dtype=torch.float32)
+        opt = make("scaled", model, cache_free=True, distributor=DDPDistributor(), max_grad_norm=CLIP,
+                   accumulation_steps=1, overlap_bucket_bytes=bucket_bytes)
+        forward = DistributedDataParallel(model)
+        for x, t in data[:4]:
+            F.mse_loss(forward(x[rank * B:(rank + 1) * B]), t[rank * B:(rank + 1) * B]).div(2).backward()
+            if opt.capture.pending_microbatches == 2:
+                opt.step()
+                opt.zero_grad()
+        late[bucket_bytes] = ([p.detach().clone() for layer in opt.layers for p in (layer.A, layer.B)],
+                              opt.planner.logged_late, opt.steps_taken)
+        opt.remove_hooks()
+    torch.save(late, out / f"late-rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +334,8 @@ def test_two_ranks_cache_free_equals_the_cached_rows(engine_runs, engine, name):
         assert free["cache_free"] and not rows["cache_free"]
         assert free["cache"] == 0 and rows["cache"] > 0
         assert free["norm"] == pytest.approx(rows["norm"], rel=1e-6) and free["norm"] > CLIP
+        # every step's products were summed in buckets started during its backward pass (two layers: one bucket)
+        assert free["buckets"] == 1 and free["started"] == [1] * STEPS
         for layer, (A, B_) in rows["factors"].items():
             assert rel_err(free["factors"][layer][0], A) <= 1e-6
             assert rel_err(free["factors"][layer][1], B_) <= 1e-6
@@ -334,9 +371,24 @@ def test_stale_factors_on_one_rank_stop_every_rank(engine_runs):
 
 
 @pytest.mark.slow
+def test_a_late_micro_batch_makes_every_rank_sum_at_the_step(engine_runs):
+    """Two micro-batches per step where the optimizer expects one: the buckets started in the first one's backward
+    pass are dropped on every rank, the step sums the products itself (logged once), and the factors equal those of
+    a run that sums them at the step by design (overlap_bucket_bytes=None), bit for bit."""
+    for rank in range(2):
+        late = torch.load(engine_runs / f"late-rank{rank}.pt")
+        at_step, bucketed = late[None], late[4 * 2**20]
+        assert at_step[2] == bucketed[2] == 2
+        assert bucketed[1] and not at_step[1]
+        for a, b in zip(at_step[0], bucketed[0], strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.slow
 def test_cache_free_collectives_do_not_grow_with_the_layers(engine_runs):
     """Optimizer collectives in one step (DDP, clipping) do not grow with the layers (1 or 2 LoRA layers): cache-free,
-    one flag vector and one flat buffer of every layer's products; the cached rows, one per round of the lockstep
+    one flag vector and one bucket of every layer's products (two small layers: one bucket, started in the backward
+    pass of the step's last micro-batch); the cached rows, one per round of the lockstep
     step; with layer-sharded state, plus one broadcast per owner rank."""
     counts = torch.load(engine_runs / "calls-rank0.pt")
     assert counts[(1, True, False)] == counts[(2, True, False)] == 2

@@ -20,6 +20,7 @@ from ..gradient import FactoredGradient
 from ..lora_layers import LoRALayer
 from ..ops import norm_sketch_seed
 from ..ops.rounds import Rounds
+from ..product_buckets import AsyncReduce
 
 DEFAULT_NORM_PROBES = 32  # probes of the clipping norm's sketch when none are asked for and it must be sketched
 
@@ -136,6 +137,12 @@ class Distributor:
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.reduce is None else self.reduce(t)
+
+    def async_reduce(self) -> AsyncReduce | None:
+        """An asynchronous sum over data-parallel ranks, in place, on a process group of the optimizer's own (so that it
+        may run while the engine's collectives run: :mod:`~psilora_ds.product_buckets`); None: one process, or not
+        supported. Every rank calls it together (it may create the group)."""
+        return None
 
     def layout(self) -> dict[str, Any]:
         """What a checkpoint of the optimizer state depends on."""

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..lora_layers import LoRALayer
+from ..product_buckets import AsyncReduce, Waitable
 from .base import DEFAULT_NORM_PROBES, Distributor
 
 
@@ -53,6 +54,7 @@ class DDPDistributor(Distributor):
         # many calls; "factor_read": the engine's factors read whole where that is a collective (sharded masters)
         self.comm_bytes = {"all_reduce": 0, "broadcast": 0, "factor_read": 0}
         self.comm_calls = {"all_reduce": 0, "broadcast": 0, "factor_read": 0}
+        self._async_group: dist.ProcessGroup | None = None  # the optimizer's own group (async_reduce), once asked
 
     def bind(self, layers: Sequence[LoRALayer], *, norm_probes: int = 0,
              factors: Sequence[Sequence[torch.Tensor]] | None = None) -> None:
@@ -74,6 +76,24 @@ class DDPDistributor(Distributor):
         self.comm_bytes["all_reduce"] += buf.numel() * buf.element_size()
         self.comm_calls["all_reduce"] += 1
         return buf
+
+    def async_reduce(self) -> AsyncReduce | None:
+        if self.world_size == 1:
+            return None
+        if self._async_group is None:
+            # the same ranks as the engine's group, in a group of its own: the optimizer's collectives started in the
+            # backward pass then never interleave with the engine's (ZeRO's reduce-scatters, FSDP2's) on one group
+            ranks = dist.get_process_group_ranks(self.group if self.group is not None else dist.group.WORLD)
+            self._async_group = dist.new_group(ranks=ranks, use_local_synchronization=True)
+        return self._all_reduce_async
+
+    def _all_reduce_async(self, t: torch.Tensor) -> Waitable:
+        if not t.is_contiguous():
+            raise ValueError("an asynchronous all-reduce sums in place: give a contiguous tensor")
+        work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self._async_group, async_op=True)
+        self.comm_bytes["all_reduce"] += t.numel() * t.element_size()
+        self.comm_calls["all_reduce"] += 1
+        return work
 
     def _count_factor_reads(self, tensors: Sequence[torch.Tensor]) -> None:
         """Count ``tensors``, just read whole through a collective of the engine, as optimizer traffic."""

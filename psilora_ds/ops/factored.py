@@ -101,16 +101,30 @@ def sketched_product(Z: torch.Tensor, X: torch.Tensor, omega: torch.Tensor,
 
 
 def thin_products(
-    Z: torch.Tensor, X: torch.Tensor, left: torch.Tensor, right: torch.Tensor, omega: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    Z: torch.Tensor, X: torch.Tensor, left: torch.Tensor, right: torch.Tensor, omega: torch.Tensor | None = None,
+    two_sided: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor | None, ...]:
     """What a Jacobi step needs of ``P = Z^T X``, for factors known before the backward pass
     (METHOD.md section 6, cache-free steps): ``(left^T P (q x n), P right^T (m x q), sum_rows X**2 (n,),
-    sum_rows Z**2 (m,), P Omega (m x k) or None)`` in ``left``'s dtype, for ``left`` m x q (e.g. ``[B, M_B]``)
-    and ``right`` q x n (e.g. ``[A; M_A]``). ``N q (m + n)`` work; all are linear in the rows, so they add
-    up over micro-batches and ranks."""
+    sum_rows Z**2 (m,), P Omega (m x k) or None, P Omega_s (m x k_s) or None, Psi P (l x n) or None)`` in ``left``'s
+    dtype, for ``left`` m x q (e.g. ``[B, M_B]``), ``right`` q x n (e.g. ``[A; M_A]``), the clipping norm's probes
+    ``omega`` (n x k) and the two-sided sketch's ``two_sided = (Omega_s, Psi)`` (n x k_s, l x n). ``N (q + k + k_s +
+    l)(m + n)`` work; all are linear in the rows, so they add up over micro-batches and ranks.
+
+    Fused: every product on the right, ``P [right^T, Omega, Omega_s] = Z^T (X [...])``, is one pair of matrix products,
+    and every product on the left, ``[left, Psi^T]^T P = (Z [...])^T X``, another: the same work as one pair each, in
+    wider (faster) matrix products (bench/thin_products.py)."""
     cd = left.dtype
     Zc, Xc = Z.to(cd), X.to(cd)
-    left_p = (Zc @ left).T @ Xc
-    right_p = Zc.T @ (Xc @ right.T)
-    sketch = None if omega is None else sketched_product(Zc, Xc, omega)
-    return left_p, right_p, Xc.square().sum(0), Zc.square().sum(0), sketch
+    on_right = [right.T] + ([] if omega is None else [omega]) + ([] if two_sided is None else [two_sided[0]])
+    on_left = [left] + ([] if two_sided is None else [two_sided[1].T])
+    right_all = Zc.T @ (Xc @ (torch.cat(on_right, 1) if len(on_right) > 1 else on_right[0]))
+    left_all = (Zc @ (torch.cat(on_left, 1) if len(on_left) > 1 else on_left[0])).T @ Xc
+    right_p, *rest = right_all.split([t.shape[1] for t in on_right], 1)
+    left_p, *corange = left_all.split([t.shape[1] for t in on_left], 0)
+    sketch = rest.pop(0) if omega is not None else None
+    range_sketch = rest.pop(0) if two_sided is not None else None
+    corange_sketch = corange[0] if two_sided is not None else None
+    return (left_p.contiguous(), right_p.contiguous(), Xc.square().sum(0), Zc.square().sum(0),
+            None if sketch is None else sketch.contiguous(), None if range_sketch is None else range_sketch.contiguous(),
+            corange_sketch)

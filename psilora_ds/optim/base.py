@@ -22,6 +22,7 @@ from ..distributed.base import DEFAULT_NORM_PROBES
 from ..gradient import FactoredGradient
 from ..lora_layers import LoRALayer, find_lora_layers, other_parameters
 from ..ops.rounds import Rounds, run_lockstep
+from ..product_buckets import bucketed_reduction
 from ..products import ProductCapture
 from .factor_source import FactorSource
 from .finite_guard import copy_state, update_is_finite
@@ -106,6 +107,11 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         distributor.bind(self.layers, norm_probes=self.options.clip_norm_probes,
                          factors=[self.layer_factors(layer) for layer in self.layers])
         self.factors = FactorSource(self.layers, self._lora_group, distributor, self.capture, self.cache_free)
+        if self.cache_free:  # over several ranks, the products' sums start in the backward pass (product_buckets)
+            bucket_bytes = self.options.overlap_bucket_bytes
+            reduce_async = distributor.async_reduce() if bucket_bytes else None
+            self.capture.reduction = None if reduce_async is None else \
+                bucketed_reduction(self.layers, reduce_async, bucket_bytes)
         self.planner = StepPlanner(self.layers, distributor, self.capture, self.factors, cache_free=self.cache_free,
                                    reuse_autograd_grads=self.reuse_autograd_grads)
         self.refresh_factors()
@@ -143,8 +149,10 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         self._prepare_capture()
 
     def _prepare_capture(self) -> None:
-        """Cache-free steps: the next step's seeds (norm sketch, two-sided sketch)."""
+        """Cache-free steps: the next step's seeds (norm sketch, two-sided sketch) and micro-batches (the products'
+        buckets start their sums on the last one)."""
         self.capture.open_step(self.steps_taken)
+        self.capture.microbatches_per_step = self.options.accumulation_steps or self._microbatches_per_step or None
 
     def _sketch_probes(self) -> int:
         """Probes of the clipping norm's sketch the cache-free hooks take (0: no clipping, no sketch)."""

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..capture import parse_cache_budget
 from ..distributed import Distributor
+from ..product_buckets import DEFAULT_BUCKET_BYTES
 
 DEFAULT_OTHER_LR = 1e-4  # AdamW for heads and norms, whatever PSI-LoRA's lr is
 OtherOptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -58,6 +59,11 @@ class LoRAOptions:
             :class:`~psilora_ds.capture.StepNotCalledError` when more than twice as many backward passes
             arrive without :meth:`step` (another optimizer is being stepped in its place). None: the most
             micro-batches a step has taken so far, 4 before the first step. Engine helpers set it.
+        overlap_bucket_bytes: cache-free steps over several ranks: on a step's last micro-batch, sum the products over
+            ranks in buckets of about this many bytes, each started as soon as the backward pass has gone through
+            its layers, so the step only waits (:mod:`~psilora_ds.product_buckets`; a group of the optimizer's own).
+            The micro-batches per step are ``accumulation_steps`` (or the most a step has taken so far); a step that
+            takes more sums its products at the step, logged. None or 0: all summed at the step, in one collective.
     """
 
     max_grad_norm: float | None = None
@@ -71,6 +77,7 @@ class LoRAOptions:
     cache_offload: bool = False
     reuse_autograd_grads: bool = True
     accumulation_steps: int | None = None
+    overlap_bucket_bytes: int | None = DEFAULT_BUCKET_BYTES
 
     def __post_init__(self) -> None:
         self.cache_max_bytes = parse_cache_budget(self.cache_max_bytes)
@@ -81,6 +88,9 @@ class LoRAOptions:
             raise ValueError(f"clip_norm_probes must be >= 0 (0: exact norm), got {self.clip_norm_probes}")
         if self.accumulation_steps is not None and self.accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
+        if self.overlap_bucket_bytes is not None and self.overlap_bucket_bytes < 0:
+            raise ValueError(f"overlap_bucket_bytes must be >= 0 (0 or None: summed at the step), got "
+                             f"{self.overlap_bucket_bytes}")
         if self.other_lr < 0:
             raise ValueError(f"other_lr must be >= 0, got {self.other_lr}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:

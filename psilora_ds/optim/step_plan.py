@@ -17,6 +17,7 @@ from ..gradient import LayerGradient, ProductGradient
 from ..lora_layers import LoRALayer
 from ..ops import compute_dtype
 from ..ops.rounds import reduce_flat_, run_lockstep
+from ..product_buckets import BucketedReduction
 from ..products import LayerProducts
 from .factor_source import FactorSource
 from .other_params import local_grads
@@ -66,6 +67,7 @@ class StepPlanner:
         # (A.grad = B^T P, B.grad = P A^T) instead of recomputing them (METHOD.md section 6).
         self.reuse_autograd_grads = reuse_autograd_grads
         self.logged_sketch = False
+        self.logged_late = False
 
     @property
     def device(self) -> torch.device:
@@ -79,7 +81,10 @@ class StepPlanner:
         batches = self.capture.pop()
         d, L = self.distributor, len(self.layers)
         copy = self.factors.copy
-        flags = torch.zeros(2 * L + 1 if copy is not None else L + 1, dtype=torch.float64, device=self.device)
+        # cache-free over several ranks: the products' sums started in the backward pass (product_buckets)
+        reduction = self.capture.reduction if self.cache_free else None
+        n_flags = (2 * L + 1 if copy is not None else L + 1)
+        flags = torch.zeros(n_flags + (2 if reduction is not None else 0), dtype=torch.float64, device=self.device)
         for idx, batch in batches.items():
             flags[idx] = batch.rows
         autograd = {idx: pair for idx in batches if (pair := self.autograd_products(idx)) is not None}
@@ -87,21 +92,33 @@ class StepPlanner:
         if copy:
             idxs, changed = self.factors.changed_flags()
             flags[[L + 1 + idx for idx in idxs]] = changed.to(flags.device)
+        stale_here: list[int] = []
+        if reduction is not None:  # (the products are summed apart from the flags: the stale count rides here)
+            flags[n_flags] = 0.0 if reduction.late_layer is None else 1.0
+            stale_here = self.factors.stale_layers([batches[i].rows if i in batches else 0 for i in range(L)])
+            flags[n_flags + 1] = float(len(stale_here))
         flags = d.all_reduce_(flags).tolist()
         if copy is not None:
             self.factors.reread([idx for idx in range(L) if flags[L + 1 + idx] > 0])
         rows = flags[:L]
+        summed = None
+        if reduction is not None:
+            summed = self.finish_reduction(reduction, batches, rows, skip=flags[L] > 0, late=flags[n_flags] > 0)
         if flags[L] > 0:
             return StepPlan(skip=DIVERGED if self.factors.diverged() else NON_FINITE, clip=1.0, grads={})
         # A layer that captured nothing on any rank is left out: it keeps its factors and state,
         # as torch optimizers skip parameters whose grad is None.
         # cache-free: the step starts from the optimizer's copy of the factors, checked against the engine's
         # (a mismatch on any rank stops every rank: a rank raising alone would leave the others in a collective)
-        stale = self.factors.stale_layers(rows) if self.cache_free else []
-        if not rows_step:
-            grads = self.product_gradients(batches, rows, stale)
+        if summed is not None:
+            count = torch.tensor([flags[n_flags + 1]], dtype=torch.float64)
+            self.factors.raise_if_stale(stale_here, count)
+            grads = self.summed_product_gradients(summed, rows)
+        elif not rows_step:
+            grads = self.product_gradients(batches, rows, self.factors.stale_layers(rows))
         else:
             if self.cache_free:
+                stale = self.factors.stale_layers(rows)
                 count = torch.tensor([float(len(stale))], dtype=torch.float64, device=self.device)
                 self.factors.raise_if_stale(stale, d.all_reduce_(count))
             grads = {idx: self.layer_gradient(idx, batches.get(idx), int(n), autograd.get(idx))
@@ -135,6 +152,30 @@ class StepPlanner:
                                zs=[torch.zeros(0, layer.out_features, dtype=dtype, device=layer.A.device)])
         return LayerGradient(batch, self.distributor.grad_coef(), rows, self.distributor.reduce, autograd)
 
+    def finish_reduction(self, reduction: BucketedReduction, batches: dict[int, LayerProducts], rows: list[float], *,
+                         skip: bool, late: bool) -> dict[int, LayerProducts] | None:
+        """Wait for the products' bucketed sums (every bucket started, on every rank, when some rank has products) and
+        return every layer's products summed over ranks; None when the step is skipped, or when some rank took a
+        micro-batch after its bucket had started (``late``: the step then sums them itself, logged once)."""
+        if reduction.late_layer is not None and not self.logged_late:
+            self.logged_late = True
+            logger.warning("%s took a micro-batch after its products' all-reduce had started (the step took more "
+                           "backward passes than the %s micro-batches expected): such steps sum their products at the "
+                           "step instead of during the backward pass; give the optimizer accumulation_steps",
+                           self.layers[reduction.late_layer].name, self.capture.microbatches_per_step)
+        if not any(n > 0 for n in rows):
+            reduction.abandon()
+            return None
+        return reduction.finish(lambda idx: batches[idx] if idx in batches else self.capture.zeros(idx),
+                                keep=not skip and not late)
+
+    def summed_product_gradients(self, summed: dict[int, LayerProducts], rows: list[float]) -> dict[int, ProductGradient]:
+        """The cache-free gradients of the layers that captured rows on some rank, from products summed over ranks."""
+        coef = self.distributor.grad_coef()
+        return {idx: ProductGradient(summed[idx], self.layers[idx].rank, coef, int(n), self.capture.probe_factors(idx),
+                                     self.capture.sketch_of(idx, summed[idx]))
+                for idx, n in enumerate(rows) if n > 0}
+
     def product_gradients(self, batches: dict[int, LayerProducts], rows: list[float],
                           stale: list[int]) -> dict[int, ProductGradient]:
         """The cache-free gradients of the layers that captured rows on some rank: every rank's products
@@ -148,10 +189,7 @@ class StepPlanner:
         if self.distributor.reduce is not None:
             reduce_flat_([*tensors, count], self.distributor.reduce)
         self.factors.raise_if_stale(stale, count)
-        coef = self.distributor.grad_coef()
-        return {idx: ProductGradient(products[idx], self.layers[idx].rank, coef, int(rows[idx]),
-                                     self.capture.probe_factors(idx), self.capture.sketch_of(idx, products[idx]))
-                for idx in present}
+        return self.summed_product_gradients(products, rows)
 
     def autograd_products(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Autograd's ``(A.grad, B.grad)`` of layer ``idx`` when the step may use them in place of the
