@@ -21,6 +21,7 @@ Every finished run is written at once to ``bench/results/quality_map.json`` (com
 session resumes where this one stopped). ``--workers`` runs go in parallel, one thread each.
 
     python bench/quality_map.py [--workers 2] [--cells python-reference:16 ...] [--methods ...] [--report]
+    python bench/quality_map.py --step_times   # on a quiet machine: each method's s/step, the time axis of the figure
 """
 
 from __future__ import annotations
@@ -141,6 +142,49 @@ def run_point(task: tuple[str, str, int, int, int, str]) -> tuple[str, dict]:
     return key(cell, method, k, seed, steps), result
 
 
+PROBE_STEPS, PROBE_FROM = 40, 10  # the step-time probe: steps run, and the first one timed after the warm-up
+
+
+def step_time_probe(task: tuple[str, str, str]) -> tuple[str, str, float]:
+    """Seconds per training step of ``method`` at rank ``rank`` on the map's base (one thread, steps PROBE_FROM+1 to
+    PROBE_STEPS: after the warm-up and the spectral first step), at its starting lr (the time does not depend on it)."""
+    rank, method, base = task
+    argv = [*METHODS[method][0], "--model", base, "--dataset", "builtin:python-reference", "--lora_r", rank,
+            "--lora_alpha", str(2 * int(rank)), "--lr", str(METHODS[method][1]), "--seed", "0",
+            "--max_steps", str(PROBE_STEPS), "--eval_every", str(PROBE_FROM), "--cache_dir", CACHE]
+    if method == FULL:
+        from bench.full_finetune import full_finetune_run
+
+        result = full_finetune_run(argv)
+    else:
+        result = recipe_run(argv, scaling=2.0)
+    seconds = result["train_seconds"]
+    return rank, method, (seconds[str(PROBE_STEPS)] - seconds[str(PROBE_FROM)]) / (PROBE_STEPS - PROBE_FROM)
+
+
+def measure_step_times(results: dict, cells: list[str], methods: list[str], base: str, rounds: int = 2) -> None:
+    """``results["_step_seconds"][rank][method]``: each method's seconds per step on a quiet machine (the fastest of
+    ``rounds`` rounds, every method once per round, one at a time): the time axis of time-to-quality, which the map's
+    own ``train_seconds`` cannot give while its runs share the cores."""
+    ranks = sorted({cell.split(":")[1] for cell in cells}, key=int)
+    tasks = [(rank, m, base) for rank in ranks for m in methods
+             if m not in ATTEMPTS and runs_in(m, f"python-reference:{rank}")]
+    store = results.setdefault("_step_seconds", {})
+    for _ in range(rounds):
+        for task in tasks:
+            rank, method, seconds = step_time_probe(task)
+            best = store.setdefault(rank, {}).get(method)
+            store[rank][method] = round(seconds if best is None else min(best, seconds), 4)
+            save_json(results, RESULTS)
+            print(f"r {rank} {method}: {seconds:.3f} s/step", flush=True)
+
+
+def quiet_seconds(results: dict, cell: str, method: str, step: int) -> float | None:
+    """Training seconds to ``step`` at the quiet step time (None: not measured)."""
+    per_step = results.get("_step_seconds", {}).get(cell.split(":")[1], {}).get(method)
+    return None if per_step is None else per_step * step
+
+
 def final_loss(result: dict | None, steps: int) -> float | None:
     """The final eval loss of a finished run (NaN when it diverged or was refused; None when not run)."""
     if result is None:
@@ -202,6 +246,7 @@ def report(results: dict, cells: list[str], methods: list[str], steps: int) -> s
                 continue
             k, losses = got
             runs = [results[key(cell, method, k, s, steps)] for s in SEEDS if key(cell, method, k, s, steps) in results]
+            quiet = quiet_seconds(results, cell, method, steps)
             seconds = statistics.mean(r["train_seconds"][str(steps)] for r in runs if "train_seconds" in r)
             sd = statistics.stdev(losses) if len(losses) > 1 else float("nan")
             interior = k - 1 in curve(results, cell, method, steps) and k + 1 in curve(results, cell, method, steps)
@@ -209,9 +254,10 @@ def report(results: dict, cells: list[str], methods: list[str], steps: int) -> s
                          f"{statistics.mean(losses):.4f} +- {sd:.4f}",
                          f"{statistics.mean(r['stable_rank'] for r in runs if 'stable_rank' in r):.1f}",
                          f"{statistics.mean(r['update_norm'] for r in runs if 'update_norm' in r):.2f}",
-                         f"{seconds:.0f}"])
+                         "-" if quiet is None else f"{quiet:.0f}", f"{seconds:.0f}"])
     return markdown_table(["cell (domain:r)", "method", "best lr", "seeds", f"eval loss @{steps}",
-                           "stable rank of s B A (median layer)", "||s B A||_F (median layer)", "train s"], rows)
+                           "stable rank of s B A (median layer)", "||s B A||_F (median layer)",
+                           "train s (quiet, one thread)", "train s (as run, cores shared)"], rows)
 
 
 def save_figure(results: dict, cells: list[str], methods: list[str], steps: int, path: str) -> None:
@@ -241,7 +287,9 @@ def save_figure(results: dict, cells: list[str], methods: list[str], steps: int,
             runs = [results[key(cell, method, got[0], s, steps)] for s in SEEDS
                     if key(cell, method, got[0], s, steps) in results]
             at = sorted(int(t) for t in runs[0]["eval"] if int(t) > 0)
-            seconds = [statistics.mean(r["train_seconds"][str(t)] for r in runs) for t in at]
+            quiet = [quiet_seconds(results, cell, method, t) for t in at]
+            seconds = quiet if None not in quiet else [statistics.mean(r["train_seconds"][str(t)] for r in runs)
+                                                      for t in at]
             losses = [statistics.mean(r["eval"][str(t)] for r in runs) for t in at]
             bottom.plot(seconds, losses, marker="o", ms=3, color=line[0].get_color(),
                         label=f"{method} (lr {lr_of(got[0]):g}, {len(runs)} seeds)")
@@ -251,7 +299,8 @@ def save_figure(results: dict, cells: list[str], methods: list[str], steps: int,
             top.set_ylim(min(finals) - 0.03, min(finals) + 0.45)
         top.set_title(f"{cell}: eval loss after {steps} steps")
         label_lr_axes(top, "held-out loss", legend_size=7)
-        bottom.set_xlabel("training seconds (2-core CPU, one thread per run)")
+        bottom.set_xlabel("training seconds (quiet 2-core CPU, one thread: steps x measured s/step)"
+                          if "_step_seconds" in results else "training seconds (2-core CPU, one thread per run)")
         bottom.set_ylabel("held-out loss")
         bottom.set_title(f"{cell}: held-out loss against time, best lr")
         bottom.grid(alpha=0.3)
@@ -272,6 +321,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--report", action="store_true", help="print the table of what is done and stop")
     parser.add_argument("--max_rounds", type=int, default=100)
+    parser.add_argument("--step_times", action="store_true",
+                        help="only measure each method's seconds per step, one run at a time (on a quiet machine: "
+                             "nothing else running); the report and figure then put time-to-quality on that scale")
     parser.add_argument("--write", default=None, help="write the table into this markdown file's section")
     parser.add_argument("--png", default=None, help="write the figure (loss vs lr; loss vs time) to this file")
     args = parser.parse_args()
@@ -285,11 +337,13 @@ def main() -> None:
             raise SystemExit(f"error: the base in {base} is not the one the results were measured on "
                              f"({made['eval_loss_python_source']:.4f} vs {record['eval_loss_python_source']:.4f})")
         save_json(results, RESULTS)
-        with get_context("spawn").Pool(args.workers) as pool:
+        if args.step_times:
+            measure_step_times(results, args.cells, args.methods, base)
+        with get_context("spawn").Pool(1 if args.step_times else args.workers) as pool:
             # the core map in every cell first, then the attempts; one cell finished before the next: complete tables
             # early
             phases = ([m for m in args.methods if m not in ATTEMPTS], [m for m in args.methods if m in ATTEMPTS])
-            for phase, cell in [(phase, cell) for phase in phases for cell in args.cells]:
+            for phase, cell in [(phase, cell) for phase in phases for cell in args.cells if not args.step_times]:
                 for _ in range(args.max_rounds):
                     todo = [(cell, m, k, s, args.steps, base) for m in phase if runs_in(m, cell)
                             for k, s in needed(results, cell, m, args.steps)]

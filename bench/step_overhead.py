@@ -96,6 +96,8 @@ def main() -> None:
         "PSI-LoRA iters=1, momentum": lambda m: PSILoRA(m, 1e-2, iters=1, momentum=0.9, fold=False),
         "Scaled PSI-LoRA iters=1 (rank-r momentum)": lambda m: ScaledPSILoRA(m, 1e-3, iters=1, fold=False),
         "preconditioned LoRA": lambda m: PreconditionedLoRA(m, 1e-2, fold=False),
+        "Scaled PSI-LoRA iters=0 (cache-free), max_grad_norm=1": lambda m: ScaledPSILoRA(m, 1e-3, iters=0,
+                                                                                          max_grad_norm=1.0),
         "PSI-LoRA iters=1, dense store": lambda m: PSILoRA(m, 1e-2, iters=1, cache_max_bytes=None),
         # clipping by the exact ||G||_F (METHOD.md section 6): Gram or dense route per layer
         "PSI-LoRA iters=1, max_grad_norm=1": lambda m: PSILoRA(m, 1e-2, iters=1, max_grad_norm=1.0, fold=False),
