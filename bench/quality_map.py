@@ -15,7 +15,8 @@ every method's lr tuned the same way.
   weight, on the recipe's data, schedule, clipping and evaluation; in the r 16 cells only, it has no rank).
 * lr search, per cell and method: seed 0 on a grid a third of a decade apart (10^(k/3)), from three points around
   the method's starting guess, extended until the best is interior; then seeds 1 and 2 at the best and its two
-  neighbours. A point is one run; the best is the lowest mean over the seeds run.
+  neighbours; last (not for the attempts), seed 0 outward until the loss is 2% above the best on both sides (the lr
+  window, as bench/finetune_real.py measures it). A point is one run; the best is the lowest mean over the seeds run.
 
 Every finished run is written at once to ``bench/results/quality_map.json`` (committed as the map advances: a later
 session resumes where this one stopped). ``--workers`` runs go in parallel, one thread each.
@@ -39,6 +40,7 @@ from multiprocessing import get_context
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.common import label_lr_axes, load_json, markdown_table, recipe_run, save_json, write_section  # noqa: E402
+from bench.finetune_real import window  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results", "quality_map.json")
 FULL = "Full fine-tuning (AdamW)"
@@ -85,6 +87,9 @@ def runs_in(method: str, cell: str) -> bool:
         return cell in ATTEMPT_CELLS
     return method != FULL or cell.endswith(":16")
 SEEDS = (0, 1, 2)
+# the lr window (bench/finetune_real.py's): within 2% of the best; the grid is extended (seed 0) until both edges
+# are crossed, at most WINDOW_REACH points (a decade and a third) from the best
+WINDOW, WINDOW_REACH = 0.02, 4
 EVAL_EVERY = 50
 
 
@@ -223,8 +228,15 @@ def needed(results: dict, cell: str, method: str, steps: int) -> list[tuple[int,
     todo = [(k, 0) for k in (centre - 1, centre + 1) if k not in seed0]
     if todo:
         return todo
-    return [(k, s) for k in sorted({best - 1, best, best + 1, centre - 1, centre, centre + 1}) for s in SEEDS[1:]
-            if key(cell, method, k, s, steps) not in results and math.isfinite(seed0[k])]
+    seeds = [(k, s) for k in sorted({best - 1, best, best + 1, centre - 1, centre, centre + 1}) for s in SEEDS[1:]
+             if key(cell, method, k, s, steps) not in results and math.isfinite(seed0[k])]
+    if seeds or method in ATTEMPTS:
+        return seeds
+    # last, the lr window's edges (seed 0): outward while the outermost run is still within WINDOW of the best
+    limit = seed0[best] * (1 + WINDOW)
+    ks = sorted(seed0)
+    return [(edge + step, 0) for edge, step in ((ks[0], -1), (ks[-1], 1))
+            if math.isfinite(seed0[edge]) and seed0[edge] <= limit and abs(edge + step - best) <= WINDOW_REACH]
 
 
 def best_point(results: dict, cell: str, method: str, steps: int) -> tuple[int, list[float]] | None:
@@ -235,6 +247,20 @@ def best_point(results: dict, cell: str, method: str, steps: int) -> tuple[int, 
         return None
     k = min(full, key=lambda k: mean_or_inf(full[k]))
     return k, full[k]
+
+
+def lr_window(results: dict, cell: str, method: str, steps: int) -> str:
+    """The lr window in decades (bench/finetune_real.py's: the log-lr range around the best where the seed-0 loss,
+    linear in log lr between grid points, stays within WINDOW of the best); ">=" where it reaches the last lr run on a
+    side without crossing (the grid not extended that far yet, or WINDOW_REACH reached)."""
+    seed0 = sorted((k, v[0]) for k, v in curve(results, cell, method, steps, (0,)).items())
+    if len(seed0) < 2:
+        return "-"
+    points = [(lr_of(k), loss if math.isfinite(loss) else math.nan) for k, loss in seed0]
+    _, lo, hi = window(points, WINDOW)
+    open_ended = any(math.isclose(edge, points[i][0], rel_tol=1e-9) and math.isfinite(points[i][1])
+                     for edge, i in ((lo, 0), (hi, -1)))
+    return f"{'>= ' if open_ended else ''}{math.log10(hi / lo):.2f}"
 
 
 def report(results: dict, cells: list[str], methods: list[str], steps: int) -> str:
@@ -251,12 +277,12 @@ def report(results: dict, cells: list[str], methods: list[str], steps: int) -> s
             sd = statistics.stdev(losses) if len(losses) > 1 else float("nan")
             interior = k - 1 in curve(results, cell, method, steps) and k + 1 in curve(results, cell, method, steps)
             rows.append([cell, method, f"{lr_of(k):g}" + ("" if interior else " (edge)"), len(losses),
-                         f"{statistics.mean(losses):.4f} +- {sd:.4f}",
+                         f"{statistics.mean(losses):.4f} +- {sd:.4f}", lr_window(results, cell, method, steps),
                          f"{statistics.mean(r['stable_rank'] for r in runs if 'stable_rank' in r):.1f}",
                          f"{statistics.mean(r['update_norm'] for r in runs if 'update_norm' in r):.2f}",
                          "-" if quiet is None else f"{quiet:.0f}", f"{seconds:.0f}"])
     return markdown_table(["cell (domain:r)", "method", "best lr", "seeds", f"eval loss @{steps}",
-                           "stable rank of s B A (median layer)", "||s B A||_F (median layer)",
+                           "lr window, decades (2%, seed 0)", "stable rank of s B A (median layer)", "||s B A||_F (median layer)",
                            "train s (quiet, one thread)", "train s (as run, cores shared)"], rows)
 
 
