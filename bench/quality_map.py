@@ -396,12 +396,15 @@ def main() -> None:
                 f"so far; a best lr marked (edge) is not yet bracketed, seeds < 3 are not yet the protocol's mean.\n\n"
                 + table
                 + "\n\nSized for this 2-core machine: a run takes 110-230 s on a quiet machine (one thread; 2 workers "
-                  "run about 40 an hour), a cell and method about 11 runs (5 of seed 0 to bracket, 6 more seeds): 8 "
-                  "methods (full fine-tuning at r 16 only) x 3 cells and the 6 attempts on gnu-manuals r 16 are about "
-                  "320 runs, 8 hours (the base is committed; pretraining it took 45-150 minutes). Eval loss every 50 "
-                  "steps on the fixed held-out split; train s: training seconds to step 300 (step overhead included), "
-                  "inflated where tests or benches shared the cores (session 13: 170-850 s); the full fine-tuning row's "
-                  "stable rank is of its dense update (not bounded by r)."
+                  "run about 40 an hour), a cell and method about 11 runs (5 of seed 0 to bracket, 6 more seeds, 1-2 "
+                  "for the lr window's edges): 8 methods (full fine-tuning at r 16 only) x 3 cells and the 7 attempts "
+                  "on gnu-manuals r 16 are about 330 runs, 8-9 hours (the base is committed; pretraining it took 45-150 "
+                  "minutes). Eval loss every 50 steps on the fixed held-out split. lr window: the decades of lr around "
+                  "the best within 2% of its loss (seed 0; '>=': an edge not yet crossed). train s: training seconds "
+                  "to step 300 (step overhead included), 'quiet' from each method's seconds per step measured one run "
+                  "at a time with nothing else running (`--step_times`), 'as run' summed in the map's own runs, "
+                  "inflated where tests or benches shared the cores (sessions 13-14: 170-850 s); the full fine-tuning "
+                  "row's stable rank is of its dense update (not bounded by r)."
                 + (f"\n\n![quality map]({os.path.basename(args.png)})" if args.png else ""))
         write_section(args.write, "Quality map (issue 25, in progress)", "python bench/quality_map.py", body)
 
