@@ -4,7 +4,8 @@
 #      with nothing lost (bench/gpu_checks.py fp16-overflow), and the recipe trains end to end in fp16;
 #      the activation cache offloaded to pinned host memory equals it kept on the GPU (gpu_checks.py offload);
 #   2. QLoRA: the recipe on a bitsandbytes nf4 base under ZeRO-3 (bnb_4bit_quant_storage = the engine dtype);
-#   3. timings in bf16: step overhead, LoRSum vs SVD, the activation-cache policy, and bench/scale.py on one GPU.
+#   3. timings in bf16: step overhead, LoRSum vs SVD, the hooks' thin products, the activation-cache policy, and
+#      bench/scale.py on one GPU (the products' buckets overlap only with 2 GPUs or more: not measured on one).
 # Every part's output and exit status go to REPORT_DIR/gpu_report.md (a failed part does not stop the rest);
 # the script exits 1 if any part failed.
 #
@@ -81,7 +82,9 @@ if [ "$which" != checks ]; then
   part "step overhead (bf16)" 120 "$py" bench/step_overhead.py --dtype bf16 --hidden 2048 --layers 4 --tokens 8192 \
     --rounds 10
   part "LoRSum vs SVD" 130 "$py" bench/lorsum_vs_svd.py --repeats 2
-  part "activation-cache policy (bf16)" 150 "$py" bench/cache_policy.py --dtype bf16 --hidden 2048 --layers 4 \
+  part "thin products in the cache-free hooks, separate vs fused" 30 "$py" bench/thin_products.py --tokens 8192 \
+    --hidden 4096 --repeats 10
+  part "activation-cache policy (bf16)" 140 "$py" bench/cache_policy.py --dtype bf16 --hidden 2048 --layers 4 \
     --tokens 4096 16384 --rounds 5
   part "scale, 0.9 B, one GPU (bf16)" 200 "$py" bench/scale.py --shape 0.9b --ranks 1 --dtype bf16 --steps 6 \
     --warmup 2 --repeats 1
