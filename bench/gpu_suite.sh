@@ -82,9 +82,9 @@ if [ "$which" != checks ]; then
   part "step overhead (bf16)" 120 "$py" bench/step_overhead.py --dtype bf16 --hidden 2048 --layers 4 --tokens 8192 \
     --rounds 10
   part "LoRSum vs SVD" 130 "$py" bench/lorsum_vs_svd.py --repeats 2
-  part "thin products in the cache-free hooks, separate vs fused" 30 "$py" bench/thin_products.py --tokens 8192 \
+  part "thin products in the cache-free hooks, separate vs fused" 20 "$py" bench/thin_products.py --tokens 8192 \
     --hidden 4096 --repeats 10
-  part "activation-cache policy (bf16)" 140 "$py" bench/cache_policy.py --dtype bf16 --hidden 2048 --layers 4 \
+  part "activation-cache policy (bf16)" 130 "$py" bench/cache_policy.py --dtype bf16 --hidden 2048 --layers 4 \
     --tokens 4096 16384 --rounds 5
   part "scale, 0.9 B, one GPU (bf16)" 200 "$py" bench/scale.py --shape 0.9b --ranks 1 --dtype bf16 --steps 6 \
     --warmup 2 --repeats 1
