@@ -149,16 +149,17 @@ def run_point(task: tuple[str, str, int, int, int, str]) -> tuple[str, dict]:
     return key(cell, method, k, seed, steps), result
 
 
-PROBE_STEPS, PROBE_FROM = 40, 10  # the step-time probe: steps run, and the first one timed after the warm-up
+PROBE_STEPS, PROBE_FROM = 50, 25  # the step-time probe: steps run, and the last untimed one (evaluated there)
 
 
 def step_time_probe(task: tuple[str, str, str]) -> tuple[str, str, float]:
     """Seconds per training step of ``method`` at rank ``rank`` on the map's base (one thread, steps PROBE_FROM+1 to
-    PROBE_STEPS: after the warm-up and the spectral first step), at its starting lr (the time does not depend on it)."""
+    PROBE_STEPS: after the warm-up and the spectral first step), at its starting lr (the time does not depend on it).
+    A run's ``train_seconds`` sum the step times only (evaluation not included)."""
     rank, method, base = task
     argv = [*METHODS[method][0], "--model", base, "--dataset", "builtin:python-reference", "--lora_r", rank,
             "--lora_alpha", str(2 * int(rank)), "--lr", str(METHODS[method][1]), "--seed", "0",
-            "--max_steps", str(PROBE_STEPS), "--eval_every", str(PROBE_FROM), "--cache_dir", CACHE]
+            "--max_steps", str(PROBE_STEPS), "--eval_every", str(PROBE_STEPS - PROBE_FROM), "--cache_dir", CACHE]
     if method == FULL:
         from bench.full_finetune import full_finetune_run
 
@@ -169,7 +170,7 @@ def step_time_probe(task: tuple[str, str, str]) -> tuple[str, str, float]:
     return rank, method, (seconds[str(PROBE_STEPS)] - seconds[str(PROBE_FROM)]) / (PROBE_STEPS - PROBE_FROM)
 
 
-def measure_step_times(results: dict, cells: list[str], methods: list[str], base: str, rounds: int = 2) -> None:
+def measure_step_times(results: dict, cells: list[str], methods: list[str], base: str, rounds: int = 1) -> None:
     """``results["_step_seconds"][rank][method]``: each method's seconds per step on a quiet machine (the fastest of
     ``rounds`` rounds, every method once per round, one at a time): the time axis of time-to-quality, which the map's
     own ``train_seconds`` cannot give while its runs share the cores."""
