@@ -328,7 +328,7 @@ def save_figure(results: dict, cells: list[str], methods: list[str], steps: int,
             top.set_ylim(min(finals) - 0.03, min(finals) + 0.45)
         top.set_title(f"{cell}: eval loss after {steps} steps")
         label_lr_axes(top, "held-out loss", legend_size=7)
-        bottom.set_xlabel("training seconds (quiet 2-core CPU, one thread: steps x measured s/step)"
+        bottom.set_xlabel("training s, quiet CPU, one thread (steps x s/step)"
                           if "_step_seconds" in results else "training seconds (2-core CPU, one thread per run)")
         bottom.set_ylabel("held-out loss")
         bottom.set_title(f"{cell}: held-out loss against time, best lr")
