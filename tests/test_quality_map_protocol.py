@@ -1,0 +1,64 @@
+"""The quality map's lr-search protocol (bench/quality_map.py, issue 25) on made-up results: bracket with seed 0 until
+the best is interior, seeds 1-2 around the best, then (core methods) the lr window's edges; the window it reports."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench.quality_map as qm  # noqa: E402
+
+CELL, METHOD, ATTEMPT, STEPS = "python-reference:16", "LoRA-AdamW", "Scaled prox 1e-3", 300
+
+
+def with_runs(losses: dict[tuple[int, int], float], method: str = METHOD) -> dict:
+    """Results holding a run per ``(k, seed) -> final loss``."""
+    return {qm.key(CELL, method, k, s, STEPS): {"eval": {str(STEPS): loss}} for (k, s), loss in losses.items()}
+
+
+def test_brackets_then_seeds_then_the_window_edges():
+    k0 = qm.k_of(qm.METHODS[METHOD][1])
+    assert qm.needed({}, CELL, METHOD, STEPS) == [(k0 - 1, 0), (k0, 0), (k0 + 1, 0)]
+    # best at the low edge: extend downward
+    runs = {(k0 - 1, 0): 3.70, (k0, 0): 3.72, (k0 + 1, 0): 3.80}
+    assert qm.needed(with_runs(runs), CELL, METHOD, STEPS) == [(k0 - 2, 0)]
+    runs[(k0 - 2, 0)] = 3.71  # interior now: seeds 1 and 2 at the best and its neighbours
+    best = k0 - 1
+    assert sorted(qm.needed(with_runs(runs), CELL, METHOD, STEPS)) == sorted(
+        (k, s) for k in (best - 1, best, best + 1) for s in (1, 2))
+    for k in (best - 1, best, best + 1):
+        for s in (1, 2):
+            runs[(k, s)] = runs[(k, 0)]
+    # seeds done: the window's edges, outward while the outermost loss is within 2% of the best (above: 3.80 is
+    # already past 3.774)
+    assert qm.needed(with_runs(runs), CELL, METHOD, STEPS) == [(k0 - 3, 0)]
+    runs[(k0 - 3, 0)] = 3.76  # still within: one further
+    assert qm.needed(with_runs(runs), CELL, METHOD, STEPS) == [(k0 - 4, 0)]
+    runs[(k0 - 4, 0)] = math.nan  # diverged: crossed
+    assert qm.needed(with_runs(runs), CELL, METHOD, STEPS) == []
+    # never further than WINDOW_REACH points from the best
+    flat = {(k, s): 3.70 for k in range(best - qm.WINDOW_REACH, best + 2) for s in (0, 1, 2)}
+    flat[(best + 1, 0)] = flat[(best + 1, 1)] = flat[(best + 1, 2)] = 3.90
+    flat[(best, 0)] = 3.69
+    assert qm.needed(with_runs(flat), CELL, METHOD, STEPS) == []
+
+
+def test_attempts_stop_after_their_seeds():
+    runs = {(k, s): 3.7 + 0.01 * abs(k + 2) for k in (-3, -2, -1) for s in (0, 1, 2)}
+    assert qm.needed(with_runs(runs, ATTEMPT), CELL, ATTEMPT, STEPS) == []
+
+
+def test_the_window_crosses_or_says_it_is_open():
+    runs = {(-3, 0): 3.80, (-2, 0): 3.70, (-1, 0): 3.72, (0, 0): 3.90}
+    # limit 3.774: crossed between k -3 and -2 and between -1 and 0, linearly in log10 lr
+    got = float(qm.lr_window(with_runs(runs), CELL, METHOD, STEPS))
+    lo = -2 / 3 - (3.774 - 3.70) / (3.80 - 3.70) / 3
+    hi = -1 / 3 + (3.774 - 3.72) / (3.90 - 3.72) / 3
+    assert got == pytest.approx(hi - lo, abs=0.01)
+    open_low = {(-2, 0): 3.70, (-1, 0): 3.72, (0, 0): 3.90}
+    assert qm.lr_window(with_runs(open_low), CELL, METHOD, STEPS).startswith(">= ")
+    assert qm.lr_window(with_runs({(-2, 0): 3.7}), CELL, METHOD, STEPS) == "-"
