@@ -43,7 +43,7 @@ def lr_advice(optim: str, model: str) -> str:
         times = f"{lo:g}x" if lo == hi else f"{lo:g}-{hi:g}x"
         example = f"{2e-4 * lo:.2g}" if lo == hi else f"{2e-4 * lo:.2g}-{2e-4 * hi:.2g}"
         hint = (f"for {optim} start at {times} the lr LoRA-AdamW takes on this model (its measured best-lr ratio; "
-                f"e.g. {example} beside AdamW's 2e-4) and sweep half a decade around it")
+                f"e.g. {example} beside AdamW's 2e-4) and sweep a decade around it")
     return (f"lr not given for model {model}: a best lr does not transfer between models (LoRA-AdamW's moved from "
             f"1e-2 on the built-in base to 2.2e-3 and 4.6e-3 on one 5x larger; docs/BENCHMARKS.md, Quality map): "
             f"pass --lr; {hint}")
