@@ -141,7 +141,8 @@ class Distributor:
     def async_reduce(self) -> AsyncReduce | None:
         """An asynchronous sum over data-parallel ranks, in place, on a process group of the optimizer's own (so that it
         may run while the engine's collectives run: :mod:`~psilora_ds.product_buckets`); None: one process, or not
-        supported. Every rank calls it together (it may create the group)."""
+        supported. The returned sum is a collective: every rank starts the same ones in the same order (its first call
+        may create the group)."""
         return None
 
     def layout(self) -> dict[str, Any]:

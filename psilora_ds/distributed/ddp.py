@@ -78,18 +78,18 @@ class DDPDistributor(Distributor):
         return buf
 
     def async_reduce(self) -> AsyncReduce | None:
-        if self.world_size == 1:
-            return None
-        if self._async_group is None:
-            # the same ranks as the engine's group, in a group of its own: the optimizer's collectives started in the
-            # backward pass then never interleave with the engine's (ZeRO's reduce-scatters, FSDP2's) on one group
-            ranks = dist.get_process_group_ranks(self.group if self.group is not None else dist.group.WORLD)
-            self._async_group = dist.new_group(ranks=ranks, use_local_synchronization=True)
-        return self._all_reduce_async
+        return self._all_reduce_async if self.world_size > 1 else None
 
     def _all_reduce_async(self, t: torch.Tensor) -> Waitable:
         if not t.is_contiguous():
             raise ValueError("an asynchronous all-reduce sums in place: give a contiguous tensor")
+        if self._async_group is None:
+            # the same ranks as the engine's group, in a group of its own: the optimizer's collectives started in the
+            # backward pass then never interleave with the engine's (ZeRO's reduce-scatters, FSDP2's) on one group.
+            # Made at the first sum (every rank starts the same first bucket), not when the optimizer is built: an
+            # optimizer built on some ranks only must not wait for the others
+            ranks = dist.get_process_group_ranks(self.group if self.group is not None else dist.group.WORLD)
+            self._async_group = dist.new_group(ranks=ranks, use_local_synchronization=True)
         work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self._async_group, async_op=True)
         self.comm_bytes["all_reduce"] += t.numel() * t.element_size()
         self.comm_calls["all_reduce"] += 1
