@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from .lora_layers import LoRALayer
+from .ops.rounds import flatten_by_dtype, unflatten_into_
 
 # About one transformer block's products at hidden 1024-4096, r 16: small enough that the first buckets start while
 # most of the backward pass is still ahead, large enough that a collective's latency does not dominate.
@@ -108,12 +109,7 @@ class BucketedReduction:
             self.late_layer = idx
 
     def _start(self, products: list[tuple[int, LayerProducts]]) -> None:
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for _, layer_products in products:
-            for t in layer_products.tensors():
-                by_dtype.setdefault(t.dtype, []).append(t)
-        flats = [(torch.cat([t.reshape(-1) for t in by_dtype[dtype]]), by_dtype[dtype])
-                 for dtype in sorted(by_dtype, key=str)]  # the same order on every rank
+        flats = flatten_by_dtype([t for _, layer_products in products for t in layer_products.tensors()])
         self._started.append(_StartedBucket(products, flats, [self.reduce_async(flat) for flat, _ in flats]))
 
     def finish(self, products_of: Callable[[int], LayerProducts], keep: bool) -> dict[int, LayerProducts] | None:
@@ -128,10 +124,7 @@ class BucketedReduction:
                 work.wait()
             if keep:
                 for flat, tensors in started.flats:
-                    offset = 0
-                    for t in tensors:
-                        t.copy_(flat[offset: offset + t.numel()].view_as(t))
-                        offset += t.numel()
+                    unflatten_into_(flat, tensors)
                 summed.update(started.products)
         self._reset()
         return summed if keep else None

@@ -23,18 +23,28 @@ Rounds = Generator[torch.Tensor | SPDSolve, torch.Tensor, T]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def reduce_flat_(tensors: Sequence[torch.Tensor], reduce: Reduce) -> None:
-    """Sum ``tensors`` over ranks in place with one ``reduce`` call per dtype (flattened into one buffer)."""
+def flatten_by_dtype(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """``tensors`` copied into one flat buffer per dtype, with the tensors each holds, in the same order on every
+    rank (dtypes sorted by name)."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
-    for dtype in sorted(by_dtype, key=str):  # the same order on every rank
-        group = by_dtype[dtype]
-        flat = reduce(torch.cat([t.reshape(-1) for t in group]))
-        offset = 0
-        for t in group:
-            t.copy_(flat[offset: offset + t.numel()].view_as(t))
-            offset += t.numel()
+    return [(torch.cat([t.reshape(-1) for t in by_dtype[dtype]]), by_dtype[dtype])
+            for dtype in sorted(by_dtype, key=str)]
+
+
+def unflatten_into_(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Copy ``flat`` (as :func:`flatten_by_dtype` laid them out) back into ``tensors``."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def reduce_flat_(tensors: Sequence[torch.Tensor], reduce: Reduce) -> None:
+    """Sum ``tensors`` over ranks in place with one ``reduce`` call per dtype (flattened into one buffer)."""
+    for flat, group in flatten_by_dtype(tensors):
+        unflatten_into_(reduce(flat), group)
 
 
 def run_lockstep(programs: Mapping[Hashable, Rounds[Any] | Any], reduce: Reduce | None) -> dict[Hashable, Any]:
