@@ -118,28 +118,39 @@ class BucketedReduction:
         else drop the sums (the rank's own products stay as they were) and return None. Every rank, together."""
         for b in range(len(self._started), len(self.buckets)):
             self._start([(i, self._ready[i] if i in self._ready else products_of(i)) for i in self.buckets[b]])
+        started = self._wait_and_reset()
+        if not keep:
+            return None
         summed: dict[int, LayerProducts] = {}
-        for started in self._started:
-            for work in started.works:
-                work.wait()
-            if keep:
-                for flat, tensors in started.flats:
-                    unflatten_into_(flat, tensors)
-                summed.update(started.products)
-        self._reset()
-        return summed if keep else None
+        for bucket in started:
+            for flat, tensors in bucket.flats:
+                unflatten_into_(flat, tensors)
+            summed.update(bucket.products)
+        return summed
 
     def abandon(self) -> None:
         """Drop this step (the engine skipped it): wait for what was started (nothing stays in flight) and reset."""
-        for started in self._started:
-            for work in started.works:
+        self._wait_and_reset()
+
+    def _wait_and_reset(self) -> list[_StartedBucket]:
+        """Wait for every started bucket's collectives, reset for the next step and return what was started."""
+        started = self._started
+        for bucket in started:
+            for work in bucket.works:
                 work.wait()
         self._reset()
+        return started
+
+
+def estimated_products_nbytes(layer: LoRALayer) -> int:
+    """About how many bytes a layer's cache-free products take, known before any step: ``(2 r + 1)(m + n)`` fp32
+    numbers (``B^T P``, ``P A^T`` and the rank-r momentum's pair, the two K-FAC sums; no sketches)."""
+    return 4 * (2 * layer.rank + 1) * (layer.in_features + layer.out_features)
 
 
 def bucketed_reduction(layers: Sequence[LoRALayer], reduce_async: AsyncReduce,
                        bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> BucketedReduction:
-    """The reduction of ``layers``' products in buckets of about ``bucket_bytes``. A layer's products are about
-    ``(2 r + 2)(m + n)`` fp32 numbers (factors and momentum, K-FAC sums); only the cuts between buckets depend on it."""
-    sizes = [4 * (2 * layer.rank + 2) * (layer.in_features + layer.out_features) for layer in layers]
+    """The reduction of ``layers``' products in buckets of about ``bucket_bytes``
+    (:func:`estimated_products_nbytes`; only the cuts between buckets depend on it)."""
+    sizes = [estimated_products_nbytes(layer) for layer in layers]
     return BucketedReduction(plan_buckets(sizes, bucket_bytes), reduce_async)

@@ -17,7 +17,7 @@ from ..gradient import LayerGradient, ProductGradient
 from ..lora_layers import LoRALayer
 from ..ops import compute_dtype
 from ..ops.rounds import reduce_flat_, run_lockstep
-from ..product_buckets import BucketedReduction
+from ..product_buckets import BucketedReduction, estimated_products_nbytes
 from ..products import LayerProducts
 from .factor_source import FactorSource
 from .other_params import local_grads
@@ -246,8 +246,7 @@ def capture_memory_message(capture: Any, layers: Sequence[LoRALayer], cache_free
         return (f"cache-free capture: no activation rows kept; {capture.nbytes * mib:.1f} MiB of thin products{sketch} "
                 f"and {capture.factor_nbytes * mib:.1f} MiB of probe factors per rank")
     rows = sum(layer.in_features + layer.out_features for layer in layers) * capture.row_itemsize
-    # cache-free Jacobi steps hold (2r)(m + n) + m + n fp32 numbers per layer (momentum of rank r)
-    products = sum((2 * layer.rank + 1) * (layer.in_features + layer.out_features) for layer in layers) * 4
+    products = sum(estimated_products_nbytes(layer) for layer in layers)
     budget = "none" if capture.max_bytes is None else f"{capture.max_bytes * mib:.1f} MiB"
     where = (f"{capture.folded_layers()} of {len(layers)} layers folded into dense fp32 stores" if not capture.offload
              else f"{capture.peak_host_nbytes * mib:.1f} MiB of rows offloaded to host memory")
