@@ -289,6 +289,28 @@ def report(results: dict, cells: list[str], methods: list[str], steps: int) -> s
                            "train s (quiet, one thread)", "train s (as run, cores shared)"], rows)
 
 
+def transfer_table(results: dict, cells: list[str], methods: list[str], steps: int) -> str:
+    """Item 4, learning rates that transfer: each method's best lr per cell (the mean over the seeds run), its ratio to
+    LoRA-AdamW's best in the same cell, and how far it moves from the first cell (x: factor, a grid point is 2.15x)."""
+    baseline = "LoRA-AdamW"
+    cells = [c for c in cells if best_point(results, c, baseline, steps)]
+    if not cells:
+        return ""
+    adam = {c: lr_of(best_point(results, c, baseline, steps)[0]) for c in cells}
+    rows = []
+    for method in methods:
+        got = {c: best_point(results, c, method, steps) for c in cells if runs_in(method, c)}
+        best = {c: lr_of(g[0]) for c, g in got.items() if g is not None}
+        if not best:
+            continue
+        first = best.get(cells[0])
+        rows.append([method] + [
+            "-" if c not in best else f"{best[c]:.3g} ({best[c] / adam[c]:.2g}x AdamW"
+            + ("" if c == cells[0] or first is None else f"; {best[c] / first:.2g}x {cells[0]}") + ")"
+            for c in cells])
+    return markdown_table(["method", *[f"best lr, {c}" for c in cells]], rows)
+
+
 def save_figure(results: dict, cells: list[str], methods: list[str], steps: int, path: str) -> None:
     """One PNG: per cell, the final eval loss against lr (mean over the seeds run, bars from min to max) above the
     held-out loss against training seconds at each method's best lr (mean over its seeds; time-to-quality, the step
@@ -386,7 +408,8 @@ def main() -> None:
                         print(point, result.get("eval", {}).get(str(args.steps), result.get("error")),
                               result.get("wall_seconds"), flush=True)
     table = report(results, args.cells, args.methods, args.steps)
-    print(table)
+    transfer = transfer_table(results, args.cells, args.methods, args.steps)
+    print(table + "\n\n" + transfer)
     if args.png:
         save_figure(results, args.cells, args.methods, args.steps, args.png)
     if args.write:
@@ -396,6 +419,9 @@ def main() -> None:
                 f"{base.get('eval_loss_python_source', float('nan')):.3f} on Python source. {runs} runs "
                 f"so far; a best lr marked (edge) is not yet bracketed, seeds < 3 are not yet the protocol's mean.\n\n"
                 + table
+                + ("\n\nLearning rates (item 4): each method's best lr per cell, as a multiple of LoRA-AdamW's best in "
+                   "the same cell and of its own best in the first cell (one grid point is 2.15x; a best not yet "
+                   "bracketed or with fewer than 3 seeds may still move).\n\n" + transfer if transfer else "")
                 + "\n\nSized for this 2-core machine: a run takes 110-230 s on a quiet machine (one thread; 2 workers "
                   "run about 40 an hour), a cell and method about 11 runs (5 of seed 0 to bracket, 6 more seeds, 1-2 "
                   "for the lr window's edges): 8 methods (full fine-tuning at r 16 only) x 3 cells and the 7 attempts "

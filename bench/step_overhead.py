@@ -7,6 +7,7 @@ median over rounds of each round's ratio to that round's AdamW step, and the rat
 
     python bench/step_overhead.py [--hidden 512] [--layers 4] [--tokens 1024] [--rounds 15] [--write docs/BENCHMARKS.md]
     python bench/step_overhead.py --profile "PSI-LoRA iters=1"   # where that method's optimizer step spends its time
+    python bench/step_overhead.py --methods "preconditioned LoRA" ...   # only those rows (and AdamW)
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import markdown_table, sync, write_section  # noqa: E402
 from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA  # noqa: E402
 from psilora_ds.optim import PoLAR  # noqa: E402
+
+
+SECTION = "Step overhead vs AdamW"
 
 
 def build(args, make, device: torch.device, dtype: torch.dtype, polar: bool = False):
@@ -83,6 +87,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's (and rows') dtype")
     parser.add_argument("--write", default=None)
+    parser.add_argument("--section", default=SECTION, help="the markdown section --write replaces")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help="only these rows (and AdamW, the baseline); default: every row")
     parser.add_argument("--profile", default=None, metavar="METHOD",
                         help="instead of the table: torch.profiler's top operators of METHOD's optimizer step")
     args = parser.parse_args()
@@ -98,6 +105,9 @@ def main() -> None:
         "preconditioned LoRA": lambda m: PreconditionedLoRA(m, 1e-2, fold=False),
         "Scaled PSI-LoRA iters=0 (cache-free), max_grad_norm=1": lambda m: ScaledPSILoRA(m, 1e-3, iters=0,
                                                                                           max_grad_norm=1.0),
+        # what the clipping norm's 32-probe sketch costs in the cache-free hooks (issue 26: where their time goes)
+        "Scaled PSI-LoRA iters=0 (cache-free), no clipping": lambda m: ScaledPSILoRA(m, 1e-3, iters=0),
+        "preconditioned LoRA (cache-free), max_grad_norm=1": lambda m: PreconditionedLoRA(m, 1e-2, max_grad_norm=1.0),
         "PSI-LoRA iters=1, dense store": lambda m: PSILoRA(m, 1e-2, iters=1, cache_max_bytes=None),
         # clipping by the exact ||G||_F (METHOD.md section 6): Gram or dense route per layer
         "PSI-LoRA iters=1, max_grad_norm=1": lambda m: PSILoRA(m, 1e-2, iters=1, max_grad_norm=1.0, fold=False),
@@ -108,6 +118,11 @@ def main() -> None:
     }
     if args.profile:
         makers = {args.profile: makers[args.profile]}
+    elif args.methods:
+        unknown = [name for name in args.methods if name not in makers]
+        if unknown:
+            raise SystemExit(f"error: unknown method(s) {unknown}; choose from {sorted(makers)}")
+        makers = {name: makers[name] for name in ["AdamW (foreach), LoRA params", *args.methods]}
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     runs = {name: build(args, make, device, dtype, polar=name.startswith("PoLAR")) for name, make in makers.items()}
     seq = 256
@@ -117,31 +132,40 @@ def main() -> None:
         profile(runs[args.profile], ids)
         return
     times = {name: [] for name in runs}
+    step_times = {name: [] for name in runs}  # of which the optimizer's step (the rest: forward, backward, hooks)
     for r in range(args.rounds + 2):  # two warm-up rounds
         for name, (model, opt) in runs.items():
             sync(device)
             start = time.perf_counter()
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            sync(device)
+            backward_done = time.perf_counter()
             opt.step()
             opt.zero_grad(set_to_none=True)
             sync(device)
             if r >= 2:
                 times[name].append(time.perf_counter() - start)
+                step_times[name].append(time.perf_counter() - backward_done)
     adam = times["AdamW (foreach), LoRA params"]
     rows = []
     for name, t in times.items():
         # paired: each round's step against the AdamW step of the same round (slow drifts of a shared
         # machine cancel), then the median over rounds; and the ratio of the minima (least noise)
         paired = statistics.median(a / b for a, b in zip(t, adam))
+        backward = [a - b for a, b in zip(t, step_times[name])]
         rows.append([name, f"{statistics.median(t) * 1e3:.1f}", f"{min(t) * 1e3:.1f}", f"{(max(t) - min(t)) * 1e3:.1f}",
-                     f"{paired:.3f}", f"{min(t) / min(adam):.3f}"])
+                     f"{paired:.3f}", f"{min(t) / min(adam):.3f}", f"{statistics.median(backward) * 1e3:.1f}",
+                     f"{statistics.median(step_times[name]) * 1e3:.1f}"])
     table = markdown_table(["method", "step ms (median)", "step ms (min)", "spread ms",
-                            "vs AdamW (median of per-round ratios)", "vs AdamW (ratio of minima)"], rows)
+                            "vs AdamW (median of per-round ratios)", "vs AdamW (ratio of minima)",
+                            "of which forward + backward (hooks) ms, median", "optimizer.step() ms, median"], rows)
     print(table)
     if args.write:
         cmd = (f"python bench/step_overhead.py --hidden {args.hidden} --layers {args.layers} --rank {args.rank} "
-               f"--tokens {args.tokens} --rounds {args.rounds}" + (" --dtype bf16" if args.dtype == "bf16" else ""))
-        write_section(args.write, "Step overhead vs AdamW", cmd, table)
+               f"--tokens {args.tokens} --rounds {args.rounds}" + (" --dtype bf16" if args.dtype == "bf16" else "")
+               + ("".join(f' --methods "{m}"' if i == 0 else f' "{m}"' for i, m in enumerate(args.methods))
+                  if args.methods else "") + (f' --section "{args.section}"' if args.section != SECTION else ""))
+        write_section(args.write, args.section, cmd, table)
 
 
 if __name__ == "__main__":
