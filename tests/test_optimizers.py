@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA, find_lora_layers
+from psilora_ds.optim import SVDLoRAAdam
 from psilora_ds import reference as ref
 from psilora_ds.ops.rounds import run_rounds
 from psilora_ds.ops.sketch_svd import gradient_sketch_seed, sketch_probes
@@ -200,6 +201,34 @@ def test_svdlora_matches_dense_svd(fold):
         # the split of B A is unique up to signs of singular pairs: compare products
         for layer, a, b in zip(opt.layers, twin.A, twin.B):
             torch.testing.assert_close(layer.B.detach() @ layer.A.detach(), b @ a, rtol=1e-10, atol=1e-12)
+
+
+def test_svdlora_adam_is_a_projected_torch_adam_step():
+    """SVDLoRAAdam against independent computations: torch.optim.Adam on a dense copy of each effective weight's
+    gradient gives the full step, then the dense truncated SVD of ``B A + step / s``; over three steps (Adam's moments
+    carried), products compared."""
+    model = lora_two_layer_net(head_trainable=False)
+    twin = DenseTwin(model)
+    lr, betas = 0.05, (0.8, 0.95)
+    opt = SVDLoRAAdam(model, lr, betas=betas, cache_max_bytes=None)
+    weights = [torch.zeros_like(w, requires_grad=True) for w in twin.W0]  # Adam's direction does not depend on W
+    adam = torch.optim.Adam(weights, lr=lr, betas=betas, eps=1e-8)
+    for x, t in [data(k) for k in range(3)]:
+        P, _, _, _ = twin.grads(x, t)
+        before = [w.detach().clone() for w in weights]
+        for w, p, s in zip(weights, P, twin.s):
+            w.grad = p / s  # dL/dW
+        adam.step()
+        for i, (w, w0) in enumerate(zip(weights, before)):
+            target = twin.B[i] @ twin.A[i] + (w.detach() - w0) / twin.s[i]
+            U, S, Vh = torch.linalg.svd(target)
+            r = twin.A[i].shape[0]
+            twin.B[i], twin.A[i] = U[:, :r] * S[:r].sqrt(), S[:r].sqrt()[:, None] * Vh[:r]
+        run_optimizer(opt, model, [(x, t)])
+        for layer, a, b in zip(opt.layers, twin.A, twin.B):
+            torch.testing.assert_close(layer.B.detach() @ layer.A.detach(), b @ a, rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="betas"):
+        SVDLoRAAdam(lora_two_layer_net(), 1e-3, betas=(1.0, 0.9))
 
 
 @pytest.mark.parametrize("fold", [True, False])

@@ -506,8 +506,8 @@ def test_qlora_evaluation_leaves_training_exact(tmp_path, hidden):
         torch.testing.assert_close(after[name], g, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("optim", ["psilora", "scaled_psilora", "precond_lora", "svdlora", "polar", "adamw", "loraplus",
-                                   "riemannian", "sgd"])
+@pytest.mark.parametrize("optim", ["psilora", "scaled_psilora", "precond_lora", "svdlora", "svdlora_adam", "polar",
+                                   "adamw", "loraplus", "riemannian", "sgd"])
 def test_every_optim_choice_trains(tmp_path, optim):
     """Each --optim builds and takes 2 steps through the recipe (svdlora once crashed on a keyword)."""
     sys.path.insert(0, ROOT)

@@ -7,10 +7,10 @@ from .polar import PoLAR
 from .psilora import PreconditionedLoRA, PSILoRA
 from .scaled import ScaledPSILoRA
 from .registry import METHODS, Method
-from .svdlora import SVDLoRA
+from .svdlora import SVDLoRA, SVDLoRAAdam
 
 # the family by name, as psilora_ds.hf's psilora=dict(optim=...) takes it (the registry's lora methods)
 OPTIMIZERS_BY_NAME = {name: m.optimizer_class for name, m in METHODS.items() if m.lora}
 
 __all__ = ["LoRAOptimizer", "LoRAOptions", "METHODS", "Method", "OPTIMIZERS_BY_NAME", "OtherOptimizerFactory", "PoLAR", "PSILoRA",
-           "PreconditionedLoRA", "ScaledPSILoRA", "SVDLoRA", "skipping_non_finite"]
+           "PreconditionedLoRA", "ScaledPSILoRA", "SVDLoRA", "SVDLoRAAdam", "skipping_non_finite"]

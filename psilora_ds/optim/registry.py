@@ -16,7 +16,7 @@ from .finite_guard import skipping_non_finite
 from .polar import PoLAR
 from .psilora import PreconditionedLoRA, PSILoRA
 from .scaled import ScaledPSILoRA
-from .svdlora import SVDLoRA
+from .svdlora import SVDLoRA, SVDLoRAAdam
 
 # the torch optimizers of the baselines (and the default of PSI-LoRA's non-LoRA parameters in the recipe), undoing
 # steps that leave a non-finite value (finite_guard.py): no method writes NaN into the weights
@@ -95,6 +95,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "preconditioned (scaled-GD) LoRA: PSI-LoRA's Jacobi step without momentum", lr_measured=False),
     Method("svdlora", SVDLoRA, ("momentum",), 0.1, (10, 100),
            "the SVDLoRA oracle: a dense step projected by a truncated SVD (small layers, one process)"),
+    # the projection of a full Adam step: what a projected dense step reaches with Adam's direction (quality map)
+    Method("svdlora_adam", SVDLoRAAdam, ("betas",), 1e-3, None,
+           "the SVDLoRA oracle with Adam's direction: a full Adam step (dense moments) projected to rank r (small "
+           "layers, one process)", lr_measured=False),
     # PoLAR (arXiv 2506.03133; the authors' LLaMA-2-7B lr is 10x LoRA's; 3.2-4.6x here)
     Method("polar", PoLAR, ("betas", "weight_decay", "polar_lam", "polar_core"), 0.0316, (3.2, 4.6),
            "PoLAR: polar-decomposed adapters B S A, Adam on the landing field", adapter="polar"),
