@@ -12,7 +12,9 @@ every method's lr tuned the same way.
   the fixed held-out split.
 * Methods: LoRA-AdamW, LoRA+, the default Scaled PSI-LoRA, Scaled PSI-LoRA ``iters=0`` (cache-free), the SVDLoRA
   oracle (momentum 0.9), PoLAR, Scaled PSI-LoRA with ``metric="adafactor"`` (ours), and full fine-tuning with AdamW, the ceiling (``bench/full_finetune.py``: every
-  weight, on the recipe's data, schedule, clipping and evaluation; in the r 16 cells only, it has no rank).
+  weight, on the recipe's data, schedule, clipping and evaluation; in the r 16 cells only, it has no rank). A diagnostic
+  on python-reference (r 16 and 64): the SVDLoRA oracle with Adam's direction (a full Adam step projected to rank r,
+  METHOD.md section 5; 3 seeds at its best, no lr window).
 * lr search, per cell and method: seed 0 on a grid a third of a decade apart (10^(k/3)), from three points around
   the method's starting guess, extended until the best is interior; then seeds 1 and 2 at the best and its two
   neighbours; last (not for the attempts), seed 0 outward until the loss is 2% above the best on both sides (the lr
@@ -44,6 +46,7 @@ from bench.finetune_real import window  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results", "quality_map.json")
 FULL = "Full fine-tuning (AdamW)"
+ADAM_ORACLE = "SVDLoRA oracle, Adam direction"
 CACHE = os.path.join(ROOT, ".cache", "psilora_ds")
 BASE = dict(hidden=256, layers=6, vocab_size=4096, steps=2000, corpus="stdlib")
 BASE_DIR = os.path.join(ROOT, "bench", "bases", "stdlib-256x6-v4096")
@@ -62,7 +65,11 @@ METHODS: dict[str, tuple[list[str], float]] = {
     # cell (its lr from a one-seed probe on the built-in base, 3.16e-3 best of 1e-3..3.16e-2)
     "Scaled PSI-LoRA metric adafactor": (["--optim", "scaled_psilora", "--metric", "adafactor"], 3e-3),
     FULL: (["--optim", "adamw"], 1e-3),
+    # a diagnostic (METHOD.md section 5): the projection of a full Adam step, the ceiling of projected dense steps with
+    # Adam's direction (what the Adafactor metric approaches); 3 seeds at the best, no lr window, in DIAGNOSTIC_CELLS
+    ADAM_ORACLE: (["--optim", "svdlora_adam"], 2e-3),
 }
+DIAGNOSTIC_CELLS = {ADAM_ORACLE: ("python-reference:16", "python-reference:64")}
 # Attempts to win (issue 25, item 3): variations of the default Scaled PSI-LoRA, each tuned by the same protocol, on
 # the cell where it is furthest behind (gnu-manuals, r 16), after the core map's methods there; their starting guess is
 # the default's best on this base (python-reference r 16: 2.15e-2), not the built-in base's.
@@ -87,6 +94,8 @@ def runs_in(method: str, cell: str) -> bool:
     """Whether the map runs ``method`` in ``cell``: the attempts on ATTEMPT_CELLS, full fine-tuning at r 16."""
     if method in ATTEMPTS:
         return cell in ATTEMPT_CELLS
+    if method in DIAGNOSTIC_CELLS:
+        return cell in DIAGNOSTIC_CELLS[method]
     return method != FULL or cell.endswith(":16")
 SEEDS = (0, 1, 2)
 # the lr window (bench/finetune_real.py's): within 2% of the best; the grid is extended (seed 0) until both edges
@@ -233,7 +242,7 @@ def needed(results: dict, cell: str, method: str, steps: int) -> list[tuple[int,
         return todo
     seeds = [(k, s) for k in sorted({best - 1, best, best + 1, centre - 1, centre, centre + 1}) for s in SEEDS[1:]
              if key(cell, method, k, s, steps) not in results and math.isfinite(seed0[k])]
-    if seeds or method in ATTEMPTS:
+    if seeds or method in ATTEMPTS or method in DIAGNOSTIC_CELLS:
         return seeds
     # last, the lr window's edges (seed 0): outward while the outermost run is still within WINDOW of the best
     limit = seed0[best] * (1 + WINDOW)
