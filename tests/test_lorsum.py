@@ -231,3 +231,24 @@ def test_non_finite_system_gives_nan_not_a_crash():
 def test_non_finite_right_hand_side_gives_nan_not_a_crash():
     G = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=f64)  # indefinite: the fallback path
     assert torch.isnan(solve_spd_left(G, torch.tensor([[float("nan")], [1.0]], dtype=f64))).all()
+
+
+def test_svd_project_retries_in_float64_when_float32_fails(monkeypatch):
+    """gesdd can fail to converge in float32 on a finite matrix (a 300-step oracle run did): the projection retries in
+    float64 and returns the same product; a non-finite target is a one-line error, not a LAPACK message."""
+    g = torch.Generator().manual_seed(0)
+    T = torch.randn(12, 9, generator=g)
+    want_A, want_B = svd_project(T, 3)
+    real_svd = torch.linalg.svd
+
+    def failing_in_float32(M, *args, **kwargs):
+        if M.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(M, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_in_float32)
+    A, B = svd_project(T, 3)
+    assert A.dtype == B.dtype == torch.float32
+    torch.testing.assert_close(B @ A, want_B @ want_A, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="non-finite"):
+        svd_project(torch.full((4, 4), float("nan")), 2)

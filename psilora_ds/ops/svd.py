@@ -10,7 +10,15 @@ from .linalg import compute_dtype
 def svd_project(T: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` approximation of a dense ``m x n`` matrix (Eckart-Young), balanced:
     returns ``(A, B)`` with ``A = S^1/2 V^T`` (rank x n) and ``B = U S^1/2`` (m x rank)."""
-    U, S, Vh = torch.linalg.svd(T.to(compute_dtype(T.dtype)), full_matrices=False)
+    work = compute_dtype(T.dtype)
+    try:
+        U, S, Vh = torch.linalg.svd(T.to(work), full_matrices=False)
+    except torch.linalg.LinAlgError:
+        # LAPACK's divide-and-conquer SVD (gesdd) rarely fails to converge in float32 on a finite matrix; float64 does
+        if not torch.isfinite(T).all():
+            raise ValueError("svd_project: the target has non-finite entries") from None
+        U, S, Vh = torch.linalg.svd(T.to(torch.float64), full_matrices=False)
+        U, S, Vh = U.to(work), S.to(work), Vh.to(work)
     root = S[:rank].sqrt()
     return (root[:, None] * Vh[:rank]).to(T.dtype), (U[:, :rank] * root[None, :]).to(T.dtype)
 
