@@ -348,6 +348,8 @@ def save_figure(results: dict, cells: list[str], methods: list[str], steps: int,
                     if key(cell, method, got[0], s, steps) in results]
             at = sorted(int(t) for t in runs[0]["eval"] if int(t) > 0)
             quiet = [quiet_seconds(results, cell, method, t) for t in at]
+            if "_step_seconds" in results and None in quiet:
+                continue  # its step time was not measured quietly: "as run" seconds would be on another scale
             seconds = quiet if None not in quiet else [statistics.mean(r["train_seconds"][str(t)] for r in runs)
                                                       for t in at]
             losses = [statistics.mean(r["eval"][str(t)] for r in runs) for t in at]
