@@ -62,3 +62,20 @@ def test_the_window_crosses_or_says_it_is_open():
     open_low = {(-2, 0): 3.70, (-1, 0): 3.72, (0, 0): 3.90}
     assert qm.lr_window(with_runs(open_low), CELL, METHOD, STEPS).startswith(">= ")
     assert qm.lr_window(with_runs({(-2, 0): 3.7}), CELL, METHOD, STEPS) == "-"
+
+
+def test_the_diagnostic_runs_only_in_its_cells_and_stops_after_its_seeds():
+    oracle = qm.ADAM_ORACLE
+    assert qm.runs_in(oracle, "python-reference:16") and qm.runs_in(oracle, "python-reference:64")
+    assert not qm.runs_in(oracle, "gnu-manuals:16")
+    runs = {(k, s): 3.7 + 0.01 * abs(k + 9) for k in (-10, -9, -8) for s in (0, 1, 2)}
+    assert qm.needed(with_runs(runs, oracle), CELL, oracle, STEPS) == []  # no lr-window edges
+
+
+def test_the_transfer_table_gives_ratios_to_adamw_in_the_same_cell():
+    runs = with_runs({(k, s): 3.7 + 0.01 * abs(k + 8) for k in (-9, -8, -7) for s in (0, 1, 2)})
+    runs.update(with_runs({(k, s): 3.7 + 0.01 * abs(k + 5) for k in (-6, -5, -4) for s in (0, 1, 2)},
+                          "Scaled PSI-LoRA (defaults)"))
+    table = qm.transfer_table(runs, [CELL], [METHOD, "Scaled PSI-LoRA (defaults)"], STEPS)
+    assert "| LoRA-AdamW | 0.00215 (1x AdamW) |" in table
+    assert "| Scaled PSI-LoRA (defaults) | 0.0215 (10x AdamW) |" in table
