@@ -13,7 +13,16 @@ from .base import LoRAOptimizer
 from .hyperparameters import check
 
 
-class SVDLoRA(LoRAOptimizer):
+class DenseOracle(LoRAOptimizer):
+    """An oracle that forms each layer's dense ``m x n`` gradient (``local_dense``: this rank's share), so one
+    process only."""
+
+    def check_distributor(self, distributor) -> None:
+        if distributor.world_size > 1:
+            raise ValueError(f"{type(self).__name__} is a dense single-process oracle; use PSILoRA with several ranks")
+
+
+class SVDLoRA(DenseOracle):
     """``(A, B) <- svd_r(B A - eta' d)``, ``d = beta d + P`` (dense heavy ball, ``beta = momentum``),
     ``eta' = lr / scaling**2``; factors split as ``B = U S^1/2``, ``A = S^1/2 V^T``."""
 
@@ -28,10 +37,6 @@ class SVDLoRA(LoRAOptimizer):
         check(momentum=momentum)
         super().__init__(model, dict(lr=lr, momentum=momentum), **options)
 
-    def check_distributor(self, distributor) -> None:
-        if distributor.world_size > 1:
-            raise ValueError("SVDLoRA is a dense single-process oracle; use PSILoRA with several ranks")
-
     def update_layer(self, layer, state, factors, grad, group):
         A, B = factors
         d = grad.local_dense().mul_(grad.coef)
@@ -45,7 +50,7 @@ class SVDLoRA(LoRAOptimizer):
         return A_new.to(A.dtype), B_new.to(B.dtype)
 
 
-class SVDLoRAAdam(SVDLoRA):
+class SVDLoRAAdam(DenseOracle):
     """The SVDLoRA oracle with Adam's direction: ``(A, B) <- svd_r(B A - (lr / s) m^ / (sqrt(v^) + eps))``, ``m, v``
     Adam's bias-corrected moments of the effective weight's full gradient ``G = P / s`` (dense ``m x n`` state):
     a full AdamW step (no weight decay) projected back to rank r (METHOD.md section 5). The ceiling of projected dense
@@ -64,7 +69,7 @@ class SVDLoRAAdam(SVDLoRA):
         check(betas=betas)
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
-        LoRAOptimizer.__init__(self, model, dict(lr=lr, betas=tuple(betas), eps=eps), **options)
+        super().__init__(model, dict(lr=lr, betas=tuple(betas), eps=eps), **options)
 
     def update_layer(self, layer, state, factors, grad, group):
         A, B = factors
