@@ -12,6 +12,8 @@ from ..ops import svd_project
 from .base import LoRAOptimizer
 from .hyperparameters import check
 
+ADAM_EPS = 1e-8  # torch.optim.Adam's default; not a recipe hyperparameter (PoLAR's Adam uses the same)
+
 
 class DenseOracle(LoRAOptimizer):
     """An oracle that forms each layer's dense ``m x n`` gradient (``local_dense``: this rank's share), so one
@@ -63,13 +65,10 @@ class SVDLoRAAdam(DenseOracle):
         lr: float = 1e-3,
         *,
         betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
         **options: Any,
     ):
         check(betas=betas)
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        super().__init__(model, dict(lr=lr, betas=tuple(betas), eps=eps), **options)
+        super().__init__(model, dict(lr=lr, betas=tuple(betas)), **options)
 
     def update_layer(self, layer, state, factors, grad, group):
         A, B = factors
@@ -81,7 +80,7 @@ class SVDLoRAAdam(DenseOracle):
         state["exp_avg"].mul_(beta1).add_(G, alpha=1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(G, G, value=1 - beta2)
         step = state["step"]
-        denominator = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
+        denominator = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(ADAM_EPS)
         direction = (state["exp_avg"] / (1 - beta1**step)).div_(denominator)
         # the effective weight moves by -lr * direction, so B A by that over s
         T = (B.to(G.dtype) @ A.to(G.dtype)).sub_(direction, alpha=group["lr"] / layer.scaling)
