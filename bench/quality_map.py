@@ -37,6 +37,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from multiprocessing import get_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,10 +67,9 @@ METHODS: dict[str, tuple[list[str], float]] = {
     "Scaled PSI-LoRA metric adafactor": (["--optim", "scaled_psilora", "--metric", "adafactor"], 3e-3),
     FULL: (["--optim", "adamw"], 1e-3),
     # a diagnostic (METHOD.md section 5): the projection of a full Adam step, the ceiling of projected dense steps with
-    # Adam's direction (what the Adafactor metric approaches); 3 seeds at the best, no lr window, in DIAGNOSTIC_CELLS
+    # Adam's direction (what the Adafactor metric approaches); its scope below
     ADAM_ORACLE: (["--optim", "svdlora_adam"], 2e-3),
 }
-DIAGNOSTIC_CELLS = {ADAM_ORACLE: ("python-reference:16", "python-reference:64")}
 # Attempts to win (issue 25, item 3): variations of the default Scaled PSI-LoRA, each tuned by the same protocol, on
 # the cell where it is furthest behind (gnu-manuals, r 16), after the core map's methods there; their starting guess is
 # the default's best on this base (python-reference r 16: 2.15e-2), not the built-in base's.
@@ -86,17 +86,35 @@ ATTEMPTS: dict[str, tuple[list[str], float]] = {
     # 1e-3 and 0 changed the 600-step end by -0.1% / +0.05%: bench/horizon.py)
     "Scaled prox 1e-3": ([*SCALED, "--prox", "1e-3"], 2e-2),
 }
-ATTEMPT_CELLS = ("gnu-manuals:16",)
 METHODS.update(ATTEMPTS)
 
 
+@dataclass(frozen=True)
+class Scope:
+    """Where the map runs a method and how far it tunes it."""
+
+    cells: tuple[str, ...] = CELLS
+    window: bool = True  # after the seeds, seed 0 outward to the lr window's edges
+    after_core: bool = False  # runs once every core method is done in the cell (the attempts)
+
+
+# full fine-tuning has no rank (r 16 cells only); the diagnostic and the attempts take 3 seeds at their best, no window
+SCOPES: dict[str, Scope] = {
+    FULL: Scope(cells=tuple(c for c in CELLS if c.endswith(":16"))),
+    ADAM_ORACLE: Scope(cells=("python-reference:16", "python-reference:64"), window=False),
+    **{name: Scope(cells=("gnu-manuals:16",), window=False, after_core=True) for name in ATTEMPTS},
+}
+
+
+def scope(method: str) -> Scope:
+    return SCOPES.get(method, Scope())
+
+
 def runs_in(method: str, cell: str) -> bool:
-    """Whether the map runs ``method`` in ``cell``: the attempts on ATTEMPT_CELLS, full fine-tuning at r 16."""
-    if method in ATTEMPTS:
-        return cell in ATTEMPT_CELLS
-    if method in DIAGNOSTIC_CELLS:
-        return cell in DIAGNOSTIC_CELLS[method]
-    return method != FULL or cell.endswith(":16")
+    """Whether the map runs ``method`` in ``cell``."""
+    return cell in scope(method).cells
+
+
 SEEDS = (0, 1, 2)
 # the lr window (bench/finetune_real.py's): within 2% of the best; the grid is extended (seed 0) until both edges
 # are crossed, at most WINDOW_REACH points (a decade and a third) from the best
@@ -185,7 +203,7 @@ def measure_step_times(results: dict, cells: list[str], methods: list[str], base
     own ``train_seconds`` cannot give while its runs share the cores."""
     ranks = sorted({cell.split(":")[1] for cell in cells}, key=int)
     tasks = [(rank, m, base) for rank in ranks for m in methods
-             if m not in ATTEMPTS and runs_in(m, f"python-reference:{rank}")]
+             if not scope(m).after_core and runs_in(m, f"python-reference:{rank}")]
     store = results.setdefault("_step_seconds", {})
     for _ in range(rounds):
         for task in tasks:
@@ -242,7 +260,7 @@ def needed(results: dict, cell: str, method: str, steps: int) -> list[tuple[int,
         return todo
     seeds = [(k, s) for k in sorted({best - 1, best, best + 1, centre - 1, centre, centre + 1}) for s in SEEDS[1:]
              if key(cell, method, k, s, steps) not in results and math.isfinite(seed0[k])]
-    if seeds or method in ATTEMPTS or method in DIAGNOSTIC_CELLS:
+    if seeds or not scope(method).window:
         return seeds
     # last, the lr window's edges (seed 0): outward while the outermost run is still within WINDOW of the best
     limit = seed0[best] * (1 + WINDOW)
@@ -298,14 +316,28 @@ def report(results: dict, cells: list[str], methods: list[str], steps: int) -> s
                            "train s (quiet, one thread)", "train s (as run, cores shared)"], rows)
 
 
+def builtin_best_lr(method: str) -> float | None:
+    """The method's best lr on the built-in base (bench/finetune_real.py, 100 steps: the registry's measured
+    ``default_lr``), where the map's method is a registry method with its defaults; None otherwise."""
+    from psilora_ds.optim.registry import METHODS as REGISTRY
+
+    args = METHODS[method][0]
+    if method == FULL or len(args) != 2 or args[0] != "--optim":
+        return None
+    entry = REGISTRY.get(args[1])
+    return entry.default_lr if entry is not None and entry.lr_measured else None
+
+
 def transfer_table(results: dict, cells: list[str], methods: list[str], steps: int) -> str:
-    """Item 4, learning rates that transfer: each method's best lr per cell (the mean over the seeds run), its ratio to
-    LoRA-AdamW's best in the same cell, and how far it moves from the first cell (x: factor, a grid point is 2.15x)."""
+    """Item 4, learning rates that transfer: each method's best lr on the built-in base (100 steps) and per cell (the
+    mean over the seeds run), its ratio to LoRA-AdamW's best on the same base and cell, and how far it moves from the
+    first cell (x: factor, a grid point is 2.15x)."""
     baseline = "LoRA-AdamW"
     cells = [c for c in cells if best_point(results, c, baseline, steps)]
     if not cells:
         return ""
     adam = {c: lr_of(best_point(results, c, baseline, steps)[0]) for c in cells}
+    adam_builtin = builtin_best_lr(baseline)
     rows = []
     for method in methods:
         got = {c: best_point(results, c, method, steps) for c in cells if runs_in(method, c)}
@@ -313,11 +345,12 @@ def transfer_table(results: dict, cells: list[str], methods: list[str], steps: i
         if not best:
             continue
         first = best.get(cells[0])
-        rows.append([method] + [
+        builtin = builtin_best_lr(method)
+        rows.append([method, "-" if builtin is None else f"{builtin:.3g} ({builtin / adam_builtin:.2g}x AdamW)"] + [
             "-" if c not in best else f"{best[c]:.3g} ({best[c] / adam[c]:.2g}x AdamW"
             + ("" if c == cells[0] or first is None else f"; {best[c] / first:.2g}x {cells[0]}") + ")"
             for c in cells])
-    return markdown_table(["method", *[f"best lr, {c}" for c in cells]], rows)
+    return markdown_table(["method", "best lr, built-in base (100 steps)", *[f"best lr, {c}" for c in cells]], rows)
 
 
 def save_figure(results: dict, cells: list[str], methods: list[str], steps: int, path: str) -> None:
@@ -404,7 +437,7 @@ def main() -> None:
         with get_context("spawn").Pool(1 if args.step_times else args.workers) as pool:
             # the core map in every cell first, then the attempts; one cell finished before the next: complete tables
             # early
-            phases = ([m for m in args.methods if m not in ATTEMPTS], [m for m in args.methods if m in ATTEMPTS])
+            phases = ([m for m in args.methods if not scope(m).after_core], [m for m in args.methods if scope(m).after_core])
             for phase, cell in [(phase, cell) for phase in phases for cell in args.cells if not args.step_times]:
                 for _ in range(args.max_rounds):
                     todo = [(cell, m, k, s, args.steps, base) for m in phase if runs_in(m, cell)
@@ -430,8 +463,9 @@ def main() -> None:
                 f"{base.get('eval_loss_python_source', float('nan')):.3f} on Python source. {runs} runs "
                 f"so far; a best lr marked (edge) is not yet bracketed, seeds < 3 are not yet the protocol's mean.\n\n"
                 + table
-                + ("\n\nLearning rates (item 4): each method's best lr per cell, as a multiple of LoRA-AdamW's best in "
-                   "the same cell and of its own best in the first cell (one grid point is 2.15x; a best not yet "
+                + ("\n\nLearning rates (item 4): each method's best lr on the built-in base (bench/finetune_real.py, "
+                   "1.1 M parameters, 100 steps) and per cell here, as a multiple of LoRA-AdamW's best on the same base "
+                   "and cell, and of its own best in the first cell (one grid point is 2.15x; a best not yet "
                    "bracketed or with fewer than 3 seeds may still move).\n\n" + transfer if transfer else "")
                 + "\n\nSized for this 2-core machine: a run takes 110-300 s on a quiet machine (one thread) and about 300 s (median) "
                   "with 2 workers sharing the cores, so about 24 runs an hour; a cell and method took 12-15 runs in the "

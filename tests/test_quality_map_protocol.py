@@ -77,5 +77,6 @@ def test_the_transfer_table_gives_ratios_to_adamw_in_the_same_cell():
     runs.update(with_runs({(k, s): 3.7 + 0.01 * abs(k + 5) for k in (-6, -5, -4) for s in (0, 1, 2)},
                           "Scaled PSI-LoRA (defaults)"))
     table = qm.transfer_table(runs, [CELL], [METHOD, "Scaled PSI-LoRA (defaults)"], STEPS)
-    assert "| LoRA-AdamW | 0.00215 (1x AdamW) |" in table
-    assert "| Scaled PSI-LoRA (defaults) | 0.0215 (10x AdamW) |" in table
+    # the built-in base's best (the registry's measured default lr) beside the cell's, each as a multiple of AdamW's
+    assert "| LoRA-AdamW | 0.01 (1x AdamW) | 0.00215 (1x AdamW) |" in table
+    assert "| Scaled PSI-LoRA (defaults) | 0.1 (10x AdamW) | 0.0215 (10x AdamW) |" in table
