@@ -80,3 +80,30 @@ def test_the_transfer_table_gives_ratios_to_adamw_in_the_same_cell():
     # the built-in base's best (the registry's measured default lr) beside the cell's, each as a multiple of AdamW's
     assert "| LoRA-AdamW | 0.01 (1x AdamW) | 0.00215 (1x AdamW) |" in table
     assert "| Scaled PSI-LoRA (defaults) | 0.1 (10x AdamW) | 0.0215 (10x AdamW) |" in table
+
+
+def test_the_targets_are_computed_from_the_settled_results():
+    adamw, loraplus, polar, scaled = "LoRA-AdamW", "LoRA+ (ratio 16)", "PoLAR", "Scaled PSI-LoRA (defaults)"
+
+    def bowl(centre: int, bottom: float, seeds=(0, 1, 2), width=(-1, 0, 1)):
+        # a bowl around `centre`, seeds 0.001 apart (sd 0.001)
+        return {(centre + d, s): bottom + 0.02 * abs(d) + 0.001 * s for d in width for s in seeds}
+
+    runs = {}
+    for method, centre, bottom in ((adamw, -8, 3.700), (loraplus, -10, 3.705), (polar, -5, 3.710),
+                                   (scaled, -5, 3.690)):
+        runs.update(with_runs(bowl(centre, bottom), method))
+    table = qm.targets_table(runs, [CELL], [adamw, loraplus, polar, scaled], STEPS)
+    row = next(line for line in table.splitlines() if line.startswith(f"| {CELL}"))
+    # PSI 3.691 against AdamW's 3.701 +- 0.001: below every baseline by 10 sd, all settled (interior, 3 seeds)
+    assert "| met | +10.0 sd: met |" in row and "provisional" not in row.split("|")[4]
+    # a PSI-family mean just above the best baseline's mean + its sd: target 1 not met, target 2 negative
+    runs.update(with_runs(bowl(-5, 3.7025), scaled))
+    row = next(line for line in qm.targets_table(runs, [CELL], [adamw, loraplus, polar, scaled], STEPS).splitlines()
+               if line.startswith(f"| {CELL}"))
+    assert "| not met | -2.5 sd: not met |" in row  # 3.7035 vs 3.7010, sd 0.001
+    # one seed: no sd, nothing decided
+    one_seed = with_runs(bowl(-8, 3.700, seeds=(0,)), adamw)
+    one_seed.update(with_runs(bowl(-5, 3.690, seeds=(0,)), scaled))
+    row = qm.targets_table(one_seed, [CELL], [adamw, scaled], STEPS).splitlines()[-1]
+    assert row.count("pending (one seed)") == 2
