@@ -316,6 +316,23 @@ def report(results: dict, cells: list[str], methods: list[str], steps: int) -> s
                            "train s (quiet, one thread)", "train s (as run, cores shared)"], rows)
 
 
+def curves_table(results: dict, cells: list[str], methods: list[str], steps: int) -> str:
+    """The horizon: each method's held-out loss at every evaluation of its runs at the best lr (mean over the seeds
+    run), so a method that leads early and falls behind later shows where."""
+    evals = list(range(EVAL_EVERY, steps + 1, EVAL_EVERY))
+    rows = []
+    for cell in cells:
+        for method in methods:
+            got = best_point(results, cell, method, steps) if runs_in(method, cell) else None
+            if got is None:
+                continue
+            runs = [results[key(cell, method, got[0], s, steps)] for s in SEEDS
+                    if key(cell, method, got[0], s, steps) in results]
+            row = [statistics.mean(r.get("eval", {}).get(str(e), math.nan) for r in runs) for e in evals]
+            rows.append([cell, method, f"{lr_of(got[0]):g}", len(runs), *(f"{v:.4f}" for v in row)])
+    return markdown_table(["cell", "method", "best lr", "seeds", *(f"step {e}" for e in evals)], rows)
+
+
 BASELINES = ("LoRA-AdamW", "LoRA+ (ratio 16)", "PoLAR")
 DEFAULT_PSI = "Scaled PSI-LoRA (defaults)"
 
@@ -524,7 +541,8 @@ def main() -> None:
     table = report(results, args.cells, args.methods, args.steps)
     transfer = transfer_table(results, args.cells, args.methods, args.steps)
     targets = targets_table(results, args.cells, args.methods, args.steps)
-    print(table + "\n\n" + transfer + "\n\n" + targets)
+    curves = curves_table(results, args.cells, args.methods, args.steps)
+    print("\n\n".join((table, curves, transfer, targets)))
     if args.png:
         save_figure(results, args.cells, args.methods, args.steps, args.png)
     if args.write:
@@ -538,6 +556,8 @@ def main() -> None:
                    "1.1 M parameters, 100 steps) and per cell here, as a multiple of LoRA-AdamW's best on the same base "
                    "and cell, and of its own best in the first cell (one grid point is 2.15x; a best not yet "
                    "bracketed or with fewer than 3 seeds may still move).\n\n" + transfer if transfer else "")
+                + "\n\nThe horizon: held-out loss at every evaluation, each method at its best lr (mean over the seeds "
+                  "run).\n\n" + curves
                 + ("\n\nThe issue's targets per cell, computed from the table (`targets_table`: the PSI family is every "
                    "PSI-LoRA setting, attempts included, not the oracles; baselines LoRA-AdamW, LoRA+, PoLAR).\n\n"
                    + targets if targets else "")

@@ -107,3 +107,13 @@ def test_the_targets_are_computed_from_the_settled_results():
     one_seed.update(with_runs(bowl(-5, 3.690, seeds=(0,)), scaled))
     row = qm.targets_table(one_seed, [CELL], [adamw, scaled], STEPS).splitlines()[-1]
     assert row.count("pending (one seed)") == 2
+
+
+def test_the_horizon_table_averages_each_evaluation_over_the_seeds_at_the_best_lr():
+    runs = {}
+    for k in (-9, -8, -7):
+        for s in (0, 1):
+            evals = {str(e): 4.0 - e / 1000 + 0.01 * abs(k + 8) + 0.002 * s for e in range(50, STEPS + 1, 50)}
+            runs[qm.key(CELL, METHOD, k, s, STEPS)] = {"eval": evals}
+    row = qm.curves_table(runs, [CELL], [METHOD], STEPS).splitlines()[-1]
+    assert row == f"| {CELL} | {METHOD} | 0.002154 | 2 | 3.9510 | 3.9010 | 3.8510 | 3.8010 | 3.7510 | 3.7010 |"
