@@ -176,6 +176,53 @@ def run_point(task: tuple[str, str, int, int, int, str]) -> tuple[str, dict]:
     return key(cell, method, k, seed, steps), result
 
 
+def schedule(results: dict, cells: list[str], methods: list[str], steps: int,
+             busy: set[tuple[str, str]]) -> list[tuple[str, str, int, int]]:
+    """The runs ``(cell, method, k, seed)`` to queue now, in the order to run them: for every ``(cell, method)`` with
+    nothing queued or running (``busy``), all the runs its protocol asks for next. A method's protocol reads only its own
+    finished runs, so its decisions are those of rounds in which every method waits for the others; the map just never
+    leaves a core idle at the end of a round. Core methods in every cell before the attempts, cells in order."""
+    phases = ([m for m in methods if not scope(m).after_core], [m for m in methods if scope(m).after_core])
+    return [(cell, m, k, s) for phase in phases for cell in cells for m in phase
+            if runs_in(m, cell) and (cell, m) not in busy for k, s in needed(results, cell, m, steps)]
+
+
+def run_map(results: dict, cells: list[str], methods: list[str], steps: int, base: str, workers: int,
+            max_batches: int) -> None:
+    """Run :func:`schedule`'s runs on ``workers`` processes (one thread each) until no method needs more, each finished
+    run written to the results file at once (an interrupted map resumes there)."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    queue: list[tuple[str, str, int, int]] = []
+    running: dict = {}  # future -> its task
+    batches: dict[tuple[str, str], int] = {}
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        while True:
+            busy = {(t[0], t[1]) for t in [*queue, *running.values()]}
+            new = [t for t in schedule(results, cells, methods, steps, busy)
+                   if batches.get((t[0], t[1]), 0) < max_batches]
+            for cell_method in {(t[0], t[1]) for t in new}:
+                batches[cell_method] = batches.get(cell_method, 0) + 1
+            if new:
+                print(f"queued {len(new)}: " + ", ".join(sorted({f'{c} {m}' for c, m, _, _ in new})), flush=True)
+            order = {cell: i for i, cell in enumerate(cells)}
+            queue = sorted(queue + new, key=lambda t: (scope(t[1]).after_core, order[t[0]]))  # (stable: method order)
+            while queue and len(running) < workers:
+                cell, method, k, seed = queue.pop(0)
+                running[pool.submit(run_point, (cell, method, k, seed, steps, base))] = (cell, method, k, seed)
+            if not running:
+                return
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                cell = running.pop(future)[0]
+                point, result = future.result()
+                check_step0(results, cell, result)
+                results[point] = result
+                save_json(results, RESULTS)
+                print(point, result.get("eval", {}).get(str(steps), result.get("error")), result.get("wall_seconds"),
+                      flush=True)
+
+
 PROBE_STEPS, PROBE_FROM = 50, 25  # the step-time probe: steps run, and the last untimed one (evaluated there)
 
 
@@ -502,7 +549,7 @@ def main() -> None:
     parser.add_argument("--cells", nargs="+", default=list(CELLS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--report", action="store_true", help="print the table of what is done and stop")
-    parser.add_argument("--max_rounds", type=int, default=100)
+    parser.add_argument("--max_rounds", type=int, default=100, help="at most this many batches of runs per cell and method")
     parser.add_argument("--step_times", action="store_true",
                         help="only measure each method's seconds per step, one run at a time (on a quiet machine: "
                              "nothing else running); the report and figure then put time-to-quality on that scale")
@@ -521,23 +568,8 @@ def main() -> None:
         save_json(results, RESULTS)
         if args.step_times:
             measure_step_times(results, args.cells, args.methods, base)
-        with get_context("spawn").Pool(1 if args.step_times else args.workers) as pool:
-            # the core map in every cell first, then the attempts; one cell finished before the next: complete tables
-            # early
-            phases = ([m for m in args.methods if not scope(m).after_core], [m for m in args.methods if scope(m).after_core])
-            for phase, cell in [(phase, cell) for phase in phases for cell in args.cells if not args.step_times]:
-                for _ in range(args.max_rounds):
-                    todo = [(cell, m, k, s, args.steps, base) for m in phase if runs_in(m, cell)
-                            for k, s in needed(results, cell, m, args.steps)]
-                    if not todo:
-                        break
-                    print(f"{cell}: {len(todo)} runs in this round", flush=True)
-                    for point, result in pool.imap_unordered(run_point, todo):
-                        check_step0(results, cell, result)
-                        results[point] = result
-                        save_json(results, RESULTS)  # each finished run at once: an interrupted map resumes here
-                        print(point, result.get("eval", {}).get(str(args.steps), result.get("error")),
-                              result.get("wall_seconds"), flush=True)
+        if not args.step_times:
+            run_map(results, args.cells, args.methods, args.steps, base, args.workers, args.max_rounds)
     table = report(results, args.cells, args.methods, args.steps)
     transfer = transfer_table(results, args.cells, args.methods, args.steps)
     targets = targets_table(results, args.cells, args.methods, args.steps)

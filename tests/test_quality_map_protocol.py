@@ -117,3 +117,19 @@ def test_the_horizon_table_averages_each_evaluation_over_the_seeds_at_the_best_l
             runs[qm.key(CELL, METHOD, k, s, STEPS)] = {"eval": evals}
     row = qm.curves_table(runs, [CELL], [METHOD], STEPS).splitlines()[-1]
     assert row == f"| {CELL} | {METHOD} | 0.002154 | 2 | 3.9510 | 3.9010 | 3.8510 | 3.8010 | 3.7510 | 3.7010 |"
+
+
+def test_the_schedule_queues_each_idle_method_s_next_runs_core_before_attempts():
+    other = "gnu-manuals:16"
+    runs = with_runs({(k, s): 3.7 + 0.01 * abs(k + 8) for k in (-9, -8, -7) for s in (0, 1, 2)})  # AdamW: window next
+    methods = [METHOD, "LoRA+ (ratio 16)", ATTEMPT]
+    got = qm.schedule(runs, [CELL, other], methods, STEPS, busy=set())
+    cells_methods = [(c, m) for c, m, _, _ in got]
+    # every idle method's whole next batch (the protocol's own), the first cell first, the attempt (gnu-manuals only) last
+    assert [(k, s) for c, m, k, s in got if (c, m) == (CELL, METHOD)] == qm.needed(runs, CELL, METHOD, STEPS)
+    assert [(k, s) for c, m, k, s in got if (c, m) == (other, METHOD)] == qm.needed(runs, other, METHOD, STEPS)
+    assert cells_methods.index((CELL, "LoRA+ (ratio 16)")) < cells_methods.index((other, METHOD))
+    assert cells_methods[-1] == (other, ATTEMPT) and (CELL, ATTEMPT) not in cells_methods
+    # a method with runs queued or running gets nothing more until they are in
+    busy = qm.schedule(runs, [CELL, other], methods, STEPS, busy={(CELL, METHOD), (other, ATTEMPT)})
+    assert all((c, m) not in {(CELL, METHOD), (other, ATTEMPT)} for c, m, _, _ in busy)
