@@ -196,6 +196,7 @@ def run_map(results: dict, cells: list[str], methods: list[str], steps: int, bas
     queue: list[tuple[str, str, int, int]] = []
     running: dict = {}  # future -> its task
     batches: dict[tuple[str, str], int] = {}
+    order = {cell: i for i, cell in enumerate(cells)}
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         while True:
             busy = {(t[0], t[1]) for t in [*queue, *running.values()]}
@@ -205,7 +206,6 @@ def run_map(results: dict, cells: list[str], methods: list[str], steps: int, bas
                 batches[cell_method] = batches.get(cell_method, 0) + 1
             if new:
                 print(f"queued {len(new)}: " + ", ".join(sorted({f'{c} {m}' for c, m, _, _ in new})), flush=True)
-            order = {cell: i for i, cell in enumerate(cells)}
             queue = sorted(queue + new, key=lambda t: (scope(t[1]).after_core, order[t[0]]))  # (stable: method order)
             while queue and len(running) < workers:
                 cell, method, k, seed = queue.pop(0)
@@ -326,18 +326,30 @@ def best_point(results: dict, cell: str, method: str, steps: int) -> tuple[int, 
     return k, full[k]
 
 
-def lr_window(results: dict, cell: str, method: str, steps: int) -> str:
+def window_decades(results: dict, cell: str, method: str, steps: int) -> tuple[float, bool] | None:
     """The lr window in decades (bench/finetune_real.py's: the log-lr range around the best where the seed-0 loss,
-    linear in log lr between grid points, stays within WINDOW of the best); ">=" where it reaches the last lr run on a
-    side without crossing (the grid not extended that far yet, or WINDOW_REACH reached)."""
+    linear in log lr between grid points, stays within WINDOW of the best) and whether both its edges were crossed
+    (False where it reaches the last lr run on a side: the grid not extended that far yet, or WINDOW_REACH reached);
+    None with fewer than two points."""
     seed0 = sorted((k, v[0]) for k, v in curve(results, cell, method, steps, (0,)).items())
     if len(seed0) < 2:
-        return "-"
+        return None
     points = [(lr_of(k), loss if math.isfinite(loss) else math.nan) for k, loss in seed0]
     _, lo, hi = window(points, WINDOW)
     open_ended = any(math.isclose(edge, points[i][0], rel_tol=1e-9) and math.isfinite(points[i][1])
                      for edge, i in ((lo, 0), (hi, -1)))
-    return f"{'>= ' if open_ended else ''}{math.log10(hi / lo):.2f}"
+    return math.log10(hi / lo), not open_ended
+
+
+def lr_window(results: dict, cell: str, method: str, steps: int) -> str:
+    """:func:`window_decades` as the report prints it: ">=" before a window not crossed on a side, "-" for none."""
+    got = window_decades(results, cell, method, steps)
+    return "-" if got is None else f"{'' if got[1] else '>= '}{got[0]:.2f}"
+
+
+def runs_at(results: dict, cell: str, method: str, k: int, steps: int) -> list[dict]:
+    """The finished runs of ``method`` at grid point ``k``, one per seed run."""
+    return [results[key(cell, method, k, s, steps)] for s in SEEDS if key(cell, method, k, s, steps) in results]
 
 
 def report(results: dict, cells: list[str], methods: list[str], steps: int) -> str:
@@ -348,7 +360,7 @@ def report(results: dict, cells: list[str], methods: list[str], steps: int) -> s
             if got is None:
                 continue
             k, losses = got
-            runs = [results[key(cell, method, k, s, steps)] for s in SEEDS if key(cell, method, k, s, steps) in results]
+            runs = runs_at(results, cell, method, k, steps)
             quiet = quiet_seconds(results, cell, method, steps)
             seconds = statistics.mean(r["train_seconds"][str(steps)] for r in runs if "train_seconds" in r)
             sd = statistics.stdev(losses) if len(losses) > 1 else float("nan")
@@ -373,8 +385,7 @@ def curves_table(results: dict, cells: list[str], methods: list[str], steps: int
             got = best_point(results, cell, method, steps) if runs_in(method, cell) else None
             if got is None:
                 continue
-            runs = [results[key(cell, method, got[0], s, steps)] for s in SEEDS
-                    if key(cell, method, got[0], s, steps) in results]
+            runs = runs_at(results, cell, method, got[0], steps)
             row = [statistics.mean(r.get("eval", {}).get(str(e), math.nan) for r in runs) for e in evals]
             rows.append([cell, method, f"{lr_of(got[0]):g}", len(runs), *(f"{v:.4f}" for v in row)])
     return markdown_table(["cell", "method", "best lr", "seeds", *(f"step {e}" for e in evals)], rows)
@@ -397,14 +408,6 @@ def settled(results: dict, cell: str, method: str, steps: int) -> bool:
         return False
     points = curve(results, cell, method, steps)
     return got[0] - 1 in points and got[0] + 1 in points
-
-
-def window_decades(results: dict, cell: str, method: str, steps: int) -> tuple[float, bool] | None:
-    """The lr window in decades and whether both its edges were crossed (None: too few points)."""
-    text = lr_window(results, cell, method, steps)
-    if text == "-":
-        return None
-    return float(text.removeprefix(">= ")), not text.startswith(">=")
 
 
 def targets_table(results: dict, cells: list[str], methods: list[str], steps: int) -> str:
@@ -511,8 +514,7 @@ def save_figure(results: dict, cells: list[str], methods: list[str], steps: int,
             high = [max(points[k]) - m for k, m in zip(ks, means)]
             line = top.errorbar([lr_of(k) for k in ks], means, yerr=[low, high], marker="o", ms=3, capsize=2,
                                 label=method)
-            runs = [results[key(cell, method, got[0], s, steps)] for s in SEEDS
-                    if key(cell, method, got[0], s, steps) in results]
+            runs = runs_at(results, cell, method, got[0], steps)
             at = sorted(int(t) for t in runs[0]["eval"] if int(t) > 0)
             quiet = [quiet_seconds(results, cell, method, t) for t in at]
             if "_step_seconds" in results and None in quiet:
