@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     stop.install()  # SIGTERM / SIGUSR1: finish the step, save, exit non-zero
     divergence = DivergenceStop(optimizer, cfg.max_skipped_steps)  # steps skipped in a row: stop with one line
     started, last_saved = time.perf_counter(), None
+    outcome = 1  # the run's exit code as the loggers are told it: an error that leaves the loop is a failure
     try:  # (the bar is closed on every way out: an error line must not share the bar's line)
         while step < cfg.max_steps:
             lr = scheduler.get_last_lr()[0]  # the lr this step uses
@@ -156,21 +157,27 @@ def main(argv: list[str] | None = None) -> int:
                 if rank == 0:
                     print(f"error: stopped by {signal_name(signum)} after step {step}: checkpoint {last_saved} "
                           "written; resume with --resume_from_checkpoint latest", file=sys.stderr, flush=True)
-                return exit_code(signum)
+                outcome = exit_code(signum)
+                return outcome
+        bar.close()
+
+        # ---- outputs (before the loggers close: a run whose outputs fail is not reported finished) ---------
+        state = params.state()  # a collective under ZeRO: every rank
+        if rank == 0:
+            save_outputs(cfg.output_dir, model, tokenizer, state, merge=cfg.merge_weights and not cfg.load_in_4bit,
+                         base_name=cfg.model if is_builtin(cfg.model) else None)
+            logger.info("loss curve: %s", plot_run(cfg.output_dir))
+            print(summary_line(cfg.output_dir, time.perf_counter() - started), flush=True)
+        outcome = 0
+        return outcome
+    except ConfigError:
+        outcome = 2  # (the one error line and exit code 2 of exit_with_error)
+        raise
     finally:
         bar.close()
         stop.uninstall()
         for logger_ in loggers:
-            logger_.close()
-
-    # ---- outputs ---------------------------------------------------------------------------------
-    state = params.state()  # a collective under ZeRO: every rank
-    if rank == 0:
-        save_outputs(cfg.output_dir, model, tokenizer, state, merge=cfg.merge_weights and not cfg.load_in_4bit,
-                     base_name=cfg.model if is_builtin(cfg.model) else None)
-        logger.info("loss curve: %s", plot_run(cfg.output_dir))
-        print(summary_line(cfg.output_dir, time.perf_counter() - started), flush=True)
-    return 0
+            logger_.close(outcome)
 
 
 if __name__ == "__main__":

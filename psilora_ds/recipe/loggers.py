@@ -19,8 +19,9 @@ class MetricLogger(Protocol):
     def log(self, record: dict[str, Any]) -> None:
         """One record: ``step`` and the numbers measured at that step."""
 
-    def close(self) -> None:
-        """Flush and release (the end of the run, or its preemption)."""
+    def close(self, exit_code: int) -> None:
+        """Flush and release at the end of the run: ``exit_code`` is the run's (0 finished; 128 + N stopped by
+        signal N after saving its step, to be resumed; anything else failed)."""
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -43,7 +44,7 @@ class TensorBoardLogger:
         for key, value in _scalars(record).items():
             self.writer.add_scalar(key, value, record["step"])
 
-    def close(self) -> None:
+    def close(self, exit_code: int) -> None:
         self.writer.close()
 
 
@@ -62,8 +63,12 @@ class WandbLogger:
     def log(self, record: dict[str, Any]) -> None:
         self.run.log(_scalars(record), step=record["step"])
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, exit_code: int) -> None:
+        """W&B shows how the run ended: a stop by signal is marked preempting (a resume continues the run), and a
+        failed run is not reported as finished."""
+        if exit_code > 128:
+            self.run.mark_preempting()
+        self.run.finish(exit_code=exit_code)
 
 
 def report_to(value: str) -> list[str]:

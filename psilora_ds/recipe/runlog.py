@@ -44,7 +44,7 @@ class MetricsLog:
 
     log = write  # (the MetricLogger protocol of psilora_ds.recipe.loggers)
 
-    def close(self) -> None:
+    def close(self, exit_code: int) -> None:
         """Nothing held open: each record is appended and closed."""
 
 
