@@ -15,6 +15,7 @@ import torch
 
 from psilora_ds.recipe import checkpoint
 from psilora_ds.recipe.checkpoint_files import TRAINER_STATE, read_manifest, sha256_of, write_manifest
+from psilora_ds.recipe.config import ConfigError
 from psilora_ds.recipe.run_lock import RunLock
 
 from .test_train_recipe import ROOT, all_records, assert_same_curve, deepspeed_launcher, metrics, run
@@ -261,6 +262,27 @@ def test_one_run_per_output_dir_and_no_fresh_run_over_checkpoints(tmp_path):
     assert steps_of(out) == [3]
 
 
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    """flock raising ENOLCK (a file system without locks) is not a traceback: the run goes on and says so."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="psilora_ds.recipe.run_lock"):
+        assert RunLock(str(tmp_path)).acquire() is False
+    assert "does not support file locks" in caplog.text and "would not be refused" in caplog.text
+
+    def other_error(fd, op):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(fcntl, "flock", other_error)  # any other failure is not taken for "no locks": one line
+    with pytest.raises(ConfigError, match="its lock file could not be locked"):
+        RunLock(str(tmp_path)).acquire()
+
+
 # ---- finding 6: SIGTERM finishes the step, saves, exits non-zero; the resume continues the same curve ------------
 
 def test_sigterm_saves_the_step_and_resumes_the_same_curve(fast_run, tmp_path):
@@ -361,7 +383,6 @@ class _FakeTokenizer:
 
 
 def test_the_adapter_is_published_whole_or_not_at_all(tmp_path):
-    from psilora_ds.recipe.config import ConfigError
     from psilora_ds.recipe.runlog import save_outputs
 
     state = {"w": torch.ones(2)}

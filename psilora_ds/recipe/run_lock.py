@@ -4,7 +4,8 @@ Rank 0 holds an exclusive ``flock`` on ``output_dir/.psilora_ds.lock`` for the l
 releases it when the process ends in any way (``kill -9`` included), so a lock left by a dead run is stale by
 construction and is simply taken over; a live one (on this host, or on another through a file system that
 supports locks, such as NFS with lockd) refuses the second run with one line naming the holder. The file's text
-(host, pid, start time) is only for that message.
+(host, pid, start time) is only for that message. On a file system that has no locks (some FUSE or parallel file
+systems mounted without them) the run goes on unguarded, with a warning that says so.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .config import ConfigError
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".psilora_ds.lock"
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)  # flock: not on this FS
 
 
 class RunLock:
@@ -32,14 +34,23 @@ class RunLock:
         self.path = os.path.join(output_dir, LOCK_FILE)
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self) -> bool:
+        """Take the lock (True), or warn and go on unguarded where the file system has no locks (False); a live
+        holder is a :class:`ConfigError`."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
+            if err.errno in NO_LOCKS:
+                os.close(fd)
+                logger.warning("output_dir=%s: its file system does not support file locks (%s): this run goes on, "
+                               "but a second run started into the same output_dir would not be refused and could "
+                               "overwrite its checkpoints", os.path.dirname(self.path), os.strerror(err.errno))
+                return False
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 os.close(fd)
-                raise
+                raise ConfigError(f"output_dir={os.path.dirname(self.path)}: its lock file could not be locked "
+                                  f"({err.strerror}): check that file system, or choose another output_dir") from None
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
             raise ConfigError(f"output_dir={os.path.dirname(self.path)} is in use by a running job ({holder}): wait "
@@ -48,6 +59,7 @@ class RunLock:
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
                   .encode(), 0)
         self._fd = fd  # kept open: closing it would release the lock
+        return True
 
     def release(self) -> None:
         if self._fd is not None:
