@@ -295,6 +295,40 @@ def test_sigterm_saves_the_step_and_resumes_the_same_curve(fast_run, tmp_path):
     assert_same_curve(out, cut, 3)
 
 
+def test_ctrl_c_saves_the_step_and_a_second_one_stops_at_once(tmp_path):
+    """SIGINT (Ctrl-C) is a stop request like SIGTERM: the step finishes, is saved, the run exits 130 with one line;
+    a second SIGINT raises KeyboardInterrupt at once; a process that ignores SIGINT keeps ignoring it."""
+    out = tmp_path / "int"
+    proc = run([*FAST, "--output_dir", str(out)], tmp_path, check=False, extra_env={"PSILORA_DS_FAULT": "sigint:3"})
+    assert_one_error(proc, "stopped by SIGINT after step 3", code=130)
+    assert "interrupted: finishing this step and saving a checkpoint" in proc.stderr
+    assert steps_of(out) == [2, 3]
+
+    import signal
+
+    from psilora_ds.recipe.preemption import StopRequest
+
+    stop = StopRequest()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM  # the strongest request names the exit code
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.uninstall()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = StopRequest()
+        stop.install()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        stop.uninstall()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ---- finding 7: a full disk while saving is one line and keeps the older checkpoints -----------------------------
 
 def test_a_full_disk_while_saving_is_one_line(tmp_path):

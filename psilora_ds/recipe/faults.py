@@ -20,7 +20,7 @@ def fault_point(where: str, step: int) -> None:
 def fault_requested(what: str, step: int) -> bool:
     """Whether the tests ask, through ``PSILORA_DS_FAULT``, for fault ``what`` at ``step``, on every rank
     (``what:N``) or on one (``what:N:RANK``); the caller injects it: ``nan:N`` an update that overflows,
-    ``sigterm:N`` a SIGTERM in the middle of the step, ``enospc:N`` a full disk while saving."""
+    ``sigterm:N`` / ``sigint:N`` a SIGTERM / SIGINT in the middle of the step, ``enospc:N`` a full disk while saving."""
     spec = os.environ.get(FAULT_ENV, "")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return spec in (f"{what}:{step}", f"{what}:{step}:{rank}")

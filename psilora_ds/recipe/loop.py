@@ -30,8 +30,9 @@ def train_step(engine, stream: Iterator[dict[str, torch.Tensor]], cfg: TrainConf
         loss = engine(**batch, use_cache=False).loss  # (a KV cache would copy every layer's keys and values)
         engine.backward(loss)
         fault_point("step", step)
-        if fault_requested("sigterm", step):  # (tests: a preemption notice in the middle of a step)
-            os.kill(os.getpid(), signal.SIGTERM)
+        for name, signum in (("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)):
+            if fault_requested(name, step):  # (tests: a preemption notice or a Ctrl-C in the middle of a step)
+                os.kill(os.getpid(), signum)
         engine.step()
         losses.append(float(loss.detach()))
         tokens += float(batch["attention_mask"].sum())
