@@ -9,6 +9,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -313,8 +314,10 @@ def test_ctrl_c_saves_the_step_and_a_second_one_stops_at_once(tmp_path):
     try:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGINT)  # at once: the same Ctrl-C, forwarded by a launcher such as torchrun
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signum == signal.SIGTERM  # the strongest request names the exit code
+        time.sleep(1.1)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     finally:
@@ -433,11 +436,10 @@ def test_the_adapter_is_published_whole_or_not_at_all(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_text() == "old"
 
 
-def signal_after_three_steps(cmd, out, target):
+def signal_after_three_steps(cmd, out, target, signum=None):
     """Start ``cmd`` (a launcher running the recipe into ``out``), and once the base's evaluation and 3 steps are
-    logged send SIGTERM to ``target(launcher process)``; returns ``(returncode, stderr)``."""
+    logged send ``signum`` (SIGTERM) to ``target(launcher process)``; returns ``(returncode, stderr)``."""
     import signal
-    import time
 
     from .distributed import launcher_env
 
@@ -449,13 +451,13 @@ def signal_after_three_steps(cmd, out, target):
     deadline = time.time() + 300
     while time.time() < deadline and lines() < 4:
         time.sleep(0.5)
-    target(proc).send_signal(signal.SIGTERM)
+    target(proc).send_signal(signum or signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     return proc.returncode, stderr
 
 
-def assert_stopped_and_saved(out, returncode, stderr):
-    assert returncode != 0 and "stopped by SIGTERM after step" in stderr, stderr[-3000:]
+def assert_stopped_and_saved(out, returncode, stderr, name="SIGTERM"):
+    assert returncode != 0 and f"stopped by {name} after step" in stderr, stderr[-3000:]
     saved = steps_of(out)
     assert len(saved) == 1 and saved[0] >= 3 and saved[0] == max(r["step"] for r in metrics(out))
 
@@ -469,12 +471,17 @@ def endless(tmp_path, out):
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchrun_reaches_the_ranks_and_saves(tmp_path):
-    """The documented route: signal torchrun itself; it forwards SIGTERM to its workers, which save and exit."""
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_sigterm_to_torchrun_reaches_the_ranks_and_saves(tmp_path, name):
+    """The documented route: signal torchrun itself; it forwards the signal to its workers, which save and exit.
+    SIGINT is a Ctrl-C in torchrun's terminal (its workers run in sessions of their own: torchrun forwards it)."""
+    import signal
+
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545",
            *endless(tmp_path, out)]
-    assert_stopped_and_saved(out, *signal_after_three_steps(cmd, out, lambda proc: proc))
+    assert_stopped_and_saved(out, *signal_after_three_steps(cmd, out, lambda proc: proc, getattr(signal, name)),
+                             name=name)
 
 
 @pytest.mark.slow

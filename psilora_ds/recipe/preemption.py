@@ -2,8 +2,9 @@
 sends ahead of the time limit with ``--signal=USR1@120``) on any rank makes the run finish the optimizer step it is
 in, write a checkpoint and exit non-zero (128 + the signal's number) with one line saying how to resume.
 
-Ctrl-C (SIGINT) does the same (exit 130), so an interactive run keeps its last step; a second Ctrl-C stops at once
-(Python's KeyboardInterrupt, nothing saved), for a step or evaluation too long to wait for.
+Ctrl-C (SIGINT) does the same (exit 130), so an interactive run keeps its last step; a second Ctrl-C (more than a
+second later: torchrun forwards the terminal's one to its workers) stops at once (Python's KeyboardInterrupt,
+nothing saved), for a step or evaluation too long to wait for.
 
 The handler only records the signal; at the end of every step the ranks agree on it in one all-reduce of one
 number, so a signal that reached a single rank stops them all at the same step.
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from .ranks import is_rank0, over_ranks
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+SAME_PRESS_S = 1.0  # a SIGINT this soon after the first is the same Ctrl-C, forwarded by a launcher
 
 
 class StopRequest:
@@ -24,7 +27,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum = 0
-        self._interrupted = False  # a Ctrl-C came: the next one stops at once
+        self._interrupted: float | None = None  # when the first Ctrl-C came: a later one stops at once
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -42,9 +45,12 @@ class StopRequest:
 
     def _record(self, signum: int, frame) -> None:  # (a signal handler: a store, and one raw write)
         if signum == signal.SIGINT:
-            if self._interrupted:
+            now = time.monotonic()
+            if self._interrupted is not None and now - self._interrupted > SAME_PRESS_S:
                 signal.default_int_handler(signum, frame)  # the second Ctrl-C: KeyboardInterrupt, now
-            self._interrupted = True
+            if self._interrupted is not None:
+                return  # the same Ctrl-C again (torchrun forwards the terminal's SIGINT to its workers)
+            self._interrupted = now
             if is_rank0():  # (os.write: no Python buffer that the handler could re-enter)
                 os.write(2, b"\ninterrupted: finishing this step and saving a checkpoint (Ctrl-C again stops at "
                             b"once, without saving)\n")
