@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+from .recipe_process import run_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, "bench", "gpu_suite.sh")
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without a GPU")
@@ -75,7 +77,7 @@ def test_every_command_of_the_suite_names_real_scripts_flags_and_recipe_keys():
         key = " ".join([script, *sub]) if script.endswith("gpu_checks.py") else script
         if key not in helps:
             extra = sub if script.endswith("gpu_checks.py") else []
-            done = subprocess.run([sys.executable, path, *extra, "--help"], capture_output=True, text=True, cwd=ROOT)
+            done = run_script([sys.executable, path, *extra, "--help"], env=dict(os.environ), cwd=ROOT, timeout=300)
             assert done.returncode == 0, done.stderr
             helps[key] = done.stdout
         unknown = [f for f in flags if f not in helps[key]]

@@ -17,6 +17,7 @@ from psilora_ds import PSILoRA, StepNotCalledError
 from . import hf_trainer_script as script
 from .distributed import launcher_env
 from .models import lora_two_layer_net
+from .recipe_process import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "hf_trainer_script.py")
@@ -129,8 +130,8 @@ def test_trainer_integration_under_deepspeed_two_ranks_equals_one_process(tmp_pa
 
 
 def test_the_trainer_example_runs():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "hf_trainer.py"), "--steps", "4"], cwd=ROOT,
-                          env=launcher_env(), capture_output=True, text=True, timeout=300)
+    proc = run_script([sys.executable, os.path.join(ROOT, "examples", "hf_trainer.py"), "--steps", "4"], cwd=ROOT,
+                      env=launcher_env(), timeout=300)
     assert proc.returncode == 0 and "ScaledPSILoRA: 4 steps" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -148,8 +149,8 @@ def test_trainer_integration_under_torchrun_ddp_equals_one_process(tmp_path):
 def test_trl_sft_trainer_with_peft_config_trains_with_psilora():
     """TRL's SFTTrainer wraps the model with peft_config itself; psilora_trainer(SFTTrainer) optimizes it."""
     pytest.importorskip("trl")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "trl_sft.py"), "--steps", "10"], cwd=ROOT,
-                          env=launcher_env(), capture_output=True, text=True, timeout=600)
+    proc = run_script([sys.executable, os.path.join(ROOT, "examples", "trl_sft.py"), "--steps", "10"], cwd=ROOT,
+                      env=launcher_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("ScaledPSILoRA on"))
     assert "10 steps" in line and " 0 LoRA layers" not in line, line

@@ -15,6 +15,7 @@ import torch
 from psilora_ds.recipe.checkpoint_files import write_manifest
 
 from .distributed import launcher_env
+from .recipe_process import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
@@ -35,9 +36,10 @@ def small_for(args):
 
 
 def run(args, tmp_path, launcher=(sys.executable,), check=True, extra_env=None):
+    """``launcher launch/train.py SMALL args``; one process runs forked from the tests' fork server (the same
+    script, command line, environment, exit code and output, without the imports: tests/recipe_process.py)."""
     cmd = [*launcher, TRAIN, *small_for(args), "--cache_dir", str(tmp_path / "cache"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(**(extra_env or {})), capture_output=True, text=True,
-                          timeout=600)
+    proc = run_script(cmd, env=launcher_env(**(extra_env or {})), cwd=ROOT, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
