@@ -119,12 +119,15 @@ def recipe_run(argv: list[str], scaling: float) -> dict:
     """One run of ``launch/train.py``'s ``main`` in this process (one thread; its output silenced), into a temporary
     output directory: its eval curve ``{step: eval_loss}``, the training seconds up to each eval step (the sum of the
     step times: time-to-quality, the optimizer's overhead included), the last 10 steps' mean training loss and the
-    learned update's :func:`adapter_statistics`; or ``{"error": ...}`` for a run that diverged or was refused."""
+    learned update's :func:`adapter_statistics`; or ``{"error": ...}`` for a run that diverged or was refused (any other
+    exception propagates)."""
     import contextlib
     import importlib.util
     import io
     import json
     import tempfile
+
+    from psilora_ds.recipe.config import ConfigError
 
     torch.set_num_threads(1)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,10 +149,12 @@ def recipe_run(argv: list[str], scaling: float) -> dict:
                     "train_seconds": seconds,
                     "train_last10": statistics.mean([r["loss"] for r in records if "loss" in r][-10:]),
                     **adapter_statistics(os.path.join(out, "adapter"), scaling)}
-        except Exception as err:  # noqa: BLE001 - a diverged or refused run is reported as such
+        except ConfigError as err:  # a run the recipe refused, or stopped as diverged, is reported as such
             return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
         except SystemExit as err:  # a refused configuration exits 2 after one error line
             return {"error": f"SystemExit {err.code}"}
+        # any other exception is a bug, not a result: it stops the bench (a map once recorded a TypeError of
+        # a library changed under its running workers as a run that failed, which its lr search reads as divergence)
 
 
 def load_json(path: str) -> dict:

@@ -133,3 +133,24 @@ def test_the_schedule_queues_each_idle_method_s_next_runs_core_before_attempts()
     # a method with runs queued or running gets nothing more until they are in
     busy = qm.schedule(runs, [CELL, other], methods, STEPS, busy={(CELL, METHOD), (other, ATTEMPT)})
     assert all((c, m) not in {(CELL, METHOD), (other, ATTEMPT)} for c, m, _, _ in busy)
+
+
+def test_a_bench_run_reports_a_refusal_but_a_bug_stops_the_bench(monkeypatch, tmp_path):
+    """bench.common.recipe_run: a configuration the recipe refuses is a result ({"error": ...}, which the lr search
+    reads as a failed lr); any other exception propagates (a library changed under the map's running workers once
+    made every run end in a TypeError, recorded as failed runs)."""
+    from bench.common import recipe_run
+    from psilora_ds.recipe import runlog
+
+    small = ["--model", "builtin:tiny-llama", "--tiny_hidden_size", "32", "--tiny_layers", "1", "--dataset",
+             "builtin:generated", "--corpus_lines", "300", "--max_seq_len", "32", "--micro_batch_size", "2",
+             "--eval_batches", "1", "--max_steps", "1", "--cache_dir", str(tmp_path)]
+    refused = recipe_run([*small, "--lr", "-1"], scaling=2.0)
+    assert set(refused) == {"error"} and refused["error"].startswith("ConfigError"), refused
+
+    def broken(self, exit_code):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(runlog.MetricsLog, "close", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        recipe_run(small, scaling=2.0)
