@@ -6,8 +6,10 @@ forked from multiprocessing's fork server, which imported those once (``multipro
 library). What a test sees is what a fresh interpreter gives: the script's own code from its first line, the
 command line, the environment (the server starts under :func:`~tests.distributed.launcher_env`'s, the variables
 that change an import), the working directory, the exit code (negative: killed by that signal, as
-``subprocess``), stdout and stderr. A run whose environment changes what an import finds (``PYTHONPATH``), or
-that names another launcher, goes through a real interpreter (:func:`run_script`).
+``subprocess``), stdout and stderr. One thing differs: the modules of :data:`PRELOAD` are already imported, so a
+missing import in the script could go unseen; the main one-process recipe test runs in a fresh interpreter for
+that (``run(..., fresh=True)`` in tests/test_train_recipe.py). A run whose environment changes what an import finds
+(``PYTHONPATH``), or that names another launcher, goes through a real interpreter (:func:`run_script`).
 """
 
 from __future__ import annotations

@@ -35,11 +35,14 @@ def small_for(args):
     return [a for i, a in enumerate(SMALL) if i not in drop]
 
 
-def run(args, tmp_path, launcher=(sys.executable,), check=True, extra_env=None):
+def run(args, tmp_path, launcher=(sys.executable,), check=True, extra_env=None, fresh=False):
     """``launcher launch/train.py SMALL args``; one process runs forked from the tests' fork server (the same
-    script, command line, environment, exit code and output, without the imports: tests/recipe_process.py)."""
+    script, command line, environment, exit code and output, without the imports: tests/recipe_process.py), or in a
+    fresh interpreter with ``fresh`` (what the server imported in advance cannot hide a missing import there)."""
     cmd = [*launcher, TRAIN, *small_for(args), "--cache_dir", str(tmp_path / "cache"), *args]
-    proc = run_script(cmd, env=launcher_env(**(extra_env or {})), cwd=ROOT, timeout=600)
+    env = launcher_env(**(extra_env or {}))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600) if fresh else \
+        run_script(cmd, env=env, cwd=ROOT, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -90,7 +93,7 @@ def resume_copy(out, tmp_path, tag, name="resumed"):
 def test_single_process_trains_saves_and_resumes_the_same_curve(tmp_path):
     out = tmp_path / "straight"
     args = ["--max_steps", "8", "--save_every", "4", "--eval_every", "4", "--save_total_limit", "2"]
-    proc = run([*args, "--output_dir", str(out), "--merge_weights", "true"], tmp_path)
+    proc = run([*args, "--output_dir", str(out), "--merge_weights", "true"], tmp_path, fresh=True)
     assert_outputs(out)
     summary = [line for line in proc.stdout.splitlines() if line.startswith("done: 8 steps; train loss ")]
     assert len(summary) == 1 and f"outputs in {out}" in summary[0], proc.stdout[-2000:]
