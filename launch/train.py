@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     stream = micro_batches(train_ds, cfg, rank, world, tokenizer.pad_token_id, start=step * cfg.gradient_accumulation_steps)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     stop = StopRequest()
-    stop.install()  # SIGTERM / SIGUSR1: finish the step, save, exit non-zero
+    stop.install()  # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, save, exit non-zero
     divergence = DivergenceStop(optimizer, cfg.max_skipped_steps)  # steps skipped in a row: stop with one line
     started, last_saved = time.perf_counter(), None
     outcome = 1  # the run's exit code as the loggers are told it: an error that leaves the loop is a failure
