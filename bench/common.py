@@ -115,12 +115,33 @@ def adapter_statistics(adapter_dir: str, scaling: float) -> dict[str, float]:
     return {"update_norm": statistics.median(norms), "stable_rank": statistics.median(stable)}
 
 
+def code_version() -> str:
+    """The first 12 hex digits of the SHA-256 of the library's and the recipe's sources (``psilora_ds/**.py``,
+    ``launch/train.py``): which code produced a result."""
+    import hashlib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [os.path.join(root, "launch", "train.py")]
+    for folder, _, files in os.walk(os.path.join(root, "psilora_ds")):
+        paths += [os.path.join(folder, f) for f in files if f.endswith(".py")]
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(os.path.relpath(path, root).encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
+_first_code: str | None = None  # the sources this process ran its first recipe run with (its imports are those)
+
+
 def recipe_run(argv: list[str], scaling: float) -> dict:
     """One run of ``launch/train.py``'s ``main`` in this process (one thread; its output silenced), into a temporary
     output directory: its eval curve ``{step: eval_loss}``, the training seconds up to each eval step (the sum of the
     step times: time-to-quality, the optimizer's overhead included), the last 10 steps' mean training loss and the
-    learned update's :func:`adapter_statistics`; or ``{"error": ...}`` for a run that diverged or was refused (any other
-    exception propagates)."""
+    learned update's :func:`adapter_statistics`, and the :func:`code_version` that ran; or ``{"error": ...}`` for a run
+    that diverged or was refused (any other exception propagates, and a process whose sources changed since its first
+    run refuses to run on)."""
     import contextlib
     import importlib.util
     import io
@@ -129,6 +150,12 @@ def recipe_run(argv: list[str], scaling: float) -> dict:
 
     from psilora_ds.recipe.config import ConfigError
 
+    global _first_code
+    code = code_version()
+    _first_code = _first_code or code
+    if code != _first_code:  # launch/train.py is read anew per run, the modules it imports are not
+        raise RuntimeError(f"the library's sources changed under this running bench ({_first_code} -> {code}): its "
+                           "imported modules are the old ones; restart it (finished runs are kept)")
     torch.set_num_threads(1)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("psilora_train", os.path.join(root, "launch", "train.py"))
@@ -146,7 +173,7 @@ def recipe_run(argv: list[str], scaling: float) -> dict:
                 if "eval_loss" in r:
                     seconds[str(r["step"])] = round(elapsed, 2)
             return {"eval": {str(r["step"]): r["eval_loss"] for r in records if "eval_loss" in r},
-                    "train_seconds": seconds,
+                    "code": code, "train_seconds": seconds,
                     "train_last10": statistics.mean([r["loss"] for r in records if "loss" in r][-10:]),
                     **adapter_statistics(os.path.join(out, "adapter"), scaling)}
         except ConfigError as err:  # a run the recipe refused, or stopped as diverged, is reported as such

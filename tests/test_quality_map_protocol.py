@@ -154,3 +154,14 @@ def test_a_bench_run_reports_a_refusal_but_a_bug_stops_the_bench(monkeypatch, tm
     monkeypatch.setattr(runlog.MetricsLog, "close", broken)
     with pytest.raises(TypeError, match="a bug"):
         recipe_run(small, scaling=2.0)
+
+
+def test_a_bench_process_refuses_to_run_on_after_the_library_changed(monkeypatch):
+    """Modules imported by a bench worker are those of its first run: a later run with changed sources would mix
+    code versions in one results file, so recipe_run refuses; each result records its code version."""
+    import bench.common as common
+
+    assert len(common.code_version()) == 12 and common.code_version() == common.code_version()
+    monkeypatch.setattr(common, "_first_code", "000000000000")
+    with pytest.raises(RuntimeError, match="changed under this running bench"):
+        common.recipe_run(["--max_steps", "1"], scaling=2.0)
