@@ -132,6 +132,14 @@ def code_version() -> str:
     return digest.hexdigest()[:12]
 
 
+def finished_main(train, argv: list[str]) -> None:
+    """``train.main(argv)`` of launch/train.py, in this process; a run the recipe stopped early (a signal reached
+    the bench: it returns 128 + N after saving) is not a result and raises."""
+    code = train.main(argv)
+    if code:
+        raise RuntimeError(f"launch/train.py stopped with exit code {code} (a signal reached the bench): not a result")
+
+
 _first_code: str | None = None  # the sources this process ran its first recipe run with (its imports are those)
 
 
@@ -164,7 +172,7 @@ def recipe_run(argv: list[str], scaling: float) -> dict:
     with tempfile.TemporaryDirectory() as out:
         try:
             with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-                train.main([*argv, "--save_every", "0", "--output_dir", out])
+                finished_main(train, [*argv, "--save_every", "0", "--output_dir", out])
             with open(os.path.join(out, "metrics.jsonl")) as f:
                 records = [json.loads(line) for line in f]
             elapsed, seconds = 0.0, {}

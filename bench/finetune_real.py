@@ -34,7 +34,7 @@ from multiprocessing import get_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import markdown_table, save_lr_figure, write_section  # noqa: E402
+from bench.common import finished_main, markdown_table, save_lr_figure, write_section  # noqa: E402
 
 HALF = [1.0, 10 ** 0.5]
 
@@ -96,6 +96,8 @@ def run_point(task: tuple[str, list[str], float, int, int, str, int]) -> tuple[s
     name, recipe_args, lr, seed, steps, base, eval_batches = task
     import torch
 
+    from psilora_ds.recipe.config import ConfigError
+
     torch.set_num_threads(1)
     spec = importlib.util.spec_from_file_location("psilora_train", os.path.join(ROOT, "launch", "train.py"))
     train = importlib.util.module_from_spec(spec)
@@ -107,12 +109,12 @@ def run_point(task: tuple[str, list[str], float, int, int, str, int]) -> tuple[s
         result = {"eval_loss": float("nan")}
         try:
             with contextlib.redirect_stderr(io.StringIO()):
-                train.main(argv)
+                finished_main(train, argv)
             with open(os.path.join(out, "metrics.jsonl")) as f:
                 records = [json.loads(line) for line in f]
             evals = [r for r in records if "eval_loss" in r]
             result = {"eval_loss": evals[-1]["eval_loss"], "base_eval_loss": evals[0]["eval_loss"]}
-        except Exception as err:  # noqa: BLE001 - a diverged or refused run is a NaN point, reported
+        except ConfigError as err:  # a diverged or refused run is a NaN point, reported (anything else: a bug)
             result["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
     return name, lr, seed, result
 

@@ -165,3 +165,15 @@ def test_a_bench_process_refuses_to_run_on_after_the_library_changed(monkeypatch
     monkeypatch.setattr(common, "_first_code", "000000000000")
     with pytest.raises(RuntimeError, match="changed under this running bench"):
         common.recipe_run(["--max_steps", "1"], scaling=2.0)
+
+
+def test_a_run_the_recipe_stopped_early_is_not_a_result():
+    """A signal that reaches a bench worker (``pkill``) makes the recipe save and return 128 + N: its partial curve must
+    not be recorded as a finished run (a missing final loss reads as divergence in the lr search)."""
+    from types import SimpleNamespace
+
+    from bench.common import finished_main
+
+    finished_main(SimpleNamespace(main=lambda argv: 0), [])
+    with pytest.raises(RuntimeError, match="exit code 143"):
+        finished_main(SimpleNamespace(main=lambda argv: 143), [])
