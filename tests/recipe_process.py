@@ -8,8 +8,9 @@ command line, the environment (the server starts under :func:`~tests.distributed
 that change an import), the working directory, the exit code (negative: killed by that signal, as
 ``subprocess``), stdout and stderr. One thing differs: the modules of :data:`PRELOAD` are already imported, so a
 missing import in the script could go unseen; the main one-process recipe test runs in a fresh interpreter for
-that (``run(..., fresh=True)`` in tests/test_train_recipe.py). A run whose environment changes what an import finds
-(``PYTHONPATH``), or that names another launcher, goes through a real interpreter (:func:`run_script`).
+that (``run(..., fresh=True)`` in tests/test_train_recipe.py). A run whose caller sets a variable that libraries read at
+import (``PYTHONPATH``, ``HF_*``, ``TORCH*``, ...) otherwise than the launched processes' usual environment, or that
+names another launcher, goes through a real interpreter (:func:`run_script`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ PRELOAD = ["torch", "transformers", "peft", "datasets", "deepspeed", "matplotlib
            "psilora_ds.recipe.data", "psilora_ds.recipe.loggers", "psilora_ds.recipe.loop",
            "psilora_ds.recipe.modeling", "psilora_ds.recipe.optimizers", "psilora_ds.recipe.plot",
            "psilora_ds.recipe.resume", "psilora_ds.recipe.run_lock", "psilora_ds.recipe.runlog"]
-IMPORT_TIME_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")  # change what an import finds: a real interpreter
+# variables that libraries read when imported (paths, caches, offline flags, threads): a run whose caller sets them
+# otherwise than the launched processes' usual environment gets a real interpreter
+IMPORT_TIME_PREFIXES = ("PYTHON", "HF_", "TRANSFORMERS_", "TORCH", "DS_", "OMP_", "MKL_", "CUDA", "BNB_")
 
 _context = None
 
@@ -89,9 +92,11 @@ def _run_as_main(script: str, argv: list[str], env: dict[str, str], cwd: str, ou
 def run_script(cmd: list[str], env: dict[str, str], cwd: str, timeout: float) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True)``; ``[sys.executable, script, *args]`` with an
     environment that changes no import runs in a process forked from the fork server."""
-    forked = cmd[0] == sys.executable and len(cmd) > 1 and cmd[1].endswith(".py") and \
-        not any(env.get(k) != os.environ.get(k) for k in IMPORT_TIME_ENV)
-    if not forked:
+    script = cmd[0] == sys.executable and len(cmd) > 1 and cmd[1].endswith(".py")
+    usual = launcher_env()  # (variables that libraries in this process set since, e.g. torch's inductor cache dir, are
+    # in both: what counts is what the caller changes)
+    imports_differ = any(env.get(k) != usual.get(k) for k in {*env, *usual} if k.startswith(IMPORT_TIME_PREFIXES))
+    if not script or imports_differ:
         return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     context = _server_context()
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,5 +108,7 @@ def run_script(cmd: list[str], env: dict[str, str], cwd: str, timeout: float) ->
             process.kill()
             process.join()
             raise subprocess.TimeoutExpired(cmd, timeout)
+        if not os.path.exists(err_path):  # (the fork server could not start it: say so, not FileNotFoundError)
+            raise RuntimeError(f"the fork server did not start {cmd[1]} (exit code {process.exitcode})")
         with open(out_path) as out, open(err_path) as err:
             return subprocess.CompletedProcess(cmd, process.exitcode, out.read(), err.read())

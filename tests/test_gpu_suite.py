@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from .distributed import launcher_env
 from .recipe_process import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +78,7 @@ def test_every_command_of_the_suite_names_real_scripts_flags_and_recipe_keys():
         key = " ".join([script, *sub]) if script.endswith("gpu_checks.py") else script
         if key not in helps:
             extra = sub if script.endswith("gpu_checks.py") else []
-            done = run_script([sys.executable, path, *extra, "--help"], env=dict(os.environ), cwd=ROOT, timeout=300)
+            done = run_script([sys.executable, path, *extra, "--help"], env=launcher_env(), cwd=ROOT, timeout=300)
             assert done.returncode == 0, done.stderr
             helps[key] = done.stdout
         unknown = [f for f in flags if f not in helps[key]]
