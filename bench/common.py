@@ -132,6 +132,11 @@ def code_version() -> str:
     return digest.hexdigest()[:12]
 
 
+def failed_run(err: BaseException) -> str:
+    """How a run the recipe refused or stopped as diverged is recorded: the error's type and first line."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+
+
 def finished_main(train, argv: list[str]) -> None:
     """``train.main(argv)`` of launch/train.py, in this process; a run the recipe stopped early (a signal reached
     the bench: it returns 128 + N after saving) is not a result and raises."""
@@ -185,7 +190,7 @@ def recipe_run(argv: list[str], scaling: float) -> dict:
                     "train_last10": statistics.mean([r["loss"] for r in records if "loss" in r][-10:]),
                     **adapter_statistics(os.path.join(out, "adapter"), scaling)}
         except ConfigError as err:  # a run the recipe refused, or stopped as diverged, is reported as such
-            return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+            return {"error": failed_run(err)}
         except SystemExit as err:  # a refused configuration exits 2 after one error line
             return {"error": f"SystemExit {err.code}"}
         # any other exception is a bug, not a result: it stops the bench (a map once recorded a TypeError of

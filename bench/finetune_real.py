@@ -34,7 +34,7 @@ from multiprocessing import get_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import finished_main, markdown_table, save_lr_figure, write_section  # noqa: E402
+from bench.common import failed_run, finished_main, markdown_table, save_lr_figure, write_section  # noqa: E402
 
 HALF = [1.0, 10 ** 0.5]
 
@@ -115,7 +115,7 @@ def run_point(task: tuple[str, list[str], float, int, int, str, int]) -> tuple[s
             evals = [r for r in records if "eval_loss" in r]
             result = {"eval_loss": evals[-1]["eval_loss"], "base_eval_loss": evals[0]["eval_loss"]}
         except ConfigError as err:  # a diverged or refused run is a NaN point, reported (anything else: a bug)
-            result["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            result["error"] = failed_run(err)
     return name, lr, seed, result
 
 

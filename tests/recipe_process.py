@@ -89,10 +89,11 @@ def _run_as_main(script: str, argv: list[str], env: dict[str, str], cwd: str, ou
     os._exit(code)
 
 
-def run_script(cmd: list[str], env: dict[str, str], cwd: str, timeout: float) -> subprocess.CompletedProcess:
+def run_script(cmd: list[str], env: dict[str, str], cwd: str, timeout: float,
+               fork: bool = True) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True)``; ``[sys.executable, script, *args]`` with an
-    environment that changes no import runs in a process forked from the fork server."""
-    script = cmd[0] == sys.executable and len(cmd) > 1 and cmd[1].endswith(".py")
+    environment that changes no import runs in a process forked from the fork server (unless ``fork`` is False)."""
+    script = fork and cmd[0] == sys.executable and len(cmd) > 1 and cmd[1].endswith(".py")
     usual = launcher_env()  # (variables that libraries in this process set since, e.g. torch's inductor cache dir, are
     # in both: what counts is what the caller changes)
     imports_differ = any(env.get(k) != usual.get(k) for k in {*env, *usual} if k.startswith(IMPORT_TIME_PREFIXES))

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -40,9 +39,7 @@ def run(args, tmp_path, launcher=(sys.executable,), check=True, extra_env=None, 
     script, command line, environment, exit code and output, without the imports: tests/recipe_process.py), or in a
     fresh interpreter with ``fresh`` (what the server imported in advance cannot hide a missing import there)."""
     cmd = [*launcher, TRAIN, *small_for(args), "--cache_dir", str(tmp_path / "cache"), *args]
-    env = launcher_env(**(extra_env or {}))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600) if fresh else \
-        run_script(cmd, env=env, cwd=ROOT, timeout=600)
+    proc = run_script(cmd, env=launcher_env(**(extra_env or {})), cwd=ROOT, timeout=600, fork=not fresh)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
