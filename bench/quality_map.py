@@ -71,8 +71,9 @@ METHODS: dict[str, tuple[list[str], float]] = {
     ADAM_ORACLE: (["--optim", "svdlora_adam"], 2e-3),
 }
 # Attempts to win (issue 25, item 3): variations of the default Scaled PSI-LoRA, each tuned by the same protocol, on
-# the cell where it is furthest behind (gnu-manuals, r 16), after the core map's methods there; their starting guess is
-# the default's best on this base (python-reference r 16: 2.15e-2), not the built-in base's.
+# the cell where it is furthest behind (gnu-manuals, r 16), after the core map's methods there; they start at the
+# default's best lr in the cell (start_k), the guess below only where the default has not run there.
+DEFAULT_PSI = "Scaled PSI-LoRA (defaults)"
 SCALED = ["--optim", "scaled_psilora"]
 ATTEMPTS: dict[str, tuple[list[str], float]] = {
     "Scaled momentum_prox 0.2": ([*SCALED, "--momentum_prox", "0.2"], 2e-2),
@@ -290,10 +291,20 @@ def mean_or_inf(losses: list[float]) -> float:
     return m if math.isfinite(m) else math.inf
 
 
+def start_k(results: dict, cell: str, method: str, steps: int) -> int:
+    """Where a method's bracket starts: an attempt (a variation of the default) at the default's best lr in the cell,
+    every other method (and an attempt whose cell has no default runs) at its guess in :data:`METHODS`."""
+    if scope(method).after_core:
+        default = best_point(results, cell, DEFAULT_PSI, steps)
+        if default is not None:
+            return default[0]
+    return k_of(METHODS[method][1])
+
+
 def needed(results: dict, cell: str, method: str, steps: int) -> list[tuple[int, int]]:
     """The ``(k, seed)`` runs the protocol asks for next, given what is done."""
     seed0 = {k: v[0] for k, v in curve(results, cell, method, steps, (0,)).items()}
-    k0 = k_of(METHODS[method][1])
+    k0 = start_k(results, cell, method, steps)
     if not seed0:
         return [(k0 - 1, 0), (k0, 0), (k0 + 1, 0)]
     best = min(seed0, key=lambda k: seed0[k] if math.isfinite(seed0[k]) else math.inf)
@@ -392,7 +403,6 @@ def curves_table(results: dict, cells: list[str], methods: list[str], steps: int
 
 
 BASELINES = ("LoRA-AdamW", "LoRA+ (ratio 16)", "PoLAR")
-DEFAULT_PSI = "Scaled PSI-LoRA (defaults)"
 
 
 def psi_family(method: str) -> bool:

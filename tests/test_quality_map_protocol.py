@@ -177,3 +177,15 @@ def test_a_run_the_recipe_stopped_early_is_not_a_result():
     finished_main(SimpleNamespace(main=lambda argv: 0), [])
     with pytest.raises(RuntimeError, match="exit code 143"):
         finished_main(SimpleNamespace(main=lambda argv: 143), [])
+
+
+def test_an_attempt_starts_at_the_default_s_best_lr_in_its_cell():
+    cell = "gnu-manuals:16"
+    guess = qm.k_of(qm.METHODS[ATTEMPT][1])
+    assert qm.needed({}, cell, ATTEMPT, STEPS) == [(guess - 1, 0), (guess, 0), (guess + 1, 0)]
+    default = {qm.key(cell, qm.DEFAULT_PSI, k, 0, STEPS): {"eval": {str(STEPS): loss}}
+               for k, loss in ((-3, 3.9), (-2, 3.8), (-1, 3.85))}
+    assert qm.needed(default, cell, ATTEMPT, STEPS) == [(-3, 0), (-2, 0), (-1, 0)]
+    # a core method keeps its own guess
+    k0 = qm.k_of(qm.METHODS[METHOD][1])
+    assert qm.needed(default, cell, METHOD, STEPS) == [(k0 - 1, 0), (k0, 0), (k0 + 1, 0)]
