@@ -13,7 +13,7 @@ every method's lr tuned the same way.
 * Methods: LoRA-AdamW, LoRA+, the default Scaled PSI-LoRA, Scaled PSI-LoRA ``iters=0`` (cache-free), the SVDLoRA
   oracle (momentum 0.9), PoLAR, Scaled PSI-LoRA with ``metric="adafactor"`` (ours), and full fine-tuning with AdamW, the ceiling (``bench/full_finetune.py``: every
   weight, on the recipe's data, schedule, clipping and evaluation; in the r 16 cells only, it has no rank). A diagnostic
-  on python-reference (r 16 and 64): the SVDLoRA oracle with Adam's direction (a full Adam step projected to rank r,
+  on python-reference (r 16 and 64) and gnu-manuals r 16: the SVDLoRA oracle with Adam's direction (a full Adam step projected to rank r,
   METHOD.md section 5; 3 seeds at its best, no lr window).
 * lr search, per cell and method: seed 0 on a grid a third of a decade apart (10^(k/3)), from three points around
   the method's starting guess, extended until the best is interior; then seeds 1 and 2 at the best and its two
@@ -102,7 +102,8 @@ class Scope:
 # full fine-tuning has no rank (r 16 cells only); the diagnostic and the attempts take 3 seeds at their best, no window
 SCOPES: dict[str, Scope] = {
     FULL: Scope(cells=tuple(c for c in CELLS if c.endswith(":16"))),
-    ADAM_ORACLE: Scope(cells=("python-reference:16", "python-reference:64"), window=False),
+    # (gnu-manuals too: whether the projected step or its gradient-descent direction loses there)
+    ADAM_ORACLE: Scope(cells=("python-reference:16", "python-reference:64", "gnu-manuals:16"), window=False),
     **{name: Scope(cells=("gnu-manuals:16",), window=False, after_core=True) for name in ATTEMPTS},
 }
 
