@@ -102,8 +102,8 @@ class Scope:
 # full fine-tuning has no rank (r 16 cells only); the diagnostic and the attempts take 3 seeds at their best, no window
 SCOPES: dict[str, Scope] = {
     FULL: Scope(cells=tuple(c for c in CELLS if c.endswith(":16"))),
-    # (gnu-manuals too: whether the projected step or its gradient-descent direction loses there)
-    ADAM_ORACLE: Scope(cells=("python-reference:16", "python-reference:64", "gnu-manuals:16"), window=False),
+    # in every cell (gnu-manuals too: whether the projected step or its gradient-descent direction loses there)
+    ADAM_ORACLE: Scope(window=False),
     **{name: Scope(cells=("gnu-manuals:16",), window=False, after_core=True) for name in ATTEMPTS},
 }
 

@@ -64,10 +64,10 @@ def test_the_window_crosses_or_says_it_is_open():
     assert qm.lr_window(with_runs({(-2, 0): 3.7}), CELL, METHOD, STEPS) == "-"
 
 
-def test_the_diagnostic_runs_only_in_its_cells_and_stops_after_its_seeds():
+def test_the_diagnostic_runs_in_every_cell_and_stops_after_its_seeds():
     oracle = qm.ADAM_ORACLE
-    assert qm.runs_in(oracle, "python-reference:16") and qm.runs_in(oracle, "python-reference:64")
-    assert not qm.runs_in(oracle, "gnu-manuals:16")
+    assert all(qm.runs_in(oracle, cell) for cell in qm.CELLS)
+    assert not qm.runs_in(ATTEMPT, "python-reference:16")  # the attempts: gnu-manuals only
     runs = {(k, s): 3.7 + 0.01 * abs(k + 9) for k in (-10, -9, -8) for s in (0, 1, 2)}
     assert qm.needed(with_runs(runs, oracle), CELL, oracle, STEPS) == []  # no lr-window edges
 
