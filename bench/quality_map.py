@@ -610,7 +610,7 @@ def main() -> None:
                   "with 2 workers sharing the cores, so about 24 runs an hour; a cell and method took 12-15 runs in the "
                   "first cell (5-7 of seed 0 to bracket, 6 more seeds, 2-4 for the lr window's edges): 8 methods (full "
                   "fine-tuning at r 16 only) x 3 cells, the 7 attempts on gnu-manuals r 16 (about 11 each: no window) "
-                  "and the Adam-direction oracle on python-reference are about 400 runs, some 17 hours of this machine "
+                  "and the Adam-direction oracle (3 seeds at its best, every cell) are about 410 runs, some 17 hours of this machine "
                   "(the base is committed; pretraining it took 45-150 "
                   "minutes). Eval loss every 50 steps on the fixed held-out split. lr window: the decades of lr around "
                   "the best within 2% of its loss (seed 0; '>=': an edge not yet crossed). train s: training seconds "
