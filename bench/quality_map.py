@@ -9,7 +9,8 @@ every method's lr tuned the same way.
   first one (same base, same held-out split: a machine whose GNU manuals differ is refused).
 * Cells: ``builtin:python-reference`` at r 16 and r 64, ``builtin:gnu-manuals`` at r 16 (alpha = 2 r, all linear
   layers); ``--steps`` (300) steps, cosine schedule with 10 warm-up steps, clipping 1.0, evaluated every 50 steps on
-  the fixed held-out split.
+  the fixed held-out split. An extension after all of it (attempts included): ``python-reference`` at r 128 (alpha 256),
+  LoRA-AdamW, LoRA+, PoLAR and the default Scaled PSI-LoRA only, each bracket starting at its best at r 64.
 * Methods: LoRA-AdamW, LoRA+, the default Scaled PSI-LoRA, Scaled PSI-LoRA ``iters=0`` (cache-free), the SVDLoRA
   oracle (momentum 0.9), PoLAR, Scaled PSI-LoRA with ``metric="adafactor"`` (ours), and full fine-tuning with AdamW, the ceiling (``bench/full_finetune.py``: every
   weight, on the recipe's data, schedule, clipping and evaluation; in the r 16 cells only, it has no rank). A diagnostic
@@ -54,6 +55,13 @@ BASE_DIR = os.path.join(ROOT, "bench", "bases", "stdlib-256x6-v4096")
 # in the order they run: r 64 second, the setting where a projected full step is most likely to win (full fine-tuning
 # leads every r 16 method by 0.05 on python-reference)
 CELLS = ("python-reference:16", "python-reference:64", "gnu-manuals:16")
+# an extension, run after everything in CELLS (the attempts included): rank 128 on python-reference, where the trend
+# from r 16 (the default 0.3% behind LoRA-AdamW) to r 64 (level with the best baselines, its update's stable rank
+# up from 4.7 to 8.5) points if PSI-LoRA wins anywhere in this grid; the default against the three baselines only,
+# each bracket starting at the method's best at r 64 (START_FROM)
+EXTENSION = "python-reference:128"
+ALL_CELLS = (*CELLS, EXTENSION)
+START_FROM = {EXTENSION: "python-reference:64"}
 # name -> (recipe arguments, starting lr guess: the built-in base's best at 100 steps)
 METHODS: dict[str, tuple[list[str], float]] = {
     "LoRA-AdamW": (["--optim", "adamw"], 1e-2),
@@ -105,6 +113,7 @@ SCOPES: dict[str, Scope] = {
     # in every cell (gnu-manuals too: whether the projected step or its gradient-descent direction loses there)
     ADAM_ORACLE: Scope(window=False),
     **{name: Scope(cells=("gnu-manuals:16",), window=False, after_core=True) for name in ATTEMPTS},
+    **{name: Scope(cells=ALL_CELLS) for name in ("LoRA-AdamW", "LoRA+ (ratio 16)", "PoLAR", DEFAULT_PSI)},
 }
 
 
@@ -178,6 +187,13 @@ def run_point(task: tuple[str, str, int, int, int, str]) -> tuple[str, dict]:
     return key(cell, method, k, seed, steps), result
 
 
+def priority(cell: str, method: str, order: dict[str, int]) -> tuple[int, int]:
+    """Where a run goes in the queue: the issue's cells' core methods, then the attempts, then the extension cell;
+    cells in order within each."""
+    tier = 2 if cell == EXTENSION else int(scope(method).after_core)
+    return tier, order[cell]
+
+
 def schedule(results: dict, cells: list[str], methods: list[str], steps: int,
              busy: set[tuple[str, str]]) -> list[tuple[str, str, int, int]]:
     """The runs ``(cell, method, k, seed)`` to queue now, in the order to run them: for every ``(cell, method)`` with
@@ -208,7 +224,7 @@ def run_map(results: dict, cells: list[str], methods: list[str], steps: int, bas
                 batches[cell_method] = batches.get(cell_method, 0) + 1
             if new:
                 print(f"queued {len(new)}: " + ", ".join(sorted({f'{c} {m}' for c, m, _, _ in new})), flush=True)
-            queue = sorted(queue + new, key=lambda t: (scope(t[1]).after_core, order[t[0]]))  # (stable: method order)
+            queue = sorted(queue + new, key=lambda t: priority(t[0], t[1], order))  # (stable: method order)
             while queue and len(running) < workers:
                 cell, method, k, seed = queue.pop(0)
                 running[pool.submit(run_point, (cell, method, k, seed, steps, base))] = (cell, method, k, seed)
@@ -294,12 +310,11 @@ def mean_or_inf(losses: list[float]) -> float:
 
 def start_k(results: dict, cell: str, method: str, steps: int) -> int:
     """Where a method's bracket starts: an attempt (a variation of the default) at the default's best lr in the cell,
-    every other method (and an attempt whose cell has no default runs) at its guess in :data:`METHODS`."""
-    if scope(method).after_core:
-        default = best_point(results, cell, DEFAULT_PSI, steps)
-        if default is not None:
-            return default[0]
-    return k_of(METHODS[method][1])
+    a method in a cell of :data:`START_FROM` at its own best in the cell named there, every other method (or where
+    that best is not in yet) at its guess in :data:`METHODS`."""
+    origin = (DEFAULT_PSI, cell) if scope(method).after_core else (method, START_FROM.get(cell))
+    best = best_point(results, origin[1], origin[0], steps) if origin[1] else None
+    return k_of(METHODS[method][1]) if best is None else best[0]
 
 
 def needed(results: dict, cell: str, method: str, steps: int) -> list[tuple[int, int]]:
@@ -559,7 +574,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--cells", nargs="+", default=list(CELLS))
+    parser.add_argument("--cells", nargs="+", default=list(ALL_CELLS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--report", action="store_true", help="print the table of what is done and stop")
     parser.add_argument("--max_rounds", type=int, default=100, help="at most this many batches of runs per cell and method")
@@ -610,7 +625,8 @@ def main() -> None:
                   "with 2 workers sharing the cores, so about 24 runs an hour; a cell and method took 12-15 runs in the "
                   "first cell (5-7 of seed 0 to bracket, 6 more seeds, 2-4 for the lr window's edges): 8 methods (full "
                   "fine-tuning at r 16 only) x 3 cells, the 7 attempts on gnu-manuals r 16 (about 11 each: no window) "
-                  "and the Adam-direction oracle (3 seeds at its best, every cell) are about 410 runs, some 17 hours of this machine "
+                  "and the Adam-direction oracle (3 seeds at its best, every cell) are about 410 runs, some 17 hours of this machine; "
+                  "the r 128 extension (4 methods) about 52 more, some 3 hours "
                   "(the base is committed; pretraining it took 45-150 "
                   "minutes). Eval loss every 50 steps on the fixed held-out split. lr window: the decades of lr around "
                   "the best within 2% of its loss (seed 0; '>=': an edge not yet crossed). train s: training seconds "

@@ -189,3 +189,17 @@ def test_an_attempt_starts_at_the_default_s_best_lr_in_its_cell():
     # a core method keeps its own guess
     k0 = qm.k_of(qm.METHODS[METHOD][1])
     assert qm.needed(default, cell, METHOD, STEPS) == [(k0 - 1, 0), (k0, 0), (k0 + 1, 0)]
+
+
+def test_the_extension_cell_runs_last_with_four_methods_from_their_r64_best():
+    assert [m for m in qm.METHODS if qm.runs_in(m, qm.EXTENSION)] == [
+        "LoRA-AdamW", "LoRA+ (ratio 16)", "Scaled PSI-LoRA (defaults)", "PoLAR"]
+    order = {cell: i for i, cell in enumerate(qm.ALL_CELLS)}
+    tiers = sorted([(qm.EXTENSION, METHOD), ("gnu-manuals:16", ATTEMPT), ("gnu-manuals:16", METHOD),
+                    (CELL, METHOD)], key=lambda t: qm.priority(t[0], t[1], order))
+    assert tiers == [(CELL, METHOD), ("gnu-manuals:16", METHOD), ("gnu-manuals:16", ATTEMPT), (qm.EXTENSION, METHOD)]
+    k0 = qm.k_of(qm.METHODS[METHOD][1])
+    assert qm.needed({}, qm.EXTENSION, METHOD, STEPS) == [(k0 - 1, 0), (k0, 0), (k0 + 1, 0)]
+    r64 = {qm.key("python-reference:64", METHOD, k, s, STEPS): {"eval": {str(STEPS): 3.6 + 0.01 * abs(k + 8)}}
+           for k in (-9, -8, -7) for s in (0, 1, 2)}
+    assert qm.needed(r64, qm.EXTENSION, METHOD, STEPS) == [(-9, 0), (-8, 0), (-7, 0)]
