@@ -199,10 +199,11 @@ def schedule(results: dict, cells: list[str], methods: list[str], steps: int,
     """The runs ``(cell, method, k, seed)`` to queue now, in the order to run them: for every ``(cell, method)`` with
     nothing queued or running (``busy``), all the runs its protocol asks for next. A method's protocol reads only its own
     finished runs, so its decisions are those of rounds in which every method waits for the others; the map just never
-    leaves a core idle at the end of a round. Core methods in every cell before the attempts, cells in order."""
-    phases = ([m for m in methods if not scope(m).after_core], [m for m in methods if scope(m).after_core])
-    return [(cell, m, k, s) for phase in phases for cell in cells for m in phase
+    leaves a core idle at the end of a round. In :func:`priority`'s order (methods in order within a cell)."""
+    order = {cell: i for i, cell in enumerate(cells)}
+    runs = [(cell, m, k, s) for cell in cells for m in methods
             if runs_in(m, cell) and (cell, m) not in busy for k, s in needed(results, cell, m, steps)]
+    return sorted(runs, key=lambda t: priority(t[0], t[1], order))
 
 
 def run_map(results: dict, cells: list[str], methods: list[str], steps: int, base: str, workers: int,

@@ -15,9 +15,9 @@ import bench.quality_map as qm  # noqa: E402
 CELL, METHOD, ATTEMPT, STEPS = "python-reference:16", "LoRA-AdamW", "Scaled prox 1e-3", 300
 
 
-def with_runs(losses: dict[tuple[int, int], float], method: str = METHOD) -> dict:
+def with_runs(losses: dict[tuple[int, int], float], method: str = METHOD, cell: str = CELL) -> dict:
     """Results holding a run per ``(k, seed) -> final loss``."""
-    return {qm.key(CELL, method, k, s, STEPS): {"eval": {str(STEPS): loss}} for (k, s), loss in losses.items()}
+    return {qm.key(cell, method, k, s, STEPS): {"eval": {str(STEPS): loss}} for (k, s), loss in losses.items()}
 
 
 def test_brackets_then_seeds_then_the_window_edges():
@@ -183,8 +183,7 @@ def test_an_attempt_starts_at_the_default_s_best_lr_in_its_cell():
     cell = "gnu-manuals:16"
     guess = qm.k_of(qm.METHODS[ATTEMPT][1])
     assert qm.needed({}, cell, ATTEMPT, STEPS) == [(guess - 1, 0), (guess, 0), (guess + 1, 0)]
-    default = {qm.key(cell, qm.DEFAULT_PSI, k, 0, STEPS): {"eval": {str(STEPS): loss}}
-               for k, loss in ((-3, 3.9), (-2, 3.8), (-1, 3.85))}
+    default = with_runs({(-3, 0): 3.9, (-2, 0): 3.8, (-1, 0): 3.85}, qm.DEFAULT_PSI, cell)
     assert qm.needed(default, cell, ATTEMPT, STEPS) == [(-3, 0), (-2, 0), (-1, 0)]
     # a core method keeps its own guess
     k0 = qm.k_of(qm.METHODS[METHOD][1])
@@ -200,6 +199,6 @@ def test_the_extension_cell_runs_last_with_four_methods_from_their_r64_best():
     assert tiers == [(CELL, METHOD), ("gnu-manuals:16", METHOD), ("gnu-manuals:16", ATTEMPT), (qm.EXTENSION, METHOD)]
     k0 = qm.k_of(qm.METHODS[METHOD][1])
     assert qm.needed({}, qm.EXTENSION, METHOD, STEPS) == [(k0 - 1, 0), (k0, 0), (k0 + 1, 0)]
-    r64 = {qm.key("python-reference:64", METHOD, k, s, STEPS): {"eval": {str(STEPS): 3.6 + 0.01 * abs(k + 8)}}
-           for k in (-9, -8, -7) for s in (0, 1, 2)}
+    r64 = with_runs({(k, s): 3.6 + 0.01 * abs(k + 8) for k in (-9, -8, -7) for s in (0, 1, 2)}, METHOD,
+                    "python-reference:64")
     assert qm.needed(r64, qm.EXTENSION, METHOD, STEPS) == [(-9, 0), (-8, 0), (-7, 0)]
