@@ -202,3 +202,7 @@ def test_the_extension_cell_runs_last_with_four_methods_from_their_r64_best():
     r64 = with_runs({(k, s): 3.6 + 0.01 * abs(k + 8) for k in (-9, -8, -7) for s in (0, 1, 2)}, METHOD,
                     "python-reference:64")
     assert qm.needed(r64, qm.EXTENSION, METHOD, STEPS) == [(-9, 0), (-8, 0), (-7, 0)]
+    # 3 seeds around the best and no lr window there: an edge within 2% of the best asks for nothing more
+    flat = {(k, s): 3.6 + 0.001 * abs(k + 8) for k in (-9, -8, -7) for s in (0, 1, 2)}
+    assert qm.needed(with_runs(flat, METHOD, qm.EXTENSION), qm.EXTENSION, METHOD, STEPS) == []
+    assert qm.needed(with_runs(flat, METHOD, CELL), CELL, METHOD, STEPS) == [(-10, 0), (-6, 0)]  # (an issue cell's)
