@@ -38,12 +38,13 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 from dataclasses import dataclass
 from multiprocessing import get_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import label_lr_axes, load_json, markdown_table, recipe_run, save_json, write_section  # noqa: E402
+from bench.common import load_json, markdown_table, recipe_run, save_json, write_section  # noqa: E402
 from bench.finetune_real import window  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results", "quality_map.json")
@@ -519,17 +520,44 @@ def transfer_table(results: dict, cells: list[str], methods: list[str], steps: i
     return markdown_table(["method", "best lr, built-in base (100 steps)", *[f"best lr, {c}" for c in cells]], rows)
 
 
+def loss_axis(results: dict, cell: str, methods: list[str], steps: int) -> tuple[float, float]:
+    """The range of the methods' best means in ``cell`` that the figure's loss axes show: every LoRA method's, and full
+    fine-tuning's (the ceiling) only where it is within 0.15 of them (on a domain shift it is 0.4 below: drawn, it
+    would squash the methods the figure compares; :func:`off_scale` writes it instead)."""
+    bests = {m: mean_or_inf(got[1]) for m in methods if (got := best_point(results, cell, m, steps))}
+    lora = [v for m, v in bests.items() if m != FULL and math.isfinite(v)]
+    if not lora:
+        return (min(bests.values()), min(bests.values())) if bests else (0.0, 1.0)
+    low = min(lora)
+    if FULL in bests and low - bests[FULL] <= 0.15:
+        low = bests[FULL]
+    return low, max(lora)
+
+
+def off_scale(top, bottom, results: dict, cell: str, methods: list[str], steps: int, floor: float) -> None:
+    """A note in both panels for a best below the loss axis (:func:`loss_axis`)."""
+    below = [(m, got) for m in methods if (got := best_point(results, cell, m, steps)) and mean_or_inf(got[1]) < floor]
+    if below:
+        text = "; ".join(f"{m}: {mean_or_inf(got[1]):.3f} at lr {lr_of(got[0]):g}, below the axis" for m, got in below)
+        for ax in (top, bottom):
+            ax.text(0.01, 0.01, text, transform=ax.transAxes, fontsize=7, va="bottom")
+
+
 def save_figure(results: dict, cells: list[str], methods: list[str], steps: int, path: str) -> None:
     """One PNG: per cell, the final eval loss against lr (mean over the seeds run, bars from min to max) above the
     held-out loss against training seconds at each method's best lr (mean over its seeds; time-to-quality, the step
-    overhead included)."""
+    overhead included). A method keeps its colour in every panel (the attempts dashed); one legend below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cells = [c for c in cells if any(best_point(results, c, m, steps) for m in methods)]
-    fig, axes = plt.subplots(2, len(cells), figsize=(5.5 * len(cells), 8), squeeze=False)
+    core, attempts = [m for m in methods if m not in ATTEMPTS], [m for m in methods if m in ATTEMPTS]
+    style = {**{m: dict(color=plt.get_cmap("tab10")(i % 10), linestyle="-") for i, m in enumerate(core)},
+             **{m: dict(color=plt.get_cmap("Dark2")(i % 8), linestyle="--") for i, m in enumerate(attempts)}}
+    handles: dict[str, Any] = {}
+    fig, axes = plt.subplots(2, len(cells), figsize=(5.5 * len(cells), 9), squeeze=False)
     for col, cell in enumerate(cells):
         top, bottom = axes[0][col], axes[1][col]
         for method in methods:
@@ -542,7 +570,8 @@ def save_figure(results: dict, cells: list[str], methods: list[str], steps: int,
             low = [m - min(points[k]) for k, m in zip(ks, means)]
             high = [max(points[k]) - m for k, m in zip(ks, means)]
             line = top.errorbar([lr_of(k) for k in ks], means, yerr=[low, high], marker="o", ms=3, capsize=2,
-                                label=method)
+                                **style[method])
+            handles.setdefault(method, line[0])
             runs = runs_at(results, cell, method, got[0], steps)
             at = sorted(int(t) for t in runs[0]["eval"] if int(t) > 0)
             quiet = [quiet_seconds(results, cell, method, t) for t in at]
@@ -551,24 +580,22 @@ def save_figure(results: dict, cells: list[str], methods: list[str], steps: int,
             seconds = quiet if None not in quiet else [statistics.mean(r["train_seconds"][str(t)] for r in runs)
                                                       for t in at]
             losses = [statistics.mean(r["eval"][str(t)] for r in runs) for t in at]
-            bottom.plot(seconds, losses, marker="o", ms=3, color=line[0].get_color(),
-                        label=f"{method} (lr {lr_of(got[0]):g}, {len(runs)} seeds)")
+            bottom.plot(seconds, losses, marker="o", ms=3, **style[method])
+        low, high = loss_axis(results, cell, methods, steps)
         top.set_xscale("log")
-        finals = [y for ln in top.get_lines() for y in ln.get_ydata()]
-        if finals:  # a diverged neighbour would squash the interesting part
-            top.set_ylim(min(finals) - 0.03, min(finals) + 0.45)
+        top.set_ylim(low - 0.03, high + max(0.15, (high - low) / 2))
         top.set_title(f"{cell}: eval loss after {steps} steps")
-        label_lr_axes(top, "held-out loss", legend_size=7)
+        top.set_xlabel("learning rate")
         bottom.set_xlabel("training s, quiet CPU, one thread (steps x s/step)"
                           if "_step_seconds" in results else "training seconds (2-core CPU, one thread per run)")
-        bottom.set_ylabel("held-out loss")
         bottom.set_title(f"{cell}: held-out loss against time, best lr")
-        bottom.grid(alpha=0.3)
-        bottom.legend(fontsize=7)
-        lows = [min(ln.get_ydata()) for ln in bottom.get_lines()]
-        if lows:
-            bottom.set_ylim(min(lows) - 0.05, min(lows) + 0.6)
-    fig.tight_layout()
+        bottom.set_ylim(low - 0.05, high + 0.45)
+        for ax in (top, bottom):
+            ax.set_ylabel("held-out loss")
+            ax.grid(alpha=0.3)
+        off_scale(top, bottom, results, cell, methods, steps, low - 0.03)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.018 * math.ceil(len(handles) / 4), 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
