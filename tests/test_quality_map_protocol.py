@@ -69,8 +69,7 @@ def test_the_diagnostic_runs_in_every_cell_and_stops_after_its_seeds():
     assert all(qm.runs_in(oracle, cell) for cell in qm.CELLS)
     assert not qm.runs_in(ATTEMPT, "python-reference:16")  # the attempts: gnu-manuals only
     # but one that gained there is checked on python-reference too, after the core methods
-    assert all(qm.runs_in("Scaled rank_multiplier 2", c) for c in qm.CELLS)
-    assert not qm.runs_in("Scaled rank_multiplier 2", qm.EXTENSION)
+    assert all(qm.runs_in("Scaled rank_multiplier 2", c) for c in qm.ALL_CELLS)
     runs = {(k, s): 3.7 + 0.01 * abs(k + 9) for k in (-10, -9, -8) for s in (0, 1, 2)}
     assert qm.needed(with_runs(runs, oracle), CELL, oracle, STEPS) == []  # no lr-window edges
 
@@ -193,9 +192,9 @@ def test_an_attempt_starts_at_the_default_s_best_lr_in_its_cell():
     assert qm.needed(default, cell, METHOD, STEPS) == [(k0 - 1, 0), (k0, 0), (k0 + 1, 0)]
 
 
-def test_the_extension_cell_runs_last_with_four_methods_from_their_r64_best():
+def test_the_extension_cell_runs_last_with_five_methods_from_their_r64_best():
     assert [m for m in qm.METHODS if qm.runs_in(m, qm.EXTENSION)] == [
-        "LoRA-AdamW", "LoRA+ (ratio 16)", "Scaled PSI-LoRA (defaults)", "PoLAR"]
+        "LoRA-AdamW", "LoRA+ (ratio 16)", "Scaled PSI-LoRA (defaults)", "PoLAR", "Scaled rank_multiplier 2"]
     order = {cell: i for i, cell in enumerate(qm.ALL_CELLS)}
     tiers = sorted([(qm.EXTENSION, METHOD), ("gnu-manuals:16", ATTEMPT), ("gnu-manuals:16", METHOD),
                     (CELL, METHOD)], key=lambda t: qm.priority(t[0], t[1], order))
@@ -205,6 +204,13 @@ def test_the_extension_cell_runs_last_with_four_methods_from_their_r64_best():
     r64 = with_runs({(k, s): 3.6 + 0.01 * abs(k + 8) for k in (-9, -8, -7) for s in (0, 1, 2)}, METHOD,
                     "python-reference:64")
     assert qm.needed(r64, qm.EXTENSION, METHOD, STEPS) == [(-9, 0), (-8, 0), (-7, 0)]
+    # an attempt checked there starts at its own r 64 best too, not at the default's
+    rm2 = "Scaled rank_multiplier 2"
+    both = {**with_runs({(k, s): 3.6 + 0.01 * abs(k + 5) for k in (-6, -5, -4) for s in (0, 1, 2)}, rm2,
+                        "python-reference:64"), **with_runs({(-8, 0): 3.6, (-9, 0): 3.7, (-7, 0): 3.7},
+                                                            qm.DEFAULT_PSI, qm.EXTENSION)}
+    assert qm.needed(both, qm.EXTENSION, rm2, STEPS) == [(-6, 0), (-5, 0), (-4, 0)]
+    assert qm.priority(qm.EXTENSION, rm2, order)[0] == 2
     # 3 seeds around the best and no lr window there: an edge within 2% of the best asks for nothing more
     flat = {(k, s): 3.6 + 0.001 * abs(k + 8) for k in (-9, -8, -7) for s in (0, 1, 2)}
     assert qm.needed(with_runs(flat, METHOD, qm.EXTENSION), qm.EXTENSION, METHOD, STEPS) == []
