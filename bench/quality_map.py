@@ -299,14 +299,19 @@ def final_loss(result: dict | None, steps: int) -> float | None:
     return result.get("eval", {}).get(str(steps), math.nan)
 
 
-def curve(results: dict, cell: str, method: str, steps: int, seeds: tuple[int, ...] = SEEDS) -> dict[int, list[float]]:
-    """``{k: [final eval loss per seed run]}``."""
+def curve(results: dict, cell: str, method: str, steps: int, seeds: tuple[int, ...] = SEEDS,
+          above_base_diverged: bool = True) -> dict[int, list[float]]:
+    """``{k: [final eval loss per seed run]}``; a run that ends above the cell's step-0 loss (worse than the base it
+    started from: diverged, even where the loss stayed finite) counts as ``inf`` (unless ``above_base_diverged`` is
+    False: the lr window interpolates the loss itself), so the protocol neither takes it for a best nor runs seeds
+    around it."""
+    start = results.get("_step0", {}).get(cell, math.inf) if above_base_diverged else math.inf
     out: dict[int, list[float]] = {}
     for seed in seeds:
         for k in range(-15, 4):
             loss = final_loss(results.get(key(cell, method, k, seed, steps)), steps)
             if loss is not None:
-                out.setdefault(k, []).append(loss)
+                out.setdefault(k, []).append(loss if loss <= start else math.inf)
     return out
 
 
@@ -339,7 +344,7 @@ def needed(results: dict, cell: str, method: str, steps: int) -> list[tuple[int,
     if todo:  # the best is an edge: extend the bracket
         return todo
     # the mean over the seeds may move the best to an edge of what was run: bracket that one too
-    centre = best_point(results, cell, method, steps)[0]
+    centre = best_point(results, cell, method, steps)[0]  # (not None: seed 0's best is finite here)
     todo = [(k, 0) for k in (centre - 1, centre + 1) if k not in seed0]
     if todo:
         return todo
@@ -357,8 +362,9 @@ def needed(results: dict, cell: str, method: str, steps: int) -> list[tuple[int,
 
 
 def best_point(results: dict, cell: str, method: str, steps: int) -> tuple[int, list[float]] | None:
-    """The grid point with the lowest mean over its seeds, preferring points run with all seeds."""
-    points = curve(results, cell, method, steps)
+    """The grid point with the lowest mean over its seeds, preferring points run with all seeds; None before a run
+    ended below the base's loss (:func:`curve`)."""
+    points = {k: v for k, v in curve(results, cell, method, steps).items() if math.isfinite(mean_or_inf(v))}
     full = {k: v for k, v in points.items() if len(v) == len(SEEDS)} or points
     if not full:
         return None
@@ -371,7 +377,7 @@ def window_decades(results: dict, cell: str, method: str, steps: int) -> tuple[f
     linear in log lr between grid points, stays within WINDOW of the best) and whether both its edges were crossed
     (False where it reaches the last lr run on a side: the grid not extended that far yet, or WINDOW_REACH reached);
     None with fewer than two points."""
-    seed0 = sorted((k, v[0]) for k, v in curve(results, cell, method, steps, (0,)).items())
+    seed0 = sorted((k, v[0]) for k, v in curve(results, cell, method, steps, (0,), above_base_diverged=False).items())
     if len(seed0) < 2:
         return None
     points = [(lr_of(k), loss if math.isfinite(loss) else math.nan) for k, loss in seed0]
@@ -398,6 +404,10 @@ def report(results: dict, cells: list[str], methods: list[str], steps: int) -> s
         for method in methods:
             got = best_point(results, cell, method, steps)
             if got is None:
+                tried = sorted(curve(results, cell, method, steps))
+                if tried:  # every run so far ended above the base's loss
+                    rows.append([cell, method, f"diverged at every lr run ({lr_of(tried[0]):g}-{lr_of(tried[-1]):g})",
+                                 0, "-", "-", "-", "-", "-", "-"])
                 continue
             k, losses = got
             runs = runs_at(results, cell, method, k, steps)

@@ -215,3 +215,15 @@ def test_the_extension_cell_runs_last_with_five_methods_from_their_r64_best():
     flat = {(k, s): 3.6 + 0.001 * abs(k + 8) for k in (-9, -8, -7) for s in (0, 1, 2)}
     assert qm.needed(with_runs(flat, METHOD, qm.EXTENSION), qm.EXTENSION, METHOD, STEPS) == []
     assert qm.needed(with_runs(flat, METHOD, CELL), CELL, METHOD, STEPS) == [(-10, 0), (-6, 0)]  # (an issue cell's)
+
+
+def test_a_run_that_ends_above_the_base_s_loss_counts_as_diverged():
+    # every seed-0 run ended worse than the base (finite, but diverged): extend towards smaller lr, run no seeds
+    runs = with_runs({(-5, 0): 6.70, (-4, 0): 6.69, (-3, 0): 6.89, (-2, 0): 6.91})
+    runs["_step0"] = {CELL: 5.0}
+    assert qm.needed(runs, CELL, METHOD, STEPS) == [(-6, 0)]
+    assert qm.curve(runs, CELL, METHOD, STEPS)[-4] == [math.inf]
+    runs.update(with_runs({(-6, 0): 4.2}))
+    assert qm.needed(runs, CELL, METHOD, STEPS) == [(-7, 0)]  # the best is the lowest edge: bracket it
+    runs.update(with_runs({(-7, 0): 4.3}))
+    assert qm.needed(runs, CELL, METHOD, STEPS) == [(-7, 1), (-7, 2), (-6, 1), (-6, 2)]  # no seeds at -5
