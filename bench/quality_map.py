@@ -38,9 +38,9 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
 from dataclasses import dataclass
 from multiprocessing import get_context
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -58,8 +58,8 @@ BASE_DIR = os.path.join(ROOT, "bench", "bases", "stdlib-256x6-v4096")
 CELLS = ("python-reference:16", "python-reference:64", "gnu-manuals:16")
 # an extension, run after everything in CELLS (the attempts included): rank 128 on python-reference, where the trend
 # from r 16 (the default 0.3% behind LoRA-AdamW) to r 64 (level with the best baselines, its update's stable rank
-# up from 4.7 to 8.5) points if PSI-LoRA wins anywhere in this grid; the default against the three baselines only,
-# each bracket starting at the method's best at r 64 (START_FROM); means only, no lr windows (needed)
+# up from 4.7 to 8.5) points if PSI-LoRA wins anywhere in this grid; the default and rank_multiplier 2 (SCOPES) against
+# the three baselines only, each bracket starting at the method's best at r 64 (START_FROM); means only, no lr windows (needed)
 EXTENSION = "python-reference:128"
 ALL_CELLS = (*CELLS, EXTENSION)
 START_FROM = {EXTENSION: "python-reference:64"}
@@ -90,7 +90,7 @@ ATTEMPTS: dict[str, tuple[list[str], float]] = {
     "Scaled metric_power 1": ([*SCALED, "--metric_power", "1.0"], 2e-2),
     "Scaled damping 1e-4": ([*SCALED, "--damping", "1e-4"], 2e-2),
     "Scaled rank_multiplier 2": ([*SCALED, "--rank_multiplier", "2"], 2e-2),
-    # the momentum's rank again (session 19: rank_multiplier 2's seed 0 ended 1.2% below the default's on gnu-manuals,
+    # the momentum's rank again (session 19: rank_multiplier 2 ended 1.1% below the default on gnu-manuals, 3 seeds,
     # the largest gain of any attempt): whether the trend goes on
     "Scaled rank_multiplier 4": ([*SCALED, "--rank_multiplier", "4"], 2e-2),
     "Scaled no first step": ([*SCALED, "--first_step_iters", "null"], 2e-2),
