@@ -59,7 +59,8 @@ CELLS = ("python-reference:16", "python-reference:64", "gnu-manuals:16")
 # an extension, run after everything in CELLS (the attempts included): rank 128 on python-reference, where the trend
 # from r 16 (the default 0.3% behind LoRA-AdamW) to r 64 (level with the best baselines, its update's stable rank
 # up from 4.7 to 8.5) points if PSI-LoRA wins anywhere in this grid; the default and rank_multiplier 2 (SCOPES) against
-# the three baselines only, each bracket starting at the method's best at r 64 (START_FROM); means only, no lr windows (needed)
+# the three baselines only, each bracket starting at the method's best at r 64 (START_FROM); means only, no lr
+# windows (needed)
 EXTENSION = "python-reference:128"
 ALL_CELLS = (*CELLS, EXTENSION)
 START_FROM = {EXTENSION: "python-reference:64"}
