@@ -134,6 +134,13 @@ def runs_in(method: str, cell: str) -> bool:
     return cell in scope(method).cells
 
 
+def windowed(method: str, cell: str) -> bool:
+    """Whether the map measures ``method``'s lr window in ``cell``: not for the attempts and the diagnostic, and not in
+    the extension cell (its means only: the windows would cost ~12 runs, 30 minutes, and target 3 is the issue's
+    cells')."""
+    return scope(method).window and cell != EXTENSION
+
+
 SEEDS = (0, 1, 2)
 # the lr window (bench/finetune_real.py's): within 2% of the best; the grid is extended (seed 0) until both edges
 # are crossed, at most WINDOW_REACH points (a decade and a third) from the best
@@ -351,9 +358,7 @@ def needed(results: dict, cell: str, method: str, steps: int) -> list[tuple[int,
         return todo
     seeds = [(k, s) for k in sorted({best - 1, best, best + 1, centre - 1, centre, centre + 1}) for s in SEEDS[1:]
              if key(cell, method, k, s, steps) not in results and math.isfinite(seed0[k])]
-    # the extension cell measures the means only (its windows would cost ~12 runs, 30 minutes, and target 3 is the
-    # issue's cells')
-    if seeds or not scope(method).window or cell == EXTENSION:
+    if seeds or not windowed(method, cell):
         return seeds
     # last, the lr window's edges (seed 0): outward while the outermost run is still within WINDOW of the best
     limit = seed0[best] * (1 + WINDOW)
@@ -417,7 +422,8 @@ def report(results: dict, cells: list[str], methods: list[str], steps: int) -> s
             sd = statistics.stdev(losses) if len(losses) > 1 else float("nan")
             interior = k - 1 in curve(results, cell, method, steps) and k + 1 in curve(results, cell, method, steps)
             rows.append([cell, method, f"{lr_of(k):g}" + ("" if interior else " (edge)"), len(losses),
-                         f"{statistics.mean(losses):.4f} +- {sd:.4f}", lr_window(results, cell, method, steps),
+                         f"{statistics.mean(losses):.4f} +- {sd:.4f}",
+                         lr_window(results, cell, method, steps) if windowed(method, cell) else "-",
                          f"{statistics.mean(r['stable_rank'] for r in runs if 'stable_rank' in r):.1f}",
                          f"{statistics.mean(r['update_norm'] for r in runs if 'update_norm' in r):.2f}",
                          "-" if quiet is None else f"{quiet:.0f}", f"{seconds:.0f}"])
