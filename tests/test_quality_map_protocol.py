@@ -68,7 +68,7 @@ def test_the_diagnostic_runs_in_every_cell_and_stops_after_its_seeds():
     oracle = qm.ADAM_ORACLE
     assert all(qm.runs_in(oracle, cell) for cell in qm.CELLS)
     assert not qm.runs_in(ATTEMPT, "python-reference:16")  # the attempts: gnu-manuals only
-    # but one that gained there is checked on python-reference too, after the core methods
+    # but one that gained there is checked in every cell, after the core methods
     assert all(qm.runs_in("Scaled rank_multiplier 2", c) for c in qm.ALL_CELLS)
     runs = {(k, s): 3.7 + 0.01 * abs(k + 9) for k in (-10, -9, -8) for s in (0, 1, 2)}
     assert qm.needed(with_runs(runs, oracle), CELL, oracle, STEPS) == []  # no lr-window edges
