@@ -546,25 +546,26 @@ def transfer_table(results: dict, cells: list[str], methods: list[str], steps: i
     return markdown_table(["method", "best lr, built-in base (100 steps)", *[f"best lr, {c}" for c in cells]], rows)
 
 
-def loss_axis(results: dict, cell: str, methods: list[str], steps: int) -> tuple[float, float]:
-    """The range of the methods' best means in ``cell`` that the figure's loss axes show: every LoRA method's, and full
-    fine-tuning's (the ceiling) only where it is within 0.15 of them (on a domain shift it is 0.4 below: drawn, it
-    would squash the methods the figure compares; :func:`off_scale` writes it instead)."""
-    bests = {m: mean_or_inf(got[1]) for m in methods if (got := best_point(results, cell, m, steps))}
-    lora = [v for m, v in bests.items() if m != FULL and math.isfinite(v)]
+def loss_axis(bests: dict[str, float]) -> tuple[float, float]:
+    """The range of the methods' best means in a cell (``bests``: method -> mean) that the figure's loss axes show:
+    every LoRA method's, and full fine-tuning's (the ceiling) only where it is within 0.15 of them (on a domain shift
+    it is 0.4 below: drawn, it would squash the methods the figure compares; :func:`off_scale` writes it instead)."""
+    lora = [v for m, v in bests.items() if m != FULL]
     if not lora:
-        return (min(bests.values()), min(bests.values())) if bests else (0.0, 1.0)
+        low = min(bests.values(), default=0.0)
+        return low, low
     low = min(lora)
     if FULL in bests and low - bests[FULL] <= 0.15:
         low = bests[FULL]
     return low, max(lora)
 
 
-def off_scale(top, bottom, results: dict, cell: str, methods: list[str], steps: int, floor: float) -> None:
-    """A note in both panels for a best below the loss axis (:func:`loss_axis`)."""
-    below = [(m, got) for m in methods if (got := best_point(results, cell, m, steps)) and mean_or_inf(got[1]) < floor]
+def off_scale(top, bottom, best_points: dict[str, tuple[int, list[float]]], floor: float) -> None:
+    """A note in both panels for a best (``best_points``: method -> :func:`best_point`) below the loss axis
+    (:func:`loss_axis`)."""
+    below = [(m, k, mean_or_inf(losses)) for m, (k, losses) in best_points.items() if mean_or_inf(losses) < floor]
     if below:
-        text = "; ".join(f"{m}: {mean_or_inf(got[1]):.3f} at lr {lr_of(got[0]):g}, below the axis" for m, got in below)
+        text = "; ".join(f"{m}: {mean:.3f} at lr {lr_of(k):g}, below the axis" for m, k, mean in below)
         for ax in (top, bottom):
             ax.text(0.01, 0.01, text, transform=ax.transAxes, fontsize=7, va="bottom")
 
@@ -586,11 +587,9 @@ def save_figure(results: dict, cells: list[str], methods: list[str], steps: int,
     fig, axes = plt.subplots(2, len(cells), figsize=(5.5 * len(cells), 9), squeeze=False)
     for col, cell in enumerate(cells):
         top, bottom = axes[0][col], axes[1][col]
-        for method in methods:
+        best_points = {m: got for m in methods if (got := best_point(results, cell, m, steps))}
+        for method, got in best_points.items():
             points = curve(results, cell, method, steps)
-            got = best_point(results, cell, method, steps)
-            if not points or got is None:
-                continue
             ks = sorted(k for k in points if all(math.isfinite(v) for v in points[k]))
             means = [statistics.mean(points[k]) for k in ks]
             low = [m - min(points[k]) for k, m in zip(ks, means)]
@@ -607,7 +606,7 @@ def save_figure(results: dict, cells: list[str], methods: list[str], steps: int,
                                                       for t in at]
             losses = [statistics.mean(r["eval"][str(t)] for r in runs) for t in at]
             bottom.plot(seconds, losses, marker="o", ms=3, **style[method])
-        low, high = loss_axis(results, cell, methods, steps)
+        low, high = loss_axis({m: mean_or_inf(losses) for m, (_, losses) in best_points.items()})
         top.set_xscale("log")
         top.set_ylim(low - 0.03, high + max(0.15, (high - low) / 2))
         top.set_title(f"{cell}: eval loss after {steps} steps")
@@ -619,7 +618,7 @@ def save_figure(results: dict, cells: list[str], methods: list[str], steps: int,
         for ax in (top, bottom):
             ax.set_ylabel("held-out loss")
             ax.grid(alpha=0.3)
-        off_scale(top, bottom, results, cell, methods, steps, low - 0.03)
+        off_scale(top, bottom, best_points, low - 0.03)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.04 + 0.018 * math.ceil(len(handles) / 4), 1, 1))
     fig.savefig(path, dpi=90)
