@@ -26,17 +26,18 @@ def llama_shapes(hidden: int, inter: int, blocks: int) -> list[tuple[int, int]]:
     return one * blocks
 
 
-def state_bytes_formula(method: str, shapes: list[tuple[int, int]], r: int, r_m: int) -> int:
+def state_bytes_formula(method: str, shapes: list[tuple[int, int]], r: int) -> int:
     """fp32 state bytes of ``method`` for LoRA layers of ``shapes``."""
     total = 0
     for m, n in shapes:
         lora = r * (m + n)
         total += {
             "LoRA + AdamW": 2 * lora,  # exp_avg, exp_avg_sq of A and B
-            "PSI-LoRA, rank-r momentum": r_m * (m + n),  # M_A (r_m x n), M_B (m x r_m)
+            "PSI-LoRA, rank-r momentum": lora,  # M_A (r_m x n), M_B (m x r_m), r_m = r
             "PSI-LoRA, no momentum": 0,
             "Scaled PSI-LoRA, rank-1 momentum, diag K-FAC": (m + n) + (m + n),  # M (rank 1) + D_in, D_out EMAs
-            "Scaled PSI-LoRA, rank-r momentum, diag K-FAC": r_m * (m + n) + (m + n),
+            "Scaled PSI-LoRA, rank-r momentum, diag K-FAC": lora + (m + n),
+            "Scaled PSI-LoRA, rank-2r momentum (default), diag K-FAC": 2 * lora + (m + n),
         }[method] * F32
     return total
 
@@ -60,7 +61,8 @@ def check_on_small_model(r: int = 8) -> list[list[object]]:
         "PSI-LoRA, rank-r momentum": lambda m: PSILoRA(m, 0.1, momentum=0.9),
         "PSI-LoRA, no momentum": lambda m: PSILoRA(m, 0.1),
         "Scaled PSI-LoRA, rank-1 momentum, diag K-FAC": lambda m: ScaledPSILoRA(m, 1e-3, rank_multiplier=1 / r),
-        "Scaled PSI-LoRA, rank-r momentum, diag K-FAC": lambda m: ScaledPSILoRA(m, 1e-3),
+        "Scaled PSI-LoRA, rank-r momentum, diag K-FAC": lambda m: ScaledPSILoRA(m, 1e-3, rank_multiplier=1),
+        "Scaled PSI-LoRA, rank-2r momentum (default), diag K-FAC": lambda m: ScaledPSILoRA(m, 1e-3),
     }
     rows = []
     for name, build in builders.items():
@@ -73,7 +75,7 @@ def check_on_small_model(r: int = 8) -> list[list[object]]:
         ids = torch.randint(0, 128, (2, 16))
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         opt.step()
-        expected = state_bytes_formula(name, llama_shapes(hidden, inter, blocks), r, r if "rank-r" in name else 1)
+        expected = state_bytes_formula(name, llama_shapes(hidden, inter, blocks), r)
         rows.append([name, measured_state_bytes(opt), expected, "yes" if measured_state_bytes(opt) == expected else "NO"])
     return rows
 
@@ -84,12 +86,13 @@ def main() -> None:
     args = parser.parse_args()
     r = 16
     shapes = llama_shapes(4096, 11008, 32)
-    adam = state_bytes_formula("LoRA + AdamW", shapes, r, r)
+    adam = state_bytes_formula("LoRA + AdamW", shapes, r)
     methods = ["LoRA + AdamW", "PSI-LoRA, no momentum", "PSI-LoRA, rank-r momentum",
-               "Scaled PSI-LoRA, rank-1 momentum, diag K-FAC", "Scaled PSI-LoRA, rank-r momentum, diag K-FAC"]
+               "Scaled PSI-LoRA, rank-1 momentum, diag K-FAC", "Scaled PSI-LoRA, rank-r momentum, diag K-FAC",
+               "Scaled PSI-LoRA, rank-2r momentum (default), diag K-FAC"]
     rows = []
     for name in methods:
-        b = state_bytes_formula(name, shapes, r, r if "rank-r" in name else 1)
+        b = state_bytes_formula(name, shapes, r)
         rows.append([name, f"{b / 2**20:.1f}", f"{b / adam:.4f}", f"{1 / r:.4f}"])
     lora_params = sum(r * (m + n) for m, n in shapes)
     per_token = sum(m + n for m, n in shapes)

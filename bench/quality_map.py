@@ -10,8 +10,10 @@ every method's lr tuned the same way.
 * Cells: ``builtin:python-reference`` at r 16 and r 64, ``builtin:gnu-manuals`` at r 16 (alpha = 2 r, all linear
   layers); ``--steps`` (300) steps, cosine schedule with 10 warm-up steps, clipping 1.0, evaluated every 50 steps on
   the fixed held-out split. An extension after all of it (attempts included): ``python-reference`` at r 128 (alpha 256),
-  LoRA-AdamW, LoRA+, PoLAR and the default Scaled PSI-LoRA only, each bracket starting at its best at r 64.
-* Methods: LoRA-AdamW, LoRA+, the default Scaled PSI-LoRA, Scaled PSI-LoRA ``iters=0`` (cache-free), the SVDLoRA
+  LoRA-AdamW, LoRA+, PoLAR and the default Scaled PSI-LoRA (and the former default) only, each bracket starting at
+  its best at r 64.
+* Methods: LoRA-AdamW, LoRA+, the default Scaled PSI-LoRA (rank-2r momentum since session 20) and the former default
+  (rank r), Scaled PSI-LoRA ``iters=0`` (cache-free), the SVDLoRA
   oracle (momentum 0.9), PoLAR, Scaled PSI-LoRA with ``metric="adafactor"`` (ours), and full fine-tuning with AdamW, the ceiling (``bench/full_finetune.py``: every
   weight, on the recipe's data, schedule, clipping and evaluation; in the r 16 cells only, it has no rank). A diagnostic
   on python-reference (r 16 and 64) and gnu-manuals r 16: the SVDLoRA oracle with Adam's direction (a full Adam step projected to rank r,
@@ -58,47 +60,55 @@ BASE_DIR = os.path.join(ROOT, "bench", "bases", "stdlib-256x6-v4096")
 CELLS = ("python-reference:16", "python-reference:64", "gnu-manuals:16")
 # an extension, run after everything in CELLS (the attempts included): rank 128 on python-reference, where the trend
 # from r 16 (the default 0.3% behind LoRA-AdamW) to r 64 (level with the best baselines, its update's stable rank
-# up from 4.7 to 8.5) points if PSI-LoRA wins anywhere in this grid; the default and rank_multiplier 2 (SCOPES) against
+# up from 4.7 to 8.5) points if PSI-LoRA wins anywhere in this grid; the default and the former one (SCOPES) against
 # the three baselines only, each bracket starting at the method's best at r 64 (START_FROM); means only, no lr
 # windows (needed)
 EXTENSION = "python-reference:128"
 ALL_CELLS = (*CELLS, EXTENSION)
 START_FROM = {EXTENSION: "python-reference:64"}
+# Scaled PSI-LoRA's default momentum rank became 2 r in session 20 (issue 25 item 5: rank_multiplier 2 ended below
+# rank r in every cell, at the same lr). The runs made before keep arguments that reproduce them: the former default is
+# "Scaled rank_multiplier 1", and every variation of it (iters 0, the Adafactor metric, the attempts) says
+# --rank_multiplier 1; "Scaled PSI-LoRA (defaults)" holds the runs of --rank_multiplier 2 (the results' keys were
+# renamed so, once, when the default changed).
+SCALED = ["--optim", "scaled_psilora"]
+FORMER = [*SCALED, "--rank_multiplier", "1"]
+FORMER_DEFAULT = "Scaled rank_multiplier 1"
 # name -> (recipe arguments, starting lr guess: the built-in base's best at 100 steps)
 METHODS: dict[str, tuple[list[str], float]] = {
     "LoRA-AdamW": (["--optim", "adamw"], 1e-2),
     "LoRA+ (ratio 16)": (["--optim", "loraplus"], 1e-3),
-    "Scaled PSI-LoRA (defaults)": (["--optim", "scaled_psilora"], 1e-1),
-    "Scaled PSI-LoRA iters 0": (["--optim", "scaled_psilora", "--iters", "0"], 1e-1),
+    "Scaled PSI-LoRA (defaults)": (SCALED, 1e-1),
+    FORMER_DEFAULT: (FORMER, 1e-1),
+    "Scaled PSI-LoRA iters 0": ([*FORMER, "--iters", "0"], 1e-1),
     "SVDLoRA oracle (momentum 0.9)": (["--optim", "svdlora"], 1e-1),
     "PoLAR": (["--optim", "polar"], 1e-2),
     # ours (METHOD.md section 4): Adafactor's factored second moment of the full gradient as the metric; in every
     # cell (its lr from a one-seed probe on the built-in base, 3.16e-3 best of 1e-3..3.16e-2)
-    "Scaled PSI-LoRA metric adafactor": (["--optim", "scaled_psilora", "--metric", "adafactor"], 3e-3),
+    "Scaled PSI-LoRA metric adafactor": ([*FORMER, "--metric", "adafactor"], 3e-3),
     FULL: (["--optim", "adamw"], 1e-3),
     # a diagnostic (METHOD.md section 5): the projection of a full Adam step, the ceiling of projected dense steps with
     # Adam's direction (what the Adafactor metric approaches); its scope below
     ADAM_ORACLE: (["--optim", "svdlora_adam"], 2e-3),
 }
-# Attempts to win (issue 25, item 3): variations of the default Scaled PSI-LoRA, each tuned by the same protocol, on
-# the cell where it is furthest behind (gnu-manuals, r 16), after the core map's methods there; they start at the
-# default's best lr in the cell (start_k), the guess below only where the default has not run there.
+# Attempts to win (issue 25, item 3): variations of the former default (rank_multiplier 1), each tuned by the same
+# protocol, on the cell where it is furthest behind (gnu-manuals, r 16), after the core map's methods there; they start
+# at the former default's best lr in the cell (start_k), the guess below only where it has not run there. The one that
+# won, rank_multiplier 2, is the default now ("Scaled PSI-LoRA (defaults)").
 DEFAULT_PSI = "Scaled PSI-LoRA (defaults)"
-SCALED = ["--optim", "scaled_psilora"]
 ATTEMPTS: dict[str, tuple[list[str], float]] = {
-    "Scaled momentum_prox 0.2": ([*SCALED, "--momentum_prox", "0.2"], 2e-2),
-    "Scaled metric_power 0.25": ([*SCALED, "--metric_power", "0.25"], 2e-2),
-    "Scaled metric_power 1": ([*SCALED, "--metric_power", "1.0"], 2e-2),
-    "Scaled damping 1e-4": ([*SCALED, "--damping", "1e-4"], 2e-2),
-    "Scaled rank_multiplier 2": ([*SCALED, "--rank_multiplier", "2"], 2e-2),
-    # the momentum's rank again (session 19: rank_multiplier 2 ended 1.1% below the default on gnu-manuals, 3 seeds,
-    # the largest gain of any attempt): whether the trend goes on
+    "Scaled momentum_prox 0.2": ([*FORMER, "--momentum_prox", "0.2"], 2e-2),
+    "Scaled metric_power 0.25": ([*FORMER, "--metric_power", "0.25"], 2e-2),
+    "Scaled metric_power 1": ([*FORMER, "--metric_power", "1.0"], 2e-2),
+    "Scaled damping 1e-4": ([*FORMER, "--damping", "1e-4"], 2e-2),
+    # the momentum's rank again (session 19: rank_multiplier 2 ended 1.1% below rank r on gnu-manuals, 3 seeds, the
+    # largest gain of any attempt): whether the trend goes on
     "Scaled rank_multiplier 4": ([*SCALED, "--rank_multiplier", "4"], 2e-2),
-    "Scaled no first step": ([*SCALED, "--first_step_iters", "null"], 2e-2),
+    "Scaled no first step": ([*FORMER, "--first_step_iters", "null"], 2e-2),
     # the proximal weight lam = lr * prox (METHOD.md section 2), ten times below the default 1e-2: whether it holds the
     # update's size back (the lead: Scaled's learned ||B A|| about half AdamW's; on the built-in base, one seed, prox
     # 1e-3 and 0 changed the 600-step end by -0.1% / +0.05%: bench/horizon.py)
-    "Scaled prox 1e-3": ([*SCALED, "--prox", "1e-3"], 2e-2),
+    "Scaled prox 1e-3": ([*FORMER, "--prox", "1e-3"], 2e-2),
 }
 METHODS.update(ATTEMPTS)
 
@@ -118,10 +128,9 @@ SCOPES: dict[str, Scope] = {
     # in every cell (gnu-manuals too: whether the projected step or its gradient-descent direction loses there)
     ADAM_ORACLE: Scope(window=False),
     **{name: Scope(cells=("gnu-manuals:16",), window=False, after_core=True) for name in ATTEMPTS},
-    # an attempt that gains on gnu-manuals is checked in every cell before it may become a default (issue 25 item 5);
-    # in the extension it starts at its r 64 best (START_FROM)
-    "Scaled rank_multiplier 2": Scope(cells=ALL_CELLS, window=False, after_core=True),
-    **{name: Scope(cells=ALL_CELLS) for name in ("LoRA-AdamW", "LoRA+ (ratio 16)", "PoLAR", DEFAULT_PSI)},
+    # the default and the former one in every cell (the extension's brackets start at their r 64 bests: START_FROM)
+    **{name: Scope(cells=ALL_CELLS) for name in ("LoRA-AdamW", "LoRA+ (ratio 16)", "PoLAR", DEFAULT_PSI,
+                                                 FORMER_DEFAULT)},
 }
 
 
@@ -330,12 +339,12 @@ def mean_or_inf(losses: list[float]) -> float:
 
 def start_k(results: dict, cell: str, method: str, steps: int) -> int:
     """Where a method's bracket starts: in a cell of :data:`START_FROM` at its own best in the cell named there; else
-    an attempt (a variation of the default) at the default's best lr in the cell; every other method (or where that
-    best is not in yet) at its guess in :data:`METHODS`."""
+    an attempt (a variation of the former default) at the former default's best lr in the cell; every other method
+    (or where that best is not in yet) at its guess in :data:`METHODS`."""
     if cell in START_FROM:
         best = best_point(results, START_FROM[cell], method, steps)
     elif scope(method).after_core:
-        best = best_point(results, cell, DEFAULT_PSI, steps)
+        best = best_point(results, cell, FORMER_DEFAULT, steps)
     else:
         best = None
     return k_of(METHODS[method][1]) if best is None else best[0]
@@ -679,8 +688,8 @@ def main() -> None:
                 + "\n\nSized for this 2-core machine: a run takes 110-300 s on a quiet machine (one thread) and about 300 s (median) "
                   "with 2 workers sharing the cores, so about 24 runs an hour; a cell and method took 12-15 runs in the "
                   "first cell (5-7 of seed 0 to bracket, 6 more seeds, 2-4 for the lr window's edges): 8 methods (full "
-                  "fine-tuning at r 16 only) x 3 cells, the 8 attempts on gnu-manuals r 16 (about 11 each: no window; rank_multiplier 2 "
-                  "also on python-reference r 16 and r 64) "
+                  "fine-tuning at r 16 only) x 3 cells, the 8 attempts on gnu-manuals r 16 (about 11 each: no window; rank_multiplier 2, "
+                  "the default since session 20, in every cell with its windows) "
                   "and the Adam-direction oracle (3 seeds at its best, every cell) are about 410 runs, some 17 hours of this machine; "
                   "the r 128 extension (5 methods, 3 seeds around each best, no lr windows) about 50 more, some 3 hours "
                   "(the base is committed; pretraining it took 45-150 "

@@ -4,7 +4,8 @@
 SQuAD v2 with T5; their repository zeligism/PSI-LoRA, ``scripts/run_compare_methods_*``), as their code
 runs it:
 
-- Scaled PSI-LoRA with K = 0 (Jacobi) inner iterations, diagonal K-FAC metric, power 1/2, damping 1e-5,
+- Scaled PSI-LoRA with K = 0 (Jacobi) inner iterations, diagonal K-FAC metric, power 1/2, damping 1e-5, a
+  rank-r momentum (``rank_multiplier=1``),
   metric EMA ``beta2 = 0.99`` started at ones without bias correction (``metric_init="ones"``);
 - their lr 0.2 with ``beta1 = 0.9``. With K = 0 their low-rank momentum is never updated from zero, so
   their step is ``-lr (1 - beta1) P`` (METHOD.md section 4): ``betas=(0.0, 0.99)`` and ``lr = 0.2 x 0.1 =
@@ -49,7 +50,7 @@ class Preset:
 PAPER = Preset(
     optimizer_class="ScaledPSILoRA",
     optimizer=dict(lr=0.02, iters=0, betas=(0.0, 0.99), prox=0.1, damping=1e-5, metric_power=0.5, metric="kfac",
-                   metric_init="ones", max_grad_norm=1.0, other_lr=1e-4, first_step_iters=None),
+                   metric_init="ones", max_grad_norm=1.0, other_lr=1e-4, first_step_iters=None, rank_multiplier=1.0),
     lora=dict(r=8, lora_alpha=8, lora_dropout=0.1),
 )
 

@@ -127,7 +127,8 @@ def test_scaled_psilora_matches_dense_reference(metric, beta1, momentum_prox, fo
     opt = ScaledPSILoRA(model, lr, betas=(beta1, beta2), iters=iters, prox=prox, damping=damping,
                         metric_power=power, metric=metric, fold=fold, cache_max_bytes=None, reuse_autograd_grads=reuse,
                         momentum_prox=momentum_prox)
-    M = [tuple(init_low_rank_momentum(layer, 1.0).values()) if beta1 else None for layer in twin.layers]
+    assert opt.defaults["rank_multiplier"] == 2.0  # the default rank-2r momentum (the reference's M below)
+    M = [tuple(init_low_rank_momentum(layer, 2.0).values()) if beta1 else None for layer in twin.layers]
     ema_in = [torch.zeros(layer.A.shape[1], dtype=f64) for layer in twin.layers]
     ema_out = [torch.zeros(layer.B.shape[0], dtype=f64) for layer in twin.layers]
     for step, (x, t) in enumerate([data(k) for k in range(3)], start=1):
@@ -499,6 +500,24 @@ def test_other_parameters_get_their_own_lr_whatever_the_lora_lr(lr, caplog):
         PSILoRA(lora_two_layer_net(head_trainable=True), lr, other_lr=-1.0)
 
 
+@pytest.mark.parametrize("build", [lambda m: ScaledPSILoRA(m, 1e-2, rank_multiplier=4.0),
+                                   lambda m: PSILoRA(m, 0.1, momentum=0.9, rank_multiplier=4.0)])
+def test_a_momentum_rank_above_a_layer_s_width_is_that_width(build):
+    # r 4 x 4 = 16 on fc1 (12 -> 16) and fc2 (16 -> 10): full rank, 12 and 10 (the factors of a wider momentum could
+    # not be balanced: the default rank 2 r once crashed on a 16-wide k_proj at r 16)
+    model = lora_two_layer_net(head_trainable=False)
+    opt = build(model)
+    for k in range(2):
+        x, t = data(k)
+        model_loss(model, x, t).backward()
+        opt.step()
+        opt.zero_grad()
+    layers = find_lora_layers(model)
+    assert [opt.state[layer.A]["momentum_A"].shape for layer in layers] == [(12, 12), (10, 16)]
+    assert [opt.state[layer.A]["momentum_B"].shape for layer in layers] == [(16, 12), (10, 10)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_bad_hyperparameters_are_one_line_errors():
     model = lora_two_layer_net()
     for kwargs in (dict(momentum=1.5), dict(iters=-1), dict(rank_multiplier=0)):
@@ -552,11 +571,11 @@ def test_sharded_checkpoint_on_another_world_size_is_a_clear_error():
 
 def test_state_nbytes_counts_the_state_dict_tensors():
     model = lora_two_layer_net(head_trainable=False)
-    opt = ScaledPSILoRA(model, 1e-2)  # rank-r momentum + two metric vectors per layer
+    opt = ScaledPSILoRA(model, 1e-2)  # the default rank-2r momentum + two metric vectors per layer
     x, t = data(0)
     model_loss(model, x, t).backward()
     opt.step()
-    expected = sum(8 * ((l.rank + 1) * (l.in_features + l.out_features)) for l in opt.layers)  # float64
+    expected = sum(8 * ((2 * l.rank + 1) * (l.in_features + l.out_features)) for l in opt.layers)  # float64
     assert opt.state_nbytes() == expected
 
 

@@ -68,8 +68,8 @@ def test_the_diagnostic_runs_in_every_cell_and_stops_after_its_seeds():
     oracle = qm.ADAM_ORACLE
     assert all(qm.runs_in(oracle, cell) for cell in qm.CELLS)
     assert not qm.runs_in(ATTEMPT, "python-reference:16")  # the attempts: gnu-manuals only
-    # but one that gained there is checked in every cell, after the core methods
-    assert all(qm.runs_in("Scaled rank_multiplier 2", c) for c in qm.ALL_CELLS)
+    # the default and the former default (which the attempts vary) run in every cell
+    assert all(qm.runs_in(m, c) for c in qm.ALL_CELLS for m in (qm.DEFAULT_PSI, qm.FORMER_DEFAULT))
     runs = {(k, s): 3.7 + 0.01 * abs(k + 9) for k in (-10, -9, -8) for s in (0, 1, 2)}
     assert qm.needed(with_runs(runs, oracle), CELL, oracle, STEPS) == []  # no lr-window edges
 
@@ -185,7 +185,7 @@ def test_an_attempt_starts_at_the_default_s_best_lr_in_its_cell():
     cell = "gnu-manuals:16"
     guess = qm.k_of(qm.METHODS[ATTEMPT][1])
     assert qm.needed({}, cell, ATTEMPT, STEPS) == [(guess - 1, 0), (guess, 0), (guess + 1, 0)]
-    default = with_runs({(-3, 0): 3.9, (-2, 0): 3.8, (-1, 0): 3.85}, qm.DEFAULT_PSI, cell)
+    default = with_runs({(-3, 0): 3.9, (-2, 0): 3.8, (-1, 0): 3.85}, qm.FORMER_DEFAULT, cell)
     assert qm.needed(default, cell, ATTEMPT, STEPS) == [(-3, 0), (-2, 0), (-1, 0)]
     # a core method keeps its own guess
     k0 = qm.k_of(qm.METHODS[METHOD][1])
@@ -194,7 +194,7 @@ def test_an_attempt_starts_at_the_default_s_best_lr_in_its_cell():
 
 def test_the_extension_cell_runs_last_with_five_methods_from_their_r64_best():
     assert [m for m in qm.METHODS if qm.runs_in(m, qm.EXTENSION)] == [
-        "LoRA-AdamW", "LoRA+ (ratio 16)", "Scaled PSI-LoRA (defaults)", "PoLAR", "Scaled rank_multiplier 2"]
+        "LoRA-AdamW", "LoRA+ (ratio 16)", "Scaled PSI-LoRA (defaults)", "Scaled rank_multiplier 1", "PoLAR"]
     order = {cell: i for i, cell in enumerate(qm.ALL_CELLS)}
     tiers = sorted([(qm.EXTENSION, METHOD), ("gnu-manuals:16", ATTEMPT), ("gnu-manuals:16", METHOD),
                     (CELL, METHOD)], key=lambda t: qm.priority(t[0], t[1], order))
@@ -204,8 +204,8 @@ def test_the_extension_cell_runs_last_with_five_methods_from_their_r64_best():
     r64 = with_runs({(k, s): 3.6 + 0.01 * abs(k + 8) for k in (-9, -8, -7) for s in (0, 1, 2)}, METHOD,
                     "python-reference:64")
     assert qm.needed(r64, qm.EXTENSION, METHOD, STEPS) == [(-9, 0), (-8, 0), (-7, 0)]
-    # an attempt checked there starts at its own r 64 best too, not at the default's
-    rm2 = "Scaled rank_multiplier 2"
+    # the former default starts there at its own r 64 best too, not at the default's
+    rm2 = qm.FORMER_DEFAULT
     both = {**with_runs({(k, s): 3.6 + 0.01 * abs(k + 5) for k in (-6, -5, -4) for s in (0, 1, 2)}, rm2,
                         "python-reference:64"), **with_runs({(-8, 0): 3.6, (-9, 0): 3.7, (-7, 0): 3.7},
                                                             qm.DEFAULT_PSI, qm.EXTENSION)}
@@ -227,3 +227,13 @@ def test_a_run_that_ends_above_the_base_s_loss_counts_as_diverged():
     assert qm.needed(runs, CELL, METHOD, STEPS) == [(-7, 0)]  # the best is the lowest edge: bracket it
     runs.update(with_runs({(-7, 0): 4.3}))
     assert qm.needed(runs, CELL, METHOD, STEPS) == [(-7, 1), (-7, 2), (-6, 1), (-6, 2)]  # no seeds at -5
+
+
+def test_every_scaled_variation_names_its_momentum_rank():
+    # the default's runs follow the library's default; every other Scaled PSI-LoRA setting was run at a momentum
+    # rank it names, so its runs stay reproducible when the default changes (it did once: rank_multiplier 1 -> 2)
+    for name, (args, _) in qm.METHODS.items():
+        if args[:2] == ["--optim", "scaled_psilora"]:
+            assert (args == qm.SCALED) == (name == qm.DEFAULT_PSI), name
+            assert name == qm.DEFAULT_PSI or "--rank_multiplier" in args, name
+    assert qm.METHODS[qm.FORMER_DEFAULT][0] == [*qm.SCALED, "--rank_multiplier", "1"]

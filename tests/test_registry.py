@@ -8,8 +8,8 @@ import pytest
 
 from psilora_ds.optim import OPTIMIZERS_BY_NAME
 from psilora_ds.optim.hyperparameters import HYPERPARAMETERS
-from psilora_ds.optim.registry import METHODS, lora_method_of
-from psilora_ds.recipe.config import ConfigError, TrainConfig, field_default, help_text, validate
+from psilora_ds.optim.registry import METHODS, lora_method_of, per_method
+from psilora_ds.recipe.config import ConfigError, TrainConfig, field_default, help_text, parse, validate
 
 from .models import lora_two_layer_net
 
@@ -21,7 +21,7 @@ NOT_RECIPE_KEYS = {"model", "lr", "options", "dampening"}
 def test_every_hyperparameter_is_a_config_key_with_the_registry_default_and_help():
     for name, h in HYPERPARAMETERS.items():
         f = FIELDS[name]
-        assert field_default(f) == h.default, name
+        assert field_default(f) == (None if per_method(name) else h.default), name
         assert h.help in f.metadata["help"], name
         assert f.type.split(" |")[0] == h.type.__name__, (name, f.type)
         users = [m.name for m in METHODS.values() if name in m.takes]
@@ -38,6 +38,21 @@ def test_a_lora_method_takes_exactly_its_declared_hyperparameters(name):
                 if p.kind is not inspect.Parameter.VAR_KEYWORD} - NOT_RECIPE_KEYS
     assert keywords == set(method.takes)
     assert OPTIMIZERS_BY_NAME[name] is method.build and lora_method_of(method.build) is method
+
+
+def test_a_per_method_default_is_the_class_default_and_what_the_recipe_fills_in():
+    assert per_method("rank_multiplier") and METHODS["scaled_psilora"].default("rank_multiplier") == 2.0
+    assert METHODS["psilora"].default("rank_multiplier") == HYPERPARAMETERS["rank_multiplier"].default == 1.0
+    for method in METHODS.values():
+        for name in (n for n in method.takes if per_method(n)):
+            keyword = inspect.signature(method.build).parameters[name].default
+            assert keyword == method.default(name), (method.name, name)  # the Trainer integration's default too
+            assert getattr(parse(["--optim", method.name]), name) == method.default(name), (method.name, name)
+            assert f"{method.name} {method.default(name)}" in FIELDS[name].metadata["help"]
+    assert parse(["--optim", "scaled_psilora", "--rank_multiplier", "1"]).rank_multiplier == 1.0
+    assert parse(["--optim", "adamw"]).rank_multiplier is None  # a method that does not take it
+    assert parse(["--preset", "paper"]).rank_multiplier == 1.0  # the authors' rank-r momentum
+    validate(TrainConfig())  # null (the method's) passes the range check
 
 
 @pytest.mark.parametrize("name,bad", [("iters", -1), ("momentum", 1.0), ("momentum_prox", 1.0), ("prox", -1e-3),

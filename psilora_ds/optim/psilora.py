@@ -23,12 +23,14 @@ MOMENTUM_PROX = HYPERPARAMETERS["momentum_prox"].default  # (advice: hyperparame
 
 
 def init_low_rank_momentum(layer: LoRALayer, rank_multiplier: float) -> dict[str, torch.Tensor]:
-    """Rank-``r_m`` momentum ``M = M_B M_A``: ``M_A`` Gaussian with unit-norm-ish rows, ``M_B`` zero.
+    """Rank-``r_m`` momentum ``M = M_B M_A``: ``M_A`` Gaussian with unit-norm-ish rows, ``M_B`` zero;
+    ``r_m = round(r * rank_multiplier)``, at most ``min(m, n)`` (a full-rank momentum: a higher rank would add
+    nothing, and its factors could not be balanced).
 
     Seeded from the layer index so that every data-parallel rank starts from the same ``M_A``.
     """
-    r_m = max(1, round(layer.rank * rank_multiplier))
     m, n = layer.out_features, layer.in_features
+    r_m = min(max(1, round(layer.rank * rank_multiplier)), m, n)
     dtype = compute_dtype(layer.lora_A.weight.dtype)
     gen = torch.Generator().manual_seed(MOMENTUM_SEED + layer.index)
     M_A = torch.randn(r_m, n, generator=gen, dtype=dtype) / n**0.5

@@ -6,13 +6,14 @@ lr when none is given. Adding a method: its module, one :class:`Method` entry he
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from .finite_guard import skipping_non_finite
+from .hyperparameters import HYPERPARAMETERS
 from .polar import PoLAR
 from .psilora import PreconditionedLoRA, PSILoRA
 from .scaled import ScaledPSILoRA
@@ -33,7 +34,9 @@ class Method:
     over LoRA-AdamW's best lr in the same cell, measured (bench/finetune_real.py, bench/quality_map.py); None where
     not measured. A best lr does not transfer between models, this ratio roughly does: it is the advice for any
     model that is not built in. ``any_engine``: False where only plain PyTorch (one process or DDP) runs it
-    correctly."""
+    correctly. ``defaults``: hyperparameter defaults of this method where they differ from the registry's
+    (:data:`~psilora_ds.optim.hyperparameters.HYPERPARAMETERS`), set from measurements; its class's keyword default
+    is the same, so the Trainer integration and the library's users get it too (tests/test_registry.py)."""
 
     name: str
     build: Callable[..., torch.optim.Optimizer]
@@ -45,6 +48,11 @@ class Method:
     any_engine: bool = True
     lr_measured: bool = True  # default_lr was measured (else a starting point, said so)
     adapter: str = "lora"  # the peft adapters it trains: "lora" (B A) or "polar" (B S A, psilora_ds.polar_adapter)
+    defaults: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def default(self, name: str) -> Any:
+        """The default of hyperparameter ``name`` for this method."""
+        return self.defaults.get(name, HYPERPARAMETERS[name].default)
 
     @property
     def optimizer_class(self) -> type | None:
@@ -90,7 +98,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            0.1, (10, 32), "PSI-LoRA: LoRSum steps with low-rank heavy-ball momentum"),
     Method("scaled_psilora", ScaledPSILoRA, ("betas", "iters", "prox", "damping", "metric_power", "metric",
                                              "metric_init", "rank_multiplier", "momentum_prox", "first_step_iters"),
-           0.1, (10, 22), "Scaled PSI-LoRA: F-LoRSum under diagonal fractional K-FAC or Shampoo metrics"),
+           0.1, (10, 22), "Scaled PSI-LoRA: F-LoRSum under diagonal fractional K-FAC or Shampoo metrics",
+           # a rank-2r momentum: below rank r in every cell of the quality map at the same lr (docs/BENCHMARKS.md)
+           defaults={"rank_multiplier": 2.0}),
     Method("precond_lora", PreconditionedLoRA, ("prox", "first_step_iters"), 0.1, None,
            "preconditioned (scaled-GD) LoRA: PSI-LoRA's Jacobi step without momentum", lr_measured=False),
     Method("svdlora", SVDLoRA, ("momentum",), 0.1, (10, 220),
@@ -124,6 +134,17 @@ def lora_method_of(optimizer_class: type) -> Method:
     raise KeyError(f"{optimizer_class.__name__} is not a registered method")
 
 
+def per_method(name: str) -> bool:
+    """Whether some method has its own default of hyperparameter ``name`` (the recipe's default is then null: the
+    chosen method's, :meth:`Method.default`)."""
+    return any(name in m.defaults for m in METHODS.values())
+
+
 def hyperparameter_arguments(method: Method, values: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of ``method.build`` from ``values`` (hyperparameter name: value; lists as tuples)."""
-    return {k: tuple(values[k]) if isinstance(values[k], list) else values[k] for k in method.takes}
+    """The keyword arguments of ``method.build`` from ``values`` (hyperparameter name: value; lists as tuples; None
+    for a per-method hyperparameter: the method's default)."""
+    def argument(name: str) -> Any:
+        value = method.default(name) if values[name] is None and per_method(name) else values[name]
+        return tuple(value) if isinstance(value, list) else value
+
+    return {k: argument(k) for k in method.takes}

@@ -44,7 +44,8 @@ class ScaledPSILoRA(LoRSumOptimizer):
             per-example), from the two-sided sketch ``(G Omega, Psi G)``, each normalized by the root of its sum, so
             that ``D_out D_in^T`` is ``V**metric_power`` for Adafactor's factored second moment ``V = R C^T / sum R``
             (METHOD.md section 4); with ``metric_power=0.5`` the step projects an Adafactor step.
-        rank_multiplier: momentum rank ``round(r * rank_multiplier)`` (``1/r`` gives rank 1).
+        rank_multiplier: momentum rank ``round(r * rank_multiplier)`` (``1/r`` gives rank 1); 2 by default: a rank-2r
+            momentum ended below rank r in every cell of the quality map, at the same lr (docs/BENCHMARKS.md).
         momentum_prox: the momentum update's proximal weight relative to the momentum's mean singular value
             (:class:`~psilora_ds.optim.psilora.PSILoRA`; METHOD.md section 3); 0 gives the plain ``lam``.
         first_step_iters: the spectral first step (LoRA-One, arXiv 2502.01235): the run's first step takes this
@@ -69,7 +70,7 @@ class ScaledPSILoRA(LoRSumOptimizer):
         damping: float = 1e-8,
         metric_power: float = 0.5,
         metric: str = "kfac",
-        rank_multiplier: float = 1.0,
+        rank_multiplier: float = 2.0,
         metric_init: str = "zero",
         momentum_prox: float = MOMENTUM_PROX,
         first_step_iters: int | None = None,

@@ -17,7 +17,7 @@ import yaml
 
 from ..capture import parse_cache_budget
 from ..optim.hyperparameters import HYPERPARAMETERS
-from ..optim.registry import METHODS
+from ..optim.registry import METHODS, per_method
 
 
 class ConfigError(ValueError):
@@ -33,7 +33,11 @@ def hyper(name: str) -> Any:
     """The config field of a method hyperparameter: its default and meaning from the registry, and the methods that
     take it."""
     h = HYPERPARAMETERS[name]
-    help = f"{', '.join(m.name for m in METHODS.values() if name in m.takes) or 'no method'}: {h.help}"
+    users = [m for m in METHODS.values() if name in m.takes]
+    help = f"{', '.join(m.name for m in users) or 'no method'}: {h.help}"
+    if per_method(name):  # null: the chosen method's default (filled in by parse: with_method_defaults)
+        defaults = ", ".join(f"{m.name} {m.default(name)}" for m in users)
+        return opt(None, f"{help}; null: the method's default ({defaults})")
     if isinstance(h.default, list):
         return field(default_factory=lambda: list(h.default), metadata={"help": help})
     return opt(h.default, help)
@@ -85,7 +89,7 @@ class TrainConfig:
     metric_power: float = hyper("metric_power")
     metric: str = hyper("metric")
     metric_init: str = hyper("metric_init")
-    rank_multiplier: float = hyper("rank_multiplier")
+    rank_multiplier: float | None = hyper("rank_multiplier")
     momentum_prox: float = hyper("momentum_prox")
     polar_lam: float = hyper("polar_lam")
     polar_core: str = hyper("polar_core")
@@ -220,7 +224,7 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
             raise ConfigError(f"preset={values['preset']!r}: choose one of {', '.join(PRESETS)} (or leave it unset)")
         for key, value in PRESETS[values["preset"]].recipe_values().items():
             values.setdefault(key, _coerce(key, value))
-    cfg = TrainConfig(**values)
+    cfg = with_method_defaults(TrainConfig(**values))
     validate(cfg)
     tiny = cfg.model == "builtin:tiny-llama"
     for key in ("tiny_hidden_size", "tiny_layers"):  # never ignored silently
@@ -232,6 +236,16 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         raise ConfigError(f"corpus_lines applies only to --dataset builtin:generated or --model builtin:tiny-llama "
                           f"(this run: {cfg.model} on {cfg.dataset}): drop corpus_lines")
     return cfg
+
+
+def with_method_defaults(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with each per-method hyperparameter left null set to its method's default (a checkpoint then records
+    the value the run trained with; an unknown ``optim`` is left for the registry's check to report)."""
+    method = METHODS.get(cfg.optim)
+    if method is None:
+        return cfg
+    filled = {name: method.default(name) for name in method.takes if per_method(name) and getattr(cfg, name) is None}
+    return dataclasses.replace(cfg, **filled) if filled else cfg
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -294,6 +308,8 @@ def validate(cfg: TrainConfig) -> None:
     for h in HYPERPARAMETERS.values():  # the methods' ranges (the optimizers check the same on their arguments)
         if h.name == "iters" and cfg.iters == "auto":
             continue  # (chosen when the optimizer is built: psilora_ds.recipe.optimizers.choose_iters)
+        if per_method(h.name) and getattr(cfg, h.name) is None:
+            continue  # (the method's default: with_method_defaults)
         if problem := h.problem(getattr(cfg, h.name)):
             raise ConfigError(problem)
     if cfg.bnb_4bit_compute_dtype not in ("bfloat16", "float16", "float32"):
