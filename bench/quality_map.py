@@ -72,7 +72,8 @@ START_FROM = {EXTENSION: "python-reference:64"}
 # --rank_multiplier 1; "Scaled PSI-LoRA (defaults)" holds the runs of --rank_multiplier 2 (the results' keys were
 # renamed so, once, when the default changed).
 SCALED = ["--optim", "scaled_psilora"]
-FORMER = [*SCALED, "--rank_multiplier", "1"]
+RANK_R = ["--rank_multiplier", "1"]  # (last: the keys were renamed by appending it)
+FORMER = [*SCALED, *RANK_R]
 FORMER_DEFAULT = "Scaled rank_multiplier 1"
 # name -> (recipe arguments, starting lr guess: the built-in base's best at 100 steps)
 METHODS: dict[str, tuple[list[str], float]] = {
@@ -80,12 +81,12 @@ METHODS: dict[str, tuple[list[str], float]] = {
     "LoRA+ (ratio 16)": (["--optim", "loraplus"], 1e-3),
     "Scaled PSI-LoRA (defaults)": (SCALED, 1e-1),
     FORMER_DEFAULT: (FORMER, 1e-1),
-    "Scaled PSI-LoRA iters 0": ([*FORMER, "--iters", "0"], 1e-1),
+    "Scaled PSI-LoRA iters 0": ([*SCALED, "--iters", "0", *RANK_R], 1e-1),
     "SVDLoRA oracle (momentum 0.9)": (["--optim", "svdlora"], 1e-1),
     "PoLAR": (["--optim", "polar"], 1e-2),
     # ours (METHOD.md section 4): Adafactor's factored second moment of the full gradient as the metric; in every
     # cell (its lr from a one-seed probe on the built-in base, 3.16e-3 best of 1e-3..3.16e-2)
-    "Scaled PSI-LoRA metric adafactor": ([*FORMER, "--metric", "adafactor"], 3e-3),
+    "Scaled PSI-LoRA metric adafactor": ([*SCALED, "--metric", "adafactor", *RANK_R], 3e-3),
     FULL: (["--optim", "adamw"], 1e-3),
     # a diagnostic (METHOD.md section 5): the projection of a full Adam step, the ceiling of projected dense steps with
     # Adam's direction (what the Adafactor metric approaches); its scope below
@@ -97,18 +98,18 @@ METHODS: dict[str, tuple[list[str], float]] = {
 # won, rank_multiplier 2, is the default now ("Scaled PSI-LoRA (defaults)").
 DEFAULT_PSI = "Scaled PSI-LoRA (defaults)"
 ATTEMPTS: dict[str, tuple[list[str], float]] = {
-    "Scaled momentum_prox 0.2": ([*FORMER, "--momentum_prox", "0.2"], 2e-2),
-    "Scaled metric_power 0.25": ([*FORMER, "--metric_power", "0.25"], 2e-2),
-    "Scaled metric_power 1": ([*FORMER, "--metric_power", "1.0"], 2e-2),
-    "Scaled damping 1e-4": ([*FORMER, "--damping", "1e-4"], 2e-2),
+    "Scaled momentum_prox 0.2": ([*SCALED, "--momentum_prox", "0.2", *RANK_R], 2e-2),
+    "Scaled metric_power 0.25": ([*SCALED, "--metric_power", "0.25", *RANK_R], 2e-2),
+    "Scaled metric_power 1": ([*SCALED, "--metric_power", "1.0", *RANK_R], 2e-2),
+    "Scaled damping 1e-4": ([*SCALED, "--damping", "1e-4", *RANK_R], 2e-2),
     # the momentum's rank again (session 19: rank_multiplier 2 ended 1.1% below rank r on gnu-manuals, 3 seeds, the
     # largest gain of any attempt): whether the trend goes on
     "Scaled rank_multiplier 4": ([*SCALED, "--rank_multiplier", "4"], 2e-2),
-    "Scaled no first step": ([*FORMER, "--first_step_iters", "null"], 2e-2),
+    "Scaled no first step": ([*SCALED, "--first_step_iters", "null", *RANK_R], 2e-2),
     # the proximal weight lam = lr * prox (METHOD.md section 2), ten times below the default 1e-2: whether it holds the
     # update's size back (the lead: Scaled's learned ||B A|| about half AdamW's; on the built-in base, one seed, prox
     # 1e-3 and 0 changed the 600-step end by -0.1% / +0.05%: bench/horizon.py)
-    "Scaled prox 1e-3": ([*FORMER, "--prox", "1e-3"], 2e-2),
+    "Scaled prox 1e-3": ([*SCALED, "--prox", "1e-3", *RANK_R], 2e-2),
 }
 METHODS.update(ATTEMPTS)
 

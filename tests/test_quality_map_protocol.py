@@ -3,6 +3,7 @@ the best is interior, seeds 1-2 around the best, then (core methods) the lr wind
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -237,3 +238,14 @@ def test_every_scaled_variation_names_its_momentum_rank():
             assert (args == qm.SCALED) == (name == qm.DEFAULT_PSI), name
             assert name == qm.DEFAULT_PSI or "--rank_multiplier" in args, name
     assert qm.METHODS[qm.FORMER_DEFAULT][0] == [*qm.SCALED, "--rank_multiplier", "1"]
+
+
+def test_every_committed_run_is_found_under_its_method_s_arguments():
+    # a key is (cell, method, arguments, lr, seed, steps): arguments that differ from METHODS' (even in order) would
+    # orphan the method's runs and make the map run them all again
+    results = qm.load_json(qm.RESULTS)
+    runs = [json.loads(k) for k in results if not k.startswith("_")]
+    assert len(runs) > 400
+    for cell, method, args, _, _, _ in runs:
+        assert qm.METHODS[method][0] == args, (method, args)
+        assert qm.runs_in(method, cell), (method, cell)
