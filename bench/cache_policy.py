@@ -40,7 +40,9 @@ def row_bytes(model, tokens: int, dtype: torch.dtype) -> int:
 
 
 def makers(half_rows: int, micro_batches: int) -> dict:
-    kw = {"accumulation_steps": micro_batches}
+    # rank_multiplier=1 (a rank-r momentum): the configuration of the figures recorded in docs/BENCHMARKS.md (the
+    # default became 2 r later; bench/quality_map.py --step_times measures its cost)
+    kw = {"accumulation_steps": micro_batches, "rank_multiplier": 1}
     adamw = lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, foreach=True)  # noqa: E731
     return {
         "LoRA + AdamW": adamw,

@@ -57,7 +57,9 @@ def methods(momentum: float):
         "PSI-LoRA iters=1": (SGD_LRS, lambda m, lr: PSILoRA(m, lr, iters=1, momentum=momentum)),
         "PSI-LoRA iters=2": (SGD_LRS, lambda m, lr: PSILoRA(m, lr, iters=2, momentum=momentum)),
         "PSI-LoRA iters=8": (SGD_LRS, lambda m, lr: PSILoRA(m, lr, iters=8, momentum=momentum)),
-        "Scaled PSI-LoRA": (SCALED_LRS, lambda m, lr: ScaledPSILoRA(m, lr, betas=(momentum, 0.999), iters=2)),
+        # rank-r momentum, like PSI-LoRA's here (the Scaled default became 2 r after these figures were recorded)
+        "Scaled PSI-LoRA": (SCALED_LRS, lambda m, lr: ScaledPSILoRA(m, lr, betas=(momentum, 0.999), iters=2,
+                                                                    rank_multiplier=1)),
     }
 
 

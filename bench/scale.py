@@ -124,8 +124,10 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
         if method == "precond_lora":
             opt = PreconditionedLoRA(model, 0.05, first_step_iters=args.first_step_iters)
         else:
+            # rank_multiplier=1 (a rank-r momentum): the configuration of the figures recorded in docs/BENCHMARKS.md
+            # (the default became 2 r later; bench/quality_map.py --step_times measures its cost)
             opt = ScaledPSILoRA(model, 0.05, iters=int(method[-1]), betas=(0.9, 0.99), damping=1e-5,
-                                first_step_iters=args.first_step_iters)
+                                first_step_iters=args.first_step_iters, rank_multiplier=1)
         engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=config)
     device = engine.device
     built = memory_now()  # the model (its partition), engine and optimizer built, before any step

@@ -101,12 +101,17 @@ def main() -> None:
         "PSI-LoRA iters=1": lambda m: PSILoRA(m, 1e-2, iters=1, fold=False),
         "PSI-LoRA iters=2": lambda m: PSILoRA(m, 1e-2, iters=2, fold=False),
         "PSI-LoRA iters=1, momentum": lambda m: PSILoRA(m, 1e-2, iters=1, momentum=0.9, fold=False),
-        "Scaled PSI-LoRA iters=1 (rank-r momentum)": lambda m: ScaledPSILoRA(m, 1e-3, iters=1, fold=False),
+        # the Scaled rows: rank_multiplier=1 (a rank-r momentum), the configuration of the figures recorded in
+        # docs/BENCHMARKS.md (the default became 2 r later; bench/quality_map.py --step_times measures its cost)
+        "Scaled PSI-LoRA iters=1 (rank-r momentum)": lambda m: ScaledPSILoRA(m, 1e-3, iters=1, fold=False,
+                                                                             rank_multiplier=1),
         "preconditioned LoRA": lambda m: PreconditionedLoRA(m, 1e-2, fold=False),
         "Scaled PSI-LoRA iters=0 (cache-free), max_grad_norm=1": lambda m: ScaledPSILoRA(m, 1e-3, iters=0,
-                                                                                          max_grad_norm=1.0),
+                                                                                          max_grad_norm=1.0,
+                                                                                          rank_multiplier=1),
         # what the clipping norm's 32-probe sketch costs in the cache-free hooks (issue 26: where their time goes)
-        "Scaled PSI-LoRA iters=0 (cache-free), no clipping": lambda m: ScaledPSILoRA(m, 1e-3, iters=0),
+        "Scaled PSI-LoRA iters=0 (cache-free), no clipping": lambda m: ScaledPSILoRA(m, 1e-3, iters=0,
+                                                                                     rank_multiplier=1),
         "preconditioned LoRA (cache-free), max_grad_norm=1": lambda m: PreconditionedLoRA(m, 1e-2, max_grad_norm=1.0),
         "PSI-LoRA iters=1, dense store": lambda m: PSILoRA(m, 1e-2, iters=1, cache_max_bytes=None),
         # clipping by the exact ||G||_F (METHOD.md section 6): Gram or dense route per layer
