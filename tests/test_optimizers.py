@@ -518,6 +518,16 @@ def test_a_momentum_rank_above_a_layer_s_width_is_that_width(build):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("cls", [PSILoRA, ScaledPSILoRA, SVDLoRA])
+def test_an_adapter_wider_than_its_layer_is_a_one_line_error(cls):
+    # r 12 fits fc1 (12 -> 16), not fc2 (16 -> 10): the balancing crashed there with a broadcast error
+    with pytest.raises(ValueError) as info:
+        cls(lora_two_layer_net(r=12), 0.1)
+    assert "LoRA rank 12 exceeds the width of" in str(info.value) and "fc2" in str(info.value)
+    assert "use a rank <= 10" in str(info.value) and "\n" not in str(info.value)
+    cls(lora_two_layer_net(r=10), 0.1)  # r = min(m, n) is allowed
+
+
 def test_bad_hyperparameters_are_one_line_errors():
     model = lora_two_layer_net()
     for kwargs in (dict(momentum=1.5), dict(iters=-1), dict(rank_multiplier=0)):

@@ -130,6 +130,8 @@ def test_resume_applies_a_new_lr_and_schedule_and_logs_it(tmp_path):
     (["--lora_r", "8"], "differing in name or shape"),
     (["--target_modules", "[q_proj]"], "differing in name or shape"),
     (["--optim", "adamw"], "trained with optim=scaled_psilora"),
+    # the momentum's rank shapes the state: the checkpoint records the default the run got (2), not null
+    (["--rank_multiplier", "1"], "trained with rank_multiplier=2.0 and this run has rank_multiplier=1.0"),
 ])
 def test_resume_refuses_another_model_or_adapter(fast_run, tmp_path, change, text):
     out = copy_run(fast_run, tmp_path / "run")

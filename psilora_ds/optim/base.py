@@ -37,6 +37,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_ACCUMULATION_BOUND = 4
 
 
+def check_ranks_fit(layers: list[LoRALayer]) -> None:
+    """Raise ``ValueError`` (one line) where an adapter's rank exceeds its layer's width ``min(m, n)``: a rank-r
+    projection of an m x n step has no more than ``min(m, n)`` directions, and the factors' balancing and orthonormal
+    bases need ``r <= min(m, n)`` (peft accepts a wider adapter; small GQA ``k_proj``/``v_proj`` are the usual case)."""
+    wide = [layer for layer in layers if layer.rank > min(layer.out_features, layer.in_features)]
+    if wide:
+        first, fits = wide[0], min(min(layer.out_features, layer.in_features) for layer in wide)
+        more = f" and {len(wide) - 1} more" if len(wide) > 1 else ""
+        raise ValueError(f"LoRA rank {first.rank} exceeds the width of {first.name} ({first.out_features} x "
+                         f"{first.in_features}){more}: a rank-r step needs r <= min(out, in); use a rank <= {fits} "
+                         "or leave those modules out of target_modules")
+
+
 class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
     """Base class of the optimizers that update peft LoRA factors from captured ``X``, ``Z``.
 
@@ -58,6 +71,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         if defaults["lr"] < 0:
             raise ValueError(f"lr must be >= 0, got {defaults['lr']}")
         self.layers: list[LoRALayer] = find_lora_layers(model, polar=self.polar_adapter)
+        check_ranks_fit(self.layers)
         params = [p for layer in self.layers for p in self.layer_factors(layer)]
         super().__init__([{"params": params, "name": "lora"}], defaults)
         self._lora_group = self.param_groups[0]

@@ -82,7 +82,8 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {h.name: h for h in (
                    choices=("kfac", "shampoo", "adafactor")),
     Hyperparameter("metric_init", str, "zero", "metric EMA start: zero (bias-corrected like Adam) | "
                    "ones (uncorrected, the authors' code)", choices=("zero", "ones")),
-    Hyperparameter("rank_multiplier", float, 1.0, "momentum rank = round(r * rank_multiplier), at most min(m, n) of the layer", low=0, low_open=True),
+    Hyperparameter("rank_multiplier", float, 1.0, "momentum rank = round(r * rank_multiplier), at most min(m, n) of "
+                   "the layer", low=0, low_open=True),
     Hyperparameter("momentum_prox", float, 0.0, "the momentum update's proximal weight "
                    f"relative to its mean singular value ({MOMENTUM_PROX_ADVICE})", low=0, high=1, high_open=True),
     Hyperparameter("polar_lam", float, 1.0, "the landing field's attraction to the Stiefel manifold (the PoLAR "
