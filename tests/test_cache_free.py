@@ -69,21 +69,23 @@ def one_process_run(name, cache_free, *, clip=CLIP, dtype=torch.float32, seed=5,
 
 @pytest.mark.parametrize("name", NAMES)
 def test_one_process_cache_free_equals_the_cached_rows(name):
-    """Accumulation over 3 micro-batches, clipping by the 32-probe sketch in both: the same factors (1e-6,
-    fp32), the same norm, and no rows held (the cached run held some)."""
+    """Accumulation over 3 micro-batches, clipping by the 32-probe sketch in both: the same factors (2e-6,
+    fp32: 1.2e-6 measured for the Adafactor metric with the default rank-2r momentum; exact in float64, the next test),
+    the same norm, and no rows held (the cached run held some)."""
     rows_opt, rows, rows_cache = one_process_run(name, cache_free=False)
     free_opt, free, free_cache = one_process_run(name, cache_free=True)
     assert free_opt.cache_free and not rows_opt.cache_free
     for layer, (A, B_) in rows.items():
-        assert rel_err(free[layer][0], A) <= 1e-6 and rel_err(free[layer][1], B_) <= 1e-6
+        assert rel_err(free[layer][0], A) <= 2e-6 and rel_err(free[layer][1], B_) <= 2e-6
     assert free_opt.last_grad_norm == pytest.approx(rows_opt.last_grad_norm, rel=1e-6)
     assert free_opt.last_grad_norm > CLIP  # clipping was active
     assert free_cache == [0] * STEPS and min(rows_cache) > 0
 
 
-def test_float64_cache_free_is_exact():
-    _, rows, _ = one_process_run("scaled", cache_free=False, dtype=torch.float64)
-    _, free, _ = one_process_run("scaled", cache_free=True, dtype=torch.float64)
+@pytest.mark.parametrize("name", ["scaled", "scaled-adafactor"])
+def test_float64_cache_free_is_exact(name):
+    _, rows, _ = one_process_run(name, cache_free=False, dtype=torch.float64)
+    _, free, _ = one_process_run(name, cache_free=True, dtype=torch.float64)
     for layer, (A, B_) in rows.items():
         assert rel_err(free[layer][0], A) <= 1e-12 and rel_err(free[layer][1], B_) <= 1e-12
 
