@@ -206,12 +206,12 @@ def test_the_extension_cell_runs_last_with_five_methods_from_their_r64_best():
                     "python-reference:64")
     assert qm.needed(r64, qm.EXTENSION, METHOD, STEPS) == [(-9, 0), (-8, 0), (-7, 0)]
     # the former default starts there at its own r 64 best too, not at the default's
-    rm2 = qm.FORMER_DEFAULT
-    both = {**with_runs({(k, s): 3.6 + 0.01 * abs(k + 5) for k in (-6, -5, -4) for s in (0, 1, 2)}, rm2,
+    former = qm.FORMER_DEFAULT
+    both = {**with_runs({(k, s): 3.6 + 0.01 * abs(k + 5) for k in (-6, -5, -4) for s in (0, 1, 2)}, former,
                         "python-reference:64"), **with_runs({(-8, 0): 3.6, (-9, 0): 3.7, (-7, 0): 3.7},
                                                             qm.DEFAULT_PSI, qm.EXTENSION)}
-    assert qm.needed(both, qm.EXTENSION, rm2, STEPS) == [(-6, 0), (-5, 0), (-4, 0)]
-    assert qm.priority(qm.EXTENSION, rm2, order)[0] == 2
+    assert qm.needed(both, qm.EXTENSION, former, STEPS) == [(-6, 0), (-5, 0), (-4, 0)]
+    assert qm.priority(qm.EXTENSION, former, order)[0] == 2
     # 3 seeds around the best and no lr window there: an edge within 2% of the best asks for nothing more
     flat = {(k, s): 3.6 + 0.001 * abs(k + 8) for k in (-9, -8, -7) for s in (0, 1, 2)}
     assert qm.needed(with_runs(flat, METHOD, qm.EXTENSION), qm.EXTENSION, METHOD, STEPS) == []
