@@ -73,14 +73,13 @@ START_FROM = {EXTENSION: "python-reference:64"}
 # renamed so, once, when the default changed).
 SCALED = ["--optim", "scaled_psilora"]
 RANK_R = ["--rank_multiplier", "1"]  # (last: the keys were renamed by appending it)
-FORMER = [*SCALED, *RANK_R]
 FORMER_DEFAULT = "Scaled rank_multiplier 1"
 # name -> (recipe arguments, starting lr guess: the built-in base's best at 100 steps)
 METHODS: dict[str, tuple[list[str], float]] = {
     "LoRA-AdamW": (["--optim", "adamw"], 1e-2),
     "LoRA+ (ratio 16)": (["--optim", "loraplus"], 1e-3),
     "Scaled PSI-LoRA (defaults)": (SCALED, 1e-1),
-    FORMER_DEFAULT: (FORMER, 1e-1),
+    FORMER_DEFAULT: ([*SCALED, *RANK_R], 1e-1),
     "Scaled PSI-LoRA iters 0": ([*SCALED, "--iters", "0", *RANK_R], 1e-1),
     "SVDLoRA oracle (momentum 0.9)": (["--optim", "svdlora"], 1e-1),
     "PoLAR": (["--optim", "polar"], 1e-2),

@@ -52,7 +52,8 @@ def test_a_per_method_default_is_the_class_default_and_what_the_recipe_fills_in(
     assert parse(["--optim", "scaled_psilora", "--rank_multiplier", "1"]).rank_multiplier == 1.0
     assert parse(["--optim", "adamw"]).rank_multiplier is None  # a method that does not take it
     assert parse(["--preset", "paper"]).rank_multiplier == 1.0  # the authors' rank-r momentum
-    validate(TrainConfig())  # null (the method's) passes the range check
+    assert TrainConfig().rank_multiplier == 2.0 and TrainConfig(optim="psilora").rank_multiplier == 1.0  # not parsed
+    validate(TrainConfig(optim="adamw"))  # null where the method does not take it passes the range check
 
 
 @pytest.mark.parametrize("name,bad", [("iters", -1), ("momentum", 1.0), ("momentum_prox", 1.0), ("prox", -1e-3),

@@ -141,10 +141,5 @@ def per_method(name: str) -> bool:
 
 
 def hyperparameter_arguments(method: Method, values: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of ``method.build`` from ``values`` (hyperparameter name: value; lists as tuples; None
-    for a per-method hyperparameter: the method's default)."""
-    def argument(name: str) -> Any:
-        value = method.default(name) if values[name] is None and per_method(name) else values[name]
-        return tuple(value) if isinstance(value, list) else value
-
-    return {k: argument(k) for k in method.takes}
+    """The keyword arguments of ``method.build`` from ``values`` (hyperparameter name: value; lists as tuples)."""
+    return {k: tuple(values[k]) if isinstance(values[k], list) else values[k] for k in method.takes}

@@ -35,7 +35,7 @@ def hyper(name: str) -> Any:
     h = HYPERPARAMETERS[name]
     users = [m for m in METHODS.values() if name in m.takes]
     help = f"{', '.join(m.name for m in users) or 'no method'}: {h.help}"
-    if per_method(name):  # null: the chosen method's default (filled in by parse: with_method_defaults)
+    if per_method(name):  # null: the chosen method's default (filled in by TrainConfig.__post_init__)
         defaults = ", ".join(f"{m.name} {m.default(name)}" for m in users)
         return opt(None, f"{help}; null: the method's default ({defaults})")
     if isinstance(h.default, list):
@@ -124,6 +124,14 @@ class TrainConfig:
     report_to: str = opt("jsonl", "metric loggers, comma-separated: jsonl (always: metrics.jsonl) | tensorboard (output_dir/tensorboard) | wandb (WANDB_MODE=offline works without network; WANDB_PROJECT names the project)")
     seed: int = opt(0, "model init, data order, dropout")
     local_rank: int = opt(-1, "set by the deepspeed launcher")
+
+    def __post_init__(self) -> None:
+        """A per-method hyperparameter left null takes the chosen method's default, however the config was made (so a
+        checkpoint records the value the run trained with); an unknown ``optim`` is left for the registry's check."""
+        method = METHODS.get(self.optim)
+        for name in method.takes if method is not None else ():
+            if per_method(name) and getattr(self, name) is None:
+                setattr(self, name, method.default(name))
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -224,7 +232,7 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
             raise ConfigError(f"preset={values['preset']!r}: choose one of {', '.join(PRESETS)} (or leave it unset)")
         for key, value in PRESETS[values["preset"]].recipe_values().items():
             values.setdefault(key, _coerce(key, value))
-    cfg = with_method_defaults(TrainConfig(**values))
+    cfg = TrainConfig(**values)
     validate(cfg)
     tiny = cfg.model == "builtin:tiny-llama"
     for key in ("tiny_hidden_size", "tiny_layers"):  # never ignored silently
@@ -236,16 +244,6 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         raise ConfigError(f"corpus_lines applies only to --dataset builtin:generated or --model builtin:tiny-llama "
                           f"(this run: {cfg.model} on {cfg.dataset}): drop corpus_lines")
     return cfg
-
-
-def with_method_defaults(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with each per-method hyperparameter left null set to its method's default (a checkpoint then records
-    the value the run trained with; an unknown ``optim`` is left for the registry's check to report)."""
-    method = METHODS.get(cfg.optim)
-    if method is None:
-        return cfg
-    filled = {name: method.default(name) for name in method.takes if per_method(name) and getattr(cfg, name) is None}
-    return dataclasses.replace(cfg, **filled) if filled else cfg
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -309,7 +307,7 @@ def validate(cfg: TrainConfig) -> None:
         if h.name == "iters" and cfg.iters == "auto":
             continue  # (chosen when the optimizer is built: psilora_ds.recipe.optimizers.choose_iters)
         if per_method(h.name) and getattr(cfg, h.name) is None:
-            continue  # (the method's default: with_method_defaults)
+            continue  # (a method that does not take it: TrainConfig.__post_init__ fills it for those that do)
         if problem := h.problem(getattr(cfg, h.name)):
             raise ConfigError(problem)
     if cfg.bnb_4bit_compute_dtype not in ("bfloat16", "float16", "float32"):
