@@ -124,10 +124,10 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
         if method == "precond_lora":
             opt = PreconditionedLoRA(model, 0.05, first_step_iters=args.first_step_iters)
         else:
-            # rank_multiplier=1 (a rank-r momentum): the configuration of the figures recorded in docs/BENCHMARKS.md
-            # (the default became 2 r later; bench/quality_map.py --step_times measures its cost)
+            # --rank_multiplier 1 (a rank-r momentum, this script's default) is the configuration of most figures
+            # recorded in docs/BENCHMARKS.md; the class's default became 2 (a rank-2r momentum) in session 20
             opt = ScaledPSILoRA(model, 0.05, iters=int(method[-1]), betas=(0.9, 0.99), damping=1e-5,
-                                first_step_iters=args.first_step_iters, rank_multiplier=1)
+                                first_step_iters=args.first_step_iters, rank_multiplier=args.rank_multiplier)
         engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=config)
     device = engine.device
     built = memory_now()  # the model (its partition), engine and optimizer built, before any step
@@ -215,6 +215,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--first_step_iters", type=int, default=8,
                         help="the PSI methods' spectral first step (0: none)")
+    parser.add_argument("--rank_multiplier", type=float, default=1.0,
+                        help="Scaled PSI-LoRA's momentum rank in units of r (1: the recorded figures' rank-r momentum; "
+                             "2: ScaledPSILoRA's default since session 20)")
     parser.add_argument("--write", help="replace this section of a markdown file (docs/BENCHMARKS.md)")
     args = parser.parse_args()
     if "adamw" not in args.methods:
@@ -258,10 +261,13 @@ def main() -> None:
     with torch.device("meta"):  # counted, not allocated
         n_params = sum(p.numel() for p in build_model(args.shape).parameters())
     title = f"Scale: ZeRO-{args.stage} on {args.ranks} ranks, LLaMA {n_params / 1e9:.2f} B"
+    if args.rank_multiplier != 1:  # its own section: the rank-r one stays as recorded
+        title += f", Scaled PSI-LoRA's momentum rank {args.rank_multiplier:g} r"
     body = (f"LLaMA hidden {hidden}, intermediate {inter}, {layers} layers, vocab {VOCAB} ({n_params / 1e9:.2f} B "
             f"parameters, {n_params * (2 if args.dtype == 'bf16' else 4) / (args.ranks if args.stage == 3 else 1) * 2**-30:.2f}"
             f" GiB per rank {f'when partitioned over {args.ranks} ranks' if args.stage == 3 else 'replicated (ZeRO-2)'}, "
-            f"{7 * layers} LoRA layers, r = {R}), {args.dtype}, PSI methods' spectral first step "
+            f"{7 * layers} LoRA layers, r = {R}), Scaled PSI-LoRA's low-rank momentum of rank "
+            f"{args.rank_multiplier:g} r, {args.dtype}, PSI methods' spectral first step "
             f"{args.first_step_iters or 'off'}, micro-batch {args.micro_batch} x "
             f"{args.seq_len} tokens per rank, base built {'partitioned (zero.Init)' if args.zero_init else 'whole on every rank'}, median of {args.steps} steps after {args.warmup} warm-up, the faster of "
             f"{args.repeats} interleaved runs per method. Machine: "
