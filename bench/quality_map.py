@@ -91,8 +91,8 @@ METHODS: dict[str, tuple[list[str], float]] = {
     # Adam's direction (what the Adafactor metric approaches); its scope below
     ADAM_ORACLE: (["--optim", "svdlora_adam"], 2e-3),
 }
-# Attempts to win (issue 25, item 3): variations of the former default (rank_multiplier 1), each tuned by the same
-# protocol, on the cell where it is furthest behind (gnu-manuals, r 16), after the core map's methods there; they start
+# Attempts to win (issue 25, item 3): variations of the former default (rank_multiplier 1; the last two name their
+# momentum rank), each tuned by the same protocol, on the cell where it is furthest behind (gnu-manuals, r 16), after the core map's methods there; they start
 # at the former default's best lr in the cell (start_k), the guess below only where it has not run there. The one that
 # won, rank_multiplier 2, is the default now ("Scaled PSI-LoRA (defaults)").
 DEFAULT_PSI = "Scaled PSI-LoRA (defaults)"
@@ -109,8 +109,14 @@ ATTEMPTS: dict[str, tuple[list[str], float]] = {
     # update's size back (the lead: Scaled's learned ||B A|| about half AdamW's; on the built-in base, one seed, prox
     # 1e-3 and 0 changed the 600-step end by -0.1% / +0.05%: bench/horizon.py)
     "Scaled prox 1e-3": ([*SCALED, "--prox", "1e-3", *RANK_R], 2e-2),
+    # the two levers that moved, together (session 20: metric_power 1 ended 0.7% below rank r, rank 4 r 0.6% below
+    # 2 r, each alone): K-FAC's full inverse metric with the wider momenta, from metric_power 1's best lr (STARTS_AT)
+    "Scaled metric_power 1 rank_multiplier 2": ([*SCALED, "--metric_power", "1.0", "--rank_multiplier", "2"], 2e-3),
+    "Scaled metric_power 1 rank_multiplier 4": ([*SCALED, "--metric_power", "1.0", "--rank_multiplier", "4"], 2e-3),
 }
 METHODS.update(ATTEMPTS)
+# an attempt's bracket starts at the best lr in its cell of the method named here (the former default where none is)
+STARTS_AT = {name: "Scaled metric_power 1" for name in ATTEMPTS if name.startswith("Scaled metric_power 1 ")}
 
 
 @dataclass(frozen=True)
@@ -342,12 +348,13 @@ def mean_or_inf(losses: list[float]) -> float:
 
 def start_k(results: dict, cell: str, method: str, steps: int) -> int:
     """Where a method's bracket starts: in a cell of :data:`START_FROM` at its own best in the cell named there; else
-    an attempt (a variation of the former default) at the former default's best lr in the cell; every other method
+    an attempt (a variation of the former default) at the former default's best lr in the cell (or that of the method
+    :data:`STARTS_AT` names); every other method
     (or where that best is not in yet) at its guess in :data:`METHODS`."""
     if cell in START_FROM:
         best = best_point(results, START_FROM[cell], method, steps)
     elif scope(method).after_core:
-        best = best_point(results, cell, FORMER_DEFAULT, steps)
+        best = best_point(results, cell, STARTS_AT.get(method, FORMER_DEFAULT), steps)
     else:
         best = None
     return k_of(METHODS[method][1]) if best is None else best[0]

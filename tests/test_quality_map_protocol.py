@@ -193,6 +193,17 @@ def test_an_attempt_starts_at_the_default_s_best_lr_in_its_cell():
     assert qm.needed(default, cell, METHOD, STEPS) == [(k0 - 1, 0), (k0, 0), (k0 + 1, 0)]
 
 
+def test_the_combined_levers_start_at_metric_power_1_s_best_lr():
+    cell, combined = "gnu-manuals:16", "Scaled metric_power 1 rank_multiplier 4"
+    assert qm.scope(combined).cells == (cell,) and qm.scope(combined).after_core
+    runs = {**with_runs({(-3, 0): 3.9, (-2, 0): 3.8, (-1, 0): 3.85}, qm.FORMER_DEFAULT, cell),
+            **with_runs({(-4, 0): 3.8, (-3, 0): 3.7, (-2, 0): 9.9}, "Scaled metric_power 1", cell)}
+    assert qm.needed(runs, cell, combined, STEPS) == [(-4, 0), (-3, 0), (-2, 0)]
+    assert qm.needed(runs, cell, "Scaled metric_power 1 rank_multiplier 2", STEPS) == [(-4, 0), (-3, 0), (-2, 0)]
+    # the other attempts still start at the former default's
+    assert qm.needed(runs, cell, "Scaled prox 1e-3", STEPS) == [(-3, 0), (-2, 0), (-1, 0)]
+
+
 def test_the_extension_cell_runs_last_with_five_methods_from_their_r64_best():
     assert [m for m in qm.METHODS if qm.runs_in(m, qm.EXTENSION)] == [
         "LoRA-AdamW", "LoRA+ (ratio 16)", "Scaled PSI-LoRA (defaults)", "Scaled rank_multiplier 1", "PoLAR"]
