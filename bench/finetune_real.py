@@ -34,7 +34,8 @@ from multiprocessing import get_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import failed_run, finished_main, markdown_table, save_lr_figure, write_section  # noqa: E402
+from bench.common import (code_version, failed_run, finished_main, markdown_table, save_lr_figure,  # noqa: E402
+                          write_section)
 
 HALF = [1.0, 10 ** 0.5]
 
@@ -119,8 +120,10 @@ def run_point(task: tuple[str, list[str], float, int, int, str, int]) -> tuple[s
     return name, lr, seed, result
 
 
-def key(name: str, lr: float, seed: int, steps: int, base: str) -> str:
-    return json.dumps([name, METHODS[name][0], f"{lr:.6g}", seed, steps, os.path.basename(base)])
+def key(name: str, lr: float, seed: int, steps: int, base: str, code: str) -> str:
+    """A cached run's key: the method's name and arguments, the point, the base, and the :func:`code_version` that ran
+    it (a library change, such as a method's default, must not reuse the runs made before it)."""
+    return json.dumps([name, METHODS[name][0], f"{lr:.6g}", seed, steps, os.path.basename(base), code])
 
 
 def window(points: list[tuple[float, float]], tolerance: float = 0.02) -> tuple[int, float, float]:
@@ -163,28 +166,32 @@ def main() -> None:
         made = json.load(f)
     eval_batches, probe = held_out_batches(base)
     done = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
+    code = code_version()
     tasks = [(name, METHODS[name][0], lr, seed, args.steps, base, eval_batches)
              for name in args.methods for lr in METHODS[name][1] for seed in args.seeds
-             if key(name, lr, seed, args.steps, base) not in done]
-    print(f"{len(tasks)} runs to do ({eval_batches} eval batches of {probe.micro_batch_size} x {probe.max_seq_len} "
-          "tokens each)", flush=True)
+             if key(name, lr, seed, args.steps, base, code) not in done]
+    print(f"{len(tasks)} runs to do with the library at {code} ({eval_batches} eval batches of "
+          f"{probe.micro_batch_size} x {probe.max_seq_len} tokens each)", flush=True)
     with get_context("spawn").Pool(args.workers, maxtasksperchild=8) as pool:
         for n, (name, lr, seed, result) in enumerate(pool.imap_unordered(run_point, tasks), 1):
-            done[key(name, lr, seed, args.steps, base)] = result
+            if code_version() != code:  # the workers' library is no longer the one the key names
+                raise SystemExit(f"error: psilora_ds/ or launch/train.py changed while the bench ran (was {code}); "
+                                 "rerun it (the runs made before the change are kept under their own key)")
+            done[key(name, lr, seed, args.steps, base, code)] = result
             os.makedirs(CACHE, exist_ok=True)
             with open(RESULTS, "w") as f:
                 json.dump(done, f, indent=1)
             print(f"[{n}/{len(tasks)}] {name} lr {lr:g} seed {seed}: {result}", flush=True)
-    report(args, base, made, done)
+    report(args, base, made, done, code)
 
 
-def report(args, base: str, made: dict, done: dict) -> None:
+def report(args, base: str, made: dict, done: dict, code: str) -> None:
     curves, rows, base_losses = {}, [], []
     by_name: dict[str, tuple[float, float]] = {}  # best mean, lr window in decades
     for name in args.methods:
         points, cells = [], []
         for lr in METHODS[name][1]:
-            vals = [done[key(name, lr, s, args.steps, base)] for s in args.seeds]
+            vals = [done[key(name, lr, s, args.steps, base, code)] for s in args.seeds]
             losses = [v["eval_loss"] for v in vals]
             base_losses += [v["base_eval_loss"] for v in vals if "base_eval_loss" in v]
             ok = [x for x in losses if x == x and x < 20]
@@ -242,7 +249,8 @@ def report(args, base: str, made: dict, done: dict) -> None:
                 f"fine-tuning {start:.3f} on the reference topics. Each cell: mean ± sd over seeds "
                 f"{', '.join(map(str, args.seeds))} (LoRA init, data order, dropout); {args.steps} steps of 8 x 128 "
                 f"tokens; runs in {args.workers} worker processes of one thread each; 'diverged': a seed ended above "
-                "loss 20 (or NaN); 'failed': a run raised (its error is in the results file).")
+                "loss 20 (or NaN); 'failed': a run raised (its error is in the results file). Library version "
+                f"(bench/common.py's code_version) {code}.")
         if args.png:
             body += f"\n\n![real-text fine-tuning]({os.path.basename(args.png)})"
         command = f"python bench/finetune_real.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
