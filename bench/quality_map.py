@@ -137,6 +137,10 @@ SCOPES: dict[str, Scope] = {
     # rank 4 r went on from 2 r on gnu-manuals (3.7053 +- 0.0041 against 3.7276 +- 0.0027): whether it does near the
     # base's data too, before the extension (at r 64 it would be the layers' full width)
     "Scaled rank_multiplier 4": Scope(cells=("gnu-manuals:16", "python-reference:16"), window=False, after_core=True),
+    # metric_power 1 with the default's 2 r momentum ended 0.9% below the default on gnu-manuals (seed 0, session 21):
+    # whether it holds near the base's data too, the evidence a change of the default's metric_power needs
+    "Scaled metric_power 1 rank_multiplier 2": Scope(cells=("gnu-manuals:16", "python-reference:16"), window=False,
+                                                     after_core=True),
     # the default and the former one in every cell (the extension's brackets start at their r 64 bests: START_FROM)
     **{name: Scope(cells=ALL_CELLS) for name in ("LoRA-AdamW", "LoRA+ (ratio 16)", "PoLAR", DEFAULT_PSI,
                                                  FORMER_DEFAULT)},
