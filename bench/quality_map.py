@@ -96,6 +96,7 @@ METHODS: dict[str, tuple[list[str], float]] = {
 # at the former default's best lr in the cell (start_k), the guess below only where it has not run there. The one that
 # won, rank_multiplier 2, is the default now ("Scaled PSI-LoRA (defaults)").
 DEFAULT_PSI = "Scaled PSI-LoRA (defaults)"
+ATTEMPTS_CELL = "gnu-manuals:16"
 ATTEMPTS: dict[str, tuple[list[str], float]] = {
     "Scaled momentum_prox 0.2": ([*SCALED, "--momentum_prox", "0.2", *RANK_R], 2e-2),
     "Scaled metric_power 0.25": ([*SCALED, "--metric_power", "0.25", *RANK_R], 2e-2),
@@ -133,7 +134,7 @@ SCOPES: dict[str, Scope] = {
     FULL: Scope(cells=tuple(c for c in CELLS if c.endswith(":16"))),
     # in every cell (gnu-manuals too: whether the projected step or its gradient-descent direction loses there)
     ADAM_ORACLE: Scope(window=False),
-    **{name: Scope(cells=("gnu-manuals:16",), window=False, after_core=True) for name in ATTEMPTS},
+    **{name: Scope(cells=(ATTEMPTS_CELL,), window=False, after_core=True) for name in ATTEMPTS},
     # rank 4 r went on from 2 r on gnu-manuals (3.7053 +- 0.0041 against 3.7276 +- 0.0027): whether it does near the
     # base's data too, before the extension (at r 64 it would be the layers' full width)
     "Scaled rank_multiplier 4": Scope(cells=("gnu-manuals:16", "python-reference:16"), window=False, after_core=True),
@@ -648,6 +649,51 @@ def save_figure(results: dict, cells: list[str], methods: list[str], steps: int,
     plt.close(fig)
 
 
+def save_attempts_figure(results: dict, cell: str, steps: int, path: str) -> None:
+    """One PNG for the cell where the attempts ran: every PSI-LoRA setting and oracle at its best lr (a point, mean over
+    its seeds, bars from min to max), sorted, against the baselines' means (vertical lines, their seeds' spread
+    shaded) and full fine-tuning's (a note where it is off the axis): how far each attempt moved, and what is left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settled = {m: got[1] for m in METHODS if m != FULL and runs_in(m, cell)
+               and (got := best_point(results, cell, m, steps))}
+    ours = sorted((m for m in settled if m not in BASELINES), key=lambda m: statistics.mean(settled[m]),
+                  reverse=True)
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(ours) + 1.6))
+    for y, method in enumerate(ours):
+        losses = settled[method]
+        mean = statistics.mean(losses)
+        colour = "tab:gray" if "oracle" in method else "tab:red" if method == DEFAULT_PSI else \
+            "tab:orange" if method in ATTEMPTS else "tab:blue"
+        ax.errorbar([mean], [y], xerr=[[mean - min(losses)], [max(losses) - mean]], marker="o", ms=4, capsize=2,
+                    color=colour)
+        ax.text(mean, y + 0.22, f"{mean:.4f} ({len(losses)} seed{'s' if len(losses) > 1 else ''}, lr "
+                f"{lr_of(best_point(results, cell, method, steps)[0]):.2g})", fontsize=6, ha="center")
+    for i, method in enumerate(b for b in BASELINES if b in settled):
+        losses = settled[method]
+        mean = statistics.mean(losses)
+        colour = plt.get_cmap("Dark2")(i)
+        ax.axvline(mean, color=colour, lw=1, label=f"{method} {mean:.4f}")
+        if len(losses) > 1:
+            sd = statistics.stdev(losses)
+            ax.axvspan(mean - sd, mean + sd, color=colour, alpha=0.12)
+    ax.set_yticks(range(len(ours)), ours, fontsize=7)
+    ax.set_xlabel(f"held-out loss after {steps} steps at the best lr (lower is better)")
+    ax.set_title(f"{cell}: every PSI-LoRA setting tried (red: the default; orange: the attempts; grey: oracles)",
+                 fontsize=8)
+    if full := best_point(results, cell, FULL, steps):
+        ax.text(0.99, 0.01, f"full fine-tuning: {statistics.mean(full[1]):.4f} (off the axis)",
+                transform=ax.transAxes, fontsize=6, ha="right", va="bottom")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right", title="baselines (mean; shaded: +- sd)", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
@@ -661,6 +707,9 @@ def main() -> None:
                              "nothing else running); the report and figure then put time-to-quality on that scale")
     parser.add_argument("--write", default=None, help="write the table into this markdown file's section")
     parser.add_argument("--png", default=None, help="write the figure (loss vs lr; loss vs time) to this file")
+    parser.add_argument("--attempts_png", default=None,
+                        help="write the attempts' figure (every PSI setting tried on gnu-manuals r 16 against the "
+                             "baselines) to this file")
     args = parser.parse_args()
     results = load_json(RESULTS)
     if not args.report:
@@ -683,6 +732,8 @@ def main() -> None:
     print("\n\n".join((table, curves, transfer, targets)))
     if args.png:
         save_figure(results, args.cells, args.methods, args.steps, args.png)
+    if args.attempts_png:
+        save_attempts_figure(results, ATTEMPTS_CELL, args.steps, args.attempts_png)
     if args.write:
         base = results.get("_base", {})
         runs = sum(not k.startswith("_") for k in results)
@@ -713,7 +764,9 @@ def main() -> None:
                   "at a time with nothing else running (`--step_times`), 'as run' summed in the map's own runs, "
                   "inflated where tests or benches shared the cores (sessions 13-14: 170-850 s); the full fine-tuning "
                   "row's stable rank is of its dense update (not bounded by r)."
-                + (f"\n\n![quality map]({os.path.basename(args.png)})" if args.png else ""))
+                + (f"\n\n![quality map]({os.path.basename(args.png)})" if args.png else "")
+                + (f"\n\nThe attempts (item 3) on {ATTEMPTS_CELL}, every PSI-LoRA setting at its best lr against the "
+                   f"baselines:\n\n![attempts]({os.path.basename(args.attempts_png)})" if args.attempts_png else ""))
         write_section(args.write, "Quality map (issue 25, in progress)", "python bench/quality_map.py", body)
 
 

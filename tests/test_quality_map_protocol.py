@@ -260,3 +260,18 @@ def test_every_committed_run_is_found_under_its_method_s_arguments():
     for cell, method, args, _, _, _ in runs:
         assert qm.METHODS[method][0] == args, (method, args)
         assert qm.runs_in(method, cell), (method, cell)
+
+
+def test_the_attempts_figure_draws_every_psi_setting_of_the_committed_map(tmp_path, monkeypatch):
+    drawn = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, *a, **k: drawn.append(a) or original(self, *a, **k))
+    results = qm.load_json(qm.RESULTS)
+    qm.save_attempts_figure(results, qm.ATTEMPTS_CELL, STEPS, str(tmp_path / "attempts.png"))
+    assert (tmp_path / "attempts.png").stat().st_size > 10_000
+    settled = [m for m in qm.METHODS if m not in (*qm.BASELINES, qm.FULL) and qm.runs_in(m, qm.ATTEMPTS_CELL)
+               and qm.best_point(results, qm.ATTEMPTS_CELL, m, STEPS)]
+    assert len(drawn) == len(settled) >= 10
