@@ -92,9 +92,10 @@ METHODS: dict[str, tuple[list[str], float]] = {
     ADAM_ORACLE: (["--optim", "svdlora_adam"], 2e-3),
 }
 # Attempts to win (issue 25, item 3): variations of the former default (rank_multiplier 1; the last two name their
-# momentum rank), each tuned by the same protocol, on the cell where it is furthest behind (gnu-manuals, r 16), after the core map's methods there; they start
-# at the former default's best lr in the cell (start_k), the guess below only where it has not run there. The one that
-# won, rank_multiplier 2, is the default now ("Scaled PSI-LoRA (defaults)").
+# momentum rank), each tuned by the same protocol, on the cell where it is furthest behind (gnu-manuals, r 16), after
+# the core map's methods there; they start at the former default's best lr in the cell (start_k; STARTS_AT names
+# another method's), the guess below only where it has not run there. The one that won, rank_multiplier 2, is the
+# default now ("Scaled PSI-LoRA (defaults)").
 DEFAULT_PSI = "Scaled PSI-LoRA (defaults)"
 ATTEMPTS_CELL = "gnu-manuals:16"
 ATTEMPTS: dict[str, tuple[list[str], float]] = {
