@@ -92,12 +92,15 @@ def save_outputs(output_dir: str, model, tokenizer, state: dict[str, torch.Tenso
         if polar:  # a PoLAR adapter loads as plain LoRA in stock peft, silently without S: write the fold instead
             export_plain_lora(model, path, state=state)
         else:
-            model.save_pretrained(path, state_dict=state)
+            # the recipe never resizes the vocabulary, so the base's embeddings are never part of the adapter; saying so
+            # spares peft's "auto" check, which looks the base up on the hub at every save (a warning for a built-in
+            # or local base, a network wait on nodes without one)
+            model.save_pretrained(path, state_dict=state, save_embedding_layers=False)
         tokenizer.save_pretrained(path)
 
     def write_polar(path: str) -> None:
         name_base()
-        model.save_pretrained(path, state_dict=state)
+        model.save_pretrained(path, state_dict=state, save_embedding_layers=False)
         with open(os.path.join(path, "README-psilora.txt"), "w") as f:
             f.write("A PoLAR adapter (Delta W = s B S A, directions as trained). Load it with\n"
                     "psilora_ds.polar_adapter.load_polar(base, path): stock PeftModel.from_pretrained would load it as\n"
