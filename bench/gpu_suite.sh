@@ -86,8 +86,9 @@ if [ "$which" != checks ]; then
     --hidden 4096 --repeats 10
   part "activation-cache policy (bf16)" 130 "$py" bench/cache_policy.py --dtype bf16 --hidden 2048 --layers 4 \
     --tokens 4096 16384 --rounds 5
+  # Scaled PSI-LoRA as users get it (a rank-2r momentum, the default since session 20)
   part "scale, 0.9 B, one GPU (bf16)" 200 "$py" bench/scale.py --shape 0.9b --ranks 1 --dtype bf16 --steps 6 \
-    --warmup 2 --repeats 1
+    --warmup 2 --repeats 1 --rank_multiplier 2
 fi
 
 for run in run-fp16-z2 run-fp16-z3 run-qlora-z3; do  # the recipe runs' first and last eval losses
