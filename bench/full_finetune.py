@@ -48,7 +48,7 @@ def full_finetune_run(argv: list[str]) -> dict:
     cfg = parse(argv)
     tokenizer = build_tokenizer(cfg)
     train_ds, eval_ds = build_datasets(cfg, tokenizer)
-    model = load_pretrained(base_path(cfg, tokenizer), torch_dtype=torch.float32)
+    model = load_pretrained(base_path(cfg, tokenizer), dtype=torch.float32)
     skip = {"lm_head"}
     before = {n: m.weight.detach().double().clone() for n, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and n not in skip}

@@ -96,6 +96,7 @@ def test_single_process_trains_saves_and_resumes_the_same_curve(tmp_path):
     assert len(summary) == 1 and f"outputs in {out}" in summary[0], proc.stdout[-2000:]
     # saving the adapter looks nothing up on a hub (peft's embedding check would, and warns for a built-in base)
     assert "config file in builtin:" not in proc.stderr and "Unable to fetch remote file" not in proc.stderr
+    assert "torch_dtype" not in proc.stderr  # transformers' deprecated keyword (a warning at every load) is not used
     with open(out / "adapter" / "adapter_config.json") as f:
         assert json.load(f)["base_model_name_or_path"] == "builtin:tiny-llama"  # not this machine's cache path
     assert os.path.exists(out / "merged" / "config.json")

@@ -162,12 +162,12 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, engine_dtype:
     if cfg.load_in_4bit:
         check_bitsandbytes(device)
         model = load_pretrained(path, quantization_config=quantization_config(cfg, engine_dtype, shards_weights),
-                                device_map={"": device}, torch_dtype=engine_dtype)
+                                device_map={"": device}, dtype=engine_dtype)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         keep_training_kernels(model)  # evaluation between steps must not repack the 4-bit weights (CPU)
     else:
-        model = load_pretrained(path, torch_dtype=torch.float32)
+        model = load_pretrained(path, dtype=torch.float32)
     if cfg.gradient_checkpointing and not cfg.load_in_4bit:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = cfg.target_modules

@@ -119,7 +119,7 @@ def pretrain_base(out_dir: str, cfg: PretrainConfig) -> dict:
                         time.time() - start)
     model.to(getattr(torch, cfg.save_dtype)).save_pretrained(tmp)
     # the losses of what is stored (the saved dtype, loaded back in fp32 as the recipe loads it)
-    saved = LlamaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32)
+    saved = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     record = {
         "config": asdict(cfg), "parameters": sum(p.numel() for p in saved.parameters()),
         "train_tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len, "train_blocks": len(train),
