@@ -660,22 +660,22 @@ def save_attempts_figure(results: dict, cell: str, steps: int, path: str) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settled = {m: got[1] for m in METHODS if m != FULL and runs_in(m, cell)
-               and (got := best_point(results, cell, m, steps))}
-    ours = sorted((m for m in settled if m not in BASELINES), key=lambda m: statistics.mean(settled[m]),
+    settled = {m: got for m in METHODS if m != FULL and runs_in(m, cell)
+               and (got := best_point(results, cell, m, steps))}  # method: (best lr's k, its losses)
+    ours = sorted((m for m in settled if m not in BASELINES), key=lambda m: statistics.mean(settled[m][1]),
                   reverse=True)
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(ours) + 1.6))
     for y, method in enumerate(ours):
-        losses = settled[method]
+        k, losses = settled[method]
         mean = statistics.mean(losses)
         colour = "tab:gray" if "oracle" in method else "tab:red" if method == DEFAULT_PSI else \
             "tab:orange" if method in ATTEMPTS else "tab:blue"
         ax.errorbar([mean], [y], xerr=[[mean - min(losses)], [max(losses) - mean]], marker="o", ms=4, capsize=2,
                     color=colour)
         ax.text(mean, y + 0.22, f"{mean:.4f} ({len(losses)} seed{'s' if len(losses) > 1 else ''}, lr "
-                f"{lr_of(best_point(results, cell, method, steps)[0]):.2g})", fontsize=6, ha="center")
+                f"{lr_of(k):.2g})", fontsize=6, ha="center")
     for i, method in enumerate(b for b in BASELINES if b in settled):
-        losses = settled[method]
+        _, losses = settled[method]
         mean = statistics.mean(losses)
         colour = plt.get_cmap("Dark2")(i)
         ax.axvline(mean, color=colour, lw=1, label=f"{method} {mean:.4f}")

@@ -133,6 +133,7 @@ class TrainConfig:
             if per_method(name) and getattr(self, name) is None:
                 setattr(self, name, method.default(name))
 
+
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
