@@ -54,8 +54,9 @@ METHODS: dict[str, tuple[list[str], list[float]]] = {  # recipe arguments, lr gr
     "PSI-LoRA iters 0": (["--optim", "psilora", "--iters", "0"], grid(-2)),
     "PSI-LoRA iters 1": (["--optim", "psilora", "--iters", "1"], grid(-2)),
     "PSI-LoRA iters 2": (["--optim", "psilora", "--iters", "2"], grid(-2)),
-    "Scaled PSI-LoRA (defaults)": (["--optim", "scaled_psilora"], grid(-3)),
-    "Scaled PSI-LoRA (defaults) + first step": (["--optim", "scaled_psilora", *FIRST], grid(-3)),
+    # metric power 1 (the default since session 22): its lr unit is about a hundredth of power 1/2's
+    "Scaled PSI-LoRA (defaults)": (["--optim", "scaled_psilora"], grid(-5)),
+    "Scaled PSI-LoRA (defaults) + first step": (["--optim", "scaled_psilora", *FIRST], grid(-5)),
     "Scaled PSI-LoRA (paper preset, r 8)": (["--preset", "paper"], grid(-2)),  # no momentum: its best lr sits higher
     "Scaled PSI-LoRA (paper preset, r 8) + first step": (["--preset", "paper", *FIRST], grid(-2)),
     "SVDLoRA oracle (momentum 0.9)": (["--optim", "svdlora"], grid(-2)),
@@ -64,6 +65,7 @@ METHODS: dict[str, tuple[list[str], list[float]]] = {  # recipe arguments, lr gr
 BASELINES = ("LoRA-AdamW", "LoRA+ (ratio 16)", "Riemannian LoRA", "PoLAR")
 CACHE = os.path.join(ROOT, ".cache", "psilora_ds")
 RESULTS = os.path.join(CACHE, "bench-finetune-real.json")
+TITLE = "Real-text fine-tuning (pretrained base, Python reference)"
 
 
 def base_dir(args) -> str:
@@ -159,6 +161,8 @@ def main() -> None:
     parser.add_argument("--pretrain_steps", type=int, default=2000)
     parser.add_argument("--corpus", default="stdlib", help="the larger base's pretraining text (recipe/pretrain.py)")
     parser.add_argument("--write", default=None)
+    parser.add_argument("--title", default=TITLE, help="the section --write replaces (another title for a subset of "
+                        "--methods, so the full table stays)")
     parser.add_argument("--png", default=None)
     args = parser.parse_args()
     base = base_dir(args)
@@ -254,10 +258,14 @@ def report(args, base: str, made: dict, done: dict, code: str) -> None:
         if args.png:
             body += f"\n\n![real-text fine-tuning]({os.path.basename(args.png)})"
         command = f"python bench/finetune_real.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
+        if args.methods != list(METHODS):
+            command += " --methods " + " ".join(f"'{name}'" for name in args.methods)
+        if args.title != TITLE:
+            command += f" --title '{args.title}'"
         if args.hidden is not None:
             command += (f" --hidden {args.hidden} --layers {args.layers} --vocab_size {args.vocab_size} "
                         f"--pretrain_steps {args.pretrain_steps} --corpus {args.corpus}")
-        write_section(args.write, "Real-text fine-tuning (pretrained base, Python reference)",
+        write_section(args.write, args.title,
                       command + (f" --png {args.png}" if args.png else ""), body)
 
 

@@ -42,13 +42,23 @@ def test_a_lora_method_takes_exactly_its_declared_hyperparameters(name):
 
 def test_a_per_method_default_is_the_class_default_and_what_the_recipe_fills_in():
     assert per_method("rank_multiplier") and METHODS["scaled_psilora"].default("rank_multiplier") == 2.0
+    # metric power 1 under K-FAC (the quality map), 1/2 where the metric is Shampoo's or Adafactor's
+    assert [parse(["--optim", "scaled_psilora", "--metric", m]).metric_power for m in ("kfac", "shampoo", "adafactor")] \
+        == [1.0, 0.5, 0.5]
+    assert parse(["--preset", "paper"]).metric_power == 0.5 and TrainConfig().metric_power == 1.0
     assert METHODS["psilora"].default("rank_multiplier") == HYPERPARAMETERS["rank_multiplier"].default == 1.0
     for method in METHODS.values():
         for name in (n for n in method.takes if per_method(n)):
             keyword = inspect.signature(method.build).parameters[name].default
-            assert keyword == method.default(name), (method.name, name)  # the Trainer integration's default too
+            if keyword is None:  # a default that depends on the metric: the class resolves it the same way
+                for metric in HYPERPARAMETERS["metric"].choices:
+                    built = method.build(lora_two_layer_net(), 0.1, metric=metric)
+                    settings = parse(["--optim", method.name, "--metric", metric])
+                    assert built.defaults[name] == method.default(name, settings) == getattr(settings, name), metric
+            else:
+                assert keyword == method.default(name), (method.name, name)  # the Trainer integration's default too
             assert getattr(parse(["--optim", method.name]), name) == method.default(name), (method.name, name)
-            assert f"{method.name} {method.default(name)}" in FIELDS[name].metadata["help"]
+            assert f"{method.name} {method.describe_default(name)}" in FIELDS[name].metadata["help"]
     assert parse(["--optim", "scaled_psilora", "--rank_multiplier", "1"]).rank_multiplier == 1.0
     assert parse(["--optim", "adamw"]).rank_multiplier is None  # a method that does not take it
     assert parse(["--preset", "paper"]).rank_multiplier == 1.0  # the authors' rank-r momentum

@@ -90,7 +90,7 @@ def test_an_update_that_overflows_is_not_applied(tmp_path, optim):
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_its_finite_checkpoints(tmp_path):
     out = tmp_path / "nan"
-    proc = run(["--model", "builtin:stdlib-llama", "--dataset", "builtin:python-reference", "--lr", "1e4", "--max_steps", "40", "--save_every", "5", "--save_total_limit", "2",
+    proc = run(["--model", "builtin:stdlib-llama", "--dataset", "builtin:python-reference", "--lr", "1e2", "--max_steps", "40", "--save_every", "5", "--save_total_limit", "2",
                 "--max_skipped_steps", "3", "--output_dir", str(out)], tmp_path, check=False)
     assert_one_error(proc, "steps in a row were skipped because their updates were not finite")
     assert "Resume from" in error_lines(proc)[0]
@@ -132,6 +132,9 @@ def test_resume_applies_a_new_lr_and_schedule_and_logs_it(tmp_path):
     (["--optim", "adamw"], "trained with optim=scaled_psilora"),
     # the momentum's rank shapes the state: the checkpoint records the default the run got (2), not null
     (["--rank_multiplier", "1"], "trained with rank_multiplier=2.0 and this run has rank_multiplier=1.0"),
+    # the metric's power sets the lr's unit: a run made before its default became 1 is not resumed at 1
+    (["--metric_power", "0.5"], "trained with metric_power=1.0 and this run has metric_power=0.5: a resume continues "
+                                "the same adapter; resume with --metric_power 1.0"),
 ])
 def test_resume_refuses_another_model_or_adapter(fast_run, tmp_path, change, text):
     out = copy_run(fast_run, tmp_path / "run")

@@ -11,6 +11,23 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class ByMetric:
+    """A method's default that depends on the ``metric`` it runs with (``values``: metric -> default)."""
+
+    values: tuple[tuple[str, Any], ...]
+
+    def resolve(self, metric: str) -> Any:
+        """The default under ``metric`` (None for a metric that does not exist: its own check reports it)."""
+        return dict(self.values).get(metric)
+
+    def __str__(self) -> str:
+        by_value: dict[Any, list[str]] = {}
+        for metric, value in self.values:
+            by_value.setdefault(value, []).append(metric)
+        return ", ".join(f"{value} under metric {'/'.join(metrics)}" for value, metrics in by_value.items())
+
+
+@dataclass(frozen=True)
 class Hyperparameter:
     """``low``/``high``: the valid range (None: unbounded), closed unless ``low_open``/``high_open``; ``choices``:
     the valid values of a string; ``nullable``: None is valid (it means what ``help`` says); ``check``: a custom
@@ -75,7 +92,8 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {h.name: h for h in (
                    check=_two_betas),
     Hyperparameter("prox", float, 1e-2, "LoRSum proximal weight relative to lr", low=0),
     Hyperparameter("damping", float, 1e-8, "metric damping, added before the power", low=0),
-    Hyperparameter("metric_power", float, 0.5, "fractional power of the metric (1/2: square-root K-FAC)", low=0, high=1),
+    Hyperparameter("metric_power", float, 0.5, "fractional power of the metric (1/2: square-root K-FAC; 1: the "
+                   "metric itself)", low=0, high=1),
     Hyperparameter("metric", str, "kfac", "metric: kfac (diag E[x x^T], E[g g^T]) | shampoo (diag G^T G, G G^T; rows, "
                    "one rank) | adafactor (the factored second moment of the full gradient, Adafactor's row and column "
                    "sums of G^2 from a two-sided sketch; cache-free, any ranks)",

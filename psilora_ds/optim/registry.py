@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from .finite_guard import skipping_non_finite
-from .hyperparameters import HYPERPARAMETERS
+from .hyperparameters import HYPERPARAMETERS, ByMetric
 from .polar import PoLAR
 from .psilora import PreconditionedLoRA, PSILoRA
-from .scaled import ScaledPSILoRA
+from .scaled import METRIC_POWER, ScaledPSILoRA
 from .svdlora import SVDLoRA, SVDLoRAAdam
 
 # the torch optimizers of the baselines (and the default of PSI-LoRA's non-LoRA parameters in the recipe), undoing
@@ -36,7 +36,9 @@ class Method:
     model that is not built in. ``any_engine``: False where only plain PyTorch (one process or DDP) runs it
     correctly. ``defaults``: hyperparameter defaults of this method where they differ from the registry's
     (:data:`~psilora_ds.optim.hyperparameters.HYPERPARAMETERS`), set from measurements; its class's keyword default
-    is the same, so the Trainer integration and the library's users get it too (tests/test_registry.py)."""
+    is the same, so the Trainer integration and the library's users get it too (tests/test_registry.py); a
+    :class:`~psilora_ds.optim.hyperparameters.ByMetric` default depends on the ``metric`` chosen (its class takes
+    None for it)."""
 
     name: str
     build: Callable[..., torch.optim.Optimizer]
@@ -50,9 +52,17 @@ class Method:
     adapter: str = "lora"  # the peft adapters it trains: "lora" (B A) or "polar" (B S A, psilora_ds.polar_adapter)
     defaults: dict[str, Any] = field(default_factory=dict, hash=False)
 
-    def default(self, name: str) -> Any:
-        """The default of hyperparameter ``name`` for this method."""
-        return self.defaults.get(name, HYPERPARAMETERS[name].default)
+    def default(self, name: str, settings: Any = None) -> Any:
+        """The default of hyperparameter ``name`` for this method, with ``settings`` (an object with the other
+        hyperparameters as attributes, e.g. the recipe's config; None: the defaults) where it depends on them."""
+        value = self.defaults.get(name, HYPERPARAMETERS[name].default)
+        if isinstance(value, ByMetric):
+            return value.resolve(getattr(settings, "metric", None) or self.default("metric"))
+        return value
+
+    def describe_default(self, name: str) -> str:
+        """The default of ``name`` as the recipe's help says it."""
+        return str(self.defaults.get(name, HYPERPARAMETERS[name].default))
 
     @property
     def optimizer_class(self) -> type | None:
@@ -98,9 +108,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            0.1, (10, 32), "PSI-LoRA: LoRSum steps with low-rank heavy-ball momentum"),
     Method("scaled_psilora", ScaledPSILoRA, ("betas", "iters", "prox", "damping", "metric_power", "metric",
                                              "metric_init", "rank_multiplier", "momentum_prox", "first_step_iters"),
-           0.1, (10, 22), "Scaled PSI-LoRA: F-LoRSum under diagonal fractional K-FAC or Shampoo metrics",
-           # a rank-2r momentum: below rank r in every cell of the quality map at the same lr (docs/BENCHMARKS.md)
-           defaults={"rank_multiplier": 2.0}),
+           1e-3, (0.1, 0.22), "Scaled PSI-LoRA: F-LoRSum under diagonal fractional K-FAC or Shampoo metrics",
+           # a rank-2r momentum: below rank r in every cell of the quality map at the same lr; metric power 1 under
+           # K-FAC: below or level with 1/2 in every cell, each at its own best lr (docs/BENCHMARKS.md, Quality map)
+           defaults={"rank_multiplier": 2.0, "metric_power": METRIC_POWER}),
     Method("precond_lora", PreconditionedLoRA, ("prox", "first_step_iters"), 0.1, None,
            "preconditioned (scaled-GD) LoRA: PSI-LoRA's Jacobi step without momentum", lr_measured=False),
     Method("svdlora", SVDLoRA, ("momentum",), 0.1, (10, 220),

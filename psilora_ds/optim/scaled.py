@@ -13,13 +13,16 @@ from ..ops import (adafactor_normalized, compute_dtype, damped_power, factored_s
                    shampoo_diagonals)
 from ..ops.sketch_svd import gradient_sketch_seed, sketch_probes
 from ..ops.rounds import Rounds
-from .hyperparameters import HYPERPARAMETERS, check
+from .hyperparameters import HYPERPARAMETERS, ByMetric, check
 from .lorsum_family import LoRSumOptimizer
 from .psilora import (MOMENTUM_PROX, factor_and_momentum_step,
                       init_low_rank_momentum, jacobi_blocker)
 
 METRICS = HYPERPARAMETERS["metric"].choices
 METRIC_INITS = HYPERPARAMETERS["metric_init"].choices
+# the default metric power: 1 under K-FAC (the quality map: below or level with the paper's 1/2 in every cell, each at
+# its best lr, docs/BENCHMARKS.md); 1/2 under Shampoo (not measured) and Adafactor (1/2 makes it Adafactor's step)
+METRIC_POWER = ByMetric((("kfac", 1.0), ("shampoo", 0.5), ("adafactor", 0.5)))
 
 
 class ScaledPSILoRA(LoRSumOptimizer):
@@ -38,7 +41,10 @@ class ScaledPSILoRA(LoRSumOptimizer):
         iters: LoRSum inner iterations.
         prox: ``lam = lr * prox``.
         damping: ``delta`` added to the metric statistics before the power.
-        metric_power: ``p`` in [0, 1] (1/2 = square-root K-FAC, the paper's default).
+        metric_power: ``p`` in [0, 1] (1/2 = square-root K-FAC, the paper's default). None (the default): 1 under
+            ``metric="kfac"``, lower or level with 1/2 in every cell of the quality map, each at its own best lr, whose
+            unit is then about a hundredth of 1/2's (0.1-0.22x LoRA-AdamW's, not 10-22x; docs/BENCHMARKS.md); 1/2
+            under ``"shampoo"`` and ``"adafactor"`` (:data:`METRIC_POWER`).
         metric: ``"kfac"`` (diag E[x x^T], diag E[g g^T]), ``"shampoo"`` (diag G^T G, diag G G^T) or
             ``"adafactor"``: EMAs of the row and column sums of ``G**2`` (``G`` the full gradient of the step, not
             per-example), from the two-sided sketch ``(G Omega, Psi G)``, each normalized by the root of its sum, so
@@ -68,7 +74,7 @@ class ScaledPSILoRA(LoRSumOptimizer):
         iters: int = 1,
         prox: float = 1e-2,
         damping: float = 1e-8,
-        metric_power: float = 0.5,
+        metric_power: float | None = None,
         metric: str = "kfac",
         rank_multiplier: float = 2.0,
         metric_init: str = "zero",
@@ -76,6 +82,8 @@ class ScaledPSILoRA(LoRSumOptimizer):
         first_step_iters: int | None = None,
         **options: Any,
     ):
+        if metric_power is None and metric in METRICS:
+            metric_power = METRIC_POWER.resolve(metric)
         check(first_step_iters=first_step_iters, momentum_prox=momentum_prox, metric_init=metric_init, metric=metric,
               betas=betas, metric_power=metric_power, damping=damping, iters=iters, prox=prox,
               rank_multiplier=rank_multiplier)

@@ -36,7 +36,7 @@ def hyper(name: str) -> Any:
     users = [m for m in METHODS.values() if name in m.takes]
     help = f"{', '.join(m.name for m in users) or 'no method'}: {h.help}"
     if per_method(name):  # null: the chosen method's default (filled in by TrainConfig.__post_init__)
-        defaults = ", ".join(f"{m.name} {m.default(name)}" for m in users)
+        defaults = ", ".join(f"{m.name} {m.describe_default(name)}" for m in users)
         return opt(None, f"{help}; null: the method's default ({defaults})")
     if isinstance(h.default, list):
         return field(default_factory=lambda: list(h.default), metadata={"help": help})
@@ -86,7 +86,7 @@ class TrainConfig:
     betas: list = hyper("betas")
     prox: float = hyper("prox")
     damping: float = hyper("damping")
-    metric_power: float = hyper("metric_power")
+    metric_power: float | None = hyper("metric_power")
     metric: str = hyper("metric")
     metric_init: str = hyper("metric_init")
     rank_multiplier: float | None = hyper("rank_multiplier")
@@ -131,7 +131,7 @@ class TrainConfig:
         method = METHODS.get(self.optim)
         for name in method.takes if method is not None else ():
             if per_method(name) and getattr(self, name) is None:
-                setattr(self, name, method.default(name))
+                setattr(self, name, method.default(name, self))
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -26,10 +26,11 @@ from .checkpoint_files import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-# what a run trains: a resume that changes one of these is refused
+# what a run trains: a resume that changes one of these is refused (the metric's power sets the lr's unit: a run
+# recorded at 1/2, the default before it was 1, resumed at 1 with its lr would take steps about 100x too large)
 FIXED = ("model", "tokenizer", "tiny_hidden_size", "tiny_layers", "load_in_4bit", "bnb_4bit_quant_type",
          "bnb_4bit_use_double_quant", "lora_r", "lora_alpha", "target_modules", "use_rslora", "optim", "metric",
-         "rank_multiplier")
+         "rank_multiplier", "metric_power")
 # where and how a run is resumed: never reported as a change
 NOT_A_CHANGE = ("resume_from_checkpoint", "output_dir", "overwrite_output_dir", "local_rank", "cache_dir")
 
