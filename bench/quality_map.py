@@ -12,8 +12,9 @@ every method's lr tuned the same way.
   the fixed held-out split. An extension after all of it (attempts included): ``python-reference`` at r 128 (alpha 256),
   LoRA-AdamW, LoRA+, PoLAR and the default Scaled PSI-LoRA (and the former default) only, each bracket starting at
   its best at r 64.
-* Methods: LoRA-AdamW, LoRA+, the default Scaled PSI-LoRA (rank-2r momentum since session 20) and the former default
-  (rank r), Scaled PSI-LoRA ``iters=0`` (cache-free), the SVDLoRA
+* Methods: LoRA-AdamW, LoRA+, the default Scaled PSI-LoRA (rank-2r momentum since session 20, K-FAC metric power 1
+  since session 22) and the two former defaults (power 1/2 with the 2 r and the rank-r momentum), Scaled PSI-LoRA
+  ``iters=0`` (cache-free; power 1/2, rank r), the SVDLoRA
   oracle (momentum 0.9), PoLAR, Scaled PSI-LoRA with ``metric="adafactor"`` (ours), and full fine-tuning with AdamW, the ceiling (``bench/full_finetune.py``: every
   weight, on the recipe's data, schedule, clipping and evaluation; in the r 16 cells only, it has no rank). A diagnostic
   on python-reference (r 16 and 64) and gnu-manuals r 16: the SVDLoRA oracle with Adam's direction (a full Adam step projected to rank r,
@@ -66,60 +67,70 @@ CELLS = ("python-reference:16", "python-reference:64", "gnu-manuals:16")
 EXTENSION = "python-reference:128"
 ALL_CELLS = (*CELLS, EXTENSION)
 START_FROM = {EXTENSION: "python-reference:64"}
-# Scaled PSI-LoRA's default momentum rank became 2 r in session 20 (issue 25 item 5: rank_multiplier 2 ended below
-# rank r in every cell, at the same lr). The runs made before keep arguments that reproduce them: the former default is
-# "Scaled rank_multiplier 1", and every variation of it (iters 0, the Adafactor metric, the attempts) says
-# --rank_multiplier 1; "Scaled PSI-LoRA (defaults)" holds the runs of --rank_multiplier 2 (the results' keys were
-# renamed so, once, when the default changed).
+# Scaled PSI-LoRA's defaults changed twice while the map ran (issue 25 item 5): the momentum's rank became 2 r in
+# session 20 (rank_multiplier 2 ended below rank r in every cell, at the same lr), and the K-FAC metric's power became 1
+# in session 22 (with the 2 r momentum, below or level with power 1/2 in every cell, each at its own best lr). The
+# runs made before keep arguments that reproduce them: every Scaled PSI-LoRA setting but the default names its momentum
+# rank and metric power (or its metric), appended last as the results' keys were renamed, once per change;
+# "Scaled PSI-LoRA (defaults)" holds the runs of power 1 with the 2 r momentum, whatever they were called then.
 SCALED = ["--optim", "scaled_psilora"]
-RANK_R = ["--rank_multiplier", "1"]  # (last: the keys were renamed by appending it)
-FORMER_DEFAULT = "Scaled rank_multiplier 1"
+RANK_R = ["--rank_multiplier", "1"]  # (last, then MP_HALF: the keys were renamed by appending them)
+MP_HALF = ["--metric_power", "0.5"]
+FORMER_DEFAULT = "Scaled metric_power 0.5 rank_multiplier 2"  # the default of sessions 20-21
+RANK_R_DEFAULT = "Scaled metric_power 0.5 rank_multiplier 1"  # the default before; the attempts vary it
+ITERS_0 = "Scaled iters 0 (metric_power 0.5, rank_multiplier 1)"  # cache-free
 # name -> (recipe arguments, starting lr guess: the built-in base's best at 100 steps)
 METHODS: dict[str, tuple[list[str], float]] = {
     "LoRA-AdamW": (["--optim", "adamw"], 1e-2),
     "LoRA+ (ratio 16)": (["--optim", "loraplus"], 1e-3),
-    "Scaled PSI-LoRA (defaults)": (SCALED, 1e-1),
-    FORMER_DEFAULT: ([*SCALED, *RANK_R], 1e-1),
-    "Scaled PSI-LoRA iters 0": ([*SCALED, "--iters", "0", *RANK_R], 1e-1),
+    "Scaled PSI-LoRA (defaults)": (SCALED, 1e-3),
+    FORMER_DEFAULT: ([*SCALED, "--rank_multiplier", "2", *MP_HALF], 1e-1),
+    RANK_R_DEFAULT: ([*SCALED, *RANK_R, *MP_HALF], 1e-1),
+    ITERS_0: ([*SCALED, "--iters", "0", *RANK_R, *MP_HALF], 1e-1),
     "SVDLoRA oracle (momentum 0.9)": (["--optim", "svdlora"], 1e-1),
     "PoLAR": (["--optim", "polar"], 1e-2),
     # ours (METHOD.md section 4): Adafactor's factored second moment of the full gradient as the metric; in every
-    # cell (its lr from a one-seed probe on the built-in base, 3.16e-3 best of 1e-3..3.16e-2)
-    "Scaled PSI-LoRA metric adafactor": ([*SCALED, "--metric", "adafactor", *RANK_R], 3e-3),
+    # cell (its lr from a one-seed probe on the built-in base, 3.16e-3 best of 1e-3..3.16e-2); power 1/2, its default
+    "Scaled PSI-LoRA metric adafactor": ([*SCALED, "--metric", "adafactor", *RANK_R, *MP_HALF], 3e-3),
     FULL: (["--optim", "adamw"], 1e-3),
     # a diagnostic (METHOD.md section 5): the projection of a full Adam step, the ceiling of projected dense steps with
     # Adam's direction (what the Adafactor metric approaches); its scope below
     ADAM_ORACLE: (["--optim", "svdlora_adam"], 2e-3),
 }
-# Attempts to win (issue 25, item 3): variations of the former default (rank_multiplier 1; the last two name their
-# momentum rank), each tuned by the same protocol, on the cell where it is furthest behind (gnu-manuals, r 16), after
-# the core map's methods there; they start at the former default's best lr in the cell (start_k; STARTS_AT names
-# another method's), the guess below only where it has not run there. The one that won, rank_multiplier 2, is the
-# default now ("Scaled PSI-LoRA (defaults)").
+# Attempts to win (issue 25, item 3): variations of the rank-r, power-1/2 default of session 19 (RANK_R_DEFAULT;
+# the names say what differs from it, the arguments all of it), each tuned by the same protocol, on the cell where it
+# is furthest behind (gnu-manuals, r 16), after the core map's methods there; they start at RANK_R_DEFAULT's best lr
+# in the cell (start_k; STARTS_AT names another method's), the guess below only where it has not run there. Two that
+# won became the default: rank_multiplier 2 (session 20), then metric_power 1 with it (session 22; its runs, in every
+# cell, are the default's now).
 DEFAULT_PSI = "Scaled PSI-LoRA (defaults)"
 ATTEMPTS_CELL = "gnu-manuals:16"
 ATTEMPTS: dict[str, tuple[list[str], float]] = {
-    "Scaled momentum_prox 0.2": ([*SCALED, "--momentum_prox", "0.2", *RANK_R], 2e-2),
+    "Scaled momentum_prox 0.2": ([*SCALED, "--momentum_prox", "0.2", *RANK_R, *MP_HALF], 2e-2),
     "Scaled metric_power 0.25": ([*SCALED, "--metric_power", "0.25", *RANK_R], 2e-2),
     "Scaled metric_power 1": ([*SCALED, "--metric_power", "1.0", *RANK_R], 2e-2),
-    "Scaled damping 1e-4": ([*SCALED, "--damping", "1e-4", *RANK_R], 2e-2),
+    "Scaled damping 1e-4": ([*SCALED, "--damping", "1e-4", *RANK_R, *MP_HALF], 2e-2),
     # the momentum's rank again (session 19: rank_multiplier 2 ended 1.1% below rank r on gnu-manuals, 3 seeds, the
     # largest gain of any attempt): whether the trend goes on
-    "Scaled rank_multiplier 4": ([*SCALED, "--rank_multiplier", "4"], 2e-2),
-    "Scaled no first step": ([*SCALED, "--first_step_iters", "null", *RANK_R], 2e-2),
+    "Scaled metric_power 0.5 rank_multiplier 4": ([*SCALED, "--rank_multiplier", "4", *MP_HALF], 2e-2),
+    "Scaled no first step": ([*SCALED, "--first_step_iters", "null", *RANK_R, *MP_HALF], 2e-2),
     # the proximal weight lam = lr * prox (METHOD.md section 2), ten times below the default 1e-2: whether it holds the
     # update's size back (the lead: Scaled's learned ||B A|| about half AdamW's; on the built-in base, one seed, prox
     # 1e-3 and 0 changed the 600-step end by -0.1% / +0.05%: bench/horizon.py)
-    "Scaled prox 1e-3": ([*SCALED, "--prox", "1e-3", *RANK_R], 2e-2),
+    "Scaled prox 1e-3": ([*SCALED, "--prox", "1e-3", *RANK_R, *MP_HALF], 2e-2),
     # the two levers that moved, together (session 20: metric_power 1 ended 0.7% below rank r, rank 4 r 0.6% below
-    # 2 r, each alone): K-FAC's full inverse metric with the wider momenta, from metric_power 1's best lr (STARTS_AT)
-    # (its guess is used only at r 64, the one cell without a STARTS_AT best: its own best at r 16)
-    "Scaled metric_power 1 rank_multiplier 2": ([*SCALED, "--metric_power", "1.0", "--rank_multiplier", "2"], 2.2e-4),
+    # 2 r, each alone): K-FAC's full inverse metric with the wider momenta, from metric_power 1's best lr (STARTS_AT);
+    # with 2 r it is the default now
     "Scaled metric_power 1 rank_multiplier 4": ([*SCALED, "--metric_power", "1.0", "--rank_multiplier", "4"], 2e-3),
 }
 METHODS.update(ATTEMPTS)
-# an attempt's bracket starts at the best lr in its cell of the method named here (the former default where none is)
+# an attempt's bracket starts at the best lr in its cell of the method named here (RANK_R_DEFAULT's where none is)
 STARTS_AT = {name: "Scaled metric_power 1" for name in ATTEMPTS if name.startswith("Scaled metric_power 1 ")}
+# the keys' renamings when a default changed (old name -> new name; the arguments are the new name's in METHODS)
+RENAMED_IN_SESSION_22 = {"Scaled PSI-LoRA (defaults)": FORMER_DEFAULT, "Scaled rank_multiplier 1": RANK_R_DEFAULT,
+                         "Scaled PSI-LoRA iters 0": ITERS_0,
+                         "Scaled rank_multiplier 4": "Scaled metric_power 0.5 rank_multiplier 4",
+                         "Scaled metric_power 1 rank_multiplier 2": DEFAULT_PSI}
 
 
 @dataclass(frozen=True)
@@ -139,12 +150,10 @@ SCOPES: dict[str, Scope] = {
     **{name: Scope(cells=(ATTEMPTS_CELL,), window=False, after_core=True) for name in ATTEMPTS},
     # rank 4 r went on from 2 r on gnu-manuals (3.7053 +- 0.0041 against 3.7276 +- 0.0027): whether it does near the
     # base's data too, before the extension (at r 64 it would be the layers' full width)
-    "Scaled rank_multiplier 4": Scope(cells=("gnu-manuals:16", "python-reference:16"), window=False, after_core=True),
-    # metric_power 1 with the default's 2 r momentum ended 0.9% below the default on gnu-manuals (seed 0, session 21):
-    # whether it holds near the base's data too (r 16: 3.6667 at 2.2e-4, seed 0, level with LoRA+) and at r 64, the
-    # evidence a change of the default's metric_power needs (its lr window too: target 3), before the extension
-    "Scaled metric_power 1 rank_multiplier 2": Scope(cells=CELLS, window=True, after_core=True),
-    # the default and the former one in every cell (the extension's brackets start at their r 64 bests: START_FROM)
+    "Scaled metric_power 0.5 rank_multiplier 4": Scope(cells=("gnu-manuals:16", "python-reference:16"), window=False,
+                                                       after_core=True),
+    # the default (metric power 1 since session 22) and the former one in every cell, the extension's brackets
+    # starting at their r 64 bests (START_FROM); the default's windows were measured while it was an attempt
     **{name: Scope(cells=ALL_CELLS) for name in ("LoRA-AdamW", "LoRA+ (ratio 16)", "PoLAR", DEFAULT_PSI,
                                                  FORMER_DEFAULT)},
 }
@@ -355,13 +364,13 @@ def mean_or_inf(losses: list[float]) -> float:
 
 def start_k(results: dict, cell: str, method: str, steps: int) -> int:
     """Where a method's bracket starts: in a cell of :data:`START_FROM` at its own best in the cell named there; else
-    an attempt (a variation of the former default) at the former default's best lr in the cell (or that of the method
+    an attempt (a variation of :data:`RANK_R_DEFAULT`) at its best lr in the cell (or that of the method
     :data:`STARTS_AT` names); every other method
     (or where that best is not in yet) at its guess in :data:`METHODS`."""
     if cell in START_FROM:
         best = best_point(results, START_FROM[cell], method, steps)
     elif scope(method).after_core:
-        best = best_point(results, cell, STARTS_AT.get(method, FORMER_DEFAULT), steps)
+        best = best_point(results, cell, STARTS_AT.get(method, RANK_R_DEFAULT), steps)
     else:
         best = None
     return k_of(METHODS[method][1]) if best is None else best[0]

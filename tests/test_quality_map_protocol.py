@@ -69,8 +69,9 @@ def test_the_diagnostic_runs_in_every_cell_and_stops_after_its_seeds():
     oracle = qm.ADAM_ORACLE
     assert all(qm.runs_in(oracle, cell) for cell in qm.CELLS)
     assert not qm.runs_in(ATTEMPT, "python-reference:16")  # the attempts: gnu-manuals only
-    # the default and the former default (which the attempts vary) run in every cell
+    # the default and the former default run in every cell (the rank-r one, which the attempts vary, in the issue's)
     assert all(qm.runs_in(m, c) for c in qm.ALL_CELLS for m in (qm.DEFAULT_PSI, qm.FORMER_DEFAULT))
+    assert all(qm.runs_in(qm.RANK_R_DEFAULT, c) for c in qm.CELLS) and not qm.runs_in(qm.RANK_R_DEFAULT, qm.EXTENSION)
     runs = {(k, s): 3.7 + 0.01 * abs(k + 9) for k in (-10, -9, -8) for s in (0, 1, 2)}
     assert qm.needed(with_runs(runs, oracle), CELL, oracle, STEPS) == []  # no lr-window edges
 
@@ -82,7 +83,7 @@ def test_the_transfer_table_gives_ratios_to_adamw_in_the_same_cell():
     table = qm.transfer_table(runs, [CELL], [METHOD, "Scaled PSI-LoRA (defaults)"], STEPS)
     # the built-in base's best (the registry's measured default lr) beside the cell's, each as a multiple of AdamW's
     assert "| LoRA-AdamW | 0.01 (1x AdamW) | 0.00215 (1x AdamW) |" in table
-    assert "| Scaled PSI-LoRA (defaults) | 0.1 (10x AdamW) | 0.0215 (10x AdamW) |" in table
+    assert "| Scaled PSI-LoRA (defaults) | 0.001 (0.1x AdamW) | 0.0215 (10x AdamW) |" in table
 
 
 def test_the_targets_are_computed_from_the_settled_results():
@@ -186,7 +187,7 @@ def test_an_attempt_starts_at_the_default_s_best_lr_in_its_cell():
     cell = "gnu-manuals:16"
     guess = qm.k_of(qm.METHODS[ATTEMPT][1])
     assert qm.needed({}, cell, ATTEMPT, STEPS) == [(guess - 1, 0), (guess, 0), (guess + 1, 0)]
-    default = with_runs({(-3, 0): 3.9, (-2, 0): 3.8, (-1, 0): 3.85}, qm.FORMER_DEFAULT, cell)
+    default = with_runs({(-3, 0): 3.9, (-2, 0): 3.8, (-1, 0): 3.85}, qm.RANK_R_DEFAULT, cell)
     assert qm.needed(default, cell, ATTEMPT, STEPS) == [(-3, 0), (-2, 0), (-1, 0)]
     # a core method keeps its own guess
     k0 = qm.k_of(qm.METHODS[METHOD][1])
@@ -196,17 +197,17 @@ def test_an_attempt_starts_at_the_default_s_best_lr_in_its_cell():
 def test_the_combined_levers_start_at_metric_power_1_s_best_lr():
     cell, combined = "gnu-manuals:16", "Scaled metric_power 1 rank_multiplier 4"
     assert qm.scope(combined).cells == (cell,) and qm.scope(combined).after_core
-    runs = {**with_runs({(-3, 0): 3.9, (-2, 0): 3.8, (-1, 0): 3.85}, qm.FORMER_DEFAULT, cell),
+    runs = {**with_runs({(-3, 0): 3.9, (-2, 0): 3.8, (-1, 0): 3.85}, qm.RANK_R_DEFAULT, cell),
             **with_runs({(-4, 0): 3.8, (-3, 0): 3.7, (-2, 0): 9.9}, "Scaled metric_power 1", cell)}
     assert qm.needed(runs, cell, combined, STEPS) == [(-4, 0), (-3, 0), (-2, 0)]
-    assert qm.needed(runs, cell, "Scaled metric_power 1 rank_multiplier 2", STEPS) == [(-4, 0), (-3, 0), (-2, 0)]
-    # the other attempts still start at the former default's
+    # the other attempts still start at the rank-r default's
     assert qm.needed(runs, cell, "Scaled prox 1e-3", STEPS) == [(-3, 0), (-2, 0), (-1, 0)]
 
 
 def test_the_extension_cell_runs_last_with_five_methods_from_their_r64_best():
     assert [m for m in qm.METHODS if qm.runs_in(m, qm.EXTENSION)] == [
-        "LoRA-AdamW", "LoRA+ (ratio 16)", "Scaled PSI-LoRA (defaults)", "Scaled rank_multiplier 1", "PoLAR"]
+        "LoRA-AdamW", "LoRA+ (ratio 16)", "Scaled PSI-LoRA (defaults)", "Scaled metric_power 0.5 rank_multiplier 2",
+        "PoLAR"]
     order = {cell: i for i, cell in enumerate(qm.ALL_CELLS)}
     tiers = sorted([(qm.EXTENSION, METHOD), ("gnu-manuals:16", ATTEMPT), ("gnu-manuals:16", METHOD),
                     (CELL, METHOD)], key=lambda t: qm.priority(t[0], t[1], order))
@@ -241,14 +242,18 @@ def test_a_run_that_ends_above_the_base_s_loss_counts_as_diverged():
     assert qm.needed(runs, CELL, METHOD, STEPS) == [(-7, 1), (-7, 2), (-6, 1), (-6, 2)]  # no seeds at -5
 
 
-def test_every_scaled_variation_names_its_momentum_rank():
-    # the default's runs follow the library's default; every other Scaled PSI-LoRA setting was run at a momentum
-    # rank it names, so its runs stay reproducible when the default changes (it did once: rank_multiplier 1 -> 2)
+def test_every_scaled_variation_names_its_momentum_rank_and_metric_power():
+    # the default's runs follow the library's defaults; every other Scaled PSI-LoRA setting was run at a momentum
+    # rank and metric power it names, so its runs stay reproducible when a default changes (it did twice:
+    # rank_multiplier 1 -> 2, then the K-FAC metric's power 1/2 -> 1)
     for name, (args, _) in qm.METHODS.items():
         if args[:2] == ["--optim", "scaled_psilora"]:
             assert (args == qm.SCALED) == (name == qm.DEFAULT_PSI), name
-            assert name == qm.DEFAULT_PSI or "--rank_multiplier" in args, name
-    assert qm.METHODS[qm.FORMER_DEFAULT][0] == [*qm.SCALED, "--rank_multiplier", "1"]
+            assert name == qm.DEFAULT_PSI or {"--rank_multiplier", "--metric_power"} <= set(args), name
+    assert qm.METHODS[qm.FORMER_DEFAULT][0] == [*qm.SCALED, "--rank_multiplier", "2", "--metric_power", "0.5"]
+    assert qm.METHODS[qm.RANK_R_DEFAULT][0] == [*qm.SCALED, "--rank_multiplier", "1", "--metric_power", "0.5"]
+    # a renamed method's new name is in the map (its runs are found: the next test)
+    assert set(qm.RENAMED_IN_SESSION_22.values()) <= set(qm.METHODS)
 
 
 def test_every_committed_run_is_found_under_its_method_s_arguments():
