@@ -104,6 +104,7 @@ METHODS: dict[str, tuple[list[str], float]] = {
 # won became the default: rank_multiplier 2 (session 20), then metric_power 1 with it (session 22; its runs, in every
 # cell, are the default's now).
 DEFAULT_PSI = "Scaled PSI-LoRA (defaults)"
+DEFAULT_ITERS_0 = "Scaled iters 0 (metric_power 1, rank_multiplier 2)"  # the default's cache-free path
 ATTEMPTS_CELL = "gnu-manuals:16"
 ATTEMPTS: dict[str, tuple[list[str], float]] = {
     "Scaled momentum_prox 0.2": ([*SCALED, "--momentum_prox", "0.2", *RANK_R, *MP_HALF], 2e-2),
@@ -122,10 +123,14 @@ ATTEMPTS: dict[str, tuple[list[str], float]] = {
     # 2 r, each alone): K-FAC's full inverse metric with the wider momenta, from metric_power 1's best lr (STARTS_AT);
     # with 2 r it is the default now
     "Scaled metric_power 1 rank_multiplier 4": ([*SCALED, "--metric_power", "1.0", "--rank_multiplier", "4"], 2e-3),
+    # the cache-free Jacobi path as users now get it (the default's power 1 and 2 r momentum, iters 0): the map's
+    # ITERS_0 ran the rank-r, power-1/2 setting; r 16 on both domains, from the default's best lr (STARTS_AT)
+    DEFAULT_ITERS_0: ([*SCALED, "--iters", "0", "--rank_multiplier", "2", "--metric_power", "1.0"], 1e-3),
 }
 METHODS.update(ATTEMPTS)
 # an attempt's bracket starts at the best lr in its cell of the method named here (RANK_R_DEFAULT's where none is)
-STARTS_AT = {name: "Scaled metric_power 1" for name in ATTEMPTS if name.startswith("Scaled metric_power 1 ")}
+STARTS_AT = {**{name: "Scaled metric_power 1" for name in ATTEMPTS if name.startswith("Scaled metric_power 1 ")},
+             DEFAULT_ITERS_0: DEFAULT_PSI}
 # the keys' renamings when a default changed (old name -> new name; the arguments are the new name's in METHODS)
 RENAMED_IN_SESSION_22 = {"Scaled PSI-LoRA (defaults)": FORMER_DEFAULT, "Scaled rank_multiplier 1": RANK_R_DEFAULT,
                          "Scaled PSI-LoRA iters 0": ITERS_0,
@@ -152,6 +157,7 @@ SCOPES: dict[str, Scope] = {
     # base's data too, before the extension (at r 64 it would be the layers' full width)
     "Scaled metric_power 0.5 rank_multiplier 4": Scope(cells=("gnu-manuals:16", "python-reference:16"), window=False,
                                                        after_core=True),
+    DEFAULT_ITERS_0: Scope(cells=("python-reference:16", "gnu-manuals:16"), window=False, after_core=True),
     # the default (metric power 1 since session 22) and the former one in every cell, the extension's brackets
     # starting at their r 64 bests (START_FROM); the default's windows were measured while it was an attempt
     **{name: Scope(cells=ALL_CELLS) for name in ("LoRA-AdamW", "LoRA+ (ratio 16)", "PoLAR", DEFAULT_PSI,
