@@ -108,7 +108,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            0.1, (10, 32), "PSI-LoRA: LoRSum steps with low-rank heavy-ball momentum"),
     Method("scaled_psilora", ScaledPSILoRA, ("betas", "iters", "prox", "damping", "metric_power", "metric",
                                              "metric_init", "rank_multiplier", "momentum_prox", "first_step_iters"),
-           1e-3, (0.1, 0.22), "Scaled PSI-LoRA: F-LoRSum under diagonal fractional K-FAC or Shampoo metrics",
+           3.16e-3, (0.1, 0.32), "Scaled PSI-LoRA: F-LoRSum under diagonal fractional K-FAC or Shampoo metrics",
            # a rank-2r momentum: below rank r in every cell of the quality map at the same lr; metric power 1 under
            # K-FAC: below or level with 1/2 in every cell, each at its own best lr (docs/BENCHMARKS.md, Quality map)
            defaults={"rank_multiplier": 2.0, "metric_power": METRIC_POWER}),
