@@ -68,7 +68,7 @@ def train(stage: int, data: list[torch.Tensor], overflow_at: int | None, report:
     from psilora_ds.distributed import deepspeed as psilora_deepspeed
 
     model = tiny_lora_llama().cuda()
-    opt = ScaledPSILoRA(model, 1e-2, iters=1)
+    opt = ScaledPSILoRA(model, 1e-2, iters=1, metric_power=0.5)  # (as first checked; its lr in power 1/2's units)
     config = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
               "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 1,
                        "loss_scale_window": 1000, "min_loss_scale": 1},
@@ -136,7 +136,7 @@ def offload(args) -> int:
 
     makers = {"PSILoRA iters=2, exact clip": lambda m, **kw: PSILoRA(m, 0.1, iters=2, momentum=0.9,
                                                                       max_grad_norm=0.05, **kw),
-              "ScaledPSILoRA iters=1": lambda m, **kw: ScaledPSILoRA(m, 1e-2, iters=1, **kw)}
+              "ScaledPSILoRA iters=1": lambda m, **kw: ScaledPSILoRA(m, 1e-2, iters=1, metric_power=0.5, **kw)}
     micro = 4
     data = [batches(0, micro) for _ in range(3)]
     per_token = sum(layer.in_features + layer.out_features for layer in find_lora_layers(tiny_lora_llama()))

@@ -29,8 +29,8 @@ GRID = {"rank": ("16", "64"), "iters": ("0", "1"), "lr": ("0.0316", "0.1"), "pro
 def run_point(rank: str, iters: str, lr: str, prox: str) -> dict:
     """One run: the eval curve, the learned update's size and stable rank, the seconds it took."""
     started = time.time()
-    # (--rank_multiplier 1: the default when these ran; it became 2 later)
-    out = recipe_run(["--optim", "scaled_psilora", "--rank_multiplier", "1", "--iters", iters, "--prox", prox, "--lora_r", rank,
+    # (--rank_multiplier 1 and --metric_power 0.5: the defaults when these ran; they became 2 and 1 later)
+    out = recipe_run(["--optim", "scaled_psilora", "--rank_multiplier", "1", "--metric_power", "0.5", "--iters", iters, "--prox", prox, "--lora_r", rank,
                       "--lora_alpha", str(2 * int(rank)), "--lr", lr, "--dataset", "builtin:python-reference",
                       "--max_steps", "100", "--eval_every", "50", "--seed", "0", "--cache_dir", CACHE], scaling=2.0)
     return {"eval": out.get("eval"), "norm": out.get("update_norm"), "srank": out.get("stable_rank"),

@@ -59,7 +59,7 @@ def methods(momentum: float):
         "PSI-LoRA iters=8": (SGD_LRS, lambda m, lr: PSILoRA(m, lr, iters=8, momentum=momentum)),
         # rank-r momentum, like PSI-LoRA's here (the Scaled default became 2 r after these figures were recorded)
         "Scaled PSI-LoRA": (SCALED_LRS, lambda m, lr: ScaledPSILoRA(m, lr, betas=(momentum, 0.999), iters=2,
-                                                                    rank_multiplier=1)),
+                                                                    rank_multiplier=1, metric_power=0.5)),
     }
 
 

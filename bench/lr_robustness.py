@@ -32,19 +32,21 @@ from bench.common import markdown_table, save_lr_figure, write_section  # noqa: 
 from psilora_ds.recipe.corpus import generate_corpus  # noqa: E402
 
 GRID = {  # one point per decade, 3 decades (--fine adds the half-decades)
-    "LoRA-AdamW": ("adamw", [1e-4, 1e-3, 1e-2, 1e-1]),
+    "LoRA-AdamW": (["adamw"], [1e-4, 1e-3, 1e-2, 1e-1]),
     # SGD-type: its step is proportional to the gradient norm (no normalization), so its range sits higher
-    "PSI-LoRA (iters 1, momentum 0.9)": ("psilora", [1e-2, 1e-1, 1.0, 10.0]),
-    "Scaled PSI-LoRA (iters 1)": ("scaled_psilora", [1e-3, 1e-2, 1e-1, 1.0]),
+    "PSI-LoRA (iters 1, momentum 0.9)": (["psilora"], [1e-2, 1e-1, 1.0, 10.0]),
+    # metric power 1/2: the default when the recorded figures ran (the K-FAC metric's power became 1 later, its lr
+    # unit a hundredth of this)
+    "Scaled PSI-LoRA (iters 1)": (["scaled_psilora", "--metric_power", "0.5"], [1e-3, 1e-2, 1e-1, 1.0]),
 }
 PRETRAIN_LR = 3e-3
 
 
-def final_eval(optim: str, lr: float, steps: int, cache: str, extra: list[str]) -> float:
+def final_eval(optim: list[str], lr: float, steps: int, cache: str, extra: list[str]) -> float:
     """Eval loss of one run; finished runs are remembered in ``cache``/bench-lr-results.json (delete it to
     rerun everything)."""
     path = os.path.join(cache, "bench-lr-results.json")
-    key = json.dumps([optim, f"{lr:.6g}", steps, extra])
+    key = json.dumps([optim[0] if len(optim) == 1 else optim, f"{lr:.6g}", steps, extra])
     done = json.load(open(path)) if os.path.exists(path) else {}
     if key in done:
         return done[key]
@@ -57,9 +59,9 @@ def final_eval(optim: str, lr: float, steps: int, cache: str, extra: list[str]) 
     return loss
 
 
-def run_once(optim: str, lr: float, steps: int, cache: str, extra: list[str]) -> float:
+def run_once(optim: list[str], lr: float, steps: int, cache: str, extra: list[str]) -> float:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--optim", optim, "--lr", str(lr),
+        cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--optim", *optim, "--lr", str(lr),
                "--max_steps", str(steps), "--eval_every", str(steps), "--save_every", "0", "--output_dir", out,
                "--cache_dir", cache, "--iters", "1", *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))

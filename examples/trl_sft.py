@@ -36,7 +36,7 @@ def main() -> None:
         model = tiny_llama(TrainConfig(tiny_hidden_size=64, tiny_layers=2), len(tokenizer))
         with open(corpus) as f:
             dataset = Dataset.from_dict({"text": [line.strip() for line in f if line.strip()]})
-        config = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=8, learning_rate=0.5,
+        config = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=8, learning_rate=5e-3,
                            lr_scheduler_type="cosine", warmup_steps=2, max_grad_norm=1.0, max_length=64,
                            logging_steps=5, save_strategy="no", report_to=[], use_cpu=True)
         trainer = psilora_trainer(SFTTrainer)(
