@@ -21,21 +21,16 @@ points) is within 2% of its best mean.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
-import io
 import json
 import math
 import os
 import statistics
 import sys
-import tempfile
 from multiprocessing import get_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import (code_version, failed_run, finished_main, markdown_table, save_lr_figure,  # noqa: E402
-                          write_section)
+from bench.common import code_version, markdown_table, recipe_run, save_lr_figure, write_section  # noqa: E402
 
 HALF = [1.0, 10 ** 0.5]
 
@@ -95,31 +90,16 @@ def held_out_batches(base: str):
 
 
 def run_point(task: tuple[str, list[str], float, int, int, str, int]) -> tuple[str, float, int, dict]:
-    """One fine-tuning run in this worker process: ``(method, lr, seed, {eval_loss, base_eval_loss})``."""
+    """One fine-tuning run in this worker process (:func:`bench.common.recipe_run`): ``(method, lr, seed,
+    {eval_loss, base_eval_loss, code})``; a diverged or refused run is a NaN point with its ``error``."""
     name, recipe_args, lr, seed, steps, base, eval_batches = task
-    import torch
-
-    from psilora_ds.recipe.config import ConfigError
-
-    torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("psilora_train", os.path.join(ROOT, "launch", "train.py"))
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    with tempfile.TemporaryDirectory() as out:
-        argv = [*recipe_args, "--model", base, "--dataset", "builtin:python-reference", "--lr", str(lr),
-                "--seed", str(seed), "--max_steps", str(steps), "--eval_every", str(steps), "--save_every", "0",
-                "--eval_batches", str(eval_batches), "--output_dir", out, "--cache_dir", CACHE]
-        result = {"eval_loss": float("nan")}
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):
-                finished_main(train, argv)
-            with open(os.path.join(out, "metrics.jsonl")) as f:
-                records = [json.loads(line) for line in f]
-            evals = [r for r in records if "eval_loss" in r]
-            result = {"eval_loss": evals[-1]["eval_loss"], "base_eval_loss": evals[0]["eval_loss"]}
-        except ConfigError as err:  # a diverged or refused run is a NaN point, reported (anything else: a bug)
-            result["error"] = failed_run(err)
-    return name, lr, seed, result
+    out = recipe_run([*recipe_args, "--model", base, "--dataset", "builtin:python-reference", "--lr", str(lr),
+                      "--seed", str(seed), "--max_steps", str(steps), "--eval_every", str(steps),
+                      "--eval_batches", str(eval_batches), "--cache_dir", CACHE], scaling=None)
+    if "error" in out:
+        return name, lr, seed, {"eval_loss": float("nan"), "error": out["error"], "code": out["code"]}
+    return name, lr, seed, {"eval_loss": out["eval"][str(steps)], "base_eval_loss": out["eval"][min(out["eval"], key=int)],
+                            "code": out["code"]}
 
 
 def key(name: str, lr: float, seed: int, steps: int, base: str, code: str) -> str:
@@ -178,9 +158,10 @@ def main() -> None:
           f"{probe.micro_batch_size} x {probe.max_seq_len} tokens each)", flush=True)
     with get_context("spawn").Pool(args.workers, maxtasksperchild=8) as pool:
         for n, (name, lr, seed, result) in enumerate(pool.imap_unordered(run_point, tasks), 1):
-            if code_version() != code:  # the workers' library is no longer the one the key names
-                raise SystemExit(f"error: psilora_ds/ or launch/train.py changed while the bench ran (was {code}); "
-                                 "rerun it (the runs made before the change are kept under their own key)")
+            if result["code"] != code:  # a worker ran another library than the one the key names
+                raise SystemExit(f"error: psilora_ds/ or launch/train.py changed while the bench ran ({code} -> "
+                                 f"{result['code']}); rerun it (the runs made before the change are kept under "
+                                 "their own key)")
             done[key(name, lr, seed, args.steps, base, code)] = result
             os.makedirs(CACHE, exist_ok=True)
             with open(RESULTS, "w") as f:
