@@ -25,9 +25,10 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def first_step_targets(model, x, t, metric=None, beta1=0.9, beta2=0.99, damping=1e-5, power=0.5):
+def first_step_targets(model, x, t, metric=None, beta1=0.9, beta2=0.99, damping=1e-5, power=1.0):
     """Per layer: the product ``B'A'`` of the oracle's first step, ``svd_r(-eta' P)`` (Scaled: the metric-weighted
-    best rank-r approximation of ``-eta' (1 - beta1) D_out^-1 P D_in^-1``), from the dense float64 gradient."""
+    best rank-r approximation of ``-eta' (1 - beta1) D_out^-1 P D_in^-1``, the metric at ScaledPSILoRA's default K-FAC
+    power 1), from the dense float64 gradient."""
     twin = DenseTwin(model)
     P, X, Z, _ = twin.grads(x, t)
     out = []
@@ -155,8 +156,8 @@ def test_a_cache_free_first_step_is_the_dense_sketch_reconstruction(name):
         d_out = d_in = None
         if name == "scaled":  # as first_step_targets: the metric of the first step, and (1 - beta1) P
             s_in, s_out = ref.kfac_diagonal_stats(X[i], Z[i], twin.s[i])
-            d_in = ref.ema_metric(torch.zeros_like(s_in), s_in, beta2=0.99, step=1, damping=1e-5, power=0.5)[1]
-            d_out = ref.ema_metric(torch.zeros_like(s_out), s_out, beta2=0.99, step=1, damping=1e-5, power=0.5)[1]
+            d_in = ref.ema_metric(torch.zeros_like(s_in), s_in, beta2=0.99, step=1, damping=1e-5, power=1.0)[1]
+            d_out = ref.ema_metric(torch.zeros_like(s_out), s_out, beta2=0.99, step=1, damping=1e-5, power=1.0)[1]
             T = 0.1 * T / d_out[:, None] / d_in[None, :]
         omega, psi = sketch_probes(layer.out_features, layer.in_features, layer.rank,  # step 0's (every rank's)
                                    gradient_sketch_seed(0, layer.index), dtype=f64, device=torch.device("cpu"))
