@@ -627,6 +627,33 @@ def test_lr_not_given_is_the_measured_best_on_a_built_in_base_and_refused_elsewh
             assert advice in str(err.value) and "\n" not in str(err.value)
 
 
+def test_an_lr_in_the_former_metric_power_s_units_is_warned_about_once(caplog):
+    """Scaled PSI-LoRA's default K-FAC metric power became 1 (its lr unit a thirtieth to a hundredth of 1/2's): an lr
+    over ten times the best measured at power 1 (0.1, the former default's best on the built-in base) is one warning
+    that says what to do; the lrs of power 1, power 1/2 given explicitly, and other metrics or methods are not."""
+    sys.path.insert(0, ROOT)
+    import dataclasses
+    import logging
+
+    from peft import LoraConfig, get_peft_model
+
+    from psilora_ds.recipe.config import parse
+    from psilora_ds.recipe.optimizers import build_optimizer, lr_unit_warning
+
+    from .models import tiny_llama
+
+    cfg = parse(["--lr", "0.1"])
+    with caplog.at_level(logging.INFO, logger="psilora_ds"):
+        build_optimizer(cfg, get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "metric_power" in r.getMessage()]
+    assert len(warned) == 1 and "lr 0.1 is over 10x" in warned[0] and "pass --metric_power 0.5" in warned[0]
+    assert "lower --lr about 100x" in warned[0] and "\n" not in warned[0]
+    for quiet in (parse([]), parse(["--lr", "3e-2"]), parse(["--lr", "0.1", "--metric_power", "0.5"]),
+                  parse(["--lr", "0.1", "--metric", "adafactor"]), parse(["--lr", "0.1", "--optim", "psilora"]),
+                  dataclasses.replace(cfg, lr=None)):
+        assert lr_unit_warning(quiet) is None, quiet
+
+
 def test_iters_auto_keeps_rows_while_they_fit_and_goes_cache_free_over_the_budget(caplog):
     """``--iters auto``: 1 while a step's rows (counted independently here from the LoRA layers' shapes) fit the cache
     budget, 0 (cache-free) one byte over it, logged with the figures; an explicit iters >= 1 over the budget warns

@@ -43,8 +43,8 @@ class ScaledPSILoRA(LoRSumOptimizer):
         damping: ``delta`` added to the metric statistics before the power.
         metric_power: ``p`` in [0, 1] (1/2 = square-root K-FAC, the paper's default). None (the default): 1 under
             ``metric="kfac"``, lower or level with 1/2 in every cell of the quality map, each at its own best lr, whose
-            unit is then about a hundredth of 1/2's (0.1-0.22x LoRA-AdamW's, not 10-22x; docs/BENCHMARKS.md); 1/2
-            under ``"shampoo"`` and ``"adafactor"`` (:data:`METRIC_POWER`).
+            unit is then a thirtieth to a hundredth of 1/2's (0.1-0.32x LoRA-AdamW's, not 10-22x;
+            docs/BENCHMARKS.md); 1/2 under ``"shampoo"`` and ``"adafactor"`` (:data:`METRIC_POWER`).
         metric: ``"kfac"`` (diag E[x x^T], diag E[g g^T]), ``"shampoo"`` (diag G^T G, diag G G^T) or
             ``"adafactor"``: EMAs of the row and column sums of ``G**2`` (``G`` the full gradient of the step, not
             per-example), from the two-sided sketch ``(G Omega, Psi G)``, each normalized by the root of its sum, so

@@ -49,6 +49,21 @@ def lr_advice(optim: str, model: str) -> str:
             f"pass --lr; {hint}")
 
 
+def lr_unit_warning(cfg: TrainConfig) -> str | None:
+    """The warning for an lr in the units of Scaled PSI-LoRA's former default metric power (1/2) given to its default
+    power 1 under K-FAC: over ten times the largest best lr measured at power 1 (the built-in base's, the registry's
+    ``default_lr``; the quality map's were 2.2e-4 to 1e-3), where power 1/2's bests were (0.0215-0.1). Such a run
+    takes steps about a hundred times too large and ends above its base's loss (METHOD.md section 4); None otherwise."""
+    method = METHODS.get(cfg.optim)
+    if (cfg.optim != "scaled_psilora" or cfg.metric != "kfac" or cfg.metric_power != 1.0 or cfg.lr is None
+            or cfg.lr <= 10 * method.default_lr):
+        return None
+    return (f"lr {cfg.lr:g} is over 10x the best lrs measured for scaled_psilora at its default metric_power 1 "
+            f"(2.2e-4 to {method.default_lr:g}, {method.adamw_lr_ratio[0]:g}-{method.adamw_lr_ratio[1]:g}x "
+            "LoRA-AdamW's): it is in the units of metric_power 0.5, the default before (10-22x LoRA-AdamW's); lower "
+            "--lr about 100x, or pass --metric_power 0.5 to train as before")
+
+
 def check_optim(cfg: TrainConfig) -> None:
     """The method exists, runs on the chosen engine, and has an lr (given, or measured on a built-in base)."""
     if cfg.optim not in METHODS:
@@ -70,6 +85,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, distributor: Distributor
     ``distributor``: the engine's (:meth:`~psilora_ds.recipe.backends.Backend.distributor`; None: detected)."""
     check_optim(cfg)
     cfg = resolve_lr(cfg)
+    if warning := lr_unit_warning(cfg):
+        logger.warning(warning)
     method = METHODS[cfg.optim]
     if "iters" in method.takes:
         cfg = choose_iters(cfg, model)
