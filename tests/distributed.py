@@ -60,7 +60,8 @@ def make_optimizer(name, model, **kw):
 
     if name == "psilora":  # with momentum inertia (its weight from the replicated momentum); "scaled" without
         return PSILoRA(model, 0.2, momentum=0.9, iters=2, momentum_prox=0.3, **kw)
-    return ScaledPSILoRA(model, 1e-2, betas=(0.9, 0.99), iters=2, damping=1e-6, **kw)
+    # lr 1e-3 at the default K-FAC power 1: steps of the size lr 1e-2 took at power 1/2 (their unit is 10-100x apart)
+    return ScaledPSILoRA(model, 1e-3, betas=(0.9, 0.99), iters=2, damping=1e-6, **kw)
 
 
 def count_factor_reads(opt, *, copy: bool = True) -> list:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 # No dropout and no clipping (several ranks sketch the clipping norm): every engine computes the same
 # steps. 2 ranks x 4 sequences see the sequences one process sees in a micro-batch of 8.
 EXACT = ["--lora_dropout", "0", "--max_grad_norm", "0", "--max_steps", "5", "--save_every", "3", "--eval_every", "5",
-         "--warmup_steps", "0", "--lr", "0.5", "--lora_r", "4"]
+         "--warmup_steps", "0", "--lr", "5e-3", "--lora_r", "4"]
 
 
 def torchrun(port, ranks=2):
