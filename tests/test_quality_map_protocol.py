@@ -83,7 +83,7 @@ def test_the_transfer_table_gives_ratios_to_adamw_in_the_same_cell():
     table = qm.transfer_table(runs, [CELL], [METHOD, "Scaled PSI-LoRA (defaults)"], STEPS)
     # the built-in base's best (the registry's measured default lr) beside the cell's, each as a multiple of AdamW's
     assert "| LoRA-AdamW | 0.01 (1x AdamW) | 0.00215 (1x AdamW) |" in table
-    assert "| Scaled PSI-LoRA (defaults) | 0.001 (0.1x AdamW) | 0.0215 (10x AdamW) |" in table
+    assert "| Scaled PSI-LoRA (defaults) | 0.00316 (0.32x AdamW) | 0.0215 (10x AdamW) |" in table
 
 
 def test_the_targets_are_computed_from_the_settled_results():
@@ -150,7 +150,7 @@ def test_a_bench_run_reports_a_refusal_but_a_bug_stops_the_bench(monkeypatch, tm
              "builtin:generated", "--corpus_lines", "300", "--max_seq_len", "32", "--micro_batch_size", "2",
              "--eval_batches", "1", "--max_steps", "1", "--cache_dir", str(tmp_path)]
     refused = recipe_run([*small, "--lr", "-1"], scaling=2.0)
-    assert set(refused) == {"error"} and refused["error"].startswith("ConfigError"), refused
+    assert set(refused) == {"error", "code"} and refused["error"].startswith("ConfigError"), refused
 
     def broken(self, exit_code):
         raise TypeError("a bug")

@@ -304,16 +304,22 @@ def test_sigterm_saves_the_step_and_resumes_the_same_curve(fast_run, tmp_path):
 def test_ctrl_c_saves_the_step_and_a_second_one_stops_at_once(tmp_path):
     """SIGINT (Ctrl-C) is a stop request like SIGTERM: the step finishes, is saved, the run exits 130 with one line;
     a second SIGINT raises KeyboardInterrupt at once; a process that ignores SIGINT keeps ignoring it."""
-    out = tmp_path / "int"
-    proc = run([*FAST, "--output_dir", str(out)], tmp_path, check=False, extra_env={"PSILORA_DS_FAULT": "sigint:3"})
-    assert_one_error(proc, "stopped by SIGINT after step 3", code=130)
-    assert "interrupted: finishing this step and saving a checkpoint" in proc.stderr
-    assert steps_of(out) == [2, 3]
-
     import signal
 
     from psilora_ds.recipe.preemption import StopRequest
 
+    inherited = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "int"
+    proc = run([*FAST, "--output_dir", str(out)], tmp_path, check=False, extra_env={"PSILORA_DS_FAULT": "sigint:3"})
+    if inherited == signal.SIG_IGN:  # the suite runs as a background job (`pytest ... &` in a script starts it with
+        # SIGINT ignored): its runs inherit that and keep ignoring it, so the run finishes (the last check below)
+        assert proc.returncode == 0 and not error_lines(proc) and steps_of(out)[-1] == 6, proc.stderr[-3000:]
+    else:
+        assert_one_error(proc, "stopped by SIGINT after step 3", code=130)
+        assert "interrupted: finishing this step and saving a checkpoint" in proc.stderr
+        assert steps_of(out) == [2, 3]
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (this process's own checks: as in a terminal)
     stop = StopRequest()
     stop.install()
     try:
@@ -327,14 +333,14 @@ def test_ctrl_c_saves_the_step_and_a_second_one_stops_at_once(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         stop.uninstall()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         stop = StopRequest()
         stop.install()
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         stop.uninstall()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, inherited)
 
 
 # ---- finding 7: a full disk while saving is one line and keeps the older checkpoints -----------------------------
