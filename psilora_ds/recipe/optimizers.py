@@ -52,8 +52,9 @@ def lr_advice(optim: str, model: str) -> str:
 def lr_unit_warning(cfg: TrainConfig) -> str | None:
     """The warning for an lr in the units of Scaled PSI-LoRA's former default metric power (1/2) given to its default
     power 1 under K-FAC: over ten times the largest best lr measured at power 1 (the built-in base's, the registry's
-    ``default_lr``; the quality map's were 2.2e-4 to 1e-3), where power 1/2's bests were (0.0215-0.1). Such a run
-    takes steps about a hundred times too large and ends above its base's loss (METHOD.md section 4); None otherwise."""
+    ``default_lr``; the quality map's were 2.2e-4 to 1e-3), the range of power 1/2's bests (0.0215-0.1): its steps
+    are ten to a hundred times too large (in the quality map such lrs ended above the base's loss; METHOD.md section 4).
+    None otherwise."""
     method = METHODS.get(cfg.optim)
     if (cfg.optim != "scaled_psilora" or cfg.metric != "kfac" or cfg.metric_power != 1.0 or cfg.lr is None
             or cfg.lr <= 10 * method.default_lr):
