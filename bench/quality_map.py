@@ -536,7 +536,9 @@ def targets_table(results: dict, cells: list[str], methods: list[str], steps: in
             one_text = ("met" if stats[psi][0] <= stats[base][0] + stats[base][1] else "not met") + mark
             two_text = f"{min(margins):+.1f} sd: " + ("met" if min(margins) > 2 else "not met") + mark
         windows = [window_decades(results, cell, m, steps) for m in (DEFAULT_PSI, "LoRA-AdamW")]
-        if None in windows:
+        if not windowed(DEFAULT_PSI, cell):
+            three = "- (no lr windows in this cell)"  # (its 3-point brackets would read as equal windows)
+        elif None in windows:
             three = "-"
         else:
             (w_psi, closed_psi), (w_adam, closed_adam) = windows

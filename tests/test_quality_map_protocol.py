@@ -111,6 +111,12 @@ def test_the_targets_are_computed_from_the_settled_results():
     one_seed.update(with_runs(bowl(-5, 3.690, seeds=(0,)), scaled))
     row = qm.targets_table(one_seed, [CELL], [adamw, scaled], STEPS).splitlines()[-1]
     assert row.count("pending (one seed)") == 2
+    # the extension measures no lr windows: its brackets' three points are not windows to compare
+    ext = {}
+    for method, centre, bottom in ((adamw, -9, 3.700), (scaled, -11, 3.704)):
+        ext.update(with_runs(bowl(centre, bottom), method, qm.EXTENSION))
+    row = qm.targets_table(ext, [qm.EXTENSION], [adamw, scaled], STEPS).splitlines()[-1]
+    assert row.endswith("| - (no lr windows in this cell) |") and "x: " not in row
 
 
 def test_the_horizon_table_averages_each_evaluation_over_the_seeds_at_the_best_lr():
