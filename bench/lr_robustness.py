@@ -46,6 +46,7 @@ def final_eval(optim: list[str], lr: float, steps: int, cache: str, extra: list[
     """Eval loss of one run; finished runs are remembered in ``cache``/bench-lr-results.json (delete it to
     rerun everything)."""
     path = os.path.join(cache, "bench-lr-results.json")
+    # (a method of one word keeps the key it had before the arguments became a list: its cached runs are found)
     key = json.dumps([optim[0] if len(optim) == 1 else optim, f"{lr:.6g}", steps, extra])
     done = json.load(open(path)) if os.path.exists(path) else {}
     if key in done:

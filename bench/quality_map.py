@@ -535,8 +535,9 @@ def targets_table(results: dict, cells: list[str], methods: list[str], steps: in
             margins = [(stats[b][0] - stats[psi][0]) / max(stats[b][1], stats[psi][1]) for b in baselines]
             one_text = ("met" if stats[psi][0] <= stats[base][0] + stats[base][1] else "not met") + mark
             two_text = f"{min(margins):+.1f} sd: " + ("met" if min(margins) > 2 else "not met") + mark
-        windows = [window_decades(results, cell, m, steps) for m in (DEFAULT_PSI, "LoRA-AdamW")]
-        if not windowed(DEFAULT_PSI, cell):
+        windows = [window_decades(results, cell, m, steps) for m in (DEFAULT_PSI, "LoRA-AdamW")] \
+            if windowed(DEFAULT_PSI, cell) else None
+        if windows is None:
             three = "- (no lr windows in this cell)"  # (its 3-point brackets would read as equal windows)
         elif None in windows:
             three = "-"

@@ -82,7 +82,7 @@ class ScaledPSILoRA(LoRSumOptimizer):
         first_step_iters: int | None = None,
         **options: Any,
     ):
-        if metric_power is None and metric in METRICS:
+        if metric_power is None:  # (None for an unknown metric: check reports the metric first)
             metric_power = METRIC_POWER.resolve(metric)
         check(first_step_iters=first_step_iters, momentum_prox=momentum_prox, metric_init=metric_init, metric=metric,
               betas=betas, metric_power=metric_power, damping=damping, iters=iters, prox=prox,

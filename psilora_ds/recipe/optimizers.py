@@ -55,9 +55,10 @@ def lr_unit_warning(cfg: TrainConfig) -> str | None:
     ``default_lr``; the quality map's were 2.2e-4 to 1e-3), the range of power 1/2's bests (0.0215-0.1): its steps
     are ten to a hundred times too large (in the quality map such lrs ended above the base's loss; METHOD.md section 4).
     None otherwise."""
-    method = METHODS.get(cfg.optim)
-    if (cfg.optim != "scaled_psilora" or cfg.metric != "kfac" or cfg.metric_power != 1.0 or cfg.lr is None
-            or cfg.lr <= 10 * method.default_lr):
+    if cfg.optim != "scaled_psilora" or cfg.metric != "kfac" or cfg.lr is None:
+        return None
+    method = METHODS[cfg.optim]
+    if cfg.metric_power != method.default("metric_power", cfg) or cfg.lr <= 10 * method.default_lr:
         return None
     return (f"lr {cfg.lr:g} is over 10x the best lrs measured for scaled_psilora at its default metric_power 1 "
             f"(2.2e-4 to {method.default_lr:g}, {method.adamw_lr_ratio[0]:g}-{method.adamw_lr_ratio[1]:g}x "
