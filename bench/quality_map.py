@@ -131,6 +131,9 @@ METHODS.update(ATTEMPTS)
 # an attempt's bracket starts at the best lr in its cell of the method named here (RANK_R_DEFAULT's where none is)
 STARTS_AT = {**{name: "Scaled metric_power 1" for name in ATTEMPTS if name.startswith("Scaled metric_power 1 ")},
              DEFAULT_ITERS_0: DEFAULT_PSI}
+# rank 4 r at power 1 settled on gnu-manuals from metric_power 1's best; in python-reference:16 (where metric_power 1
+# alone never ran) it starts at the default's best, the same power and so the same lr unit
+STARTS_AT["Scaled metric_power 1 rank_multiplier 4"] = DEFAULT_PSI
 # the keys' renamings when a default changed (old name -> new name; the arguments are the new name's in METHODS)
 RENAMED_IN_SESSION_22 = {"Scaled PSI-LoRA (defaults)": FORMER_DEFAULT, "Scaled rank_multiplier 1": RANK_R_DEFAULT,
                          "Scaled PSI-LoRA iters 0": ITERS_0,
@@ -158,6 +161,10 @@ SCOPES: dict[str, Scope] = {
     "Scaled metric_power 0.5 rank_multiplier 4": Scope(cells=("gnu-manuals:16", "python-reference:16"), window=False,
                                                        after_core=True),
     DEFAULT_ITERS_0: Scope(cells=("python-reference:16", "gnu-manuals:16"), window=False, after_core=True),
+    # rank 4 r at power 1 (the default's power; 3.6884 +- 0.0090 against the default's 3.7048 +- 0.0102 on
+    # gnu-manuals): whether it gains near the base's data too, which would make it the default (session 23)
+    "Scaled metric_power 1 rank_multiplier 4": Scope(cells=("gnu-manuals:16", "python-reference:16"), window=False,
+                                                     after_core=True),
     # the default (metric power 1 since session 22) and the former one in every cell, the extension's brackets
     # starting at their r 64 bests (START_FROM); the default's windows were measured while it was an attempt
     **{name: Scope(cells=ALL_CELLS) for name in ("LoRA-AdamW", "LoRA+ (ratio 16)", "PoLAR", DEFAULT_PSI,
