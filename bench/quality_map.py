@@ -47,11 +47,12 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import load_json, markdown_table, recipe_run, save_json, write_section  # noqa: E402
+from bench.common import load_json, machine, markdown_table, recipe_run, save_json, write_section  # noqa: E402
 from bench.finetune_real import window  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results", "quality_map.json")
 FULL = "Full fine-tuning (AdamW)"
+BASELINE = "LoRA-AdamW"  # the step-time round's reference, timed first and last
 ADAM_ORACLE = "SVDLoRA oracle, Adam direction"
 CACHE = os.path.join(ROOT, ".cache", "psilora_ds")
 BASE = dict(hidden=256, layers=6, vocab_size=4096, steps=2000, corpus="stdlib")
@@ -128,12 +129,13 @@ ATTEMPTS: dict[str, tuple[list[str], float]] = {
     DEFAULT_ITERS_0: ([*SCALED, "--iters", "0", "--rank_multiplier", "2", "--metric_power", "1.0"], 1e-3),
 }
 METHODS.update(ATTEMPTS)
-# an attempt's bracket starts at the best lr in its cell of the method named here (RANK_R_DEFAULT's where none is)
-STARTS_AT = {**{name: "Scaled metric_power 1" for name in ATTEMPTS if name.startswith("Scaled metric_power 1 ")},
-             DEFAULT_ITERS_0: DEFAULT_PSI}
-# rank 4 r at power 1 settled on gnu-manuals from metric_power 1's best; in python-reference:16 (where metric_power 1
-# alone never ran) it starts at the default's best, the same power and so the same lr unit
-STARTS_AT["Scaled metric_power 1 rank_multiplier 4"] = DEFAULT_PSI
+# an attempt's bracket starts at the best lr in its cell of the first method named here that has one
+# (RANK_R_DEFAULT's where none is named): rank 4 r at power 1 settled on gnu-manuals from metric_power 1's best; in
+# python-reference:16, where metric_power 1 alone never ran, it starts at the default's (the same power, so the same
+# lr unit)
+STARTS_AT: dict[str, tuple[str, ...]] = {
+    **{name: ("Scaled metric_power 1", DEFAULT_PSI) for name in ATTEMPTS if name.startswith("Scaled metric_power 1 ")},
+    DEFAULT_ITERS_0: (DEFAULT_PSI,)}
 # the keys' renamings when a default changed (old name -> new name; the arguments are the new name's in METHODS)
 RENAMED_IN_SESSION_22 = {"Scaled PSI-LoRA (defaults)": FORMER_DEFAULT, "Scaled rank_multiplier 1": RANK_R_DEFAULT,
                          "Scaled PSI-LoRA iters 0": ITERS_0,
@@ -325,20 +327,41 @@ def step_time_probe(task: tuple[str, str, str]) -> tuple[str, str, float]:
     return rank, method, (seconds[str(PROBE_STEPS)] - seconds[str(PROBE_FROM)]) / (PROBE_STEPS - PROBE_FROM)
 
 
-def measure_step_times(results: dict, cells: list[str], methods: list[str], base: str, rounds: int = 1) -> None:
-    """``results["_step_seconds"][rank][method]``: each method's seconds per step on a quiet machine (the fastest of
-    ``rounds`` rounds, every method once per round, one at a time): the time axis of time-to-quality, which the map's
-    own ``train_seconds`` cannot give while its runs share the cores."""
+def measure_step_times(results: dict, cells: list[str], methods: list[str], base: str) -> None:
+    """``results["_step_seconds"][rank][method]``: each method's seconds per step on a quiet machine, one run at a
+    time, all in one round (LoRA-AdamW first and again last in each rank: the ratio of its two times, the machine's
+    drift over the round, is kept in ``results["_step_seconds_round"]`` with the machine and date). The time axis of
+    time-to-quality, which the map's own ``train_seconds`` cannot give while its runs share the cores. The round
+    replaces the stored times only once complete, so the axis never mixes machines or sessions."""
     ranks = sorted({cell.split(":")[1] for cell in cells}, key=int)
-    tasks = [(rank, m, base) for rank in ranks for m in methods if runs_in(m, f"python-reference:{rank}")]
-    store = results.setdefault("_step_seconds", {})
-    for _ in range(rounds):
-        for task in tasks:
-            rank, method, seconds = step_time_probe(task)
-            best = store.setdefault(rank, {}).get(method)
-            store[rank][method] = round(seconds if best is None else min(best, seconds), 4)
-            save_json(results, RESULTS)
+    times: dict[str, dict[str, float]] = {}
+    again: dict[str, float] = {}
+    for rank in ranks:
+        cell = f"python-reference:{rank}"
+        todo = [m for m in methods if runs_in(m, cell)]
+        todo.sort(key=lambda m: m != BASELINE)  # the baseline first (stable: the others in order)
+        for method in todo + ([BASELINE] if BASELINE in todo else []):
+            _, _, seconds = step_time_probe((rank, method, base))
+            if method == BASELINE and method in times.get(rank, {}):
+                again[rank] = round(seconds / times[rank][method], 3)
+            else:
+                times.setdefault(rank, {})[method] = round(seconds, 4)
             print(f"r {rank} {method}: {seconds:.3f} s/step", flush=True)
+    results["_step_seconds"] = times
+    results["_step_seconds_round"] = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                                      "baseline_again": again}
+    save_json(results, RESULTS)
+
+
+def step_times_note(results: dict) -> str:
+    """Where the quiet step times come from, for the report."""
+    made = results.get("_step_seconds_round")
+    if made is None:
+        return ("quiet step times from several sessions (machines about 1.15x apart): rerun `--step_times` for one "
+                "round")
+    drift = ", ".join(f"r {rank} {ratio:.3f}x" for rank, ratio in made["baseline_again"].items())
+    return (f"quiet step times from one round on {made['date']} ({made['machine']}); LoRA-AdamW timed again at the "
+            f"round's end: {drift} its first time")
 
 
 def quiet_seconds(results: dict, cell: str, method: str, step: int) -> float | None:
@@ -378,12 +401,13 @@ def mean_or_inf(losses: list[float]) -> float:
 def start_k(results: dict, cell: str, method: str, steps: int) -> int:
     """Where a method's bracket starts: in a cell of :data:`START_FROM` at its own best in the cell named there; else
     an attempt (a variation of :data:`RANK_R_DEFAULT`) at its best lr in the cell (or that of the method
-    :data:`STARTS_AT` names); every other method
+    :data:`STARTS_AT` names first that has one there); every other method
     (or where that best is not in yet) at its guess in :data:`METHODS`."""
     if cell in START_FROM:
         best = best_point(results, START_FROM[cell], method, steps)
     elif scope(method).after_core:
-        best = best_point(results, cell, STARTS_AT.get(method, RANK_R_DEFAULT), steps)
+        best = next((got for other in STARTS_AT.get(method, (RANK_R_DEFAULT,))
+                     if (got := best_point(results, cell, other, steps)) is not None), None)
     else:
         best = None
     return k_of(METHODS[method][1]) if best is None else best[0]
@@ -789,7 +813,8 @@ def main() -> None:
                   "minutes). Eval loss every 50 steps on the fixed held-out split. lr window: the decades of lr around "
                   "the best within 2% of its loss (seed 0; '>=': an edge not yet crossed). train s: training seconds "
                   "to step 300 (step overhead included), 'quiet' from each method's seconds per step measured one run "
-                  "at a time with nothing else running (`--step_times`), 'as run' summed in the map's own runs, "
+                  "at a time with nothing else running (`--step_times`; " + step_times_note(results) + "), 'as run' summed in the "
+                  "map's own runs, "
                   "inflated where tests or benches shared the cores (sessions 13-14: 170-850 s); the full fine-tuning "
                   "row's stable rank is of its dense update (not bounded by r)."
                 + (f"\n\n![quality map]({os.path.basename(args.png)})" if args.png else "")

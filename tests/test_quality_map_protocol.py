@@ -200,14 +200,49 @@ def test_an_attempt_starts_at_the_default_s_best_lr_in_its_cell():
     assert qm.needed(default, cell, METHOD, STEPS) == [(k0 - 1, 0), (k0, 0), (k0 + 1, 0)]
 
 
-def test_the_combined_levers_start_at_metric_power_1_s_best_lr():
+def test_the_combined_levers_start_at_metric_power_1_s_best_lr_else_at_the_default_s():
     cell, combined = "gnu-manuals:16", "Scaled metric_power 1 rank_multiplier 4"
-    assert qm.scope(combined).cells == (cell,) and qm.scope(combined).after_core
+    assert qm.scope(combined).cells == (cell, CELL) and qm.scope(combined).after_core
     runs = {**with_runs({(-3, 0): 3.9, (-2, 0): 3.8, (-1, 0): 3.85}, qm.RANK_R_DEFAULT, cell),
-            **with_runs({(-4, 0): 3.8, (-3, 0): 3.7, (-2, 0): 9.9}, "Scaled metric_power 1", cell)}
+            **with_runs({(-4, 0): 3.8, (-3, 0): 3.7, (-2, 0): 9.9}, "Scaled metric_power 1", cell),
+            **with_runs({(-12, 0): 3.8, (-11, 0): 3.7, (-10, 0): 3.9}, qm.DEFAULT_PSI, cell)}
     assert qm.needed(runs, cell, combined, STEPS) == [(-4, 0), (-3, 0), (-2, 0)]
     # the other attempts still start at the rank-r default's
     assert qm.needed(runs, cell, "Scaled prox 1e-3", STEPS) == [(-3, 0), (-2, 0), (-1, 0)]
+    # where metric_power 1 alone never ran, at the default's best (its power, so its lr unit); none yet: the guess
+    default = with_runs({(-12, 0): 3.8, (-11, 0): 3.7, (-10, 0): 3.9}, qm.DEFAULT_PSI, CELL)
+    assert qm.needed(default, CELL, combined, STEPS) == [(-12, 0), (-11, 0), (-10, 0)]
+    guess = qm.k_of(qm.METHODS[combined][1])
+    assert qm.needed({}, CELL, combined, STEPS) == [(guess - 1, 0), (guess, 0), (guess + 1, 0)]
+
+
+def test_a_step_time_round_times_the_baseline_first_and_last_and_replaces_the_stored_times_once(monkeypatch):
+    probed: list[tuple[str, str]] = []
+
+    def probe(task):
+        rank, method, _ = task
+        probed.append((rank, method))
+        repeat = sum(p == (rank, method) for p in probed)
+        return rank, method, (1.1 if repeat > 1 else 1.0) * (0.5 if method == qm.BASELINE else 0.7)
+
+    monkeypatch.setattr(qm, "step_time_probe", probe)
+    monkeypatch.setattr(qm, "save_json", lambda results, path: None)
+    results = {"_step_seconds": {"16": {"gone": 9.0}}}
+    methods = ["PoLAR", qm.BASELINE, qm.DEFAULT_PSI]
+    qm.measure_step_times(results, [CELL, "python-reference:64"], methods, "base")
+    assert probed == [(r, m) for r in ("16", "64") for m in (qm.BASELINE, "PoLAR", qm.DEFAULT_PSI, qm.BASELINE)]
+    assert results["_step_seconds"] == {r: {qm.BASELINE: 0.5, "PoLAR": 0.7, qm.DEFAULT_PSI: 0.7} for r in ("16", "64")}
+    assert results["_step_seconds_round"]["baseline_again"] == {"16": 1.1, "64": 1.1}
+    assert "1.100x" in qm.step_times_note(results) and results["_step_seconds_round"]["machine"] in \
+        qm.step_times_note(results)
+    # a round that stops part-way leaves the stored times as they were
+    def fails(task):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(qm, "step_time_probe", fails)
+    before = json.dumps(results, sort_keys=True)
+    with pytest.raises(KeyboardInterrupt):
+        qm.measure_step_times(results, [CELL], methods, "base")
+    assert json.dumps(results, sort_keys=True) == before
 
 
 def test_the_extension_cell_runs_last_with_five_methods_from_their_r64_best():
