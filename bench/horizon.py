@@ -31,6 +31,7 @@ RESULTS = os.path.join(ROOT, "bench", "results", "horizon.json")
 CACHE = os.path.join(ROOT, ".cache", "psilora_ds")
 # the defaults when these ran (the momentum's rank became 2 r later, the K-FAC metric's power 1 later still)
 SCALED = ["--optim", "scaled_psilora", "--rank_multiplier", "1", "--metric_power", "0.5"]
+POWER_1 = ["--optim", "scaled_psilora", "--rank_multiplier", "2", "--metric_power", "1.0"]
 RUNS: dict[str, list[str]] = {  # name -> recipe arguments (lr included)
     "LoRA-AdamW lr 3e-3": ["--optim", "adamw", "--lr", "3e-3"],
     "LoRA-AdamW lr 1e-2": ["--optim", "adamw", "--lr", "1e-2"],
@@ -47,6 +48,13 @@ RUNS: dict[str, list[str]] = {  # name -> recipe arguments (lr included)
     "Scaled lr 0.1 iters 2": [*SCALED, "--lr", "0.1", "--iters", "2"],
     "Scaled lr 0.1 betas 0.9,0.99": [*SCALED, "--lr", "0.1", "--betas", "[0.9, 0.99]"],
     "LoRA-AdamW lr 1e-2 constant lr": ["--optim", "adamw", "--lr", "1e-2", "--lr_scheduler", "constant"],
+    # the default since session 22 (K-FAC metric power 1, rank-2r momentum), around its 100-step best lr on this base
+    # (3.16e-3, bench/finetune_real.py): whether it still falls behind LoRA-AdamW on the long run
+    **{f"Scaled metric_power 1 rank_multiplier 2 lr {lr}": [*POWER_1, "--lr", lr]
+       for lr in ("1e-3", "3.16e-3", "5.6e-3", "1e-2")},
+    # whether what keeps its lr (and so its update) small is the first steps: a 60-step warm-up (10% of the run)
+    "Scaled metric_power 1 rank_multiplier 2 lr 1e-2 warmup 60": [*POWER_1, "--lr", "1e-2", "--warmup_steps", "60"],
+    "Scaled metric_power 1 rank_multiplier 2 lr 5.6e-3 warmup 60": [*POWER_1, "--lr", "5.6e-3", "--warmup_steps", "60"],
 }
 
 
