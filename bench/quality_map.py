@@ -492,7 +492,8 @@ def report(results: dict, cells: list[str], methods: list[str], steps: int) -> s
             quiet = quiet_seconds(results, cell, method, steps)
             seconds = statistics.mean(r["train_seconds"][str(steps)] for r in runs if "train_seconds" in r)
             sd = statistics.stdev(losses) if len(losses) > 1 else float("nan")
-            interior = k - 1 in curve(results, cell, method, steps) and k + 1 in curve(results, cell, method, steps)
+            tried = curve(results, cell, method, steps)
+            interior = k - 1 in tried and k + 1 in tried
             rows.append([cell, method, f"{lr_of(k):g}" + ("" if interior else " (edge)"), len(losses),
                          f"{statistics.mean(losses):.4f} +- {sd:.4f}",
                          lr_window(results, cell, method, steps) if windowed(method, cell) else "-",
