@@ -57,6 +57,11 @@ RUNS: dict[str, list[str]] = {  # name -> recipe arguments (lr included)
     "Scaled metric_power 1 rank_multiplier 2 lr 5.6e-3 warmup 60": [*POWER_1, "--lr", "5.6e-3", "--warmup_steps", "60"],
 }
 
+NOTE = ("The rows up to \"LoRA-AdamW lr 1e-2 constant lr\" ran in session 10 on a 2-core Intel Xeon, the metric_power 1 "
+        "rows in session 23 on the machine named above (the losses do not depend on it beyond float rounding; the "
+        "table has no times). Scaled's `--prox` is a weight on lr (lam = lr x prox, METHOD.md section 2): at power "
+        "1's lr, a hundredth of power 1/2's, the default's proximal term is a hundredth as strong.")
+
 
 def run_point(task: tuple[str, list[str], int, int, int]) -> tuple[str, int, dict]:
     """One run of launch/train.py's main in this worker: its eval curve and update size."""
@@ -112,7 +117,8 @@ def main() -> None:
             results[key(name, seed, args.steps, args.eval_every)] = result
             save(results)  # each finished run at once: an interrupted bench resumes here
             print(f"{name} seed {seed}: {result.get('eval', result.get('error'))}", flush=True)
-    text = table(results, args.runs, args.seeds, args.steps, args.eval_every)
+    text = (f"{NOTE}\n\n" if args.runs == list(RUNS) else "") + table(results, args.runs, args.seeds, args.steps,
+                                                                          args.eval_every)
     print(text)
     if args.write:
         write_section(args.write, "Long runs: horizon, lr and proximal weight", "python bench/horizon.py " +
