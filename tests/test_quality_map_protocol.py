@@ -216,7 +216,8 @@ def test_the_combined_levers_start_at_metric_power_1_s_best_lr_else_at_the_defau
     assert qm.needed({}, CELL, combined, STEPS) == [(guess - 1, 0), (guess, 0), (guess + 1, 0)]
 
 
-def test_a_step_time_round_times_the_baseline_first_and_last_and_replaces_the_stored_times_once(monkeypatch):
+def test_a_step_time_round_times_the_baseline_first_and_last_and_replaces_the_stored_times_once(monkeypatch,
+                                                                                                 tmp_path):
     probed: list[tuple[str, str]] = []
 
     def probe(task):
@@ -226,7 +227,7 @@ def test_a_step_time_round_times_the_baseline_first_and_last_and_replaces_the_st
         return rank, method, (1.1 if repeat > 1 else 1.0) * (0.5 if method == qm.BASELINE else 0.7)
 
     monkeypatch.setattr(qm, "step_time_probe", probe)
-    monkeypatch.setattr(qm, "save_json", lambda results, path: None)
+    monkeypatch.setattr(qm, "RESULTS", str(tmp_path / "map.json"))
     results = {"_step_seconds": {"16": {"gone": 9.0}}}
     methods = ["PoLAR", qm.BASELINE, qm.DEFAULT_PSI]
     qm.measure_step_times(results, [CELL, "python-reference:64"], methods, "base")
@@ -321,3 +322,26 @@ def test_the_attempts_figure_draws_every_psi_setting_of_the_committed_map(tmp_pa
     settled = [m for m in qm.METHODS if m not in (*qm.BASELINES, qm.FULL) and qm.runs_in(m, qm.ATTEMPTS_CELL)
                and qm.best_point(results, qm.ATTEMPTS_CELL, m, STEPS)]
     assert len(drawn) == len(settled) >= 10
+
+
+def test_the_horizon_check_starts_at_the_300_step_best_and_runs_no_window():
+    k0 = qm.k_of(qm.METHODS[METHOD][1])
+    assert qm.needed({}, qm.LONG_CELL, METHOD, 600) == [(k0 - 1, 0), (k0, 0), (k0 + 1, 0)]
+    at_300 = with_runs({(k, s): 3.6 + 0.01 * abs(k + 8) for k in (-9, -8, -7) for s in (0, 1, 2)}, METHOD,
+                       qm.LONG_CELL)
+    assert qm.needed(at_300, qm.LONG_CELL, METHOD, 600) == [(-9, 0), (-8, 0), (-7, 0)]
+    long = {qm.key(qm.LONG_CELL, METHOD, k, s, 600): {"eval": {"600": 3.5 + 0.01 * abs(k + 8)}}
+            for k in (-9, -8, -7) for s in (0, 1, 2)}
+    assert qm.needed({**at_300, **long}, qm.LONG_CELL, METHOD, 600) == []  # seeds done; no lr window at 600 steps
+    assert qm.windowed(METHOD, qm.LONG_CELL) and not qm.windowed(METHOD, qm.LONG_CELL, 600)
+
+
+def test_saving_keeps_the_runs_another_map_process_wrote(tmp_path, monkeypatch):
+    path = str(tmp_path / "map.json")
+    monkeypatch.setattr(qm, "RESULTS", path)
+    mine, theirs = {"a": {"eval": {"300": 3.6}}}, {"b": {"eval": {"600": 3.5}}}
+    qm.save_results(theirs)
+    qm.save_results(mine)  # began before "b" was written: it must not drop it
+    with open(path) as f:
+        assert json.load(f) == {"a": {"eval": {"300": 3.6}}, "b": {"eval": {"600": 3.5}}}
+    assert "b" in mine  # and the process now knows of it
