@@ -72,6 +72,7 @@ CELLS = ("python-reference:16", "python-reference:64", "gnu-manuals:16")
 # the three baselines only, each bracket starting at the method's best at r 64 (START_FROM); means only, no lr
 # windows (needed)
 EXTENSION = "python-reference:128"
+STEPS = 300  # the map's horizon; runs of other lengths (the horizon check) start from their method's best here
 ALL_CELLS = (*CELLS, EXTENSION)
 START_FROM = {EXTENSION: "python-reference:64"}
 # Scaled PSI-LoRA's defaults changed twice while the map ran (issue 25 item 5): the momentum's rank became 2 r in
@@ -189,11 +190,11 @@ def runs_in(method: str, cell: str) -> bool:
     return cell in scope(method).cells
 
 
-def windowed(method: str, cell: str, steps: int = 300) -> bool:
+def windowed(method: str, cell: str, steps: int = STEPS) -> bool:
     """Whether the map measures ``method``'s lr window in ``cell``: not for the attempts and the diagnostic, not in
     the extension cell (its means only: the windows would cost ~12 runs, 30 minutes, and target 3 is the issue's
     cells') and not at another horizon than the map's 300 steps."""
-    return scope(method).window and cell != EXTENSION and steps == 300
+    return scope(method).window and cell != EXTENSION and steps == STEPS
 
 
 SEEDS = (0, 1, 2)
@@ -201,7 +202,6 @@ SEEDS = (0, 1, 2)
 # are crossed, at most WINDOW_REACH points (a decade and a third) from the best
 WINDOW, WINDOW_REACH = 0.02, 4
 EVAL_EVERY = 50
-STEPS = 300  # the map's horizon; runs of other lengths (the horizon check) start from their method's best here
 HORIZON_NOTE = ("The map's base and protocol over more steps (cosine schedule over the whole run): LoRA-AdamW, LoRA+ "
                 "and the default Scaled PSI-LoRA in python-reference r 16, each bracket starting at its best lr at "
                 "300 steps, 3 seeds around the best, no lr windows. The question (bench/horizon.py): on the built-in "
@@ -776,7 +776,7 @@ def save_attempts_figure(results: dict, cell: str, steps: int, path: str) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cells", nargs="+", default=list(ALL_CELLS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
