@@ -18,7 +18,6 @@ from .lorsum_family import LoRSumOptimizer
 from .psilora import (MOMENTUM_PROX, factor_and_momentum_step,
                       init_low_rank_momentum, jacobi_blocker)
 
-METRICS = HYPERPARAMETERS["metric"].choices
 METRIC_INITS = HYPERPARAMETERS["metric_init"].choices
 # the default metric power: 1 under K-FAC (the quality map: below or level with the paper's 1/2 in every cell, each at
 # its best lr, docs/BENCHMARKS.md); 1/2 under Shampoo (not measured) and Adafactor (1/2 makes it Adafactor's step)
