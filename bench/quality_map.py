@@ -58,7 +58,7 @@ from bench.finetune_real import window  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results", "quality_map.json")
 FULL = "Full fine-tuning (AdamW)"
-BASELINE = "LoRA-AdamW"  # the step-time round's reference, timed first and last
+BASELINE = "LoRA-AdamW"  # the reference of ratios (lr transfer, lr window, the step-time round: timed first and last)
 ADAM_ORACLE = "SVDLoRA oracle, Adam direction"
 CACHE = os.path.join(ROOT, ".cache", "psilora_ds")
 BASE = dict(hidden=256, layers=6, vocab_size=4096, steps=2000, corpus="stdlib")
@@ -207,7 +207,7 @@ HORIZON_NOTE = ("The map's base and protocol over more steps (cosine schedule ov
                 "300 steps, 3 seeds around the best, no lr windows. The question (bench/horizon.py): on the built-in "
                 "base over 600 steps the default led LoRA-AdamW to step 300 and ended 2.1% behind (one seed).")
 LONG_CELL = "python-reference:16"
-LONG_METHODS = ("LoRA-AdamW", "LoRA+ (ratio 16)", "Scaled PSI-LoRA (defaults)")
+LONG_METHODS = (BASELINE, "LoRA+ (ratio 16)", DEFAULT_PSI)
 
 
 def lr_of(k: int) -> float:
@@ -595,7 +595,7 @@ def targets_table(results: dict, cells: list[str], methods: list[str], steps: in
             margins = [(stats[b][0] - stats[psi][0]) / max(stats[b][1], stats[psi][1]) for b in baselines]
             one_text = ("met" if stats[psi][0] <= stats[base][0] + stats[base][1] else "not met") + mark
             two_text = f"{min(margins):+.1f} sd: " + ("met" if min(margins) > 2 else "not met") + mark
-        windows = [window_decades(results, cell, m, steps) for m in (DEFAULT_PSI, "LoRA-AdamW")] \
+        windows = [window_decades(results, cell, m, steps) for m in (DEFAULT_PSI, BASELINE)] \
             if windowed(DEFAULT_PSI, cell, steps) else None
         if windows is None:
             three = "- (no lr windows in this cell)"  # (its 3-point brackets would read as equal windows)
@@ -629,7 +629,7 @@ def transfer_table(results: dict, cells: list[str], methods: list[str], steps: i
     """Item 4, learning rates that transfer: each method's best lr on the built-in base (100 steps) and per cell (the
     mean over the seeds run), its ratio to LoRA-AdamW's best on the same base and cell, and how far it moves from the
     first cell (x: factor, a grid point is 2.15x)."""
-    baseline = "LoRA-AdamW"
+    baseline = BASELINE
     cells = [c for c in cells if best_point(results, c, baseline, steps)]
     if not cells:
         return ""
