@@ -352,28 +352,33 @@ def step_time_probe(task: tuple[str, str, str]) -> tuple[str, str, float]:
     return rank, method, (seconds[str(PROBE_STEPS)] - seconds[str(PROBE_FROM)]) / (PROBE_STEPS - PROBE_FROM)
 
 
-def measure_step_times(results: dict, cells: list[str], methods: list[str], base: str) -> None:
+def measure_step_times(results: dict, cells: list[str], methods: list[str], base: str, rounds: int = 1) -> None:
     """``results["_step_seconds"][rank][method]``: each method's seconds per step on a quiet machine, one run at a
-    time, all in one round (LoRA-AdamW first and again last in each rank: the ratio of its two times, the machine's
-    drift over the round, is kept in ``results["_step_seconds_round"]`` with the machine and date). The time axis of
-    time-to-quality, which the map's own ``train_seconds`` cannot give while its runs share the cores. The round
-    replaces the stored times only once complete, so the axis never mixes machines or sessions."""
+    time, the fastest of ``rounds`` rounds in this one process (LoRA-AdamW first and again last in each rank of each
+    round: the largest ratio of its two times, the machine's drift, is kept in ``results["_step_seconds_round"]`` with
+    the machine, date and rounds). The time axis of time-to-quality, which the map's own ``train_seconds`` cannot give
+    while its runs share the cores. The rounds replace the stored times only once complete, so the axis never mixes
+    machines or sessions."""
     ranks = sorted({cell.split(":")[1] for cell in cells}, key=int)
     times: dict[str, dict[str, float]] = {}
     again: dict[str, float] = {}
-    for rank in ranks:
-        cell = f"python-reference:{rank}"
-        todo = [m for m in methods if runs_in(m, cell)]
-        todo.sort(key=lambda m: m != BASELINE)  # the baseline first (stable: the others in order)
-        for method in todo + ([BASELINE] if BASELINE in todo else []):
-            _, _, seconds = step_time_probe((rank, method, base))
-            if method == BASELINE and method in times.get(rank, {}):
-                again[rank] = round(seconds / times[rank][method], 3)
-            else:
-                times.setdefault(rank, {})[method] = round(seconds, 4)
-            print(f"r {rank} {method}: {seconds:.3f} s/step", flush=True)
+    for _ in range(rounds):
+        for rank in ranks:
+            todo = [m for m in methods if runs_in(m, f"python-reference:{rank}")]
+            todo.sort(key=lambda m: m != BASELINE)  # the baseline first (stable: the others in order)
+            first: float | None = None
+            for method in todo + ([BASELINE] if BASELINE in todo else []):
+                _, _, seconds = step_time_probe((rank, method, base))
+                print(f"r {rank} {method}: {seconds:.3f} s/step", flush=True)
+                if method == BASELINE and first is not None:
+                    drift = round(seconds / first, 3)
+                    again[rank] = drift if abs(drift - 1) > abs(again.get(rank, 1.0) - 1) else again.get(rank, drift)
+                    continue
+                first = seconds if method == BASELINE else first
+                best = times.setdefault(rank, {}).get(method, math.inf)
+                times[rank][method] = round(min(best, seconds), 4)
     results["_step_seconds"] = times
-    results["_step_seconds_round"] = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+    results["_step_seconds_round"] = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds": rounds,
                                       "baseline_again": again}
     save_results(results)
 
@@ -385,8 +390,10 @@ def step_times_note(results: dict) -> str:
         return ("quiet step times from several sessions (machines about 1.15x apart): rerun `--step_times` for one "
                 "round")
     drift = ", ".join(f"r {rank} {ratio:.3f}x" for rank, ratio in made["baseline_again"].items())
-    return (f"quiet step times from one round on {made['date']} ({made['machine']}); LoRA-AdamW timed again at the "
-            f"round's end: {drift} its first time")
+    rounds = made.get("rounds", 1)
+    return (f"quiet step times from {'one round' if rounds == 1 else f'the fastest of {rounds} rounds'} on "
+            f"{made['date']} ({made['machine']}); LoRA-AdamW timed again at a rank's end: {drift} its first time"
+            + ("" if rounds == 1 else " (the furthest from 1 over the rounds)"))
 
 
 def quiet_seconds(results: dict, cell: str, method: str, step: int) -> float | None:
@@ -785,6 +792,9 @@ def main() -> None:
     parser.add_argument("--step_times", action="store_true",
                         help="only measure each method's seconds per step, one run at a time (on a quiet machine: "
                              "nothing else running); the report and figure then put time-to-quality on that scale")
+    parser.add_argument("--step_time_rounds", type=int, default=1,
+                        help="with --step_times: keep each method's fastest of this many rounds (one probe of every "
+                             "method per round, about a minute each)")
     parser.add_argument("--write", default=None, help="write the table into this markdown file's section")
     parser.add_argument("--png", default=None, help="write the figure (loss vs lr; loss vs time) to this file")
     parser.add_argument("--attempts_png", default=None,
@@ -805,7 +815,7 @@ def main() -> None:
                              f"({made['eval_loss_python_source']:.4f} vs {record['eval_loss_python_source']:.4f})")
         save_results(results)
         if args.step_times:
-            measure_step_times(results, args.cells, args.methods, base)
+            measure_step_times(results, args.cells, args.methods, base, args.step_time_rounds)
         if not args.step_times:
             run_map(results, args.cells, args.methods, args.steps, base, args.workers, args.max_rounds)
     table = report(results, args.cells, args.methods, args.steps)

@@ -236,6 +236,12 @@ def test_a_step_time_round_times_the_baseline_first_and_last_and_replaces_the_st
     assert results["_step_seconds_round"]["baseline_again"] == {"16": 1.1, "64": 1.1}
     assert "1.100x" in qm.step_times_note(results) and results["_step_seconds_round"]["machine"] in \
         qm.step_times_note(results)
+    # two rounds: each method's fastest, the baseline's drift furthest from 1
+    probed.clear()
+    qm.measure_step_times(results, [CELL], methods, "base", rounds=2)
+    assert len(probed) == 8 and results["_step_seconds"]["16"] == {qm.BASELINE: 0.5, "PoLAR": 0.7, qm.DEFAULT_PSI: 0.7}
+    assert results["_step_seconds_round"]["baseline_again"] == {"16": 1.1}  # round 1 drifted, round 2 did not
+    assert "the fastest of 2 rounds" in qm.step_times_note(results)
     # a round that stops part-way leaves the stored times as they were
     def fails(task):
         raise KeyboardInterrupt
