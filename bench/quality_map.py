@@ -243,15 +243,20 @@ def check_step0(results: dict, cell: str, result: dict) -> None:
                          f"they match")
 
 
-def save_results(results: dict) -> None:
-    """Write ``results`` to :data:`RESULTS` without losing another map process's runs (the main map and the horizon
-    check may run side by side): under a lock, the runs on disk that ``results`` lacks join it first."""
+def save_results(results: dict, own: tuple[str, ...] = ()) -> None:
+    """Write ``results`` to :data:`RESULTS` without losing what another map process wrote (the main map, the horizon
+    check and a step-time round may run side by side): under a lock, the file's runs that ``results`` lacks join it
+    (a run never changes once written), and its ``_`` records (step-0 losses, step times) replace this process's
+    copies entry by entry, except those named in ``own``, which this process has just made."""
     import fcntl
 
     with open(RESULTS + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for name, value in load_json(RESULTS).items():
-            results.setdefault(name, value)
+            if not name.startswith("_"):
+                results.setdefault(name, value)
+            elif name not in own:
+                results[name] = {**results.get(name, {}), **value} if isinstance(value, dict) else value
         save_json(results, RESULTS)
 
 
@@ -380,7 +385,7 @@ def measure_step_times(results: dict, cells: list[str], methods: list[str], base
     results["_step_seconds"] = times
     results["_step_seconds_round"] = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds": rounds,
                                       "baseline_again": again}
-    save_results(results)
+    save_results(results, own=("_step_seconds", "_step_seconds_round"))
 
 
 def step_times_note(results: dict) -> str:

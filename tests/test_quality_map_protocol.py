@@ -351,3 +351,12 @@ def test_saving_keeps_the_runs_another_map_process_wrote(tmp_path, monkeypatch):
     with open(path) as f:
         assert json.load(f) == {"a": {"eval": {"300": 3.6}}, "b": {"eval": {"600": 3.5}}}
     assert "b" in mine  # and the process now knows of it
+    # a step-time round's times win over a map process's stale copy; step-0 losses of both processes' cells stay
+    fresh = {"_step_seconds": {"16": {METHOD: 0.5}}, "_step0": {CELL: 4.0}}
+    stale = {"_step_seconds": {"16": {METHOD: 9.0}}, "_step0": {"gnu-manuals:16": 4.2}}
+    qm.save_results(fresh, own=("_step_seconds",))
+    qm.save_results(stale)
+    with open(path) as f:
+        saved = json.load(f)
+    assert saved["_step_seconds"] == {"16": {METHOD: 0.5}}
+    assert saved["_step0"] == {CELL: 4.0, "gnu-manuals:16": 4.2}
