@@ -33,7 +33,7 @@ session resumes where this one stopped). ``--workers`` runs go in parallel, one 
 
 The horizon (``--steps`` other than 300): on the built-in base over 600 steps the default led LoRA-AdamW to step 300
 and ended 2.1% behind (bench/horizon.py, one seed); ``--steps 600`` asks the same of the larger base, where the map
-finds it level at 300 steps: LoRA-AdamW, LoRA+ and the default in python-reference r 16, each bracket starting at
+finds it level at 300 steps: LoRA-AdamW, LoRA+, the default and PoLAR in python-reference r 16, each bracket starting at
 its best at 300 steps, 3 seeds around the best, no lr windows.
 """
 
@@ -202,15 +202,15 @@ SEEDS = (0, 1, 2)
 # are crossed, at most WINDOW_REACH points (a decade and a third) from the best
 WINDOW, WINDOW_REACH = 0.02, 4
 EVAL_EVERY = 50
-HORIZON_NOTE = ("The map's base and protocol over more steps (cosine schedule over the whole run): LoRA-AdamW, LoRA+ "
-                "and the default Scaled PSI-LoRA in python-reference r 16, each bracket starting at its best lr at "
+HORIZON_NOTE = ("The map's base and protocol over more steps (cosine schedule over the whole run): LoRA-AdamW, LoRA+, "
+                "the default Scaled PSI-LoRA and PoLAR in python-reference r 16, each bracket starting at its best lr at "
                 "300 steps, 3 seeds around the best, no lr windows. The question (bench/horizon.py): on the built-in "
                 "base over 600 steps the default led LoRA-AdamW to step 300 and ended 2.1% behind (one seed). The "
                 "Python reference's training split is about 121k tokens of this base's BPE: the map's 300 steps of "
                 "1024 tokens are 2.5 epochs, 600 steps 5.1, so this measures the many-epoch regime of a small "
                 "fine-tuning set, where held-out loss stops falling.")
 LONG_CELL = "python-reference:16"
-LONG_METHODS = (BASELINE, "LoRA+ (ratio 16)", DEFAULT_PSI)
+LONG_METHODS = (BASELINE, "LoRA+ (ratio 16)", DEFAULT_PSI, "PoLAR")  # PoLAR since session 23: target 2's third baseline
 
 
 def lr_of(k: int) -> float:
