@@ -59,8 +59,9 @@ RUNS: dict[str, list[str]] = {  # name -> recipe arguments (lr included)
 
 NOTE = ("The rows up to \"LoRA-AdamW lr 1e-2 constant lr\" ran in session 10 on a 2-core Intel Xeon, the metric_power 1 "
         "rows in session 23 on the machine named above (the same step-0 loss, 4.5501, on both; later losses can "
-        "differ by float rounding grown over the steps; the table has no times). Scaled's `--prox` is a weight on lr (lam = lr x prox, METHOD.md section 2): at power "
-        "1's lr, a hundredth of power 1/2's, the default's proximal term is a hundredth as strong.")
+        "differ by float rounding grown over the steps; the table has no times). Scaled's `--prox` is a weight on "
+        "lr (lam = lr x prox, METHOD.md section 2): at power 1's lr, a hundredth of power 1/2's, the default's "
+        "proximal term is a hundredth as strong.")
 
 
 def run_point(task: tuple[str, list[str], int, int, int]) -> tuple[str, int, dict]:
