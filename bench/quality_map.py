@@ -564,6 +564,68 @@ def curves_table(results: dict, cells: list[str], methods: list[str], steps: int
     return markdown_table(["cell", "method", "best lr", "seeds", *(f"step {e}" for e in evals)], rows)
 
 
+def frontier_points(results: dict, cell: str, method: str, steps: int) -> list[tuple[float, int, float, float]]:
+    """``[(lr, seeds, training loss, held-out loss)]`` of every lr run, means over its seeds: the training loss is the
+    mean of the last 10 batches' (``train_last10``), so a method's points trace how much held-out loss it buys per
+    unit of training loss fitted; a run that ended above the base's loss (diverged) is left out."""
+    start = results.get("_step0", {}).get(cell, math.inf)
+    points = []
+    for k in range(-15, 4):
+        runs = [r for r in runs_at(results, cell, method, k, steps)
+                if (loss := final_loss(r, steps)) is not None and loss <= start and "train_last10" in r]
+        if runs:
+            points.append((lr_of(k), len(runs), statistics.mean(r["train_last10"] for r in runs),
+                           statistics.mean(final_loss(r, steps) for r in runs)))
+    return points
+
+
+def frontier_table(results: dict, cell: str, methods: list[str], horizons: tuple[int, ...]) -> str:
+    """Training against held-out loss at every lr run, per method and horizon (``frontier_points``): whether a method
+    that ends lower held out fits the training split less (it stops earlier on one curve) or holds out better at
+    the same training loss (its curve lies lower)."""
+    rows = [[method, steps, f"{lr:.3g}", seeds, f"{train:.4f}", f"{held:.4f}", f"{held - train:.4f}"]
+            for method in methods for steps in horizons
+            for lr, seeds, train, held in frontier_points(results, cell, method, steps)]
+    return markdown_table(["method", "steps", "lr", "seeds", "training loss (last 10 batches)", "held-out loss",
+                           "held-out - training"], rows)
+
+
+def save_frontier_figure(results: dict, cell: str, methods: list[str], horizons: tuple[int, ...], path: str) -> None:
+    """One PNG: held-out against training loss at every lr run (``frontier_points``), a line per method and horizon
+    (solid: the longest), each method's best lr ringed: a curve lower at the same training loss holds out better."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    lows = []
+    for i, method in enumerate(methods):
+        colour = plt.get_cmap("tab10")(i)
+        for steps in horizons:
+            points = frontier_points(results, cell, method, steps)
+            if not points:
+                continue
+            style = "-" if steps == max(horizons) else ":"
+            ax.plot([p[2] for p in points], [p[3] for p in points], style, marker="o", ms=3, color=colour,
+                    label=f"{method}, {steps} steps")
+            best = min(points, key=lambda p: p[3])
+            lows.append(best[3])
+            ax.plot([best[2]], [best[3]], "o", ms=9, mfc="none", color=colour)
+            ax.annotate(f"{best[0]:.2g}", (best[2], best[3]), fontsize=6, xytext=(3, -9), textcoords="offset points")
+    if lows:
+        ax.set_ylim(min(lows) - 0.01, min(lows) + 0.08)
+    ax.set_xlabel("training loss, last 10 batches (mean over the seeds run)")
+    ax.set_ylabel("held-out loss at the end")
+    ax.set_title(f"{cell}: each point one lr (ringed: each line's best, its lr written)\n"
+                 "lower at the same training loss = holds out better", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 BASELINES = ("LoRA-AdamW", "LoRA+ (ratio 16)", "PoLAR")
 
 
@@ -807,6 +869,9 @@ def main() -> None:
                              "method per round, about a minute each)")
     parser.add_argument("--write", default=None, help="write the table into this markdown file's section")
     parser.add_argument("--png", default=None, help="write the figure (loss vs lr; loss vs time) to this file")
+    parser.add_argument("--frontier_png", default=None,
+                        help="with --steps other than 300: write the figure of held-out against training loss at "
+                             "every lr run, this horizon's and 300 steps', to this file")
     parser.add_argument("--attempts_png", default=None,
                         help="write the attempts' figure (every PSI setting tried on gnu-manuals r 16 against the "
                              "baselines) to this file")
@@ -837,11 +902,18 @@ def main() -> None:
         save_figure(results, args.cells, args.methods, args.steps, args.png)
     if args.attempts_png:
         save_attempts_figure(results, ATTEMPTS_CELL, args.steps, args.attempts_png)
+    horizons = (STEPS, args.steps)
+    if args.frontier_png and horizon:
+        save_frontier_figure(results, LONG_CELL, args.methods, horizons, args.frontier_png)
     if args.write and args.steps != STEPS:
         write_section(args.write, f"Quality map: the horizon, {args.steps} steps (issue 25)",
                       f"python bench/quality_map.py --steps {args.steps}",
                       f"{HORIZON_NOTE}\n\n{table}\n\nHeld-out loss at every evaluation, each method at its best lr (mean over "
-                      f"the seeds run).\n\n{curves}")
+                      f"the seeds run).\n\n{curves}\n\nTraining against held-out loss at every lr run, at "
+                      f"{STEPS} and {args.steps} steps (`frontier_table`; the training loss is the mean of the last 10 "
+                      f"batches, so it is noisy by about 0.01): a method lower at the same training loss holds out "
+                      f"better, not only fits less.\n\n{frontier_table(results, LONG_CELL, args.methods, horizons)}"
+                      + (f"\n\n![frontier]({os.path.basename(args.frontier_png)})" if args.frontier_png else ""))
     elif args.write:
         base = results.get("_base", {})
         runs = sum(not k.startswith("_") for k in results)
