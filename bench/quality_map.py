@@ -612,12 +612,13 @@ def save_frontier_figure(results: dict, cell: str, methods: list[str], horizons:
             best = min(points, key=lambda p: p[3])
             lows.append(best[3])
             ax.plot([best[2]], [best[3]], "o", ms=9, mfc="none", color=colour)
-            ax.annotate(f"{best[0]:.2g}", (best[2], best[3]), fontsize=6, xytext=(3, -9), textcoords="offset points")
+            if steps == max(horizons):  # the longest horizon's lr only: the shorter's bests crowd the same spot
+                ax.annotate(f"{best[0]:.2g}", (best[2], best[3]), fontsize=6, xytext=(3, -9), textcoords="offset points")
     if lows:
         ax.set_ylim(min(lows) - 0.01, min(lows) + 0.08)
     ax.set_xlabel("training loss, last 10 batches (mean over the seeds run)")
     ax.set_ylabel("held-out loss at the end")
-    ax.set_title(f"{cell}: each point one lr (ringed: each line's best, its lr written)\n"
+    ax.set_title(f"{cell}: each point one lr (ringed: each line's best; the longest horizon's lr written)\n"
                  "lower at the same training loss = holds out better", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -908,7 +909,8 @@ def main() -> None:
     if args.write and args.steps != STEPS:
         write_section(args.write, f"Quality map: the horizon, {args.steps} steps (issue 25)",
                       f"python bench/quality_map.py --steps {args.steps}",
-                      f"{HORIZON_NOTE}\n\n{table}\n\nHeld-out loss at every evaluation, each method at its best lr (mean over "
+                      f"{HORIZON_NOTE}\n\n{table}\n\nThe issue's targets at this horizon (`targets_table`):\n\n{targets}"
+                      f"\n\nHeld-out loss at every evaluation, each method at its best lr (mean over "
                       f"the seeds run).\n\n{curves}\n\nTraining against held-out loss at every lr run, at "
                       f"{STEPS} and {args.steps} steps (`frontier_table`; the training loss is the mean of the last 10 "
                       f"batches, so it is noisy by about 0.01): a method lower at the same training loss holds out "
