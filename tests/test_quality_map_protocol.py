@@ -360,3 +360,20 @@ def test_saving_keeps_the_runs_another_map_process_wrote(tmp_path, monkeypatch):
         saved = json.load(f)
     assert saved["_step_seconds"] == {"16": {METHOD: 0.5}}
     assert saved["_step0"] == {CELL: 4.0, "gnu-manuals:16": 4.2}
+
+
+def test_frontier_points_average_seeds_and_leave_out_diverged_runs():
+    def run(train: float, held: float) -> dict:
+        return {"eval": {str(STEPS): held}, "train_last10": train}
+
+    results = {"_step0": {CELL: 4.0},
+               qm.key(CELL, METHOD, -3, 0, STEPS): run(3.0, 3.7), qm.key(CELL, METHOD, -3, 1, STEPS): run(3.2, 3.8),
+               qm.key(CELL, METHOD, -2, 0, STEPS): run(2.5, 4.5),  # ended above the base's 4.0: diverged
+               qm.key(CELL, METHOD, -1, 0, STEPS): {"eval": {}, "error": "ConfigError: diverged"},
+               qm.key(CELL, METHOD, 0, 0, STEPS): run(2.9, 3.65)}
+    got = qm.frontier_points(results, CELL, METHOD, STEPS)
+    assert [(round(lr, 6), seeds) for lr, seeds, _, _ in got] == [(round(qm.lr_of(-3), 6), 2), (1.0, 1)]
+    assert got[0][2:] == pytest.approx((3.1, 3.75)) and got[1][2:] == pytest.approx((2.9, 3.65))
+    table = qm.frontier_table(results, CELL, [METHOD], (STEPS,))
+    assert table.count(f"| {METHOD} | {STEPS} |") == 2
+    assert "| 3.1000 | 3.7500 | 0.6500 |" in table and "| 2.9000 | 3.6500 | 0.7500 |" in table
