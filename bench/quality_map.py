@@ -954,7 +954,7 @@ def main() -> None:
                 + (f"\n\n![quality map]({os.path.basename(args.png)})" if args.png else "")
                 + (f"\n\nThe attempts (item 3) on {ATTEMPTS_CELL}, every PSI-LoRA setting at its best lr against the "
                    f"baselines:\n\n![attempts]({os.path.basename(args.attempts_png)})" if args.attempts_png else ""))
-        write_section(args.write, "Quality map (issue 25, in progress)", "python bench/quality_map.py", body)
+        write_section(args.write, "Quality map (issue 25)", "python bench/quality_map.py", body)
 
 
 if __name__ == "__main__":
