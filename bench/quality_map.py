@@ -213,6 +213,9 @@ LONG_CELL = "python-reference:16"
 LONG_METHODS = (BASELINE, "LoRA+ (ratio 16)", DEFAULT_PSI, "PoLAR")  # PoLAR since session 23: target 2's third baseline
 
 
+GRID = range(-15, 4)  # the grid points k any run may sit at: lr 1e-5 .. 10 (lr_of)
+
+
 def lr_of(k: int) -> float:
     """The grid: a third of a decade apart."""
     return float(f"{10 ** (k / 3):.4g}")
@@ -426,7 +429,7 @@ def curve(results: dict, cell: str, method: str, steps: int, seeds: tuple[int, .
     start = results.get("_step0", {}).get(cell, math.inf) if above_base_diverged else math.inf
     out: dict[int, list[float]] = {}
     for seed in seeds:
-        for k in range(-15, 4):
+        for k in GRID:
             loss = final_loss(results.get(key(cell, method, k, seed, steps)), steps)
             if loss is not None:
                 out.setdefault(k, []).append(loss if loss <= start else math.inf)
@@ -570,7 +573,7 @@ def frontier_points(results: dict, cell: str, method: str, steps: int) -> list[t
     unit of training loss fitted; a run that ended above the base's loss (diverged) is left out."""
     start = results.get("_step0", {}).get(cell, math.inf)
     points = []
-    for k in range(-15, 4):
+    for k in GRID:
         pairs = [(r["train_last10"], loss) for r in runs_at(results, cell, method, k, steps)
                  if (loss := final_loss(r, steps)) is not None and loss <= start and "train_last10" in r]
         if pairs:
@@ -906,9 +909,9 @@ def main() -> None:
     if args.attempts_png:
         save_attempts_figure(results, ATTEMPTS_CELL, args.steps, args.attempts_png)
     horizons = (STEPS, args.steps)
-    if args.frontier_png and horizon:
+    if args.frontier_png:  # a horizon was given (checked above)
         save_frontier_figure(results, LONG_CELL, args.methods, horizons, args.frontier_png)
-    if args.write and args.steps != STEPS:
+    if args.write and horizon:
         write_section(args.write, f"Quality map: the horizon, {args.steps} steps (issue 25)",
                       f"python bench/quality_map.py --steps {args.steps}",
                       f"{HORIZON_NOTE}\n\n{table}\n\nThe issue's targets at this horizon (`targets_table`):\n\n{targets}"
