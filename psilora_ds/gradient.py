@@ -217,17 +217,25 @@ class ProductGradient:
     """``P = coef * sum_ranks P_k`` known only through its thin products at the step's probe factors (cache-free
     Jacobi steps, METHOD.md section 6): ``products`` already summed over ranks, taken at ``probes = (left, right)``
     (:meth:`~psilora_ds.products.ProductCapture.probe_factors`: ``left = [B, M_B]``, ``right = [A; M_A]``); ``r`` the
-    LoRA rank (the first ``r`` probe factors are ``(A, B)``, the rest the momentum's)."""
+    LoRA rank (the first ``r`` probe factors are ``(A, B)``, the rest the momentum's).
+
+    ``autograd``: autograd's ``(A.grad, B.grad)``, the engine's gradient ``(B^T P, P A^T) / coef`` at construction
+    (reduced over ranks by the engine), standing for the products at ``(A, B)``, which ``products`` then leaves out
+    (it holds the momentum factors' only)."""
 
     def __init__(self, products: LayerProducts, r: int, coef: float, rows: int,
-                 probes: tuple[torch.Tensor, torch.Tensor], sketch: GradientSketch | None = None):
+                 probes: tuple[torch.Tensor, torch.Tensor], sketch: GradientSketch | None = None,
+                 autograd: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.products = products
         self.r = r
         self.coef = coef
         self.rows = rows
         self.probes = probes
         self.sketch = sketch  # the spectral first step's, summed over ranks (None: not taken this step)
-        self.reduce = self.autograd = None  # (already summed over ranks; no autograd products to reuse)
+        self.reduce = None  # (already summed over ranks)
+        self.autograd = autograd
+        self._autograd_scale = 1.0 / coef  # autograd's gradients are coef * the summed products (before clipping)
+        self._offset = 0 if autograd is not None else r  # where the momentum factors' products start
 
     def spectral_sketch(self, scale: float) -> GradientSketch | None:
         return None if self.sketch is None else self.sketch.scaled(scale * self.coef)
@@ -244,12 +252,15 @@ class ProductGradient:
         return []
 
     def known_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.autograd is not None:
+            c = scale * self.coef * self._autograd_scale
+            return self.autograd[0] * c, self.autograd[1] * c
         p, c = self.products, scale * self.coef
         return p.left[: self.r] * c, p.right[:, : self.r] * c
 
     def known_momentum_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        p, c = self.products, scale * self.coef
-        return p.left[self.r:] * c, p.right[:, self.r:] * c
+        p, c, k = self.products, scale * self.coef, self._offset
+        return p.left[k:] * c, p.right[:, k:] * c
 
     def _probe_block(self, M: torch.Tensor, probe: torch.Tensor, what: str) -> slice:
         """The block of probe factors equal to ``M`` (columns), or a one-line error: products at other factors
@@ -261,16 +272,26 @@ class ProductGradient:
         raise ValueError(f"a cache-free gradient knows {what} only at the factors its products were taken at (the "
                          "step's A, B and momentum factors); other products need the rows (cache_free=False)")
 
+    def _taken(self, block: slice) -> slice | None:
+        """Where the products of probe block ``block`` are in :attr:`products` (None: autograd's gradients)."""
+        if block.start == 0 and self.autograd is not None:
+            return None
+        return slice(block.start - self.r + self._offset, block.stop - self.r + self._offset) if block.start else block
+
     def right_product(self, V: torch.Tensor) -> Rounds[torch.Tensor]:
         """``P @ V`` for ``V`` = the step's ``A^T`` or ``M_A^T`` (already summed: no round)."""
-        block = self._probe_block(V, self.probes[1].T, "P @ V")
-        return self.products.right[:, block] * self.coef
+        taken = self._taken(self._probe_block(V, self.probes[1].T, "P @ V"))
+        if taken is None:
+            return self.autograd[1] * (self.coef * self._autograd_scale)
+        return self.products.right[:, taken] * self.coef
         yield  # (a generator of rounds, with none)
 
     def left_product(self, U: torch.Tensor) -> Rounds[torch.Tensor]:
         """``U^T @ P`` for ``U`` = the step's ``B`` or ``M_B`` (already summed: no round)."""
-        block = self._probe_block(U, self.probes[0], "U^T @ P")
-        return self.products.left[block] * self.coef
+        taken = self._taken(self._probe_block(U, self.probes[0], "U^T @ P"))
+        if taken is None:
+            return self.autograd[0] * (self.coef * self._autograd_scale)
+        return self.products.left[taken] * self.coef
         yield
 
     def kfac_sums(self) -> Rounds[tuple[torch.Tensor, torch.Tensor]]:

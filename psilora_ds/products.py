@@ -75,6 +75,12 @@ class ProductCapture(ActivationCapture):
     ``reduction`` (set by the optimizer when the products are summed over ranks): the step's products start their
     all-reduce in buckets as soon as each layer has taken ``microbatches_per_step`` micro-batches
     (:mod:`~psilora_ds.product_buckets`); None per step count: all at the step.
+
+    ``autograd_reuse`` (set by the optimizer): ``"off"``; ``"verify"``: autograd's LoRA gradients may stand for the
+    products at ``(A, B)`` once a step has shown them equal (the step planner checks and sets ``"on"``, or ``"off"``);
+    ``"on"``: steps take only the momentum factors' products, since ``A.grad = B^T P`` and ``B.grad = P A^T`` are
+    what the backward pass computes (and the engine reduces) anyway (METHOD.md section 6). Decided per step, at its
+    first micro-batch (:meth:`reusing_autograd`).
     """
 
     def __init__(self, layers: list[LoRALayer], sketch_probes: Callable[[], int],
@@ -91,6 +97,9 @@ class ProductCapture(ActivationCapture):
         self._sketch_probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (Omega_s, Psi), this step
         self.reduction: BucketedReduction | None = None
         self.microbatches_per_step: int | None = None
+        self.autograd_reuse = "off"
+        self._reusing: bool | None = None  # this step's decision, made at its first micro-batch
+        self._momentum_probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (M_B, M_A), contiguous
 
     def set_factors(self, idx: int, A: torch.Tensor, B: torch.Tensor,
                     momentum: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -101,7 +110,10 @@ class ProductCapture(ActivationCapture):
         A, B = A.detach().to(cd), B.detach().to(cd)
         if momentum is not None:
             M_A, M_B = momentum
+            self._momentum_probes[idx] = (M_B.to(cd, copy=True).contiguous(), M_A.to(cd, copy=True).contiguous())
             A, B = torch.cat([A, M_A.to(cd)]), torch.cat([B, M_B.to(cd)], 1)
+        else:
+            self._momentum_probes[idx] = (B.new_zeros(B.shape[0], 0), A.new_zeros(0, A.shape[1]))
         self._factors[idx] = (B.clone(), A.clone())
 
     def factors(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +138,7 @@ class ProductCapture(ActivationCapture):
 
     def zeros(self, idx: int) -> LayerProducts:
         """Products of no rows, shaped for layer ``idx`` (a rank that saw none takes part in the reduction)."""
-        left, right = self._on(idx, self.layers[idx].A.device)
+        left, right = self._taken_at(idx, self.layers[idx].A.device)
         k = self.sketch_probes()
         m, n = left.shape[0], right.shape[1]
         new = left.new_zeros
@@ -141,7 +153,7 @@ class ProductCapture(ActivationCapture):
         """The next step opens (the optimizer, after each step): its seeds are ``step``'s; its sketch decision and
         probes are drawn anew (a step that was not applied keeps them until its retry's first micro-batch)."""
         self.step = step
-        self._sketching, self._sketch_probes, self._popped = None, {}, False
+        self._sketching, self._reusing, self._sketch_probes, self._popped = None, None, {}, False
 
     @property
     def sketched(self) -> bool:
@@ -153,6 +165,13 @@ class ProductCapture(ActivationCapture):
         if self._sketching is None:
             self._sketching = bool(self.gradient_sketch())
         return self._sketching
+
+    def reusing_autograd(self) -> bool:
+        """Whether this step's products leave out those at ``(A, B)`` for autograd's LoRA gradients (decided once, at
+        its first micro-batch)."""
+        if self._reusing is None:
+            self._reusing = self.autograd_reuse == "on"
+        return self._reusing
 
     def gradient_probes(self, idx: int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Omega_s, Psi)`` of layer ``idx``'s two-sided sketch at this step
@@ -184,6 +203,18 @@ class ProductCapture(ActivationCapture):
             self._factors[idx] = (left, right)
         return left, right
 
+    def _taken_at(self, idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left, right)`` this step's products are taken at: the probe factors, or only the momentum's when
+        autograd's LoRA gradients stand for the products at ``(A, B)``."""
+        left, right = self._on(idx, device)
+        if not self.reusing_autograd():
+            return left, right
+        M_B, M_A = self._momentum_probes[idx]
+        if M_B.device != device:
+            M_B, M_A = M_B.to(device), M_A.to(device)
+            self._momentum_probes[idx] = (M_B, M_A)
+        return M_B, M_A
+
     def _omega(self, idx: int, n: int, k: int, like: torch.Tensor) -> torch.Tensor:
         omega = self._omegas.get(idx)
         if omega is None or omega.shape[1] != k:
@@ -194,12 +225,12 @@ class ProductCapture(ActivationCapture):
 
     def add(self, idx: int, X: torch.Tensor, Z: torch.Tensor) -> None:
         if self._popped:  # the first micro-batch of a new step
-            self._popped, self._sketching, self._sketch_probes = False, None, {}
+            self._popped, self._sketching, self._reusing, self._sketch_probes = False, None, None, {}
         if idx not in self._factors:
             raise RuntimeError("cache-free capture without probe factors: the optimizer did not set them")
         if self.reduction is not None:
             self.reduction.late(idx)
-        left, right = self._on(idx, X.device)
+        left, right = self._taken_at(idx, X.device)
         k = self.sketch_probes()
         omega = self._omega(idx, X.shape[1], k, left) if k > 0 else None
         # full precision whatever autocast a backward inside an autocast region would apply
@@ -224,6 +255,7 @@ class ProductCapture(ActivationCapture):
         step reads them)."""
         self._omegas = {}
         self.sketching()  # (decided now if no micro-batch came: a rank that saw none adds zeros shaped by it)
+        self.reusing_autograd()
         self._popped = True
         return super().pop()
 
@@ -231,7 +263,7 @@ class ProductCapture(ActivationCapture):
         if self.reduction is not None:
             self.reduction.abandon()
         self._omegas, self._sketch_probes = {}, {}
-        self._sketching, self._popped = None, False
+        self._sketching, self._reusing, self._popped = None, None, False
         super().clear()
 
     @property
@@ -248,4 +280,5 @@ class ProductCapture(ActivationCapture):
     @property
     def factor_nbytes(self) -> int:
         """Bytes of the probe factors held (replicated on every rank)."""
-        return sum(t.numel() * t.element_size() for pair in self._factors.values() for t in pair)
+        return sum(t.numel() * t.element_size() for table in (self._factors, self._momentum_probes)
+                   for pair in table.values() for t in pair)

@@ -80,6 +80,49 @@ def test_one_process_cache_free_equals_the_cached_rows(name):
     assert free_opt.last_grad_norm == pytest.approx(rows_opt.last_grad_norm, rel=1e-6)
     assert free_opt.last_grad_norm > CLIP  # clipping was active
     assert free_cache == [0] * STEPS and min(rows_cache) > 0
+    assert free_opt.capture.autograd_reuse == "on"  # steps 2-4 took autograd's LoRA gradients for (B^T P, P A^T)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_autograd_gradients_stand_for_the_products_at_the_factors(name, caplog):
+    """One process, cache-free: the first step checks autograd's LoRA gradients against the products at (A, B) (logged),
+    later steps take only the momentum factors' products in the hooks (none without momentum) and read A.grad, B.grad
+    instead, which the planning clears; the factors equal a run that keeps taking the products (2e-6, fp32)."""
+    with caplog.at_level(logging.INFO, logger="psilora_ds.optim.autograd_grads"):
+        reuse, with_reuse, _ = one_process_run(name, cache_free=True)
+    assert "from autograd's LoRA gradients from now on" in caplog.text
+    products, without, _ = one_process_run(name, cache_free=True, reuse_autograd_grads=False)
+    assert reuse.capture.autograd_reuse == "on" and products.capture.autograd_reuse == "off"
+    for layer, (A, B_) in without.items():
+        assert rel_err(with_reuse[layer][0], A) <= 2e-6 and rel_err(with_reuse[layer][1], B_) <= 2e-6
+    assert all(layer.A.grad is None and layer.B.grad is None for layer in reuse.layers)  # cleared by the planning
+    # the hooks' products of one more micro-batch: r (m + n) fewer numbers per layer once the gradients stand for them
+    held = {}
+    for flag in (True, False):
+        model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+        opt = make(name, model, cache_free=True, max_grad_norm=CLIP, reuse_autograd_grads=flag)
+        for x, t in regression_batches(5, 2, 2 * B):
+            F.mse_loss(model(x), t).backward()
+            held[flag] = opt.capture.nbytes
+            opt.step()
+            opt.zero_grad()
+    saved = sum(layer.rank * (layer.in_features + layer.out_features) for layer in opt.layers) * 4
+    assert held[False] - held[True] == saved
+
+
+def test_autograd_gradients_gone_at_the_step_are_an_error():
+    """A step whose hooks left the products at (A, B) to autograd finds no A.grad: a one-line error, not a step."""
+    model = lora_two_layer_net(dtype=torch.float32, nonzero_B=False)
+    opt = make("scaled", model, cache_free=True)
+    for i, (x, t) in enumerate(regression_batches(5, 2, 2 * B)):
+        F.mse_loss(model(x), t).backward()
+        if i == 1:
+            opt.layers[0].lora_A.weight.grad = None
+            with pytest.raises(RuntimeError, match="reuse_autograd_grads=False"):
+                opt.step()
+        else:
+            opt.step()
+            opt.zero_grad()
 
 
 @pytest.mark.parametrize("name", ["scaled", "scaled-adafactor"])
@@ -243,6 +286,7 @@ def engine_worker(rank, world, out):
                     factors = {layer.name: (layer.A.detach().clone(), layer.B.detach().clone()) for layer in opt.layers}
                 torch.save({"factors": factors, "cache": opt.last_cache_bytes, "cache_free": opt.cache_free,
                             "norm": opt.last_grad_norm, "started": started,
+                            "reuse": opt.capture.autograd_reuse if opt.cache_free else None,
                             "buckets": None if reduction is None else len(reduction.buckets)},
                            out / f"{engine_name}-{name}-{cache_free}-rank{rank}.pt")
                 opt.remove_hooks()
@@ -309,6 +353,24 @@ def engine_worker(rank, world, out):
         opt.remove_hooks()
     torch.save(late, out / f"late-rank{rank}.pt")
 
+    # data parallel without DDP's gradient averaging (each rank's LoRA gradients its own): the first step's check finds
+    # them unequal to the products summed over ranks, and the steps keep taking those products; the same factors as
+    # under DDP
+    unreduced = {}
+    for wrapped in (True, False):
+        torch.manual_seed(0)
+        model = lora_two_layer_net(dtype=torch.float32, head_trainable=False)  # (only LoRA factors: no DDP needed)
+        opt = make("scaled", model, cache_free=True, distributor=DDPDistributor(), max_grad_norm=CLIP)
+        forward = DistributedDataParallel(model) if wrapped else model
+        for x, t in data[:3]:
+            F.mse_loss(forward(x[rank * B:(rank + 1) * B]), t[rank * B:(rank + 1) * B]).backward()
+            opt.step()
+            opt.zero_grad()
+        unreduced[wrapped] = ([p.detach().clone() for layer in opt.layers for p in (layer.A, layer.B)],
+                              opt.capture.autograd_reuse, opt.steps_taken)
+        opt.remove_hooks()
+    torch.save(unreduced, out / f"unreduced-rank{rank}.pt")
+
 
 @pytest.fixture(scope="module")
 def engine_runs(tmp_path_factory):
@@ -340,6 +402,8 @@ def test_two_ranks_cache_free_equals_the_cached_rows(engine_runs, engine, name):
         assert free["norm"] == pytest.approx(rows["norm"], rel=1e-6) and free["norm"] > CLIP
         # every step's products were summed in buckets started during its backward pass (two layers: one bucket)
         assert free["buckets"] == 1 and free["started"] == [1] * STEPS
+        # DDP leaves whole averaged LoRA gradients: after the first step they stand for the products at (A, B)
+        assert free["reuse"] == ("on" if engine == "ddp" else "off")
         for layer, (A, B_) in rows["factors"].items():
             assert rel_err(free["factors"][layer][0], A) <= 2e-6
             assert rel_err(free["factors"][layer][1], B_) <= 2e-6
@@ -386,6 +450,18 @@ def test_a_late_micro_batch_makes_every_rank_sum_at_the_step(engine_runs):
         assert bucketed[1] and not at_step[1]
         for a, b in zip(at_step[0], bucketed[0], strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_gradients_ddp_did_not_average_do_not_stand_for_the_products(engine_runs):
+    """A DDPDistributor over a model DDP does not wrap: each rank's A.grad is its own, so the first step's check turns
+    the reuse off on every rank (one warning) and the factors equal the DDP-wrapped run's, which reuses them."""
+    for rank in range(2):
+        runs = torch.load(engine_runs / f"unreduced-rank{rank}.pt")
+        (ddp, ddp_reuse, ddp_steps), (plain, plain_reuse, plain_steps) = runs[True], runs[False]
+        assert ddp_reuse == "on" and plain_reuse == "off" and ddp_steps == plain_steps == 3
+        for a, b in zip(ddp, plain, strict=True):
+            assert rel_err(a, b) <= 2e-6
 
 
 @pytest.mark.slow

@@ -126,6 +126,13 @@ class Distributor:
         writing a step's): an engine that detects changes against a snapshot takes it here."""
 
     # ---- gradients -------------------------------------------------------------------------------
+    def lora_grads_are_whole(self) -> bool:
+        """Whether, at ``step()``, autograd's ``A.grad``/``B.grad`` on the model's factors are the engine's whole
+        gradient (``grad_coef`` times the sum over ranks of ``B^T P_k``, ``P_k A^T``), so that cache-free steps may
+        take them for the products at ``(A, B)`` (checked once: :mod:`~psilora_ds.optim.autograd_grads`). One process:
+        yes."""
+        return True
+
     def grad_coef(self) -> float:
         """Multiplier turning this rank's captured ``Z`` into its share of the engine's gradient."""
         return 1.0

@@ -63,6 +63,9 @@ class DDPDistributor(Distributor):
         self._owners = balanced_owners(sizes, self.world_size)
 
     # ---- gradients -------------------------------------------------------------------------------
+    def lora_grads_are_whole(self) -> bool:
+        return True  # DDP all-reduces and averages every gradient (checked once against the products)
+
     def grad_coef(self) -> float:
         return 1.0 / self.world_size
 

@@ -88,6 +88,9 @@ class DeepSpeedDistributor(DDPDistributor):
         if self.engine.fp16_enabled():
             self._scale = float(self.engine.optimizer.loss_scale)
 
+    def lora_grads_are_whole(self) -> bool:
+        return False  # ZeRO >= 1 partitions and frees p.grad; fp16 scales it (its products stay in the hooks)
+
     def grad_coef(self) -> float:
         return 1.0 / (self.world_size * self._scale)
 

@@ -83,6 +83,9 @@ class FSDP2Distributor(DDPDistributor):
             return torch.zeros(0, dtype=torch.float64)
         return torch.stack(flags)
 
+    def lora_grads_are_whole(self) -> bool:
+        return False  # reduce-scattered DTensor shards (the products stay in the hooks)
+
     def other_grads_are_sharded(self) -> bool:
         return True
 

@@ -105,7 +105,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         self._plan: StepPlan | None = None
         self.last_grad_norm: float | None = None
         self.last_cache_bytes = 0  # peak bytes of the activation cache during the last step
-        # In one process, take the LoRSum products at the current factors from autograd's LoRA gradients (METHOD.md
+        # Take the LoRSum products at the current factors from autograd's LoRA gradients where they are whole (METHOD.md
         # section 6); read by the step planner built at attach
         self.reuse_autograd_grads = self.options.reuse_autograd_grads
         self._microbatches_per_step = 0  # the most a step has consumed so far

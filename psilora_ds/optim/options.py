@@ -53,8 +53,10 @@ class LoRAOptions:
             The exact clipping norm and Shampoo statistics then form each layer's ``P`` densely, one layer
             at a time (``clip_norm_probes=32`` sketches the norm instead). Meant for GPUs; on the CPU it only
             copies (logged once).
-        reuse_autograd_grads: in one process, take the products at the current factors from autograd's
-            LoRA gradients instead of recomputing them (METHOD.md section 6).
+        reuse_autograd_grads: take the products at the current factors from autograd's LoRA gradients instead
+            of recomputing them (METHOD.md section 6): from the rows in one process; cache-free (the hooks then
+            leave them out) where the engine leaves them whole and reduced (one process, DDP), once the first
+            step has checked them against the products.
         accumulation_steps: micro-batches per optimizer step. The capture hooks raise
             :class:`~psilora_ds.capture.StepNotCalledError` when more than twice as many backward passes
             arrive without :meth:`step` (another optimizer is being stepped in its place). None: the most

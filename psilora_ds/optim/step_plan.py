@@ -19,6 +19,7 @@ from ..ops import compute_dtype
 from ..ops.rounds import reduce_flat_, run_lockstep
 from ..product_buckets import BucketedReduction, estimated_products_nbytes
 from ..products import LayerProducts
+from .autograd_grads import AutogradGradients
 from .factor_source import FactorSource
 from .other_params import local_grads
 
@@ -63,9 +64,12 @@ class StepPlanner:
         self.capture = capture
         self.factors = factors
         self.cache_free = cache_free
-        # In one process, take the LoRSum products at the current factors from autograd's LoRA gradients
-        # (A.grad = B^T P, B.grad = P A^T) instead of recomputing them (METHOD.md section 6).
+        # Take the LoRSum products at the current factors from autograd's LoRA gradients (A.grad = B^T P,
+        # B.grad = P A^T) instead of recomputing them (METHOD.md section 6): from the rows in one process; cache-free,
+        # where the engine leaves them whole and reduced, after one step has checked them (autograd_grads)
         self.reuse_autograd_grads = reuse_autograd_grads
+        self.cache_free_autograd = AutogradGradients(layers, distributor, capture, enabled=reuse_autograd_grads) \
+            if cache_free else None
         self.logged_sketch = False
         self.logged_late = False
 
@@ -88,7 +92,11 @@ class StepPlanner:
         for idx, batch in batches.items():
             flags[idx] = batch.rows
         autograd = {idx: pair for idx in batches if (pair := self.autograd_products(idx)) is not None}
-        flags[L] = 0.0 if self.all_finite(batches, autograd, other_groups) else 1.0
+        also = []
+        if self.cache_free_autograd is not None:
+            self.cache_free_autograd.take()
+            also = self.cache_free_autograd.local(batches) if self.cache_free_autograd.reusing else []
+        flags[L] = 0.0 if self.all_finite(batches, autograd, other_groups, also) else 1.0
         if copy:
             idxs, changed = self.factors.changed_flags()
             flags[[L + 1 + idx for idx in idxs]] = changed.to(flags.device)
@@ -170,11 +178,16 @@ class StepPlanner:
                                 keep=not skip and not late)
 
     def summed_product_gradients(self, summed: dict[int, LayerProducts], rows: list[float]) -> dict[int, ProductGradient]:
-        """The cache-free gradients of the layers that captured rows on some rank, from products summed over ranks."""
+        """The cache-free gradients of the layers that captured rows on some rank, from products summed over ranks
+        (and autograd's LoRA gradients, on steps that left the products at ``(A, B)`` to them)."""
         coef = self.distributor.grad_coef()
-        return {idx: ProductGradient(summed[idx], self.layers[idx].rank, coef, int(n), self.capture.probe_factors(idx),
-                                     self.capture.sketch_of(idx, summed[idx]))
-                for idx, n in enumerate(rows) if n > 0}
+        present = {idx: int(n) for idx, n in enumerate(rows) if n > 0}
+        reuse = self.cache_free_autograd
+        pairs = reuse.pairs(present) if reuse.reusing else {}
+        reuse.verify({idx: summed[idx] for idx in present}, coef)
+        return {idx: ProductGradient(summed[idx], self.layers[idx].rank, coef, n, self.capture.probe_factors(idx),
+                                     self.capture.sketch_of(idx, summed[idx]), pairs.get(idx))
+                for idx, n in present.items()}
 
     def product_gradients(self, batches: dict[int, LayerProducts], rows: list[float],
                           stale: list[int]) -> dict[int, ProductGradient]:
@@ -204,7 +217,7 @@ class StepPlanner:
         return None
 
     def all_finite(self, batches: dict[int, LayerBatch], autograd: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                   other_groups: list[dict[str, Any]]) -> bool:
+                   other_groups: list[dict[str, Any]], also: Sequence[torch.Tensor] = ()) -> bool:
         """Whether every captured factor and other gradient is finite: a NaN or inf anywhere makes its
         tensor's sum non-finite, so one fp32 sum per tensor and one sync do (no mask tensors).
 
@@ -213,7 +226,7 @@ class StepPlanner:
         ``inf * 0`` is NaN, so no multiplier hides it), which reads ``r (m + n)`` numbers instead of
         ``N (m + n)``."""
         tensors = [t for i, b in batches.items() for t in (autograd[i] if i in autograd else b.tensors())]
-        tensors += local_grads(other_groups)
+        tensors += list(also) + local_grads(other_groups)
         if not tensors:
             return True
         sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
