@@ -113,6 +113,16 @@ def main() -> None:
         "Scaled PSI-LoRA iters=0 (cache-free), no clipping": lambda m: ScaledPSILoRA(m, 1e-3, iters=0,
                                                                                      rank_multiplier=1),
         "preconditioned LoRA (cache-free), max_grad_norm=1": lambda m: PreconditionedLoRA(m, 1e-2, max_grad_norm=1.0),
+        # the same with the products at (A, B) taken in the hooks again instead of read from autograd's LoRA gradients
+        # (reuse_autograd_grads=False: how cache-free steps ran before; issue 26)
+        "preconditioned LoRA, products at (A, B) in the hooks": lambda m: PreconditionedLoRA(
+            m, 1e-2, fold=False, reuse_autograd_grads=False),
+        "Scaled PSI-LoRA iters=0 (cache-free), max_grad_norm=1, products at (A, B) in the hooks": lambda m: ScaledPSILoRA(
+            m, 1e-3, iters=0, max_grad_norm=1.0, rank_multiplier=1, reuse_autograd_grads=False),
+        "Scaled PSI-LoRA iters=0 (cache-free, rank-2r momentum), max_grad_norm=1": lambda m: ScaledPSILoRA(
+            m, 1e-3, iters=0, max_grad_norm=1.0),
+        "Scaled PSI-LoRA iters=0 (cache-free, rank-2r momentum), max_grad_norm=1, products at (A, B) in the hooks":
+            lambda m: ScaledPSILoRA(m, 1e-3, iters=0, max_grad_norm=1.0, reuse_autograd_grads=False),
         "PSI-LoRA iters=1, dense store": lambda m: PSILoRA(m, 1e-2, iters=1, cache_max_bytes=None),
         # clipping by the exact ||G||_F (METHOD.md section 6): Gram or dense route per layer
         "PSI-LoRA iters=1, max_grad_norm=1": lambda m: PSILoRA(m, 1e-2, iters=1, max_grad_norm=1.0, fold=False),

@@ -493,3 +493,16 @@ def test_on_cuda_a_model_moved_after_the_optimizer_steps_as_one_built_there():
         opt.step()
     for a, b in zip(moved.parameters(), there.parameters()):
         assert torch.allclose(a, b)
+
+
+def test_half_precision_factors_keep_their_products_in_the_hooks(caplog):
+    """bf16 LoRA factors have bf16 gradients: the reuse is off from the start (no check, no warning) and the steps'
+    hooks keep taking the products at (A, B) in fp32."""
+    model = lora_two_layer_net(dtype=torch.float32, nonzero_B=False).to(torch.bfloat16)  # (peft's adapters: fp32)
+    with caplog.at_level(logging.INFO, logger="psilora_ds.optim.autograd_grads"):
+        opt = make("scaled", model, cache_free=True)
+        for x, t in regression_batches(5, 2, 2 * B):
+            F.mse_loss(model(x.bfloat16()), t.bfloat16()).backward()
+            opt.step()
+            opt.zero_grad()
+    assert opt.capture.autograd_reuse == "off" and opt.steps_taken == 2 and not caplog.text

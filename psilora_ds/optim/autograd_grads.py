@@ -49,8 +49,10 @@ class AutogradGradients:
         self.layers = layers
         self.distributor = distributor
         self.capture = capture
-        capture.autograd_reuse = "verify" if enabled and distributor.lora_grads_are_whole() else "off"
-        self._taken = {}
+        # (LoRA factors kept in half precision have half-precision gradients: their products stay in the hooks, fp32)
+        full = all(f.dtype in (torch.float32, torch.float64) for layer in layers for f in (layer.A, layer.B))
+        capture.autograd_reuse = "verify" if enabled and full and distributor.lora_grads_are_whole() else "off"
+        self._taken: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def reusing(self) -> bool:
@@ -61,7 +63,7 @@ class AutogradGradients:
         """At a step's planning, while autograd's gradients may be used: keep this step's ``(A.grad, B.grad)`` of every
         layer and clear them on the model, so that the next step's start from zero as its products do (the capture
         was emptied for this step whatever becomes of it: applied, skipped or undone)."""
-        self._taken: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._taken = {}
         if self.capture.autograd_reuse == "off":
             return
         for idx, layer in enumerate(self.layers):
