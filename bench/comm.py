@@ -1,7 +1,7 @@
 """Bytes the optimizer hands to collectives per step on 2 ranks (gloo, CPU), against the bytes of
 the LoRA gradients (what plain data-parallel LoRA all-reduces): small LLaMA, LoRA r=16 on all linear
-layers, DDP (replicated state) and DeepSpeed ZeRO-2 (layer-sharded state). The engine's own
-reduction of A.grad/B.grad is not counted; the optimizer's reads of the fp32 masters through DeepSpeed
+layers, DDP (replicated state; the model wrapped in DistributedDataParallel) and DeepSpeed ZeRO-2 (layer-sharded
+state). The engine's own reduction of A.grad/B.grad is not counted; the optimizer's reads of the fp32 masters through DeepSpeed
 (``safe_get_full_fp32_param``: an all-reduce of the whole factor each at ZeRO-2; the distributor's
 ``comm_bytes["factor_read"]``) are, in their own column.
 
@@ -27,6 +27,15 @@ METHODS = {
     "PSI-LoRA iters=1, rank-1 momentum": dict(kind="psilora", iters=1, momentum=0.9, rank_multiplier=1 / 16),
     "Scaled PSI-LoRA iters=1, rank-1 momentum": dict(kind="scaled", iters=1, rank_multiplier=1 / 16),
     "Scaled PSI-LoRA iters=2, rank-1 momentum": dict(kind="scaled", iters=2, rank_multiplier=1 / 16),
+    # cache-free Jacobi steps (issue 26): the products at (A, B) from autograd's LoRA gradients where the engine leaves
+    # them whole and reduced (DDP), or taken in the hooks and summed by the optimizer (reuse_autograd_grads=False;
+    # DeepSpeed ZeRO-2 always)
+    "preconditioned LoRA (cache-free)": dict(kind="precond"),
+    "preconditioned LoRA (cache-free), products at (A, B) in the hooks": dict(kind="precond",
+                                                                              reuse_autograd_grads=False),
+    "Scaled PSI-LoRA iters=0 (cache-free), rank-2r momentum": dict(kind="scaled", iters=0),
+    "Scaled PSI-LoRA iters=0 (cache-free), rank-2r momentum, products at (A, B) in the hooks": dict(
+        kind="scaled", iters=0, reuse_autograd_grads=False),
 }
 
 
@@ -41,16 +50,20 @@ def build_model():
 
 
 def make(spec, model, **kw):
-    from psilora_ds import PSILoRA, ScaledPSILoRA
+    from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA
 
     spec = dict(spec)
     kind = spec.pop("kind")
+    if kind == "precond":
+        return PreconditionedLoRA(model, 1e-2, **spec, **kw)
     if kind == "psilora":
         return PSILoRA(model, 1e-2, **spec, **kw)
     return ScaledPSILoRA(model, 1e-3, **spec, **kw)
 
 
 def worker(rank, world, out):
+    from torch.nn.parallel import DistributedDataParallel
+
     import psilora_ds.distributed.deepspeed as psd
     from psilora_ds.distributed import DDPDistributor
 
@@ -61,7 +74,7 @@ def worker(rank, world, out):
             model = build_model()
             if engine == "DDP":
                 opt = make(spec, model, distributor=DDPDistributor())
-                fwd, bwd, step = model, (lambda loss: loss.backward()), opt.step
+                fwd, bwd, step = DistributedDataParallel(model), (lambda loss: loss.backward()), opt.step
             else:
                 opt = make(spec, model)
                 cfg = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 4, "gradient_clipping": 0.0,
@@ -111,7 +124,10 @@ def main() -> None:
         write_section(args.write, "Communication per step (2 ranks)", "python bench/comm.py", table +
                       "\n\nSmall LLaMA (hidden 256, 2 blocks, 14 LoRA layers, r = 16), one step after a first one. "
                       "All-reduce: the LoRSum thin products (2 per inner iteration, step and momentum), the K-FAC "
-                      "vectors, the per-layer flags; broadcast: the sharded state of the layers a rank does not own; master "
+                      "vectors, the per-layer flags (cache-free: every layer's products at the step's factors, the K-FAC "
+                      "sums, in buckets started during the backward pass; under "
+                      "DDP those at (A, B) are autograd's LoRA gradients, which DDP reduces, unless the row says "
+                      "otherwise); broadcast: the sharded state of the layers a rank does not own; master "
                       "reads: the fp32 factors read from the engine during the step (ZeRO-2 starts each step from the "
                       "optimizer's own copy, so none unless a factor changed behind the optimizer).")
 

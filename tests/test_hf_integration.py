@@ -176,3 +176,21 @@ def test_trainer_deepspeed_checkpoint_resume_continues_identically(tmp_path, ite
     trainable = {n for n, t in states["parameters"].items() if t}
     assert frozen and not frozen & set(keys), sorted(frozen & set(keys))[:5]
     assert trainable <= set(keys), sorted(trainable - set(keys))[:5]
+
+
+def test_trainer_fp16_without_deepspeed_is_refused(tmp_path):
+    """fp16 through the Trainer without DeepSpeed means torch.amp's GradScaler, which unscales p.grad but not the
+    activation gradients the hooks capture: refused with one message naming the ways that work."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from psilora_ds.hf import PSILoRATrainer
+
+    from .models import tiny_llama
+    from .test_hf_trainer import RepeatedText
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, fp16=True, save_strategy="no")
+    with pytest.raises(ValueError, match="fp16=True without DeepSpeed.*bf16=True"):
+        PSILoRATrainer(model=model, args=args, train_dataset=RepeatedText(), psilora=dict(optim="scaled_psilora"))
