@@ -80,8 +80,8 @@ def psilora_trainer(base: type) -> type:
             if self.args.fp16 and not self.is_deepspeed_enabled:
                 raise ValueError("fp16=True without DeepSpeed: the Trainer scales the loss with torch.amp's GradScaler, "
                                  "whose unscale_ divides p.grad but not the activation gradients PSI-LoRA captures, so "
-                                 "its steps would be taken at the loss scale; use bf16=True, or fp16 through a DeepSpeed "
-                                 "config (whose loss scale the optimizer reads)")
+                                 "its steps would see the gradient times the loss scale; use bf16=True, or fp16 "
+                                 "through a DeepSpeed config (whose loss scale the optimizer reads)")
             self.psilora = psilora if psilora is not None else {}
             self.psilora_optimizer: LoRAOptimizer | None = None
             # PSI-LoRA clips the full gradient itself; the Trainer must not clip p.grad (it would also
