@@ -123,6 +123,14 @@ class ProductCapture(ActivationCapture):
         dtype = self._master_dtypes[idx]
         return right[:r].to(dtype), left[:, :r].to(dtype)
 
+    def momentum_copy(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(M_A, M_B)`` of layer ``idx`` as set for this step (in the compute dtype, as the optimizer state keeps
+        them), or None without momentum."""
+        pair = self._momentum_probes.get(idx)
+        if pair is None or pair[0].shape[1] == 0:
+            return None
+        return pair[1], pair[0]
+
     def probe_factors(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(left, right)``: the probe factors of layer ``idx`` this step's products are taken at, in the compute
         dtype: ``left = [B, M_B]`` (m x q), ``right = [A; M_A]`` (q x n); the products are ``left^T P`` and

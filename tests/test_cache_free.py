@@ -311,6 +311,12 @@ def engine_worker(rank, world, out):
             opt.step()
             opt.zero_grad()
         counts[(len(targets), cache_free, shard)] = sum(opt.distributor.comm_calls.values())
+        # the last step's broadcast bytes, and what the layers' metric diagonals and momentum factors weigh
+        counts[("broadcast", len(targets), cache_free, shard)] = (
+            opt.distributor.comm_bytes["broadcast"],
+            sum((layer.in_features + layer.out_features) * 4 for layer in opt.layers),
+            sum(round(layer.rank * opt.lora_group["rank_multiplier"]) * (layer.in_features + layer.out_features) * 4
+                for layer in opt.layers))
         opt.remove_hooks()
     torch.save(counts, out / f"calls-rank{rank}.pt")
 
@@ -478,6 +484,18 @@ def test_cache_free_collectives_do_not_grow_with_the_layers(engine_runs):
     # layer-sharded state: plus one broadcast per owner rank (2 ranks), however many layers it owns
     assert counts[(1, True, True)] <= counts[(2, True, True)] <= 2 + 2
     assert counts[(1, False, True)] <= counts[(2, False, True)] <= 7 + 2
+
+
+
+@pytest.mark.slow
+def test_sharded_cache_free_steps_do_not_broadcast_the_momentum(engine_runs):
+    """Layer-sharded state, cache-free: every rank holds the momentum factors anyway (the capture's copy, for the
+    products at them), so the owners broadcast only the metric diagonals (the cached rows: the momentum too)."""
+    counts = torch.load(engine_runs / "calls-rank0.pt")
+    sent, metrics, _ = counts[("broadcast", 2, True, True)]
+    assert sent == metrics  # the 2 layers' metric_in + metric_out, fp32, from their owners
+    sent_rows, metrics_rows, momentum = counts[("broadcast", 2, False, True)]
+    assert sent_rows == metrics_rows + momentum
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -176,9 +176,13 @@ class Distributor:
     def owns(self, layer: LoRALayer) -> bool:
         return True
 
-    def materialize_states(self, items: Sequence[tuple[LoRALayer, dict[str, Any], Callable[[], dict]]]) -> None:
+    def materialize_states(self, items: Sequence[tuple[LoRALayer, dict[str, Any], Callable[[], dict]]], *,
+                           known: Callable[[LoRALayer], dict[str, torch.Tensor]] | None = None) -> None:
         """Make each ``state`` its layer's full state on this rank (``init()`` on first use), for all the
-        ``(layer, state, init)`` of a step at once (a sharded layout then moves them in a few buffers)."""
+        ``(layer, state, init)`` of a step at once (a sharded layout then moves them in a few buffers).
+        ``known(layer)``: entries of the layer's state that this rank already holds elsewhere, equal bit for bit on
+        every rank (the cache-free capture's copy of the momentum factors); a sharded layout takes them from there
+        instead of moving them (the same keys on every rank)."""
         for _, state, init in items:
             if not state:
                 state.update(init())

@@ -117,25 +117,28 @@ class DDPDistributor(Distributor):
     def owner_rank(self, layer: LoRALayer) -> int:
         return self._owners[layer.index]
 
-    def materialize_states(self, items: Sequence[tuple[LoRALayer, dict[str, Any], Callable[[], dict]]]) -> None:
+    def materialize_states(self, items: Sequence[tuple[LoRALayer, dict[str, Any], Callable[[], dict]]], *,
+                           known: Callable[[LoRALayer], dict[str, torch.Tensor]] | None = None) -> None:
         if not self.shard_state or self.world_size == 1:
             return super().materialize_states(items)
-        received: dict[int, list[dict[str, Any]]] = {}  # owner rank -> the states it sends, in layer order
+        received: dict[int, list[tuple[dict[str, Any], set[str]]]] = {}  # owner rank -> (state, keys not sent)
         for layer, state, init in items:
             first_use = "initialized" not in state
+            held = known(layer) if known is not None and not first_use else {}
             if first_use or not self.owns(layer):
                 # deterministic on every rank: the first time it *is* the state; later a buffer to receive it
                 scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
                 state.update(init())
                 state.update(scalars)
+                state.update({k: v.clone() for k, v in held.items()})  # (what every rank holds alike: not sent)
                 state["initialized"] = True
             if not first_use:
-                received.setdefault(self.owner_rank(layer), []).append(state)
+                received.setdefault(self.owner_rank(layer), []).append((state, set(held)))
         # one broadcast per owner rank (and dtype) for all its layers, whatever their number
         for owner in sorted(received):
             src = dist.get_global_rank(self.group, owner) if self.group else owner
-            slots = [(state, key) for state in received[owner]
-                     for key in sorted(k for k, v in state.items() if isinstance(v, torch.Tensor))]
+            slots = [(state, key) for state, held in received[owner]
+                     for key in sorted(k for k, v in state.items() if isinstance(v, torch.Tensor) and k not in held)]
             by_dtype: dict[torch.dtype, list[tuple[dict[str, Any], str]]] = {}
             for state, key in slots:
                 by_dtype.setdefault(state[key].dtype, []).append((state, key))

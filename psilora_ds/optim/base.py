@@ -58,7 +58,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
     hyperparameters, :attr:`lora_group`), so an LR scheduler over this optimizer drives both.
 
     A method implements :meth:`update_layer` and, where it needs them, :meth:`init_state`,
-    :meth:`cache_free_blocker`, :meth:`momentum_factors`, :meth:`check_distributor`, :meth:`needs_gradient_sketch`,
+    :meth:`cache_free_blocker`, :meth:`momentum_keys`, :meth:`check_distributor`, :meth:`needs_gradient_sketch`,
     :meth:`on_step_applied`, :meth:`extra_state` and :meth:`load_extra_state` (docs/ARCHITECTURE.md).
     """
 
@@ -224,10 +224,22 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         """Why steps with ``group``'s hyperparameters need the activation rows (None: they do not)."""
         return f"{type(self).__name__} needs the activation rows"
 
-    def momentum_factors(self, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(M_A, M_B)`` of a layer's low-rank momentum in ``state`` (None: no low-rank momentum): cache-free
-        steps also take the thin products at them."""
+    def momentum_keys(self, group: dict[str, Any]) -> tuple[str, str] | None:
+        """The keys of a layer's low-rank momentum factors ``(M_A, M_B)`` in its state (None: no low-rank momentum):
+        cache-free steps also take the thin products at them, and keep a copy on every rank for that."""
         return None
+
+    def momentum_factors(self, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(M_A, M_B)`` of a layer's low-rank momentum in ``state`` (:meth:`momentum_keys`), or None."""
+        keys = self.momentum_keys(group)
+        return None if keys is None else (state[keys[0]], state[keys[1]])
+
+    def _known_states(self, layer: LoRALayer) -> dict[str, torch.Tensor]:
+        """Cache-free: the layer's momentum factors as the capture copied them for its probes after the last step,
+        identical on every rank, so a layer-sharded layout need not broadcast them (METHOD.md section 6)."""
+        keys = self.momentum_keys(self._lora_group)
+        copy = self.capture.momentum_copy(layer.index) if self.cache_free and keys is not None else None
+        return {} if copy is None else dict(zip(keys, copy))
 
     def check_distributor(self, distributor: Distributor) -> None:
         """Raise a one-line error when this optimizer cannot run under ``distributor``."""
@@ -324,7 +336,8 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         d = self.distributor
         group = self._lora_group
         d.materialize_states([(self.layers[idx], self.state[self.layers[idx].A],
-                               lambda layer=self.layers[idx]: self.init_state(layer, group)) for idx in plan.grads])
+                               lambda layer=self.layers[idx]: self.init_state(layer, group)) for idx in plan.grads],
+                             known=self._known_states if self.cache_free else None)
         programs = {}
         for idx, grad in plan.grads.items():
             layer = self.layers[idx]

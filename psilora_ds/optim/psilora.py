@@ -159,8 +159,8 @@ class PSILoRA(LoRSumOptimizer):
     def cache_free_blocker(self, group) -> str | None:
         return jacobi_blocker(group["iters"])
 
-    def momentum_factors(self, state, group):
-        return (state["momentum_A"], state["momentum_B"]) if group["momentum"] > 0 else None
+    def momentum_keys(self, group):
+        return ("momentum_A", "momentum_B") if group["momentum"] > 0 else None
 
     def update_layer(self, layer, state, factors, grad, group):
         A, B = factors

@@ -108,8 +108,8 @@ class ScaledPSILoRA(LoRSumOptimizer):
             return "metric='shampoo' needs the column norms of the whole gradient, which only the rows give"
         return jacobi_blocker(group["iters"])
 
-    def momentum_factors(self, state, group):
-        return (state["momentum_A"], state["momentum_B"]) if group["betas"][0] > 0 else None
+    def momentum_keys(self, group):
+        return ("momentum_A", "momentum_B") if group["betas"][0] > 0 else None
 
     def init_state(self, layer, group) -> dict[str, Any]:
         dtype = compute_dtype(layer.lora_A.weight.dtype)
