@@ -76,14 +76,17 @@ class LayerGradient:
         self.coef = coef
         self.rows = rows
         self.reduce = reduce
-        # autograd's (A.grad, B.grad) = (B^T P, P A^T) for the unclipped P (coef = clip here), or None
+        # autograd's (A.grad, B.grad): the engine's gradient (B^T P, P A^T) for the unclipped P, i.e. ``coef`` as given
+        # here times the products of the summed rows; or None
         self.autograd = autograd
+        self._autograd_scale = 1.0 / coef
 
     def known_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(B^T G, G A^T)`` for ``G = scale * P`` from autograd's LoRA gradients, when usable."""
         if self.autograd is None:
             return None
-        return self.autograd[0] * (scale * self.coef), self.autograd[1] * (scale * self.coef)
+        c = scale * self.coef * self._autograd_scale
+        return self.autograd[0] * c, self.autograd[1] * c
 
     def known_momentum_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(M_B^T G, G M_A^T)`` when known without the rows (never, here: see :class:`ProductGradient`)."""

@@ -41,11 +41,22 @@ class LayerProducts:
     sketch: torch.Tensor | None  # P Omega (m x k), when the clipping norm is wanted
     range_sketch: torch.Tensor | None = None  # P Omega_s (m x k_s), the two-sided sketch's range side
     corange_sketch: torch.Tensor | None = None  # Psi P (l_s x n), its co-range side
+    # B^T P (r x n) and P A^T (m x r) when ``left``/``right`` leave them to autograd's LoRA gradients and the step
+    # checks those (its first): taken apart, so ``left``/``right`` are the very products of the steps that follow
+    check_left: torch.Tensor | None = None
+    check_right: torch.Tensor | None = None
     rows: int = 0
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.left, self.right, self.sum_x2, self.sum_z2, self.sketch, self.range_sketch,
-                            self.corange_sketch) if t is not None]
+                            self.corange_sketch, self.check_left, self.check_right) if t is not None]
+
+    def with_factor_products(self) -> LayerProducts:
+        """These products with the checked ones at ``(A, B)`` put first in ``left``/``right`` (the layout of products
+        taken at every probe factor), for a step whose check of autograd's gradients failed."""
+        return LayerProducts(torch.cat([self.check_left, self.left]), torch.cat([self.check_right, self.right], 1),
+                             self.sum_x2, self.sum_z2, self.sketch, self.range_sketch, self.corange_sketch,
+                             rows=self.rows)
 
     @property
     def nbytes(self) -> int:
@@ -76,11 +87,11 @@ class ProductCapture(ActivationCapture):
     all-reduce in buckets as soon as each layer has taken ``microbatches_per_step`` micro-batches
     (:mod:`~psilora_ds.product_buckets`); None per step count: all at the step.
 
-    ``autograd_reuse`` (set by the optimizer): ``"off"``; ``"verify"``: autograd's LoRA gradients may stand for the
-    products at ``(A, B)`` once a step has shown them equal (the step planner checks and sets ``"on"``, or ``"off"``);
-    ``"on"``: steps take only the momentum factors' products, since ``A.grad = B^T P`` and ``B.grad = P A^T`` are
-    what the backward pass computes (and the engine reduces) anyway (METHOD.md section 6). Decided per step, at its
-    first micro-batch (:meth:`reusing_autograd`).
+    ``autograd_reuse`` (set by the optimizer): ``"off"``; ``"on"``: steps take only the momentum factors' products,
+    since ``A.grad = B^T P`` and ``B.grad = P A^T`` are what the backward pass computes (and the engine reduces)
+    anyway (METHOD.md section 6); ``"verify"``: the same, and the products at ``(A, B)`` apart (``check_left``,
+    ``check_right``), against which the step planner checks autograd's gradients (then ``"on"``, or ``"off"``).
+    Decided per step, at its first micro-batch (:meth:`reusing_autograd`, :meth:`checking_autograd`).
     """
 
     def __init__(self, layers: list[LoRALayer], sketch_probes: Callable[[], int],
@@ -98,7 +109,7 @@ class ProductCapture(ActivationCapture):
         self.reduction: BucketedReduction | None = None
         self.microbatches_per_step: int | None = None
         self.autograd_reuse = "off"
-        self._reusing: bool | None = None  # this step's decision, made at its first micro-batch
+        self._reuse_mode: str | None = None  # this step's autograd_reuse, read at its first micro-batch
         self._momentum_probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (M_B, M_A), contiguous
 
     def set_factors(self, idx: int, A: torch.Tensor, B: torch.Tensor,
@@ -154,14 +165,18 @@ class ProductCapture(ActivationCapture):
         if self.sketching():
             omega, psi = self.gradient_probes(idx, left)
             two_sided = (new(m, omega.shape[1]), new(psi.shape[0], n))
+        checks = (None, None)
+        if self.checking_autograd():
+            r = self.layers[idx].rank
+            checks = (new(r, n), new(m, r))
         return LayerProducts(new(left.shape[1], n), new(m, left.shape[1]), new(n), new(m),
-                             new(m, k) if k > 0 else None, *two_sided)
+                             new(m, k) if k > 0 else None, *two_sided, *checks)
 
     def open_step(self, step: int) -> None:
         """The next step opens (the optimizer, after each step): its seeds are ``step``'s; its sketch decision and
         probes are drawn anew (a step that was not applied keeps them until its retry's first micro-batch)."""
         self.step = step
-        self._sketching, self._reusing, self._sketch_probes, self._popped = None, None, {}, False
+        self._sketching, self._reuse_mode, self._sketch_probes, self._popped = None, None, {}, False
 
     @property
     def sketched(self) -> bool:
@@ -174,12 +189,19 @@ class ProductCapture(ActivationCapture):
             self._sketching = bool(self.gradient_sketch())
         return self._sketching
 
+    def _step_reuse(self) -> str:
+        if self._reuse_mode is None:
+            self._reuse_mode = self.autograd_reuse
+        return self._reuse_mode
+
     def reusing_autograd(self) -> bool:
-        """Whether this step's products leave out those at ``(A, B)`` for autograd's LoRA gradients (decided once, at
-        its first micro-batch)."""
-        if self._reusing is None:
-            self._reusing = self.autograd_reuse == "on"
-        return self._reusing
+        """Whether this step's ``left``/``right`` leave out the products at ``(A, B)`` for autograd's LoRA gradients
+        (decided once, at its first micro-batch)."""
+        return self._step_reuse() != "off"
+
+    def checking_autograd(self) -> bool:
+        """Whether this step also takes the products at ``(A, B)`` apart, to check autograd's gradients against."""
+        return self._step_reuse() == "verify"
 
     def gradient_probes(self, idx: int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Omega_s, Psi)`` of layer ``idx``'s two-sided sketch at this step
@@ -223,6 +245,12 @@ class ProductCapture(ActivationCapture):
             self._momentum_probes[idx] = (M_B, M_A)
         return M_B, M_A
 
+    def _checked_factors(self, idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, A)``: the first ``r`` probe factors of layer ``idx`` (views of the probe copy)."""
+        left, right = self._on(idx, device)
+        r = self.layers[idx].rank
+        return left[:, :r], right[:r]
+
     def _omega(self, idx: int, n: int, k: int, like: torch.Tensor) -> torch.Tensor:
         omega = self._omegas.get(idx)
         if omega is None or omega.shape[1] != k:
@@ -233,7 +261,7 @@ class ProductCapture(ActivationCapture):
 
     def add(self, idx: int, X: torch.Tensor, Z: torch.Tensor) -> None:
         if self._popped:  # the first micro-batch of a new step
-            self._popped, self._sketching, self._reusing, self._sketch_probes = False, None, None, {}
+            self._popped, self._sketching, self._reuse_mode, self._sketch_probes = False, None, None, {}
         if idx not in self._factors:
             raise RuntimeError("cache-free capture without probe factors: the optimizer did not set them")
         if self.reduction is not None:
@@ -245,6 +273,9 @@ class ProductCapture(ActivationCapture):
         with torch.autocast(device_type=X.device.type, enabled=False):
             new = thin_products(Z, X, left, right, omega,
                                 two_sided=self.gradient_probes(idx, left) if self.sketching() else None)
+            if self.checking_autograd():  # the products at (A, B), apart: what autograd's gradients are checked against
+                B, A = self._checked_factors(idx, X.device)
+                new = (*new, *thin_products(Z, X, B, A)[:2])
         batch = self._batches.get(idx)
         if batch is None:
             self._batches[idx] = LayerProducts(*new, rows=X.shape[0])
@@ -271,7 +302,7 @@ class ProductCapture(ActivationCapture):
         if self.reduction is not None:
             self.reduction.abandon()
         self._omegas, self._sketch_probes = {}, {}
-        self._sketching, self._reusing, self._popped = None, None, False
+        self._sketching, self._reuse_mode, self._popped = None, None, False
         super().clear()
 
     @property

@@ -282,7 +282,7 @@ def test_sketched_clipping_norm_in_one_process(fold):
     assert_factors(opt.layers, twin.A, twin.B)
     # unbiased: average the per-layer estimate over many seeds (steps)
     layer = opt.layers[0]
-    grad = opt.planner.layer_gradient(0, batches[0], batches[0].rows, None)
+    grad = opt.planner.layer_gradient(0, batches[0], batches[0].rows)
     samples = []
     for step in range(400):
         samples.append(float(run_rounds(opt.distributor.lora_norm_sq(layer, grad, step), None)))

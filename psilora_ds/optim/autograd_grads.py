@@ -1,32 +1,38 @@
-"""Autograd's LoRA gradients in place of a cache-free step's products at its own factors (METHOD.md section 6).
+"""Autograd's LoRA gradients in place of a step's products at its own factors (METHOD.md section 6).
 
 The backward pass computes ``A.grad = B^T P`` and ``B.grad = P A^T`` whatever the optimizer does, and a data-parallel
-engine reduces them over ranks. Where they are whole and reduced (one process, DDP), the capture hooks need not take
-those products again: a cache-free step then takes only the momentum factors' products (and the statistics and
-sketches), ``r`` fewer columns on each side per token and layer, and sums no ``r (m + n)`` per layer over ranks.
+engine reduces them over ranks. Where they are whole and reduced (one process, DDP), a step need not compute (and sum
+over ranks) those products again: LoRSum's first A-step and its Jacobi B-step take them (``known_products``), and
+cache-free capture hooks take only the momentum factors' products (``r`` fewer columns on each side per token and
+layer).
 
 That the engine's gradients are what they must be (this rank's share averaged over the ranks as the distributor's
-``grad_coef`` says, identical on every rank) is checked once, on the first cache-free step, against the products the
-hooks then still take: any difference beyond rounding (``TOLERANCE``: bf16 autocast's matrix products included) and
-the steps keep taking the products, with one warning.
+``grad_coef`` says, identical on every rank) is checked once, on the first step, against the products computed as
+before (from the rows, or taken by the hooks): any difference beyond rounding (``TOLERANCE``: bf16 autocast's matrix
+products included) and the steps keep computing them, with one warning.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
 from ..distributed import Distributor
+from ..gradient import LayerGradient
 from ..lora_layers import LoRALayer
-from ..products import LayerProducts, ProductCapture
+from ..ops.rounds import Rounds, run_lockstep
+from ..products import LayerProducts
 
 logger = logging.getLogger(__name__)
 
-# Relative Frobenius difference allowed between autograd's LoRA gradients and the captured products: fp32 products
+# Relative Frobenius difference allowed between autograd's LoRA gradients and the computed products: fp32 products
 # differ by summation order (~1e-6); under bf16 autocast the backward's own matrix products round to 8 bits (~4e-3).
 TOLERANCE = 2e-2
+
+OFF, VERIFY, ON = "off", "verify", "on"
 
 
 def lora_grads(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -39,32 +45,48 @@ def lora_grads(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None
 
 
-class AutogradGradients:
-    """Whether a cache-free optimizer's steps take autograd's LoRA gradients for the products at ``(A, B)``: sets the
-    capture's ``autograd_reuse`` (``"verify"`` where the distributor's engine leaves whole reduced gradients, else
-    ``"off"``), verifies on the first step, and hands the gradients to the steps that left those products out."""
+def _factor_products(grad: LayerGradient, A: torch.Tensor, B: torch.Tensor) -> Rounds[tuple[torch.Tensor, torch.Tensor]]:
+    """``(B^T P, P A^T)`` of a gradient on rows, summed over ranks (two rounds)."""
+    BtP = yield from grad.left_product(B)
+    PAt = yield from grad.right_product(A.T)
+    return BtP, PAt
 
-    def __init__(self, layers: Sequence[LoRALayer], distributor: Distributor, capture: ProductCapture, *,
+
+class AutogradGradients:
+    """Whether a step takes autograd's LoRA gradients for its products at ``(A, B)``: :attr:`state` is ``"verify"``
+    where the distributor's engine leaves whole reduced gradients (and the factors are fp32/fp64), else ``"off"``;
+    the first step checks them (``"on"`` from then on, or ``"off"`` with one warning). A cache-free ``capture`` is told
+    (its ``autograd_reuse``), since its hooks decide per step whether to take those products.
+
+    Each step's planning calls :meth:`take` first: it keeps the step's gradients and clears them on the model, so that
+    the next step's start from zero as its captured rows or products do."""
+
+    def __init__(self, layers: Sequence[LoRALayer], distributor: Distributor, capture: Any = None, *,
                  enabled: bool):
         self.layers = layers
         self.distributor = distributor
-        self.capture = capture
-        # (LoRA factors kept in half precision have half-precision gradients: their products stay in the hooks, fp32)
+        self.capture = capture  # a ProductCapture (cache-free), or None: rows
+        # (LoRA factors kept in half precision have half-precision gradients: their products stay computed, in fp32)
         full = all(f.dtype in (torch.float32, torch.float64) for layer in layers for f in (layer.A, layer.B))
-        capture.autograd_reuse = "verify" if enabled and full and distributor.lora_grads_are_whole() else "off"
+        self._set(VERIFY if enabled and full and distributor.lora_grads_are_whole() else OFF)
         self._taken: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _set(self, state: str) -> None:
+        self.state = state
+        if self.capture is not None:
+            self.capture.autograd_reuse = state
 
     @property
     def reusing(self) -> bool:
-        """Whether the step being planned left out the products at ``(A, B)``."""
-        return self.capture.reusing_autograd()
+        """Whether the step being planned takes autograd's gradients (cache-free: whether its hooks left out the
+        products at ``(A, B)``, decided at its first micro-batch)."""
+        return self.capture.reusing_autograd() if self.capture is not None else self.state == ON
 
     def take(self) -> None:
-        """At a step's planning, while autograd's gradients may be used: keep this step's ``(A.grad, B.grad)`` of every
-        layer and clear them on the model, so that the next step's start from zero as its products do (the capture
-        was emptied for this step whatever becomes of it: applied, skipped or undone)."""
+        """Keep this step's ``(A.grad, B.grad)`` of every layer and clear them on the model (the capture was emptied
+        for this step whatever becomes of it: applied, skipped or undone)."""
         self._taken = {}
-        if self.capture.autograd_reuse == "off":
+        if self.state == OFF:
             return
         for idx, layer in enumerate(self.layers):
             pair = lora_grads(layer)
@@ -72,58 +94,70 @@ class AutogradGradients:
                 self._taken[idx] = pair
             layer.A.grad = layer.B.grad = None
 
-    def local(self, idxs: Iterable[int]) -> list[torch.Tensor]:
-        """The taken gradients of the layers ``idxs`` (for the step's finiteness check)."""
-        return [g for idx in idxs if idx in self._taken for g in self._taken[idx]]
+    def local(self, idxs: Iterable[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The taken gradients of the layers ``idxs`` that have them (for the step's finiteness check)."""
+        return {idx: self._taken[idx] for idx in idxs if idx in self._taken}
 
     def pairs(self, idxs: Iterable[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """``(A.grad, B.grad)`` of every layer in ``idxs``, on a step that took no products at ``(A, B)``."""
+        """``(A.grad, B.grad)`` of every layer in ``idxs``, on a step that takes them."""
         for idx in idxs:
             if idx not in self._taken:
                 raise RuntimeError(
-                    f"{self.layers[idx].name}: this cache-free step took no products at (A, B) because autograd's "
-                    "LoRA gradients stand for them, but A.grad/B.grad are missing or not fp32 (zeroed or cast between "
-                    "backward and step?); build the optimizer with reuse_autograd_grads=False")
+                    f"{self.layers[idx].name}: this step takes autograd's LoRA gradients for its products at (A, B) "
+                    "(cache-free: its hooks did not take them), but A.grad/B.grad are missing or not fp32 (zeroed or "
+                    "cast between backward and step?); build the optimizer with reuse_autograd_grads=False")
         return {idx: self._taken[idx] for idx in idxs}
 
-    def verify(self, products: dict[int, LayerProducts], coef: float) -> None:
-        """On a step that still took the products at ``(A, B)`` (summed over ranks, ``coef`` the engine's share):
-        whether autograd's gradients equal them on every layer and are the same on every rank; from the next step on
-        they stand for those products, or never (one warning)."""
-        if self.capture.autograd_reuse != "verify" or self.reusing or not products:
+    def verify_products(self, products: dict[int, LayerProducts], coef: float) -> None:
+        """Cache-free, on the step whose hooks took the products at ``(A, B)`` apart (``check_left``,
+        ``check_right``; summed over ranks, ``coef`` the engine's share): check autograd's gradients against them."""
+        if self.capture is None or not self.capture.checking_autograd() or not products:
             return
+        self._decide({idx: (p.check_left * coef, p.check_right * coef) for idx, p in products.items()})
+
+    def verify_rows(self, grads: dict[int, LayerGradient]) -> None:
+        """On rows, on the first step (before clipping): ``(B^T P, P A^T)`` of every layer from its rows, summed over
+        ranks in two collectives, against autograd's gradients (the factors are the model's own here: the engine
+        leaves them whole)."""
+        if self.capture is not None or self.state != VERIFY or not grads:
+            return
+        programs = {idx: _factor_products(g, self.layers[idx].A.detach(), self.layers[idx].B.detach())
+                    for idx, g in grads.items()}
+        self._decide(run_lockstep(programs, self.distributor.reduce))
+
+    def _decide(self, computed: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """``"on"`` when autograd's gradients equal ``computed`` (each layer's ``(B^T P, P A^T)`` in the engine's
+        scale) on every layer and are the same on every rank; else ``"off"``, with one warning."""
         worst, missing = 0.0, []
         checksum = torch.zeros((), dtype=torch.float64)
-        for idx, p in products.items():
-            layer = self.layers[idx]
+        for idx, (BtP, PAt) in computed.items():
             pair = self._taken.get(idx)
             if pair is None:
-                missing.append(layer.name)
+                missing.append(self.layers[idx].name)
                 continue
-            r = layer.rank
-            for grad, taken in ((pair[0], p.left[:r]), (pair[1], p.right[:, :r])):
-                want = taken.double() * coef
+            for grad, want in zip(pair, (BtP, PAt)):
+                want = want.double()
                 diff = (grad.double() - want).norm() / want.norm().clamp_min(torch.finfo(torch.float64).tiny)
                 worst = max(worst, float(diff))
                 checksum += grad.double().square().sum().cpu()
         # one sum over ranks: how many ranks miss a gradient or differ, and (sum c, sum c^2) of the ranks' checksums c
         # (the gradients' sum of squares; equal on every rank iff W sum c^2 == (sum c)^2, up to rounding)
         bad = 1.0 if missing or worst > TOLERANCE else 0.0
-        device = self.layers[0].A.device
-        flags = torch.tensor([bad, float(checksum), float(checksum) ** 2], dtype=torch.float64, device=device)
+        flags = torch.tensor([bad, float(checksum), float(checksum) ** 2], dtype=torch.float64,
+                             device=self.layers[0].A.device)
         flags = self.distributor.all_reduce_(flags).tolist()
         world = self.distributor.world_size
         spread = world * flags[2] - flags[1] ** 2
         differ = world > 1 and spread > 1e-9 * max(world * flags[2], torch.finfo(torch.float64).tiny)
         if flags[0] == 0 and not differ:
-            self.capture.autograd_reuse = "on"
-            logger.info("cache-free steps take the products at (A, B) from autograd's LoRA gradients from now on "
-                        "(checked equal to the captured products: largest relative difference %.1e)", worst)
+            self._set(ON)
+            logger.info("steps take their products at (A, B) from autograd's LoRA gradients from now on (checked "
+                        "equal to the computed products: largest relative difference %.1e)", worst)
             return
-        self.capture.autograd_reuse = "off"
+        self._set(OFF)
         why = (f"{', '.join(missing[:3])} had no fp32 LoRA gradient" if missing else
                "they differ between ranks (not reduced by the engine?)" if differ else
-               f"they differ from the captured products by up to {worst:.2g} (relative; allowed {TOLERANCE:g})"
-               if bad else "another rank's differ from its captured products")
-        logger.warning("autograd's LoRA gradients cannot stand for the cache-free products at (A, B): %s; steps keep "
-                       "taking those products (the results are the same; only the hooks' saving is lost)", why)
+               f"they differ from the computed products by up to {worst:.2g} (relative; allowed {TOLERANCE:g})"
+               if bad else "another rank's differ from its computed products")
+        logger.warning("autograd's LoRA gradients cannot stand for the products at (A, B): %s; steps keep computing "
+                       "those products (the results are the same; only the saving is lost)", why)

@@ -358,14 +358,12 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
                 self.state[layer.A].update(state)
                 d.release_state(layer, self.state[layer.A])
             return False
-        for idx, grad in plan.grads.items():
+        for idx in plan.grads:
             layer = self.layers[idx]
             state = self.state[layer.A]
             d.write_factors(layer, group["params"], *new_factors[idx])
             self.factors.record(idx, new_factors[idx], self.momentum_factors(state, group) if self.cache_free else None)
             d.release_state(layer, state)
-            if grad.autograd is not None:  # consumed: the next step's gradients start from zero
-                layer.A.grad = layer.B.grad = None
         if plan.grads:  # what the optimizer holds (copy or capture factors) is what the engine holds now
             d.factors_synced(group["params"])
         return True

@@ -54,9 +54,9 @@ class LoRAOptions:
             at a time (``clip_norm_probes=32`` sketches the norm instead). Meant for GPUs; on the CPU it only
             copies (logged once).
         reuse_autograd_grads: take the products at the current factors from autograd's LoRA gradients instead
-            of recomputing them (METHOD.md section 6): from the rows in one process; cache-free (the hooks then
-            leave them out) where the engine leaves them whole and reduced (one process, DDP), once the first
-            step has checked them against the products.
+            of computing them (METHOD.md section 6) where the engine leaves them whole and reduced (one process,
+            DDP), once the first step has checked them against the computed products: on rows, LoRSum's first
+            A-step and Jacobi B-step; cache-free, the hooks then leave them out.
         accumulation_steps: micro-batches per optimizer step. The capture hooks raise
             :class:`~psilora_ds.capture.StepNotCalledError` when more than twice as many backward passes
             arrive without :meth:`step` (another optimizer is being stepped in its place). None: the most

@@ -19,7 +19,7 @@ from ..ops import compute_dtype
 from ..ops.rounds import reduce_flat_, run_lockstep
 from ..product_buckets import BucketedReduction, estimated_products_nbytes
 from ..products import LayerProducts
-from .autograd_grads import AutogradGradients
+from .autograd_grads import ON, AutogradGradients
 from .factor_source import FactorSource
 from .other_params import local_grads
 
@@ -65,11 +65,10 @@ class StepPlanner:
         self.factors = factors
         self.cache_free = cache_free
         # Take the LoRSum products at the current factors from autograd's LoRA gradients (A.grad = B^T P,
-        # B.grad = P A^T) instead of recomputing them (METHOD.md section 6): from the rows in one process; cache-free,
-        # where the engine leaves them whole and reduced, after one step has checked them (autograd_grads)
-        self.reuse_autograd_grads = reuse_autograd_grads
-        self.cache_free_autograd = AutogradGradients(layers, distributor, capture, enabled=reuse_autograd_grads) \
-            if cache_free else None
+        # B.grad = P A^T) instead of computing them (METHOD.md section 6), where the engine leaves them whole and
+        # reduced, once the first step has checked them (autograd_grads)
+        self.autograd = AutogradGradients(layers, distributor, capture if cache_free else None,
+                                          enabled=reuse_autograd_grads)
         self.logged_sketch = False
         self.logged_late = False
 
@@ -91,12 +90,9 @@ class StepPlanner:
         flags = torch.zeros(n_flags + (2 if reduction is not None else 0), dtype=torch.float64, device=self.device)
         for idx, batch in batches.items():
             flags[idx] = batch.rows
-        autograd = {idx: pair for idx in batches if (pair := self.autograd_products(idx)) is not None}
-        also = []
-        if self.cache_free_autograd is not None:
-            self.cache_free_autograd.take()
-            also = self.cache_free_autograd.local(batches) if self.cache_free_autograd.reusing else []
-        flags[L] = 0.0 if self.all_finite(batches, autograd, other_groups, also) else 1.0
+        self.autograd.take()
+        taken = self.autograd.local(batches) if self.autograd.reusing else {}
+        flags[L] = 0.0 if self.all_finite(batches, taken, other_groups) else 1.0
         if copy:
             idxs, changed = self.factors.changed_flags()
             flags[[L + 1 + idx for idx in idxs]] = changed.to(flags.device)
@@ -129,8 +125,11 @@ class StepPlanner:
                 stale = self.factors.stale_layers(rows)
                 count = torch.tensor([float(len(stale))], dtype=torch.float64, device=self.device)
                 self.factors.raise_if_stale(stale, d.all_reduce_(count))
-            grads = {idx: self.layer_gradient(idx, batches.get(idx), int(n), autograd.get(idx))
-                     for idx, n in enumerate(rows) if n > 0}
+            grads = {idx: self.layer_gradient(idx, batches.get(idx), int(n)) for idx, n in enumerate(rows) if n > 0}
+            self.autograd.verify_rows(grads)  # (the first step: then "on", or "off")
+            if self.autograd.state == ON:
+                for idx, pair in self.autograd.pairs(grads).items():
+                    grads[idx].autograd = pair
         if self.cache_free and max_grad_norm and not d.sketches_norm() and not self.logged_sketch:
             self.logged_sketch = True
             logger.warning("cache-free steps keep no rows, so the clipping norm is the %d-probe Gaussian sketch "
@@ -150,15 +149,14 @@ class StepPlanner:
             grad.coef *= plan.clip
         return plan
 
-    def layer_gradient(self, idx: int, batch: LayerBatch | None, rows: int,
-                       autograd: tuple[torch.Tensor, torch.Tensor] | None) -> LayerGradient:
+    def layer_gradient(self, idx: int, batch: LayerBatch | None, rows: int) -> LayerGradient:
         """Layer ``idx``'s gradient from this rank's captured rows (``rows``: over all ranks)."""
         layer = self.layers[idx]
         if batch is None:  # captured nothing here but elsewhere: take part in the collectives with no rows
             dtype = compute_dtype(layer.lora_A.weight.dtype)
             batch = LayerBatch(xs=[torch.zeros(0, layer.in_features, dtype=dtype, device=layer.A.device)],
                                zs=[torch.zeros(0, layer.out_features, dtype=dtype, device=layer.A.device)])
-        return LayerGradient(batch, self.distributor.grad_coef(), rows, self.distributor.reduce, autograd)
+        return LayerGradient(batch, self.distributor.grad_coef(), rows, self.distributor.reduce)
 
     def finish_reduction(self, reduction: BucketedReduction, batches: dict[int, LayerProducts], rows: list[float], *,
                          skip: bool, late: bool) -> dict[int, LayerProducts] | None:
@@ -182,9 +180,12 @@ class StepPlanner:
         (and autograd's LoRA gradients, on steps that left the products at ``(A, B)`` to them)."""
         coef = self.distributor.grad_coef()
         present = {idx: int(n) for idx, n in enumerate(rows) if n > 0}
-        reuse = self.cache_free_autograd
-        pairs = reuse.pairs(present) if reuse.reusing else {}
-        reuse.verify({idx: summed[idx] for idx in present}, coef)
+        self.autograd.verify_products({idx: summed[idx] for idx in present}, coef)  # (the first step)
+        pairs = {}
+        if self.autograd.reusing and self.autograd.state == ON:
+            pairs = self.autograd.pairs(present)
+        elif self.autograd.reusing:  # the check failed: the products at (A, B) taken apart stand in for them
+            summed = {idx: summed[idx].with_factor_products() for idx in present}
         return {idx: ProductGradient(summed[idx], self.layers[idx].rank, coef, n, self.capture.probe_factors(idx),
                                      self.capture.sketch_of(idx, summed[idx]), pairs.get(idx))
                 for idx, n in present.items()}
@@ -204,29 +205,21 @@ class StepPlanner:
         self.factors.raise_if_stale(stale, count)
         return self.summed_product_gradients(products, rows)
 
-    def autograd_products(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Autograd's ``(A.grad, B.grad)`` of layer ``idx`` when the step may use them in place of the
-        products at the current factors: one process, plain fp32/fp64 tensors (not DTensor shards)."""
-        if self.cache_free or not self.reuse_autograd_grads or self.distributor.world_size != 1:
-            return None
-        layer = self.layers[idx]
-        gA, gB = layer.A.grad, layer.B.grad
-        plain = type(gA) is torch.Tensor and type(gB) is torch.Tensor
-        if plain and gA.dtype in (torch.float32, torch.float64) and gB.dtype == gA.dtype:
-            return gA, gB
-        return None
-
-    def all_finite(self, batches: dict[int, LayerBatch], autograd: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                   other_groups: list[dict[str, Any]], also: Sequence[torch.Tensor] = ()) -> bool:
+    def all_finite(self, batches: dict[int, LayerBatch | LayerProducts],
+                   autograd: dict[int, tuple[torch.Tensor, torch.Tensor]], other_groups: list[dict[str, Any]]) -> bool:
         """Whether every captured factor and other gradient is finite: a NaN or inf anywhere makes its
         tensor's sum non-finite, so one fp32 sum per tensor and one sync do (no mask tensors).
 
-        A layer whose autograd products are used is checked on them instead of on its rows: a
-        non-finite entry of ``X`` or ``Z`` makes ``B.grad = s Z^T (X A^T)`` non-finite (IEEE:
-        ``inf * 0`` is NaN, so no multiplier hides it), which reads ``r (m + n)`` numbers instead of
-        ``N (m + n)``."""
-        tensors = [t for i, b in batches.items() for t in (autograd[i] if i in autograd else b.tensors())]
-        tensors += list(also) + local_grads(other_groups)
+        A layer whose autograd products are used is checked on them, and on its rows only when they are cache-free
+        products (small): a non-finite entry of ``X`` or ``Z`` makes ``B.grad = s Z^T (X A^T)`` non-finite (IEEE:
+        ``inf * 0`` is NaN, so no multiplier hides it), which reads ``r (m + n)`` numbers instead of ``N (m + n)``."""
+        tensors = []
+        for i, b in batches.items():
+            if i in autograd:
+                tensors += autograd[i]
+            if i not in autograd or isinstance(b, LayerProducts):
+                tensors += b.tensors()
+        tensors += local_grads(other_groups)
         if not tensors:
             return True
         sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
