@@ -92,9 +92,10 @@ def test_unsupported_combinations_fail_at_construction():
 
 @pytest.mark.parametrize("name,shard_state", CASES)
 def test_collective_bytes_per_step(ddp_runs, name, shard_state):
-    """Optimizer traffic of one step = iters x the LoRA-gradient bytes for the step and again, times the momentum's
-    rank over r, for the momentum (PSI-LoRA's default rank r, Scaled PSI-LoRA's 2 r), plus the metric vectors, the
-    per-layer flags and, when state is sharded, the broadcast state of the layers each rank does not own."""
+    """Optimizer traffic of one step = iters x the LoRA-gradient bytes for the step (less its first product, autograd's
+    A.grad) and again, times the momentum's rank over r, for the momentum (PSI-LoRA's default rank r, Scaled PSI-LoRA's
+    2 r), plus the metric vectors, the per-layer flags and, when state is sharded, the broadcast state of the layers
+    each rank does not own."""
     comm = torch.load(ddp_runs / f"{name}-{shard_state}-rank0.pt")["comm"]
     model = lora_two_layer_net(dtype=torch.float32)
     layers = PSILoRA(model, 0.1).layers
@@ -103,7 +104,9 @@ def test_collective_bytes_per_step(ddp_runs, name, shard_state):
     metrics = sum((l.in_features + l.out_features) * f32 for l in layers) if name == "scaled" else 0
     flags = (len(layers) + 1) * 8
     momentum = 2 if name == "scaled" else 1  # the momentum's rank over r (ScaledPSILoRA's default rank_multiplier)
-    expected_reduce = iters * lora_grad * (1 + momentum) + metrics + flags
+    # LoRSum's first A-step takes B^T P from DDP's averaged A.grad (checked on the first step; this is a later one)
+    a_grad = sum(l.rank * l.in_features * f32 for l in layers)
+    expected_reduce = iters * lora_grad * (1 + momentum) - a_grad + metrics + flags
     assert comm["all_reduce"] == expected_reduce
     state = momentum * lora_grad + metrics  # momentum factors and metric EMAs, every layer
     assert comm["broadcast"] == (state if shard_state else 0)
