@@ -123,7 +123,8 @@ def main() -> None:
     if args.write:
         write_section(args.write, "Communication per step (2 ranks)", "python bench/comm.py", table +
                       "\n\nSmall LLaMA (hidden 256, 2 blocks, 14 LoRA layers, r = 16), one step after a first one. "
-                      "All-reduce: the LoRSum thin products (2 per inner iteration, step and momentum), the K-FAC "
+                      "All-reduce: the LoRSum thin products (2 per inner iteration, step and momentum; under DDP the step's "
+                      "first, B^T P, is DDP's averaged A.grad, checked on the first step), the K-FAC "
                       "vectors, the per-layer flags (cache-free: every layer's products at the step's factors, the K-FAC "
                       "sums, in buckets started during the backward pass; under "
                       "DDP those at (A, B) are autograd's LoRA gradients, which DDP reduces, unless the row says "
