@@ -110,7 +110,6 @@ class ProductCapture(ActivationCapture):
         self.microbatches_per_step: int | None = None
         self.autograd_reuse = "off"
         self._reuse_mode: str | None = None  # this step's autograd_reuse, read at its first micro-batch
-        self._momentum_probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (M_B, M_A), contiguous
 
     def set_factors(self, idx: int, A: torch.Tensor, B: torch.Tensor,
                     momentum: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -121,10 +120,7 @@ class ProductCapture(ActivationCapture):
         A, B = A.detach().to(cd), B.detach().to(cd)
         if momentum is not None:
             M_A, M_B = momentum
-            self._momentum_probes[idx] = (M_B.to(cd, copy=True).contiguous(), M_A.to(cd, copy=True).contiguous())
             A, B = torch.cat([A, M_A.to(cd)]), torch.cat([B, M_B.to(cd)], 1)
-        else:
-            self._momentum_probes[idx] = (B.new_zeros(B.shape[0], 0), A.new_zeros(0, A.shape[1]))
         self._factors[idx] = (B.clone(), A.clone())
 
     def factors(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,10 +133,8 @@ class ProductCapture(ActivationCapture):
     def momentum_copy(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(M_A, M_B)`` of layer ``idx`` as set for this step (in the compute dtype, as the optimizer state keeps
         them), or None without momentum."""
-        pair = self._momentum_probes.get(idx)
-        if pair is None or pair[0].shape[1] == 0:
-            return None
-        return pair[1], pair[0]
+        M_B, M_A = self._momentum_probes(idx)
+        return None if M_A.shape[0] == 0 else (M_A, M_B)
 
     def probe_factors(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(left, right)``: the probe factors of layer ``idx`` this step's products are taken at, in the compute
@@ -237,13 +231,14 @@ class ProductCapture(ActivationCapture):
         """``(left, right)`` this step's products are taken at: the probe factors, or only the momentum's when
         autograd's LoRA gradients stand for the products at ``(A, B)``."""
         left, right = self._on(idx, device)
-        if not self.reusing_autograd():
-            return left, right
-        M_B, M_A = self._momentum_probes[idx]
-        if M_B.device != device:
-            M_B, M_A = M_B.to(device), M_A.to(device)
-            self._momentum_probes[idx] = (M_B, M_A)
-        return M_B, M_A
+        return self._momentum_probes(idx) if self.reusing_autograd() else (left, right)
+
+    def _momentum_probes(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M_B, M_A)``: the probe factors of layer ``idx`` after its first ``r`` (views: no copy; ``M_B``'s rows
+        are strided, which matrix products take as they are), empty without momentum."""
+        left, right = self._factors[idx]
+        r = self.layers[idx].rank
+        return left[:, r:], right[r:]
 
     def _checked_factors(self, idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, A)``: the first ``r`` probe factors of layer ``idx`` (views of the probe copy)."""
@@ -319,5 +314,4 @@ class ProductCapture(ActivationCapture):
     @property
     def factor_nbytes(self) -> int:
         """Bytes of the probe factors held (replicated on every rank)."""
-        return sum(t.numel() * t.element_size() for table in (self._factors, self._momentum_probes)
-                   for pair in table.values() for t in pair)
+        return sum(t.numel() * t.element_size() for pair in self._factors.values() for t in pair)

@@ -130,7 +130,8 @@ class DDPDistributor(Distributor):
                 scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
                 state.update(init())
                 state.update(scalars)
-                state.update({k: v.clone() for k, v in held.items()})  # (what every rank holds alike: not sent)
+                # (what every rank holds alike: not sent)
+                state.update({k: v.clone(memory_format=torch.contiguous_format) for k, v in held.items()})
                 state["initialized"] = True
             if not first_use:
                 received.setdefault(self.owner_rank(layer), []).append((state, set(held)))
