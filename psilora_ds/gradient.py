@@ -219,7 +219,7 @@ class LayerGradient:
 class ProductGradient:
     """``P = coef * sum_ranks P_k`` known only through its thin products at the step's probe factors (cache-free
     Jacobi steps, METHOD.md section 6): ``products`` already summed over ranks, taken at ``probes = (left, right)``
-    (:meth:`~psilora_ds.products.ProductCapture.probe_factors`: ``left = [B, M_B]``, ``right = [A; M_A]``); ``r`` the
+    (:class:`~psilora_ds.products.ProbeFactors`: ``left = [B, M_B]``, ``right = [A; M_A]``); ``r`` the
     LoRA rank (the first ``r`` probe factors are ``(A, B)``, the rest the momentum's).
 
     ``autograd``: autograd's ``(A.grad, B.grad)``, the engine's gradient ``(B^T P, P A^T) / coef`` at construction

@@ -11,7 +11,7 @@ each micro-batch adds its share in the backward hook and its rows are dropped at
 whatever the number of tokens, instead of ``N (m + n)``.
 
 The products are taken at *probe factors*: the factors (and momentum factors) of the step about to
-be taken, which the optimizer hands over after each step (:meth:`ProductCapture.set_factors`). The
+be taken, which the optimizer hands over after each step (:meth:`ProbeFactors.set`). The
 step then starts from this copy (no gathering of sharded factors) after the engine's own copy has been
 checked equal to it, on each rank's local shard where the engine allows it.
 """
@@ -72,6 +72,83 @@ class StaleFactorsError(RuntimeError):
     """The LoRA factors changed outside the optimizer since the products were taken."""
 
 
+class ProbeFactors:
+    """The factors each layer's cache-free products are taken at: the step's ``(A, B)`` and momentum factors, copied
+    on every rank in the compute dtype as ``left = [B, M_B]`` (m x q) and ``right = [A; M_A]`` (q x n); set by the
+    optimizer after each step, when state is loaded and at ``attach``."""
+
+    def __init__(self, layers: list[LoRALayer]):
+        self.layers = layers
+        self._pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (left, right)
+        self._master_dtypes: dict[int, torch.dtype] = {}
+
+    def __contains__(self, idx: int) -> bool:
+        return idx in self._pairs
+
+    def set(self, idx: int, A: torch.Tensor, B: torch.Tensor,
+            momentum: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """The factors ``(A, B)`` of layer ``idx`` at the next step, in the dtype of the engine's masters (and
+        the momentum factors ``(M_A, M_B)``)."""
+        self._master_dtypes[idx] = A.dtype
+        cd = compute_dtype(A.dtype)
+        A, B = A.detach().to(cd), B.detach().to(cd)
+        if momentum is not None:
+            M_A, M_B = momentum
+            A, B = torch.cat([A, M_A.to(cd)]), torch.cat([B, M_B.to(cd)], 1)
+        self._pairs[idx] = (B.clone(), A.clone())
+
+    def step_factors(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of layer ``idx`` as set for this step, in the masters' dtype (exact: set from it)."""
+        left, right = self._pairs[idx]
+        r = self.layers[idx].rank
+        dtype = self._master_dtypes[idx]
+        return right[:r].to(dtype), left[:, :r].to(dtype)
+
+    def pair(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left, right)`` of layer ``idx``; the products are ``left^T P`` and ``P right^T``."""
+        return self._pairs[idx]
+
+    def on(self, idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`pair` on ``device``: a model moved (``model.to("cuda")``) after the optimizer was built takes them
+        along once (same values: the factors moved with it)."""
+        left, right = self._pairs[idx]
+        if left.device != device:
+            left, right = left.to(device), right.to(device)
+            self._pairs[idx] = (left, right)
+        return left, right
+
+    def momentum_pair(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M_B, M_A)``: the probe factors after the first ``r`` (views: no copy; ``M_B``'s rows are strided, which
+        matrix products take as they are), empty without momentum."""
+        left, right = self._pairs[idx]
+        r = self.layers[idx].rank
+        return left[:, r:], right[r:]
+
+    def momentum(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(M_A, M_B)`` of layer ``idx`` as set for this step (in the compute dtype, as the optimizer state keeps
+        them), or None without momentum."""
+        M_B, M_A = self.momentum_pair(idx)
+        return None if M_A.shape[0] == 0 else (M_A, M_B)
+
+    def lora_pair(self, idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, A)``: the first ``r`` probe factors of layer ``idx`` on ``device`` (views)."""
+        left, right = self.on(idx, device)
+        r = self.layers[idx].rank
+        return left[:, :r], right[:r]
+
+    def stale(self, idx: int) -> StaleFactorsError:
+        return StaleFactorsError(
+            f"the LoRA factors of {self.layers[idx].name} changed outside the optimizer after its last step "
+            "(an adapter or checkpoint loaded into the model?): the cache-free products were taken at the old "
+            "ones. Call optimizer.refresh_factors() after changing factors (optimizer.load_state_dict does), "
+            "or build the optimizer with cache_free=False")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (replicated on every rank)."""
+        return sum(t.numel() * t.element_size() for pair in self._pairs.values() for t in pair)
+
+
 class ProductCapture(ActivationCapture):
     """Hooks like :class:`~psilora_ds.capture.ActivationCapture`, keeping thin products instead of rows.
 
@@ -102,52 +179,13 @@ class ProductCapture(ActivationCapture):
         self.step = 0
         self._sketching: bool | None = None  # this step's decision, made at its first micro-batch
         self._popped = False  # the step was handed over: its decision and probes stand until the next one opens
-        self._factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (left m x q, right q x n)
-        self._master_dtypes: dict[int, torch.dtype] = {}
+        self.probes = ProbeFactors(layers)  # the factors the products are taken at, set by the optimizer
         self._omegas: dict[int, torch.Tensor] = {}  # this step's probes, drawn once per layer
         self._sketch_probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (Omega_s, Psi), this step
         self.reduction: BucketedReduction | None = None
         self.microbatches_per_step: int | None = None
         self.autograd_reuse = "off"
         self._reuse_mode: str | None = None  # this step's autograd_reuse, read at its first micro-batch
-
-    def set_factors(self, idx: int, A: torch.Tensor, B: torch.Tensor,
-                    momentum: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """The factors ``(A, B)`` of layer ``idx`` at the next step, in the dtype of the engine's masters (and
-        the momentum factors ``(M_A, M_B)``)."""
-        self._master_dtypes[idx] = A.dtype
-        cd = compute_dtype(A.dtype)
-        A, B = A.detach().to(cd), B.detach().to(cd)
-        if momentum is not None:
-            M_A, M_B = momentum
-            A, B = torch.cat([A, M_A.to(cd)]), torch.cat([B, M_B.to(cd)], 1)
-        self._factors[idx] = (B.clone(), A.clone())
-
-    def factors(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` of layer ``idx`` as set for this step, in the masters' dtype (exact: set from it)."""
-        left, right = self._factors[idx]
-        r = self.layers[idx].rank
-        dtype = self._master_dtypes[idx]
-        return right[:r].to(dtype), left[:, :r].to(dtype)
-
-    def momentum_copy(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(M_A, M_B)`` of layer ``idx`` as set for this step (in the compute dtype, as the optimizer state keeps
-        them), or None without momentum."""
-        M_B, M_A = self._momentum_probes(idx)
-        return None if M_A.shape[0] == 0 else (M_A, M_B)
-
-    def probe_factors(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(left, right)``: the probe factors of layer ``idx`` this step's products are taken at, in the compute
-        dtype: ``left = [B, M_B]`` (m x q), ``right = [A; M_A]`` (q x n); the products are ``left^T P`` and
-        ``P right^T``."""
-        return self._factors[idx]
-
-    def stale(self, idx: int) -> StaleFactorsError:
-        return StaleFactorsError(
-            f"the LoRA factors of {self.layers[idx].name} changed outside the optimizer after its last step "
-            "(an adapter or checkpoint loaded into the model?): the cache-free products were taken at the old "
-            "ones. Call optimizer.refresh_factors() after changing factors (optimizer.load_state_dict does), "
-            "or build the optimizer with cache_free=False")
 
     def zeros(self, idx: int) -> LayerProducts:
         """Products of no rows, shaped for layer ``idx`` (a rank that saw none takes part in the reduction)."""
@@ -203,7 +241,7 @@ class ProductCapture(ActivationCapture):
         probes = self._sketch_probes.get(idx)
         if probes is None:
             layer = self.layers[idx]
-            like = self._factors[idx][0] if like is None else like
+            like = self.probes.pair(idx)[0] if like is None else like
             probes = sketch_probes(layer.out_features, layer.in_features, layer.rank,
                                    gradient_sketch_seed(self.step, layer.index), dtype=like.dtype,
                                    device=like.device)
@@ -218,33 +256,11 @@ class ProductCapture(ActivationCapture):
         omega, psi = self.gradient_probes(idx)
         return GradientSketch(products.range_sketch, products.corange_sketch, omega, psi)
 
-    def _on(self, idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The probe factors of layer ``idx`` on ``device``: a model moved (``model.to("cuda")``) after the optimizer
-        was built takes them along once (same values: the factors moved with it)."""
-        left, right = self._factors[idx]
-        if left.device != device:
-            left, right = left.to(device), right.to(device)
-            self._factors[idx] = (left, right)
-        return left, right
-
     def _taken_at(self, idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(left, right)`` this step's products are taken at: the probe factors, or only the momentum's when
         autograd's LoRA gradients stand for the products at ``(A, B)``."""
-        left, right = self._on(idx, device)
-        return self._momentum_probes(idx) if self.reusing_autograd() else (left, right)
-
-    def _momentum_probes(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(M_B, M_A)``: the probe factors of layer ``idx`` after its first ``r`` (views: no copy; ``M_B``'s rows
-        are strided, which matrix products take as they are), empty without momentum."""
-        left, right = self._factors[idx]
-        r = self.layers[idx].rank
-        return left[:, r:], right[r:]
-
-    def _checked_factors(self, idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, A)``: the first ``r`` probe factors of layer ``idx`` (views of the probe copy)."""
-        left, right = self._on(idx, device)
-        r = self.layers[idx].rank
-        return left[:, :r], right[:r]
+        left, right = self.probes.on(idx, device)
+        return self.probes.momentum_pair(idx) if self.reusing_autograd() else (left, right)
 
     def _omega(self, idx: int, n: int, k: int, like: torch.Tensor) -> torch.Tensor:
         omega = self._omegas.get(idx)
@@ -257,7 +273,7 @@ class ProductCapture(ActivationCapture):
     def add(self, idx: int, X: torch.Tensor, Z: torch.Tensor) -> None:
         if self._popped:  # the first micro-batch of a new step
             self._popped, self._sketching, self._reuse_mode, self._sketch_probes = False, None, None, {}
-        if idx not in self._factors:
+        if idx not in self.probes:
             raise RuntimeError("cache-free capture without probe factors: the optimizer did not set them")
         if self.reduction is not None:
             self.reduction.late(idx)
@@ -269,7 +285,7 @@ class ProductCapture(ActivationCapture):
             new = thin_products(Z, X, left, right, omega,
                                 two_sided=self.gradient_probes(idx, left) if self.sketching() else None)
             if self.checking_autograd():  # the products at (A, B), apart: what autograd's gradients are checked against
-                B, A = self._checked_factors(idx, X.device)
+                B, A = self.probes.lora_pair(idx, X.device)
                 new = (*new, *thin_products(Z, X, B, A)[:2])
         batch = self._batches.get(idx)
         if batch is None:
@@ -311,7 +327,3 @@ class ProductCapture(ActivationCapture):
         """Bytes of the two-sided sketch's probes held (replicated on every rank)."""
         return sum(t.numel() * t.element_size() for pair in self._sketch_probes.values() for t in pair)
 
-    @property
-    def factor_nbytes(self) -> int:
-        """Bytes of the probe factors held (replicated on every rank)."""
-        return sum(t.numel() * t.element_size() for pair in self._factors.values() for t in pair)

@@ -69,7 +69,7 @@ def test_cache_free_gradient_knows_its_products_at_the_probe_factors_only():
         A, B = layer.A.detach(), layer.B.detach()
         torch.testing.assert_close(run_rounds(grad.right_product(A.T), None), P[idx] @ A.T, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(run_rounds(grad.left_product(B), None), B.T @ P[idx], rtol=1e-10, atol=1e-12)
-        _, right = opt.capture.probe_factors(idx)
+        _, right = opt.capture.probes.pair(idx)
         M_A = right[layer.rank:]  # the momentum's factors, the other probes
         torch.testing.assert_close(run_rounds(grad.right_product(M_A.T), None), P[idx] @ M_A.T, rtol=1e-10,
                                    atol=1e-12)

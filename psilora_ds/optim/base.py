@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_ACCUMULATION_BOUND = 4
 
 
+def momentum_of(state: dict[str, Any], keys: tuple[str, str] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(M_A, M_B)`` of a layer's low-rank momentum in ``state`` under the method's ``momentum_keys``, or None."""
+    return None if keys is None else (state[keys[0]], state[keys[1]])
+
+
 def check_ranks_fit(layers: list[LoRALayer]) -> None:
     """Raise ``ValueError`` (one line) where an adapter's rank exceeds its layer's width ``min(m, n)``: a rank-r
     projection of an m x n step has no more than ``min(m, n)`` directions, and the factors' balancing and orthonormal
@@ -158,7 +163,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
                 # and refreshes; a capture without factors is an error, never a silent zero
                 continue
             state = self.state[layer.A] if layer.index in stepped_idx else self.init_state(layer, group)
-            self.capture.set_factors(layer.index, A, B, self.momentum_factors(state, group))
+            self.capture.probes.set(layer.index, A, B, momentum_of(state, self.momentum_keys(group)))
         for layer in stepped:
             d.release_state(layer, self.state[layer.A])
         d.factors_synced(group["params"])
@@ -231,17 +236,6 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         cache-free steps also take the thin products at them, and keep a copy on every rank for that."""
         return None
 
-    def momentum_factors(self, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(M_A, M_B)`` of a layer's low-rank momentum in ``state`` (:meth:`momentum_keys`), or None."""
-        keys = self.momentum_keys(group)
-        return None if keys is None else (state[keys[0]], state[keys[1]])
-
-    def _known_states(self, layer: LoRALayer) -> dict[str, torch.Tensor]:
-        """Cache-free: the layer's momentum factors as the capture copied them for its probes after the last step,
-        identical on every rank, so a layer-sharded layout need not broadcast them (METHOD.md section 6)."""
-        keys = self.momentum_keys(self._lora_group)
-        copy = self.capture.momentum_copy(layer.index) if self.cache_free and keys is not None else None
-        return {} if copy is None else dict(zip(keys, copy))
 
     def check_distributor(self, distributor: Distributor) -> None:
         """Raise a one-line error when this optimizer cannot run under ``distributor``."""
@@ -337,9 +331,17 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         """The LoRA layers' update; False when it was not applied (non-finite result)."""
         d = self.distributor
         group = self._lora_group
+        keys = self.momentum_keys(group)
+
+        def known(layer: LoRALayer) -> dict[str, torch.Tensor]:
+            """Cache-free: the layer's momentum factors as the capture copied them for its probes after the last step,
+            identical on every rank, so a layer-sharded layout need not broadcast them (METHOD.md section 6)."""
+            copy = self.capture.probes.momentum(layer.index) if keys is not None else None
+            return {} if copy is None else dict(zip(keys, copy))
+
         d.materialize_states([(self.layers[idx], self.state[self.layers[idx].A],
                                lambda layer=self.layers[idx]: self.init_state(layer, group)) for idx in plan.grads],
-                             known=self._known_states if self.cache_free else None)
+                             known=known if self.cache_free else None)
         programs = {}
         for idx, grad in plan.grads.items():
             layer = self.layers[idx]
@@ -364,7 +366,8 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
             layer = self.layers[idx]
             state = self.state[layer.A]
             d.write_factors(layer, group["params"], *new_factors[idx])
-            self.factors.record(idx, new_factors[idx], self.momentum_factors(state, group) if self.cache_free else None)
+            self.factors.record(idx, new_factors[idx],
+                                momentum_of(state, self.momentum_keys(group)) if self.cache_free else None)
             d.release_state(layer, state)
         if plan.grads:  # what the optimizer holds (copy or capture factors) is what the engine holds now
             d.factors_synced(group["params"])

@@ -65,7 +65,7 @@ class FactorSource:
         """The factors a step of ``layer`` starts from (a copy is checked against the engine by the step's plan).
         Cache-free steps: the capture's ``(A, B)`` (cache-free methods declare no other factors)."""
         if self.cache_free:
-            return self.capture.factors(layer.index)
+            return self.capture.probes.step_factors(layer.index)
         if self.copy is not None and layer.index in self.copy:
             return self.copy[layer.index]
         return self.distributor.read_factors(layer, self.masters)
@@ -99,13 +99,13 @@ class FactorSource:
         if not idxs:
             return []
         changed = self.distributor.factors_changed([self.layers[idx] for idx in idxs], self.masters,
-                                                   [self.capture.factors(idx) for idx in idxs]).tolist()
+                                                   [self.capture.probes.step_factors(idx) for idx in idxs]).tolist()
         return [idx for idx, c in zip(idxs, changed) if c > 0]
 
     def raise_if_stale(self, stale: list[int], count: torch.Tensor) -> None:
         """``count``: the stale layers summed over ranks."""
         if stale:
-            raise self.capture.stale(stale[0])
+            raise self.capture.probes.stale(stale[0])
         if float(count.reshape(-1)[0]) > 0:
             raise StaleFactorsError(
                 "the LoRA factors changed outside the optimizer after its last step on another rank (an adapter or "
@@ -127,6 +127,6 @@ class FactorSource:
         at them, ``(A, B)``, and at the momentum factors)."""
         if self.cache_free:
             A, B = factors
-            self.capture.set_factors(idx, A, B, momentum)
+            self.capture.probes.set(idx, A, B, momentum)
         elif self.copy is not None and idx in self.copy:
             self.copy[idx] = tuple(factors)  # (the dtype read: what the engine now holds)

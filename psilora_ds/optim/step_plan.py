@@ -186,7 +186,7 @@ class StepPlanner:
             pairs = self.autograd.pairs(present)
         elif self.autograd.reusing:  # the check failed: the products at (A, B) taken apart stand in for them
             summed = {idx: summed[idx].with_factor_products() for idx in present}
-        return {idx: ProductGradient(summed[idx], self.layers[idx].rank, coef, n, self.capture.probe_factors(idx),
+        return {idx: ProductGradient(summed[idx], self.layers[idx].rank, coef, n, self.capture.probes.pair(idx),
                                      self.capture.sketch_of(idx, summed[idx]), pairs.get(idx))
                 for idx, n in present.items()}
 
@@ -250,7 +250,7 @@ def capture_memory_message(capture: Any, layers: Sequence[LoRALayer], cache_free
         sketch = (f" (with the two-sided gradient sketches, {capture.sketch_nbytes * mib:.3g} MiB, and their "
                   f"probes, {capture.sketch_probe_nbytes * mib:.3g} MiB)" if capture.sketching() else "")
         return (f"cache-free capture: no activation rows kept; {capture.nbytes * mib:.1f} MiB of thin products{sketch} "
-                f"and {capture.factor_nbytes * mib:.1f} MiB of probe factors per rank")
+                f"and {capture.probes.nbytes * mib:.1f} MiB of probe factors per rank")
     rows = sum(layer.in_features + layer.out_features for layer in layers) * capture.row_itemsize
     products = sum(estimated_products_nbytes(layer) for layer in layers)
     budget = "none" if capture.max_bytes is None else f"{capture.max_bytes * mib:.1f} MiB"
