@@ -79,8 +79,13 @@ if [ "$which" != timings ]; then
     --dtype bf16 --load_in_4bit true --bnb_4bit_quant_type nf4 --output_dir "$out/run-qlora-z3"
 fi
 if [ "$which" != checks ]; then
-  part "step overhead (bf16)" 120 "$py" bench/step_overhead.py --dtype bf16 --hidden 2048 --layers 4 --tokens 8192 \
-    --rounds 10
+  # the cache-free methods with the products at (A, B) from autograd and (reuse_autograd_grads=False) from the hooks
+  part "step overhead (bf16 base, fp32 adapters)" 120 "$py" bench/step_overhead.py --dtype bf16 --adapter_dtype fp32 \
+    --hidden 2048 --layers 4 --tokens 8192 --rounds 10 --methods "preconditioned LoRA" "preconditioned LoRA, products at (A, B) in the hooks" \
+    "Scaled PSI-LoRA iters=0 (cache-free, rank-2r momentum), max_grad_norm=1" \
+    "Scaled PSI-LoRA iters=0 (cache-free, rank-2r momentum), max_grad_norm=1, products at (A, B) in the hooks" \
+    "Scaled PSI-LoRA iters=1 (rank-r momentum)" "PSI-LoRA iters=1" "AdamW (foreach), clip_grad_norm_(1)" \
+    "PoLAR (B S A adapters, Adam on the landing field)"
   part "LoRSum vs SVD" 130 "$py" bench/lorsum_vs_svd.py --repeats 2
   part "thin products in the cache-free hooks, separate vs fused" 20 "$py" bench/thin_products.py --tokens 8192 \
     --hidden 4096 --repeats 10

@@ -44,6 +44,10 @@ def build(args, make, device: torch.device, dtype: torch.dtype, polar: bool = Fa
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
     model = get_peft_model(base, register_polar(config) if polar else config)
     model.to(device, dtype)
+    if args.adapter_dtype == "fp32":  # a bf16 base with fp32 adapters (peft's own default when it loads a bf16 base)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     model.train()
     return model, make(model)
 
@@ -86,6 +90,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per step (sequences of 256)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's (and rows') dtype")
+    parser.add_argument("--adapter_dtype", choices=("same", "fp32"), default="same",
+                        help="the trainable parameters' dtype: the model's, or fp32 over a --dtype bf16 base (where "
+                             "autograd's LoRA gradients are fp32 and cache-free steps reuse them)")
     parser.add_argument("--write", default=None)
     parser.add_argument("--section", default=SECTION, help="the markdown section --write replaces")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
