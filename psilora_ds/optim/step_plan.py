@@ -80,7 +80,6 @@ class StepPlanner:
              sketch_probes: int) -> StepPlan:
         """Consume the capture and plan the step (every rank, together: collectives)."""
         peak_cache_bytes = self.capture.peak_nbytes
-        rows_step = not self.cache_free
         batches = self.capture.pop()
         d, L = self.distributor, len(self.layers)
         copy = self.factors.copy
@@ -118,13 +117,9 @@ class StepPlanner:
             count = torch.tensor([flags[n_flags + 1]], dtype=torch.float64)
             self.factors.raise_if_stale(stale_here, count)
             grads = self.summed_product_gradients(summed, rows)
-        elif not rows_step:
+        elif self.cache_free:
             grads = self.product_gradients(batches, rows, self.factors.stale_layers(rows))
         else:
-            if self.cache_free:
-                stale = self.factors.stale_layers(rows)
-                count = torch.tensor([float(len(stale))], dtype=torch.float64, device=self.device)
-                self.factors.raise_if_stale(stale, d.all_reduce_(count))
             grads = {idx: self.layer_gradient(idx, batches.get(idx), int(n)) for idx, n in enumerate(rows) if n > 0}
             self.autograd.verify_rows(grads)  # (the first step: then "on", or "off")
             if self.autograd.state == ON:
