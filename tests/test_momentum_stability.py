@@ -10,6 +10,7 @@ import torch
 
 from psilora_ds import PSILoRA
 from psilora_ds.ops import balance_factors
+from psilora_ds.ops.balance import balance_factors_batch
 from psilora_ds.synthetic import balanced_svd_init, linear_task, train_stochastic
 
 SEEDS = range(4)
@@ -38,6 +39,22 @@ def test_balance_of_degenerate_products():
     A2, B2 = balance_factors(A, B)
     torch.testing.assert_close(B2 @ A2, B @ A, rtol=1e-5, atol=1e-5)
     assert (A2.norm(dim=1) > 0).all() and (B2.norm(dim=0) > 0).all()
+
+
+def test_balancing_a_batch_equals_balancing_each():
+    """Pairs of mixed shapes (a zero product among them), balanced together (stacked by shape: one QR per side and one
+    SVD per bucket): each equals its own balance_factors, and the zero product comes back unchanged."""
+    g = torch.Generator().manual_seed(1)
+    pairs = [(torch.randn(4, 30, generator=g), torch.randn(50, 4, generator=g)) for _ in range(3)]
+    pairs += [(torch.randn(8, 20, generator=g), torch.randn(10, 8, generator=g)) for _ in range(2)]
+    pairs.insert(2, (torch.randn(4, 30, generator=g), torch.zeros(50, 4)))
+    together = balance_factors_batch(pairs)
+    for (A, B), (A2, B2) in zip(pairs, together, strict=True):
+        A1, B1 = balance_factors(A, B)
+        torch.testing.assert_close(A2, A1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(B2, B1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(B2 @ A2, B @ A, rtol=1e-4, atol=1e-5)
+    assert torch.equal(together[2][0], pairs[2][0]) and torch.equal(together[2][1], pairs[2][1])
 
 
 @pytest.fixture(scope="module")

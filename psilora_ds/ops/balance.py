@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
 from .linalg import compute_dtype
+
+
+@dataclass
+class Balance:
+    """A request to re-factor ``B A`` in balanced form: programs of rounds yield it (:mod:`~psilora_ds.ops.rounds`)
+    and receive ``(A', B')``; the driver balances every waiting layer's together (:func:`balance_factors_batch`)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
 
 
 def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -13,13 +25,31 @@ def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, tor
     of the k x k core; O((m + n) k^2). Directions where the product vanishes keep a tiny scale
     (``eps * S_max``) so that an ALS warm-started here can still turn them; a zero product is returned
     unchanged."""
-    dtype = A.dtype
-    work = compute_dtype(dtype)
-    Qb, Rb = torch.linalg.qr(B.to(work))
-    Qa, Ra = torch.linalg.qr(A.to(work).T)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
-    top = S.max()
-    if top == 0:
-        return A, B
-    root = S.clamp_min(torch.finfo(work).eps * top).sqrt()
-    return ((root[:, None] * Vh) @ Qa.T).to(dtype), ((Qb @ U) * root).to(dtype)
+    return balance_factors_batch([(A, B)])[0]
+
+
+def balance_factors_batch(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`balance_factors` of every ``(A, B)``, the pairs of equal shapes, dtype and device stacked: one batched
+    QR of each side and one batched SVD of the cores per bucket instead of one of each per pair, and no host read (a
+    zero product is kept by selection, not by a branch)."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, (A, B) in enumerate(pairs):
+        buckets.setdefault((A.shape, B.shape, A.dtype, B.dtype, A.device), []).append(i)
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(pairs)
+    for idxs in buckets.values():
+        A0, B0 = pairs[idxs[0]]
+        work = compute_dtype(A0.dtype)
+        As = torch.stack([pairs[i][0] for i in idxs]).to(work)  # (L, k, n)
+        Bs = torch.stack([pairs[i][1] for i in idxs]).to(work)  # (L, m, k)
+        Qb, Rb = torch.linalg.qr(Bs)
+        Qa, Ra = torch.linalg.qr(As.mT)
+        U, S, Vh = torch.linalg.svd(Rb @ Ra.mT)
+        top = S.amax(-1, keepdim=True)  # (L, 1)
+        root = S.clamp_min(torch.finfo(work).eps * top).sqrt()
+        A_bal = (root[..., :, None] * Vh) @ Qa.mT
+        B_bal = (Qb @ U) * root[..., None, :]
+        zero = (top == 0)[..., None]  # a zero product: keep the factors as they are
+        A_bal, B_bal = torch.where(zero, As, A_bal), torch.where(zero, Bs, B_bal)
+        for j, i in enumerate(idxs):
+            out[i] = (A_bal[j].to(A0.dtype), B_bal[j].to(B0.dtype))
+    return out  # type: ignore[return-value]

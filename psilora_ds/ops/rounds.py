@@ -6,7 +6,9 @@ optimizer step does not grow with the number of layers (METHOD.md section 6).
 A program may also yield a small SPD system (:class:`~psilora_ds.ops.linalg.SPDSolve`) and receive its
 solution: the driver solves the systems that all programs are waiting on together
 (:func:`~psilora_ds.ops.linalg.solve_spd_batch`: one batched factorization per round and bucket, not one per
-layer, and on GPUs no host read of its status).
+layer, and on GPUs no host read of its status); or a pair of factors to balance
+(:class:`~psilora_ds.ops.balance.Balance`), balanced together likewise (:func:`~psilora_ds.ops.balance.
+balance_factors_batch`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import Any, TypeVar
 
 import torch
 
+from .balance import Balance, balance_factors_batch
 from .linalg import SPDSolve, solve_spd_batch
 
 T = TypeVar("T")
-Rounds = Generator[torch.Tensor | SPDSolve, torch.Tensor, T]
+Rounds = Generator[torch.Tensor | SPDSolve | Balance, Any, T]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -52,12 +55,13 @@ def run_lockstep(programs: Mapping[Hashable, Rounds[Any] | Any], reduce: Reduce 
     they yield in the same round are summed by one :func:`reduce_flat_` (``reduce=None``: one process, each
     tensor is its own sum). Every rank must hold programs that yield the same shapes in the same order.
 
-    Systems are local: whenever some programs wait on a solve, those are solved (batched) and advanced first,
-    and a sum runs only once every live program waits on one, so solves never split a round of sums."""
+    Systems and balancing are local: whenever some programs wait on a solve (or a balance), those are solved (batched)
+    and advanced first, and a sum runs only once every live program waits on one, so they never split a round of
+    sums."""
     results: dict[Hashable, Any] = {}
-    pending: dict[Hashable, torch.Tensor | SPDSolve] = {}
+    pending: dict[Hashable, torch.Tensor | SPDSolve | Balance] = {}
 
-    def advance(key: Hashable, value: torch.Tensor | None) -> None:
+    def advance(key: Hashable, value: Any) -> None:
         try:
             pending[key] = programs[key].send(value)
         except StopIteration as done:
@@ -74,6 +78,12 @@ def run_lockstep(programs: Mapping[Hashable, Rounds[Any] | Any], reduce: Reduce 
         if solving:
             for key, solution in zip(solving, solve_spd_batch([pending[k] for k in solving])):
                 advance(key, solution)
+            continue
+        balancing = [k for k, v in pending.items() if isinstance(v, Balance)]
+        if balancing:
+            for key, balanced in zip(balancing, balance_factors_batch([(pending[k].A, pending[k].B)
+                                                                      for k in balancing])):
+                advance(key, balanced)
             continue
         keys = list(pending)
         tensors = [pending[k].contiguous() for k in keys]

@@ -10,7 +10,8 @@ from torch import nn
 
 from ..gradient import LayerGradient, ProductGradient
 from ..lora_layers import LoRALayer
-from ..ops import balance_factors, compute_dtype
+from ..ops import compute_dtype
+from ..ops.balance import Balance
 from ..ops.lorsum import lorsum_rounds
 from ..ops.sketch_svd import spectral_step_from_sketch
 from ..ops.rounds import Rounds
@@ -66,7 +67,7 @@ def low_rank_momentum_update(
     # Only the product M_B M_A is the momentum; left alone, the factors drift apart in scale (on the
     # paper authors' stochastic linear task |M_A| ~ 3e-3 and |M_B| ~ 2e4), the proximal weight lam then
     # dominates one half-step, and the loss rises late in training (METHOD.md section 3, gauge).
-    M_A, M_B = balance_factors(M_A, M_B)
+    M_A, M_B = yield Balance(M_A, M_B)  # (balanced with every layer's of the round: ops.balance_factors_batch)
     state["momentum_A"], state["momentum_B"] = M_A, M_B
 
 
@@ -91,7 +92,7 @@ def factor_and_momentum_step(
                                                 known_products=grad.known_products(-eta * grad_scale),
                                                 d_out=d_out, d_in=d_in, reduce=grad.reduce)
         if spectral:
-            A_new, B_new = balance_factors(A_new, B_new)
+            A_new, B_new = yield Balance(A_new, B_new)
     if beta > 0:
         yield from low_rank_momentum_update(state, grad, beta=beta, grad_scale=grad_scale, lam=lam, iters=iters,
                                             momentum_prox=momentum_prox)
