@@ -236,7 +236,6 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         cache-free steps also take the thin products at them, and keep a copy on every rank for that."""
         return None
 
-
     def check_distributor(self, distributor: Distributor) -> None:
         """Raise a one-line error when this optimizer cannot run under ``distributor``."""
 
