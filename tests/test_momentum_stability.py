@@ -55,6 +55,8 @@ def test_balancing_a_batch_equals_balancing_each():
         torch.testing.assert_close(B2, B1, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(B2 @ A2, B @ A, rtol=1e-4, atol=1e-5)
     assert torch.equal(together[2][0], pairs[2][0]) and torch.equal(together[2][1], pairs[2][1])
+    # each its own storage (a view of the stacked bucket would be saved whole with every layer's optimizer state)
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for pair in together for t in pair)
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,6 @@ def balance_factors_batch(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) ->
         B_bal = (Qb @ U) * root[..., None, :]
         zero = (top == 0)[..., None]  # a zero product: keep the factors as they are
         A_bal, B_bal = torch.where(zero, As, A_bal), torch.where(zero, Bs, B_bal)
-        for j, i in enumerate(idxs):
-            out[i] = (A_bal[j].to(A0.dtype), B_bal[j].to(B0.dtype))
+        for j, i in enumerate(idxs):  # (copies: a view would keep, and checkpoint, the whole bucket's storage)
+            out[i] = (A_bal[j].to(A0.dtype, copy=True), B_bal[j].to(B0.dtype, copy=True))
     return out  # type: ignore[return-value]
