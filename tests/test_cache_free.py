@@ -375,6 +375,28 @@ def engine_worker(rank, world, out):
         unreduced[(wrapped, cache_free)] = ([p.detach().clone() for layer in opt.layers for p in (layer.A, layer.B)],
                                             opt.planner.autograd.state, opt.steps_taken)
         opt.remove_hooks()
+    # accumulation under DDP's no_sync (the gradients reduced once, at the step's last micro-batch): the reuse holds
+    for cache_free in (True, False):
+        for sync_each in (True, False):
+            torch.manual_seed(0)
+            model = lora_two_layer_net(dtype=torch.float32, head_trainable=False)
+            opt = make("scaled", model, cache_free=cache_free, distributor=DDPDistributor(), max_grad_norm=CLIP,
+                       accumulation_steps=2)
+            forward = DistributedDataParallel(model)
+            for i, (x, t) in enumerate(data[:6]):
+                rows = slice(rank * B, (rank + 1) * B)
+                if i % 2 == 0 and not sync_each:
+                    with forward.no_sync():
+                        (F.mse_loss(forward(x[rows]), t[rows]) / 2).backward()
+                else:
+                    (F.mse_loss(forward(x[rows]), t[rows]) / 2).backward()
+                if i % 2 == 1:
+                    opt.step()
+                    opt.zero_grad()
+            unreduced[("no_sync" if not sync_each else "sync", cache_free)] = (
+                [p.detach().clone() for layer in opt.layers for p in (layer.A, layer.B)], opt.planner.autograd.state,
+                opt.steps_taken)
+            opt.remove_hooks()
     torch.save(unreduced, out / f"unreduced-rank{rank}.pt")
 
 
@@ -463,13 +485,18 @@ def test_a_late_micro_batch_makes_every_rank_sum_at_the_step(engine_runs):
 def test_gradients_ddp_did_not_average_do_not_stand_for_the_products(engine_runs):
     """A DDPDistributor over a model DDP does not wrap: each rank's A.grad is its own, so the first step's check turns
     the reuse off on every rank (one warning) and the factors equal the DDP-wrapped run's, which reuses them; cache-free
-    and on rows."""
+    and on rows. Accumulating under DDP's no_sync (gradients reduced at the last micro-batch only) reuses them alike."""
     for rank in range(2):
         runs = torch.load(engine_runs / f"unreduced-rank{rank}.pt")
         for cache_free in (True, False):  # (the products from the hooks, or from the rows)
             (ddp, ddp_reuse, ddp_steps), (plain, plain_reuse, plain_steps) = runs[True, cache_free], runs[False, cache_free]
             assert ddp_reuse == "on" and plain_reuse == "off" and ddp_steps == plain_steps == 3
             for a, b in zip(ddp, plain, strict=True):
+                assert rel_err(a, b) <= 2e-6
+            # 2 micro-batches per step, the first under DDP's no_sync: the same as reducing both
+            (synced, s_reuse, _), (deferred, d_reuse, d_steps) = runs["sync", cache_free], runs["no_sync", cache_free]
+            assert s_reuse == d_reuse == "on" and d_steps == 3
+            for a, b in zip(synced, deferred, strict=True):
                 assert rel_err(a, b) <= 2e-6
 
 
