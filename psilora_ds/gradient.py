@@ -279,7 +279,8 @@ class ProductGradient:
         """Where the products of probe block ``block`` are in :attr:`products` (None: autograd's gradients)."""
         if block.start == 0 and self.autograd is not None:
             return None
-        return slice(block.start - self.r + self._offset, block.stop - self.r + self._offset) if block.start else block
+        shift = self.r - self._offset  # r when the products at (A, B) were left out: the momentum's then start at 0
+        return slice(block.start - shift, block.stop - shift)
 
     def right_product(self, V: torch.Tensor) -> Rounds[torch.Tensor]:
         """``P @ V`` for ``V`` = the step's ``A^T`` or ``M_A^T`` (already summed: no round)."""
