@@ -18,7 +18,7 @@ checked equal to it, on each rank's local shard where the engine allows it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,22 +74,26 @@ class StaleFactorsError(RuntimeError):
 
 class ProbeFactors:
     """The factors each layer's cache-free products are taken at: the step's ``(A, B)`` and momentum factors, copied
-    on every rank in the compute dtype as ``left = [B, M_B]`` (m x q) and ``right = [A; M_A]`` (q x n); set by the
-    optimizer after each step, when state is loaded and at ``attach``."""
+    on every rank in the compute dtype as ``left = [B, M_B]`` (m x q) and ``right = [A; M_A]`` (q x n), and any core
+    between them (PoLAR's ``S``: held, not probed); set by the optimizer after each step, when state is loaded and at
+    ``attach``."""
 
     def __init__(self, layers: list[LoRALayer]):
         self.layers = layers
         self._pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (left, right)
+        self._cores: dict[int, tuple[torch.Tensor, ...]] = {}  # idx -> the factors between A and B, masters' dtype
         self._master_dtypes: dict[int, torch.dtype] = {}
 
     def __contains__(self, idx: int) -> bool:
         return idx in self._pairs
 
-    def set(self, idx: int, A: torch.Tensor, B: torch.Tensor,
+    def set(self, idx: int, factors: Sequence[torch.Tensor],
             momentum: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """The factors ``(A, B)`` of layer ``idx`` at the next step, in the dtype of the engine's masters (and
-        the momentum factors ``(M_A, M_B)``)."""
+        """The factors of layer ``idx`` at the next step in its method's order, ``(A, ..., B)`` (input side first,
+        output side last), in the dtype of the engine's masters (and the momentum factors ``(M_A, M_B)``)."""
+        A, B = factors[0], factors[-1]
         self._master_dtypes[idx] = A.dtype
+        self._cores[idx] = tuple(f.detach().clone() for f in factors[1:-1])
         cd = compute_dtype(A.dtype)
         A, B = A.detach().to(cd), B.detach().to(cd)
         if momentum is not None:
@@ -97,12 +101,13 @@ class ProbeFactors:
             A, B = torch.cat([A, M_A.to(cd)]), torch.cat([B, M_B.to(cd)], 1)
         self._pairs[idx] = (B.clone(), A.clone())
 
-    def step_factors(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` of layer ``idx`` as set for this step, in the masters' dtype (exact: set from it)."""
+    def step_factors(self, idx: int) -> tuple[torch.Tensor, ...]:
+        """The factors of layer ``idx`` as set for this step, ``(A, ..., B)``, in the masters' dtype (exact: set from
+        it)."""
         left, right = self._pairs[idx]
         r = self.layers[idx].rank
         dtype = self._master_dtypes[idx]
-        return right[:r].to(dtype), left[:, :r].to(dtype)
+        return right[:r].to(dtype), *self._cores[idx], left[:, :r].to(dtype)
 
     def pair(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(left, right)`` of layer ``idx``; the products are ``left^T P`` and ``P right^T``."""
@@ -146,7 +151,8 @@ class ProbeFactors:
     @property
     def nbytes(self) -> int:
         """Bytes held (replicated on every rank)."""
-        return sum(t.numel() * t.element_size() for pair in self._pairs.values() for t in pair)
+        return sum(t.numel() * t.element_size() for held in (*self._pairs.values(), *self._cores.values())
+                   for t in held)
 
 
 class ProductCapture(ActivationCapture):

@@ -33,11 +33,15 @@ def dense_grads(model, x, y):
     return torch.autograd.grad(loss, products)
 
 
+@pytest.mark.parametrize("cache_free", [True, False], ids=["cache-free", "rows"])
 @pytest.mark.parametrize("core", ["full", "diag"])
-def test_polar_steps_equal_the_dense_reference_and_its_gradients_autograd(core):
+def test_polar_steps_equal_the_dense_reference_and_its_gradients_autograd(core, cache_free):
+    """Both ways of taking the products P A^T, B^T P: in the hooks (cache-free, the default: no rows kept) and from the
+    cached rows."""
     _, model = polar_net()
     opt = PoLAR(model, KW["lr"], betas=KW["betas"], polar_lam=KW["lam"], weight_decay=KW["weight_decay"],
-                polar_core=core, other_lr=0.0, cache_max_bytes=None)
+                polar_core=core, other_lr=0.0, cache_max_bytes=None, cache_free=None if cache_free else False)
+    assert opt.cache_free == cache_free
     layers = opt.layers
     states = [{"step": 0, **{f"{k}_{n}": 0.0 for k in ("m", "v") for n in "ASB"}} for _ in layers]
     twin = [(layer.A.detach().clone(), layer.S.detach().clone(), layer.B.detach().clone()) for layer in layers]
@@ -49,6 +53,7 @@ def test_polar_steps_equal_the_dense_reference_and_its_gradients_autograd(core):
             torch.testing.assert_close(layer.S.grad, layer.B.detach().T @ p @ layer.A.detach().T, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(layer.B.grad, p @ (layer.S @ layer.A).detach().T, rtol=1e-10, atol=1e-12)
         opt.step()
+        assert (opt.last_cache_bytes == 0) == cache_free
         opt.zero_grad()
         twin = [polar_step_dense(*t, p, st, **KW, core=core) for t, p, st in zip(twin, P, states)]
         for layer, (A, S, B) in zip(layers, twin):
@@ -77,6 +82,43 @@ def test_directions_stay_near_the_manifold_over_200_steps():
             worst = max(worst, float((A @ A.T - eye).norm()), float((B.T @ B - eye).norm()))
     assert worst < 0.05, worst
     assert opt.skipped_steps == 0
+
+
+def test_cache_free_polar_equals_rows_under_accumulation_and_clipping():
+    """3 micro-batches per step, clipping active, the norm from the same 32-probe sketch in both: the factors (A, S, B)
+    from the hooks' products equal the cached rows' (2e-6, fp32), with no rows held, and a core changed behind the
+    optimizer is an error, as for A and B."""
+    from psilora_ds.products import StaleFactorsError
+
+    from .distributed import regression_batches, rel_err
+    from .models import polar_two_layer_net
+
+    acc, clip = 3, 0.05
+    results = {}
+    for cache_free in (True, False):
+        model = polar_two_layer_net()
+        opt = PoLAR(model, 1e-2, polar_lam=0.5, weight_decay=0.1, max_grad_norm=clip, clip_norm_probes=32,
+                    accumulation_steps=acc, cache_free=cache_free)
+        held = []
+        for i, (x, t) in enumerate(regression_batches(3, 4 * acc, 8)):
+            F.mse_loss(model(x), t).div(acc).backward()
+            if i % acc == acc - 1:
+                opt.step()
+                opt.zero_grad()
+                held.append(opt.last_cache_bytes)
+        assert opt.last_grad_norm > clip and (held == [0] * 4) == cache_free
+        results[cache_free] = (model, opt, [(layer.A, layer.S, layer.B) for layer in opt.layers])
+    (model, free, got), (_, rows, want) = results[True], results[False]
+    assert free.last_grad_norm == pytest.approx(rows.last_grad_norm, rel=1e-6)
+    for a, b in zip(got, want):
+        for f, g in zip(a, b):
+            assert rel_err(f.detach(), g.detach()) <= 2e-6
+    x, t = next(iter(regression_batches(4, 1, 8)))
+    with torch.no_grad():
+        free.layers[0].S.add_(0.1)  # e.g. an adapter loaded into the model
+    F.mse_loss(model(x), t).backward()
+    with pytest.raises(StaleFactorsError, match="refresh_factors"):
+        free.step()
 
 
 def test_the_recipe_trains_polar_and_a_resume_continues_identically(tmp_path):

@@ -1,5 +1,6 @@
 """PoLAR under every engine: 2 ranks with micro-batch b each (DDP with replicated or layer-sharded state, DeepSpeed
-ZeRO 0-3, FSDP2) equal 1 process with batch 2b (rel 1e-5, fp32), the core S included."""
+ZeRO 0-3, FSDP2) equal 1 process with batch 2b (rel 1e-5, fp32), the core S included; cache-free (the default: the
+products in the hooks, summed over ranks) and, under DDP and ZeRO-2/3, from the cached rows."""
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from .test_deepspeed import ds_config
 
 pytestmark = pytest.mark.slow
 STEPS, B, LR = 5, 8, 1e-2
-CASES = ["ddp", "ddp-sharded", "zero0", "zero1", "zero2", "zero3", "fsdp2"]
+CASES = ["ddp", "ddp-sharded", "zero0", "zero1", "zero2", "zero3", "fsdp2", "ddp-rows", "zero2-rows", "zero3-rows"]
 
 
 def batches():
@@ -40,17 +41,19 @@ def worker(rank, world, out):
     rows = slice(rank * B, (rank + 1) * B)
     for case in CASES:
         model = polar_two_layer_net()
-        if case.startswith("ddp"):
+        keep_rows = {"cache_free": False} if case.endswith("-rows") else {}
+        case_engine = case.removesuffix("-rows")
+        if case_engine.startswith("ddp"):
             forward = DistributedDataParallel(model)
-            opt = make(model, distributor=DDPDistributor(shard_state=case == "ddp-sharded"))
+            opt = make(model, distributor=DDPDistributor(shard_state=case == "ddp-sharded"), **keep_rows)
             for x, t in batches():
                 F.mse_loss(forward(x[rows]), t[rows]).backward()
                 opt.step()
                 opt.zero_grad()
             result = full(opt, lambda p: p)
-        elif case.startswith("zero"):
-            opt = make(model)
-            engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(int(case[-1])))
+        elif case_engine.startswith("zero"):
+            opt = make(model, **keep_rows)
+            engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=ds_config(int(case_engine[-1])))
             for x, t in batches():
                 engine.backward(F.mse_loss(engine(x[rows]), t[rows]))
                 engine.step()
@@ -67,6 +70,7 @@ def worker(rank, world, out):
                 opt.step()
                 opt.zero_grad()
             result = full(opt, lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p)
+        assert opt.cache_free != bool(keep_rows) and (opt.last_cache_bytes == 0) != bool(keep_rows), case
         torch.save(result, out / f"{case}-rank{rank}.pt")
         opt.remove_hooks()
 

@@ -157,13 +157,13 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         d.materialize_states([(layer, self.state[layer.A], lambda layer=layer: self.init_state(layer, group))
                               for layer in stepped])
         for layer in self.layers:
-            A, B = d.read_factors(layer, group["params"])  # (cache-free methods declare (A, B))
-            if A.shape != (layer.rank, layer.in_features):
+            factors = d.read_factors(layer, group["params"])  # (A, B), or (A, S, B): A first, B last
+            if factors[0].shape != (layer.rank, layer.in_features):
                 # partitioned from birth (deepspeed.zero.Init) and no engine yet: the engine's adapter attaches
                 # and refreshes; a capture without factors is an error, never a silent zero
                 continue
             state = self.state[layer.A] if layer.index in stepped_idx else self.init_state(layer, group)
-            self.capture.probes.set(layer.index, A, B, momentum_of(state, self.momentum_keys(group)))
+            self.capture.probes.set(layer.index, factors, momentum_of(state, self.momentum_keys(group)))
         for layer in stepped:
             d.release_state(layer, self.state[layer.A])
         d.factors_synced(group["params"])

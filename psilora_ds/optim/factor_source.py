@@ -63,7 +63,7 @@ class FactorSource:
 
     def start(self, layer: LoRALayer) -> Factors:
         """The factors a step of ``layer`` starts from (a copy is checked against the engine by the step's plan).
-        Cache-free steps: the capture's ``(A, B)`` (cache-free methods declare no other factors)."""
+        Cache-free steps: those the capture's products were taken at (with any core between them)."""
         if self.cache_free:
             return self.capture.probes.step_factors(layer.index)
         if self.copy is not None and layer.index in self.copy:
@@ -124,9 +124,8 @@ class FactorSource:
 
     def record(self, idx: int, factors: Factors, momentum: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """A step wrote ``factors`` into the engine: the next step starts from them (cache-free: its products are taken
-        at them, ``(A, B)``, and at the momentum factors)."""
+        at them, ``(A, B)``, and at the momentum factors; a core between them is held with them)."""
         if self.cache_free:
-            A, B = factors
-            self.capture.probes.set(idx, A, B, momentum)
+            self.capture.probes.set(idx, factors, momentum)
         elif self.copy is not None and idx in self.copy:
             self.copy[idx] = tuple(factors)  # (the dtype read: what the engine now holds)

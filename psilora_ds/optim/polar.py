@@ -51,7 +51,7 @@ class PoLAR(LoRAOptimizer):
         return layer.A, layer.S, layer.B
 
     def cache_free_blocker(self, group) -> str | None:
-        return "PoLAR's step reads its core S, which the cache-free capture does not hold (it keeps rows for now)"
+        return None  # its step needs only the products at (A, B): cache-free by default (METHOD.md section 7)
 
     def init_state(self, layer, group) -> dict[str, Any]:
         dtype = compute_dtype(layer.lora_A.weight.dtype)
