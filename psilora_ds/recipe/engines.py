@@ -16,7 +16,10 @@ from ..optim.base import LoRAOptimizer
 
 class PlainEngine:
     """Plain PyTorch: gradient accumulation, clipping for torch optimizers, DDP when world > 1 unless
-    the model is already sharded (FSDP2: it reduces its gradients itself)."""
+    the model is already sharded (FSDP2: it reduces its gradients itself). Under DDP the training forwards of a step's
+    micro-batches before its last run under ``no_sync``: DDP reduces the accumulated gradients once, at the last
+    micro-batch's backward, instead of after every one (the same sum; PSI-LoRA's captured products are reduced by its
+    own distributor at the step)."""
 
     def __init__(self, model: nn.Module, optimizer, scheduler, *, gradient_accumulation_steps: int,
                  max_grad_norm: float, world_size: int, sharded: bool = False):
@@ -26,12 +29,20 @@ class PlainEngine:
         self.gas = gradient_accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.world_size = world_size
-        ddp = world_size > 1 and not sharded
-        self.forward_module = nn.parallel.DistributedDataParallel(model) if ddp else model
+        self.ddp = world_size > 1 and not sharded
+        self.forward_module = nn.parallel.DistributedDataParallel(model) if self.ddp else model
         self.micro_steps = 0
 
     def __call__(self, **batch):
+        if self._accumulating():  # (DDP decides in the forward whether its backward reduces)
+            with self.forward_module.no_sync():
+                return self.forward_module(**batch)
         return self.forward_module(**batch)
+
+    def _accumulating(self) -> bool:
+        """Whether this forward is a training one under DDP of a micro-batch before its step's last (evaluation
+        forwards run without gradients)."""
+        return self.ddp and torch.is_grad_enabled() and (self.micro_steps + 1) % self.gas != 0
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.gas).backward()
