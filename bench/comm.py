@@ -36,24 +36,34 @@ METHODS = {
     "Scaled PSI-LoRA iters=0 (cache-free), rank-2r momentum": dict(kind="scaled", iters=0),
     "Scaled PSI-LoRA iters=0 (cache-free), rank-2r momentum, products at (A, B) in the hooks": dict(
         kind="scaled", iters=0, reuse_autograd_grads=False),
+    # PoLAR (B S A adapters): its products P A^T, B^T P taken in the hooks and summed by the optimizer (the default), or
+    # from the rows at the step (cache_free=False: one round of both products)
+    "PoLAR (cache-free: the default)": dict(kind="polar"),
+    "PoLAR, rows kept (cache_free=False)": dict(kind="polar", cache_free=False),
 }
 
 
-def build_model():
+def build_model(polar: bool = False):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from psilora_ds.polar_adapter import register_polar
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=4))
-    return get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    return get_peft_model(base, register_polar(config) if polar else config)
 
 
 def make(spec, model, **kw):
     from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA
+    from psilora_ds.optim import PoLAR
 
     spec = dict(spec)
     kind = spec.pop("kind")
+    if kind == "polar":
+        return PoLAR(model, 4e-3, **spec, **kw)
     if kind == "precond":
         return PreconditionedLoRA(model, 1e-2, **spec, **kw)
     if kind == "psilora":
@@ -71,7 +81,7 @@ def worker(rank, world, out):
     ids = torch.randint(0, 256, (2, 128), generator=torch.Generator().manual_seed(rank))
     for engine in ("DDP", "DeepSpeed ZeRO-2"):
         for name, spec in METHODS.items():
-            model = build_model()
+            model = build_model(polar=spec["kind"] == "polar")
             if engine == "DDP":
                 opt = make(spec, model, distributor=DDPDistributor())
                 fwd, bwd, step = DistributedDataParallel(model), (lambda loss: loss.backward()), opt.step

@@ -136,7 +136,11 @@ def main() -> None:
         "PSI-LoRA iters=1, max_grad_norm=1, 32-probe sketch": lambda m: PSILoRA(
             m, 1e-2, iters=1, max_grad_norm=1.0, clip_norm_probes=32, fold=False),
         "AdamW (foreach), clip_grad_norm_(1)": lambda m: ClippedAdamW(m),
-        "PoLAR (B S A adapters, Adam on the landing field)": lambda m: PoLAR(m, 4e-3, fold=False),
+        # (rows kept: how PoLAR stepped before it could be cache-free, the configuration of the figures recorded)
+        "PoLAR (B S A adapters, Adam on the landing field)": lambda m: PoLAR(m, 4e-3, fold=False, cache_free=False),
+        "PoLAR, max_grad_norm=1, rows kept (cache_free=False)": lambda m: PoLAR(m, 4e-3, max_grad_norm=1.0,
+                                                                               fold=False, cache_free=False),
+        "PoLAR, max_grad_norm=1 (cache-free: the default)": lambda m: PoLAR(m, 4e-3, max_grad_norm=1.0),
     }
     if args.profile:
         makers = {args.profile: makers[args.profile]}
