@@ -20,8 +20,9 @@ What the integration does that ``Trainer(optimizers=(opt, sched))`` cannot:
   own clipping of ``p.grad`` is turned off (``args.max_grad_norm`` is set to 0 on the Trainer's args; the
   engine's ``gradient_clipping`` to 0) so nothing is clipped twice;
 - gradient accumulation: the optimizer is told ``args.gradient_accumulation_steps``;
-- ``fp16=True`` is refused without DeepSpeed (torch.amp's GradScaler unscales ``p.grad`` only, never what the hooks
-  capture); bf16, or fp16 under DeepSpeed (whose loss scale the distributor reads), train.
+- ``fp16=True`` is refused without DeepSpeed: the Trainer's GradScaler path (through accelerate, GPU only) is untested
+  with PSI-LoRA, although the optimizer follows a ``torch.amp.GradScaler`` in a plain loop
+  (:mod:`~psilora_ds.optim.amp_scaling`); bf16, or fp16 under DeepSpeed (whose loss scale the distributor reads), train.
 The LR scheduler, ``save_steps`` checkpoints and ``resume_from_checkpoint`` are the Trainer's own (the
 optimizer's ``state_dict`` round-trips through them).
 """
@@ -78,9 +79,9 @@ def psilora_trainer(base: type) -> type:
                 raise ValueError("PSI-LoRA through the Trainer's FSDP path is not supported yet (untested); use "
                                  "DeepSpeed, DDP, or your own loop with psilora_ds.distributed.FSDP2Distributor")
             if self.args.fp16 and not self.is_deepspeed_enabled:
-                raise ValueError("fp16=True without DeepSpeed: the Trainer scales the loss with torch.amp's GradScaler, "
-                                 "whose unscale_ divides p.grad but not the activation gradients PSI-LoRA captures, so "
-                                 "its steps would see the gradient times the loss scale; use bf16=True, or fp16 "
+                raise ValueError("fp16=True without DeepSpeed: the Trainer then scales the loss with torch.amp's "
+                                 "GradScaler through accelerate, a path not tested with PSI-LoRA (it needs a GPU; the "
+                                 "optimizer itself follows a GradScaler in a plain loop); use bf16=True, or fp16 "
                                  "through a DeepSpeed config (whose loss scale the optimizer reads)")
             self.psilora = psilora if psilora is not None else {}
             self.psilora_optimizer: LoRAOptimizer | None = None

@@ -179,8 +179,8 @@ def test_trainer_deepspeed_checkpoint_resume_continues_identically(tmp_path, ite
 
 
 def test_trainer_fp16_without_deepspeed_is_refused(tmp_path):
-    """fp16 through the Trainer without DeepSpeed means torch.amp's GradScaler, which unscales p.grad but not the
-    activation gradients the hooks capture: refused with one message naming the ways that work."""
+    """fp16 through the Trainer without DeepSpeed means torch.amp's GradScaler through accelerate, on GPUs only, so
+    untested here: refused with one message naming the ways that work (a plain loop's GradScaler: test_amp_scaler)."""
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 

@@ -25,6 +25,7 @@ from ..ops.rounds import Rounds, run_lockstep
 from ..product_buckets import bucketed_reduction
 from ..products import ProductCapture
 from .factor_source import FactorSource
+from .amp_scaling import begin_amp_step
 from .finite_guard import copy_state, update_is_finite
 from .options import LoRAOptions, OtherOptimizerFactory  # noqa: F401 - OtherOptimizerFactory re-exported
 from .other_params import build_other_optimizer, finish_other_step, other_step_was_undone, step_other
@@ -68,6 +69,9 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
     """
 
     polar_adapter = False  # the adapters this method trains: peft's plain LoRA (B A), or PoLAR's (B S A)
+    # torch.amp.GradScaler hands the step its loss scale and overflow flag instead of unscaling p.grad only, which
+    # would leave the captured activation gradients scaled (amp_scaling)
+    _step_supports_amp_scaling = True
 
     def __init__(self, model: nn.Module, defaults: dict[str, Any], **options: Any):
         """``defaults``: the method's hyperparameters (the LoRA param group); ``options``: the fields of
@@ -277,6 +281,8 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         groups_now = list(self.param_groups)
         others_now = [g for g in groups_now if g is not self._lora_group]
         if self._plan is None:
+            if not begin_amp_step(self):  # (a torch.amp.GradScaler stepping this optimizer: amp_scaling)
+                return loss
             self._plan = self._make_plan(others_now)
         plan = self._plan
         if plan.skip is None and others_now and self.other_optimizer is not None:
@@ -295,6 +301,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
             else:  # no LoRA update in this call: the other half, if any, stands
                 finish_other_step(self.other_optimizer, True)
             self._plan = None
+            self.planner.loss_scale = 1.0
         return loss
 
     def _make_plan(self, others_now: list[dict[str, Any]]) -> StepPlan:

@@ -71,6 +71,9 @@ class StepPlanner:
                                           enabled=reuse_autograd_grads)
         self.logged_sketch = False
         self.logged_late = False
+        # the loss scale of a torch.amp.GradScaler stepping the optimizer this step (amp_scaling): the captured Z are
+        # that many times the gradient
+        self.loss_scale = 1.0
 
     @property
     def device(self) -> torch.device:
@@ -144,6 +147,10 @@ class StepPlanner:
             grad.coef *= plan.clip
         return plan
 
+    def grad_coef(self) -> float:
+        """Multiplier turning this rank's captured ``Z`` into its share of the gradient (the engine's, unscaled)."""
+        return self.distributor.grad_coef() / self.loss_scale
+
     def layer_gradient(self, idx: int, batch: LayerBatch | None, rows: int) -> LayerGradient:
         """Layer ``idx``'s gradient from this rank's captured rows (``rows``: over all ranks)."""
         layer = self.layers[idx]
@@ -151,7 +158,7 @@ class StepPlanner:
             dtype = compute_dtype(layer.lora_A.weight.dtype)
             batch = LayerBatch(xs=[torch.zeros(0, layer.in_features, dtype=dtype, device=layer.A.device)],
                                zs=[torch.zeros(0, layer.out_features, dtype=dtype, device=layer.A.device)])
-        return LayerGradient(batch, self.distributor.grad_coef(), rows, self.distributor.reduce)
+        return LayerGradient(batch, self.grad_coef(), rows, self.distributor.reduce)
 
     def finish_reduction(self, reduction: BucketedReduction, batches: dict[int, LayerProducts], rows: list[float], *,
                          skip: bool, late: bool) -> dict[int, LayerProducts] | None:
@@ -173,7 +180,7 @@ class StepPlanner:
     def summed_product_gradients(self, summed: dict[int, LayerProducts], rows: list[float]) -> dict[int, ProductGradient]:
         """The cache-free gradients of the layers that captured rows on some rank, from products summed over ranks
         (and autograd's LoRA gradients, on steps that left the products at ``(A, B)`` to them)."""
-        coef = self.distributor.grad_coef()
+        coef = self.grad_coef()
         present = {idx: int(n) for idx, n in enumerate(rows) if n > 0}
         self.autograd.verify_products({idx: summed[idx] for idx in present}, coef)  # (the first step)
         pairs = {}
