@@ -246,8 +246,8 @@ class ProductGradient:
     def two_sided_sketch(self, probes: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> Rounds[GradientSketch]:
         """The sketch the hooks took this step (its probes are ``probes()``'s: the same seed), already summed."""
         if self.sketch is None:
-            raise RuntimeError("the cache-free capture took no two-sided sketch this step (needs_gradient_sketch "
-                               "said no)")
+            raise RuntimeError("the cache-free capture took no two-sided sketch this step (the optimizer's "
+                               "hook_statistics said no)")
         return self.sketch.scaled(self.coef)
         yield  # (a generator of rounds, with none)
 
@@ -299,6 +299,9 @@ class ProductGradient:
         yield
 
     def kfac_sums(self) -> Rounds[tuple[torch.Tensor, torch.Tensor]]:
+        if self.products.sum_x2 is None:
+            raise RuntimeError("the cache-free capture took no K-FAC row sums this step (the optimizer's "
+                               "hook_statistics said no)")
         return self.products.sum_x2, self.products.sum_z2 * self.coef**2
         yield  # (already summed over ranks: no round)
 

@@ -30,14 +30,23 @@ from .ops.sketch_svd import GradientSketch, gradient_sketch_seed, sketch_probes
 from .product_buckets import BucketedReduction
 
 
+@dataclass(frozen=True)
+class HookStatistics:
+    """What a cache-free step's hooks take of each layer's gradient besides the thin products at the probe factors
+    and the clipping sketch (the optimizer's ``hook_statistics``, asked once per step at its first micro-batch)."""
+
+    gradient_sketch: bool = False  # the two-sided sketch (the spectral first step, the Adafactor metric)
+    kfac_sums: bool = False  # the K-FAC row statistics sum_rows X**2, sum_rows Z**2 (the K-FAC metric)
+
+
 @dataclass
 class LayerProducts:
     """One layer's accumulated products since the last step (``left = [B, M_B]``, ``right = [A; M_A]``)."""
 
     left: torch.Tensor  # left^T P (q x n)
     right: torch.Tensor  # P right^T (m x q)
-    sum_x2: torch.Tensor  # (n,)
-    sum_z2: torch.Tensor  # (m,)
+    sum_x2: torch.Tensor | None  # (n,), when the step takes the K-FAC sums
+    sum_z2: torch.Tensor | None  # (m,)
     sketch: torch.Tensor | None  # P Omega (m x k), when the clipping norm is wanted
     range_sketch: torch.Tensor | None = None  # P Omega_s (m x k_s), the two-sided sketch's range side
     corange_sketch: torch.Tensor | None = None  # Psi P (l_s x n), its co-range side
@@ -162,9 +171,10 @@ class ProductCapture(ActivationCapture):
     norm's sketch (0: no sketch); the probes of layer ``i`` at step ``t`` are seeded by
     ``norm_sketch_seed(t, i)``, ``t`` = :attr:`step`, so every rank draws the same ones.
 
-    ``gradient_sketch``: called once per step, at its first micro-batch, whether the step needs the two-sided sketch
-    of each layer's gradient (the spectral first step, the Adafactor metric; a step at lr 0 is not the spectral
-    step); its probes are seeded by ``gradient_sketch_seed(t, i)``.
+    ``statistics``: called once per step, at its first micro-batch: what else the step takes
+    (:class:`HookStatistics`): the two-sided sketch of each layer's gradient (the spectral first step, the Adafactor
+    metric; a step at lr 0 is not the spectral step), its probes seeded by ``gradient_sketch_seed(t, i)``; the K-FAC
+    row sums (the K-FAC metric only).
 
     ``reduction`` (set by the optimizer when the products are summed over ranks): the step's products start their
     all-reduce in buckets as soon as each layer has taken ``microbatches_per_step`` micro-batches
@@ -178,12 +188,12 @@ class ProductCapture(ActivationCapture):
     """
 
     def __init__(self, layers: list[LoRALayer], sketch_probes: Callable[[], int],
-                 gradient_sketch: Callable[[], bool] = lambda: False):
+                 statistics: Callable[[], HookStatistics] = HookStatistics):
         super().__init__(layers, max_bytes=None, fold=False)
         self.sketch_probes = sketch_probes
-        self.gradient_sketch = gradient_sketch
+        self.statistics = statistics
         self.step = 0
-        self._sketching: bool | None = None  # this step's decision, made at its first micro-batch
+        self._statistics: HookStatistics | None = None  # this step's decision, made at its first micro-batch
         self._popped = False  # the step was handed over: its decision and probes stand until the next one opens
         self.probes = ProbeFactors(layers)  # the factors the products are taken at, set by the optimizer
         self._omegas: dict[int, torch.Tensor] = {}  # this step's probes, drawn once per layer
@@ -207,25 +217,30 @@ class ProductCapture(ActivationCapture):
         if self.checking_autograd():
             r = self.layers[idx].rank
             checks = (new(r, n), new(m, r))
-        return LayerProducts(new(left.shape[1], n), new(m, left.shape[1]), new(n), new(m),
+        sums = (new(n), new(m)) if self.step_statistics().kfac_sums else (None, None)
+        return LayerProducts(new(left.shape[1], n), new(m, left.shape[1]), *sums,
                              new(m, k) if k > 0 else None, *two_sided, *checks)
 
     def open_step(self, step: int) -> None:
         """The next step opens (the optimizer, after each step): its seeds are ``step``'s; its sketch decision and
         probes are drawn anew (a step that was not applied keeps them until its retry's first micro-batch)."""
         self.step = step
-        self._sketching, self._reuse_mode, self._sketch_probes, self._popped = None, None, {}, False
+        self._statistics, self._reuse_mode, self._sketch_probes, self._popped = None, None, {}, False
 
     @property
     def sketched(self) -> bool:
         """Whether the step being captured (or last handed over) takes the two-sided sketch."""
-        return bool(self._sketching)
+        return self._statistics is not None and self._statistics.gradient_sketch
+
+    def step_statistics(self) -> HookStatistics:
+        """What this step takes besides the products (decided once, at its first micro-batch)."""
+        if self._statistics is None:
+            self._statistics = self.statistics()
+        return self._statistics
 
     def sketching(self) -> bool:
-        """Whether this step takes the two-sided gradient sketch (decided once, at its first micro-batch)."""
-        if self._sketching is None:
-            self._sketching = bool(self.gradient_sketch())
-        return self._sketching
+        """Whether this step takes the two-sided gradient sketch."""
+        return self.step_statistics().gradient_sketch
 
     def _step_reuse(self) -> str:
         if self._reuse_mode is None:
@@ -278,7 +293,7 @@ class ProductCapture(ActivationCapture):
 
     def add(self, idx: int, X: torch.Tensor, Z: torch.Tensor) -> None:
         if self._popped:  # the first micro-batch of a new step
-            self._popped, self._sketching, self._reuse_mode, self._sketch_probes = False, None, None, {}
+            self._popped, self._statistics, self._reuse_mode, self._sketch_probes = False, None, None, {}
         if idx not in self.probes:
             raise RuntimeError("cache-free capture without probe factors: the optimizer did not set them")
         if self.reduction is not None:
@@ -289,7 +304,8 @@ class ProductCapture(ActivationCapture):
         # full precision whatever autocast a backward inside an autocast region would apply
         with torch.autocast(device_type=X.device.type, enabled=False):
             new = thin_products(Z, X, left, right, omega,
-                                two_sided=self.gradient_probes(idx, left) if self.sketching() else None)
+                                two_sided=self.gradient_probes(idx, left) if self.sketching() else None,
+                                row_sums=self.step_statistics().kfac_sums)
             if self.checking_autograd():  # the products at (A, B), apart: what autograd's gradients are checked against
                 B, A = self.probes.lora_pair(idx, X.device)
                 new = (*new, *thin_products(Z, X, B, A)[:2])
@@ -310,7 +326,7 @@ class ProductCapture(ActivationCapture):
         """This step's products; its sketch decision and probes stand until the next step's first micro-batch (the
         step reads them)."""
         self._omegas = {}
-        self.sketching()  # (decided now if no micro-batch came: a rank that saw none adds zeros shaped by it)
+        self.step_statistics()  # (decided now if no micro-batch came: a rank that saw none adds zeros shaped by it)
         self.reusing_autograd()
         self._popped = True
         return super().pop()
@@ -319,7 +335,7 @@ class ProductCapture(ActivationCapture):
         if self.reduction is not None:
             self.reduction.abandon()
         self._omegas, self._sketch_probes = {}, {}
-        self._sketching, self._reuse_mode, self._popped = None, None, False
+        self._statistics, self._reuse_mode, self._popped = None, None, False
         super().clear()
 
     @property

@@ -49,6 +49,20 @@ def test_thin_products_against_the_dense_gradient():
     assert rel_err(lp, left.T @ P) < 1e-13 and rel_err(rp, P @ right.T) < 1e-13
     _, _, _, _, sk, ys, ws = thin_products(Z, X, left, right, None, two_sided=(omega_s, psi))
     assert sk is None and rel_err(ys, P @ omega_s) < 1e-13 and rel_err(ws, psi @ P) < 1e-13
+    lp, rp, sx, sz, *_ = thin_products(Z, X, left, right, row_sums=False)  # (no K-FAC metric: no row sums)
+    assert sx is None and sz is None and rel_err(lp, left.T @ P) < 1e-13
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_hooks_take_the_kfac_sums_only_for_the_kfac_metric(name):
+    """The K-FAC row sums (m + n numbers per layer, summed over ranks) are taken by the K-FAC metric's steps only."""
+    model = lora_two_layer_net(dtype=torch.float32, nonzero_B=False)
+    opt = make(name, model, cache_free=True)
+    x, t = next(iter(regression_batches(5, 1, 2 * B)))
+    F.mse_loss(model(x), t).backward()
+    held = opt.capture._batches.values()
+    assert all((p.sum_x2 is not None) == (name == "scaled") for p in held) and held
+    opt.step()
 
 
 def one_process_run(name, cache_free, *, clip=CLIP, dtype=torch.float32, seed=5, weights=None, **kw):

@@ -102,11 +102,12 @@ def sketched_product(Z: torch.Tensor, X: torch.Tensor, omega: torch.Tensor,
 
 def thin_products(
     Z: torch.Tensor, X: torch.Tensor, left: torch.Tensor, right: torch.Tensor, omega: torch.Tensor | None = None,
-    two_sided: tuple[torch.Tensor, torch.Tensor] | None = None,
+    two_sided: tuple[torch.Tensor, torch.Tensor] | None = None, row_sums: bool = True,
 ) -> tuple[torch.Tensor | None, ...]:
     """What a Jacobi step needs of ``P = Z^T X``, for factors known before the backward pass
     (METHOD.md section 6, cache-free steps): ``(left^T P (q x n), P right^T (m x q), sum_rows X**2 (n,),
-    sum_rows Z**2 (m,), P Omega (m x k) or None, P Omega_s (m x k_s) or None, Psi P (l x n) or None)`` in ``left``'s
+    sum_rows Z**2 (m,) (None without ``row_sums``), P Omega (m x k) or None, P Omega_s (m x k_s) or None, Psi P (l x n) or
+    None)`` in ``left``'s
     dtype, for ``left`` m x q (e.g. ``[B, M_B]``), ``right`` q x n (e.g. ``[A; M_A]``), the clipping norm's probes
     ``omega`` (n x k) and the two-sided sketch's ``two_sided = (Omega_s, Psi)`` (n x k_s, l x n). ``N (q + k + k_s +
     l)(m + n)`` work; all are linear in the rows, so they add up over micro-batches and ranks.
@@ -125,6 +126,7 @@ def thin_products(
     sketch = rest.pop(0) if omega is not None else None
     range_sketch = rest.pop(0) if two_sided is not None else None
     corange_sketch = corange[0] if two_sided is not None else None
-    return (left_p.contiguous(), right_p.contiguous(), Xc.square().sum(0), Zc.square().sum(0),
+    sums = (Xc.square().sum(0), Zc.square().sum(0)) if row_sums else (None, None)
+    return (left_p.contiguous(), right_p.contiguous(), *sums,
             None if sketch is None else sketch.contiguous(), None if range_sketch is None else range_sketch.contiguous(),
             corange_sketch)

@@ -23,7 +23,7 @@ from ..gradient import FactoredGradient
 from ..lora_layers import LoRALayer, find_lora_layers, other_parameters
 from ..ops.rounds import Rounds, run_lockstep
 from ..product_buckets import bucketed_reduction
-from ..products import ProductCapture
+from ..products import HookStatistics, ProductCapture
 from .factor_source import FactorSource
 from .amp_scaling import begin_amp_step
 from .finite_guard import copy_state, update_is_finite
@@ -64,7 +64,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
     hyperparameters, :attr:`lora_group`), so an LR scheduler over this optimizer drives both.
 
     A method implements :meth:`update_layer` and, where it needs them, :meth:`init_state`,
-    :meth:`cache_free_blocker`, :meth:`momentum_keys`, :meth:`check_distributor`, :meth:`needs_gradient_sketch`,
+    :meth:`cache_free_blocker`, :meth:`momentum_keys`, :meth:`check_distributor`, :meth:`hook_statistics`,
     :meth:`on_step_applied`, :meth:`extra_state` and :meth:`load_extra_state` (docs/ARCHITECTURE.md).
     """
 
@@ -91,7 +91,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         # cache-free (METHOD.md section 6): thin products accumulated in the hooks, no rows kept
         self.cache_free = blocker is None if self.options.cache_free is None else self.options.cache_free
         self.capture: ActivationCapture = (
-            ProductCapture(self.layers, self._sketch_probes, lambda: self.needs_gradient_sketch(self._lora_group))
+            ProductCapture(self.layers, self._sketch_probes, lambda: self.hook_statistics(self._lora_group))
             if self.cache_free
             else ActivationCapture(self.layers, max_bytes=self.options.cache_max_bytes, fold=self.options.fold,
                                    offload=self.options.cache_offload))
@@ -243,11 +243,12 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
     def check_distributor(self, distributor: Distributor) -> None:
         """Raise a one-line error when this optimizer cannot run under ``distributor``."""
 
-    def needs_gradient_sketch(self, group: dict[str, Any]) -> bool:
-        """Whether the step being captured (cache-free) needs the two-sided sketch of each layer's gradient, which the
-        hooks then add (the spectral first step, the Adafactor metric; asked once per step, at its first
-        micro-batch, with the lr it will take)."""
-        return False
+    def hook_statistics(self, group: dict[str, Any]) -> HookStatistics:
+        """What the step being captured (cache-free) needs of each layer's gradient besides the thin products at its
+        probe factors, which the hooks then add: the two-sided sketch (the spectral first step, the Adafactor metric),
+        the K-FAC row sums (the K-FAC metric); asked once per step, at its first micro-batch, with the lr it will
+        take."""
+        return HookStatistics()
 
     def on_step_applied(self, group: dict[str, Any]) -> None:
         """Called after each step that was applied, before ``steps_taken`` counts it."""

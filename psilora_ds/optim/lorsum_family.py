@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..products import HookStatistics
 from .base import LoRAOptimizer
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ class LoRSumOptimizer(LoRAOptimizer):
     and whose run may start with the spectral first step (its group's ``first_step_iters``, LoRA-One): that many
     inner iterations at the proximal floor on the run's first step with ``lr > 0``. Cache-free methods keep no rows
     for it: their hooks take a two-sided sketch of that step's gradient instead, reconstructed to rank r
-    (:meth:`needs_gradient_sketch`, :func:`~psilora_ds.ops.sketch_svd.spectral_step_from_sketch`)."""
+    (:meth:`hook_statistics`, :func:`~psilora_ds.ops.sketch_svd.spectral_step_from_sketch`)."""
 
     spectral_done: bool = False  # the spectral first step has been taken
     _warned_unsketched: bool = False
@@ -46,10 +47,10 @@ class LoRSumOptimizer(LoRAOptimizer):
         """``lam = lr * prox``, floored (METHOD.md section 2)."""
         return max(group["lr"] * group["prox"], MIN_PROX_WEIGHT)
 
-    def needs_gradient_sketch(self, group: dict[str, Any]) -> bool:
-        """The spectral first step is pending and this step's lr is > 0: a step at lr 0 (warm-up) captures nothing
-        for it."""
-        return self.spectral_pending(group) and group["lr"] > 0
+    def hook_statistics(self, group: dict[str, Any]) -> HookStatistics:
+        """The two-sided sketch while the spectral first step is pending and this step's lr is > 0: a step at lr 0
+        (warm-up) captures nothing for it."""
+        return HookStatistics(gradient_sketch=self.spectral_pending(group) and group["lr"] > 0)
 
     def on_step_applied(self, group: dict[str, Any]) -> None:
         if self.spectral_iters(group) is not None:

@@ -13,6 +13,7 @@ from ..ops import (adafactor_normalized, compute_dtype, damped_power, factored_s
                    shampoo_diagonals)
 from ..ops.sketch_svd import gradient_sketch_seed, sketch_probes
 from ..ops.rounds import Rounds
+from ..products import HookStatistics
 from .hyperparameters import HYPERPARAMETERS, ByMetric, check
 from .lorsum_family import LoRSumOptimizer
 from .psilora import (MOMENTUM_PROX, factor_and_momentum_step,
@@ -100,8 +101,10 @@ class ScaledPSILoRA(LoRSumOptimizer):
                 "cannot reduce from thin products; use metric='kfac' with several ranks"
             )
 
-    def needs_gradient_sketch(self, group) -> bool:
-        return group["metric"] == "adafactor" or super().needs_gradient_sketch(group)
+    def hook_statistics(self, group) -> HookStatistics:
+        spectral = super().hook_statistics(group)
+        return HookStatistics(gradient_sketch=group["metric"] == "adafactor" or spectral.gradient_sketch,
+                              kfac_sums=group["metric"] == "kfac")
 
     def cache_free_blocker(self, group) -> str | None:
         if group["metric"] == "shampoo":
