@@ -136,9 +136,10 @@ def main() -> None:
                       "All-reduce: the LoRSum thin products (2 per inner iteration, step and momentum; under DDP the step's "
                       "first, B^T P, is DDP's averaged A.grad, checked on the first step), the K-FAC "
                       "vectors, the per-layer flags (cache-free: every layer's products at the step's factors, the K-FAC "
-                      "sums, in buckets started during the backward pass; under "
+                      "sums under the K-FAC metric only, in buckets started during the backward pass; under "
                       "DDP those at (A, B) are autograd's LoRA gradients, which DDP reduces, unless the row says "
-                      "otherwise); broadcast: the sharded state of the layers a rank does not own; master "
+                      "otherwise); broadcast: the sharded state of the layers a rank does not own (PoLAR's: its Adam "
+                      "moments, twice the factors, since every rank computes every layer's update); master "
                       "reads: the fp32 factors read from the engine during the step (ZeRO-2 starts each step from the "
                       "optimizer's own copy, so none unless a factor changed behind the optimizer).")
 
