@@ -28,7 +28,8 @@ class FactoredGradient(Protocol):
     matrix and receives its sum over ranks), so that the layers of a step share one collective per round.
 
     - ``coef``, ``rows`` (rows over all ranks), ``reduce`` (the sum over ranks of what is still rank-local; None when
-      nothing is), ``autograd`` (autograd's ``(A.grad, B.grad)`` when the step may use them, else None);
+      nothing is), ``autograd`` (autograd's gradients of the layer's factors, ``(A.grad, B.grad)`` or PoLAR's
+      ``(A.grad, S.grad, B.grad)``, when the step may use them, else None; :meth:`factor_gradients`);
     - :meth:`right_product` ``P @ V``, :meth:`left_product` ``U^T @ P``: any ``V``/``U`` on rows; cache-free
       gradients know them only at the probe factors their products were taken at (the step's starting ``A^T``/``B``
       and the momentum's), and say so otherwise;
@@ -57,9 +58,16 @@ class FactoredGradient(Protocol):
 
     def known_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
+    def factor_gradients(self, scale: float) -> tuple[torch.Tensor, ...] | None: ...
+
     def spectral_sketch(self, scale: float) -> GradientSketch | None: ...
 
     def two_sided_sketch(self, probes: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> Rounds[GradientSketch]: ...
+
+
+def scaled_autograd(autograd: tuple[torch.Tensor, ...] | None, c: float) -> tuple[torch.Tensor, ...] | None:
+    """Autograd's factor gradients times ``c`` (None stays None)."""
+    return None if autograd is None else tuple(g * c for g in autograd)
 
 
 class LayerGradient:
@@ -69,7 +77,7 @@ class LayerGradient:
 
     def __init__(self, batch: LayerBatch, coef: float, rows: int,
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None,
-                 autograd: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 autograd: tuple[torch.Tensor, ...] | None = None):
         self.batch = batch
         self.dense = batch.dense
         self.host = batch.host  # micro-batches in host memory (cache_offload), read back one at a time
@@ -82,11 +90,13 @@ class LayerGradient:
         self._autograd_scale = 1.0 / coef
 
     def known_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(B^T G, G A^T)`` for ``G = scale * P`` from autograd's LoRA gradients, when usable."""
-        if self.autograd is None:
-            return None
-        c = scale * self.coef * self._autograd_scale
-        return self.autograd[0] * c, self.autograd[1] * c
+        """``(B^T G, G A^T)`` for ``G = scale * P`` from autograd's LoRA gradients, when usable (factors (A, B))."""
+        return self.factor_gradients(scale)
+
+    def factor_gradients(self, scale: float) -> tuple[torch.Tensor, ...] | None:
+        """Autograd's gradients of the layer's factors for ``G = scale * P`` when the step takes them (the chain rule
+        of :func:`~psilora_ds.ops.factor_gradients`), else None."""
+        return scaled_autograd(self.autograd, scale * self.coef * self._autograd_scale)
 
     def known_momentum_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(M_B^T G, G M_A^T)`` when known without the rows (never, here: see :class:`ProductGradient`)."""
@@ -228,7 +238,7 @@ class ProductGradient:
 
     def __init__(self, products: LayerProducts, r: int, coef: float, rows: int,
                  probes: tuple[torch.Tensor, torch.Tensor], sketch: GradientSketch | None = None,
-                 autograd: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 autograd: tuple[torch.Tensor, ...] | None = None):
         self.products = products
         self.r = r
         self.coef = coef
@@ -254,10 +264,13 @@ class ProductGradient:
     def terms(self, scale: float) -> list[Term]:
         return []
 
+    def factor_gradients(self, scale: float) -> tuple[torch.Tensor, ...] | None:
+        """As :meth:`LayerGradient.factor_gradients`."""
+        return scaled_autograd(self.autograd, scale * self.coef * self._autograd_scale)
+
     def known_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         if self.autograd is not None:
-            c = scale * self.coef * self._autograd_scale
-            return self.autograd[0] * c, self.autograd[1] * c
+            return self._lora_autograd(scale)
         p, c = self.products, scale * self.coef
         return p.left[: self.r] * c, p.right[:, : self.r] * c
 
@@ -275,6 +288,13 @@ class ProductGradient:
         raise ValueError(f"a cache-free gradient knows {what} only at the factors its products were taken at (the "
                          "step's A, B and momentum factors); other products need the rows (cache_free=False)")
 
+    def _lora_autograd(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B^T G, G A^T)`` from autograd's gradients of factors ``(A, B)`` (a core's gradients are not these)."""
+        if len(self.autograd) != 2:
+            raise RuntimeError("autograd's gradients of factors with a core (A, S, B) are not the products at (A, B): "
+                               "the method reads them through factor_gradients")
+        return self.factor_gradients(scale)
+
     def _taken(self, block: slice) -> slice | None:
         """Where the products of probe block ``block`` are in :attr:`products` (None: autograd's gradients)."""
         if block.start == 0 and self.autograd is not None:
@@ -286,7 +306,7 @@ class ProductGradient:
         """``P @ V`` for ``V`` = the step's ``A^T`` or ``M_A^T`` (already summed: no round)."""
         taken = self._taken(self._probe_block(V, self.probes[1].T, "P @ V"))
         if taken is None:
-            return self.autograd[1] * (self.coef * self._autograd_scale)
+            return self._lora_autograd(1.0)[1]
         return self.products.right[:, taken] * self.coef
         yield  # (a generator of rounds, with none)
 
@@ -294,7 +314,7 @@ class ProductGradient:
         """``U^T @ P`` for ``U`` = the step's ``B`` or ``M_B`` (already summed: no round)."""
         taken = self._taken(self._probe_block(U, self.probes[0], "U^T @ P"))
         if taken is None:
-            return self.autograd[0] * (self.coef * self._autograd_scale)
+            return self._lora_autograd(1.0)[0]
         return self.products.left[taken] * self.coef
         yield
 

@@ -33,14 +33,17 @@ def dense_grads(model, x, y):
     return torch.autograd.grad(loss, products)
 
 
+@pytest.mark.parametrize("reuse", [True, False], ids=["autograd", "products"])
 @pytest.mark.parametrize("cache_free", [True, False], ids=["cache-free", "rows"])
 @pytest.mark.parametrize("core", ["full", "diag"])
-def test_polar_steps_equal_the_dense_reference_and_its_gradients_autograd(core, cache_free):
+def test_polar_steps_equal_the_dense_reference_and_its_gradients_autograd(core, cache_free, reuse):
     """Both ways of taking the products P A^T, B^T P: in the hooks (cache-free, the default: no rows kept) and from the
-    cached rows."""
+    cached rows; and autograd's A.grad, S.grad, B.grad taken for the Euclidean gradients they are (one process: the
+    default after the first step's check), or the gradients computed from the products."""
     _, model = polar_net()
     opt = PoLAR(model, KW["lr"], betas=KW["betas"], polar_lam=KW["lam"], weight_decay=KW["weight_decay"],
-                polar_core=core, other_lr=0.0, cache_max_bytes=None, cache_free=None if cache_free else False)
+                polar_core=core, other_lr=0.0, cache_max_bytes=None, cache_free=None if cache_free else False,
+                reuse_autograd_grads=reuse)
     assert opt.cache_free == cache_free
     layers = opt.layers
     states = [{"step": 0, **{f"{k}_{n}": 0.0 for k in ("m", "v") for n in "ASB"}} for _ in layers]
@@ -60,8 +63,8 @@ def test_polar_steps_equal_the_dense_reference_and_its_gradients_autograd(core, 
             for got, want in ((layer.A, A), (layer.S, S), (layer.B, B)):
                 torch.testing.assert_close(got.detach(), want, rtol=1e-7, atol=1e-9)  # (Adam divides by sqrt(v))
     assert all(float(layer.S.norm()) > 0 for layer in layers)
-    # PoLAR's A.grad is S^T B^T P, not B^T P: the products at (A, B) are never taken from autograd (nor checked)
-    assert opt.planner.autograd.state == "off"
+    # PoLAR's A.grad is S^T B^T P, its Euclidean gradient: taken from autograd after the first step's check
+    assert opt.planner.autograd.state == ("on" if reuse else "off")
     if core == "diag":
         assert all(torch.count_nonzero(layer.S - torch.diag(layer.S.diagonal())) == 0 for layer in layers)
 
@@ -110,6 +113,13 @@ def test_cache_free_polar_equals_rows_under_accumulation_and_clipping():
         results[cache_free] = (model, opt, [(layer.A, layer.S, layer.B) for layer in opt.layers])
     (model, free, got), (_, rows, want) = results[True], results[False]
     assert free.last_grad_norm == pytest.approx(rows.last_grad_norm, rel=1e-6)
+    # both took autograd's A.grad, S.grad, B.grad after the first step: the hooks then hold the clipping sketch only
+    assert free.capture.autograd_reuse == "on" and rows.planner.autograd.state == "on"
+    x, t = next(iter(regression_batches(5, 1, 8)))
+    F.mse_loss(model(x), t).backward()
+    sketch = sum(p.sketch.numel() * 4 for p in free.capture._batches.values())
+    assert free.capture.nbytes == sketch > 0
+    free.zero_grad()
     for a, b in zip(got, want):
         for f, g in zip(a, b):
             assert rel_err(f.detach(), g.detach()) <= 2e-6

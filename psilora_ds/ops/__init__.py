@@ -2,8 +2,8 @@
 
 from .adam import adam_step
 from .balance import balance_factors
-from .factored import (dense_gradient, frobenius_sq, gaussian_probes, gradient_gram_diagonals, norm_sketch_seed,
-                       sketched_product, thin_products)
+from .factored import (dense_gradient, factor_gradients, frobenius_sq, gaussian_probes, gradient_gram_diagonals,
+                       norm_sketch_seed, sketched_product, thin_products)
 from .landing import landing_field, landing_field_rounds
 from .linalg import SPDSolve, compute_dtype, solve_spd_batch, solve_spd_left, solve_spd_right
 from .lorsum import lorsum
@@ -36,5 +36,6 @@ __all__ = [
     "solve_spd_right",
     "svd_project",
     "thin_products",
+    "factor_gradients",
     "weighted_svd_project",
 ]

@@ -130,3 +130,13 @@ def thin_products(
     return (left_p.contiguous(), right_p.contiguous(), *sums,
             None if sketch is None else sketch.contiguous(), None if range_sketch is None else range_sketch.contiguous(),
             corange_sketch)
+
+
+def factor_gradients(factors: tuple[torch.Tensor, ...], BtP: torch.Tensor, PAt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The gradients of a layer's factors, in their order, from the two thin products of ``P`` (the gradient w.r.t.
+    their product) at them: ``(B^T P, P A^T)`` for ``(A, B)``; for ``(A, S, B)`` (a core between, PoLAR's
+    ``B S A``) the chain rule's ``(S^T B^T P, B^T P A^T, P A^T S^T)`` (METHOD.md section 7)."""
+    if len(factors) == 2:
+        return BtP, PAt
+    A, S, _ = factors
+    return S.T @ BtP, BtP @ A.T, PAt @ S.T

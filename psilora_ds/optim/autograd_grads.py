@@ -4,7 +4,8 @@ The backward pass computes ``A.grad = B^T P`` and ``B.grad = P A^T`` whatever th
 engine reduces them over ranks. Where they are whole and reduced (one process, DDP), a step need not compute (and sum
 over ranks) those products again: LoRSum's first A-step and its Jacobi B-step take them (``known_products``), and
 cache-free capture hooks take only the momentum factors' products (``r`` fewer columns on each side per token and
-layer).
+layer). Factors with a core between them (PoLAR's ``B S A``: ``A.grad = S^T B^T P``, ``S.grad = B^T P A^T``,
+``B.grad = P A^T S^T``) are the gradients the method steps on (``factor_gradients``): its hooks then take no products.
 
 That the engine's gradients are what they must be (this rank's share averaged over the ranks as the distributor's
 ``grad_coef`` says, identical on every rank) is checked once, on the first step, against the products computed as
@@ -23,6 +24,7 @@ import torch
 from ..distributed import Distributor
 from ..gradient import LayerGradient
 from ..lora_layers import LoRALayer
+from ..ops import factor_gradients
 from ..ops.rounds import Rounds, run_lockstep
 from ..products import LayerProducts
 
@@ -35,13 +37,13 @@ TOLERANCE = 2e-2
 OFF, VERIFY, ON = "off", "verify", "on"
 
 
-def lora_grads(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(A.grad, B.grad)`` of ``layer`` when they are plain fp32/fp64 tensors (not DTensor shards, not half
-    precision), else None."""
-    gA, gB = layer.A.grad, layer.B.grad
-    plain = type(gA) is torch.Tensor and type(gB) is torch.Tensor
-    if plain and gA.dtype in (torch.float32, torch.float64) and gB.dtype == gA.dtype:
-        return gA, gB
+def plain_grads(factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
+    """The gradients of a layer's ``factors`` when they are plain fp32/fp64 tensors of one dtype (not DTensor shards,
+    not half precision), else None."""
+    grads = tuple(f.grad for f in factors)
+    dtype = grads[0].dtype if type(grads[0]) is torch.Tensor else None
+    if dtype in (torch.float32, torch.float64) and all(type(g) is torch.Tensor and g.dtype == dtype for g in grads):
+        return grads
     return None
 
 
@@ -62,14 +64,16 @@ class AutogradGradients:
     the next step's start from zero as its captured rows or products do."""
 
     def __init__(self, layers: Sequence[LoRALayer], distributor: Distributor, capture: Any = None, *,
-                 enabled: bool):
+                 enabled: bool, factors: Sequence[tuple[torch.Tensor, ...]] | None = None):
         self.layers = layers
         self.distributor = distributor
         self.capture = capture  # a ProductCapture (cache-free), or None: rows
+        # each layer's trainable factors in the method's order: (A, B), or (A, S, B)
+        self.factors = [tuple(f) for f in factors] if factors is not None else [(layer.A, layer.B) for layer in layers]
         # (LoRA factors kept in half precision have half-precision gradients: their products stay computed, in fp32)
-        full = all(f.dtype in (torch.float32, torch.float64) for layer in layers for f in (layer.A, layer.B))
+        full = all(f.dtype in (torch.float32, torch.float64) for fs in self.factors for f in fs)
         self._set(VERIFY if enabled and full and distributor.lora_grads_are_whole() else OFF)
-        self._taken: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._taken: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def _set(self, state: str) -> None:
         self.state = state
@@ -83,23 +87,24 @@ class AutogradGradients:
         return self.capture.reusing_autograd() if self.capture is not None else self.state == ON
 
     def take(self) -> None:
-        """Keep this step's ``(A.grad, B.grad)`` of every layer and clear them on the model (the capture was emptied
-        for this step whatever becomes of it: applied, skipped or undone)."""
+        """Keep this step's gradients of every layer's factors (``(A.grad, B.grad)``) and clear them on the model (the
+        capture was emptied for this step whatever becomes of it: applied, skipped or undone)."""
         self._taken = {}
         if self.state == OFF:
             return
-        for idx, layer in enumerate(self.layers):
-            pair = lora_grads(layer)
-            if pair is not None:
-                self._taken[idx] = pair
-            layer.A.grad = layer.B.grad = None
+        for idx, factors in enumerate(self.factors):
+            grads = plain_grads(factors)
+            if grads is not None:
+                self._taken[idx] = grads
+            for f in factors:
+                f.grad = None
 
     def local(self, idxs: Iterable[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """The taken gradients of the layers ``idxs`` that have them (for the step's finiteness check)."""
         return {idx: self._taken[idx] for idx in idxs if idx in self._taken}
 
-    def pairs(self, idxs: Iterable[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """``(A.grad, B.grad)`` of every layer in ``idxs``, on a step that takes them."""
+    def pairs(self, idxs: Iterable[int]) -> dict[int, tuple[torch.Tensor, ...]]:
+        """The factors' gradients (``(A.grad, B.grad)``) of every layer in ``idxs``, on a step that takes them."""
         for idx in idxs:
             if idx not in self._taken:
                 raise RuntimeError(
@@ -113,7 +118,8 @@ class AutogradGradients:
         ``check_right``; summed over ranks, ``coef`` the engine's share): check autograd's gradients against them."""
         if self.capture is None or not self.capture.checking_autograd() or not products:
             return
-        self._decide({idx: (p.check_left * coef, p.check_right * coef) for idx, p in products.items()})
+        self._decide({idx: self._expected(idx, p.check_left * coef, p.check_right * coef)
+                      for idx, p in products.items()})
 
     def verify_rows(self, grads: dict[int, LayerGradient]) -> None:
         """On rows, on the first step (before clipping): ``(B^T P, P A^T)`` of every layer from its rows, summed over
@@ -123,19 +129,26 @@ class AutogradGradients:
             return
         programs = {idx: _factor_products(g, self.layers[idx].A.detach(), self.layers[idx].B.detach())
                     for idx, g in grads.items()}
-        self._decide(run_lockstep(programs, self.distributor.reduce))
+        computed = run_lockstep(programs, self.distributor.reduce)
+        self._decide({idx: self._expected(idx, *pair) for idx, pair in computed.items()})
 
-    def _decide(self, computed: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """``"on"`` when autograd's gradients equal ``computed`` (each layer's ``(B^T P, P A^T)`` in the engine's
-        scale) on every layer and are the same on every rank; else ``"off"``, with one warning."""
+    def _expected(self, idx: int, BtP: torch.Tensor, PAt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What autograd's gradients of layer ``idx``'s factors must be, from the products at ``(A, B)`` (the factors
+        are the model's own here: the engine leaves them whole)."""
+        factors = tuple(f.detach().to(BtP.dtype) for f in self.factors[idx])
+        return factor_gradients(factors, BtP, PAt)
+
+    def _decide(self, computed: dict[int, tuple[torch.Tensor, ...]]) -> None:
+        """``"on"`` when autograd's gradients equal ``computed`` (each layer's factor gradients in the engine's scale)
+        on every layer and are the same on every rank; else ``"off"``, with one warning."""
         worst, missing = 0.0, []
         checksum = torch.zeros((), dtype=torch.float64)
-        for idx, (BtP, PAt) in computed.items():
+        for idx, wanted in computed.items():
             pair = self._taken.get(idx)
             if pair is None:
                 missing.append(self.layers[idx].name)
                 continue
-            for grad, want in zip(pair, (BtP, PAt)):
+            for grad, want in zip(pair, wanted, strict=True):
                 want = want.double()
                 diff = (grad.double() - want).norm() / want.norm().clamp_min(torch.finfo(torch.float64).tiny)
                 worst = max(worst, float(diff))

@@ -135,10 +135,9 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
             reduce_async = distributor.async_reduce() if bucket_bytes else None
             self.capture.reduction = None if reduce_async is None else \
                 bucketed_reduction(self.layers, reduce_async, bucket_bytes)
-        # (autograd's gradients are B^T P and P A^T only for factors (A, B): PoLAR's A.grad is S^T B^T P)
-        plain_factors = all(len(f) == 2 for f in (self.layer_factors(layer) for layer in self.layers))
         self.planner = StepPlanner(self.layers, distributor, self.capture, self.factors, cache_free=self.cache_free,
-                                   reuse_autograd_grads=self.reuse_autograd_grads and plain_factors)
+                                   reuse_autograd_grads=self.reuse_autograd_grads,
+                                   layer_factors=[self.layer_factors(layer) for layer in self.layers])
         self.refresh_factors()
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..ops import adam_step, compute_dtype, landing_field
+from ..ops import adam_step, compute_dtype, factor_gradients, landing_field
 from .base import LoRAOptimizer
 from .hyperparameters import check
 
@@ -22,7 +22,8 @@ class PoLAR(LoRAOptimizer):
 
     Per step and layer, from the layer's full gradient ``P`` (w.r.t. the product ``B S A``) through two thin products
     summed over ranks (``P A^T``, ``B^T P``): the Euclidean gradients ``D_B = P A^T S^T``, ``D_A = S^T B^T P``,
-    ``D_S = B^T P A^T``; the landing fields of ``B`` and of ``A^T`` (:func:`~psilora_ds.ops.landing_field`, no
+    ``D_S = B^T P A^T`` (which are autograd's ``B.grad``, ``A.grad``, ``S.grad``: taken instead, in one process and
+    under DDP, once the first step has checked them); the landing fields of ``B`` and of ``A^T`` (:func:`~psilora_ds.ops.landing_field`, no
     retraction); AdamW along the fields and along ``D_S``, weight decay on ``S`` only. Every rank computes every
     layer's update from the reduced products, as the other methods do; clipping scales ``P`` by the full gradient
     norm as for them.
@@ -67,13 +68,16 @@ class PoLAR(LoRAOptimizer):
     def update_layer(self, layer, state, factors, grad, group):
         cd = compute_dtype(factors[0].dtype)
         A, S, B = (f.to(cd) for f in factors)
-        PAt = yield from grad.right_product(A.T)  # P A^T (m x r), summed over ranks
-        BtP = yield from grad.left_product(B)  # B^T P (r x n)
+        euclidean = grad.factor_gradients(1.0)  # autograd's A.grad, S.grad, B.grad where the step takes them
+        if euclidean is None:
+            PAt = yield from grad.right_product(A.T)  # P A^T (m x r), summed over ranks
+            BtP = yield from grad.left_product(B)  # B^T P (r x n)
+            euclidean = factor_gradients((A, S, B), BtP, PAt)
+        D_A, D_S, D_B = (d.to(cd) for d in euclidean)
         lam = group["polar_lam"]
-        D_S = BtP @ A.T
-        directions = {"A": landing_field(A.T, (S.T @ BtP).T, lam).T,
+        directions = {"A": landing_field(A.T, D_A.T, lam).T,
                       "S": torch.diag_embed(D_S.diagonal()) if group["polar_core"] == "diag" else D_S,
-                      "B": landing_field(B, PAt @ S.T, lam)}
+                      "B": landing_field(B, D_B, lam)}
         state["step"] += 1
         new = []
         for name, x in zip(FACTOR_NAMES, (A, S, B)):

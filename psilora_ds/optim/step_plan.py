@@ -58,7 +58,8 @@ class StepPlanner:
     gradient norm (METHOD.md section 6)."""
 
     def __init__(self, layers: Sequence[LoRALayer], distributor: Distributor, capture: Any, factors: FactorSource,
-                 *, cache_free: bool, reuse_autograd_grads: bool):
+                 *, cache_free: bool, reuse_autograd_grads: bool,
+                 layer_factors: Sequence[tuple[torch.Tensor, ...]] | None = None):
         self.layers = layers
         self.distributor = distributor
         self.capture = capture
@@ -68,7 +69,7 @@ class StepPlanner:
         # B.grad = P A^T) instead of computing them (METHOD.md section 6), where the engine leaves them whole and
         # reduced, once the first step has checked them (autograd_grads)
         self.autograd = AutogradGradients(layers, distributor, capture if cache_free else None,
-                                          enabled=reuse_autograd_grads)
+                                          enabled=reuse_autograd_grads, factors=layer_factors)
         self.logged_sketch = False
         self.logged_late = False
         # the loss scale of a torch.amp.GradScaler stepping the optimizer this step (amp_scaling): the captured Z are
