@@ -36,9 +36,11 @@ METHODS = {
     "Scaled PSI-LoRA iters=0 (cache-free), rank-2r momentum": dict(kind="scaled", iters=0),
     "Scaled PSI-LoRA iters=0 (cache-free), rank-2r momentum, products at (A, B) in the hooks": dict(
         kind="scaled", iters=0, reuse_autograd_grads=False),
-    # PoLAR (B S A adapters): its products P A^T, B^T P taken in the hooks and summed by the optimizer (the default), or
-    # from the rows at the step (cache_free=False: one round of both products)
+    # PoLAR (B S A adapters): cache-free (the default), its Euclidean gradients autograd's A.grad, S.grad, B.grad where
+    # the engine leaves them whole (DDP), else from the products P A^T, B^T P taken in the hooks and summed by the
+    # optimizer (reuse_autograd_grads=False; ZeRO-2 always); or from the rows at the step (cache_free=False)
     "PoLAR (cache-free: the default)": dict(kind="polar"),
+    "PoLAR (cache-free), products in the hooks": dict(kind="polar", reuse_autograd_grads=False),
     "PoLAR, rows kept (cache_free=False)": dict(kind="polar", cache_free=False),
 }
 
