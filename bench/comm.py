@@ -27,6 +27,7 @@ METHODS = {
     "PSI-LoRA iters=1, rank-1 momentum": dict(kind="psilora", iters=1, momentum=0.9, rank_multiplier=1 / 16),
     "Scaled PSI-LoRA iters=1, rank-1 momentum": dict(kind="scaled", iters=1, rank_multiplier=1 / 16),
     "Scaled PSI-LoRA iters=2, rank-1 momentum": dict(kind="scaled", iters=2, rank_multiplier=1 / 16),
+    "Scaled PSI-LoRA iters=1, rank-2r momentum (the default)": dict(kind="scaled", iters=1),
     # cache-free Jacobi steps (issue 26): the products at (A, B) from autograd's LoRA gradients where the engine leaves
     # them whole and reduced (DDP), or taken in the hooks and summed by the optimizer (reuse_autograd_grads=False;
     # DeepSpeed ZeRO-2 always)

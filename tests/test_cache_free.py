@@ -330,7 +330,12 @@ def engine_worker(rank, world, out):
             opt.distributor.comm_bytes["broadcast"],
             sum((layer.in_features + layer.out_features) * 4 for layer in opt.layers),
             sum(round(layer.rank * opt.lora_group["rank_multiplier"]) * (layer.in_features + layer.out_features) * 4
-                for layer in opt.layers))
+                for layer in opt.layers), opt.state_nbytes())
+        owned = [layer for layer in opt.layers if opt.distributor.owns(layer)]
+        counts[("owned", len(targets), cache_free, shard)] = (
+            sum((layer.in_features + layer.out_features) * 4 for layer in owned),
+            sum(round(layer.rank * opt.lora_group["rank_multiplier"]) * (layer.in_features + layer.out_features) * 4
+                for layer in owned))
         opt.remove_hooks()
     torch.save(counts, out / f"calls-rank{rank}.pt")
 
@@ -533,14 +538,17 @@ def test_cache_free_collectives_do_not_grow_with_the_layers(engine_runs):
 
 
 @pytest.mark.slow
-def test_sharded_cache_free_steps_do_not_broadcast_the_momentum(engine_runs):
-    """Layer-sharded state, cache-free: every rank holds the momentum factors anyway (the capture's copy, for the
-    products at them), so the owners broadcast only the metric diagonals (the cached rows: the momentum too)."""
+def test_sharded_steps_do_not_broadcast_the_momentum(engine_runs):
+    """Layer-sharded state: every rank computes every layer's update, so every rank holds the momentum factors it
+    computed (cache-free: the capture's copy, for the products at them; on rows: a copy kept for that), and the owners
+    broadcast only the metric diagonals; the copies count in the state's bytes."""
     counts = torch.load(engine_runs / "calls-rank0.pt")
-    sent, metrics, _ = counts[("broadcast", 2, True, True)]
-    assert sent == metrics  # the 2 layers' metric_in + metric_out, fp32, from their owners
-    sent_rows, metrics_rows, momentum = counts[("broadcast", 2, False, True)]
-    assert sent_rows == metrics_rows + momentum
+    for cache_free in (True, False):
+        sent, metrics, momentum, state_bytes = counts[("broadcast", 2, cache_free, True)]
+        assert sent == metrics, cache_free  # the 2 layers' metric_in + metric_out, fp32, from their owners
+        owned_metrics, owned_momentum = counts[("owned", 2, cache_free, True)]
+        # the owned layers' whole state, and on rows every other layer's momentum copy (cache-free: the capture's)
+        assert state_bytes == owned_metrics + (momentum if not cache_free else owned_momentum) and owned_metrics > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -340,14 +340,19 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         keys = self.momentum_keys(group)
 
         def known(layer: LoRALayer) -> dict[str, torch.Tensor]:
-            """Cache-free: the layer's momentum factors as the capture copied them for its probes after the last step,
-            identical on every rank, so a layer-sharded layout need not broadcast them (METHOD.md section 6)."""
-            copy = self.capture.probes.momentum(layer.index) if keys is not None else None
+            """The layer's momentum factors as every rank computed them at the last step (cache-free: the capture's copy
+            for its probes), identical on every rank, so a layer-sharded layout need not broadcast them (METHOD.md
+            section 6)."""
+            if keys is None:
+                return {}
+            state = self.state[layer.A]
+            own = momentum_of(state, keys) if d.owns(layer) and keys[0] in state else None
+            copy = self.factors.known_momentum(layer.index, own)
             return {} if copy is None else dict(zip(keys, copy))
 
         d.materialize_states([(self.layers[idx], self.state[self.layers[idx].A],
                                lambda layer=self.layers[idx]: self.init_state(layer, group)) for idx in plan.grads],
-                             known=known if self.cache_free else None)
+                             known=known)
         programs = {}
         for idx, grad in plan.grads.items():
             layer = self.layers[idx]
@@ -372,8 +377,7 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
             layer = self.layers[idx]
             state = self.state[layer.A]
             d.write_factors(layer, group["params"], *new_factors[idx])
-            self.factors.record(idx, new_factors[idx],
-                                momentum_of(state, self.momentum_keys(group)) if self.cache_free else None)
+            self.factors.record(idx, new_factors[idx], momentum_of(state, keys))
             d.release_state(layer, state)
         if plan.grads:  # what the optimizer holds (copy or capture factors) is what the engine holds now
             d.factors_synced(group["params"])

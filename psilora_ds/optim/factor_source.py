@@ -39,6 +39,11 @@ class FactorSource:
         self.capture = capture
         self.cache_free = cache_free
         self.copy: dict[int, Factors] | None = None  # None: read from the engine (or the capture) at each step
+        # cached steps with layer-sharded state: each layer's momentum factors (M_A, M_B) as every rank computed them at
+        # the last step (every rank computes every layer's update), so that the owner need not broadcast them to the
+        # others at the next one (the cache-free path holds them as the capture's probe factors); None on the owner
+        # (its state holds them), the same layers on every rank
+        self.momentum: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     @property
     def masters(self) -> list[torch.Tensor]:
@@ -49,7 +54,9 @@ class FactorSource:
         return tuple(f.detach().clone() for f in self.distributor.read_factors(layer, self.masters))
 
     def refresh_copy(self) -> None:
-        """Cached steps: take the copy again where the engine's reads are collectives (every rank calls it)."""
+        """Cached steps: take the copy again where the engine's reads are collectives (every rank calls it); forget the
+        momentum copies (the state may have been loaded: the owners broadcast it at the next step)."""
+        self.momentum = {}
         if not self.distributor.reads_factors_collectively(self.masters):
             self.copy = None
             return
@@ -127,5 +134,24 @@ class FactorSource:
         at them, ``(A, B)``, and at the momentum factors; a core between them is held with them)."""
         if self.cache_free:
             self.capture.probes.set(idx, factors, momentum)
-        elif self.copy is not None and idx in self.copy:
+            return
+        if self.copy is not None and idx in self.copy:
             self.copy[idx] = tuple(factors)  # (the dtype read: what the engine now holds)
+        if momentum is not None and self.distributor.layout().get("sharded"):
+            owner = self.distributor.owns(self.layers[idx])
+            self.momentum[idx] = None if owner else tuple(m.detach().clone() for m in momentum)
+
+    def known_momentum(self, idx: int, own: tuple[torch.Tensor, torch.Tensor] | None
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer ``idx``'s momentum factors ``(M_A, M_B)`` as every rank holds them after the last step (cache-free: the
+        capture's probe copy; cached: the copy, or on the owner ``own``, its state's), or None (on every rank)."""
+        if self.cache_free:
+            return self.capture.probes.momentum(idx)
+        if idx not in self.momentum:
+            return None
+        return own if self.momentum[idx] is None else self.momentum[idx]
+
+    @property
+    def momentum_nbytes(self) -> int:
+        """Bytes of the momentum copies of other ranks' layers held for cached steps."""
+        return sum(t.numel() * t.element_size() for pair in self.momentum.values() if pair is not None for t in pair)
