@@ -335,7 +335,7 @@ def engine_worker(rank, world, out):
         counts[("owned", len(targets), cache_free, shard)] = (
             sum((layer.in_features + layer.out_features) * 4 for layer in owned),
             sum(round(layer.rank * opt.lora_group["rank_multiplier"]) * (layer.in_features + layer.out_features) * 4
-                for layer in owned))
+                for layer in owned), opt.factors.momentum_nbytes)
         opt.remove_hooks()
     torch.save(counts, out / f"calls-rank{rank}.pt")
 
@@ -546,9 +546,10 @@ def test_sharded_steps_do_not_broadcast_the_momentum(engine_runs):
     for cache_free in (True, False):
         sent, metrics, momentum, state_bytes = counts[("broadcast", 2, cache_free, True)]
         assert sent == metrics, cache_free  # the 2 layers' metric_in + metric_out, fp32, from their owners
-        owned_metrics, owned_momentum = counts[("owned", 2, cache_free, True)]
-        # the owned layers' whole state, and on rows every other layer's momentum copy (cache-free: the capture's)
-        assert state_bytes == owned_metrics + (momentum if not cache_free else owned_momentum) and owned_metrics > 0
+        owned_metrics, owned_momentum, copies = counts[("owned", 2, cache_free, True)]
+        # the state: the owned layers' only; the other layers' momentum copies apart (cache-free: the capture's)
+        assert state_bytes == owned_metrics + owned_momentum and owned_metrics > 0
+        assert copies == (0 if cache_free else momentum - owned_momentum)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -381,6 +381,11 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
             d.release_state(layer, state)
         if plan.grads:  # what the optimizer holds (copy or capture factors) is what the engine holds now
             d.factors_synced(group["params"])
+        if self.factors.momentum_nbytes and "momentum copies" not in self._logged_memory:
+            self._logged_memory.add("momentum copies")
+            logger.info("layer-sharded state: this rank keeps the momentum factors it computed for the layers other "
+                        "ranks own (%.1f MiB), so that their owners need not broadcast them at every step",
+                        self.factors.momentum_nbytes / 2**20)
         return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:

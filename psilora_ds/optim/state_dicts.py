@@ -83,7 +83,7 @@ class LoRAStateDicts:
                 )
 
     def state_nbytes(self) -> int:
-        """Bytes of the LoRA layers' optimizer state this rank holds (its owned layers when sharded, and the momentum
-        factors of the others that cached steps keep instead of receiving them each step)."""
-        return self.factors.momentum_nbytes + sum(v.numel() * v.element_size() for st in self.state.values()
-                                                  for v in st.values() if isinstance(v, torch.Tensor))
+        """Bytes of the LoRA layers' optimizer state this rank holds (its owned layers when sharded; the copies of the
+        other layers' momentum factors are not state: ``factors.momentum_nbytes``, logged at the first step)."""
+        return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
+                   if isinstance(v, torch.Tensor))
