@@ -147,6 +147,18 @@ def test_float64_cache_free_is_exact(name):
         assert rel_err(free[layer][0], A) <= 1e-12 and rel_err(free[layer][1], B_) <= 1e-12
 
 
+def test_a_method_with_the_old_sketch_hook_is_refused():
+    """``needs_gradient_sketch`` became ``hook_statistics``: a method still overriding the old name would have it
+    ignored, so it is refused at construction."""
+
+    class OldHook(PreconditionedLoRA):
+        def needs_gradient_sketch(self, group):
+            return True
+
+    with pytest.raises(TypeError, match="now hook_statistics"):
+        OldHook(lora_two_layer_net(), 0.1)
+
+
 def test_the_choice_and_the_refusals():
     net = lora_two_layer_net
     assert PreconditionedLoRA(net(), 0.1).cache_free  # default: on where the method allows it

@@ -76,6 +76,9 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
     def __init__(self, model: nn.Module, defaults: dict[str, Any], **options: Any):
         """``defaults``: the method's hyperparameters (the LoRA param group); ``options``: the fields of
         :class:`~psilora_ds.optim.options.LoRAOptions`, shared by the whole family."""
+        if hasattr(type(self), "needs_gradient_sketch"):  # (an override of the old hook would be ignored, silently)
+            raise TypeError(f"{type(self).__name__}.needs_gradient_sketch: the hook is now hook_statistics(group), "
+                            "returning products.HookStatistics(gradient_sketch=..., kfac_sums=...)")
         self.options = LoRAOptions.from_keywords(type(self).__name__, options)
         if defaults["lr"] < 0:
             raise ValueError(f"lr must be >= 0, got {defaults['lr']}")
