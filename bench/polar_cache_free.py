@@ -4,8 +4,8 @@ default job (the built-in base, ``builtin:python-reference``, 300 steps, clippin
 there) at PoLAR's best lr on that base (0.0316), over ``--seeds``: the held-out loss per seed, the paired difference's
 mean and sd, and the training seconds.
 
-Every finished run is kept in ``bench/results/polar_cache_free.json`` (committed; a later session resumes); ``--workers``
-runs go in parallel, one thread each.
+Every finished run is kept in ``bench/results/polar_cache_free.json`` (committed; a later session resumes);
+``--workers`` runs go in parallel, one thread each.
 
     python bench/polar_cache_free.py [--seeds 0 1 2 3 4 5 6 7] [--workers 2] [--write docs/BENCHMARKS.md]
 """
@@ -49,7 +49,8 @@ def report(results: dict, seeds: list[int]) -> str:
         free, kept = (g["eval"][max(g["eval"], key=int)] for g in got)
         seconds = [g["train_seconds"][max(g["train_seconds"], key=int)] for g in got]
         pairs.append((free, kept, *seconds))
-        rows.append([seed, f"{free:.4f}", f"{kept:.4f}", f"{free - kept:+.4f}", f"{seconds[0]:.0f}", f"{seconds[1]:.0f}"])
+        rows.append([seed, f"{free:.4f}", f"{kept:.4f}", f"{free - kept:+.4f}",
+                     f"{seconds[0]:.0f}", f"{seconds[1]:.0f}"])
     if len(pairs) >= 2:
         cols = list(zip(*pairs))
         diff = [a - b for a, b in zip(cols[0], cols[1])]

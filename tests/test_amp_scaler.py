@@ -43,7 +43,8 @@ def run(name, *, scaler=None, clip=None, overflow_at=None, skip=None):
         else:
             scaler.scale(loss).backward()
             if i == overflow_at:
-                next(p for p in opt.other_optimizer.param_groups[0]["params"] if p.grad is not None).grad[0] = float("inf")
+                head = next(p for p in opt.other_optimizer.param_groups[0]["params"] if p.grad is not None)
+                head.grad[0] = float("inf")
             scaler.step(opt)
             scaler.update()
         opt.zero_grad()

@@ -95,7 +95,8 @@ def test_collective_bytes_per_step(ddp_runs, name, shard_state):
     """Optimizer traffic of one step = iters x the LoRA-gradient bytes for the step (less its first product, autograd's
     A.grad) and again, times the momentum's rank over r, for the momentum (PSI-LoRA's default rank r, Scaled PSI-LoRA's
     2 r), plus the metric vectors, the per-layer flags and, when state is sharded, the broadcast metric EMAs of the
-    layers each rank does not own (not their momentum factors: every rank computed them at the last step and kept them)."""
+    layers each rank does not own (not their momentum factors: every rank computed them at the last step and kept
+    them)."""
     comm = torch.load(ddp_runs / f"{name}-{shard_state}-rank0.pt")["comm"]
     model = lora_two_layer_net(dtype=torch.float32)
     layers = PSILoRA(model, 0.1).layers

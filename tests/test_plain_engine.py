@@ -41,7 +41,11 @@ def train(name, rank, world):
     if engine.ddp:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-        engine.forward_module.register_comm_hook(None, lambda s, bucket: reductions.append(1) or allreduce_hook(s, bucket))
+        def counted(state, bucket):
+            reductions.append(1)
+            return allreduce_hook(state, bucket)
+
+        engine.forward_module.register_comm_hook(None, counted)
     rows = slice(rank * B, (rank + 1) * B) if world > 1 else slice(None)
     for x, t in regression_batches(17, STEPS * ACC, 2 * B):
         engine.backward(engine(x=x[rows], t=t[rows]))

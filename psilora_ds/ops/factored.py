@@ -106,8 +106,8 @@ def thin_products(
 ) -> tuple[torch.Tensor | None, ...]:
     """What a Jacobi step needs of ``P = Z^T X``, for factors known before the backward pass
     (METHOD.md section 6, cache-free steps): ``(left^T P (q x n), P right^T (m x q), sum_rows X**2 (n,),
-    sum_rows Z**2 (m,) (None without ``row_sums``), P Omega (m x k) or None, P Omega_s (m x k_s) or None, Psi P (l x n) or
-    None)`` in ``left``'s
+    sum_rows Z**2 (m,) (None without ``row_sums``), P Omega (m x k) or None, P Omega_s (m x k_s) or None,
+    Psi P (l x n) or None)`` in ``left``'s
     dtype, for ``left`` m x q (e.g. ``[B, M_B]``), ``right`` q x n (e.g. ``[A; M_A]``), the clipping norm's probes
     ``omega`` (n x k) and the two-sided sketch's ``two_sided = (Omega_s, Psi)`` (n x k_s, l x n). ``N (q + k + k_s +
     l)(m + n)`` work; all are linear in the rows, so they add up over micro-batches and ranks.
@@ -132,7 +132,8 @@ def thin_products(
             corange_sketch)
 
 
-def factor_gradients(factors: tuple[torch.Tensor, ...], BtP: torch.Tensor, PAt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def factor_gradients(factors: tuple[torch.Tensor, ...], BtP: torch.Tensor,
+                     PAt: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The gradients of a layer's factors, in their order, from the two thin products of ``P`` (the gradient w.r.t.
     their product) at them: ``(B^T P, P A^T)`` for ``(A, B)``; for ``(A, S, B)`` (a core between, PoLAR's
     ``B S A``) the chain rule's ``(S^T B^T P, B^T P A^T, P A^T S^T)`` (METHOD.md section 7)."""

@@ -3,8 +3,8 @@
 A scaler multiplies the loss by its scale ``S`` before the backward pass, so every gradient the backward produces is
 ``S`` times the true one: ``p.grad``, and also the activation gradients ``Z`` the capture hooks keep, which the scaler's
 ``unscale_`` (it divides the ``p.grad`` of the optimizer's param groups) never reaches. A LoRA optimizer would then step
-on ``S P`` — with clipping on, always clipped to ``max_grad_norm``; without it, ``S`` (65536 at first) times too far —
-and nothing would say so. So the optimizer declares torch's protocol for optimizers that unscale themselves
+on ``S P`` — with clipping on, always clipped to ``max_grad_norm``; without it, ``S`` (65536 at first) times too
+far — and nothing would say so. So the optimizer declares torch's protocol for optimizers that unscale themselves
 (``_step_supports_amp_scaling``): ``scaler.step(opt)`` then hands it ``S`` and whether some gradient overflowed
 (``grad_scale``, ``found_inf``, set on the optimizer for the call) and lets it do both: the step skips an overflowed
 step (what the scaler would have done; ``scaler.update()`` then lowers ``S``) and otherwise divides ``p.grad`` and the

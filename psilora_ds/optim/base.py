@@ -24,8 +24,8 @@ from ..lora_layers import LoRALayer, find_lora_layers, other_parameters
 from ..ops.rounds import Rounds, run_lockstep
 from ..product_buckets import bucketed_reduction
 from ..products import HookStatistics, ProductCapture
-from .factor_source import FactorSource
 from .amp_scaling import begin_amp_step
+from .factor_source import FactorSource
 from .finite_guard import copy_state, update_is_finite
 from .options import LoRAOptions, OtherOptimizerFactory  # noqa: F401 - OtherOptimizerFactory re-exported
 from .other_params import build_other_optimizer, finish_other_step, other_step_was_undone, step_other

@@ -23,8 +23,9 @@ class PoLAR(LoRAOptimizer):
     Per step and layer, from the layer's full gradient ``P`` (w.r.t. the product ``B S A``) through two thin products
     summed over ranks (``P A^T``, ``B^T P``): the Euclidean gradients ``D_B = P A^T S^T``, ``D_A = S^T B^T P``,
     ``D_S = B^T P A^T`` (which are autograd's ``B.grad``, ``A.grad``, ``S.grad``: taken instead, in one process and
-    under DDP, once the first step has checked them); the landing fields of ``B`` and of ``A^T`` (:func:`~psilora_ds.ops.landing_field`, no
-    retraction); AdamW along the fields and along ``D_S``, weight decay on ``S`` only. Every rank computes every
+    under DDP, once the first step has checked them); the landing fields of ``B`` and of ``A^T``
+    (:func:`~psilora_ds.ops.landing_field`, no retraction); AdamW along the fields and along ``D_S``, weight decay on
+    ``S`` only. Every rank computes every
     layer's update from the reduced products, as the other methods do; clipping scales ``P`` by the full gradient
     norm as for them.
 
