@@ -26,7 +26,8 @@ def factors(opt):
     return {layer.name: (layer.A.detach().clone(), layer.B.detach().clone()) for layer in opt.layers}
 
 
-CASES = [(name, shard) for name in ("psilora", "scaled") for shard in (False, True)]
+# "partitioned": layer-sharded state without the momentum copies (momentum_copies=False: the owners broadcast it)
+CASES = [(name, shard) for name in ("psilora", "scaled") for shard in (False, True, "partitioned")]
 # B rows of these small layers fold into the dense store; "rows" cases keep the factored rows
 ROW_CASES = [(name, "rows") for name in ("psilora", "scaled")]
 
@@ -35,8 +36,8 @@ def ddp_worker(rank, world, out):
     for name, shard_state in CASES + ROW_CASES:  # one spawn for all cases: process start-up dominates
         model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
         ddp = DistributedDataParallel(model)
-        opt = make_optimizer(name, model, distributor=DDPDistributor(shard_state=shard_state == "rows" or shard_state),
-                             fold=shard_state != "rows")
+        opt = make_optimizer(name, model, distributor=DDPDistributor(shard_state=bool(shard_state)),
+                             fold=shard_state != "rows", momentum_copies=shard_state != "partitioned")
         for x, t in batches():
             rows = slice(rank * B, (rank + 1) * B)
             F.mse_loss(ddp(x[rows]), t[rows]).backward()
@@ -109,6 +110,8 @@ def test_collective_bytes_per_step(ddp_runs, name, shard_state):
     a_grad = sum(l.rank * l.in_features * f32 for l in layers)
     expected_reduce = iters * lora_grad * (1 + momentum) - a_grad + metrics + flags
     assert comm["all_reduce"] == expected_reduce
-    assert comm["broadcast"] == (metrics if shard_state else 0)  # the metric EMAs, every layer
+    # the metric EMAs, every layer; and the momentum factors where the non-owners keep no copy of them
+    state = momentum * lora_grad + metrics if shard_state == "partitioned" else metrics
+    assert comm["broadcast"] == (state if shard_state else 0)
     print(f"\n{name} shard_state={shard_state}: all-reduce {comm['all_reduce']} B, broadcast {comm['broadcast']} B; "
           f"LoRA gradients {lora_grad} B (ratio {comm['all_reduce'] / lora_grad:.2f})")

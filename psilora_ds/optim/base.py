@@ -132,7 +132,8 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         self.distributor = distributor
         distributor.bind(self.layers, norm_probes=self.options.clip_norm_probes,
                          factors=[self.layer_factors(layer) for layer in self.layers])
-        self.factors = FactorSource(self.layers, self._lora_group, distributor, self.capture, self.cache_free)
+        self.factors = FactorSource(self.layers, self._lora_group, distributor, self.capture, self.cache_free,
+                                    momentum_copies=self.options.momentum_copies)
         if self.cache_free:  # over several ranks, the products' sums start in the backward pass (product_buckets)
             bucket_bytes = self.options.overlap_bucket_bytes
             reduce_async = distributor.async_reduce() if bucket_bytes else None

@@ -32,7 +32,7 @@ class FactorSource:
     """
 
     def __init__(self, layers: Sequence[LoRALayer], group: dict[str, Any], distributor: Distributor, capture: Any,
-                 cache_free: bool):
+                 cache_free: bool, momentum_copies: bool = True):
         self.layers = layers
         self.group = group
         self.distributor = distributor
@@ -44,6 +44,7 @@ class FactorSource:
         # others at the next one (the cache-free path holds them as the capture's probe factors); None on the owner
         # (its state holds them), the same layers on every rank
         self.momentum: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self.momentum_copies = momentum_copies
 
     @property
     def masters(self) -> list[torch.Tensor]:
@@ -137,7 +138,7 @@ class FactorSource:
             return
         if self.copy is not None and idx in self.copy:
             self.copy[idx] = tuple(factors)  # (the dtype read: what the engine now holds)
-        if momentum is not None and self.distributor.layout().get("sharded"):
+        if momentum is not None and self.momentum_copies and self.distributor.layout().get("sharded"):
             owner = self.distributor.owns(self.layers[idx])
             self.momentum[idx] = None if owner else tuple(m.detach().clone() for m in momentum)
 

@@ -62,6 +62,11 @@ class LoRAOptions:
             :class:`~psilora_ds.capture.StepNotCalledError` when more than twice as many backward passes
             arrive without :meth:`step` (another optimizer is being stepped in its place). None: the most
             micro-batches a step has taken so far, 4 before the first step. Engine helpers set it.
+        momentum_copies: layer-sharded state (ZeRO 1-3, FSDP2, DDP with ``shard_state``), steps on rows: every rank
+            keeps the momentum factors it computed for the layers other ranks own (``r_m (m + n)`` per layer, logged
+            once), so their owners need not broadcast them at every step (the default Scaled PSI-LoRA under ZeRO-2:
+            3.1x the LoRA gradient's bytes per step instead of 5.1x). False: the state stays wholly partitioned and
+            the momentum is broadcast each step. (Cache-free steps hold them anyway, as the hooks' probe factors.)
         overlap_bucket_bytes: cache-free steps over several ranks: on a step's last micro-batch, sum the products over
             ranks in buckets of about this many bytes, each started as soon as the backward pass has gone through
             its layers, so the step only waits (:mod:`~psilora_ds.product_buckets`; a group of the optimizer's own).
@@ -79,6 +84,7 @@ class LoRAOptions:
     fold: bool = True
     cache_offload: bool = False
     reuse_autograd_grads: bool = True
+    momentum_copies: bool = True
     accumulation_steps: int | None = None
     overlap_bucket_bytes: int | None = DEFAULT_BUCKET_BYTES
 
