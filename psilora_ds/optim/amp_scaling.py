@@ -51,9 +51,9 @@ def amp_scale_of(optimizer: torch.optim.Optimizer) -> AmpScale | None:
 
 
 def unscale_grads_(params: Iterable[torch.Tensor], scale: float) -> None:
-    """Divide every ``p.grad`` of ``params`` by ``scale`` in place (as the scaler's ``unscale_`` would, in float64's
-    reciprocal)."""
-    inv = float(torch.tensor(scale, dtype=torch.float64).reciprocal())
+    """Divide every ``p.grad`` of ``params`` by ``scale`` in place (as the scaler's ``unscale_`` would: by the
+    reciprocal taken in double precision)."""
+    inv = 1.0 / scale
     for p in params:
         if p.grad is not None:
             p.grad.mul_(inv)

@@ -64,12 +64,12 @@ class AutogradGradients:
     the next step's start from zero as its captured rows or products do."""
 
     def __init__(self, layers: Sequence[LoRALayer], distributor: Distributor, capture: Any = None, *,
-                 enabled: bool, factors: Sequence[tuple[torch.Tensor, ...]] | None = None):
+                 enabled: bool, factors: Sequence[tuple[torch.Tensor, ...]]):
         self.layers = layers
         self.distributor = distributor
         self.capture = capture  # a ProductCapture (cache-free), or None: rows
         # each layer's trainable factors in the method's order: (A, B), or (A, S, B)
-        self.factors = [tuple(f) for f in factors] if factors is not None else [(layer.A, layer.B) for layer in layers]
+        self.factors = [tuple(f) for f in factors]
         # (LoRA factors kept in half precision have half-precision gradients: their products stay computed, in fp32)
         full = all(f.dtype in (torch.float32, torch.float64) for fs in self.factors for f in fs)
         self._set(VERIFY if enabled and full and distributor.lora_grads_are_whole() else OFF)

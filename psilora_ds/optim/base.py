@@ -305,7 +305,6 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
             else:  # no LoRA update in this call: the other half, if any, stands
                 finish_other_step(self.other_optimizer, True)
             self._plan = None
-            self.planner.loss_scale = 1.0
         return loss
 
     def _make_plan(self, others_now: list[dict[str, Any]]) -> StepPlan:

@@ -44,7 +44,7 @@ class FactorSource:
         # others at the next one (the cache-free path holds them as the capture's probe factors); None on the owner
         # (its state holds them), the same layers on every rank
         self.momentum: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
-        self.momentum_copies = momentum_copies
+        self._keeps_momentum = momentum_copies and not cache_free and bool(distributor.layout().get("sharded"))
 
     @property
     def masters(self) -> list[torch.Tensor]:
@@ -138,7 +138,7 @@ class FactorSource:
             return
         if self.copy is not None and idx in self.copy:
             self.copy[idx] = tuple(factors)  # (the dtype read: what the engine now holds)
-        if momentum is not None and self.momentum_copies and self.distributor.layout().get("sharded"):
+        if momentum is not None and self._keeps_momentum:
             owner = self.distributor.owns(self.layers[idx])
             self.momentum[idx] = None if owner else tuple(m.detach().clone() for m in momentum)
 

@@ -59,7 +59,7 @@ class StepPlanner:
 
     def __init__(self, layers: Sequence[LoRALayer], distributor: Distributor, capture: Any, factors: FactorSource,
                  *, cache_free: bool, reuse_autograd_grads: bool,
-                 layer_factors: Sequence[tuple[torch.Tensor, ...]] | None = None):
+                 layer_factors: Sequence[tuple[torch.Tensor, ...]]):
         self.layers = layers
         self.distributor = distributor
         self.capture = capture
