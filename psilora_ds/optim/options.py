@@ -36,8 +36,8 @@ class LoRAOptions:
         distributor: the parallel engine's adapter (default: data parallel over the world group when
             torch.distributed is initialized with several ranks, else one process).
         cache_free: keep no activation rows: each micro-batch's thin products at the step's starting factors
-            are accumulated in the hooks (METHOD.md section 6), exact for Jacobi steps (``iters=0``). None
-            (default): on whenever the method allows it (``iters=0``, the K-FAC metric); True: required (an
+            are accumulated in the hooks (METHOD.md section 6), exact for Jacobi steps (``iters=0``) and PoLAR.
+            None (default): on whenever the method allows it (``iters=0``, the K-FAC metric; PoLAR); True: required (an
             error says why when it cannot be); False: keep the rows. Cache-free steps estimate the clipping
             norm by the Gaussian sketch (``clip_norm_probes``, 32 when 0), also in one process (logged once).
         cache_max_bytes: activation-cache budget per rank, in bytes (an int or ``"8GiB"``): rows are kept
