@@ -234,10 +234,13 @@ class ProductGradient:
 
     ``autograd``: autograd's ``(A.grad, B.grad)``, the engine's gradient ``(B^T P, P A^T) / coef`` at construction
     (reduced over ranks by the engine), standing for the products at ``(A, B)``, which ``products`` then leaves out
-    (it holds the momentum factors' only)."""
+    (it holds the momentum factors' only).
+
+    A stack of layers stepped together (:mod:`~psilora_ds.optim.layer_stacks`) is one such gradient with every tensor
+    stacked along a leading dimension and no ``probes``."""
 
     def __init__(self, products: LayerProducts, r: int, coef: float, rows: int,
-                 probes: tuple[torch.Tensor, torch.Tensor], sketch: GradientSketch | None = None,
+                 probes: tuple[torch.Tensor, torch.Tensor] | None, sketch: GradientSketch | None = None,
                  autograd: tuple[torch.Tensor, ...] | None = None):
         self.products = products
         self.r = r
@@ -272,16 +275,23 @@ class ProductGradient:
         if self.autograd is not None:
             return self._lora_autograd(scale)
         p, c = self.products, scale * self.coef
-        return p.left[: self.r] * c, p.right[:, : self.r] * c
+        return p.left[..., : self.r, :] * c, p.right[..., : self.r] * c
 
     def known_momentum_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         p, c, k = self.products, scale * self.coef, self._offset
-        return p.left[k:] * c, p.right[:, k:] * c
+        return p.left[..., k:, :] * c, p.right[..., k:] * c
+
+    def _probe(self, side: int) -> torch.Tensor:
+        if self.probes is None:
+            raise RuntimeError("a stacked cache-free gradient knows its products through known_products and "
+                               "known_momentum_products only (a method that asks for them by factor does not stack: "
+                               "its steps_stacked is False)")
+        return self.probes[side]
 
     def _probe_block(self, M: torch.Tensor, probe: torch.Tensor, what: str) -> slice:
         """The block of probe factors equal to ``M`` (columns), or a one-line error: products at other factors
         need the rows."""
-        for block in (slice(0, self.r), slice(self.r, probe.shape[1])):
+        for block in (slice(0, self.r), slice(self.r, probe.shape[-1])):
             part = probe[:, block]
             if part.shape == M.shape and torch.equal(part, M.to(part.dtype)):
                 return block
@@ -304,7 +314,7 @@ class ProductGradient:
 
     def right_product(self, V: torch.Tensor) -> Rounds[torch.Tensor]:
         """``P @ V`` for ``V`` = the step's ``A^T`` or ``M_A^T`` (already summed: no round)."""
-        taken = self._taken(self._probe_block(V, self.probes[1].T, "P @ V"))
+        taken = self._taken(self._probe_block(V, self._probe(1).T, "P @ V"))
         if taken is None:
             return self._lora_autograd(1.0)[1]
         return self.products.right[:, taken] * self.coef
@@ -312,7 +322,7 @@ class ProductGradient:
 
     def left_product(self, U: torch.Tensor) -> Rounds[torch.Tensor]:
         """``U^T @ P`` for ``U`` = the step's ``B`` or ``M_B`` (already summed: no round)."""
-        taken = self._taken(self._probe_block(U, self.probes[0], "U^T @ P"))
+        taken = self._taken(self._probe_block(U, self._probe(0), "U^T @ P"))
         if taken is None:
             return self._lora_autograd(1.0)[0]
         return self.products.left[taken] * self.coef

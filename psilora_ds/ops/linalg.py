@@ -46,7 +46,9 @@ def solve_spd_batch(systems: Sequence[SPDSolve], *, sync_free: bool | None = Non
     shape, dtype and device, instead of one per system. For the r x r systems of LoRSum the inverse times the
     thin right-hand side is several times faster than ``cholesky_solve`` on CPU, with the same O(cond * eps)
     forward error. A failed factorization (numerically indefinite or singular G) falls back to the
-    minimum-norm least-squares answer for that system; a non-finite system gives NaN.
+    minimum-norm least-squares answer for that system; a non-finite system gives NaN. A system may be a stack
+    (``G`` ``(L, r, r)``, ``R`` ``(L, r, k)`` or ``(L, k, r)``: a stack of layers stepped together), each matrix of
+    it a system of its own.
 
     ``sync_free`` (default: on any device but the CPU): never read the factorization's status on the host —
     each read is a device sync on a GPU — but compute the fallback (a regularized pseudo-inverse, see
@@ -55,9 +57,12 @@ def solve_spd_batch(systems: Sequence[SPDSolve], *, sync_free: bool | None = Non
     out: list[torch.Tensor | None] = [None] * len(systems)
     buckets: dict[tuple, list[int]] = {}
     for i, s in enumerate(systems):
-        buckets.setdefault((tuple(s.G.shape), s.G.dtype, s.G.device), []).append(i)
-    for (_, _, device), members in buckets.items():
-        G = torch.stack([systems[i].G for i in members]) if len(members) > 1 else systems[members[0]].G[None]
+        buckets.setdefault((tuple(s.G.shape[-2:]), s.G.dtype, s.G.device), []).append(i)
+    for (shape, _, device), members in buckets.items():
+        # every system's matrices in one batch: (1, r, r) for a single system, (L, r, r) for a stack
+        sizes = [systems[i].G.shape[0] if systems[i].G.dim() == 3 else 1 for i in members]
+        G = torch.cat([systems[i].G.reshape(-1, *shape) for i in members]) if len(members) > 1 \
+            else systems[members[0]].G.reshape(-1, *shape)
         L, info = torch.linalg.cholesky_ex(G)
         inverse = _inverse_from_cholesky(L)
         failed: set[int] = set()
@@ -65,14 +70,29 @@ def solve_spd_batch(systems: Sequence[SPDSolve], *, sync_free: bool | None = Non
             inverse = _select_fallback(G, inverse, info)
         elif bool(info.any()):  # the bucket's one host read
             failed = set(torch.nonzero(info).flatten().tolist())
-        for j, i in enumerate(members):
+        start = 0
+        for i, size in zip(members, sizes):
             s = systems[i]
-            if j in failed:
-                left = _fallback(s.G, s.R if s.side == "left" else s.R.transpose(-1, -2))
-                out[i] = left if s.side == "left" else left.transpose(-1, -2)
-            else:
-                out[i] = inverse[j] @ s.R if s.side == "left" else s.R @ inverse[j]
+            if s.G.dim() == 2:
+                inv = inverse[start]
+                out[i] = _solve_one(s, inv) if start not in failed else _fallback_one(s)
+            else:  # a stack: the matrices whose factorization failed by the fallback, each on its own
+                out[i] = _solve_one(s, inverse[start: start + size])
+                for j in sorted(f - start for f in failed if start <= f < start + size):
+                    out[i][j] = _fallback_one(SPDSolve(s.G[j], s.R[j], s.side))
+            start += size
     return out  # type: ignore[return-value]
+
+
+def _solve_one(s: SPDSolve, inverse: torch.Tensor) -> torch.Tensor:
+    """``G^-1 R`` or ``R G^-1`` from ``G``'s inverse (a matrix, or a stack)."""
+    return inverse @ s.R if s.side == "left" else s.R @ inverse
+
+
+def _fallback_one(s: SPDSolve) -> torch.Tensor:
+    """The least-squares answer of one system (one matrix) whose Cholesky factorization failed."""
+    left = _fallback(s.G, s.R if s.side == "left" else s.R.transpose(-1, -2))
+    return left if s.side == "left" else left.transpose(-1, -2)
 
 
 def _inverse_from_cholesky(L: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """LoRSum and F-LoRSum: the best (proximal) rank-r approximation of a sum of low-rank
 terms, by warm-started alternating least squares on thin matrices (METHOD.md sections 2, 4).
+
+Every input may carry one leading dimension: a stack of ``L`` layers of equal shapes stepped together (one batched
+matrix product per operation instead of ``L``; :mod:`~psilora_ds.optim.layer_stacks`), each matrix as on its own.
 """
 
 from __future__ import annotations
@@ -39,14 +42,19 @@ class _PreparedTerm:
     def a_product(self, Bt: torch.Tensor) -> torch.Tensor:
         """``Bt^T F H D_in^-1`` (r x n)."""
         F, H = self._parts()
-        out = Bt.T @ F if H is None else (Bt.T @ F) @ H
-        return out if self.d_in is None else out.div_(self.d_in[None, :])
+        out = Bt.mT @ F if H is None else (Bt.mT @ F) @ H
+        return out if self.d_in is None else out.div_(self.d_in[..., None, :])
 
     def b_product(self, At: torch.Tensor) -> torch.Tensor:
         """``D_out^-1 F H At^T`` (m x r)."""
         F, H = self._parts()
-        out = F @ At.T if H is None else F @ (H @ At.T)
-        return out if self.d_out is None else out.div_(self.d_out[:, None])
+        out = F @ At.mT if H is None else F @ (H @ At.mT)
+        return out if self.d_out is None else out.div_(self.d_out[..., :, None])
+
+
+def add_product_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float) -> torch.Tensor:
+    """``out += alpha * a @ b`` in place, for one matrix (``addmm_``) or a stack of them (``baddbmm_``)."""
+    return out.addmm_(a, b, alpha=alpha) if out.dim() == 2 else out.baddbmm_(a, b, alpha=alpha)
 
 
 def lorsum(*args, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -81,7 +89,8 @@ def lorsum_rounds(
             factors ``P = Z^T X`` pass ``F = Z.T``, ``H = X``; micro-batches may be separate terms.
             ``(coef, P, None)`` is a dense ``m x n`` term (the exact fallback store of METHOD.md 6), and
             ``(coef, source, None)`` with a :class:`Fetched` source a term read back for each product.
-        lam: proximal weight (> 0); a 0-dim tensor when it is computed on the device (never read back).
+        lam: proximal weight (> 0); a tensor when it is computed on the device (never read back): 0-dim, or one per
+            matrix of a stack, shaped ``(L, 1, 1)``.
         iters: ``0`` = Jacobi (both half-steps use the old factors: preconditioned LoRA);
             ``K >= 1`` = K alternating (Gauss-Seidel) iterations, a block power method that
             converges to the truncated SVD of ``T`` as K grows.
@@ -116,7 +125,7 @@ def lorsum_rounds(
     cd = compute_dtype(A.dtype)
     A0 = A.to(cd)
     B0 = B.to(cd)
-    r = A0.shape[0]
+    r = A0.shape[-2]
     eye = torch.eye(r, dtype=cd, device=A0.device)
 
     if d_out is not None:
@@ -140,34 +149,34 @@ def lorsum_rounds(
         # (Bt^T D_out Bt + lam I) A+ = lam A + c0 (Bt^T D_out B) A + sum c_j (Bt^T F_j)(H_j D_in^-1)
         if known_products is not None and Bt is B0:
             data = known_products[0].to(cd, copy=True)
-            data = data if d_in is None else data.div_(d_in[None, :])
+            data = data if d_in is None else data.div_(d_in[..., None, :])
         else:
             data = summed(A0, ((t.coef, t.a_product(Bt)) for t in local))
             if reduce is not None:
                 data = yield data
         for t in shared:
             data.add_(t.a_product(Bt), alpha=t.coef)
-        DBt = Bt if d_out is None else d_out[:, None] * Bt
-        gram = DBt.T @ Bt
-        cross = gram if Bt is B0 else DBt.T @ B0
-        add_prox(data, A0).addmm_(cross, A0, alpha=c0)
+        DBt = Bt if d_out is None else d_out[..., :, None] * Bt
+        gram = DBt.mT @ Bt
+        cross = gram if Bt is B0 else DBt.mT @ B0
+        add_product_(add_prox(data, A0), cross, A0, alpha=c0)
         return (yield SPDSolve(gram + lam * eye, data, "left"))  # batched with the other layers' systems
 
     def b_step(At: torch.Tensor) -> Rounds[torch.Tensor]:
         # B+ (At D_in At^T + lam I) = lam B + c0 B (A D_in At^T) + sum c_j (D_out^-1 F_j)(H_j At^T)
         if known_products is not None and At is A0:
             data = known_products[1].to(cd, copy=True)
-            data = data if d_out is None else data.div_(d_out[:, None])
+            data = data if d_out is None else data.div_(d_out[..., :, None])
         else:
             data = summed(B0, ((t.coef, t.b_product(At)) for t in local))
             if reduce is not None:
                 data = yield data
         for t in shared:
             data.add_(t.b_product(At), alpha=t.coef)
-        DAt = At if d_in is None else At * d_in[None, :]
-        gram = DAt @ At.T
-        cross = gram if At is A0 else A0 @ DAt.T
-        add_prox(data, B0).addmm_(B0, cross, alpha=c0)
+        DAt = At if d_in is None else At * d_in[..., None, :]
+        gram = DAt @ At.mT
+        cross = gram if At is A0 else A0 @ DAt.mT
+        add_product_(add_prox(data, B0), B0, cross, alpha=c0)
         return (yield SPDSolve(gram + lam * eye, data, "right"))
 
     if iters == 0:

@@ -27,6 +27,7 @@ from ..products import HookStatistics, ProductCapture
 from .amp_scaling import begin_amp_step
 from .factor_source import FactorSource
 from .finite_guard import copy_state, update_is_finite
+from .layer_stacks import StackedStep, plan_stacks
 from .options import LoRAOptions, OtherOptimizerFactory  # noqa: F401 - OtherOptimizerFactory re-exported
 from .other_params import build_other_optimizer, finish_other_step, other_step_was_undone, step_other
 from .state_dicts import LoRAStateDicts
@@ -54,6 +55,13 @@ def check_ranks_fit(layers: list[LoRALayer]) -> None:
         raise ValueError(f"LoRA rank {first.rank} exceeds the width of {first.name} ({first.out_features} x "
                          f"{first.in_features}){more}: a rank-r step needs r <= min(out, in); use a rank <= {fits} "
                          "or leave those modules out of target_modules")
+
+
+def clipping_probes(max_grad_norm: float | None, distributor: Distributor) -> int:
+    """Probes of the clipping norm's sketch the cache-free hooks take (0: no clipping, no sketch)."""
+    if not max_grad_norm or max_grad_norm <= 0:
+        return 0
+    return distributor.norm_probes or DEFAULT_NORM_PROBES
 
 
 class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
@@ -94,7 +102,8 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         # cache-free (METHOD.md section 6): thin products accumulated in the hooks, no rows kept
         self.cache_free = blocker is None if self.options.cache_free is None else self.options.cache_free
         self.capture: ActivationCapture = (
-            ProductCapture(self.layers, self._sketch_probes, lambda: self.hook_statistics(self._lora_group))
+            ProductCapture(self.layers, lambda: clipping_probes(self.max_grad_norm, self.distributor),
+                           lambda: self.hook_statistics(self._lora_group))
             if self.cache_free
             else ActivationCapture(self.layers, max_bytes=self.options.cache_max_bytes, fold=self.options.fold,
                                    offload=self.options.cache_offload))
@@ -182,12 +191,6 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         self.capture.open_step(self.steps_taken)
         self.capture.microbatches_per_step = self.options.accumulation_steps or self._microbatches_per_step or None
 
-    def _sketch_probes(self) -> int:
-        """Probes of the clipping norm's sketch the cache-free hooks take (0: no clipping, no sketch)."""
-        if not self.max_grad_norm or self.max_grad_norm <= 0:
-            return 0
-        return self.distributor.norm_probes or DEFAULT_NORM_PROBES
-
     def set_accumulation_steps(self, steps: int | None) -> None:
         """Micro-batches per optimizer step (None: learn it from the steps taken): the capture hooks stop
         with :class:`~psilora_ds.capture.StepNotCalledError` after twice as many without :meth:`step`."""
@@ -245,6 +248,14 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
 
     def check_distributor(self, distributor: Distributor) -> None:
         """Raise a one-line error when this optimizer cannot run under ``distributor``."""
+
+    def steps_stacked(self, group: dict[str, Any]) -> bool:
+        """Whether this step's :meth:`update_layer` may run once for a stack of layers of equal shapes
+        (:mod:`~psilora_ds.optim.layer_stacks`): their factors, state and cache-free gradients stacked along a
+        leading dimension, the layer a :class:`~psilora_ds.optim.layer_stacks.LayerStack` (rank, shape, scaling;
+        no index), the gradient read through ``terms``, ``known_products``, ``known_momentum_products``,
+        ``kfac_sums`` and ``factor_gradients`` only, and every operation taking the stack dimension as a batch."""
+        return False
 
     def hook_statistics(self, group: dict[str, Any]) -> HookStatistics:
         """What the step being captured (cache-free) needs of each layer's gradient besides the thin products at its
@@ -318,7 +329,8 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         if self.capture.pending_microbatches > self._microbatches_per_step:
             self._microbatches_per_step = self.capture.pending_microbatches
             self.set_accumulation_steps(self.options.accumulation_steps)
-        plan = self.planner.plan(others_now, self.max_grad_norm, self.steps_taken, self._sketch_probes())
+        plan = self.planner.plan(others_now, self.max_grad_norm, self.steps_taken,
+                                 clipping_probes(self.max_grad_norm, self.distributor))
         if plan.cache_bytes is not None:
             self.last_cache_bytes = plan.cache_bytes
         if plan.grad_norm is not None:
@@ -356,16 +368,27 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
         d.materialize_states([(self.layers[idx], self.state[self.layers[idx].A],
                                lambda layer=self.layers[idx]: self.init_state(layer, group)) for idx in plan.grads],
                              known=known)
-        programs = {}
-        for idx, grad in plan.grads.items():
-            layer = self.layers[idx]
-            programs[idx] = self.update_layer(layer, self.state[layer.A], self.factors.start(layer), grad, group)
+        inputs = {idx: (self.layers[idx], self.state[self.layers[idx].A], self.factors.start(self.layers[idx]), grad)
+                  for idx, grad in plan.grads.items()}
+        stacks = [StackedStep(members, *zip(*(inputs[i] for i in members)))
+                  for members in (plan_stacks(inputs) if self.options.stack_layers and self.steps_stacked(group)
+                                  else [])]
+        stacked = {idx for stack in stacks for idx in stack.indices}
+        programs: dict[Any, Any] = {("stack", k): self.update_layer(s.layer, s.state, s.factors, s.grad, group)
+                                    for k, s in enumerate(stacks)}
+        programs.update({idx: self.update_layer(*inputs[idx], group) for idx in plan.grads if idx not in stacked})
         kept = {idx: copy_state(self.state[self.layers[idx].A]) for idx in plan.grads}
         # all layers' updates in lockstep: the thin products of one round, every layer's, in one collective
         try:
-            new_factors = run_lockstep(programs, d.reduce)
+            results = run_lockstep(programs, d.reduce)
         except torch.linalg.LinAlgError:  # a factorization met non-finite values (the same on every rank: its inputs
-            new_factors = None            # are reduced products), so the update cannot be finite
+            results = None                # are reduced products), so the update cannot be finite
+        new_factors = None
+        if results is not None:
+            new_factors = {idx: results[idx] for idx in plan.grads if idx not in stacked}
+            for k, stack in enumerate(stacks):
+                new_factors.update(stack.unstack(results[("stack", k)],
+                                                 {idx: self.state[self.layers[idx].A] for idx in stack.indices}))
         if not update_is_finite(new_factors, [self.state[self.layers[idx].A] for idx in plan.grads], self.layers[0].A.device):
             self.skipped_steps += 1  # undone on every rank: nothing is written
             logger.warning("the update would make LoRA factors or optimizer state non-finite: step not applied (%d so "

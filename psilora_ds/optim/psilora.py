@@ -41,15 +41,15 @@ def init_low_rank_momentum(layer: LoRALayer, rank_multiplier: float) -> dict[str
 
 def momentum_prox_weight(state: dict[str, Any], lam: float, momentum_prox: float) -> float | torch.Tensor:
     """The momentum update's proximal weight: ``max(lam, momentum_prox * mean singular value of M)`` (METHOD.md
-    section 3, momentum inertia), a 0-dim tensor computed on the device (no host read). The factors are kept
-    balanced, ``M_B = U S^1/2``, ``M_A = S^1/2 V^T``, so ``sum_i |M_A row i| |M_B column i| = sum S``; it is 0 at
-    the start (``M_B = 0``)."""
+    section 3, momentum inertia), computed on the device (no host read): shaped ``(1, 1)``, or ``(L, 1, 1)`` for a
+    stack of ``L`` layers' momenta. The factors are kept balanced, ``M_B = U S^1/2``, ``M_A = S^1/2 V^T``, so
+    ``sum_i |M_A row i| |M_B column i| = sum S``; it is 0 at the start (``M_B = 0``)."""
     if momentum_prox <= 0:
         return lam
     M_A, M_B = state["momentum_A"], state["momentum_B"]
     cd = compute_dtype(M_A.dtype)
-    mean_sv = (M_A.to(cd).norm(dim=1) * M_B.to(cd).norm(dim=0)).sum() / M_A.shape[0]
-    return torch.clamp(mean_sv * momentum_prox, min=lam)
+    mean_sv = (M_A.to(cd).norm(dim=-1) * M_B.to(cd).norm(dim=-2)).sum(-1) / M_A.shape[-2]
+    return torch.clamp(mean_sv * momentum_prox, min=lam)[..., None, None]
 
 
 def low_rank_momentum_update(
@@ -162,6 +162,9 @@ class PSILoRA(LoRSumOptimizer):
 
     def momentum_keys(self, group):
         return ("momentum_A", "momentum_B") if group["momentum"] > 0 else None
+
+    def steps_stacked(self, group) -> bool:
+        return True  # (a first step from the sketch reads the layer's own: its gradient is never stacked)
 
     def update_layer(self, layer, state, factors, grad, group):
         A, B = factors

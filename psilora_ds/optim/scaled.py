@@ -111,6 +111,9 @@ class ScaledPSILoRA(LoRSumOptimizer):
             return "metric='shampoo' needs the column norms of the whole gradient, which only the rows give"
         return jacobi_blocker(group["iters"])
 
+    def steps_stacked(self, group) -> bool:
+        return group["metric"] == "kfac"  # (the Adafactor metric's probes are seeded by the layer's index)
+
     def momentum_keys(self, group):
         return ("momentum_A", "momentum_B") if group["betas"][0] > 0 else None
 
