@@ -87,7 +87,7 @@ class LayerGradient:
         # autograd's (A.grad, B.grad): the engine's gradient (B^T P, P A^T) for the unclipped P, i.e. ``coef`` as given
         # here times the products of the summed rows; or None
         self.autograd = autograd
-        self._autograd_scale = 1.0 / coef
+        self.autograd_coef = coef  # (coef may then change: clipping)
 
     def known_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(B^T G, G A^T)`` for ``G = scale * P`` from autograd's LoRA gradients, when usable (factors (A, B))."""
@@ -96,7 +96,7 @@ class LayerGradient:
     def factor_gradients(self, scale: float) -> tuple[torch.Tensor, ...] | None:
         """Autograd's gradients of the layer's factors for ``G = scale * P`` when the step takes them (the chain rule
         of :func:`~psilora_ds.ops.factor_gradients`), else None."""
-        return scaled_autograd(self.autograd, scale * self.coef * self._autograd_scale)
+        return scaled_autograd(self.autograd, scale * self.coef * (1.0 / self.autograd_coef))
 
     def known_momentum_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(M_B^T G, G M_A^T)`` when known without the rows (never, here: see :class:`ProductGradient`)."""
@@ -250,7 +250,7 @@ class ProductGradient:
         self.sketch = sketch  # the spectral first step's, summed over ranks (None: not taken this step)
         self.reduce = None  # (already summed over ranks)
         self.autograd = autograd
-        self._autograd_scale = 1.0 / coef  # autograd's gradients are coef * the summed products (before clipping)
+        self.autograd_coef = coef  # autograd's gradients are coef * the summed products (before clipping)
         self._offset = 0 if autograd is not None else r  # where the momentum factors' products start
 
     def spectral_sketch(self, scale: float) -> GradientSketch | None:
@@ -269,7 +269,7 @@ class ProductGradient:
 
     def factor_gradients(self, scale: float) -> tuple[torch.Tensor, ...] | None:
         """As :meth:`LayerGradient.factor_gradients`."""
-        return scaled_autograd(self.autograd, scale * self.coef * self._autograd_scale)
+        return scaled_autograd(self.autograd, scale * self.coef * (1.0 / self.autograd_coef))
 
     def known_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         if self.autograd is not None:

@@ -54,3 +54,33 @@ def polar_two_layer_net(dtype=torch.float32, r=4, alpha=8, seed=0, head_trainabl
     base = TwoLayerNet().to(dtype)
     return get_peft_model(base, polar_config(r=r, lora_alpha=alpha, target_modules=["fc1", "fc2"],
                                              modules_to_save=["head"] if head_trainable else None))
+
+
+class StackNet(nn.Module):
+    """x -> fc1 -> fc2 -> fc3 (16 x 16 each: one stack of equal shapes) -> fc4 (10 x 16: a layer of its own) -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.fc4 = nn.Linear(16, 10)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        for fc in (self.fc1, self.fc2, self.fc3, self.fc4):
+            x = torch.tanh(fc(x))
+        return self.head(x)
+
+
+def lora_stack_net(dtype=torch.float64, r=4, seed=0):
+    """A peft LoRA model over :class:`StackNet` (B randomized, the head trainable): three LoRA layers of one shape and
+    one of another, for the steps that stack layers of equal shapes."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(StackNet().to(dtype), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["fc1", "fc2", "fc3", "fc4"],
+                                                          modules_to_save=["head"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return model

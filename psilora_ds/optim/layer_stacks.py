@@ -57,6 +57,7 @@ def stack_key(layer: LoRALayer, state: Mapping[str, Any], factors: Sequence[torc
     products = tuple(_signature(getattr(grad.products, name)) for name in _STEPPED_PRODUCTS)
     autograd = None if grad.autograd is None else tuple(_signature(g) for g in grad.autograd)
     return (layer.rank, layer.in_features, layer.out_features, float(layer.scaling), grad.r, float(grad.coef),
+            float(grad.autograd_coef),
             grad.rows, products, autograd, tuple(_signature(f) for f in factors),
             tuple(sorted((k, _signature(v)) for k, v in state.items())))
 
@@ -84,7 +85,8 @@ class StackedStep:
                                                          for i in range(len(g.autograd)))
         # (no probes: a stacked update reads the products at the probe factors through known_products and
         # known_momentum_products, never by factor)
-        self.grad = ProductGradient(products, g.r, g.coef, g.rows, probes=None, autograd=autograd)
+        self.grad = ProductGradient(products, g.r, g.autograd_coef, g.rows, probes=None, autograd=autograd)
+        self.grad.coef = g.coef  # (clipped, as the members': stack_key)
 
     def unstack(self, new_factors: Sequence[torch.Tensor],
                 states: Mapping[int, dict[str, Any]]) -> dict[int, tuple[torch.Tensor, ...]]:
