@@ -130,6 +130,11 @@ def main() -> None:
             m, 1e-3, iters=0, max_grad_norm=1.0),
         "Scaled PSI-LoRA iters=0 (cache-free, rank-2r momentum), max_grad_norm=1, products at (A, B) in the hooks":
             lambda m: ScaledPSILoRA(m, 1e-3, iters=0, max_grad_norm=1.0, reuse_autograd_grads=False),
+        # the same steps one layer at a time (stack_layers=False: how every step ran before layer stacks; issue 26)
+        "Scaled PSI-LoRA iters=0 (cache-free, rank-2r momentum), max_grad_norm=1, one layer at a time":
+            lambda m: ScaledPSILoRA(m, 1e-3, iters=0, max_grad_norm=1.0, stack_layers=False),
+        "preconditioned LoRA, one layer at a time": lambda m: PreconditionedLoRA(m, 1e-2, fold=False,
+                                                                                 stack_layers=False),
         "PSI-LoRA iters=1, dense store": lambda m: PSILoRA(m, 1e-2, iters=1, cache_max_bytes=None),
         # clipping by the exact ||G||_F (METHOD.md section 6): Gram or dense route per layer
         "PSI-LoRA iters=1, max_grad_norm=1": lambda m: PSILoRA(m, 1e-2, iters=1, max_grad_norm=1.0, fold=False),

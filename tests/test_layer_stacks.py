@@ -132,6 +132,38 @@ def test_each_layers_state_is_its_own_tensor():
     assert sizes[0] <= sizes[1] * 1.01
 
 
+def test_a_stacked_update_that_overflows_is_not_applied():
+    """An infinite lr on the third step: the update is not finite, so no layer's factors or state change (the stack's
+    members as the layer stepping alone), and the run goes on."""
+    def steps(overflow_at=None):
+        model = lora_stack_net(dtype=torch.float64)
+        opt = make("scaled", model, max_grad_norm=CLIP, cache_free=True)
+        calls = counting_updates(opt)
+        before = None
+        for i, (x, t) in enumerate(batches()[:4]):
+            if i == overflow_at:
+                before = ([p.detach().clone() for layer in opt.layers for p in (layer.A, layer.B)],
+                          [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[layer.A].items()}
+                           for layer in opt.layers])
+                opt.lora_group["lr"] = float("inf")
+            F.mse_loss(model(x.double()), t.double()).backward()
+            opt.step()
+            opt.zero_grad()
+            if i == overflow_at:
+                opt.lora_group["lr"] = 1e-2
+                after = ([p.detach() for layer in opt.layers for p in (layer.A, layer.B)],
+                         [opt.state[layer.A] for layer in opt.layers])
+                assert opt.skipped_steps == 1 and calls[-2:] == ["LayerStack", "LoRALayer"]
+                assert all(torch.equal(a, b) for a, b in zip(after[0], before[0]))
+                for a, b in zip(after[1], before[1]):
+                    assert a.keys() == b.keys() and all(
+                        torch.equal(a[k], b[k]) if isinstance(b[k], torch.Tensor) else a[k] == b[k] for k in b)
+        return opt, [p.detach() for layer in opt.layers for p in (layer.A, layer.B)]
+
+    opt, _ = steps(overflow_at=2)
+    assert opt.steps_taken == 3
+
+
 def test_stacked_systems_solve_as_each_alone_and_a_failed_one_by_least_squares():
     """A stack of 3 SPD systems with a singular middle one, solved with 2 single systems: each answer equals its own
     solve; the singular one the minimum-norm least-squares answer."""

@@ -27,7 +27,7 @@ from ..products import HookStatistics, ProductCapture
 from .amp_scaling import begin_amp_step
 from .factor_source import FactorSource
 from .finite_guard import copy_state, update_is_finite
-from .layer_stacks import StackedStep, plan_stacks
+from .layer_stacks import layer_programs
 from .options import LoRAOptions, OtherOptimizerFactory  # noqa: F401 - OtherOptimizerFactory re-exported
 from .other_params import build_other_optimizer, finish_other_step, other_step_was_undone, step_other
 from .state_dicts import LoRAStateDicts
@@ -370,35 +370,30 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
                              known=known)
         inputs = {idx: (self.layers[idx], self.state[self.layers[idx].A], self.factors.start(self.layers[idx]), grad)
                   for idx, grad in plan.grads.items()}
-        stacks = [StackedStep(members, *zip(*(inputs[i] for i in members)))
-                  for members in (plan_stacks(inputs) if self.options.stack_layers and self.steps_stacked(group)
-                                  else [])]
-        stacked = {idx for stack in stacks for idx in stack.indices}
-        programs: dict[Any, Any] = {("stack", k): self.update_layer(s.layer, s.state, s.factors, s.grad, group)
-                                    for k, s in enumerate(stacks)}
-        programs.update({idx: self.update_layer(*inputs[idx], group) for idx in plan.grads if idx not in stacked})
-        kept = {idx: copy_state(self.state[self.layers[idx].A]) for idx in plan.grads}
+        programs, stacks = layer_programs(self.update_layer, inputs, group,
+                                          stack=self.options.stack_layers and self.steps_stacked(group))
+        # (a stack's members' states are untouched until it is handed back: only the others need a copy to undo)
+        kept = {idx: copy_state(self.state[self.layers[idx].A]) for idx in plan.grads if idx in programs}
         # all layers' updates in lockstep: the thin products of one round, every layer's, in one collective
         try:
             results = run_lockstep(programs, d.reduce)
         except torch.linalg.LinAlgError:  # a factorization met non-finite values (the same on every rank: its inputs
             results = None                # are reduced products), so the update cannot be finite
-        new_factors = None
-        if results is not None:
-            new_factors = {idx: results[idx] for idx in plan.grads if idx not in stacked}
-            for k, stack in enumerate(stacks):
-                new_factors.update(stack.unstack(results[("stack", k)],
-                                                 {idx: self.state[self.layers[idx].A] for idx in stack.indices}))
-        if not update_is_finite(new_factors, [self.state[self.layers[idx].A] for idx in plan.grads], self.layers[0].A.device):
+        states = [self.state[self.layers[idx].A] for idx in kept] + [stack.state for stack in stacks]
+        if not update_is_finite(results, states, self.layers[0].A.device):
             self.skipped_steps += 1  # undone on every rank: nothing is written
             logger.warning("the update would make LoRA factors or optimizer state non-finite: step not applied (%d so "
                            "far); a lower lr or stronger clipping avoids it", self.skipped_steps)
-            for idx, state in kept.items():
-                layer = self.layers[idx]
-                self.state[layer.A].clear()
-                self.state[layer.A].update(state)
-                d.release_state(layer, self.state[layer.A])
+            for idx in plan.grads:
+                state = self.state[self.layers[idx].A]
+                if idx in kept:
+                    state.clear()
+                    state.update(kept[idx])
+                d.release_state(self.layers[idx], state)
             return False
+        new_factors = {idx: results[idx] for idx in kept}
+        for stack in stacks:
+            new_factors.update(stack.unstack(results[stack.key], self.state))
         for idx in plan.grads:
             layer = self.layers[idx]
             state = self.state[layer.A]

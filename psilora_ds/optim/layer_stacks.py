@@ -14,7 +14,7 @@ stack's common shape and scaling (:class:`LayerStack`).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +74,7 @@ class StackedStep:
                  factors: Sequence[Sequence[torch.Tensor]], grads: Sequence[ProductGradient]):
         first = layers[0]
         self.indices = list(indices)
+        self.key = ("stack", self.indices[0])  # its program's key among the layers' (their indices)
         self.layer = LayerStack(tuple(layers), first.rank, first.in_features, first.out_features, first.scaling)
         self.state = {k: torch.stack([s[k] for s in states]) if isinstance(v, torch.Tensor) else v
                       for k, v in states[0].items()}
@@ -89,12 +90,12 @@ class StackedStep:
         self.grad.coef = g.coef  # (clipped, as the members': stack_key)
 
     def unstack(self, new_factors: Sequence[torch.Tensor],
-                states: Mapping[int, dict[str, Any]]) -> dict[int, tuple[torch.Tensor, ...]]:
-        """Each member's new factors (views of the stack), and its ``states[idx]`` set to its part of the stacked
-        state (copies: a view would keep, and checkpoint, the whole stack's storage)."""
+                states: Mapping[torch.Tensor, dict[str, Any]]) -> dict[int, tuple[torch.Tensor, ...]]:
+        """Each member's new factors (views of the stack), and its state (``states[layer.A]``, the optimizer's) set to
+        its part of the stacked state (copies: a view would keep, and checkpoint, the whole stack's storage)."""
         out = {}
-        for j, idx in enumerate(self.indices):
-            state = states[idx]
+        for j, (idx, layer) in enumerate(zip(self.indices, self.layer.members)):
+            state = states[layer.A]
             for k, v in self.state.items():
                 state[k] = v[j].clone() if isinstance(v, torch.Tensor) else v
             out[idx] = tuple(f[j] for f in new_factors)
@@ -112,3 +113,16 @@ def plan_stacks(items: Mapping[int, tuple[LoRALayer, dict[str, Any], Sequence[to
             groups.setdefault(key, []).append(idx)
     return [members for members in groups.values() if len(members) > 1]
 
+
+
+def layer_programs(update_layer: Callable[..., Any], inputs: Mapping[int, tuple[LoRALayer, dict[str, Any],
+                                                                                 Sequence[torch.Tensor], Any]],
+                   group: dict[str, Any], *, stack: bool) -> tuple[dict[Hashable, Any], list[StackedStep]]:
+    """A step's update programs (:mod:`~psilora_ds.ops.rounds`): one per stack (key :attr:`StackedStep.key`) when
+    ``stack``, one per other layer (key: its index); ``inputs``: ``idx -> (layer, state, factors, gradient)``."""
+    stacks = [StackedStep(members, *zip(*(inputs[i] for i in members))) for members in plan_stacks(inputs)] \
+        if stack else []
+    stacked = {idx for s in stacks for idx in s.indices}
+    programs: dict[Hashable, Any] = {s.key: update_layer(s.layer, s.state, s.factors, s.grad, group) for s in stacks}
+    programs.update({idx: update_layer(*inputs[idx], group) for idx in inputs if idx not in stacked})
+    return programs, stacks
