@@ -79,11 +79,13 @@ if [ "$which" != timings ]; then
     --dtype bf16 --load_in_4bit true --bnb_4bit_quant_type nf4 --output_dir "$out/run-qlora-z3"
 fi
 if [ "$which" != checks ]; then
-  # the cache-free methods with the products at (A, B) from autograd and (reuse_autograd_grads=False) from the hooks
+  # the cache-free methods with the products at (A, B) from autograd and (reuse_autograd_grads=False) from the hooks,
+  # and with the layers of equal shapes stepped as stacks (the default) against one layer at a time (kernel launches)
   part "step overhead (bf16 base, fp32 adapters)" 120 "$py" bench/step_overhead.py --dtype bf16 --adapter_dtype fp32 \
     --hidden 2048 --layers 4 --tokens 8192 --rounds 10 --methods "preconditioned LoRA" "preconditioned LoRA, products at (A, B) in the hooks" \
     "Scaled PSI-LoRA iters=0 (cache-free, rank-2r momentum), max_grad_norm=1" \
     "Scaled PSI-LoRA iters=0 (cache-free, rank-2r momentum), max_grad_norm=1, products at (A, B) in the hooks" \
+    "Scaled PSI-LoRA iters=0 (cache-free, rank-2r momentum), max_grad_norm=1, one layer at a time" \
     "Scaled PSI-LoRA iters=1 (rank-r momentum)" "PSI-LoRA iters=1" "AdamW (foreach), clip_grad_norm_(1)" \
     "PoLAR (B S A adapters, Adam on the landing field)"
   part "LoRSum vs SVD" 130 "$py" bench/lorsum_vs_svd.py --repeats 2

@@ -214,16 +214,21 @@ class LayerGradient:
     def kfac_sums(self) -> Rounds[tuple[torch.Tensor, torch.Tensor]]:
         """``(sum over all rows of x**2, sum over all rows of (coef z)**2)``, summed over ranks (rounds:
         :mod:`~psilora_ds.ops.rounds`)."""
+        sum_x2, sum_z2 = self.local_kfac_sums()
+        n = sum_x2.shape[0]
+        both = torch.cat([sum_x2, sum_z2])
+        if self.reduce is not None:
+            both = yield both
+        return both[:n], both[n:]
+
+    def local_kfac_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of :meth:`kfac_sums`."""
         b = self.batch
         parts = [kfac_sums(x, z) for x, z in self.batch.row_pairs()]
         if self.dense is not None:
             parts.append((b.folded_x2, b.folded_z2))
         sum_x2, sum_z2 = (torch.stack(t).sum(0) if len(t) > 1 else t[0] for t in zip(*parts))
-        n = sum_x2.shape[0]
-        both = torch.cat([sum_x2, sum_z2 * self.coef**2])
-        if self.reduce is not None:
-            both = yield both
-        return both[:n], both[n:]
+        return sum_x2, sum_z2 * self.coef**2
 
 
 class ProductGradient:

@@ -17,6 +17,10 @@ CLIP = 0.05  # below these steps' gradient norms: clipping is active
 
 
 def make(name, model, **kw):
+    if name == "psilora-rows":  # steps on the rows: products at the factors found during the step
+        return PSILoRA(model, 0.2, momentum=0.9, iters=2, **kw)
+    if name == "scaled-rows":
+        return ScaledPSILoRA(model, 1e-2, betas=(0.9, 0.99), iters=1, damping=1e-6, **kw)
     if name == "preconditioned":
         return PreconditionedLoRA(model, 0.2, **kw)
     if name == "psilora":
@@ -47,31 +51,43 @@ def counting_updates(opt):
 def run(name, dtype=torch.float64, first_step=False, **kw):
     model = lora_stack_net(dtype=dtype)
     extra = {"first_step_iters": 3} if first_step else {}
-    opt = make(name, model, max_grad_norm=CLIP, accumulation_steps=ACC, cache_free=True, **extra, **kw)
+    kw.setdefault("cache_free", not name.endswith("-rows"))
+    opt = make(name, model, max_grad_norm=CLIP, accumulation_steps=ACC, **extra, **kw)
     calls = counting_updates(opt)
     per_step = []
+    run.folded = []  # layers folded into dense stores, per step (steps on rows)
     for i, (x, t) in enumerate(batches()):
         (F.mse_loss(model(x.to(dtype)), t.to(dtype)) / ACC).backward()
         if i % ACC == ACC - 1:
+            if not opt.cache_free:
+                run.folded.append(opt.capture.folded_layers())
             opt.step()
             opt.zero_grad()
             per_step.append(list(calls))
             calls.clear()
-    assert opt.steps_taken == STEPS and opt.cache_free
+    assert opt.steps_taken == STEPS and opt.cache_free == kw["cache_free"]
     factors = [p.detach().clone() for layer in opt.layers for p in (layer.A, layer.B)]
     states = [{k: v.clone() for k, v in opt.state[layer.A].items() if isinstance(v, torch.Tensor)} for layer in opt.layers]
     return opt, factors, states, per_step
 
 
-@pytest.mark.parametrize("name", ["preconditioned", "psilora", "scaled"])
+@pytest.mark.parametrize("name", ["preconditioned", "psilora", "scaled", "psilora-rows", "scaled-rows",
+                                  "scaled-rows-folded"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 def test_stacked_steps_equal_steps_one_layer_at_a_time(name, dtype, tol):
     """4 steps of 2 micro-batches, clipping active: fc1-fc3 (16 x 16) step as one stack, fc4 (10 x 16) alone, and the
     factors and every state tensor equal those of steps taken one layer at a time (float64: to rounding; float32: to
     the rounding of batched matrix products, carried through 4 steps' forward passes: 7e-6 measured, on the K-FAC
-    output statistics, 1e-6 on the factors)."""
-    _, stacked, stacked_states, stacked_calls = run(name, dtype)
-    _, single, single_states, single_calls = run(name, dtype, stack_layers=False)
+    output statistics, 1e-6 on the factors). Cache-free steps, and steps on the rows: kept (PSI-LoRA iters 2, Scaled
+    iters 1), or folded into a dense store for one layer of the stack and not the others (fc3, and fc4, under a budget of
+    10000 bytes in float64, 5000 in float32: checked by hand)."""
+    kw = {}
+    if name == "scaled-rows-folded":
+        name, kw = "scaled-rows", {"cache_max_bytes": 10000 if dtype == torch.float64 else 5000}
+    _, stacked, stacked_states, stacked_calls = run(name, dtype, **kw)
+    if kw:
+        assert run.folded == [2] * STEPS  # (fc3 and fc4: the stack holds rows, rows and a dense store)
+    _, single, single_states, single_calls = run(name, dtype, stack_layers=False, **kw)
     assert stacked_calls == [["LayerStack", "LoRALayer"]] * STEPS
     assert single_calls == [["LoRALayer"] * 4] * STEPS
     for a, b in zip(stacked, single):
@@ -198,6 +214,8 @@ def test_stacked_systems_solve_as_each_alone_and_a_failed_one_by_least_squares()
 
 # ---- 2 ranks: DDP with sharded state, ZeRO-2, ZeRO-3 ------------------------------------------------------------
 ENGINES = ("ddp", "zero2", "zero3")
+NAMES_2_RANKS = ("scaled", "scaled-rows")  # cache-free (products summed in the backward pass), and on the rows (the
+# stacks' products summed over ranks in the step's rounds); the clipping norm by the same 32-probe sketch in both
 
 
 def engine_worker(rank, world, out):
@@ -209,14 +227,14 @@ def engine_worker(rank, world, out):
     from .test_deepspeed import ds_config, full_factors
 
     data = batches(rows=2 * B)
-    for engine in ENGINES:
+    for engine, name in [(e, n) for e in ENGINES for n in NAMES_2_RANKS]:
         model = lora_stack_net(dtype=torch.float32)
-        kw = dict(cache_free=True, accumulation_steps=ACC)
+        kw = dict(cache_free=name == "scaled", accumulation_steps=ACC, clip_norm_probes=32)
         if engine == "ddp":
-            opt = make("scaled", model, max_grad_norm=CLIP, distributor=DDPDistributor(shard_state=True), **kw)
+            opt = make(name, model, max_grad_norm=CLIP, distributor=DDPDistributor(shard_state=True), **kw)
             forward = DistributedDataParallel(model)
         else:
-            opt = make("scaled", model, **kw)
+            opt = make(name, model, **kw)
             forward, _, _, _ = psd.initialize(model=model, optimizer=opt,
                                               config=ds_config(int(engine[4]), micro_batch=B, clip=CLIP, gas=ACC))
         calls = counting_updates(opt)
@@ -237,7 +255,7 @@ def engine_worker(rank, world, out):
         else:
             factors = full_factors(opt)
             opt.distributor.close()
-        torch.save({"factors": factors, "stacks": calls.count("LayerStack")}, out / f"{engine}-rank{rank}.pt")
+        torch.save({"factors": factors, "stacks": calls.count("LayerStack")}, out / f"{engine}-{name}-rank{rank}.pt")
         opt.remove_hooks()
 
 
@@ -249,19 +267,21 @@ def test_two_ranks_stacked_equal_one_process_one_layer_at_a_time(tmp_path):
 
     _build_deepspeed_ops()
     run_distributed(engine_worker, 2, tmp_path)
-    model = lora_stack_net(dtype=torch.float32)
-    opt = make("scaled", model, max_grad_norm=CLIP, accumulation_steps=ACC, cache_free=True, stack_layers=False)
-    for i, (x, t) in enumerate(batches(rows=2 * B)):
-        # (each rank's mean over its B rows, averaged over the 2 ranks: the mean over all 2 B rows)
-        (F.mse_loss(model(x), t) / ACC).backward()
-        if i % ACC == ACC - 1:
-            opt.step()
-            opt.zero_grad()
-    want = {layer.name: (layer.A.detach(), layer.B.detach()) for layer in opt.layers}
-    for engine in ENGINES:
-        for rank in range(2):
-            got = torch.load(tmp_path / f"{engine}-rank{rank}.pt")
-            assert got["stacks"] == STEPS, engine
-            for name, (A, B_) in want.items():
-                assert rel_err(got["factors"][name][0], A) <= 2e-5 and rel_err(got["factors"][name][1], B_) <= 2e-5, \
-                    (engine, rank, name)
+    for name in NAMES_2_RANKS:
+        model = lora_stack_net(dtype=torch.float32)
+        opt = make(name, model, max_grad_norm=CLIP, accumulation_steps=ACC, cache_free=name == "scaled",
+                   clip_norm_probes=32, stack_layers=False)
+        for i, (x, t) in enumerate(batches(rows=2 * B)):
+            # (each rank's mean over its B rows, averaged over the 2 ranks: the mean over all 2 B rows)
+            (F.mse_loss(model(x), t) / ACC).backward()
+            if i % ACC == ACC - 1:
+                opt.step()
+                opt.zero_grad()
+        want = {layer.name: (layer.A.detach(), layer.B.detach()) for layer in opt.layers}
+        for engine in ENGINES:
+            for rank in range(2):
+                got = torch.load(tmp_path / f"{engine}-{name}-rank{rank}.pt")
+                assert got["stacks"] == STEPS, (engine, name)
+                for layer, (A, B_) in want.items():
+                    assert rel_err(got["factors"][layer][0], A) <= 2e-5 and \
+                        rel_err(got["factors"][layer][1], B_) <= 2e-5, (engine, name, rank, layer)

@@ -22,33 +22,65 @@ class Fetched(Protocol):
     def fetch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-Term = tuple[float, "torch.Tensor | Fetched", "torch.Tensor | None"]
+class StackedTerms:
+    """Each layer's terms of a stack of layers stepped together, standing for one term ``F H`` of the stack:
+    ``members[j]`` holds the ``(F, H)`` pairs of layer ``j`` (``H`` None: a dense ``F``; ``F`` may be
+    :class:`Fetched`), which may differ from layer to layer in number and kind (micro-batches, a dense store, host
+    rows): the products are taken layer by layer, summed over the layer's pairs and stacked (``m x n`` layers)."""
+
+    def __init__(self, members: Sequence[Sequence[tuple["torch.Tensor | Fetched", "torch.Tensor | None"]]],
+                 m: int, n: int):
+        self.members, self.m, self.n = [list(pairs) for pairs in members], m, n
+
+
+Term = tuple[float, "torch.Tensor | Fetched | StackedTerms", "torch.Tensor | None"]
+
+
+def _a_part(Bt: torch.Tensor, F: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
+    return Bt.mT @ F if H is None else (Bt.mT @ F) @ H
+
+
+def _b_part(At: torch.Tensor, F: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
+    return F @ At.mT if H is None else F @ (H @ At.mT)
 
 
 class _PreparedTerm:
-    """One term ``coef * F @ H`` (or a dense ``coef * F`` when ``H is None``). The products LoRSum needs are
-    ``Bt^T F H D_in^-1`` and ``D_out^-1 F H At^T``: the diagonal metrics scale the thin ``r x n`` and ``m x r``
-    results, and ``F``, ``H`` are taken to the compute dtype inside each product, so that nothing the size
+    """One term ``coef * F @ H`` (or a dense ``coef * F`` when ``H is None``; or :class:`StackedTerms`). The products
+    LoRSum needs are ``Bt^T F H D_in^-1`` and ``D_out^-1 F H At^T``: the diagonal metrics scale the thin ``r x n`` and
+    ``m x r`` results, and ``F``, ``H`` are taken to the compute dtype inside each product, so that nothing the size
     of the rows is kept beside them for the step (the cache is the memory wall, METHOD.md section 6). A
     :class:`Fetched` term is read back at each product."""
 
     def __init__(self, coef, F, H, d_out, d_in, cd):
         self.coef, self.F, self.H, self.d_out, self.d_in, self.cd = float(coef), F, H, d_out, d_in, cd
 
-    def _parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        F, H = self.F.fetch() if hasattr(self.F, "fetch") else (self.F, self.H)
+    def _parts(self, F, H) -> tuple[torch.Tensor, torch.Tensor | None]:
+        F, H = F.fetch() if hasattr(F, "fetch") else (F, H)
         return F.to(self.cd), None if H is None else H.to(self.cd)
+
+    def _products(self, part, X: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """``part(X, F, H)`` of this term; of a stack, each layer's summed over its pairs, stacked."""
+        if not isinstance(self.F, StackedTerms):
+            return part(X, *self._parts(self.F, self.H))
+        out = []
+        for j, pairs in enumerate(self.F.members):
+            total = None
+            for F, H in pairs:
+                p = part(X[j], *self._parts(F, H))
+                total = p if total is None else total.add_(p)
+            out.append(torch.zeros(shape, dtype=self.cd, device=X.device) if total is None else total)
+        return torch.stack(out)
 
     def a_product(self, Bt: torch.Tensor) -> torch.Tensor:
         """``Bt^T F H D_in^-1`` (r x n)."""
-        F, H = self._parts()
-        out = Bt.mT @ F if H is None else (Bt.mT @ F) @ H
+        n = self.F.n if isinstance(self.F, StackedTerms) else 0
+        out = self._products(_a_part, Bt, (Bt.shape[-1], n))
         return out if self.d_in is None else out.div_(self.d_in[..., None, :])
 
     def b_product(self, At: torch.Tensor) -> torch.Tensor:
         """``D_out^-1 F H At^T`` (m x r)."""
-        F, H = self._parts()
-        out = F @ At.mT if H is None else F @ (H @ At.mT)
+        m = self.F.m if isinstance(self.F, StackedTerms) else 0
+        out = self._products(_b_part, At, (m, At.shape[-2]))
         return out if self.d_out is None else out.div_(self.d_out[..., :, None])
 
 

@@ -251,10 +251,11 @@ class LoRAOptimizer(LoRAStateDicts, torch.optim.Optimizer):
 
     def steps_stacked(self, group: dict[str, Any]) -> bool:
         """Whether this step's :meth:`update_layer` may run once for a stack of layers of equal shapes
-        (:mod:`~psilora_ds.optim.layer_stacks`): their factors, state and cache-free gradients stacked along a
-        leading dimension, the layer a :class:`~psilora_ds.optim.layer_stacks.LayerStack` (rank, shape, scaling;
-        no index), the gradient read through ``terms``, ``known_products``, ``known_momentum_products``,
-        ``kfac_sums`` and ``factor_gradients`` only, and every operation taking the stack dimension as a batch."""
+        (:mod:`~psilora_ds.optim.layer_stacks`): their factors, state and gradients (cache-free, or on rows) stacked
+        along a leading dimension, the layer a :class:`~psilora_ds.optim.layer_stacks.LayerStack` (rank, shape,
+        scaling; no index), the gradient read through ``coef``, ``rows``, ``reduce``, ``terms``, ``known_products``,
+        ``known_momentum_products``, ``kfac_sums``, ``factor_gradients`` and ``spectral_sketch`` only, and every
+        operation taking the stack dimension as a batch."""
         return False
 
     def hook_statistics(self, group: dict[str, Any]) -> HookStatistics:

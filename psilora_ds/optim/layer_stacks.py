@@ -6,10 +6,12 @@ layer, about 470 operator calls, whatever the layer's size; on a GPU each is a k
 The kernels take a leading stack dimension as they take one matrix (:mod:`~psilora_ds.ops.lorsum`,
 :func:`~psilora_ds.ops.linalg.solve_spd_batch`, :func:`~psilora_ds.ops.balance.balance_factors_batch`), so the
 stacked step is the same code as the per-layer one, each layer's result its own up to the rounding of a batched
-matrix product (``tests/test_layer_stacks.py`` holds them together). Only cache-free gradients
-(:class:`~psilora_ds.gradient.ProductGradient`: thin products already summed over ranks, no collective in the
-step) are stacked, and only for methods whose ``steps_stacked`` says their update reads nothing per layer but the
-stack's common shape and scaling (:class:`LayerStack`).
+matrix product (``tests/test_layer_stacks.py`` holds them together). Cache-free gradients
+(:class:`~psilora_ds.gradient.ProductGradient`: thin products already summed over ranks) are stacked whole; gradients
+on rows (:class:`~psilora_ds.gradient.LayerGradient`) keep their rows where they are, each layer's products taken from
+its own rows and then stacked (:class:`StackedRowsGradient`), so a round still sums one set of tensors over the ranks.
+Only methods whose ``steps_stacked`` says their update reads nothing per layer but the stack's common shape and
+scaling (:class:`LayerStack`) stack.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from typing import Any
 
 import torch
 
-from ..gradient import ProductGradient
+from ..gradient import LayerGradient, ProductGradient, scaled_autograd
 from ..lora_layers import LoRALayer
+from ..ops.lorsum import StackedTerms, Term
+from ..ops.rounds import Rounds
 from ..products import LayerProducts
 
 # products a step's update reads (the clipping norm's sketch and the first step's check were used by the plan)
@@ -49,21 +53,81 @@ def _signature(value: Any) -> Hashable:
 
 def stack_key(layer: LoRALayer, state: Mapping[str, Any], factors: Sequence[torch.Tensor],
               grad: Any) -> Hashable | None:
-    """The key that layers stepped together share (None: this layer steps on its own): a cache-free gradient
-    without the first step's sketch, and equal shapes, dtypes, scaling, gradient coefficient and rows, state
-    layout and non-tensor state values (the step count)."""
-    if not isinstance(grad, ProductGradient) or grad.sketch is not None:
+    """The key that layers stepped together share (None: this layer steps on its own): equal shapes, dtypes,
+    scaling, gradient coefficient and rows (over all ranks), state layout and non-tensor state values (the step
+    count); cache-free gradients without the first step's sketch and with equal products' layout, or gradients on
+    rows, whatever each rank holds of them (micro-batches, a dense store, host rows: taken layer by layer), so that
+    every rank forms the same stacks and sums the same tensors."""
+    if isinstance(grad, ProductGradient):
+        if grad.sketch is not None:
+            return None
+        kind: Hashable = ("products", grad.r,
+                          tuple(_signature(getattr(grad.products, name)) for name in _STEPPED_PRODUCTS))
+    elif isinstance(grad, LayerGradient):
+        kind = ("rows",)
+    else:
         return None
-    products = tuple(_signature(getattr(grad.products, name)) for name in _STEPPED_PRODUCTS)
     autograd = None if grad.autograd is None else tuple(_signature(g) for g in grad.autograd)
-    return (layer.rank, layer.in_features, layer.out_features, float(layer.scaling), grad.r, float(grad.coef),
-            float(grad.autograd_coef),
-            grad.rows, products, autograd, tuple(_signature(f) for f in factors),
+    return (kind, layer.rank, layer.in_features, layer.out_features, float(layer.scaling), float(grad.coef),
+            float(grad.autograd_coef), grad.rows, autograd, tuple(_signature(f) for f in factors),
             tuple(sorted((k, _signature(v)) for k, v in state.items())))
+
+
+class StackedRowsGradient:
+    """The gradients on rows (:class:`~psilora_ds.gradient.LayerGradient`) of a stack of layers as one: what a stacked
+    update reads of a gradient (:meth:`~psilora_ds.optim.base.LoRAOptimizer.steps_stacked`), each thin product taken
+    layer by layer from that layer's rows (:class:`~psilora_ds.ops.lorsum.StackedTerms`) and stacked, so that the
+    rank-local products are summed over ranks as one tensor per round."""
+
+    def __init__(self, grads: Sequence[LayerGradient], m: int, n: int):
+        g = grads[0]
+        self.members, self.m, self.n = list(grads), m, n
+        self.coef, self.rows, self.reduce, self.autograd_coef = g.coef, g.rows, g.reduce, g.autograd_coef
+        self.autograd = None if g.autograd is None else tuple(torch.stack([x.autograd[i] for x in grads])
+                                                              for i in range(len(g.autograd)))
+
+    def terms(self, scale: float) -> list[Term]:
+        """``scale * P`` of each layer, one stacked term (every member's terms carry the same coefficient)."""
+        pairs = [[(F, H) for _, F, H in g.terms(1.0)] for g in self.members]
+        return [(scale * self.coef, StackedTerms(pairs, self.m, self.n), None)]
+
+    def factor_gradients(self, scale: float) -> tuple[torch.Tensor, ...] | None:
+        return scaled_autograd(self.autograd, scale * self.coef * (1.0 / self.autograd_coef))
+
+    def known_products(self, scale: float) -> tuple[torch.Tensor, ...] | None:
+        return self.factor_gradients(scale)
+
+    def known_momentum_products(self, scale: float) -> None:
+        return None
+
+    def spectral_sketch(self, scale: float) -> None:
+        return None  # (the rows are here: the spectral first step iterates on them)
+
+    def kfac_sums(self) -> Rounds[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's K-FAC row sums (:meth:`~psilora_ds.gradient.LayerGradient.kfac_sums`), stacked, summed over
+        ranks in one round."""
+        both = torch.stack([torch.cat(g.local_kfac_sums()) for g in self.members])
+        if self.reduce is not None:
+            both = yield both
+        return both[:, : self.n], both[:, self.n:]
 
 
 def _stack(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
     return None if tensors[0] is None else torch.stack(list(tensors))
+
+
+def _stacked_products(grads: Sequence[ProductGradient]) -> ProductGradient:
+    """Cache-free gradients (already summed over ranks) as one, their products stacked."""
+    g = grads[0]
+    products = LayerProducts(**{name: _stack([getattr(x.products, name) for x in grads]) for name in _STEPPED_PRODUCTS},
+                             sketch=None, rows=g.products.rows)
+    autograd = None if g.autograd is None else tuple(torch.stack([x.autograd[i] for x in grads])
+                                                     for i in range(len(g.autograd)))
+    # (no probes: a stacked update reads the products at the probe factors through known_products and
+    # known_momentum_products, never by factor)
+    stacked = ProductGradient(products, g.r, g.autograd_coef, g.rows, probes=None, autograd=autograd)
+    stacked.coef = g.coef  # (clipped, as the members': stack_key)
+    return stacked
 
 
 class StackedStep:
@@ -79,15 +143,8 @@ class StackedStep:
         self.state = {k: torch.stack([s[k] for s in states]) if isinstance(v, torch.Tensor) else v
                       for k, v in states[0].items()}
         self.factors = tuple(torch.stack([f[i] for f in factors]) for i in range(len(factors[0])))
-        g = grads[0]
-        products = LayerProducts(**{name: _stack([getattr(x.products, name) for x in grads])
-                                    for name in _STEPPED_PRODUCTS}, sketch=None, rows=g.products.rows)
-        autograd = None if g.autograd is None else tuple(torch.stack([x.autograd[i] for x in grads])
-                                                         for i in range(len(g.autograd)))
-        # (no probes: a stacked update reads the products at the probe factors through known_products and
-        # known_momentum_products, never by factor)
-        self.grad = ProductGradient(products, g.r, g.autograd_coef, g.rows, probes=None, autograd=autograd)
-        self.grad.coef = g.coef  # (clipped, as the members': stack_key)
+        self.grad = _stacked_products(grads) if isinstance(grads[0], ProductGradient) else \
+            StackedRowsGradient(grads, first.out_features, first.in_features)
 
     def unstack(self, new_factors: Sequence[torch.Tensor],
                 states: Mapping[torch.Tensor, dict[str, Any]]) -> dict[int, tuple[torch.Tensor, ...]]:
