@@ -135,6 +135,10 @@ def main() -> None:
             lambda m: ScaledPSILoRA(m, 1e-3, iters=0, max_grad_norm=1.0, stack_layers=False),
         "preconditioned LoRA, one layer at a time": lambda m: PreconditionedLoRA(m, 1e-2, fold=False,
                                                                                  stack_layers=False),
+        "Scaled PSI-LoRA iters=1 (rank-2r momentum: the default), max_grad_norm=1": lambda m: ScaledPSILoRA(
+            m, 1e-3, iters=1, max_grad_norm=1.0, fold=False),
+        "Scaled PSI-LoRA iters=1 (rank-2r momentum: the default), max_grad_norm=1, one layer at a time":
+            lambda m: ScaledPSILoRA(m, 1e-3, iters=1, max_grad_norm=1.0, fold=False, stack_layers=False),
         "PSI-LoRA iters=1, dense store": lambda m: PSILoRA(m, 1e-2, iters=1, cache_max_bytes=None),
         # clipping by the exact ||G||_F (METHOD.md section 6): Gram or dense route per layer
         "PSI-LoRA iters=1, max_grad_norm=1": lambda m: PSILoRA(m, 1e-2, iters=1, max_grad_norm=1.0, fold=False),
