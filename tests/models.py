@@ -77,8 +77,8 @@ def lora_stack_net(dtype=torch.float64, r=4, seed=0):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model = get_peft_model(StackNet().to(dtype), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["fc1", "fc2", "fc3", "fc4"],
-                                                          modules_to_save=["head"]))
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["fc1", "fc2", "fc3", "fc4"], modules_to_save=["head"])
+    model = get_peft_model(StackNet().to(dtype), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

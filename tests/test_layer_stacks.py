@@ -67,7 +67,8 @@ def run(name, dtype=torch.float64, first_step=False, **kw):
             calls.clear()
     assert opt.steps_taken == STEPS and opt.cache_free == kw["cache_free"]
     factors = [p.detach().clone() for layer in opt.layers for p in (layer.A, layer.B)]
-    states = [{k: v.clone() for k, v in opt.state[layer.A].items() if isinstance(v, torch.Tensor)} for layer in opt.layers]
+    states = [{k: v.clone() for k, v in opt.state[layer.A].items() if isinstance(v, torch.Tensor)}
+              for layer in opt.layers]
     return opt, factors, states, per_step
 
 
@@ -79,8 +80,8 @@ def test_stacked_steps_equal_steps_one_layer_at_a_time(name, dtype, tol):
     factors and every state tensor equal those of steps taken one layer at a time (float64: to rounding; float32: to
     the rounding of batched matrix products, carried through 4 steps' forward passes: 7e-6 measured, on the K-FAC
     output statistics, 1e-6 on the factors). Cache-free steps, and steps on the rows: kept (PSI-LoRA iters 2, Scaled
-    iters 1), or folded into a dense store for one layer of the stack and not the others (fc3, and fc4, under a budget of
-    10000 bytes in float64, 5000 in float32: checked by hand)."""
+    iters 1), or folded into a dense store for one layer of the stack and not the others (fc3, and fc4, under a
+    budget of 10000 bytes in float64, 5000 in float32: checked by hand)."""
     kw = {}
     if name == "scaled-rows-folded":
         name, kw = "scaled-rows", {"cache_max_bytes": 10000 if dtype == torch.float64 else 5000}

@@ -135,7 +135,7 @@ class StackedStep:
     members' stacked along a new first dimension) and the way back to the members (:meth:`unstack`)."""
 
     def __init__(self, indices: Sequence[int], layers: Sequence[LoRALayer], states: Sequence[dict[str, Any]],
-                 factors: Sequence[Sequence[torch.Tensor]], grads: Sequence[ProductGradient]):
+                 factors: Sequence[Sequence[torch.Tensor]], grads: Sequence[ProductGradient | LayerGradient]):
         first = layers[0]
         self.indices = list(indices)
         self.key = ("stack", self.indices[0])  # its program's key among the layers' (their indices)
@@ -169,7 +169,6 @@ def plan_stacks(items: Mapping[int, tuple[LoRALayer, dict[str, Any], Sequence[to
         if key is not None:
             groups.setdefault(key, []).append(idx)
     return [members for members in groups.values() if len(members) > 1]
-
 
 
 def layer_programs(update_layer: Callable[..., Any], inputs: Mapping[int, tuple[LoRALayer, dict[str, Any],
