@@ -8,6 +8,7 @@ median over rounds of each round's ratio to that round's AdamW step, and the rat
     python bench/step_overhead.py [--hidden 512] [--layers 4] [--tokens 1024] [--rounds 15] [--write docs/BENCHMARKS.md]
     python bench/step_overhead.py --profile "PSI-LoRA iters=1"   # where that method's optimizer step spends its time
     python bench/step_overhead.py --methods "preconditioned LoRA" ...   # only those rows (and AdamW)
+    python bench/step_overhead.py --op_counts --methods ...   # operator calls of one optimizer step per LoRA layer
 """
 
 from __future__ import annotations
@@ -82,6 +83,28 @@ def profile(run, ids) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
+def op_counts(runs, ids) -> str:
+    """Per method: the operator calls (torch.profiler's count of aten operators, views and copies included) of one
+    optimizer step, in all and per LoRA layer: on a GPU each non-view one is a kernel launch, whatever the layer's
+    size (the step's host overhead)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    rows = []
+    for name, (model, opt) in runs.items():
+        for _ in range(3):
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        calls = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+        layers = len(getattr(opt, "layers", [])) or sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
+        rows.append([name, str(calls), f"{calls / layers:.0f}"])
+    return markdown_table(["method", "aten operator calls per optimizer step", "per LoRA layer"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=512)
@@ -97,6 +120,8 @@ def main() -> None:
     parser.add_argument("--section", default=SECTION, help="the markdown section --write replaces")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="only these rows (and AdamW, the baseline); default: every row")
+    parser.add_argument("--op_counts", action="store_true",
+                        help="instead of the timings: the operator calls of one optimizer step per method")
     parser.add_argument("--profile", default=None, metavar="METHOD",
                         help="instead of the table: torch.profiler's top operators of METHOD's optimizer step")
     args = parser.parse_args()
@@ -168,6 +193,9 @@ def main() -> None:
     ids = torch.randint(0, 1024, (args.tokens // seq, seq), generator=g).to(device)
     if args.profile:
         profile(runs[args.profile], ids)
+        return
+    if args.op_counts:
+        print(op_counts(runs, ids))
         return
     times = {name: [] for name in runs}
     step_times = {name: [] for name in runs}  # of which the optimizer's step (the rest: forward, backward, hooks)

@@ -27,15 +27,17 @@ def copy_state(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
-def count_non_finite(tensors: Iterable[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
-    """A 0-d float64 tensor: how many of ``tensors`` hold a NaN or an infinity (one fp32 sum each, no masks: a
-    non-finite entry makes its tensor's sum non-finite); of a DTensor, this rank's shard (sum over ranks with
-    :func:`any_rank`)."""
+def any_non_finite(tensors: Iterable[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """A 0-d float64 tensor: 1 when some entry of ``tensors`` is a NaN or an infinity, else 0; of a DTensor, this
+    rank's shard (agree over ranks with :func:`any_rank`). From their largest absolute value
+    (``torch.nn.utils.get_total_norm`` with the infinity norm: one fused kernel per device and dtype on GPUs, and no
+    sum that could overflow on large finite values)."""
     local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors)  # (FSDP2: this rank's shard)
-    sums = [t.detach().float().sum() for t in local if t.is_floating_point() and t.numel()]
-    if not sums:
+    floats = [t.detach() for t in local if t.is_floating_point() and t.numel()]
+    if not floats:
         return torch.zeros((), dtype=torch.float64, device=device)
-    return (~torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]))).sum().to(torch.float64)
+    largest = torch.nn.utils.get_total_norm(floats, float("inf"))
+    return (~torch.isfinite(largest)).to(torch.float64)
 
 
 def any_rank(count: torch.Tensor) -> bool:
@@ -57,7 +59,7 @@ def update_is_finite(new_factors: dict[Any, tuple[torch.Tensor, ...]] | None, st
         return False
     tensors = [t for factors in new_factors.values() for t in factors]
     tensors += [v for state in states for v in state.values() if isinstance(v, torch.Tensor)]
-    return count_non_finite(tensors, device).item() == 0
+    return any_non_finite(tensors, device).item() == 0
 
 
 class NonFiniteGuard:
@@ -79,7 +81,7 @@ class NonFiniteGuard:
         kept_state = {p: copy_state(self.state[p]) for p in params if p in self.state}
         loss = super().step(closure)
         after = [*params, *(v for p in params for v in self.state.get(p, {}).values() if isinstance(v, torch.Tensor))]
-        self.last_step_skipped = any_rank(count_non_finite(after, params[0].device if params else None))
+        self.last_step_skipped = any_rank(any_non_finite(after, params[0].device if params else None))
         self._undo = (params, kept_params, kept_state)
         if self.last_step_skipped:
             self.undo_last_step()

@@ -21,6 +21,7 @@ from ..product_buckets import BucketedReduction, estimated_products_nbytes
 from ..products import LayerProducts
 from .autograd_grads import ON, AutogradGradients
 from .factor_source import FactorSource
+from .finite_guard import any_non_finite
 from .other_params import local_grads
 
 logger = logging.getLogger(__name__)
@@ -210,8 +211,8 @@ class StepPlanner:
 
     def all_finite(self, batches: dict[int, LayerBatch | LayerProducts],
                    autograd: dict[int, tuple[torch.Tensor, torch.Tensor]], other_groups: list[dict[str, Any]]) -> bool:
-        """Whether every captured factor and other gradient is finite: a NaN or inf anywhere makes its
-        tensor's sum non-finite, so one fp32 sum per tensor and one sync do (no mask tensors).
+        """Whether every captured factor and other gradient is finite (:func:`~psilora_ds.optim.finite_guard.
+        any_non_finite`: their largest absolute value, one fused kernel per device and dtype on GPUs, one sync).
 
         A layer whose autograd products are used is checked on them, and on its rows only when they are cache-free
         products (small): a non-finite entry of ``X`` or ``Z`` makes ``B.grad = s Z^T (X A^T)`` non-finite (IEEE:
@@ -223,11 +224,7 @@ class StepPlanner:
             if i not in autograd or isinstance(b, LayerProducts):
                 tensors += b.tensors()
         tensors += local_grads(other_groups)
-        if not tensors:
-            return True
-        sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
-                            for t in tensors])
-        return bool(torch.isfinite(sums.sum()))
+        return not bool(any_non_finite(tensors))
 
     def grad_norm(self, grads: dict[int, LayerGradient | ProductGradient], other_groups: list[dict[str, Any]],
                   step: int) -> float:

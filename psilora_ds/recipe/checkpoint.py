@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ..distributed.fsdp import load_checkpoint, save_checkpoint
 from ..optim.base import LoRAOptimizer
-from ..optim.finite_guard import any_rank, count_non_finite
+from ..optim.finite_guard import any_non_finite, any_rank
 from ..optim.positional_state import PositionalState, PositionalStateError
 from .checkpoint_files import (TRAINER_STATE, tensors_in, to_cpu, CheckpointError, directory_digests, load_tensors, publish_directory,
                                read_manifest, save_tensors, verify_files, write_manifest)
@@ -148,7 +148,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer, partitioned: bool) -> tupl
 def _check_finite(step: int, *values: Any) -> None:
     """Refuse to write non-finite weights or optimizer state (every rank: this rank's tensors, DTensors by their
     shard, agreed over the ranks)."""
-    if any_rank(count_non_finite(tensors_in(values))):
+    if any_rank(any_non_finite(tensors_in(values))):
         raise CheckpointError(f"step {step}: trainable or optimizer-state values are not finite; the checkpoint is not "
                               "written (the older ones are kept): resume from the newest one with a lower --lr or "
                               "stronger --max_grad_norm")
