@@ -29,15 +29,19 @@ def copy_state(state: dict[str, Any]) -> dict[str, Any]:
 
 def any_non_finite(tensors: Iterable[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
     """A 0-d float64 tensor: 1 when some entry of ``tensors`` is a NaN or an infinity, else 0; of a DTensor, this
-    rank's shard (agree over ranks with :func:`any_rank`). From their largest absolute value
-    (``torch.nn.utils.get_total_norm`` with the infinity norm: one fused kernel per device and dtype on GPUs, and no
-    sum that could overflow on large finite values)."""
+    rank's shard (agree over ranks with :func:`any_rank`). On CUDA, from their largest absolute value
+    (``torch.nn.utils.get_total_norm`` with the infinity norm: one fused kernel per dtype, not one per tensor); elsewhere
+    from one float32 sum per tensor (a non-finite entry makes it non-finite; on the CPU a sum is ~10x faster than a
+    largest absolute value), where finite values summing past float32's range (3.4e38) would read as non-finite too."""
     local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors)  # (FSDP2: this rank's shard)
     floats = [t.detach() for t in local if t.is_floating_point() and t.numel()]
     if not floats:
         return torch.zeros((), dtype=torch.float64, device=device)
-    largest = torch.nn.utils.get_total_norm(floats, float("inf"))
-    return (~torch.isfinite(largest)).to(torch.float64)
+    if all(t.is_cuda for t in floats):
+        largest = torch.nn.utils.get_total_norm(floats, float("inf"), foreach=True)
+        return (~torch.isfinite(largest)).to(torch.float64)
+    sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in floats]
+    return (~torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]))).any().to(torch.float64)
 
 
 def any_rank(count: torch.Tensor) -> bool:

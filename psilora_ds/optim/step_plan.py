@@ -212,7 +212,7 @@ class StepPlanner:
     def all_finite(self, batches: dict[int, LayerBatch | LayerProducts],
                    autograd: dict[int, tuple[torch.Tensor, torch.Tensor]], other_groups: list[dict[str, Any]]) -> bool:
         """Whether every captured factor and other gradient is finite (:func:`~psilora_ds.optim.finite_guard.
-        any_non_finite`: their largest absolute value, one fused kernel per device and dtype on GPUs, one sync).
+        any_non_finite`: one sum per tensor, or on CUDA one fused kernel per dtype; one sync).
 
         A layer whose autograd products are used is checked on them, and on its rows only when they are cache-free
         products (small): a non-finite entry of ``X`` or ``Z`` makes ``B.grad = s Z^T (X A^T)`` non-finite (IEEE:
