@@ -84,3 +84,21 @@ def lora_stack_net(dtype=torch.float64, r=4, seed=0):
             if "lora_B" in name:
                 p.normal_(0, 0.3)
     return model
+
+
+def polar_stack_net(dtype=torch.float64, r=4, seed=0):
+    """PoLAR's adapters over :class:`StackNet` (three layers of one shape, one of another; the head trainable), the core
+    ``S`` randomized (from ``S = 0`` the direction factors' first landing fields are rounding errors, which Adam's
+    normalization turns into moves of their own: steps that differ only in rounding would not compare)."""
+    from peft import LoraConfig, get_peft_model
+
+    from psilora_ds.polar_adapter import register_polar
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["fc1", "fc2", "fc3", "fc4"], modules_to_save=["head"])
+    model = get_peft_model(StackNet().to(dtype), register_polar(config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_S" in name:
+                p.normal_(0, 0.3)
+    return model

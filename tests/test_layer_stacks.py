@@ -10,13 +10,15 @@ from psilora_ds.ops.linalg import SPDSolve, solve_spd_batch
 from psilora_ds.optim import PoLAR
 
 from .distributed import rel_err, run_distributed
-from .models import StackNet, lora_stack_net
+from .models import lora_stack_net, polar_stack_net
 
 STEPS, ACC, B = 4, 2, 6
 CLIP = 0.05  # below these steps' gradient norms: clipping is active
 
 
 def make(name, model, **kw):
+    if name == "polar":
+        return PoLAR(model, 4e-3, **kw)
     if name == "psilora-rows":  # steps on the rows: products at the factors found during the step
         return PSILoRA(model, 0.2, momentum=0.9, iters=2, **kw)
     if name == "scaled-rows":
@@ -49,7 +51,7 @@ def counting_updates(opt):
 
 
 def run(name, dtype=torch.float64, first_step=False, **kw):
-    model = lora_stack_net(dtype=dtype)
+    model = polar_stack_net(dtype=dtype) if name == "polar" else lora_stack_net(dtype=dtype)
     extra = {"first_step_iters": 3} if first_step else {}
     kw.setdefault("cache_free", not name.endswith("-rows"))
     opt = make(name, model, max_grad_norm=CLIP, accumulation_steps=ACC, **extra, **kw)
@@ -73,7 +75,7 @@ def run(name, dtype=torch.float64, first_step=False, **kw):
 
 
 @pytest.mark.parametrize("name", ["preconditioned", "psilora", "scaled", "psilora-rows", "scaled-rows",
-                                  "scaled-rows-folded"])
+                                  "scaled-rows-folded", "polar"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 def test_stacked_steps_equal_steps_one_layer_at_a_time(name, dtype, tol):
     """4 steps of 2 micro-batches, clipping active: fc1-fc3 (16 x 16) step as one stack, fc4 (10 x 16) alone, and the
@@ -81,7 +83,8 @@ def test_stacked_steps_equal_steps_one_layer_at_a_time(name, dtype, tol):
     the rounding of batched matrix products, carried through 4 steps' forward passes: 7e-6 measured, on the K-FAC
     output statistics, 1e-6 on the factors). Cache-free steps, and steps on the rows: kept (PSI-LoRA iters 2, Scaled
     iters 1), or folded into a dense store for one layer of the stack and not the others (fc3, and fc4, under a
-    budget of 10000 bytes in float64, 5000 in float32: checked by hand)."""
+    budget of 10000 bytes in float64, 5000 in float32: checked by hand); PoLAR (cache-free: autograd's gradients after
+    the first step, which takes the hooks' products)."""
     kw = {}
     if name == "scaled-rows-folded":
         name, kw = "scaled-rows", {"cache_max_bytes": 10000 if dtype == torch.float64 else 5000}
@@ -93,26 +96,22 @@ def test_stacked_steps_equal_steps_one_layer_at_a_time(name, dtype, tol):
     assert single_calls == [["LoRALayer"] * 4] * STEPS
     for a, b in zip(stacked, single):
         assert rel_err(a, b) <= tol
+    # (PoLAR in float32: Adam's moments of the direction factors, whose small entries carry rounding: 6.6e-5 measured)
+    state_tol = 1e-4 if name == "polar" and dtype == torch.float32 else tol
     for a, b in zip(stacked_states, single_states):
-        assert a.keys() == b.keys() and all(rel_err(a[k], b[k]) <= tol for k in a)
+        assert a.keys() == b.keys() and all(rel_err(a[k], b[k]) <= state_tol for k in a)
 
 
-@pytest.mark.parametrize("name", ["scaled-adafactor", "polar"])
+@pytest.mark.parametrize("name", ["scaled-adafactor", "polar-rows"])
 def test_methods_that_read_a_layers_own_step_one_layer_at_a_time(name):
-    """The Adafactor metric seeds its probes by the layer's index, PoLAR has no stacked update: neither stacks."""
-    if name == "polar":
-        from peft import LoraConfig, get_peft_model
-
-        from psilora_ds.polar_adapter import register_polar
-
-        torch.manual_seed(0)
-        model = get_peft_model(StackNet(), register_polar(LoraConfig(r=4, lora_alpha=8,
-                                                                     target_modules=["fc1", "fc2", "fc3", "fc4"])))
-        opt = PoLAR(model, 4e-3)
+    """The Adafactor metric seeds its probes by the layer's index; PoLAR on rows takes its products by factor, layer
+    by layer: neither stacks."""
+    if name == "polar-rows":
+        model = polar_stack_net(dtype=torch.float32)
+        opt = PoLAR(model, 4e-3, cache_free=False)
     else:
         model = lora_stack_net(dtype=torch.float32)
         opt = make(name, model)
-    assert opt.cache_free
     calls = counting_updates(opt)
     x, t = batches()[0]
     F.mse_loss(model(x), t).backward()
@@ -215,8 +214,10 @@ def test_stacked_systems_solve_as_each_alone_and_a_failed_one_by_least_squares()
 
 # ---- 2 ranks: DDP with sharded state, ZeRO-2, ZeRO-3 ------------------------------------------------------------
 ENGINES = ("ddp", "zero2", "zero3")
-NAMES_2_RANKS = ("scaled", "scaled-rows")  # cache-free (products summed in the backward pass), and on the rows (the
-# stacks' products summed over ranks in the step's rounds); the clipping norm by the same 32-probe sketch in both
+# cache-free (products summed in the backward pass), on the rows (the stacks' products summed over ranks in the step's
+# rounds), PoLAR (autograd's gradients under DDP, the hooks' products under ZeRO); the clipping norm by the same
+# 32-probe sketch everywhere
+NAMES_2_RANKS = ("scaled", "scaled-rows", "polar")
 
 
 def engine_worker(rank, world, out):
@@ -229,8 +230,8 @@ def engine_worker(rank, world, out):
 
     data = batches(rows=2 * B)
     for engine, name in [(e, n) for e in ENGINES for n in NAMES_2_RANKS]:
-        model = lora_stack_net(dtype=torch.float32)
-        kw = dict(cache_free=name == "scaled", accumulation_steps=ACC, clip_norm_probes=32)
+        model = polar_stack_net(dtype=torch.float32) if name == "polar" else lora_stack_net(dtype=torch.float32)
+        kw = dict(cache_free=not name.endswith("-rows"), accumulation_steps=ACC, clip_norm_probes=32)
         if engine == "ddp":
             opt = make(name, model, max_grad_norm=CLIP, distributor=DDPDistributor(shard_state=True), **kw)
             forward = DistributedDataParallel(model)
@@ -269,8 +270,8 @@ def test_two_ranks_stacked_equal_one_process_one_layer_at_a_time(tmp_path):
     _build_deepspeed_ops()
     run_distributed(engine_worker, 2, tmp_path)
     for name in NAMES_2_RANKS:
-        model = lora_stack_net(dtype=torch.float32)
-        opt = make(name, model, max_grad_norm=CLIP, accumulation_steps=ACC, cache_free=name == "scaled",
+        model = polar_stack_net(dtype=torch.float32) if name == "polar" else lora_stack_net(dtype=torch.float32)
+        opt = make(name, model, max_grad_norm=CLIP, accumulation_steps=ACC, cache_free=not name.endswith("-rows"),
                    clip_norm_probes=32, stack_layers=False)
         for i, (x, t) in enumerate(batches(rows=2 * B)):
             # (each rank's mean over its B rows, averaged over the 2 ranks: the mean over all 2 B rows)

@@ -140,4 +140,4 @@ def factor_gradients(factors: tuple[torch.Tensor, ...], BtP: torch.Tensor,
     if len(factors) == 2:
         return BtP, PAt
     A, S, _ = factors
-    return S.T @ BtP, BtP @ A.T, PAt @ S.T
+    return S.mT @ BtP, BtP @ A.mT, PAt @ S.mT

@@ -16,7 +16,7 @@ def landing_field(X: torch.Tensor, D: torch.Tensor, lam: float) -> torch.Tensor:
     Euclidean gradient ``D`` (n x r): the relative gradient's skew part (without the 1/2) plus ``lam`` times the
     gradient of the distance to the manifold ``||X^T X - I||^2 / 4``. Formed as ``D (X^T X) - X (D^T X) +
     lam (X (X^T X) - X)``."""
-    XtX, DtX = X.T @ X, D.T @ X
+    XtX, DtX = X.mT @ X, D.mT @ X  # (a stack of layers' factors: each its own)
     return D @ XtX - X @ DtX + lam * (X @ XtX - X)
 
 

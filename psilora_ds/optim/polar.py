@@ -55,6 +55,9 @@ class PoLAR(LoRAOptimizer):
     def cache_free_blocker(self, group) -> str | None:
         return None  # its step needs only the products at (A, B): cache-free by default (METHOD.md section 7)
 
+    def steps_stacked(self, group) -> bool:
+        return self.cache_free  # (on rows its products are taken by factor, layer by layer)
+
     def init_state(self, layer, group) -> dict[str, Any]:
         dtype = compute_dtype(layer.lora_A.weight.dtype)
         device = layer.A.device
@@ -71,13 +74,18 @@ class PoLAR(LoRAOptimizer):
         A, S, B = (f.to(cd) for f in factors)
         euclidean = grad.factor_gradients(1.0)  # autograd's A.grad, S.grad, B.grad where the step takes them
         if euclidean is None:
-            PAt = yield from grad.right_product(A.T)  # P A^T (m x r), summed over ranks
-            BtP = yield from grad.left_product(B)  # B^T P (r x n)
+            known = grad.known_products(1.0)  # cache-free: the hooks' (B^T P, P A^T), summed over ranks
+            if known is None:  # on rows
+                PAt = yield from grad.right_product(A.T)  # P A^T (m x r), summed over ranks
+                BtP = yield from grad.left_product(B)  # B^T P (r x n)
+            else:
+                BtP, PAt = known
             euclidean = factor_gradients((A, S, B), BtP, PAt)
         D_A, D_S, D_B = (d.to(cd) for d in euclidean)
         lam = group["polar_lam"]
-        directions = {"A": landing_field(A.T, D_A.T, lam).T,
-                      "S": torch.diag_embed(D_S.diagonal()) if group["polar_core"] == "diag" else D_S,
+        # (.mT, and the core's diagonal over the last two dimensions: a stack of layers steps as one)
+        directions = {"A": landing_field(A.mT, D_A.mT, lam).mT,
+                      "S": torch.diag_embed(D_S.diagonal(dim1=-2, dim2=-1)) if group["polar_core"] == "diag" else D_S,
                       "B": landing_field(B, D_B, lam)}
         state["step"] += 1
         new = []
