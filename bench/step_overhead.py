@@ -175,6 +175,8 @@ def main() -> None:
         "PoLAR, max_grad_norm=1, rows kept (cache_free=False)": lambda m: PoLAR(m, 4e-3, max_grad_norm=1.0,
                                                                                fold=False, cache_free=False),
         "PoLAR, max_grad_norm=1 (cache-free: the default)": lambda m: PoLAR(m, 4e-3, max_grad_norm=1.0),
+        "PoLAR, max_grad_norm=1 (cache-free), one layer at a time": lambda m: PoLAR(m, 4e-3, max_grad_norm=1.0,
+                                                                                   stack_layers=False),
         # (its products P A^T, B^T P taken in the hooks instead of autograd's A.grad, S.grad, B.grad read at the step)
         "PoLAR, max_grad_norm=1 (cache-free), products in the hooks": lambda m: PoLAR(
             m, 4e-3, max_grad_norm=1.0, reuse_autograd_grads=False),

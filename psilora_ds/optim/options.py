@@ -72,10 +72,11 @@ class LoRAOptions:
             its layers, so the step only waits (:mod:`~psilora_ds.product_buckets`; a group of the optimizer's own).
             The micro-batches per step are ``accumulation_steps`` (or the most a step has taken so far); a step that
             takes more sums its products at the step, logged. None or 0: all summed at the step, in one collective.
-        stack_layers: methods that allow it (PSI-LoRA, PreconditionedLoRA, Scaled with the K-FAC metric) step the layers
-            of equal shapes as one stack, each small operation of the update one batched call for all of them, the
-            products with the rows still taken layer by layer (:mod:`~psilora_ds.optim.layer_stacks`); False: one
-            layer at a time (the same results up to the rounding of batched matrix products).
+        stack_layers: methods that allow it (PSI-LoRA, PreconditionedLoRA, Scaled with the K-FAC metric, PoLAR
+            cache-free) step the layers of equal shapes as one stack, each small operation of the update one batched
+            call for all of them, the products with the rows still taken layer by layer
+            (:mod:`~psilora_ds.optim.layer_stacks`); False: one layer at a time (the same results up to the rounding
+            of batched matrix products).
     """
 
     max_grad_norm: float | None = None
