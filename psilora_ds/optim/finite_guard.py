@@ -54,9 +54,9 @@ def any_rank(count: torch.Tensor) -> bool:
 
 def update_is_finite(new_factors: dict[Any, tuple[torch.Tensor, ...]] | None, states: list[dict],
                      device: torch.device) -> bool:
-    """Whether a computed LoRA update (None: it failed on non-finite values; else new factors by layer, or by stack of
-    layers) leaves every new factor and state value
-    finite (finite gradients can still overflow in the products or the metrics). No collective: every rank computes
+    """Whether a computed LoRA update (None: it failed on non-finite values; else the new factors by layer, or by stack
+    of layers) leaves every new factor and state value finite (finite gradients can still overflow in the products or
+    the metrics). No collective: every rank computes
     every layer's update from the same reduced products and states (the engines write each rank's shard of it), so
     every rank reaches the same verdict."""
     if new_factors is None:
