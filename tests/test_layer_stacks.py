@@ -1,4 +1,4 @@
-"""Cache-free steps of layers of equal shapes taken as one stack (psilora_ds/optim/layer_stacks.py): the same factors
+"""Steps of layers of equal shapes taken as one stack (psilora_ds/optim/layer_stacks.py): the same factors
 and state as one layer at a time, fewer update calls, each layer's state its own, and the same under 2 ranks."""
 
 import pytest
@@ -212,8 +212,8 @@ def test_stacked_systems_solve_as_each_alone_and_a_failed_one_by_least_squares()
         assert rel_err(out[3], torch.linalg.solve(alone[1].G, alone[1].R.T).T) <= 1e-10
 
 
-# ---- 2 ranks: DDP with sharded state, ZeRO-2, ZeRO-3 ------------------------------------------------------------
-ENGINES = ("ddp", "zero2", "zero3")
+# ---- 2 ranks: DDP with sharded state, ZeRO-2, ZeRO-3, FSDP2 -----------------------------------------------------
+ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
 # cache-free (products summed in the backward pass), on the rows (the stacks' products summed over ranks in the step's
 # rounds), PoLAR (autograd's gradients under DDP, the hooks' products under ZeRO); the clipping norm by the same
 # 32-probe sketch everywhere
@@ -221,8 +221,10 @@ NAMES_2_RANKS = ("scaled", "scaled-rows", "polar")
 
 
 def engine_worker(rank, world, out):
-    import psilora_ds.distributed.deepspeed as psd
+    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
+
+    import psilora_ds.distributed.deepspeed as psd
 
     from psilora_ds.distributed import DDPDistributor
 
@@ -235,6 +237,13 @@ def engine_worker(rank, world, out):
         if engine == "ddp":
             opt = make(name, model, max_grad_norm=CLIP, distributor=DDPDistributor(shard_state=True), **kw)
             forward = DistributedDataParallel(model)
+        elif engine == "fsdp2":
+            net = model.base_model.model
+            for sub in (net.fc1, net.fc2, net.fc3, net.fc4):
+                fully_shard(sub)
+            fully_shard(model)
+            opt = make(name, model, max_grad_norm=CLIP, **kw)
+            forward = model
         else:
             opt = make(name, model, **kw)
             forward, _, _, _ = psd.initialize(model=model, optimizer=opt,
@@ -243,7 +252,7 @@ def engine_worker(rank, world, out):
         for i, (x, t) in enumerate(data):
             rows = slice(rank * B, (rank + 1) * B)
             loss = F.mse_loss(forward(x[rows]), t[rows])
-            if engine == "ddp":
+            if engine in ("ddp", "fsdp2"):
                 (loss / ACC).backward()
                 if i % ACC == ACC - 1:
                     opt.step()
@@ -254,6 +263,9 @@ def engine_worker(rank, world, out):
         assert opt.steps_taken == STEPS, (engine, opt.skipped_steps)
         if engine == "ddp":
             factors = {layer.name: (layer.A.detach().clone(), layer.B.detach().clone()) for layer in opt.layers}
+        elif engine == "fsdp2":
+            factors = {layer.name: (layer.A.full_tensor().detach().clone(), layer.B.full_tensor().detach().clone())
+                       for layer in opt.layers}
         else:
             factors = full_factors(opt)
             opt.distributor.close()
