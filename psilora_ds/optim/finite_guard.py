@@ -30,9 +30,9 @@ def copy_state(state: dict[str, Any]) -> dict[str, Any]:
 def any_non_finite(tensors: Iterable[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
     """A 0-d float64 tensor: 1 when some entry of ``tensors`` is a NaN or an infinity, else 0; of a DTensor, this
     rank's shard (agree over ranks with :func:`any_rank`). On CUDA, from their largest absolute value
-    (``torch.nn.utils.get_total_norm`` with the infinity norm: one fused kernel per dtype, not one per tensor); elsewhere
-    from one float32 sum per tensor (a non-finite entry makes it non-finite; on the CPU a sum is ~10x faster than a
-    largest absolute value), where finite values summing past float32's range (3.4e38) would read as non-finite too."""
+    (``torch.nn.utils.get_total_norm`` with the infinity norm: one fused kernel per dtype, not one per tensor);
+    elsewhere from one float32 sum per tensor (a non-finite entry makes it non-finite; on the CPU a sum is ~10x faster
+    than a largest absolute value), where finite values summing past float32's range (3.4e38) read as non-finite too."""
     local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors)  # (FSDP2: this rank's shard)
     floats = [t.detach() for t in local if t.is_floating_point() and t.numel()]
     if not floats:
