@@ -15,6 +15,7 @@ import torch
 from .linalg import SPDSolve, compute_dtype
 from .rounds import Rounds, run_rounds
 
+
 class Fetched(Protocol):
     """A term ``F H`` kept elsewhere (host memory) and read back for each product, so that only one such
     term is on the device at a time: ``fetch()`` returns ``(F, H)`` on the device."""
@@ -72,13 +73,13 @@ class _PreparedTerm:
         return torch.stack(out)
 
     def a_product(self, Bt: torch.Tensor) -> torch.Tensor:
-        """``Bt^T F H D_in^-1`` (r x n)."""
+        """``Bt^T F H D_in^-1`` (r x n; ``(L, r, n)`` for a stack)."""
         n = self.F.n if isinstance(self.F, StackedTerms) else 0
         out = self._products(_a_part, Bt, (Bt.shape[-1], n))
         return out if self.d_in is None else out.div_(self.d_in[..., None, :])
 
     def b_product(self, At: torch.Tensor) -> torch.Tensor:
-        """``D_out^-1 F H At^T`` (m x r)."""
+        """``D_out^-1 F H At^T`` (m x r; ``(L, m, r)`` for a stack)."""
         m = self.F.m if isinstance(self.F, StackedTerms) else 0
         out = self._products(_b_part, At, (m, At.shape[-2]))
         return out if self.d_out is None else out.div_(self.d_out[..., :, None])
