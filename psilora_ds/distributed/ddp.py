@@ -50,6 +50,8 @@ class DDPDistributor(Distributor):
         self.rank = dist.get_rank(group)
         self.shard_state = shard_state
         self._owners: list[int] = []
+        # each layer's state tensors as its first init() made them: later steps receive into buffers of that layout
+        self._state_layouts: dict[int, dict[str, tuple[torch.Size, torch.dtype, torch.device]]] = {}
         # bytes this rank handed to collectives (optimizer traffic only; the engine's own not counted), and how
         # many calls; "factor_read": the engine's factors read whole where that is a collective (sharded masters)
         self.comm_bytes = {"all_reduce": 0, "broadcast": 0, "factor_read": 0}
@@ -126,9 +128,18 @@ class DDPDistributor(Distributor):
             first_use = "initialized" not in state
             held = known(layer) if known is not None and not first_use else {}
             if first_use or not self.owns(layer):
-                # deterministic on every rank: the first time it *is* the state; later a buffer to receive it
+                # deterministic on every rank: the first time it *is* the state; later buffers to receive it, laid
+                # out as init() made it (every tensor is then broadcast or held: init's values would be overwritten)
                 scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
-                state.update(init())
+                layout = None if first_use else self._state_layouts.get(layer.index)
+                if layout is None:
+                    fresh = init()
+                    self._state_layouts[layer.index] = {k: (v.shape, v.dtype, v.device) for k, v in fresh.items()
+                                                        if isinstance(v, torch.Tensor)}
+                else:
+                    fresh = {k: torch.empty(shape, dtype=dtype, device=device)
+                             for k, (shape, dtype, device) in layout.items()}
+                state.update(fresh)
                 state.update(scalars)
                 # (what every rank holds alike: not sent)
                 state.update({k: v.clone(memory_format=torch.contiguous_format) for k, v in held.items()})
