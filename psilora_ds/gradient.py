@@ -8,7 +8,7 @@ coefficient (engine averaging, loss scale, clipping) and the reduction over data
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -70,6 +70,12 @@ def scaled_autograd(autograd: tuple[torch.Tensor, ...] | None, c: float) -> tupl
     return None if autograd is None else tuple(g * c for g in autograd)
 
 
+def autograd_factor_gradients(grad: Any, scale: float) -> tuple[torch.Tensor, ...] | None:
+    """Autograd's gradients of a layer's factors (``grad.autograd``, or None) for ``G = scale * P``: they carry the
+    coefficient the gradient had when built (``grad.autograd_coef``), before clipping changed ``grad.coef``."""
+    return scaled_autograd(grad.autograd, scale * grad.coef * (1.0 / grad.autograd_coef))
+
+
 class LayerGradient:
     """``P = coef * sum_ranks (Z_k^T X_k + P_k)``: this rank's cached rows ``X`` (N_k x n), ``Z``
     (N_k x m) and dense store ``P_k`` (or None); ``reduce`` sums over ranks (None: one process);
@@ -96,7 +102,7 @@ class LayerGradient:
     def factor_gradients(self, scale: float) -> tuple[torch.Tensor, ...] | None:
         """Autograd's gradients of the layer's factors for ``G = scale * P`` when the step takes them (the chain rule
         of :func:`~psilora_ds.ops.factor_gradients`), else None."""
-        return scaled_autograd(self.autograd, scale * self.coef * (1.0 / self.autograd_coef))
+        return autograd_factor_gradients(self, scale)
 
     def known_momentum_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(M_B^T G, G M_A^T)`` when known without the rows (never, here: see :class:`ProductGradient`)."""
@@ -274,7 +280,7 @@ class ProductGradient:
 
     def factor_gradients(self, scale: float) -> tuple[torch.Tensor, ...] | None:
         """As :meth:`LayerGradient.factor_gradients`."""
-        return scaled_autograd(self.autograd, scale * self.coef * (1.0 / self.autograd_coef))
+        return autograd_factor_gradients(self, scale)
 
     def known_products(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         if self.autograd is not None:

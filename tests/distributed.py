@@ -77,6 +77,18 @@ def count_factor_reads(opt, *, copy: bool = True) -> list:
     return reads
 
 
+def fsdp2_sharded(model, *modules):
+    """``model`` (a peft model) under FSDP2 as the tests lay it out: ``fully_shard`` on each named module of its base
+    network, then on the whole model."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = model.base_model.model
+    for name in modules:
+        fully_shard(getattr(net, name))
+    fully_shard(model)
+    return model
+
+
 def regression_batches(seed, steps, rows):
     """``steps`` batches of ``rows`` inputs (12 features) and targets (3) for the two-layer test net."""
     g = torch.Generator().manual_seed(seed)

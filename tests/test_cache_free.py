@@ -11,7 +11,7 @@ from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
 from psilora_ds.ops import thin_products
 from psilora_ds.products import ProductCapture, StaleFactorsError
 
-from .distributed import regression_batches, rel_err, run_distributed
+from .distributed import fsdp2_sharded, regression_batches, rel_err, run_distributed
 from .models import lora_two_layer_net
 
 STEPS, ACC, B = 4, 3, 4  # optimizer steps, micro-batches per step, rows per micro-batch and rank
@@ -242,7 +242,6 @@ ENGINE_DATA_SEED, FIRST_STEP_ITERS = 17, 3
 
 
 def engine_worker(rank, world, out):
-    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     import psilora_ds.distributed.deepspeed as psd
@@ -274,10 +273,7 @@ def engine_worker(rank, world, out):
                     opt = make(name, model, max_grad_norm=CLIP, distributor=DDPDistributor(shard_state=True), **kw)
                     forward = DistributedDataParallel(model)
                 elif engine_name == "fsdp2":
-                    net = model.base_model.model
-                    for sub in (net.fc1, net.fc2):
-                        fully_shard(sub)
-                    fully_shard(model)
+                    fsdp2_sharded(model, "fc1", "fc2")
                     opt = make(name, model, max_grad_norm=CLIP, **kw)
                     forward = model
                 else:

@@ -4,14 +4,13 @@ process with the double batch, LoRA factors written back into their DTensor shar
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from psilora_ds.distributed import DDPDistributor, FSDP2Distributor
 from psilora_ds.distributed.fsdp import load_checkpoint, save_checkpoint
 
-from .distributed import (OPTIMIZERS, assert_ranks_match, assert_state_split, count_factor_reads, make_optimizer,
-                          one_process_reference, regression_batches, rel_err, run_distributed)
+from .distributed import (OPTIMIZERS, assert_ranks_match, assert_state_split, count_factor_reads, fsdp2_sharded,
+                          make_optimizer, one_process_reference, regression_batches, rel_err, run_distributed)
 from .models import lora_two_layer_net
 
 pytestmark = pytest.mark.slow
@@ -27,12 +26,7 @@ def full_factors(opt):
 
 
 def sharded_net():
-    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
-    net = model.base_model.model
-    for sub in (net.fc1, net.fc2):
-        fully_shard(sub)
-    fully_shard(model)
-    return model
+    return fsdp2_sharded(lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False), "fc1", "fc2")
 
 
 def worker(rank, world, out):

@@ -9,7 +9,7 @@ from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA
 from psilora_ds.ops.linalg import SPDSolve, solve_spd_batch
 from psilora_ds.optim import PoLAR
 
-from .distributed import rel_err, run_distributed
+from .distributed import fsdp2_sharded, rel_err, run_distributed
 from .models import lora_stack_net, polar_stack_net
 
 STEPS, ACC, B = 4, 2, 6
@@ -221,7 +221,6 @@ NAMES_2_RANKS = ("scaled", "scaled-rows", "polar")
 
 
 def engine_worker(rank, world, out):
-    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     import psilora_ds.distributed.deepspeed as psd
@@ -238,10 +237,7 @@ def engine_worker(rank, world, out):
             opt = make(name, model, max_grad_norm=CLIP, distributor=DDPDistributor(shard_state=True), **kw)
             forward = DistributedDataParallel(model)
         elif engine == "fsdp2":
-            net = model.base_model.model
-            for sub in (net.fc1, net.fc2, net.fc3, net.fc4):
-                fully_shard(sub)
-            fully_shard(model)
+            fsdp2_sharded(model, "fc1", "fc2", "fc3", "fc4")
             opt = make(name, model, max_grad_norm=CLIP, **kw)
             forward = model
         else:

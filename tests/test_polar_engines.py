@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .distributed import regression_batches, rel_err, run_distributed
+from .distributed import fsdp2_sharded, regression_batches, rel_err, run_distributed
 from .models import polar_two_layer_net
 from .test_deepspeed import ds_config
 
@@ -32,7 +32,6 @@ def full(opt, read):
 
 def worker(rank, world, out):
     from deepspeed.utils import safe_get_full_fp32_param
-    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     import psilora_ds.distributed.deepspeed as psd
@@ -60,10 +59,7 @@ def worker(rank, world, out):
             result = full(opt, lambda p: q if (q := safe_get_full_fp32_param(p)) is not None else p)
             opt.distributor.close()
         else:
-            net = model.base_model.model
-            for sub in (net.fc1, net.fc2):
-                fully_shard(sub)
-            fully_shard(model)
+            fsdp2_sharded(model, "fc1", "fc2")
             opt = make(model, distributor=FSDP2Distributor())
             for x, t in batches():
                 F.mse_loss(model(x[rows]), t[rows]).backward()

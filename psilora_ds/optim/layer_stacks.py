@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..gradient import LayerGradient, ProductGradient, scaled_autograd
+from ..gradient import LayerGradient, ProductGradient, autograd_factor_gradients
 from ..lora_layers import LoRALayer
 from ..ops.lorsum import StackedTerms, Term
 from ..ops.rounds import Rounds
@@ -83,8 +83,7 @@ class StackedRowsGradient:
         g = grads[0]
         self.members, self.m, self.n = list(grads), m, n
         self.coef, self.rows, self.reduce, self.autograd_coef = g.coef, g.rows, g.reduce, g.autograd_coef
-        self.autograd = None if g.autograd is None else tuple(torch.stack([x.autograd[i] for x in grads])
-                                                              for i in range(len(g.autograd)))
+        self.autograd = None if g.autograd is None else _stack_each([x.autograd for x in grads])
 
     def terms(self, scale: float) -> list[Term]:
         """``scale * P`` of each layer, one stacked term (every member's terms carry the same coefficient)."""
@@ -92,7 +91,7 @@ class StackedRowsGradient:
         return [(scale * self.coef, StackedTerms(pairs, self.m, self.n), None)]
 
     def factor_gradients(self, scale: float) -> tuple[torch.Tensor, ...] | None:
-        return scaled_autograd(self.autograd, scale * self.coef * (1.0 / self.autograd_coef))
+        return autograd_factor_gradients(self, scale)
 
     def known_products(self, scale: float) -> tuple[torch.Tensor, ...] | None:
         return self.factor_gradients(scale)
@@ -116,13 +115,17 @@ def _stack(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
     return None if tensors[0] is None else torch.stack(list(tensors))
 
 
+def _stack_each(tuples: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """The members' tuples (factors, autograd's gradients) stacked position by position."""
+    return tuple(torch.stack(parts) for parts in zip(*tuples))
+
+
 def _stacked_products(grads: Sequence[ProductGradient]) -> ProductGradient:
     """Cache-free gradients (already summed over ranks) as one, their products stacked."""
     g = grads[0]
     products = LayerProducts(**{name: _stack([getattr(x.products, name) for x in grads]) for name in _STEPPED_PRODUCTS},
                              sketch=None, rows=g.products.rows)
-    autograd = None if g.autograd is None else tuple(torch.stack([x.autograd[i] for x in grads])
-                                                     for i in range(len(g.autograd)))
+    autograd = None if g.autograd is None else _stack_each([x.autograd for x in grads])
     # (no probes: a stacked update reads the products at the probe factors through known_products and
     # known_momentum_products, never by factor)
     stacked = ProductGradient(products, g.r, g.autograd_coef, g.rows, probes=None, autograd=autograd)
@@ -142,7 +145,7 @@ class StackedStep:
         self.layer = LayerStack(tuple(layers), first.rank, first.in_features, first.out_features, first.scaling)
         self.state = {k: torch.stack([s[k] for s in states]) if isinstance(v, torch.Tensor) else v
                       for k, v in states[0].items()}
-        self.factors = tuple(torch.stack([f[i] for f in factors]) for i in range(len(factors[0])))
+        self.factors = _stack_each(factors)
         self.grad = _stacked_products(grads) if isinstance(grads[0], ProductGradient) else \
             StackedRowsGradient(grads, first.out_features, first.in_features)
 
