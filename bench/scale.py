@@ -150,6 +150,12 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
             calls, sent = dict(opt.distributor.comm_calls), dict(opt.distributor.comm_bytes)
         if cuda:
             torch.cuda.synchronize()
+        profiler = None
+        if args.profile and rank == 0 and step == args.warmup + args.steps - 1:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         start = time.perf_counter()
         loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
         in_steps = max(in_steps, memory_now())  # activations and the capture are largest here
@@ -164,6 +170,13 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append((time.perf_counter() - start, time.perf_counter() - middle))
+        if profiler is not None:
+            import pstats
+
+            profiler.disable()
+            print(f"== cProfile of {method}'s last step on rank 0 (by own time, then cumulative)", flush=True)
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile)
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(args.profile)
     result = {"step_s": statistics.median(t for t, _ in times), "opt_s": statistics.median(o for _, o in times),
               "built_bytes": built, "peak_bytes": torch.cuda.max_memory_allocated() if cuda else in_steps,
               "first_peak_bytes": first_peak, "first_cache": first_cache,
@@ -219,6 +232,8 @@ def main() -> None:
     parser.add_argument("--rank_multiplier", type=float, default=1.0,
                         help="Scaled PSI-LoRA's momentum rank in units of r (1: the recorded figures' rank-r momentum; "
                              "2: ScaledPSILoRA's default since session 20)")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="print a cProfile of each method's last step on rank 0: its N most expensive functions")
     parser.add_argument("--write", help="replace this section of a markdown file (docs/BENCHMARKS.md)")
     args = parser.parse_args()
     if "adamw" not in args.methods:

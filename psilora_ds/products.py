@@ -25,7 +25,7 @@ import torch
 
 from .capture import ActivationCapture
 from .lora_layers import LoRALayer
-from .ops import compute_dtype, gaussian_probes, norm_sketch_seed, thin_products
+from .ops import compute_dtype, norm_sketch_seed, sign_probes, thin_products
 from .ops.sketch_svd import GradientSketch, gradient_sketch_seed, sketch_probes
 from .product_buckets import BucketedReduction
 
@@ -167,7 +167,7 @@ class ProbeFactors:
 class ProductCapture(ActivationCapture):
     """Hooks like :class:`~psilora_ds.capture.ActivationCapture`, keeping thin products instead of rows.
 
-    ``sketch_probes``: called at each micro-batch, the number ``k`` of Gaussian probes of the clipping
+    ``sketch_probes``: called at each micro-batch, the number ``k`` of probes (random signs) of the clipping
     norm's sketch (0: no sketch); the probes of layer ``i`` at step ``t`` are seeded by
     ``norm_sketch_seed(t, i)``, ``t`` = :attr:`step`, so every rank draws the same ones.
 
@@ -286,7 +286,7 @@ class ProductCapture(ActivationCapture):
     def _omega(self, idx: int, n: int, k: int, like: torch.Tensor) -> torch.Tensor:
         omega = self._omegas.get(idx)
         if omega is None or omega.shape[1] != k:
-            omega = gaussian_probes(n, k, norm_sketch_seed(self.step, self.layers[idx].index),
+            omega = sign_probes(n, k, norm_sketch_seed(self.step, self.layers[idx].index),
                                     dtype=like.dtype, device=like.device)
             self._omegas[idx] = omega
         return omega

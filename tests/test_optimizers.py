@@ -258,8 +258,8 @@ def test_clipping_scales_the_step_like_the_dense_clipped_step(max_norm, fold):
 
 @pytest.mark.parametrize("fold", [False, True])
 def test_sketched_clipping_norm_in_one_process(fold):
-    """clip_norm_probes=k: the clipping norm is the Gaussian sketch (unbiased, within 4 of its
-    standard deviations computed from the dense gradients' spectra; over 400 seeds its mean is the
+    """clip_norm_probes=k: the clipping norm is the random-sign sketch (unbiased, within 4 of the largest standard
+    deviation it can have, Gaussian probes', computed from the dense gradients' spectra; over 400 seeds its mean is the
     exact value), and the step is the dense step clipped with that estimate."""
     k, max_norm, lr = 16, 0.05, 0.3
     model = lora_two_layer_net(head_trainable=True)

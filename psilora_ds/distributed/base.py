@@ -59,7 +59,7 @@ class Distributor:
 
     The clipping norm (``norm_probes``, given by the optimizer at :meth:`bind`): 0 exact (Gram trick or
     dense, ``min(N m n, N^2 (m + n))`` work per layer, METHOD.md section 6); ``k > 0`` the unbiased
-    Gaussian sketch with ``k`` probes (``N k (m + n)`` work, relative standard deviation at most
+    sketch with ``k`` random-sign probes (``N k (m + n)`` work, relative standard deviation at most
     ``sqrt(2 / k)``, see :meth:`lora_norm_sq`), the estimator the multi-rank distributors use.
     """
 
@@ -157,12 +157,12 @@ class Distributor:
         return {"world_size": self.world_size, "sharded": False}
 
     def sketches_norm(self) -> bool:
-        """Whether :meth:`lora_norm_sq` is the Gaussian sketch (else exact)."""
+        """Whether :meth:`lora_norm_sq` is the random-sign sketch (else exact)."""
         return self.norm_probes > 0
 
     def lora_norm_sq(self, layer: LoRALayer, grad: FactoredGradient, step: int) -> Rounds[torch.Tensor]:
         """``||P||_F^2`` of the layer's whole gradient, summed over ranks (rounds, :mod:`~psilora_ds.ops.rounds`):
-        exact in one process unless probes were asked for, else the Gaussian sketch with :attr:`norm_probes` probes
+        exact in one process unless probes were asked for, else the random-sign sketch with :attr:`norm_probes` probes
         seeded by ``step`` and the layer (:meth:`~psilora_ds.gradient.FactoredGradient.norm_sq`; cache-free
         gradients always sketch, in the hooks)."""
         probes = self.norm_probes if self.sketches_norm() else 0

@@ -38,7 +38,7 @@ class DDPDistributor(Distributor):
         shard_state: keep each layer's optimizer state (momentum factors, metric diagonals) only on
             its owner rank, layers balanced by size; the owner broadcasts it when the layer is updated.
 
-    The clipping norm is always the Gaussian sketch here (an exact norm would need every rank's rows):
+    The clipping norm is always the random-sign sketch here (an exact norm would need every rank's rows):
     ``norm_probes`` from :meth:`bind`, 32 when the optimizer asks for 0.
     """
 

@@ -2,13 +2,14 @@
 
 from .adam import adam_step
 from .balance import balance_factors
-from .factored import (dense_gradient, factor_gradients, frobenius_sq, gaussian_probes, gradient_gram_diagonals,
-                       norm_sketch_seed, sketched_product, thin_products)
+from .factored import (dense_gradient, factor_gradients, frobenius_sq, gradient_gram_diagonals, norm_sketch_seed,
+                       sketched_product, thin_products)
 from .landing import landing_field, landing_field_rounds
 from .linalg import SPDSolve, compute_dtype, solve_spd_batch, solve_spd_left, solve_spd_right
 from .lorsum import lorsum
 from .metrics import (adafactor_normalized, damped_power, factored_second_moments, kfac_diagonals, kfac_sums,
                       shampoo_diagonals)
+from .random_probes import counter_normal, gaussian_probes, sign_probes
 from .svd import svd_project, weighted_svd_project
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "adam_step",
     "balance_factors",
     "compute_dtype",
+    "counter_normal",
     "damped_power",
     "dense_gradient",
     "factored_second_moments",
@@ -30,6 +32,7 @@ __all__ = [
     "lorsum",
     "norm_sketch_seed",
     "shampoo_diagonals",
+    "sign_probes",
     "sketched_product",
     "solve_spd_batch",
     "solve_spd_left",

@@ -1,6 +1,6 @@
 """Quantities of a factored gradient ``P = Z^T X`` computed without forming P when that is
 cheaper: exact ones by Gram products over row chunks (METHOD.md sections 4 and 6), and the
-Gaussian sketch ``P Omega`` of its norm.
+sketch ``P Omega`` of its norm (random probes: :mod:`~psilora_ds.ops.random_probes`).
 
 ``Z`` is ``N x m`` (output gradients), ``X`` is ``N x n`` (inputs). Forming P costs
 ``N m n``; the Gram route costs ``N^2 (m + n)``; each function takes the cheaper exact one.
@@ -81,19 +81,12 @@ def norm_sketch_seed(step: int, layer_index: int) -> int:
     return NORM_SKETCH_SEED + 1_000_003 * step + layer_index
 
 
-def gaussian_probes(n: int, k: int, seed: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``Omega`` (n x k), standard Gaussian from ``seed``, drawn by the CPU generator (so every rank and
-    device draws the same numbers) in float32 (5x cheaper than float64: ~0.2 ms for 2048 x 32; drawn per
-    layer per step, this was 4% of a 0.9 B-parameter step in float64)."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, k, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-
-
 def sketched_product(Z: torch.Tensor, X: torch.Tensor, omega: torch.Tensor,
                      dense: torch.Tensor | None = None) -> torch.Tensor:
     """``P Omega = Z^T (X Omega) (+ P_dense Omega)`` (m x k) in ``omega``'s dtype: ``N k (m + n)`` work
-    instead of ``min(N m n, N^2 (m + n))`` for the exact norm. ``E ||P Omega||_F^2 / k = ||P||_F^2``
-    with variance ``2 ||P^T P||_F^2 / k``."""
+    instead of ``min(N m n, N^2 (m + n))`` for the exact norm. For probes with ``E[omega omega^T] = I`` (random
+    signs, :func:`~psilora_ds.ops.random_probes.sign_probes`) ``E ||P Omega||_F^2 / k = ||P||_F^2``, with variance at
+    most ``2 ||P^T P||_F^2 / k``."""
     Y = Z.to(omega.dtype).T @ (X.to(omega.dtype) @ omega)
     if dense is not None:
         Y += dense.to(omega.dtype) @ omega

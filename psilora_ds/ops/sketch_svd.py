@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from .balance import balance_factors
-from .factored import gaussian_probes, sketched_product
+from .factored import sketched_product
 from .linalg import compute_dtype
+from .random_probes import gaussian_probes
 
 SPECTRAL_SKETCH_SEED = 0x5BEC7  # (distinct from the clipping norm's probes)
 

@@ -132,7 +132,7 @@ class StepPlanner:
                     grads[idx].autograd = pair
         if self.cache_free and max_grad_norm and not d.sketches_norm() and not self.logged_sketch:
             self.logged_sketch = True
-            logger.warning("cache-free steps keep no rows, so the clipping norm is the %d-probe Gaussian sketch "
+            logger.warning("cache-free steps keep no rows, so the clipping norm is the %d-probe random-sign sketch "
                            "(relative sd <= %.2f), not the exact one-process norm; cache_free=False keeps the rows",
                            sketch_probes, math.sqrt(2 / sketch_probes))
         plan = StepPlan(skip=None, clip=1.0, grads=grads, cache_bytes=peak_cache_bytes if grads else None)
