@@ -50,6 +50,20 @@ class LoRAOptimizerProtocol(Protocol):
     def load_lora_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
+def bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor (not read): whether ``a`` and ``b`` (one dtype) differ in shape or in some element's bits (a
+    NaN equals itself, -0.0 differs from 0.0)."""
+    if a.shape != b.shape:
+        return torch.ones((), dtype=torch.bool, device=a.device)
+    return torch.ne(as_bits(a), as_bits(b.to(a.device))).any()
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements as same-size integers: compared bit for bit."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.detach().reshape(-1).view(ints[t.element_size()])
+
+
 class Distributor:
     """One process: no collectives, every layer's state is local.
 
@@ -114,12 +128,13 @@ class Distributor:
         holds of the engine's factors differs from the given ones (the layer's list) bit for bit, else 0. A rank answers for
         its own part only: the caller sums the flags over ranks (the step's flags all-reduce). Here: read whole;
         engines that shard the factors override it to compare without collectives or host syncs."""
-        flags = []
-        for layer, given in zip(layers, factors):
-            same = all(torch.equal(m, f.to(m.dtype)) for m, f in zip(self.read_factors(layer, masters), given, strict=True))
-            flags.append(0.0 if same else 1.0)
         device = factors[0][0].device if factors else torch.device("cpu")
-        return torch.tensor(flags, dtype=torch.float64, device=device)
+        if not layers:
+            return torch.zeros(0, dtype=torch.float64, device=device)
+        flags = [torch.stack([bits_differ(m, f.to(m.dtype)) for m, f in zip(self.read_factors(layer, masters), given,
+                                                                            strict=True)]).any()
+                 for layer, given in zip(layers, factors)]
+        return torch.stack(flags).to(device=device, dtype=torch.float64)  # (compared on the device: no host read)
 
     def factors_synced(self, masters: Sequence[torch.Tensor]) -> None:
         """Called by the optimizer whenever the factors it holds equal the engine's (after reading them, after

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from ..lora_layers import LoRALayer
-from .base import LoRAOptimizerProtocol
+from .base import LoRAOptimizerProtocol, bits_differ
 from .ddp import DDPDistributor
 
 logger = logging.getLogger(__name__)
@@ -133,8 +133,7 @@ class DeepSpeedDistributor(DDPDistributor):
         if snap is None or len(snap) != len(masters) or any(s.shape != m.shape for s, m in zip(snap, masters)):
             changed = torch.ones((), dtype=torch.bool)
         else:
-            changed = torch.stack([torch.ne(_bits(m), _bits(s.to(m.device))).any()
-                                   for m, s in zip(masters, snap)]).any()
+            changed = torch.stack([bits_differ(m, s) for m, s in zip(masters, snap)]).any()
         device = factors[0][0].device if factors else masters[0].device
         return changed.to(device=device, dtype=torch.float64).expand(len(layers)).clone()
 
@@ -173,12 +172,6 @@ class DeepSpeedDistributor(DDPDistributor):
 
     def close(self) -> None:
         self._hook.remove()
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s elements as same-size integers: compared bit for bit (a NaN equals itself, -0.0 differs from 0.0)."""
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return t.detach().reshape(-1).view(ints[t.element_size()])
 
 
 def check_world(engine) -> None:

@@ -57,8 +57,8 @@ def seed_keys(seed: int) -> tuple[int, int, int, int]:
     if seed < 0:
         raise ValueError(f"probe seeds are non-negative integers, got {seed}")
     state = 0
-    while True:
-        state = _mix32_int(state ^ (seed & _M32))
+    while True:  # (a round constant, so that a zero word still moves the state: 1 and 2**32 differ)
+        state = _mix32_int((state ^ (seed & _M32)) + 0x9E3779B9)
         seed >>= 32
         if seed == 0:
             break

@@ -26,6 +26,15 @@ Rounds = Generator[torch.Tensor | SPDSolve | Balance, Any, T]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
+def host_tensor(values: Sequence[float], device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``values`` (known on the host) as a 1-d tensor on ``device``. On a GPU through pinned memory, without waiting:
+    ``torch.tensor(values, device=...)`` copies from pageable memory, which PyTorch completes with a stream
+    synchronization (the host waits for every queued kernel)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def flatten_by_dtype(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
     """``tensors`` copied into one flat buffer per dtype, with the tensors each holds, in the same order on every
     rank (dtypes sorted by name)."""

@@ -21,7 +21,7 @@ class FactorSource:
     """The factors each layer's step starts from, in one of three ways:
 
     - cache-free steps: the factors the capture's thin products were taken at (``capture.factors``); a change of
-      the engine's factors behind the optimizer is an error (:meth:`stale_layers`, :meth:`raise_if_stale`);
+      the engine's factors behind the optimizer is an error (:meth:`stale_flags`, :meth:`raise_stale`);
     - cached steps on engines whose factor reads are collectives (ZeRO-3, FSDP2): the optimizer's own copy
       (:attr:`copy`), taken by :meth:`refresh_copy` and after each step (:meth:`record`), checked against the engine's
       without communication in the step's flags (:meth:`changed_flags`) and read again where it changed
@@ -78,15 +78,32 @@ class FactorSource:
             return self.copy[layer.index]
         return self.distributor.read_factors(layer, self.masters)
 
-    def changed_flags(self) -> tuple[list[int], torch.Tensor]:
-        """The layers of the copy and, per layer, whether this rank's part of the engine's factors differs from it
-        (local; the step's flags all-reduce sums them over ranks)."""
-        idxs = list(self.copy or {})
-        if not idxs:
-            return [], torch.zeros(0, dtype=torch.float64)
-        flags = self.distributor.factors_changed([self.layers[i] for i in idxs], self.masters,
-                                                 [self.copy[i] for i in idxs])
-        return idxs, flags
+    def changed_flags(self) -> torch.Tensor:
+        """Per layer (float64, on the device, not read): 1 where this rank's part of the engine's factors differs from
+        the copy, else 0 (and 0 for a layer without a copy); the step's flags all-reduce sums them over ranks."""
+        copy = self.copy or {}
+        return self._flags_of({i: copy[i] for i in range(len(self.layers)) if i in copy})
+
+    def stale_flags(self) -> torch.Tensor:
+        """Cache-free steps, per layer (float64, on the device, not read): 1 where this rank's part of the engine's
+        factors differs from those the products were taken at, else 0 (and 0 for a layer without them); the step's
+        flags all-reduce sums them over ranks."""
+        probes = self.capture.probes
+        return self._flags_of({i: probes.step_factors(i) for i in range(len(self.layers)) if i in probes})
+
+    def _flags_of(self, given: dict[int, Factors]) -> torch.Tensor:
+        """:meth:`~psilora_ds.distributed.base.Distributor.factors_changed` of the layers in ``given`` against those
+        factors, as one flag per layer of the model."""
+        device = self.layers[0].A.device
+        if not given:
+            return torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        flags = self.distributor.factors_changed([self.layers[i] for i in given], self.masters,
+                                                 list(given.values())).to(device)
+        if len(given) == len(self.layers):  # (every layer, in order: no index to move to the device)
+            return flags
+        out = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        out[torch.tensor(list(given), device=device)] = flags
+        return out
 
     def reread(self, changed: list[int]) -> None:
         """Cached steps: the layers whose engine factors changed since the copy was taken on some rank (e.g.
@@ -99,26 +116,18 @@ class FactorSource:
             self.copy[idx] = self.read_copy(self.layers[idx])
         self.distributor.factors_synced(self.masters)
 
-    def stale_layers(self, rows: list[float]) -> list[int]:
-        """Cache-free steps: the layers (captured on some rank) whose engine factors, as far as this rank holds them,
-        differ from those the products were taken at (local: the callers sum the count over ranks, so that all
-        raise)."""
-        idxs = [idx for idx, n in enumerate(rows) if n > 0]
-        if not idxs:
-            return []
-        changed = self.distributor.factors_changed([self.layers[idx] for idx in idxs], self.masters,
-                                                   [self.capture.probes.step_factors(idx) for idx in idxs]).tolist()
-        return [idx for idx, c in zip(idxs, changed) if c > 0]
-
-    def raise_if_stale(self, stale: list[int], count: torch.Tensor) -> None:
-        """``count``: the stale layers summed over ranks."""
-        if stale:
-            raise self.capture.probes.stale(stale[0])
-        if float(count.reshape(-1)[0]) > 0:
-            raise StaleFactorsError(
-                "the LoRA factors changed outside the optimizer after its last step on another rank (an adapter or "
-                "checkpoint loaded into the model?): call optimizer.refresh_factors() after changing factors, or "
-                "build the optimizer with cache_free=False")
+    def raise_stale(self, stale: list[int], here: torch.Tensor) -> None:
+        """Raise, on every rank: ``stale`` are the layers stepped this step whose factors are stale on some rank
+        (:meth:`stale_flags` summed over ranks), ``here`` this rank's :meth:`stale_flags`; the message names the layer
+        where this rank holds it stale."""
+        mine = here.tolist()
+        local = [idx for idx in stale if mine[idx] > 0]
+        if local:
+            raise self.capture.probes.stale(local[0])
+        raise StaleFactorsError(
+            "the LoRA factors changed outside the optimizer after its last step on another rank (an adapter or "
+            "checkpoint loaded into the model?): call optimizer.refresh_factors() after changing factors, or "
+            "build the optimizer with cache_free=False")
 
     def diverged(self) -> bool:
         """Whether some layer's factors, as the next step would start from them, are not finite on some rank (the

@@ -16,7 +16,7 @@ from ..distributed import Distributor
 from ..gradient import LayerGradient, ProductGradient
 from ..lora_layers import LoRALayer
 from ..ops import compute_dtype
-from ..ops.rounds import reduce_flat_, run_lockstep
+from ..ops.rounds import host_tensor, reduce_flat_, run_lockstep
 from ..product_buckets import BucketedReduction, estimated_products_nbytes
 from ..products import LayerProducts
 from .autograd_grads import ON, AutogradGradients
@@ -90,40 +90,53 @@ class StepPlanner:
         copy = self.factors.copy
         # cache-free over several ranks: the products' sums started in the backward pass (product_buckets)
         reduction = self.capture.reduction if self.cache_free else None
-        n_flags = (2 * L + 1 if copy is not None else L + 1)
-        flags = torch.zeros(n_flags + (2 if reduction is not None else 0), dtype=torch.float64, device=self.device)
+        # One vector of flags, summed over ranks and read once (on a GPU the step's one host read before the clipping
+        # norm): rows per layer, then one non-finite flag, then (with a factor copy) per layer whether the engine's
+        # factors changed behind it, then (buckets) whether a micro-batch came late, then (cache-free) per layer
+        # whether the factors the products were taken at are stale. What is known on the host goes in by one copy,
+        # what is on the device by device copies.
+        finite_at = L
+        changed_at = L + 1
+        late_at = changed_at + (L if copy is not None else 0)
+        stale_at = late_at + (1 if reduction is not None else 0)
+        host = [0.0] * (stale_at + (L if self.cache_free else 0))
         for idx, batch in batches.items():
-            flags[idx] = batch.rows
+            host[idx] = float(batch.rows)
+        if reduction is not None:
+            host[late_at] = 0.0 if reduction.late_layer is None else 1.0
+        flags = host_tensor(host, self.device)
         self.autograd.take()
         taken = self.autograd.local(batches) if self.autograd.reusing else {}
-        flags[L] = 0.0 if self.all_finite(batches, taken, other_groups) else 1.0
-        if copy:
-            idxs, changed = self.factors.changed_flags()
-            flags[[L + 1 + idx for idx in idxs]] = changed.to(flags.device)
-        stale_here: list[int] = []
-        if reduction is not None:  # (the products are summed apart from the flags: the stale count rides here)
-            flags[n_flags] = 0.0 if reduction.late_layer is None else 1.0
-            stale_here = self.factors.stale_layers([batches[i].rows if i in batches else 0 for i in range(L)])
-            flags[n_flags + 1] = float(len(stale_here))
+        flags[finite_at] = self.non_finite_flag(batches, taken, other_groups)
+        if copy is not None:
+            flags[changed_at: changed_at + L] = self.factors.changed_flags()
+        stale_here = None
+        if self.cache_free:
+            stale_here = self.factors.stale_flags()
+            flags[stale_at: stale_at + L] = stale_here
         flags = d.all_reduce_(flags).tolist()
         if copy is not None:
-            self.factors.reread([idx for idx in range(L) if flags[L + 1 + idx] > 0])
+            self.factors.reread([idx for idx in range(L) if flags[changed_at + idx] > 0])
         rows = flags[:L]
         summed = None
         if reduction is not None:
-            summed = self.finish_reduction(reduction, batches, rows, skip=flags[L] > 0, late=flags[n_flags] > 0)
-        if flags[L] > 0:
+            summed = self.finish_reduction(reduction, batches, rows, skip=flags[finite_at] > 0,
+                                           late=flags[late_at] > 0)
+        if flags[finite_at] > 0:
             return StepPlan(skip=DIVERGED if self.factors.diverged() else NON_FINITE, clip=1.0, grads={})
         # A layer that captured nothing on any rank is left out: it keeps its factors and state,
         # as torch optimizers skip parameters whose grad is None.
-        # cache-free: the step starts from the optimizer's copy of the factors, checked against the engine's
-        # (a mismatch on any rank stops every rank: a rank raising alone would leave the others in a collective)
+        # cache-free: the step starts from the factors the products were taken at, checked against the engine's
+        # (stale on any rank stops every rank, before any further collective: a rank raising alone would leave the
+        # others in one)
+        if stale_here is not None:
+            stale = [idx for idx in range(L) if rows[idx] > 0 and flags[stale_at + idx] > 0]
+            if stale:
+                self.factors.raise_stale(stale, stale_here)
         if summed is not None:
-            count = torch.tensor([flags[n_flags + 1]], dtype=torch.float64)
-            self.factors.raise_if_stale(stale_here, count)
             grads = self.summed_product_gradients(summed, rows)
         elif self.cache_free:
-            grads = self.product_gradients(batches, rows, self.factors.stale_layers(rows))
+            grads = self.product_gradients(batches, rows)
         else:
             grads = {idx: self.layer_gradient(idx, batches.get(idx), int(n)) for idx, n in enumerate(rows) if n > 0}
             self.autograd.verify_rows(grads)  # (the first step: then "on", or "off")
@@ -194,25 +207,22 @@ class StepPlanner:
                                      self.capture.sketch_of(idx, summed[idx]), pairs.get(idx))
                 for idx, n in present.items()}
 
-    def product_gradients(self, batches: dict[int, LayerProducts], rows: list[float],
-                          stale: list[int]) -> dict[int, ProductGradient]:
+    def product_gradients(self, batches: dict[int, LayerProducts], rows: list[float]) -> dict[int, ProductGradient]:
         """The cache-free gradients of the layers that captured rows on some rank: every rank's products
-        summed by one flat all-reduce for all layers (a rank that saw none of a layer adds zeros), which also
-        sums the ranks' counts of ``stale`` layers (raised on every rank)."""
+        summed by one flat all-reduce for all layers (a rank that saw none of a layer adds zeros)."""
         present = [idx for idx, n in enumerate(rows) if n > 0]
         products = {idx: batches.get(idx) or self.capture.zeros(idx) for idx in present}
         tensors = [t for idx in present for t in products[idx].tensors()]
-        count = torch.tensor([float(len(stale))], dtype=tensors[0].dtype if tensors else torch.float64,
-                             device=self.device)
-        if self.distributor.reduce is not None:
-            reduce_flat_([*tensors, count], self.distributor.reduce)
-        self.factors.raise_if_stale(stale, count)
+        if self.distributor.reduce is not None and tensors:
+            reduce_flat_(tensors, self.distributor.reduce)
         return self.summed_product_gradients(products, rows)
 
-    def all_finite(self, batches: dict[int, LayerBatch | LayerProducts],
-                   autograd: dict[int, tuple[torch.Tensor, torch.Tensor]], other_groups: list[dict[str, Any]]) -> bool:
-        """Whether every captured factor and other gradient is finite (:func:`~psilora_ds.optim.finite_guard.
-        any_non_finite`: one sum per tensor, or on CUDA one fused kernel per dtype; one sync).
+    def non_finite_flag(self, batches: dict[int, LayerBatch | LayerProducts],
+                        autograd: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                        other_groups: list[dict[str, Any]]) -> torch.Tensor:
+        """1 (a 0-d float64 tensor, not read) when some captured factor or other gradient is not finite, else 0
+        (:func:`~psilora_ds.optim.finite_guard.any_non_finite`: one sum per tensor, or on CUDA one fused kernel per
+        dtype).
 
         A layer whose autograd products are used is checked on them, and on its rows only when they are cache-free
         products (small): a non-finite entry of ``X`` or ``Z`` makes ``B.grad = s Z^T (X A^T)`` non-finite (IEEE:
@@ -224,7 +234,7 @@ class StepPlanner:
             if i not in autograd or isinstance(b, LayerProducts):
                 tensors += b.tensors()
         tensors += local_grads(other_groups)
-        return not bool(any_non_finite(tensors))
+        return any_non_finite(tensors, self.device)
 
     def grad_norm(self, grads: dict[int, LayerGradient | ProductGradient], other_groups: list[dict[str, Any]],
                   step: int) -> float:
@@ -234,13 +244,15 @@ class StepPlanner:
         d = self.distributor
         squares = run_lockstep({i: d.lora_norm_sq(self.layers[i], g, step) for i, g in grads.items()},
                                d.reduce)  # every layer's sketch summed over ranks in one collective
-        lora = float(sum(squares[i].double() / self.layers[i].scaling ** 2 for i in grads)) if grads else 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i in grads:
+            total += squares[i].to(device=self.device, dtype=torch.float64) / self.layers[i].scaling ** 2
         other = torch.zeros((), dtype=torch.float64, device=self.device)
         for g in local_grads(other_groups):
-            other += g.to(compute_dtype(g.dtype)).square().sum().to(torch.float64)
+            other += g.to(compute_dtype(g.dtype)).square().sum().to(device=self.device, dtype=torch.float64)
         if d.other_grads_are_sharded():
             other = d.all_reduce_(other)
-        return math.sqrt(lora + float(other))
+        return math.sqrt(float(total + other))  # (the one host read of the norm)
 
 
 def capture_memory_message(capture: Any, layers: Sequence[LoRALayer], cache_free: bool) -> str:
