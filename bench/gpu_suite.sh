@@ -74,7 +74,8 @@ if [ "$which" != timings ]; then
     --output_dir "$out/run-fp16-z2"
   part "recipe fp16, ZeRO-3" 120 deepspeed --num_gpus 1 $recipe --ds_config ds_configs/zero3.json --dtype fp16 \
     --output_dir "$out/run-fp16-z3"
-  part "tests that need CUDA" 120 "$py" -m pytest -q -p no:cacheprovider tests/test_cache_free.py -k cuda
+  part "tests that need CUDA" 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cache_free.py \
+    tests/test_host_reads.py tests/test_random_probes.py -k cuda
   part "recipe QLoRA nf4, bf16, ZeRO-3" 120 deepspeed --num_gpus 1 $recipe --ds_config ds_configs/zero3.json \
     --dtype bf16 --load_in_4bit true --bnb_4bit_quant_type nf4 --output_dir "$out/run-qlora-z3"
 fi

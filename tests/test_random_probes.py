@@ -88,3 +88,12 @@ def test_probes_are_computed_on_the_target_device_with_no_host_tensor(draw):
     with watch:
         omega = draw(64, 32, 5, dtype=torch.float32, device="meta")
     assert omega.device.type == "meta" and omega.shape == (64, 32) and watch.devices == {"meta"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_probes_equal_the_cpus():
+    # (ranks on different devices, or GPUs with different multiprocessor counts, draw the same probes)
+    signs = [sign_probes(3000, 40, 2**35 + 9, dtype=torch.float32, device=d).cpu() for d in ("cpu", "cuda")]
+    assert torch.equal(*signs)
+    normals = [gaussian_probes(3000, 40, 2**35 + 9, dtype=torch.float64, device=d).cpu() for d in ("cpu", "cuda")]
+    torch.testing.assert_close(*normals, rtol=1e-12, atol=1e-12)
