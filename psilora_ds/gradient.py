@@ -50,7 +50,7 @@ class FactoredGradient(Protocol):
 
     def left_product(self, U: torch.Tensor) -> Rounds[torch.Tensor]: ...
 
-    def norm_sq(self, probes: int, seed: int) -> Rounds[torch.Tensor]: ...
+    def norm_sq(self, probes: int, seed: int, row_offset: int = 0) -> Rounds[torch.Tensor]: ...
 
     def kfac_sums(self) -> Rounds[tuple[torch.Tensor, torch.Tensor]]: ...
 
@@ -196,10 +196,10 @@ class LayerGradient:
             t = yield t
         return t
 
-    def norm_sq(self, probes: int, seed: int) -> Rounds[torch.Tensor]:
+    def norm_sq(self, probes: int, seed: int, row_offset: int = 0) -> Rounds[torch.Tensor]:
         """``||P||_F^2`` summed over ranks. ``probes == 0``: exact (one process only: the Gram trick on the rows, or
         ``P`` formed one layer at a time where that is cheaper). ``probes = k > 0``: with ``Omega`` (n x k) random
-        signs from ``seed`` (shared by the ranks), ``E ||P Omega||_F^2 / k = ||P||_F^2``; ``P Omega = sum_ranks
+        signs, rows ``row_offset`` on of those of ``seed`` (shared by the ranks), ``E ||P Omega||_F^2 / k = ||P||_F^2``; ``P Omega = sum_ranks
         Z_k^T (X_k Omega) (+ P_k Omega)`` costs one ``m x k`` all-reduce and no activation moves; its relative
         standard deviation is at most ``sqrt(2 sum s_i^4 / k) / sum s_i^2 <= sqrt(2 / k)`` (s_i: singular values of
         P)."""
@@ -208,7 +208,7 @@ class LayerGradient:
                 return self.local_dense().square().sum() * self.coef**2
             return frobenius_sq(self.Z, self.X) * self.coef**2
         n = self.batch.xs[0].shape[1] if self.batch.xs else self.local_n()
-        omega = sign_probes(n, probes, seed, device=self.device,
+        omega = sign_probes(n, probes, seed, device=self.device, row_offset=row_offset,
                                 dtype=torch.float64 if self.row_dtype == torch.float64 else torch.float32)
         Y = yield from self._reduced(self.sketch(omega))
         return Y.square().sum() * (self.coef**2 / probes)
@@ -347,7 +347,7 @@ class ProductGradient:
         return self.products.sum_x2, self.products.sum_z2 * self.coef**2
         yield  # (already summed over ranks: no round)
 
-    def norm_sq(self, probes: int, seed: int) -> Rounds[torch.Tensor]:
+    def norm_sq(self, probes: int, seed: int, row_offset: int = 0) -> Rounds[torch.Tensor]:
         """``||P Omega||_F^2 / k``, the unbiased estimate of ``||P||_F^2`` from the sketch the hooks took (the
         probes and seed are the capture's: an exact norm needs the rows)."""
         sketch = self.products.sketch

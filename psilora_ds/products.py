@@ -25,7 +25,7 @@ import torch
 
 from .capture import ActivationCapture
 from .lora_layers import LoRALayer
-from .ops import compute_dtype, norm_sketch_seed, sign_probes, thin_products
+from .ops import compute_dtype, norm_sketch_seed, probe_row_offsets, sign_probes, thin_products
 from .ops.sketch_svd import GradientSketch, gradient_sketch_seed, sketch_probes
 from .product_buckets import BucketedReduction
 
@@ -168,8 +168,9 @@ class ProductCapture(ActivationCapture):
     """Hooks like :class:`~psilora_ds.capture.ActivationCapture`, keeping thin products instead of rows.
 
     ``sketch_probes``: called at each micro-batch, the number ``k`` of probes (random signs) of the clipping
-    norm's sketch (0: no sketch); the probes of layer ``i`` at step ``t`` are seeded by
-    ``norm_sketch_seed(t, i)``, ``t`` = :attr:`step`, so every rank draws the same ones.
+    norm's sketch (0: no sketch); the probes of layer ``i`` at step ``t`` are its rows
+    (:func:`~psilora_ds.ops.random_probes.probe_row_offsets`) of the signs of ``norm_sketch_seed(t)``, ``t`` =
+    :attr:`step`, so every rank draws the same ones; drawn for every layer at once, at the step's first use.
 
     ``statistics``: called once per step, at its first micro-batch: what else the step takes
     (:class:`HookStatistics`): the two-sided sketch of each layer's gradient (the spectral first step, the Adafactor
@@ -196,7 +197,8 @@ class ProductCapture(ActivationCapture):
         self._statistics: HookStatistics | None = None  # this step's decision, made at its first micro-batch
         self._popped = False  # the step was handed over: its decision and probes stand until the next one opens
         self.probes = ProbeFactors(layers)  # the factors the products are taken at, set by the optimizer
-        self._omegas: dict[int, torch.Tensor] = {}  # this step's probes, drawn once per layer
+        self._probe_rows = probe_row_offsets([layer.in_features for layer in layers])
+        self._omegas: torch.Tensor | None = None  # this step's probes of every layer, drawn at their first use
         self._sketch_probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # idx -> (Omega_s, Psi), this step
         self.reduction: BucketedReduction | None = None
         self.microbatches_per_step: int | None = None
@@ -284,12 +286,15 @@ class ProductCapture(ActivationCapture):
         return self.probes.momentum_pair(idx) if self.reusing_autograd() else (left, right)
 
     def _omega(self, idx: int, n: int, k: int, like: torch.Tensor) -> torch.Tensor:
-        omega = self._omegas.get(idx)
-        if omega is None or omega.shape[1] != k:
-            omega = sign_probes(n, k, norm_sketch_seed(self.step, self.layers[idx].index),
-                                    dtype=like.dtype, device=like.device)
-            self._omegas[idx] = omega
-        return omega
+        """Layer ``idx``'s rows of this step's probes (one draw for every layer: a few dozen small kernels per step
+        instead of per layer)."""
+        omegas = self._omegas
+        if omegas is None or omegas.shape[1] != k:
+            total = self._probe_rows[-1] + self.layers[-1].in_features
+            omegas = self._omegas = sign_probes(total, k, norm_sketch_seed(self.step), dtype=like.dtype,
+                                                device=like.device)
+        start = self._probe_rows[self.layers[idx].index]
+        return omegas[start: start + n].to(dtype=like.dtype, device=like.device)
 
     def add(self, idx: int, X: torch.Tensor, Z: torch.Tensor) -> None:
         if self._popped:  # the first micro-batch of a new step
@@ -325,7 +330,7 @@ class ProductCapture(ActivationCapture):
     def pop(self) -> dict[int, LayerProducts]:
         """This step's products; its sketch decision and probes stand until the next step's first micro-batch (the
         step reads them)."""
-        self._omegas = {}
+        self._omegas = None
         self.step_statistics()  # (decided now if no micro-batch came: a rank that saw none adds zeros shaped by it)
         self.reusing_autograd()
         self._popped = True
@@ -334,7 +339,7 @@ class ProductCapture(ActivationCapture):
     def clear(self) -> None:
         if self.reduction is not None:
             self.reduction.abandon()
-        self._omegas, self._sketch_probes = {}, {}
+        self._omegas, self._sketch_probes = None, {}
         self._statistics, self._reuse_mode, self._popped = None, None, False
         super().clear()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from psilora_ds.ops.random_probes import counter_normal, gaussian_probes, seed_keys, sign_probes
+from psilora_ds.ops.random_probes import counter_normal, gaussian_probes, probe_row_offsets, seed_keys, sign_probes
 
 
 def test_the_numbers_depend_on_the_seed_and_the_position_only():
@@ -23,6 +23,16 @@ def test_the_numbers_depend_on_the_seed_and_the_position_only():
     assert not torch.equal(counter_normal(100, 2**33), counter_normal(100, 2**33 + 2**32))
     with pytest.raises(ValueError, match="non-negative"):
         seed_keys(-1)
+
+
+def test_one_draw_for_every_layer_equals_each_layers_own_rows():
+    widths = [24, 7, 24, 40]
+    offsets = probe_row_offsets(widths)
+    assert offsets == [0, 24, 31, 55]
+    whole = sign_probes(sum(widths), 45, 77, dtype=torch.float32, device="cpu")
+    for start, n in zip(offsets, widths):
+        assert torch.equal(whole[start: start + n],
+                           sign_probes(n, 45, 77, dtype=torch.float32, device="cpu", row_offset=start))
 
 
 def test_signs_are_plus_or_minus_one_balanced_and_uncorrelated():

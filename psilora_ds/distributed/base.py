@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from ..gradient import FactoredGradient
 from ..lora_layers import LoRALayer
-from ..ops import norm_sketch_seed
+from ..ops import norm_sketch_seed, probe_row_offsets
 from ..ops.rounds import Rounds
 from ..product_buckets import AsyncReduce
 
@@ -100,6 +100,7 @@ class Distributor:
             self.factor_offsets.append(self.factor_offsets[-1] + len(f))
         self.n_lora_params = self.factor_offsets[-1]
         self.norm_probes = norm_probes
+        self.probe_rows = probe_row_offsets([layer.in_features for layer in layers])  # (by layer.index)
 
     # ---- factors ---------------------------------------------------------------------------------
     def read_factors(self, layer: LoRALayer, masters: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -178,10 +179,10 @@ class Distributor:
     def lora_norm_sq(self, layer: LoRALayer, grad: FactoredGradient, step: int) -> Rounds[torch.Tensor]:
         """``||P||_F^2`` of the layer's whole gradient, summed over ranks (rounds, :mod:`~psilora_ds.ops.rounds`):
         exact in one process unless probes were asked for, else the random-sign sketch with :attr:`norm_probes` probes
-        seeded by ``step`` and the layer (:meth:`~psilora_ds.gradient.FactoredGradient.norm_sq`; cache-free
+        seeded by ``step``, the layer's rows of them (:meth:`~psilora_ds.gradient.FactoredGradient.norm_sq`; cache-free
         gradients always sketch, in the hooks)."""
         probes = self.norm_probes if self.sketches_norm() else 0
-        return (yield from grad.norm_sq(probes, norm_sketch_seed(step, layer.index)))
+        return (yield from grad.norm_sq(probes, norm_sketch_seed(step), self.probe_rows[layer.index]))
 
     def other_grads_are_sharded(self) -> bool:
         """Whether each rank holds only a shard of the non-LoRA gradients (their norms add up)."""

@@ -9,7 +9,7 @@ from .linalg import SPDSolve, compute_dtype, solve_spd_batch, solve_spd_left, so
 from .lorsum import lorsum
 from .metrics import (adafactor_normalized, damped_power, factored_second_moments, kfac_diagonals, kfac_sums,
                       shampoo_diagonals)
-from .random_probes import counter_normal, gaussian_probes, sign_probes
+from .random_probes import counter_normal, gaussian_probes, probe_row_offsets, sign_probes
 from .svd import svd_project, weighted_svd_project
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "landing_field_rounds",
     "lorsum",
     "norm_sketch_seed",
+    "probe_row_offsets",
     "shampoo_diagonals",
     "sign_probes",
     "sketched_product",

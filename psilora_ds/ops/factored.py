@@ -76,9 +76,10 @@ def gradient_gram_diagonals(
 NORM_SKETCH_SEED = 0x7A5C
 
 
-def norm_sketch_seed(step: int, layer_index: int) -> int:
-    """The seed of the clipping-norm probes of one layer at one step (the same on every rank)."""
-    return NORM_SKETCH_SEED + 1_000_003 * step + layer_index
+def norm_sketch_seed(step: int) -> int:
+    """The seed of the clipping-norm probes at one step (the same on every rank; each layer takes its rows of it,
+    :func:`~psilora_ds.ops.random_probes.probe_row_offsets`)."""
+    return NORM_SKETCH_SEED + 1_000_003 * step
 
 
 def sketched_product(Z: torch.Tensor, X: torch.Tensor, omega: torch.Tensor,

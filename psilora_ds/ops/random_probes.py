@@ -25,6 +25,7 @@ device; a few dozen elementwise operations, no host work, no copy.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -101,15 +102,29 @@ def gaussian_probes(n: int, k: int, seed: int, *, dtype: torch.dtype, device: to
     return counter_normal(n * k, seed, dtype=dtype, device=device).reshape(n, k)
 
 
-def sign_probes(n: int, k: int, seed: int, *, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
-    """``Omega`` (n x k) of independent random signs (+1 or -1 with probability 1/2 each) from ``seed``: row ``i``'s
-    from the bits of hashes ``i * ceil(k / 32) ...``, the same numbers on every rank and device, drawn on ``device``
-    with no host work and no copy."""
+def sign_probes(n: int, k: int, seed: int, *, dtype: torch.dtype, device: torch.device | str | None,
+                row_offset: int = 0) -> torch.Tensor:
+    """``Omega`` (n x k) of independent random signs (+1 or -1 with probability 1/2 each): rows ``row_offset`` to
+    ``row_offset + n - 1`` of the sign matrix of ``seed`` (row ``i`` from the bits of the hashes of ``i ceil(k / 32)``
+    onwards), so that one draw of many layers' rows equals each layer's own; the same numbers on every rank and
+    device, drawn on ``device`` with no host work and no copy."""
     words = -(-k // 32)
-    if n * words > 2**32:
-        raise ValueError(f"at most 2**37 signs per seed, asked for {n} x {k}")
+    if (row_offset + n) * words > 2**32:
+        raise ValueError(f"at most 2**32 words of signs per seed, asked for rows up to {row_offset + n} x {k}")
     k1, k2, _, _ = seed_keys(seed)
-    bits = _bits32(torch.arange(n * words, dtype=torch.int64, device=device), k1, k2)
+    counter = torch.arange(row_offset * words, (row_offset + n) * words, dtype=torch.int64, device=device)
+    bits = _bits32(counter, k1, k2)
     shifts = torch.arange(32, dtype=torch.int64, device=device)
     ones = ((bits[:, None] >> shifts) & 1).reshape(n, words * 32)[:, :k]
     return ones.to(dtype) * 2 - 1
+
+
+def probe_row_offsets(widths: Sequence[int]) -> list[int]:
+    """Where each layer's rows start in a step's sign matrix, for layers of these input widths in order (the
+    clipping norm's probes of layer ``i`` are rows ``offsets[i]`` to ``offsets[i] + widths[i] - 1``): every rank
+    computes the same from the shapes, and one draw serves all layers."""
+    offsets, total = [], 0
+    for width in widths:
+        offsets.append(total)
+        total += width
+    return offsets
