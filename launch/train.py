@@ -30,6 +30,7 @@ from psilora_ds.recipe.backends import choose_backend
 from psilora_ds.recipe.config import ConfigError, is_builtin, parse
 from psilora_ds.recipe.data import build_datasets, check_sizes, micro_batches
 from psilora_ds.recipe.faults import fault_requested
+from psilora_ds.recipe.garbage import StepGarbageCollection
 from psilora_ds.recipe.loggers import build_loggers, report_to
 from psilora_ds.recipe.loop import DivergenceStop, evaluate, inject_overflow, optimizer_metrics, train_step
 from psilora_ds.recipe.modeling import DTYPES, build_model, build_tokenizer, offline_base
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest()
     stop.install()  # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, save, exit non-zero
     divergence = DivergenceStop(optimizer, cfg.max_skipped_steps)  # steps skipped in a row: stop with one line
+    collector = StepGarbageCollection(cfg.gc_every)  # every rank at the same steps, not at random ones
+    collector.start()
     started, last_saved = time.perf_counter(), None
     outcome = 1  # the run's exit code as the loggers are told it: an error that leaves the loop is a failure
     try:  # (the bar is closed on every way out: an error line must not share the bar's line)
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             divergence.after_step(step, ckpt_root)
+            collector.after_step(step)
             signum = stop.agreed()
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or signum:
                 trainer = checkpoint.TrainerState(step=step, world_size=world, optim=cfg.optim, engine=engine_name,
@@ -176,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bar.close()
         stop.uninstall()
+        collector.close()
         for logger_ in loggers:
             logger_.close(outcome)
 

@@ -118,6 +118,7 @@ class TrainConfig:
     save_total_limit: int = opt(2, "keep the newest N checkpoints")
     resume_from_checkpoint: str | None = opt(None, "a checkpoint directory, or \"latest\" in output_dir (the newest that verifies); the model and adapter must be the ones it trained, other changes (lr, max_steps, ...) apply and are logged")
     overwrite_output_dir: bool = opt(False, "a run that does not resume, into an output_dir holding checkpoints: delete them (else refused)")
+    gc_every: int = opt(50, "collect Python's garbage every N steps, on every rank at once, after freezing what setup allocated (Python's automatic collections come at a different moment on each rank, and the others' collectives wait for it); 0: Python's automatic collection")
     max_skipped_steps: int = opt(10, "stop with an error after this many consecutive steps skipped for non-finite values (0: never)")
     merge_weights: bool = opt(False, "also save the base model with the adapter merged in")
     output_dir: str = opt("runs/default", "metrics.jsonl, loss.png, adapter/, checkpoints/")
@@ -286,7 +287,7 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("save_every", "save_total_limit", "eval_batches", "warmup_steps", "max_grad_norm", "other_lr",
-                 "max_skipped_steps"):
+                 "max_skipped_steps", "gc_every"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     unknown = sorted({n.strip() for n in cfg.report_to.split(",")} - set(REPORT_TO) - {"", "none"})
