@@ -7,6 +7,7 @@ process), the same model, data and steps.
     python bench/scale.py --shape 0.9b          # hidden 2048, 24 layers, as in the scale issue (~10 GB per rank)
     python bench/scale.py --stage 2             # ZeRO-2 (the base replicated: built whole on every rank)
     python bench/scale.py --write docs/BENCHMARKS.md
+    python bench/scale.py --stage 2 --profile 40  # and a cProfile of each method's last step on rank 0
 
 Memory per rank (CPU: resident set sampled after each forward, backward and step; CUDA: allocated): once the
 model, engine and optimizer are built; the peak of the first step (the PSI methods take the spectral first step,

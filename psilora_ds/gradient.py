@@ -199,17 +199,17 @@ class LayerGradient:
     def norm_sq(self, probes: int, seed: int, row_offset: int = 0) -> Rounds[torch.Tensor]:
         """``||P||_F^2`` summed over ranks. ``probes == 0``: exact (one process only: the Gram trick on the rows, or
         ``P`` formed one layer at a time where that is cheaper). ``probes = k > 0``: with ``Omega`` (n x k) random
-        signs, rows ``row_offset`` on of those of ``seed`` (shared by the ranks), ``E ||P Omega||_F^2 / k = ||P||_F^2``; ``P Omega = sum_ranks
-        Z_k^T (X_k Omega) (+ P_k Omega)`` costs one ``m x k`` all-reduce and no activation moves; its relative
-        standard deviation is at most ``sqrt(2 sum s_i^4 / k) / sum s_i^2 <= sqrt(2 / k)`` (s_i: singular values of
-        P)."""
+        signs, the rows from ``row_offset`` on of those of ``seed`` (shared by the ranks), ``E ||P Omega||_F^2 / k =
+        ||P||_F^2``; ``P Omega = sum_ranks Z_k^T (X_k Omega) (+ P_k Omega)`` costs one ``m x k`` all-reduce and no
+        activation moves; its relative standard deviation is at most ``sqrt(2 sum s_i^4 / k) / sum s_i^2 <= sqrt(2 /
+        k)`` (s_i: singular values of P)."""
         if probes == 0:
             if self.dense_for_quadratics:
                 return self.local_dense().square().sum() * self.coef**2
             return frobenius_sq(self.Z, self.X) * self.coef**2
         n = self.batch.xs[0].shape[1] if self.batch.xs else self.local_n()
         omega = sign_probes(n, probes, seed, device=self.device, row_offset=row_offset,
-                                dtype=torch.float64 if self.row_dtype == torch.float64 else torch.float32)
+                            dtype=torch.float64 if self.row_dtype == torch.float64 else torch.float32)
         Y = yield from self._reduced(self.sketch(omega))
         return Y.square().sum() * (self.coef**2 / probes)
 

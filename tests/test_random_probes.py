@@ -14,7 +14,8 @@ from psilora_ds.ops.random_probes import counter_normal, gaussian_probes, probe_
 def test_the_numbers_depend_on_the_seed_and_the_position_only():
     assert torch.equal(counter_normal(7, 3)[:5], counter_normal(5, 3))  # (pairs do not depend on the count)
     # float64: the same uniforms, Box-Muller in float64
-    torch.testing.assert_close(counter_normal(64, 3, dtype=torch.float64).float(), counter_normal(64, 3), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(counter_normal(64, 3, dtype=torch.float64).float(), counter_normal(64, 3),
+                               rtol=1e-5, atol=1e-6)
     assert torch.equal(gaussian_probes(6, 4, 11, dtype=torch.float32, device="cpu").reshape(-1), counter_normal(24, 11))
     assert torch.equal(sign_probes(50, 40, 2**40 + 5, dtype=torch.float32, device="cpu"),
                        sign_probes(50, 40, 2**40 + 5, dtype=torch.float32, device="cpu"))
