@@ -470,8 +470,10 @@ def test_two_ranks_cache_free_equals_the_cached_rows(engine_runs, engine, name):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_two_ranks_sketched_first_step_equals_one_process(engine_runs, engine, name):
     """The spectral first step from the sketch the hooks took (summed over ranks in the products' flat all-reduce),
-    then 3 ordinary steps: every engine's factors equal one process's on the whole batch (1e-5, fp32), and no step
-    held rows. zero3-init draws its weights partitioned (not as one process does): one process starts from them."""
+    then 3 ordinary steps: every engine's factors equal one process's on the whole batch (3e-5, fp32: the products
+    summed in another order, amplified by the conditioning of the sketch's least-squares reconstruction; 1.2e-5 to
+    1.7e-5 read since the clipping probes became random signs, under 1e-5 before), and no step held rows. zero3-init
+    draws its weights partitioned (not as one process does): one process starts from them."""
     weights = torch.load(engine_runs / "zero3-init-weights.pt") if engine == "zero3-init" else None
     opt, want, cache = one_process_run(name, True, seed=ENGINE_DATA_SEED, first_step_iters=FIRST_STEP_ITERS,
                                        weights=weights)
@@ -481,8 +483,8 @@ def test_two_ranks_sketched_first_step_equals_one_process(engine_runs, engine, n
         assert got["cache_free"] and got["cache"] == 0
         assert got["norm"] == pytest.approx(opt.last_grad_norm, rel=1e-5)
         for layer, (A, B_) in want.items():
-            assert rel_err(got["factors"][layer][0], A) <= 1e-5
-            assert rel_err(got["factors"][layer][1], B_) <= 1e-5
+            assert rel_err(got["factors"][layer][0], A) <= 3e-5
+            assert rel_err(got["factors"][layer][1], B_) <= 3e-5
 
 
 @pytest.mark.slow
