@@ -109,3 +109,18 @@ def test_on_cuda_the_cache_free_hooks_never_synchronize(method):
             torch.cuda.set_sync_debug_mode(0)
         opt.step()
         opt.zero_grad()
+
+
+def test_factors_are_compared_bit_for_bit_in_stacks_and_in_order():
+    from psilora_ds.distributed.base import pairs_differ
+
+    a = torch.randn(4, 6)
+    nan = torch.full((4, 6), float("nan"))
+    pairs = [(a, a.clone()), (a, a + 1e-7 * a.abs().max()), (torch.zeros(3), -torch.zeros(3)),  # -0.0 is not 0.0
+             (nan, nan.clone()), (a, a.double()[:2].float()), (a.double(), a.double().clone()), (a, a.clone())]
+    watch = HostReads()
+    with watch:
+        differ = pairs_differ(pairs, torch.device("cpu"))
+    assert watch.count == 0
+    assert differ.tolist() == [False, True, True, False, True, False, False]
+    assert pairs_differ([], torch.device("cpu")).shape == (0,)

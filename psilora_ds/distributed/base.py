@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from ..gradient import FactoredGradient
 from ..lora_layers import LoRALayer
 from ..ops import norm_sketch_seed, probe_row_offsets
-from ..ops.rounds import Rounds
+from ..ops.rounds import Rounds, host_tensor
 from ..product_buckets import AsyncReduce
 
 DEFAULT_NORM_PROBES = 32  # probes of the clipping norm's sketch when none are asked for and it must be sketched
@@ -61,7 +61,30 @@ def bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def as_bits(t: torch.Tensor) -> torch.Tensor:
     """``t``'s elements as same-size integers: compared bit for bit."""
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return t.detach().reshape(-1).view(ints[t.element_size()])
+    return t.detach().view(ints[t.element_size()])
+
+
+def pairs_differ(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """A bool tensor on ``device`` (not read): per pair ``(a, b)``, whether they differ in shape or in some element's
+    bits (:func:`bits_differ`), the pairs of one shape, dtype and device compared as one stack (a few kernels per
+    shape, not per pair; each bucket's copies live only while it is compared)."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, (a, b) in enumerate(pairs):
+        key = (a.shape, a.dtype, a.device) if a.shape == b.shape else ("shapes differ", i)
+        buckets.setdefault(key, []).append(i)
+    parts, order = [], []
+    for key, members in buckets.items():
+        if key[0] == "shapes differ":
+            parts.append(torch.ones(1, dtype=torch.bool, device=device))
+        else:
+            held = torch.stack([as_bits(pairs[i][0]) for i in members])
+            given = torch.stack([as_bits(pairs[i][1].to(device=pairs[i][0].device)) for i in members])
+            parts.append(torch.ne(held, given).flatten(1).any(1).to(device))
+        order += members
+    out = torch.empty(len(pairs), dtype=torch.bool, device=device)
+    if pairs:  # (the positions by one non-blocking copy: an index from the host would be a synchronizing one on a GPU)
+        out[host_tensor(order, device, torch.int64)] = torch.cat(parts)
+    return out
 
 
 class Distributor:
@@ -130,12 +153,18 @@ class Distributor:
         its own part only: the caller sums the flags over ranks (the step's flags all-reduce). Here: read whole;
         engines that shard the factors override it to compare without collectives or host syncs."""
         device = factors[0][0].device if factors else torch.device("cpu")
+        pairs, counts = [], []
+        for layer, given in zip(layers, factors):
+            held = self.read_factors(layer, masters)
+            pairs += [(m, f.to(m.dtype)) for m, f in zip(held, given, strict=True)]
+            counts.append(len(held))
+        differ = pairs_differ(pairs, device)  # (compared on the device: no host read)
         if not layers:
             return torch.zeros(0, dtype=torch.float64, device=device)
-        flags = [torch.stack([bits_differ(m, f.to(m.dtype)) for m, f in zip(self.read_factors(layer, masters), given,
-                                                                            strict=True)]).any()
-                 for layer, given in zip(layers, factors)]
-        return torch.stack(flags).to(device=device, dtype=torch.float64)  # (compared on the device: no host read)
+        if len(set(counts)) == 1:  # (every layer the same number of factors: one reduction)
+            return differ.view(len(layers), counts[0]).any(1).to(torch.float64)
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        return torch.stack([differ[s: s + c].any() for s, c in zip(starts, counts)]).to(torch.float64)
 
     def factors_synced(self, masters: Sequence[torch.Tensor]) -> None:
         """Called by the optimizer whenever the factors it holds equal the engine's (after reading them, after
