@@ -50,14 +50,6 @@ class LoRAOptimizerProtocol(Protocol):
     def load_lora_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
-def bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """A 0-d bool tensor (not read): whether ``a`` and ``b`` (one dtype) differ in shape or in some element's bits (a
-    NaN equals itself, -0.0 differs from 0.0)."""
-    if a.shape != b.shape:
-        return torch.ones((), dtype=torch.bool, device=a.device)
-    return torch.ne(as_bits(a), as_bits(b.to(a.device))).any()
-
-
 def as_bits(t: torch.Tensor) -> torch.Tensor:
     """``t``'s elements as same-size integers: compared bit for bit."""
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -65,8 +57,8 @@ def as_bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def pairs_differ(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """A bool tensor on ``device`` (not read): per pair ``(a, b)``, whether they differ in shape or in some element's
-    bits (:func:`bits_differ`), the pairs of one shape, dtype and device compared as one stack (a few kernels per
+    """A bool tensor on ``device`` (not read): per pair ``(a, b)`` (one dtype), whether they differ in shape or in some
+    element's bits (a NaN equals itself, -0.0 differs from 0.0), the pairs of one shape, dtype and device compared as one stack (a few kernels per
     shape, not per pair; each bucket's copies live only while it is compared)."""
     buckets: dict[tuple, list[int]] = {}
     for i, (a, b) in enumerate(pairs):
@@ -153,18 +145,17 @@ class Distributor:
         its own part only: the caller sums the flags over ranks (the step's flags all-reduce). Here: read whole;
         engines that shard the factors override it to compare without collectives or host syncs."""
         device = factors[0][0].device if factors else torch.device("cpu")
+        if not layers:
+            return torch.zeros(0, dtype=torch.float64, device=device)
         pairs, counts = [], []
         for layer, given in zip(layers, factors):
             held = self.read_factors(layer, masters)
             pairs += [(m, f.to(m.dtype)) for m, f in zip(held, given, strict=True)]
             counts.append(len(held))
         differ = pairs_differ(pairs, device)  # (compared on the device: no host read)
-        if not layers:
-            return torch.zeros(0, dtype=torch.float64, device=device)
         if len(set(counts)) == 1:  # (every layer the same number of factors: one reduction)
             return differ.view(len(layers), counts[0]).any(1).to(torch.float64)
-        starts = [sum(counts[:i]) for i in range(len(counts))]
-        return torch.stack([differ[s: s + c].any() for s, c in zip(starts, counts)]).to(torch.float64)
+        return torch.stack([part.any() for part in differ.split(counts)]).to(torch.float64)
 
     def factors_synced(self, masters: Sequence[torch.Tensor]) -> None:
         """Called by the optimizer whenever the factors it holds equal the engine's (after reading them, after

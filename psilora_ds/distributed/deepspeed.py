@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from ..lora_layers import LoRALayer
-from .base import LoRAOptimizerProtocol, bits_differ
+from .base import LoRAOptimizerProtocol, pairs_differ
 from .ddp import DDPDistributor
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class DeepSpeedDistributor(DDPDistributor):
         if snap is None or len(snap) != len(masters) or any(s.shape != m.shape for s, m in zip(snap, masters)):
             changed = torch.ones((), dtype=torch.bool)
         else:
-            changed = torch.stack([bits_differ(m, s) for m, s in zip(masters, snap)]).any()
+            changed = pairs_differ(list(zip(masters, snap)), masters[0].device).any()
         device = factors[0][0].device if factors else masters[0].device
         return changed.to(device=device, dtype=torch.float64).expand(len(layers)).clone()
 

@@ -10,6 +10,7 @@ import torch
 
 from ..distributed import Distributor
 from ..lora_layers import LoRALayer
+from ..ops.rounds import host_tensor
 from ..products import StaleFactorsError
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class FactorSource:
         if len(given) == len(self.layers):  # (every layer, in order: no index to move to the device)
             return flags
         out = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
-        out[torch.tensor(list(given), device=device)] = flags
+        out[host_tensor(list(given), device, torch.int64)] = flags  # (no synchronizing copy on a GPU)
         return out
 
     def reread(self, changed: list[int]) -> None:

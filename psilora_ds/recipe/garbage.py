@@ -28,7 +28,6 @@ class StepGarbageCollection:
             raise ValueError(f"every must be >= 0 (0: Python's automatic collection), got {every}")
         self.every = every
         self.collections = 0  # collections made by :meth:`after_step`
-        self.seconds = 0.0  # their time
         self._was_enabled: bool | None = None
 
     def start(self) -> None:
@@ -45,7 +44,6 @@ class StepGarbageCollection:
         started = time.perf_counter()
         gc.collect()
         self.collections += 1
-        self.seconds += time.perf_counter() - started
         logger.debug("garbage collection at step %d: %.3f s", step, time.perf_counter() - started)
 
     def close(self) -> None:
