@@ -111,6 +111,7 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
 
     import psilora_ds.distributed.deepspeed as psd
     from psilora_ds import PreconditionedLoRA, ScaledPSILoRA
+    from psilora_ds.recipe.garbage import StepGarbageCollection
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     config = ds_config(args.micro_batch, args.stage)
@@ -139,6 +140,10 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
     first_cache = 0
     g = torch.Generator().manual_seed(1 + rank)
     times = []
+    # Python's garbage collected as the recipe does (recipe/garbage.py): setup frozen, no automatic collection at a
+    # different moment on each rank in the timed steps (a full one takes ~0.3 s here, and the other rank waits)
+    garbage = StepGarbageCollection(50)
+    garbage.start()
     for step in range(args.warmup + args.steps):
         if step == 1:  # the first step's peak, then the later steps' alone
             first_peak, in_steps = in_steps, built
@@ -171,6 +176,7 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append((time.perf_counter() - start, time.perf_counter() - middle))
+        garbage.after_step(step + 1)
         if profiler is not None:
             import pstats
 
@@ -178,6 +184,7 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
             print(f"== cProfile of {method}'s last step on rank 0 (by own time, then cumulative)", flush=True)
             pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile)
             pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(args.profile)
+    garbage.close()
     result = {"step_s": statistics.median(t for t, _ in times), "opt_s": statistics.median(o for _, o in times),
               "built_bytes": built, "peak_bytes": torch.cuda.max_memory_allocated() if cuda else in_steps,
               "first_peak_bytes": first_peak, "first_cache": first_cache,

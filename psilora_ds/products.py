@@ -54,11 +54,24 @@ class LayerProducts:
     # checks those (its first): taken apart, so ``left``/``right`` are the very products of the steps that follow
     check_left: torch.Tensor | None = None
     check_right: torch.Tensor | None = None
+    # autograd's gradients of the layer's factors (``(A.grad, B.grad)``: ``B^T P``, ``P A^T``), this rank's, summed
+    # over its micro-batches by hooks on the factors, where they stand for the products at ``(A, B)`` and the engine
+    # does not leave them whole at the step (ZeRO): summed over ranks with the products (:meth:`ProductCapture.
+    # local_factor_grads`)
+    factor_grads: list[torch.Tensor] | None = None
     rows: int = 0
+    microbatches: int = 0  # micro-batches added
+    grad_hooks: int = 0  # factor gradients added (``len(factor_grads)`` per micro-batch when complete)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.left, self.right, self.sum_x2, self.sum_z2, self.sketch, self.range_sketch,
-                            self.corange_sketch, self.check_left, self.check_right) if t is not None]
+                            self.corange_sketch, self.check_left, self.check_right, *(self.factor_grads or ()))
+                if t is not None]
+
+    @property
+    def factor_grads_complete(self) -> bool:
+        """Whether every factor's gradient came for every micro-batch added (trivially, when none are taken)."""
+        return self.factor_grads is None or self.grad_hooks == len(self.factor_grads) * self.microbatches
 
     def with_factor_products(self) -> LayerProducts:
         """These products with the checked ones at ``(A, B)`` put first in ``left``/``right`` (the layout of products
@@ -72,9 +85,11 @@ class LayerProducts:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def add_(self, other: tuple[torch.Tensor, ...], rows: int) -> None:
+        """Add one micro-batch's products (the order of :meth:`tensors`, without the factor gradients)."""
         for mine, new in zip(self.tensors(), (t for t in other if t is not None)):
             mine.add_(new)
         self.rows += rows
+        self.microbatches += 1
 
 
 class StaleFactorsError(RuntimeError):
@@ -204,6 +219,42 @@ class ProductCapture(ActivationCapture):
         self.microbatches_per_step: int | None = None
         self.autograd_reuse = "off"
         self._reuse_mode: str | None = None  # this step's autograd_reuse, read at its first micro-batch
+        # per layer, its factors whose autograd gradients hooks sum into the products (take_factor_grads), or None
+        self._grad_factors: list[tuple[torch.Tensor, ...]] | None = None
+
+    def take_factor_grads(self, factors: Sequence[tuple[torch.Tensor, ...]]) -> None:
+        """Sum autograd's gradients of each layer's ``factors`` (the model's parameters, in the method's order) into its
+        products, on steps that leave the products at ``(A, B)`` to them, where the engine does not leave them whole at
+        the step (ZeRO partitions and frees ``p.grad``; METHOD.md section 6): a hook on each factor takes its gradient
+        of each micro-batch as the backward pass computes it (this rank's share, before the engine reduces it: the
+        products' units), and the layer's products are final once the last of them came (the input side's, which the
+        backward pass reaches last). They are then summed over ranks with the products, in the same buckets."""
+        self._grad_factors = [tuple(fs) for fs in factors]
+        for idx, fs in enumerate(self._grad_factors):
+            for j, factor in enumerate(fs):
+                self._handles.append(factor.register_hook(self._make_factor_grad_hook(idx, j)))
+
+    def taking_factor_grads(self) -> bool:
+        """Whether this step's products carry the factors' autograd gradients (:meth:`take_factor_grads`)."""
+        return self._grad_factors is not None and self.reusing_autograd()
+
+    def _make_factor_grad_hook(self, idx: int, j: int):
+        def hook(grad: torch.Tensor) -> None:
+            batch = self._batches.get(idx)
+            if batch is None or batch.factor_grads is None:  # (a step that does not take them, or no rows here)
+                return
+            batch.factor_grads[j].add_(grad.detach())
+            batch.grad_hooks += 1
+            if batch.grad_hooks == len(batch.factor_grads) * batch.microbatches:
+                self._layer_final(idx, batch.microbatches)
+
+        return hook
+
+    def _factor_grad_zeros(self, idx: int, like: torch.Tensor) -> list[torch.Tensor] | None:
+        if not self.taking_factor_grads():
+            return None
+        # (shaped as the step's factors: a ZeRO-3 parameter is an empty placeholder between its uses)
+        return [torch.zeros(f.shape, dtype=like.dtype, device=like.device) for f in self.probes.step_factors(idx)]
 
     def zeros(self, idx: int) -> LayerProducts:
         """Products of no rows, shaped for layer ``idx`` (a rank that saw none takes part in the reduction)."""
@@ -221,7 +272,8 @@ class ProductCapture(ActivationCapture):
             checks = (new(r, n), new(m, r))
         sums = (new(n), new(m)) if self.step_statistics().kfac_sums else (None, None)
         return LayerProducts(new(left.shape[1], n), new(m, left.shape[1]), *sums,
-                             new(m, k) if k > 0 else None, *two_sided, *checks)
+                             new(m, k) if k > 0 else None, *two_sided, *checks,
+                             factor_grads=self._factor_grad_zeros(idx, left))
 
     def open_step(self, step: int) -> None:
         """The next step opens (the optimizer, after each step): its seeds are ``step``'s; its sketch decision and
@@ -316,11 +368,16 @@ class ProductCapture(ActivationCapture):
                 new = (*new, *thin_products(Z, X, B, A)[:2])
         batch = self._batches.get(idx)
         if batch is None:
-            self._batches[idx] = LayerProducts(*new, rows=X.shape[0])
+            self._batches[idx] = LayerProducts(*new, rows=X.shape[0], microbatches=1,
+                                               factor_grads=self._factor_grad_zeros(idx, left))
         else:
             batch.add_(new, X.shape[0])
 
     def committed(self, idx: int, microbatches: int) -> None:
+        if not self.taking_factor_grads():  # (else final when the factors' gradients have come: their hooks)
+            self._layer_final(idx, microbatches)
+
+    def _layer_final(self, idx: int, microbatches: int) -> None:
         if self.reduction is not None and microbatches == self.microbatches_per_step:
             self.reduction.ready(idx, self._batches[idx])  # the step's last micro-batch: final here, start its sum
 

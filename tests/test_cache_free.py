@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from psilora_ds import PreconditionedLoRA, PSILoRA, ScaledPSILoRA, SVDLoRA
+from psilora_ds.distributed import Distributor
 from psilora_ds.ops import thin_products
 from psilora_ds.products import ProductCapture, StaleFactorsError
 
@@ -133,6 +134,60 @@ def test_autograd_gradients_gone_at_the_step_are_an_error():
         if i == 1:
             opt.layers[0].lora_A.weight.grad = None
             with pytest.raises(RuntimeError, match="reuse_autograd_grads=False"):
+                opt.step()
+        else:
+            opt.step()
+            opt.zero_grad()
+
+
+class PartitionedGradsDistributor(Distributor):
+    """One process whose engine, like DeepSpeed ZeRO, does not leave ``A.grad``/``B.grad`` whole at the step."""
+
+    def lora_grads_are_whole(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_factor_gradients_summed_in_the_hooks_stand_for_the_products(name, caplog):
+    """Where the engine does not leave autograd's LoRA gradients whole at the step (ZeRO; here a one-process
+    distributor that says so), the cache-free hooks sum each micro-batch's (hooks on the factors) with the products
+    instead of computing the products at (A, B): checked against them on the first step (logged), then taken; the
+    factors equal a run that computes them (2e-6, fp32, 3 micro-batches per step); ``p.grad`` is left to the engine;
+    the hooks' products have r fewer columns on each side, the factor gradients the same numbers in their place."""
+    with caplog.at_level(logging.INFO, logger="psilora_ds.optim.autograd_grads"):
+        summed, with_grads, _ = one_process_run(name, cache_free=True, distributor=PartitionedGradsDistributor())
+    assert "from autograd" in caplog.text
+    assert summed.planner.autograd.from_capture and summed.capture.autograd_reuse == "on"
+    _, computed, _ = one_process_run(name, cache_free=True, reuse_autograd_grads=False)
+    for layer, (A, B_) in computed.items():
+        assert rel_err(with_grads[layer][0], A) <= 2e-6 and rel_err(with_grads[layer][1], B_) <= 2e-6
+    model = lora_two_layer_net(dtype=torch.float32, head_trainable=True, nonzero_B=False)
+    opt = make(name, model, cache_free=True, distributor=PartitionedGradsDistributor())
+    for x, t in regression_batches(5, 2, 2 * B):
+        F.mse_loss(model(x), t).backward()
+        opt.step()
+        opt.zero_grad()
+    F.mse_loss(model(x), t).backward()
+    batches = opt.capture.pop()  # (one more micro-batch's, taken as the step would)
+    for idx, layer in enumerate(opt.layers):
+        grads = batches[idx].factor_grads
+        torch.testing.assert_close(grads[0], layer.A.grad, rtol=1e-6, atol=1e-7)  # p.grad is still there
+        torch.testing.assert_close(grads[1], layer.B.grad, rtol=1e-6, atol=1e-7)
+        momentum_rank = opt.capture.probes.pair(idx)[0].shape[1] - layer.rank  # (0 without momentum)
+        assert batches[idx].left.shape[0] == batches[idx].right.shape[1] == momentum_rank
+
+
+def test_a_factor_gradient_that_never_comes_stops_the_step():
+    """A factor frozen after the optimizer was built: its gradient never comes, the products at (A, B) left to it are
+    missing, and the step stops with a one-line error instead of stepping on them."""
+    model = lora_two_layer_net(dtype=torch.float32, nonzero_B=False)
+    opt = make("scaled", model, cache_free=True, distributor=PartitionedGradsDistributor())
+    for i, (x, t) in enumerate(regression_batches(5, 2, 2 * B)):
+        if i == 1:
+            opt.layers[0].lora_A.weight.requires_grad_(False)
+        F.mse_loss(model(x), t).backward()
+        if i == 1:
+            with pytest.raises(RuntimeError, match="did not come.*reuse_autograd_grads=False"):
                 opt.step()
         else:
             opt.step()
@@ -458,8 +513,11 @@ def test_two_ranks_cache_free_equals_the_cached_rows(engine_runs, engine, name):
         # every step's products were summed in buckets started during its backward pass (two layers: one bucket)
         assert free["buckets"] == 1 and free["started"] == [1] * STEPS
         # DDP leaves whole averaged LoRA gradients: after the first step they stand for the products at (A, B), on
-        # rows as in the hooks
-        assert free["reuse"] == rows["reuse"] == ("on" if engine == "ddp" else "off")
+        # rows as in the hooks; under ZeRO the cache-free hooks sum each micro-batch's as the backward pass computes
+        # them (hooks on the factors: DeepSpeed partitions p.grad), the rows' steps compute the products; FSDP2's
+        # factors are shards, whose gradients arrive reduce-scattered: products computed
+        assert rows["reuse"] == ("on" if engine == "ddp" else "off")
+        assert free["reuse"] == ("off" if engine == "fsdp2" else "on")
         for layer, (A, B_) in rows["factors"].items():
             assert rel_err(free["factors"][layer][0], A) <= 2e-6
             assert rel_err(free["factors"][layer][1], B_) <= 2e-6

@@ -169,6 +169,15 @@ class Distributor:
         yes."""
         return True
 
+    def factor_grads_are_whole_locally(self) -> bool:
+        """Whether autograd's gradient of a factor as the backward pass computes it on this rank (what a hook on the
+        model's factor parameter receives, before the engine reduces it) is the whole factor's, ``B^T P_k`` or
+        ``P_k A^T`` of this rank's micro-batch, so that a cache-free capture may sum those over its micro-batches and
+        the ranks instead of computing its products at ``(A, B)`` (checked once: :mod:`~psilora_ds.optim.
+        autograd_grads`). Yes where the factor is one whole parameter at compute time (one process, DDP, DeepSpeed:
+        ZeRO-3 gathers it for the forward pass)."""
+        return True
+
     def grad_coef(self) -> float:
         """Multiplier turning this rank's captured ``Z`` into its share of the engine's gradient."""
         return 1.0

@@ -86,6 +86,9 @@ class FSDP2Distributor(DDPDistributor):
     def lora_grads_are_whole(self) -> bool:
         return False  # reduce-scattered DTensor shards (the products stay in the hooks)
 
+    def factor_grads_are_whole_locally(self) -> bool:
+        return False  # the factors are DTensor shards: their gradients arrive reduce-scattered
+
     def other_grads_are_sharded(self) -> bool:
         return True
 

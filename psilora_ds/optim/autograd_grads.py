@@ -72,7 +72,14 @@ class AutogradGradients:
         self.factors = [tuple(f) for f in factors]
         # (LoRA factors kept in half precision have half-precision gradients: their products stay computed, in fp32)
         full = all(f.dtype in (torch.float32, torch.float64) for fs in self.factors for f in fs)
-        self._set(VERIFY if enabled and full and distributor.lora_grads_are_whole() else OFF)
+        # where the engine does not leave them whole at the step (ZeRO), a cache-free capture sums each micro-batch's
+        # as the backward pass computes them (hooks on the factors), over ranks with its products
+        self.from_capture = (capture is not None and not distributor.lora_grads_are_whole()
+                      and distributor.factor_grads_are_whole_locally())
+        usable = distributor.lora_grads_are_whole() or self.from_capture
+        self._set(VERIFY if enabled and full and usable else OFF)
+        if self.from_capture and self.state == VERIFY:
+            capture.take_factor_grads(self.factors)
         self._taken: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def _set(self, state: str) -> None:
@@ -90,7 +97,7 @@ class AutogradGradients:
         """Keep this step's gradients of every layer's factors (``(A.grad, B.grad)``) and clear them on the model (the
         capture was emptied for this step whatever becomes of it: applied, skipped or undone)."""
         self._taken = {}
-        if self.state == OFF:
+        if self.state == OFF or self.from_capture:  # (local: the capture holds them; p.grad is the engine's)
             return
         for idx, factors in enumerate(self.factors):
             grads = plain_grads(factors)
@@ -103,8 +110,13 @@ class AutogradGradients:
         """The taken gradients of the layers ``idxs`` that have them (for the step's finiteness check)."""
         return {idx: self._taken[idx] for idx in idxs if idx in self._taken}
 
-    def pairs(self, idxs: Iterable[int]) -> dict[int, tuple[torch.Tensor, ...]]:
-        """The factors' gradients (``(A.grad, B.grad)``) of every layer in ``idxs``, on a step that takes them."""
+    def pairs(self, idxs: Iterable[int], products: dict[int, LayerProducts] | None = None,
+              coef: float = 1.0) -> dict[int, tuple[torch.Tensor, ...]]:
+        """The factors' gradients (``(A.grad, B.grad)``) of every layer in ``idxs``, on a step that takes them: the
+        engine's, or (:attr:`from_capture`) those the capture summed with ``products`` (summed over ranks), times the engine's
+        share ``coef``."""
+        if self.from_capture:
+            return {idx: self._scaled(products[idx], coef) for idx in idxs}
         for idx in idxs:
             if idx not in self._taken:
                 raise RuntimeError(
@@ -118,8 +130,18 @@ class AutogradGradients:
         ``check_right``; summed over ranks, ``coef`` the engine's share): check autograd's gradients against them."""
         if self.capture is None or not self.capture.checking_autograd() or not products:
             return
+        if self.from_capture:
+            self._taken = {idx: self._scaled(p, coef) for idx, p in products.items() if p.factor_grads is not None}
         self._decide({idx: self._expected(idx, p.check_left * coef, p.check_right * coef)
                       for idx, p in products.items()})
+
+    def _scaled(self, products: LayerProducts, coef: float) -> tuple[torch.Tensor, ...]:
+        """The factors' gradients summed with ``products``, in the engine's scale (``coef``)."""
+        if products.factor_grads is None:
+            raise RuntimeError("this step takes autograd's LoRA gradients for its products at (A, B), but the capture "
+                               "holds none (cache-free: its hooks did not take them); build the optimizer with "
+                               "reuse_autograd_grads=False")
+        return tuple(g * coef for g in products.factor_grads)
 
     def verify_rows(self, grads: dict[int, LayerGradient]) -> None:
         """On rows, on the first step (before clipping): ``(B^T P, P A^T)`` of every layer from its rows, summed over

@@ -99,11 +99,16 @@ class StepPlanner:
         changed_at = L + 1
         late_at = changed_at + (L if copy is not None else 0)
         stale_at = late_at + (1 if reduction is not None else 0)
-        host = [0.0] * (stale_at + (L if self.cache_free else 0))
+        # (then, where the capture sums the factors' autograd gradients: whether one failed to come)
+        incomplete_at = stale_at + (L if self.cache_free else 0)
+        host = [0.0] * (incomplete_at + (1 if self.autograd.from_capture else 0))
         for idx, batch in batches.items():
             host[idx] = float(batch.rows)
         if reduction is not None:
             host[late_at] = 0.0 if reduction.late_layer is None else 1.0
+        incomplete = [idx for idx, b in batches.items() if isinstance(b, LayerProducts) and not b.factor_grads_complete]
+        if incomplete:
+            host[incomplete_at] = 1.0
         flags = host_tensor(host, self.device)
         self.autograd.take()
         taken = self.autograd.local(batches) if self.autograd.reusing else {}
@@ -122,6 +127,12 @@ class StepPlanner:
         if reduction is not None:
             summed = self.finish_reduction(reduction, batches, rows, skip=flags[finite_at] > 0,
                                            late=flags[late_at] > 0)
+        if self.autograd.from_capture and flags[incomplete_at] > 0:  # (every rank raises: no collective left in flight)
+            where = f" ({self.layers[incomplete[0]].name} here)" if incomplete else ""
+            raise RuntimeError(
+                f"autograd's gradient of some LoRA factor did not come in this step's backward pass{where}, while its "
+                "products at (A, B) were left to those gradients (a factor frozen or replaced after the optimizer was "
+                "built?); build the optimizer with reuse_autograd_grads=False")
         if flags[finite_at] > 0:
             return StepPlan(skip=DIVERGED if self.factors.diverged() else NON_FINITE, clip=1.0, grads={})
         # A layer that captured nothing on any rank is left out: it keeps its factors and state,
@@ -200,7 +211,7 @@ class StepPlanner:
         self.autograd.verify_products({idx: summed[idx] for idx in present}, coef)  # (the first step)
         pairs = {}
         if self.autograd.reusing and self.autograd.state == ON:
-            pairs = self.autograd.pairs(present)
+            pairs = self.autograd.pairs(present, summed, coef)
         elif self.autograd.reusing:  # the check failed: the products at (A, B) taken apart stand in for them
             summed = {idx: summed[idx].with_factor_products() for idx in present}
         return {idx: ProductGradient(summed[idx], self.layers[idx].rank, coef, n, self.capture.probes.pair(idx),
