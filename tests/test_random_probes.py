@@ -36,6 +36,25 @@ def test_one_draw_for_every_layer_equals_each_layers_own_rows():
                            sign_probes(n, 45, 77, dtype=torch.float32, device="cpu", row_offset=start))
 
 
+def test_signs_are_the_bits_of_the_keyed_hash():
+    """Sign ``(i, j)`` is bit ``j mod 32`` of the hash of counter ``i ceil(k / 32) + j // 32`` (set: +1), the hash
+    computed here in Python integers: the definition, independent of how the bits are expanded on the device."""
+    def mix(x):
+        x ^= x >> 16
+        x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x735A2D97) & 0xFFFFFFFF
+        return x ^ (x >> 15)
+
+    k, offset, seed = 45, 7, 2**33 + 3
+    k1, k2, _, _ = seed_keys(seed)
+    signs = sign_probes(20, k, seed, dtype=torch.float64, device="cpu", row_offset=offset)
+    for i in range(20):
+        for j in range(k):
+            word = mix(mix(((offset + i) * 2 + j // 32 + k1) & 0xFFFFFFFF) ^ k2)
+            assert signs[i, j] == (1.0 if word >> (j % 32) & 1 else -1.0)
+
+
 def test_signs_are_plus_or_minus_one_balanced_and_uncorrelated():
     n, k = 8192, 32
     S = sign_probes(n, k, 12345, dtype=torch.float64, device="cpu")

@@ -6,6 +6,9 @@ over ranks) those products again: LoRSum's first A-step and its Jacobi B-step ta
 cache-free capture hooks take only the momentum factors' products (``r`` fewer columns on each side per token and
 layer). Factors with a core between them (PoLAR's ``B S A``: ``A.grad = S^T B^T P``, ``S.grad = B^T P A^T``,
 ``B.grad = P A^T S^T``) are the gradients the method steps on (``factor_gradients``): its hooks then take no products.
+Where the engine does not leave them whole at the step (DeepSpeed ZeRO partitions and frees ``p.grad``), a cache-free
+capture takes each micro-batch's from hooks on the factors as the backward pass computes them and sums them, over
+micro-batches and then ranks, with its products (:meth:`~psilora_ds.products.ProductCapture.take_factor_grads`).
 
 That the engine's gradients are what they must be (this rank's share averaged over the ranks as the distributor's
 ``grad_coef`` says, identical on every rank) is checked once, on the first step, against the products computed as
@@ -56,7 +59,8 @@ def _factor_products(grad: LayerGradient, A: torch.Tensor, B: torch.Tensor) -> R
 
 class AutogradGradients:
     """Whether a step takes autograd's LoRA gradients for its products at ``(A, B)``: :attr:`state` is ``"verify"``
-    where the distributor's engine leaves whole reduced gradients (and the factors are fp32/fp64), else ``"off"``;
+    where the distributor's engine leaves whole reduced gradients, or a cache-free capture can sum them itself
+    (:attr:`from_capture`), and the factors are fp32/fp64, else ``"off"``;
     the first step checks them (``"on"`` from then on, or ``"off"`` with one warning). A cache-free ``capture`` is told
     (its ``autograd_reuse``), since its hooks decide per step whether to take those products.
 
