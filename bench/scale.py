@@ -8,6 +8,7 @@ process), the same model, data and steps.
     python bench/scale.py --stage 2             # ZeRO-2 (the base replicated: built whole on every rank)
     python bench/scale.py --write docs/BENCHMARKS.md
     python bench/scale.py --stage 2 --profile 40  # and a cProfile of each method's last step on rank 0
+    python bench/scale.py --stage 2 --interleave --steps 20  # timings only: the methods' steps in turn, same processes
 
 Memory per rank (CPU: resident set sampled after each forward, backward and step; CUDA: allocated): once the
 model, engine and optimizer are built; the peak of the first step (the PSI methods take the spectral first step,
@@ -101,7 +102,8 @@ def process_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespace, out: str) -> None:
+def start_rank(rank: int, world: int, port: int) -> bool:
+    """This process as rank ``rank`` of ``world`` (gloo on CPU, NCCL on GPUs); whether CUDA is used."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     cuda = torch.cuda.is_available()
@@ -109,29 +111,47 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
         torch.cuda.set_device(rank)
     import deepspeed
 
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    return cuda
+
+
+def build_engine(method: str, args: argparse.Namespace, config: dict):
+    """``(engine, optimizer)`` of ``method`` on a freshly built model (the same weights for every method)."""
+    import deepspeed
+
     import psilora_ds.distributed.deepspeed as psd
     from psilora_ds import PreconditionedLoRA, ScaledPSILoRA
-    from psilora_ds.recipe.garbage import StepGarbageCollection
 
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    config = ds_config(args.micro_batch, args.stage)
-    if args.dtype == "bf16":
-        config["bf16"] = {"enabled": True}
     model = build_model(args.shape, zero_init=config if args.zero_init else None)
     if method == "adamw":
         params = [p for p in model.parameters() if p.requires_grad]
         engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-4),
                                                  config=config)
+        return engine, opt
+    if method == "precond_lora":
+        opt = PreconditionedLoRA(model, 0.05, first_step_iters=args.first_step_iters)
     else:
-        if method == "precond_lora":
-            opt = PreconditionedLoRA(model, 0.05, first_step_iters=args.first_step_iters)
-        else:
-            # --rank_multiplier 1 (a rank-r momentum, this script's default) is the configuration of most figures
-            # recorded in docs/BENCHMARKS.md; the class's default became 2 (a rank-2r momentum) in session 20; metric
-            # power 1/2 as all of them ran (the default became 1 in session 22: the same work, an lr 100x smaller)
-            opt = ScaledPSILoRA(model, 0.05, iters=int(method[-1]), betas=(0.9, 0.99), damping=1e-5, metric_power=0.5,
-                                first_step_iters=args.first_step_iters, rank_multiplier=args.rank_multiplier)
-        engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=config)
+        # --rank_multiplier 1 (a rank-r momentum, this script's default) is the configuration of most figures
+        # recorded in docs/BENCHMARKS.md; the class's default became 2 (a rank-2r momentum) in session 20; metric
+        # power 1/2 as all of them ran (the default became 1 in session 22: the same work, an lr 100x smaller)
+        opt = ScaledPSILoRA(model, 0.05, iters=int(method[-1]), betas=(0.9, 0.99), damping=1e-5, metric_power=0.5,
+                            first_step_iters=args.first_step_iters, rank_multiplier=args.rank_multiplier)
+    engine, _, _, _ = psd.initialize(model=model, optimizer=opt, config=config)
+    return engine, opt
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    config = ds_config(args.micro_batch, args.stage)
+    if args.dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespace, out: str) -> None:
+    cuda = start_rank(rank, world, port)
+    from psilora_ds.recipe.garbage import StepGarbageCollection
+
+    engine, opt = build_engine(method, args, run_config(args))
     device = engine.device
     built = memory_now()  # the model (its partition), engine and optimizer built, before any step
     if cuda:
@@ -212,6 +232,71 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
     os._exit(0)  # DeepSpeed engines destroyed at interpreter exit can abort (docs/DISTRIBUTED.md)
 
 
+def interleaved_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    """``--interleave``: every method's engine built side by side in the same processes, then rounds of one step of
+    each in turn on the same batch, so that a slow spell of the machine hits every method alike (timings only)."""
+    cuda = start_rank(rank, world, port)
+    from psilora_ds.recipe.garbage import StepGarbageCollection
+
+    config = run_config(args)
+    runs = {method: build_engine(method, args, config) for method in args.methods}
+    device = runs["adamw"][0].device
+    g = torch.Generator().manual_seed(1 + rank)
+    times: dict[str, list[tuple[float, float]]] = {method: [] for method in args.methods}
+    garbage = StepGarbageCollection(50)
+    garbage.start()
+    for step in range(args.warmup + args.steps):
+        ids = torch.randint(0, VOCAB, (args.micro_batch, args.seq_len), generator=g).to(device)
+        for method, (engine, _) in runs.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
+            if cuda:
+                torch.cuda.synchronize()
+            middle = time.perf_counter()
+            engine.step()
+            if cuda:
+                torch.cuda.synchronize()
+            if step >= args.warmup:
+                times[method].append((time.perf_counter() - start, time.perf_counter() - middle))
+        garbage.after_step(step + 1)
+    garbage.close()
+    for method, (_, opt) in runs.items():
+        if method != "adamw":
+            opt.distributor.close()
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, times)
+    if rank == 0:  # each step's time: the slowest rank's
+        slowest = {method: [tuple(max(r[method][i][j] for r in per_rank) for j in range(2))
+                            for i in range(args.steps)] for method in args.methods}
+        with open(os.path.join(out, "interleaved.json"), "w") as f:
+            json.dump(slowest, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def interleaved_table(times: dict[str, list[list[float]]]) -> str:
+    """Per method: the median step and ``engine.step()``, the fastest step, the median over rounds of each round's
+    ratio to that round's AdamW step, and the ratio of the medians."""
+    base = [t for t, _ in times["adamw"]]
+    rows = []
+    for method, steps in times.items():
+        step = [t for t, _ in steps]
+        ratios = [t / b for t, b in zip(step, base)]
+        rows.append([method, f"{statistics.median(step):.3f}", f"{statistics.median(o for _, o in steps):.3f}",
+                     f"{min(step):.3f}", f"{statistics.median(ratios):.3f}x",
+                     f"{statistics.median(step) / statistics.median(base):.3f}x",
+                     f"{min(ratios):.2f}-{max(ratios):.2f}"])
+    from bench.common import markdown_table
+
+    return markdown_table(["method", "step s (median)", "of which engine.step() s", "fastest step s",
+                           "vs AdamW: median of the rounds' ratios", "ratio of the medians",
+                           "rounds' ratios, range"], rows)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -242,6 +327,9 @@ def main() -> None:
                              "2: ScaledPSILoRA's default since session 20)")
     parser.add_argument("--profile", type=int, default=0,
                         help="print a cProfile of each method's last step on rank 0: its N most expensive functions")
+    parser.add_argument("--interleave", action="store_true",
+                        help="timings only: every method's engine in the same processes, one step of each in turn "
+                             "(per-round ratios to AdamW; no memory columns)")
     parser.add_argument("--write", help="replace this section of a markdown file (docs/BENCHMARKS.md)")
     args = parser.parse_args()
     if "adamw" not in args.methods:
@@ -252,6 +340,26 @@ def main() -> None:
     args.first_step_iters = args.first_step_iters or None
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.ranks)))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
+    if args.interleave:
+        args.methods = ["adamw"] + [m for m in args.methods if m != "adamw"]
+        with tempfile.TemporaryDirectory() as out:
+            mp.start_processes(interleaved_worker, args=(args.ranks, free_port(), args, out), nprocs=args.ranks,
+                               join=True, start_method="spawn")
+            with open(os.path.join(out, "interleaved.json")) as f:
+                times = json.load(f)
+        hidden, inter, layers, _, _ = SHAPES[args.shape]
+        title = (f"Scale, interleaved: ZeRO-{args.stage} on {args.ranks} ranks, LLaMA hidden {hidden}, {layers} layers, "
+                 f"Scaled PSI-LoRA's momentum rank {args.rank_multiplier:g} r")
+        body = (f"Every method's engine built side by side in the same 2 processes, then {args.steps} rounds (after "
+                f"{args.warmup} warm-up) of one step of each in turn on the same batch of {args.micro_batch} x "
+                f"{args.seq_len} tokens per rank; each step's time is the slower rank's; {args.dtype}, PSI methods' "
+                f"spectral first step {args.first_step_iters or 'off'}. Machine: {machine()} (each rank "
+                f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}).\n\n" + interleaved_table(times))
+        print(f"## {title}\n\n{body}")
+        if args.write:
+            command = "python bench/scale.py " + " ".join(sys.argv[1:]).replace(f"--write {args.write}", "").strip()
+            write_section(args.write, title, command, body)
+        return
     results: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as out:
         for repeat in range(args.repeats):  # methods interleaved: a slow spell of the machine hits all of them
