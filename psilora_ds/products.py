@@ -56,8 +56,8 @@ class LayerProducts:
     check_right: torch.Tensor | None = None
     # autograd's gradients of the layer's factors (``(A.grad, B.grad)``: ``B^T P``, ``P A^T``), this rank's, summed
     # over its micro-batches by hooks on the factors, where they stand for the products at ``(A, B)`` and the engine
-    # does not leave them whole at the step (ZeRO): summed over ranks with the products (:meth:`ProductCapture.
-    # local_factor_grads`)
+    # does not leave them whole at the step (ZeRO): summed over ranks with the products
+    # (:meth:`ProductCapture.take_factor_grads`)
     factor_grads: list[torch.Tensor] | None = None
     rows: int = 0
     microbatches: int = 0  # micro-batches added

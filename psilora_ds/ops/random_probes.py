@@ -117,7 +117,8 @@ def sign_probes(n: int, k: int, seed: int, *, dtype: torch.dtype, device: torch.
     # each word's 4 bytes, low first, looked up in the table of every byte's 8 signs (bit j of byte b: column 8 b + j):
     # one gather of the output instead of a shift, a mask and a cast of 32 int64 per word
     low_first = (bits[:, None] >> torch.arange(0, 32, 8, dtype=torch.int64, device=device)) & 0xFF
-    return torch.nn.functional.embedding(low_first.reshape(-1), _byte_signs(dtype, device)).reshape(n, words * 32)[:, :k]
+    signs = torch.nn.functional.embedding(low_first.reshape(-1), _byte_signs(dtype, device))
+    return signs.reshape(n, words * 32)[:, :k]
 
 
 def _byte_signs(dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:

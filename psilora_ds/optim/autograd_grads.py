@@ -79,7 +79,7 @@ class AutogradGradients:
         # where the engine does not leave them whole at the step (ZeRO), a cache-free capture sums each micro-batch's
         # as the backward pass computes them (hooks on the factors), over ranks with its products
         self.from_capture = (capture is not None and not distributor.lora_grads_are_whole()
-                      and distributor.factor_grads_are_whole_locally())
+                             and distributor.factor_grads_are_whole_locally())
         usable = distributor.lora_grads_are_whole() or self.from_capture
         self._set(VERIFY if enabled and full and usable else OFF)
         if self.from_capture and self.state == VERIFY:
@@ -101,7 +101,7 @@ class AutogradGradients:
         """Keep this step's gradients of every layer's factors (``(A.grad, B.grad)``) and clear them on the model (the
         capture was emptied for this step whatever becomes of it: applied, skipped or undone)."""
         self._taken = {}
-        if self.state == OFF or self.from_capture:  # (local: the capture holds them; p.grad is the engine's)
+        if self.state == OFF or self.from_capture:  # (from_capture: the capture holds them; p.grad is the engine's)
             return
         for idx, factors in enumerate(self.factors):
             grads = plain_grads(factors)
@@ -117,8 +117,8 @@ class AutogradGradients:
     def pairs(self, idxs: Iterable[int], products: dict[int, LayerProducts] | None = None,
               coef: float = 1.0) -> dict[int, tuple[torch.Tensor, ...]]:
         """The factors' gradients (``(A.grad, B.grad)``) of every layer in ``idxs``, on a step that takes them: the
-        engine's, or (:attr:`from_capture`) those the capture summed with ``products`` (summed over ranks), times the engine's
-        share ``coef``."""
+        engine's, or (:attr:`from_capture`) those the capture summed with ``products`` (summed over ranks), times the
+        engine's share ``coef``."""
         if self.from_capture:
             return {idx: self._scaled(products[idx], coef) for idx in idxs}
         for idx in idxs:

@@ -57,8 +57,9 @@ class LoRAOptions:
             of computing them (METHOD.md section 6) where the engine leaves them whole and reduced (one process,
             DDP), once the first step has checked them against the computed products: on rows, LoRSum's first
             A-step and Jacobi B-step; cache-free, the hooks then leave them out. Cache-free under DeepSpeed ZeRO
-            (``p.grad`` partitioned): hooks on the factors sum each micro-batch's gradients with the products. PoLAR: its Euclidean gradients
-            are autograd's ``A.grad``, ``S.grad``, ``B.grad``, read instead of any product.
+            (``p.grad`` partitioned): hooks on the factors sum each micro-batch's gradients with the products.
+            PoLAR: its Euclidean gradients are autograd's ``A.grad``, ``S.grad``, ``B.grad``, read instead of any
+            product.
         accumulation_steps: micro-batches per optimizer step. The capture hooks raise
             :class:`~psilora_ds.capture.StepNotCalledError` when more than twice as many backward passes
             arrive without :meth:`step` (another optimizer is being stepped in its place). None: the most
