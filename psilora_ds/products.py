@@ -120,10 +120,11 @@ class ProbeFactors:
         self._cores[idx] = tuple(f.detach().clone() for f in factors[1:-1])
         cd = compute_dtype(A.dtype)
         A, B = A.detach().to(cd), B.detach().to(cd)
-        if momentum is not None:
+        if momentum is not None:  # (new tensors)
             M_A, M_B = momentum
-            A, B = torch.cat([A, M_A.to(cd)]), torch.cat([B, M_B.to(cd)], 1)
-        self._pairs[idx] = (B.clone(), A.clone())
+            self._pairs[idx] = (torch.cat([B, M_B.to(cd)], 1), torch.cat([A, M_A.to(cd)]))
+        else:  # (copies: the factors may be the engine's own tensors, which its step overwrites)
+            self._pairs[idx] = (B.clone(), A.clone())
 
     def step_factors(self, idx: int) -> tuple[torch.Tensor, ...]:
         """The factors of layer ``idx`` as set for this step, ``(A, ..., B)``, in the masters' dtype (exact: set from

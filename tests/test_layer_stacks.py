@@ -265,7 +265,8 @@ def engine_worker(rank, world, out):
         else:
             factors = full_factors(opt)
             opt.distributor.close()
-        torch.save({"factors": factors, "stacks": calls.count("LayerStack")}, out / f"{engine}-{name}-rank{rank}.pt")
+        torch.save({"factors": factors, "stacks": calls.count("LayerStack"), "reuse": opt.planner.autograd.state},
+                   out / f"{engine}-{name}-rank{rank}.pt")
         opt.remove_hooks()
 
 
@@ -292,6 +293,11 @@ def test_two_ranks_stacked_equal_one_process_one_layer_at_a_time(tmp_path):
             for rank in range(2):
                 got = torch.load(tmp_path / f"{engine}-{name}-rank{rank}.pt")
                 assert got["stacks"] == STEPS, (engine, name)
+                # autograd's gradients stand for the products at the factors (PoLAR: are its gradients) after the
+                # first step's check: whole under DDP, summed by the cache-free hooks under ZeRO (its placeholders
+                # between uses at stage 3); FSDP2's shards and the rows under ZeRO keep the products
+                whole = engine == "ddp" or (engine.startswith("zero") and not name.endswith("-rows"))
+                assert got["reuse"] == ("on" if whole else "off"), (engine, name, got["reuse"])
                 for layer, (A, B_) in want.items():
                     assert rel_err(got["factors"][layer][0], A) <= 2e-5 and \
                         rel_err(got["factors"][layer][1], B_) <= 2e-5, (engine, name, rank, layer)

@@ -159,9 +159,11 @@ class AutogradGradients:
         self._decide({idx: self._expected(idx, *pair) for idx, pair in computed.items()})
 
     def _expected(self, idx: int, BtP: torch.Tensor, PAt: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """What autograd's gradients of layer ``idx``'s factors must be, from the products at ``(A, B)`` (the factors
-        are the model's own here: the engine leaves them whole)."""
-        factors = tuple(f.detach().to(BtP.dtype) for f in self.factors[idx])
+        """What autograd's gradients of layer ``idx``'s factors must be, from the products at ``(A, B)``: at the model's
+        own factors where the engine leaves them whole, else at those the capture took the products at (a ZeRO-3
+        parameter is an empty placeholder between its uses)."""
+        held = self.capture.probes.step_factors(idx) if self.from_capture else self.factors[idx]
+        factors = tuple(f.detach().to(BtP.dtype) for f in held)
         return factor_gradients(factors, BtP, PAt)
 
     def _decide(self, computed: dict[int, tuple[torch.Tensor, ...]]) -> None:
