@@ -334,6 +334,8 @@ def main() -> None:
     args = parser.parse_args()
     if "adamw" not in args.methods:
         parser.error("the ratios are to AdamW's: keep adamw in --methods")
+    if args.interleave and args.profile:
+        parser.error("--profile profiles the separate-process runs: leave out --interleave")
     if args.zero_init and args.stage != 3:
         parser.error("--zero_init partitions the base from birth, which only ZeRO-3 does")
     args.zero_init = args.stage == 3 if args.zero_init is None else args.zero_init
