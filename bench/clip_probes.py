@@ -3,7 +3,7 @@
 The sketch's "relative sd <= sqrt(2 / k)" bounds one layer's norm; clipping reads the sum over all layers, whose
 errors are independent across layers. One backward pass of bench/scale.py's 0.09 B LLaMA (LoRA on every projection,
 ``B`` drawn N(0, 0.01) so that the gradient is not a first step's; 4 x 128 random tokens), every layer's dense
-``P = Z^T X``, then 200 draws of each layer's probes per probe count k:
+``P = Z^T X`` (the package's capture), then 200 draws of each layer's probes per probe count k:
 
     python bench/clip_probes.py
 """
@@ -16,38 +16,25 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import markdown_table  # noqa: E402
 from bench.scale import VOCAB, build_model  # noqa: E402
+from psilora_ds.capture import ActivationCapture  # noqa: E402
+from psilora_ds.lora_layers import find_lora_layers  # noqa: E402
 from psilora_ds.ops.random_probes import sign_probes  # noqa: E402
 
 
 def layer_gradients() -> dict[str, torch.Tensor]:
-    """Every LoRA layer's dense gradient ``P = Z^T X`` of one backward pass (hooks on lora_A's input, lora_B's output)."""
+    """Every LoRA layer's dense gradient ``P = Z^T X`` of one backward pass, from the package's own capture."""
     torch.manual_seed(0)
     model = build_model("small")
-    grads: dict[str, torch.Tensor] = {}
-    inputs: dict[str, torch.Tensor] = {}
-
-    def keep_input(name):
-        def hook(module, args):
-            inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1])
-        return hook
-
-    def take_gradient(name):
-        def hook(module, args, out):
-            x = inputs.pop(name)
-            out.register_hook(lambda g: grads.__setitem__(name, g.detach().reshape(-1, g.shape[-1]).T @ x))
-        return hook
-
-    for name, module in model.named_modules():
-        if name.endswith("lora_A.default"):
-            module.register_forward_pre_hook(keep_input(name[: -len(".lora_A.default")]))
-        if name.endswith("lora_B.default"):
-            module.register_forward_hook(take_gradient(name[: -len(".lora_B.default")]))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.01)
+    layers = find_lora_layers(model)
+    capture = ActivationCapture(layers, max_bytes=None, fold=False)
     ids = torch.randint(0, VOCAB, (4, 128), generator=torch.Generator().manual_seed(1))
     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    return {name: grads[name].double() for name in sorted(grads)}
+    batches = capture.pop()
+    capture.remove()
+    return {layers[idx].name: batch.P().double() for idx, batch in sorted(batches.items())}
 
 
 def main() -> None:

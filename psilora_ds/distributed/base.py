@@ -58,8 +58,8 @@ def as_bits(t: torch.Tensor) -> torch.Tensor:
 
 def pairs_differ(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> torch.Tensor:
     """A bool tensor on ``device`` (not read): per pair ``(a, b)`` (one dtype), whether they differ in shape or in some
-    element's bits (a NaN equals itself, -0.0 differs from 0.0), the pairs of one shape, dtype and device compared as one stack (a few kernels per
-    shape, not per pair; each bucket's copies live only while it is compared)."""
+    element's bits (a NaN equals itself, -0.0 differs from 0.0), the pairs of one shape, dtype and device compared as
+    one stack (a few kernels per shape, not per pair; each bucket's copies live only while it is compared)."""
     buckets: dict[tuple, list[int]] = {}
     for i, (a, b) in enumerate(pairs):
         key = (a.shape, a.dtype, a.device) if a.shape == b.shape else ("shapes differ", i)

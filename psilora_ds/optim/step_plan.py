@@ -106,9 +106,10 @@ class StepPlanner:
             host[idx] = float(batch.rows)
         if reduction is not None:
             host[late_at] = 0.0 if reduction.late_layer is None else 1.0
-        incomplete = [idx for idx, b in batches.items() if isinstance(b, LayerProducts) and not b.factor_grads_complete]
-        if incomplete:
-            host[incomplete_at] = 1.0
+        incomplete: list[int] = []
+        if self.autograd.from_capture:  # (cache-free: every batch is a LayerProducts)
+            incomplete = [idx for idx, b in batches.items() if not b.factor_grads_complete]
+            host[incomplete_at] = float(bool(incomplete))
         flags = host_tensor(host, self.device)
         self.autograd.take()
         taken = self.autograd.local(batches) if self.autograd.reusing else {}
