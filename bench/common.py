@@ -148,11 +148,12 @@ def finished_main(train, argv: list[str]) -> None:
 _first_code: str | None = None  # the sources this process ran its first recipe run with (its imports are those)
 
 
-def recipe_run(argv: list[str], scaling: float | None) -> dict:
+def recipe_run(argv: list[str], scaling: float | None, series: tuple[str, ...] = ()) -> dict:
     """One run of ``launch/train.py``'s ``main`` in this process (one thread; its output silenced), into a temporary
     output directory: its eval curve ``{step: eval_loss}``, the training seconds up to each eval step (the sum of the
     step times: time-to-quality, the optimizer's overhead included), the last 10 steps' mean training loss and the
-    learned update's :func:`adapter_statistics` (at the adapter's ``scaling``; None: not computed), and the
+    learned update's :func:`adapter_statistics` (at the adapter's ``scaling``; None: not computed), the per-step values
+    of the metrics named in ``series`` (``{"series": {name: [...]}}``, the training steps' records in order), and the
     :func:`code_version` that ran; or ``{"error": ..., "code": ...}`` for a run that diverged or was refused (any other
     exception propagates, and a process whose sources changed since its first run refuses to run on)."""
     import contextlib
@@ -188,6 +189,8 @@ def recipe_run(argv: list[str], scaling: float | None) -> dict:
             return {"eval": {str(r["step"]): r["eval_loss"] for r in records if "eval_loss" in r},
                     "code": code, "train_seconds": seconds,
                     "train_last10": statistics.mean([r["loss"] for r in records if "loss" in r][-10:]),
+                    **({"series": {name: [r.get(name) for r in records if "loss" in r] for name in series}}
+                       if series else {}),
                     **(adapter_statistics(os.path.join(out, "adapter"), scaling) if scaling is not None else {})}
         except ConfigError as err:  # a run the recipe refused, or stopped as diverged, is reported as such
             return {"error": failed_run(err), "code": code}

@@ -607,14 +607,16 @@ def test_every_optimizer_takes_the_shared_options():
 
 
 @pytest.mark.parametrize("make,expected", [
-    (lambda m: PSILoRA(m, 1e-2, iters=2, momentum=0.9), 4 + 4),  # step: 2 iterations x 2 half-steps; momentum: same
-    (lambda m: ScaledPSILoRA(m, 1e-2, iters=1), 2 + 2),
-    (lambda m: ScaledPSILoRA(m, 1e-2, iters=0, cache_free=True), 2 + 2),  # Jacobi: A- and B-step, then momentum
+    # step: 2 iterations x 2 half-steps; momentum: same; + 1: the momentum's balancing (ops.balance, its Gram route)
+    (lambda m: PSILoRA(m, 1e-2, iters=2, momentum=0.9), 4 + 4 + 1),
+    (lambda m: ScaledPSILoRA(m, 1e-2, iters=1), 2 + 2 + 1),
+    (lambda m: ScaledPSILoRA(m, 1e-2, iters=0, cache_free=True), 2 + 2 + 1),  # Jacobi: A- and B-step, then momentum
     (lambda m: PreconditionedLoRA(m, 1e-2), 2),
 ])
 def test_solves_are_batched_over_the_layers(monkeypatch, make, expected):
     """The r x r systems of every layer are factored together, round by round: the number of Cholesky
-    factorizations per step (each followed by the solve's one host sync) does not grow with the layer count."""
+    factorizations per step (each followed by the solve's one host sync; the balancing's reads nothing) does not grow
+    with the layer count."""
     from peft import LoraConfig, get_peft_model
     from torch import nn
 
@@ -629,7 +631,8 @@ def test_solves_are_batched_over_the_layers(monkeypatch, make, expected):
             model(torch.randn(8, 10)).square().mean().backward()
             calls = []
             real = torch.linalg.cholesky_ex
-            monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda G, **kw: calls.append(G.shape[0]) or real(G, **kw))
+            monkeypatch.setattr(torch.linalg, "cholesky_ex",
+                                lambda G, **kw: calls.append(G.shape[:-2].numel()) or real(G, **kw))
             opt.step()
             monkeypatch.setattr(torch.linalg, "cholesky_ex", real)
             opt.zero_grad()
