@@ -4,7 +4,8 @@
 #      with nothing lost (bench/gpu_checks.py fp16-overflow), and the recipe trains end to end in fp16;
 #      the activation cache offloaded to pinned host memory equals it kept on the GPU (gpu_checks.py offload);
 #   2. QLoRA: the recipe on a bitsandbytes nf4 base under ZeRO-3 (bnb_4bit_quant_storage = the engine dtype);
-#   3. timings in bf16: step overhead, LoRSum vs SVD, the hooks' thin products, the activation-cache policy, and
+#   3. timings in bf16: step overhead, LoRSum vs SVD, the hooks' thin products, the momentum's balancing (QR against
+#      Gram route), the activation-cache policy, and
 #      bench/scale.py on one GPU (the products' buckets overlap only with 2 GPUs or more: not measured on one).
 # Every part's output and exit status go to REPORT_DIR/gpu_report.md (a failed part does not stop the rest);
 # the script exits 1 if any part failed.
@@ -89,9 +90,10 @@ if [ "$which" != checks ]; then
     "Scaled PSI-LoRA iters=0 (cache-free, rank-2r momentum), max_grad_norm=1, one layer at a time" \
     "Scaled PSI-LoRA iters=1 (rank-r momentum)" "PSI-LoRA iters=1" "AdamW (foreach), clip_grad_norm_(1)" \
     "PoLAR (B S A adapters, Adam on the landing field)"
-  part "LoRSum vs SVD" 130 "$py" bench/lorsum_vs_svd.py --repeats 2
+  part "LoRSum vs SVD" 115 "$py" bench/lorsum_vs_svd.py --repeats 2
   part "thin products in the cache-free hooks, separate vs fused" 20 "$py" bench/thin_products.py --tokens 8192 \
     --hidden 4096 --repeats 10
+  part "momentum balancing, QR against Gram route" 15 "$py" bench/balance.py --shapes 0.9b --repeats 5
   part "activation-cache policy (bf16)" 130 "$py" bench/cache_policy.py --dtype bf16 --hidden 2048 --layers 4 \
     --tokens 4096 16384 --rounds 5
   # Scaled PSI-LoRA as users get it (a rank-2r momentum, the default since session 20)

@@ -88,6 +88,8 @@ def test_the_gram_route_equals_the_qr_route():
         assert kept.sum() >= 3
         torch.testing.assert_close((A2 * signs[:, None])[kept], A1[kept], rtol=1e-4, atol=1e-4 * float(A1.abs().max()))
         torch.testing.assert_close((B2 * signs)[:, kept], B1[:, kept], rtol=1e-4, atol=1e-4 * float(B1.abs().max()))
+    with pytest.raises(ValueError, match="route must be"):
+        balance_factors_batch(pairs, route="svd")
     A, B = torch.randn(8, 300, generator=g).bfloat16(), torch.randn(200, 8, generator=g).bfloat16()
     A2, B2 = balance_factors(A, B)
     assert A2.dtype == B2.dtype == torch.bfloat16

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -28,11 +29,15 @@ def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, tor
     return balance_factors_batch([(A, B)])[0]
 
 
-def balance_factors_batch(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def balance_factors_batch(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                          route: Literal["auto", "qr", "gram"] = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`balance_factors` of every ``(A, B)``, the pairs of equal shapes, dtype and device stacked: one batched
-    factorization of each side and one batched SVD of the cores per bucket instead of one of each per pair, and no
-    host read (a zero product is kept by selection, not by a branch). Factors narrower than float64 go through
-    float64 Gram matrices (:func:`_gram_balance`), float64 factors through Householder QRs (:func:`_qr_balance`)."""
+    factorization per bucket instead of one per pair, and no host read (a zero product is kept by selection, not by a
+    branch). ``route`` "auto": factors narrower than float64 through float64 Gram matrices (:func:`_gram_balance`),
+    float64 factors through Householder QRs (:func:`_qr_balance`); "qr" or "gram": that route for all (benches and
+    tests compare them)."""
+    if route not in ("auto", "qr", "gram"):
+        raise ValueError(f"balance_factors_batch: route must be 'auto', 'qr' or 'gram', got {route!r}")
     buckets: dict[tuple, list[int]] = {}
     for i, (A, B) in enumerate(pairs):
         buckets.setdefault((A.shape, B.shape, A.dtype, B.dtype, A.device), []).append(i)
@@ -40,8 +45,8 @@ def balance_factors_batch(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) ->
     for idxs in buckets.values():
         A0, B0 = pairs[idxs[0]]
         work = compute_dtype(A0.dtype)
-        route = _qr_balance if work == torch.float64 else _gram_balance
-        A_bal, B_bal = route(torch.stack([pairs[i][0] for i in idxs]), torch.stack([pairs[i][1] for i in idxs]), work)
+        gram = route == "gram" or (route == "auto" and work != torch.float64)
+        A_bal, B_bal = (_gram_balance if gram else _qr_balance)(torch.stack([pairs[i][0] for i in idxs]), torch.stack([pairs[i][1] for i in idxs]), work)
         for j, i in enumerate(idxs):  # (copies: a view would keep, and checkpoint, the whole bucket's storage)
             out[i] = (A_bal[j].to(A0.dtype, copy=True), B_bal[j].to(B0.dtype, copy=True))
     return out  # type: ignore[return-value]
@@ -84,21 +89,21 @@ def _shifted_cholesky_r(gram: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _gram_balance(As: torch.Tensor, Bs: torch.Tensor, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced ``(A', B')`` of stacks ``As`` (L, k, n), ``Bs`` (L, m, k) narrower than float64, from k x k float64
-    Gram matrices instead of Householder QRs of the tall factors (the square-root method of balanced truncation).
-    With ``R_A`` upper triangular, ``R_A^T R_A = A A^T`` (:func:`_shifted_cholesky_r`; ``A^T = Q_A R_A``), the
-    product's singular values are those of the core ``C = B Q_A``... in k x k terms: ``C^T C = R_A (B^T B) R_A^T =
-    V S^2 V^T`` (one symmetric eigendecomposition), and
+    """Balanced ``(A', B')`` of stacks ``As`` (L, k, n), ``Bs`` (L, m, k), from k x k float64 Gram matrices instead of
+    Householder QRs of the tall factors (the square-root method of balanced truncation; METHOD.md section 3). With
+    ``R_A`` upper triangular, ``R_A^T R_A = A A^T`` (:func:`_shifted_cholesky_r`), the product ``B A = (B R_A^T)
+    Q_A^T`` has the singular values and right vectors of ``B R_A^T``, from the eigendecomposition
+    ``R_A (B^T B) R_A^T = V S^2 V^T``; then
 
         ``B' = B R_A^T V S^-1/2``,  ``A' = S^1/2 V^T R_A^-T A``,
 
-    so that ``B' A' = B A`` for any invertible ``R_A`` and orthogonal ``V`` (the float64 solves leave no error the
-    factors' own precision would see), ``A' A'^T = S`` and ``B'^T B' = S``: the QR route's answer up to the signs and
-    order of equal singular values. ``S`` is clamped below at ``eps * S_max`` (``eps`` of ``work``), which keeps a
-    direction the product does not span a tiny row of ``A'`` (an ALS warm-started here can turn it; the QR route
-    also gives ``B'`` a tiny column there, this one a (near) zero one). Two Gram products, a Cholesky and an
-    eigendecomposition of k x k matrices, and two thin products: 2-3x faster than the QR route on the CPU (batched QRs
-    of tall factors are a loop of LAPACK calls; on GPUs as well)."""
+    ``B' A' = B A`` for any invertible ``R_A`` and orthogonal ``V`` (the k x k algebra in float64; the two thin
+    products in ``work`` round as the QR route's do), ``A' A'^T = B'^T B' = S``: the QR route's answer up to the signs and order of equal singular
+    values. ``S`` is clamped below at ``eps * S_max`` (``eps`` of ``work``): a direction the product does not span
+    keeps a tiny row of ``A'``, so that an ALS warm-started here can turn it (the QR route also gives ``B'`` a tiny
+    column there; this one a (near) zero one). Two Gram products, a Cholesky factorization and an eigendecomposition
+    of k x k matrices and two thin products, no QR of a tall matrix (on the CPU and on GPUs a batched QR is a loop of
+    one LAPACK call per matrix): 1.3-2x faster on this project's CPU (bench/balance.py)."""
     wide = torch.float64
     A64, B64 = As.to(wide), Bs.to(wide)
     gram_b, gram_a = B64.mT @ B64, A64 @ A64.mT
