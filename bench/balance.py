@@ -81,9 +81,9 @@ def main() -> None:
                          f"{qr_err:.1e} / {gram_err:.1e}", f"{qr_imb:.1e} / {gram_imb:.1e}"])
     table = markdown_table(["shape", "layers", "momentum rank k", "QR route ms (median)", "Gram route ms",
                             "Gram / QR", "product error QR / Gram", "imbalance QR / Gram"], rows)
-    body = (f"{machine()}; fp32 factors (random), every layer's pair in one call as the step makes it, "
+    body = (f"fp32 factors (random), every layer's pair in one call as the step makes it, "
             f"{args.repeats} interleaved repeats.\n\n{table}\n")
-    print(body)
+    print(f"{machine()}\n\n{body}")
     if args.write:
         command = f"python bench/balance.py --shapes {' '.join(args.shapes)} --rank {args.rank} --repeats {args.repeats}"
         write_section(args.write, TITLE, command + (f" --threads {args.threads}" if args.threads else ""), body)

@@ -27,8 +27,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import (code_version, load_json, machine, markdown_table, recipe_run, save_json,  # noqa: E402
-                          write_section)
+from bench.common import code_version, load_json, markdown_table, recipe_run, save_json, write_section  # noqa: E402
 from bench.scale import VOCAB, build_model  # noqa: E402
 from psilora_ds.capture import ActivationCapture  # noqa: E402
 from psilora_ds.lora_layers import find_lora_layers  # noqa: E402
@@ -128,13 +127,13 @@ def train_study(args) -> None:
                          "-" if k == 0 else f"{statistics.mean(diffs):+.4f} ± {statistics.stdev(diffs):.4f}",
                          "-" if k == 0 else f"{max(map(abs, diffs)):.4f}", f"{clipped:.0%}"])
     table = markdown_table(["lr", "clipping norm (probes)", f"eval loss (mean ± sd, {len(args.seeds)} seeds)",
-                            "minus the exact norm's, same seed (mean ± sd)", "largest |difference|",
+                            "minus the exact norm's, same seed (mean ± sd)", "largest absolute difference",
                             "steps clipped"], rows)
     print(table)
     if args.write:
         command = (f"python bench/clip_probes.py --train --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} "
                    f"--lrs {' '.join(f'{lr:g}' for lr in args.lrs)}")
-        body = (f"{machine()}\n\n{table}\n\nThe default Scaled PSI-LoRA (`--optim scaled_psilora`) on the built-in "
+        body = (f"{table}\n\nThe default Scaled PSI-LoRA (`--optim scaled_psilora`) on the built-in "
                 f"base and the Python reference topics, one process, {args.steps} steps of 8 x 128 tokens, clipping at "
                 "1.0 by the exact norm or by a k-probe sketch (`--clip_norm_probes k`, the norm several ranks take); "
                 f"library version {code}.")

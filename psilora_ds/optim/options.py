@@ -27,7 +27,7 @@ class LoRAOptions:
             the other trainable parameters to this (None or 0: no clipping; METHOD.md section 6). The one
             clipping route: engine helpers reconcile their own setting into it.
         clip_norm_probes: how ``||G||_F`` is computed: 0 exact in one process (several ranks always sketch,
-            with 32 probes); ``k > 0`` the unbiased ``k``-probe random-sign sketch (METHOD.md section 6).
+            with 16 probes); ``k > 0`` the unbiased ``k``-probe random-sign sketch (METHOD.md section 6).
         other_optimizer: ``params -> Optimizer`` for the non-LoRA trainable parameters (heads, norms,
             ``modules_to_save``; default ``torch.optim.AdamW(params, lr=other_lr)``).
         other_lr: the lr of that default AdamW, independent of the LoRA ``lr``: PSI-LoRA's lr is a step of
@@ -39,7 +39,7 @@ class LoRAOptions:
             are accumulated in the hooks (METHOD.md section 6), exact for Jacobi steps (``iters=0``) and PoLAR.
             None (default): on whenever the method allows it (``iters=0``, the K-FAC metric; PoLAR); True: required (an
             error says why when it cannot be); False: keep the rows. Cache-free steps estimate the clipping
-            norm by the random-sign sketch (``clip_norm_probes``, 32 when 0), also in one process (logged once).
+            norm by the random-sign sketch (``clip_norm_probes``, 16 when 0), also in one process (logged once).
         cache_max_bytes: activation-cache budget per rank, in bytes (an int or ``"8GiB"``): rows are kept
             (fastest) while they fit, then layers are folded into dense fp32 stores, largest saving first.
             ``"auto"`` (default): a quarter of the memory of the device the rows live on, over the ranks

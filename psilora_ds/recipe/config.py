@@ -100,7 +100,7 @@ class TrainConfig:
     lr_scheduler: str = opt("cosine", "cosine | linear | constant (all with linear warm-up)")
     warmup_steps: int = opt(10, "warm-up optimizer steps")
     max_grad_norm: float = opt(1.0, "full-gradient clipping norm (fills \"auto\" in the DeepSpeed config); 0: off")
-    clip_norm_probes: int = opt(0, "clipping norm: 0 exact in one process (several ranks: 32-probe sketch); k > 0: random-sign sketch with k probes")
+    clip_norm_probes: int = opt(0, "clipping norm: 0 exact in one process (several ranks: 16-probe sketch); k > 0: random-sign sketch with k probes")
     cache_free: bool | None = opt(None, "keep no activation rows: thin products accumulated in the hooks, exact for Jacobi steps (iters 0, K-FAC metric) and PoLAR; null: on where possible; true: required (error otherwise); false: keep rows")
     cache_max_bytes: str | None = opt("auto", "PSI-LoRA activation-cache budget per rank (bytes, or 8GiB, 512MiB): rows kept (fastest) while they fit, layers folded to dense fp32 over it; auto: a quarter of the memory of the device holding the rows, over the ranks sharing it; null: no budget, fold each layer once dense is smaller")
     cache_offload: bool = opt(False, "PSI-LoRA on GPUs: rows over the cache budget go to pinned host memory instead of being folded, read back for each product (less GPU memory, more host-link traffic)")
