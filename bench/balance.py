@@ -44,11 +44,12 @@ def errors(pairs, balanced) -> tuple[float, float]:
     """The largest relative error of a balanced product against the float64 product of the inputs, and the largest
     imbalance ``|A' A'^T - B'^T B'| / S_max`` over the layers."""
     err = imbalance = 0.0
-    for (A, B), (A2, B2) in zip(pairs, balanced, strict=True):
-        exact = B.double() @ A.double()
-        err = max(err, float((B2.double() @ A2.double() - exact).norm() / exact.norm()))
-        gram_a, gram_b = A2.double() @ A2.double().T, B2.double().T @ B2.double()
-        imbalance = max(imbalance, float((gram_a - gram_b).abs().max() / gram_a.diagonal().max()))
+    for (As, Bs), (As2, Bs2) in zip(pairs, balanced, strict=True):
+        for A, B, A2, B2 in zip(As, Bs, As2, Bs2):
+            exact = B.double() @ A.double()
+            err = max(err, float((B2.double() @ A2.double() - exact).norm() / exact.norm()))
+            gram_a, gram_b = A2.double() @ A2.double().T, B2.double().T @ B2.double()
+            imbalance = max(imbalance, float((gram_a - gram_b).abs().max() / gram_a.diagonal().max()))
     return err, imbalance
 
 
@@ -68,8 +69,9 @@ def main() -> None:
     for shape in args.shapes:
         shapes = layer_shapes(shape)
         for k in (args.rank, 2 * args.rank):
-            pairs = [(torch.randn(k, n, generator=g).to(device), torch.randn(m, k, generator=g).to(device))
-                     for m, n in shapes]
+            # one pair per shape, its layers stacked, as the step's layer stacks yield them (optim/layer_stacks.py)
+            pairs = [(torch.randn(shapes.count((m, n)), k, n, generator=g).to(device),
+                      torch.randn(shapes.count((m, n)), m, k, generator=g).to(device)) for m, n in sorted(set(shapes))]
             times = {"qr": [], "gram": []}
             for _ in range(args.repeats):  # interleaved: a load that comes and goes hits both alike
                 for route in times:
@@ -81,8 +83,8 @@ def main() -> None:
                          f"{qr_err:.1e} / {gram_err:.1e}", f"{qr_imb:.1e} / {gram_imb:.1e}"])
     table = markdown_table(["shape", "layers", "momentum rank k", "QR route ms (median)", "Gram route ms",
                             "Gram / QR", "product error QR / Gram", "imbalance QR / Gram"], rows)
-    body = (f"fp32 factors (random), every layer's pair in one call as the step makes it, "
-            f"{args.repeats} interleaved repeats.\n\n{table}\n")
+    body = (f"fp32 factors (random), every layer's pair in one call, the layers of one shape stacked, as the step "
+            f"makes it; {args.repeats} interleaved repeats.\n\n{table}\n")
     print(f"{machine()}\n\n{body}")
     if args.write:
         command = f"python bench/balance.py --shapes {' '.join(args.shapes)} --rank {args.rank} --repeats {args.repeats}"

@@ -45,8 +45,12 @@ def balance_factors_batch(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
     for idxs in buckets.values():
         A0, B0 = pairs[idxs[0]]
         work = compute_dtype(A0.dtype)
-        gram = route == "gram" or (route == "auto" and work != torch.float64)
-        A_bal, B_bal = (_gram_balance if gram else _qr_balance)(torch.stack([pairs[i][0] for i in idxs]), torch.stack([pairs[i][1] for i in idxs]), work)
+        balance = _gram_balance if route == "gram" or (route == "auto" and work != torch.float64) else _qr_balance
+        if len(idxs) == 1:  # (one pair: a layer stack's, or one layer's; nothing to stack, its results its own)
+            A_bal, B_bal = balance(A0, B0, work)
+            out[idxs[0]] = (A_bal.to(A0.dtype), B_bal.to(B0.dtype))
+            continue
+        A_bal, B_bal = balance(torch.stack([pairs[i][0] for i in idxs]), torch.stack([pairs[i][1] for i in idxs]), work)
         for j, i in enumerate(idxs):  # (copies: a view would keep, and checkpoint, the whole bucket's storage)
             out[i] = (A_bal[j].to(A0.dtype, copy=True), B_bal[j].to(B0.dtype, copy=True))
     return out  # type: ignore[return-value]
@@ -98,8 +102,8 @@ def _gram_balance(As: torch.Tensor, Bs: torch.Tensor, work: torch.dtype) -> tupl
         ``B' = B R_A^T V S^-1/2``,  ``A' = S^1/2 V^T R_A^-T A``,
 
     ``B' A' = B A`` for any invertible ``R_A`` and orthogonal ``V`` (the k x k algebra in float64; the two thin
-    products in ``work`` round as the QR route's do), ``A' A'^T = B'^T B' = S``: the QR route's answer up to the signs and order of equal singular
-    values. ``S`` is clamped below at ``eps * S_max`` (``eps`` of ``work``): a direction the product does not span
+    products in ``work`` round as the QR route's do), ``A' A'^T = B'^T B' = S``: the QR route's answer up to the
+    signs and order of equal singular values. ``S`` is clamped below at ``eps * S_max`` (``eps`` of ``work``): a direction the product does not span
     keeps a tiny row of ``A'``, so that an ALS warm-started here can turn it (the QR route also gives ``B'`` a tiny
     column there; this one a (near) zero one). Two Gram products, a Cholesky factorization and an eigendecomposition
     of k x k matrices and two thin products, no QR of a tall matrix (on the CPU and on GPUs a batched QR is a loop of
@@ -113,11 +117,11 @@ def _gram_balance(As: torch.Tensor, Bs: torch.Tensor, work: torch.dtype) -> tupl
     S = lam.clamp_min(0).sqrt()
     top = S.amax(-1, keepdim=True)  # (L, 1)
     S = S.clamp_min(torch.finfo(work).eps * top).clamp_min(torch.finfo(wide).tiny)
-    to_B = Ra.mT @ (V * S.rsqrt()[..., None, :])  # R_A^T V S^-1/2
-    to_A = torch.linalg.solve_triangular(Ra, V * S.sqrt()[..., None, :], upper=True).mT  # S^1/2 V^T R_A^-T
-    As, Bs = As.to(work), Bs.to(work)
-    B_bal, A_bal = Bs @ to_B.to(work), to_A.to(work) @ As
-    # a zero product (either factor zero: the shift alone would make the core tiny, not zero): the factors as they are
+    # a zero product (either factor zero: the shift alone would make the core tiny, not zero): the factors as they
+    # are, by identity transforms (selected on the k x k matrices, not the factors; exact)
     zero = ((top == 0) | (gram_b.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) == 0)
             | (gram_a.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) == 0))[..., None]
-    return torch.where(zero, As, A_bal), torch.where(zero, Bs, B_bal)
+    eye = torch.eye(S.shape[-1], dtype=wide, device=S.device)
+    to_B = torch.where(zero, eye, Ra.mT @ (V * S.rsqrt()[..., None, :]))  # R_A^T V S^-1/2
+    to_A = torch.where(zero, eye, torch.linalg.solve_triangular(Ra, V * S.sqrt()[..., None, :], upper=True).mT)
+    return to_A.to(work) @ As.to(work), Bs.to(work) @ to_B.to(work)  # (S^1/2 V^T R_A^-T) A, B (R_A^T V S^-1/2)
