@@ -107,7 +107,7 @@ def _gram_balance(As: torch.Tensor, Bs: torch.Tensor, work: torch.dtype) -> tupl
     keeps a tiny row of ``A'``, so that an ALS warm-started here can turn it (the QR route also gives ``B'`` a tiny
     column there; this one a (near) zero one). Two Gram products, a Cholesky factorization and an eigendecomposition
     of k x k matrices and two thin products, no QR of a tall matrix (on the CPU and on GPUs a batched QR is a loop of
-    one LAPACK call per matrix): 1.3-2x faster on this project's CPU (bench/balance.py)."""
+    one LAPACK call per matrix): 0.55-0.86x the QR route's time on this project's CPU (bench/balance.py)."""
     wide = torch.float64
     A64, B64 = As.to(wide), Bs.to(wide)
     gram_b, gram_a = B64.mT @ B64, A64 @ A64.mT
