@@ -87,7 +87,8 @@ def main() -> None:
             f"makes it; {args.repeats} interleaved repeats.\n\n{table}\n")
     print(f"{machine()}\n\n{body}")
     if args.write:
-        command = f"python bench/balance.py --shapes {' '.join(args.shapes)} --rank {args.rank} --repeats {args.repeats}"
+        command = (f"python bench/balance.py --shapes {' '.join(args.shapes)} --rank {args.rank} "
+                   f"--repeats {args.repeats}")
         write_section(args.write, TITLE, command + (f" --threads {args.threads}" if args.threads else ""), body)
 
 

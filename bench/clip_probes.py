@@ -123,7 +123,8 @@ def train_study(args) -> None:
             losses = [r["eval_loss"] for r in runs]
             diffs = [r["eval_loss"] - exact[s] for r, s in zip(runs, args.seeds)]
             clipped = statistics.mean(r["clipped_steps"] / max(1, r["steps_with_norm"]) for r in runs)
-            rows.append([f"{lr:g}", "exact" if k == 0 else k, f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}",
+            rows.append([f"{lr:g}", "exact" if k == 0 else k,
+                         f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}",
                          "-" if k == 0 else f"{statistics.mean(diffs):+.4f} ± {statistics.stdev(diffs):.4f}",
                          "-" if k == 0 else f"{max(map(abs, diffs)):.4f}", f"{clipped:.0%}"])
     table = markdown_table(["lr", "clipping norm (probes)", f"eval loss (mean ± sd, {len(args.seeds)} seeds)",

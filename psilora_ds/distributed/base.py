@@ -22,8 +22,9 @@ from ..ops import norm_sketch_seed, probe_row_offsets
 from ..ops.rounds import Rounds, host_tensor
 from ..product_buckets import AsyncReduce
 
-DEFAULT_NORM_PROBES = 16  # probes of the clipping norm's sketch when none are asked for and it must be sketched (16: no
-# measurable change in training against the exact norm; total-norm error sd ~2%: docs/BENCHMARKS.md, "Clipping-norm sketch")
+# probes of the clipping norm's sketch when none are asked for and it must be sketched (16: no measurable change in
+# training against the exact norm; the total norm's error sd ~2%: docs/BENCHMARKS.md, "Clipping-norm sketch")
+DEFAULT_NORM_PROBES = 16
 
 
 @runtime_checkable

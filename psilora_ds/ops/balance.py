@@ -50,7 +50,8 @@ def balance_factors_batch(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
             A_bal, B_bal = balance(A0, B0, work)
             out[idxs[0]] = (A_bal.to(A0.dtype), B_bal.to(B0.dtype))
             continue
-        A_bal, B_bal = balance(torch.stack([pairs[i][0] for i in idxs]), torch.stack([pairs[i][1] for i in idxs]), work)
+        stacked = (torch.stack([pairs[i][side] for i in idxs]) for side in (0, 1))
+        A_bal, B_bal = balance(*stacked, work)
         for j, i in enumerate(idxs):  # (copies: a view would keep, and checkpoint, the whole bucket's storage)
             out[i] = (A_bal[j].to(A0.dtype, copy=True), B_bal[j].to(B0.dtype, copy=True))
     return out  # type: ignore[return-value]
@@ -59,7 +60,8 @@ def balance_factors_batch(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
 def _balanced_from_core(core: torch.Tensor, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                          torch.Tensor]:
     """``(U, root, Vh, zero)`` of the core ``R_B R_A^T`` of a stack: its SVD in ``work``, ``root = S^1/2`` with
-    ``S`` clamped below at ``eps * S_max`` (the vanishing directions keep a tiny scale) and where the product is zero."""
+    ``S`` clamped below at ``eps * S_max`` (the vanishing directions keep a tiny scale) and where the product is
+    zero."""
     U, S, Vh = torch.linalg.svd(core.to(work))
     top = S.amax(-1, keepdim=True)  # (L, 1)
     root = S.clamp_min(torch.finfo(work).eps * top).sqrt()
@@ -103,11 +105,12 @@ def _gram_balance(As: torch.Tensor, Bs: torch.Tensor, work: torch.dtype) -> tupl
 
     ``B' A' = B A`` for any invertible ``R_A`` and orthogonal ``V`` (the k x k algebra in float64; the two thin
     products in ``work`` round as the QR route's do), ``A' A'^T = B'^T B' = S``: the QR route's answer up to the
-    signs and order of equal singular values. ``S`` is clamped below at ``eps * S_max`` (``eps`` of ``work``): a direction the product does not span
-    keeps a tiny row of ``A'``, so that an ALS warm-started here can turn it (the QR route also gives ``B'`` a tiny
-    column there; this one a (near) zero one). Two Gram products, a Cholesky factorization and an eigendecomposition
-    of k x k matrices and two thin products, no QR of a tall matrix (on the CPU and on GPUs a batched QR is a loop of
-    one LAPACK call per matrix): 0.55-0.86x the QR route's time on this project's CPU (bench/balance.py)."""
+    signs and order of equal singular values. ``S`` is clamped below at ``eps * S_max`` (``eps`` of ``work``): a
+    direction the product does not span keeps a tiny row of ``A'``, so that an ALS warm-started here can turn it (the
+    QR route also gives ``B'`` a tiny column there; this one a (near) zero one). Two Gram products, a Cholesky
+    factorization and an eigendecomposition of k x k matrices and two thin products, no QR of a tall matrix (on the
+    CPU a batched QR is a loop of one LAPACK call per matrix): 0.55-0.86x the QR route's time on this project's CPU
+    (bench/balance.py; GPUs not measured yet: bench/gpu_suite.sh times both)."""
     wide = torch.float64
     A64, B64 = As.to(wide), Bs.to(wide)
     gram_b, gram_a = B64.mT @ B64, A64 @ A64.mT
