@@ -90,6 +90,15 @@ def test_the_gram_route_equals_the_qr_route():
         torch.testing.assert_close((B2 * signs)[:, kept], B1[:, kept], rtol=1e-4, atol=1e-4 * float(B1.abs().max()))
     with pytest.raises(ValueError, match="route must be"):
         balance_factors_batch(pairs, route="svd")
+    # a layer stack's pair (one 3-d pair, as the step yields it) is balanced as it is: each layer as alone, in tensors
+    # of its own (never the inputs': the caller keeps both)
+    As, Bs = torch.randn(3, 8, 300, generator=g), torch.randn(3, 200, 8, generator=g)
+    [(As2, Bs2)] = balance_factors_batch([(As, Bs)])
+    assert As2.data_ptr() != As.data_ptr() and Bs2.data_ptr() != Bs.data_ptr()
+    for A, B, A2, B2 in zip(As, Bs, As2, Bs2, strict=True):
+        A1, B1 = balance_factors(A, B)
+        torch.testing.assert_close(A2, A1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(B2, B1, rtol=1e-5, atol=1e-6)
     A, B = torch.randn(8, 300, generator=g).bfloat16(), torch.randn(200, 8, generator=g).bfloat16()
     A2, B2 = balance_factors(A, B)
     assert A2.dtype == B2.dtype == torch.bfloat16
