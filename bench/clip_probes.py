@@ -11,8 +11,8 @@ errors are independent across layers. One backward pass of bench/scale.py's 0.09
 built-in base, the Python reference topics, one process), the default Scaled PSI-LoRA clipped at 1.0 with the exact
 norm (``--clip_norm_probes 0``) and with k-probe sketches (the norm several ranks take), the same seeds: the eval loss
 and its difference to the exact norm's run of the same seed (same initialization and data: only the clipping's
-error differs), and how many steps clipping was active in (the logged ``grad_norm`` above 1). Runs are remembered in
-``.cache/psilora_ds/bench-clip-probes.json``:
+error differs), and how many steps clipping was active in (the logged ``grad_norm`` above 1). Runs are kept in
+``bench/results/clip_probes.json`` (committed; a later session resumes, under the library version that ran them):
 
     python bench/clip_probes.py --train [--steps 100] [--seeds 0 1 2 3 4] [--lrs 0.00316 0.01] [--write F]
 """
@@ -70,7 +70,7 @@ def norm_error_table() -> None:
 
 
 CACHE = os.path.join(ROOT, ".cache", "psilora_ds")
-RESULTS = os.path.join(CACHE, "bench-clip-probes.json")
+RESULTS = os.path.join(ROOT, "bench", "results", "clip_probes.json")
 PROBES = (0, 8, 16, 32)  # 0: the exact norm
 TITLE = "Clipping-norm sketch: its probe count in training"
 
