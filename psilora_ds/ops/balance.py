@@ -106,8 +106,9 @@ def _gram_balance(As: torch.Tensor, Bs: torch.Tensor, work: torch.dtype) -> tupl
     ``B' A' = B A`` for any invertible ``R_A`` and orthogonal ``V`` (the k x k algebra in float64; the two thin
     products in ``work`` round as the QR route's do), ``A' A'^T = B'^T B' = S``: the QR route's answer up to the
     signs and order of equal singular values. ``S`` is clamped below at ``eps * S_max`` (``eps`` of ``work``): a
-    direction the product does not span keeps a tiny row of ``A'``, so that an ALS warm-started here can turn it (the
-    QR route also gives ``B'`` a tiny column there; this one a (near) zero one). Two Gram products, a Cholesky
+    direction the product does not span keeps a tiny row of ``A'`` (where ``A`` spans it: the momentum's ``A`` keeps
+    such rows from the last balancing), so that an ALS warm-started here can turn it (the QR route also gives ``B'``
+    a tiny column there; this one a (near) zero one). Two Gram products, a Cholesky
     factorization and an eigendecomposition of k x k matrices and two thin products, no QR of a tall matrix (on the
     CPU a batched QR is a loop of one LAPACK call per matrix): 0.55-0.86x the QR route's time on this project's CPU
     (bench/balance.py; GPUs not measured yet: bench/gpu_suite.sh times both)."""
