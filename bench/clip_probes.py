@@ -93,7 +93,6 @@ def train_point(task: tuple[int, float, int, int, int]) -> tuple[tuple[int, floa
 
 def train_study(args) -> None:
     """Every (probe count, lr, seed) run, cached; then the table."""
-    sys.path.insert(0, ROOT)
     from bench.finetune_real import held_out_batches
 
     from psilora_ds.recipe.modeling import builtin_base

@@ -57,27 +57,24 @@ def balance_factors_batch(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
     return out  # type: ignore[return-value]
 
 
-def _balanced_from_core(core: torch.Tensor, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                         torch.Tensor]:
-    """``(U, root, Vh, zero)`` of the core ``R_B R_A^T`` of a stack: its SVD in ``work``, ``root = S^1/2`` with
-    ``S`` clamped below at ``eps * S_max`` (the vanishing directions keep a tiny scale) and where the product is
-    zero."""
-    U, S, Vh = torch.linalg.svd(core.to(work))
-    top = S.amax(-1, keepdim=True)  # (L, 1)
-    root = S.clamp_min(torch.finfo(work).eps * top).sqrt()
-    return U, root, Vh, (top == 0)[..., None]
-
-
 def _qr_balance(As: torch.Tensor, Bs: torch.Tensor, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced ``(A', B')`` of stacks ``As`` (L, k, n), ``Bs`` (L, m, k) through Householder QRs ``B = Q_B R_B``,
     ``A^T = Q_A R_A``: ``B' = Q_B U S^1/2``, ``A' = S^1/2 V^T Q_A^T`` (backward stable in ``work``)."""
     As, Bs = As.to(work), Bs.to(work)
     Qb, Rb = torch.linalg.qr(Bs)
     Qa, Ra = torch.linalg.qr(As.mT)
-    U, root, Vh, zero = _balanced_from_core(Rb @ Ra.mT, work)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.mT)
+    top = S.amax(-1, keepdim=True)  # (L, 1)
+    root = S.clamp_min(torch.finfo(work).eps * top).sqrt()  # (the vanishing directions keep a tiny scale)
     A_bal = (root[..., :, None] * Vh) @ Qa.mT
     B_bal = (Qb @ U) * root[..., None, :]
-    return torch.where(zero, As, A_bal), torch.where(zero, Bs, B_bal)  # a zero product: the factors as they are
+    zero = (top == 0)[..., None]  # a zero product: the factors as they are
+    return torch.where(zero, As, A_bal), torch.where(zero, Bs, B_bal)
+
+
+def _trace(gram: torch.Tensor) -> torch.Tensor:
+    """The traces of a stack of square matrices, shaped ``(..., 1, 1)`` to broadcast against them."""
+    return gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
 
 
 def _shifted_cholesky_r(gram: torch.Tensor, rows: int) -> torch.Tensor:
@@ -86,7 +83,7 @@ def _shifted_cholesky_r(gram: torch.Tensor, rows: int) -> torch.Tensor:
     Kannan, Nakatsukasa, Yamamoto and Yamazaki 2020) keeps the factorization defined for a factor of any rank, at a
     relative perturbation of ~1e-13 for these sizes."""
     k = gram.shape[-1]
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    trace = _trace(gram)
     eps, tiny = torch.finfo(gram.dtype).eps, torch.finfo(gram.dtype).tiny
     shift = 11 * (rows * k + k * (k + 1)) * eps * trace + tiny
     eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
@@ -123,8 +120,7 @@ def _gram_balance(As: torch.Tensor, Bs: torch.Tensor, work: torch.dtype) -> tupl
     S = S.clamp_min(torch.finfo(work).eps * top).clamp_min(torch.finfo(wide).tiny)
     # a zero product (either factor zero: the shift alone would make the core tiny, not zero): the factors as they
     # are, by identity transforms (selected on the k x k matrices, not the factors; exact)
-    zero = ((top == 0) | (gram_b.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) == 0)
-            | (gram_a.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) == 0))[..., None]
+    zero = (top == 0)[..., None] | (_trace(gram_b) == 0) | (_trace(gram_a) == 0)
     eye = torch.eye(S.shape[-1], dtype=wide, device=S.device)
     to_B = torch.where(zero, eye, Ra.mT @ (V * S.rsqrt()[..., None, :]))  # R_A^T V S^-1/2
     to_A = torch.where(zero, eye, torch.linalg.solve_triangular(Ra, V * S.sqrt()[..., None, :], upper=True).mT)
