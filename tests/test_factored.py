@@ -84,3 +84,19 @@ def test_damped_power_closed_form():
 def test_dense_gradient_chunks():
     Z, X = factors(50, 7, 6, seed=4)
     torch.testing.assert_close(dense_gradient(Z, X, chunk_rows=8), Z.T @ X)
+
+
+@pytest.mark.parametrize("layout", ["rows transposed", "contiguous", "one row"])
+def test_thin_product_equals_the_plain_product(layout):
+    """``thin_product`` reorients ``Z^T Y`` for speed only: the value is the plain product's, in either layout."""
+    from psilora_ds.ops.linalg import thin_product
+
+    g = torch.Generator().manual_seed(3)
+    Z = torch.randn(1 if layout == "one row" else 64, 40, generator=g, dtype=f64)
+    F = Z.T if layout != "contiguous" else Z.T.contiguous()
+    Y = torch.randn(Z.shape[0], 5, generator=g, dtype=f64)
+    out = thin_product(F, Y)
+    assert out.shape == (40, 5)
+    torch.testing.assert_close(out, Z.T.contiguous() @ Y, rtol=1e-12, atol=1e-12)
+    if layout == "rows transposed":  # the reoriented route: the transposed view of the wide product
+        assert out.stride() == (1, 40)

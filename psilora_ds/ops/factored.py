@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .linalg import compute_dtype
+from .linalg import compute_dtype, thin_product
 
 DEFAULT_CHUNK_ROWS = 1024
 
@@ -88,7 +88,7 @@ def sketched_product(Z: torch.Tensor, X: torch.Tensor, omega: torch.Tensor,
     instead of ``min(N m n, N^2 (m + n))`` for the exact norm. For probes with ``E[omega omega^T] = I`` (random
     signs, :func:`~psilora_ds.ops.random_probes.sign_probes`) ``E ||P Omega||_F^2 / k = ||P||_F^2``, with variance at
     most ``2 ||P^T P||_F^2 / k``."""
-    Y = Z.to(omega.dtype).T @ (X.to(omega.dtype) @ omega)
+    Y = thin_product(Z.to(omega.dtype).T, X.to(omega.dtype) @ omega)
     if dense is not None:
         Y += dense.to(omega.dtype) @ omega
     return Y
@@ -113,7 +113,7 @@ def thin_products(
     Zc, Xc = Z.to(cd), X.to(cd)
     on_right = [right.T] + ([] if omega is None else [omega]) + ([] if two_sided is None else [two_sided[0]])
     on_left = [left] + ([] if two_sided is None else [two_sided[1].T])
-    right_all = Zc.T @ (Xc @ (torch.cat(on_right, 1) if len(on_right) > 1 else on_right[0]))
+    right_all = thin_product(Zc.T, Xc @ (torch.cat(on_right, 1) if len(on_right) > 1 else on_right[0]))
     left_all = (Zc @ (torch.cat(on_left, 1) if len(on_left) > 1 else on_left[0])).T @ Xc
     right_p, *rest = right_all.split([t.shape[1] for t in on_right], 1)
     left_p, *corange = left_all.split([t.shape[1] for t in on_left], 0)

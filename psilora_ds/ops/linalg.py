@@ -16,6 +16,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def thin_product(F: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``F @ Y`` for a thin ``Y`` (``k`` columns). Where ``F`` is the transposed view of rows (``Z^T`` for rows ``Z``
+    stored N x m), as ``(Y^T F^T)^T``: the same sums, but CPU BLAS multiplies a transposed left operand by a thin
+    matrix 1.3-2x slower than it forms the wide ``k x m`` product (``bench/thin_products.py --orientation``).
+    Returns a transposed view there; callers that need rows make it contiguous."""
+    if F.dim() == 2 and F.shape[0] > 1 and F.stride(0) == 1 and not F.is_contiguous():
+        return (Y.mT @ F.mT).mT
+    return F @ Y
+
+
 def _fallback(G: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """Cholesky failed (G numerically indefinite, e.g. a rank-deficient factor with a tiny proximal
     weight): least squares, exact for a non-singular G and the minimum-norm answer otherwise."""

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from .linalg import SPDSolve, compute_dtype
+from .linalg import SPDSolve, compute_dtype, thin_product
 from .rounds import Rounds, run_rounds
 
 
@@ -42,7 +42,7 @@ def _a_part(Bt: torch.Tensor, F: torch.Tensor, H: torch.Tensor | None) -> torch.
 
 
 def _b_part(At: torch.Tensor, F: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
-    return F @ At.mT if H is None else F @ (H @ At.mT)
+    return F @ At.mT if H is None else thin_product(F, H @ At.mT)
 
 
 class _PreparedTerm:
