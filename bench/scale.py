@@ -22,6 +22,10 @@ of the last step) and optimizer state bytes (summed over ranks); the optimizer's
 (calls and bytes, counted by its distributor; the engine's ZeRO traffic is the same for all and not counted), and
 among them its reads of the fp32 masters from the engine per step (each an all-reduce at ZeRO 1/2, an all-gather at
 ZeRO-3; ``comm_calls["factor_read"]``).
+
+``--interleave`` also reports each step's CPU time (the process's, all its threads, the mean over ranks) and the
+median of its rounds' ratios to AdamW's: the work a step does, which a shared machine's slow spells and the other
+rank's delays lengthen less than its wall time (time spent waiting in a collective is not CPU time, unless spun).
 """
 
 from __future__ import annotations
@@ -242,7 +246,7 @@ def interleaved_worker(rank: int, world: int, port: int, args: argparse.Namespac
     runs = {method: build_engine(method, args, config) for method in args.methods}
     device = runs["adamw"][0].device
     g = torch.Generator().manual_seed(1 + rank)
-    times: dict[str, list[tuple[float, float]]] = {method: [] for method in args.methods}
+    times: dict[str, list[tuple[float, float, float]]] = {method: [] for method in args.methods}
     garbage = StepGarbageCollection(50)
     garbage.start()
     for step in range(args.warmup + args.steps):
@@ -250,7 +254,7 @@ def interleaved_worker(rank: int, world: int, port: int, args: argparse.Namespac
         for method, (engine, _) in runs.items():
             if cuda:
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
             if cuda:
                 torch.cuda.synchronize()
@@ -259,7 +263,8 @@ def interleaved_worker(rank: int, world: int, port: int, args: argparse.Namespac
             if cuda:
                 torch.cuda.synchronize()
             if step >= args.warmup:
-                times[method].append((time.perf_counter() - start, time.perf_counter() - middle))
+                times[method].append((time.perf_counter() - start, time.perf_counter() - middle,
+                                      time.process_time() - cpu_start))
         garbage.after_step(step + 1)
     garbage.close()
     for method, (_, opt) in runs.items():
@@ -267,9 +272,10 @@ def interleaved_worker(rank: int, world: int, port: int, args: argparse.Namespac
             opt.distributor.close()
     per_rank = [None] * world
     dist.all_gather_object(per_rank, times)
-    if rank == 0:  # each step's time: the slowest rank's
-        slowest = {method: [tuple(max(r[method][i][j] for r in per_rank) for j in range(2))
-                            for i in range(args.steps)] for method in args.methods}
+    if rank == 0:  # each step's time: the slowest rank's; its CPU time: the mean over ranks
+        slowest = {method: [(*(max(r[method][i][j] for r in per_rank) for j in range(2)),
+                             statistics.mean(r[method][i][2] for r in per_rank)) for i in range(args.steps)]
+                   for method in args.methods}
         with open(os.path.join(out, "interleaved.json"), "w") as f:
             json.dump(slowest, f)
     dist.barrier()
@@ -280,21 +286,27 @@ def interleaved_worker(rank: int, world: int, port: int, args: argparse.Namespac
 
 def interleaved_table(times: dict[str, list[list[float]]]) -> str:
     """Per method: the median step and ``engine.step()``, the fastest step, the median over rounds of each round's
-    ratio to that round's AdamW step, and the ratio of the medians."""
-    base = [t for t, _ in times["adamw"]]
+    ratio to that round's AdamW step, the ratio of the medians and the range of the rounds' ratios; and the same
+    median ratio of the step's CPU time (the process's, all its threads, mean over ranks): the work a step does,
+    which a shared machine's slow spells and the other rank's delays do not lengthen as they do its wall time."""
+    base = [t for t, _, _ in times["adamw"]]
+    base_cpu = [c for _, _, c in times["adamw"]]
     rows = []
     for method, steps in times.items():
-        step = [t for t, _ in steps]
+        step = [t for t, _, _ in steps]
         ratios = [t / b for t, b in zip(step, base)]
-        rows.append([method, f"{statistics.median(step):.3f}", f"{statistics.median(o for _, o in steps):.3f}",
+        cpu_ratios = [c / b for (_, _, c), b in zip(steps, base_cpu)]
+        rows.append([method, f"{statistics.median(step):.3f}", f"{statistics.median(o for _, o, _ in steps):.3f}",
                      f"{min(step):.3f}", f"{statistics.median(ratios):.3f}x",
                      f"{statistics.median(step) / statistics.median(base):.3f}x",
-                     f"{min(ratios):.2f}-{max(ratios):.2f}"])
+                     f"{min(ratios):.2f}-{max(ratios):.2f}", f"{statistics.median(c for _, _, c in steps):.3f}",
+                     f"{statistics.median(cpu_ratios):.3f}x", f"{min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}"])
     from bench.common import markdown_table
 
     return markdown_table(["method", "step s (median)", "of which engine.step() s", "fastest step s",
                            "vs AdamW: median of the rounds' ratios", "ratio of the medians",
-                           "rounds' ratios, range"], rows)
+                           "rounds' ratios, range", "CPU s per step and rank (median)",
+                           "CPU vs AdamW: median of the rounds' ratios", "CPU ratios, range"], rows)
 
 
 def free_port() -> int:
