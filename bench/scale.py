@@ -24,8 +24,9 @@ among them its reads of the fp32 masters from the engine per step (each an all-r
 ZeRO-3; ``comm_calls["factor_read"]``).
 
 ``--interleave`` also reports each step's CPU time (the process's, all its threads, the mean over ranks) and the
-median of its rounds' ratios to AdamW's: the work a step does, which a shared machine's slow spells and the other
-rank's delays lengthen less than its wall time (time spent waiting in a collective is not CPU time, unless spun).
+median of its rounds' ratios to AdamW's: the work a step does, without the time a rank waits for the other (not CPU
+time, unless spun). Where its ratios spread as widely as the wall time's, the noise is the machine's speed of
+computing, not waiting (the 2-core CPU of docs/BENCHMARKS.md, session 31).
 """
 
 from __future__ import annotations
@@ -288,7 +289,7 @@ def interleaved_table(times: dict[str, list[list[float]]]) -> str:
     """Per method: the median step and ``engine.step()``, the fastest step, the median over rounds of each round's
     ratio to that round's AdamW step, the ratio of the medians and the range of the rounds' ratios; and the same
     median ratio of the step's CPU time (the process's, all its threads, mean over ranks): the work a step does,
-    which a shared machine's slow spells and the other rank's delays do not lengthen as they do its wall time."""
+    without the time a rank waits for the other."""
     base = [t for t, _, _ in times["adamw"]]
     base_cpu = [c for _, _, c in times["adamw"]]
     rows = []
