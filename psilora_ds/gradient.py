@@ -14,8 +14,7 @@ import torch
 
 from .capture import LayerBatch
 from .products import LayerProducts
-from .ops import compute_dtype, frobenius_sq, kfac_sums, sign_probes, sketched_product
-from .ops.linalg import thin_product
+from .ops import compute_dtype, frobenius_sq, kfac_sums, sign_probes, sketched_product, thin_product
 from .ops.lorsum import Term
 from .ops.sketch_svd import GradientSketch
 from .ops.rounds import Rounds
@@ -177,7 +176,8 @@ class LayerGradient:
 
     def right_product(self, V: torch.Tensor) -> Rounds[torch.Tensor]:
         """``P @ V`` (m x k), summed over ranks."""
-        out = sum(self._local_products(lambda F, H: F @ V.to(F.dtype) if H is None else thin_product(F, H @ V.to(F.dtype))))
+        out = sum(self._local_products(
+            lambda F, H: F @ V.to(F.dtype) if H is None else thin_product(F, H @ V.to(F.dtype))))
         return (yield from self._reduced(out * self.coef))
 
     def left_product(self, U: torch.Tensor) -> Rounds[torch.Tensor]:

@@ -5,7 +5,7 @@ import torch
 
 from psilora_ds import reference as ref
 from psilora_ds.ops import (damped_power, dense_gradient, frobenius_sq, gradient_gram_diagonals, kfac_diagonals,
-                            kfac_sums, shampoo_diagonals)
+                            kfac_sums, shampoo_diagonals, thin_product)
 
 f64 = torch.float64
 
@@ -89,8 +89,6 @@ def test_dense_gradient_chunks():
 @pytest.mark.parametrize("layout", ["rows transposed", "contiguous", "one row"])
 def test_thin_product_equals_the_plain_product(layout):
     """``thin_product`` reorients ``Z^T Y`` for speed only: the value is the plain product's, in either layout."""
-    from psilora_ds.ops.linalg import thin_product
-
     g = torch.Generator().manual_seed(3)
     Z = torch.randn(1 if layout == "one row" else 64, 40, generator=g, dtype=f64)
     F = Z.T if layout != "contiguous" else Z.T.contiguous()

@@ -5,7 +5,7 @@ from .balance import balance_factors
 from .factored import (dense_gradient, factor_gradients, frobenius_sq, gradient_gram_diagonals, norm_sketch_seed,
                        sketched_product, thin_products)
 from .landing import landing_field, landing_field_rounds
-from .linalg import SPDSolve, compute_dtype, solve_spd_batch, solve_spd_left, solve_spd_right
+from .linalg import SPDSolve, compute_dtype, solve_spd_batch, solve_spd_left, solve_spd_right, thin_product
 from .lorsum import lorsum
 from .metrics import (adafactor_normalized, damped_power, factored_second_moments, kfac_diagonals, kfac_sums,
                       shampoo_diagonals)
@@ -39,6 +39,7 @@ __all__ = [
     "solve_spd_left",
     "solve_spd_right",
     "svd_project",
+    "thin_product",
     "thin_products",
     "factor_gradients",
     "weighted_svd_project",

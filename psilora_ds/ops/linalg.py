@@ -21,7 +21,7 @@ def thin_product(F: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     stored N x m), as ``(Y^T F^T)^T``: the same sums, but CPU BLAS multiplies a transposed left operand by a thin
     matrix 1.3-2x slower than it forms the wide ``k x m`` product (``bench/thin_products.py --orientation``).
     Returns a transposed view there; callers that need rows make it contiguous."""
-    if F.dim() == 2 and F.shape[0] > 1 and F.stride(0) == 1 and not F.is_contiguous():
+    if F.dim() == 2 and F.stride(0) == 1 and not F.is_contiguous():
         return (Y.mT @ F.mT).mT
     return F @ Y
 

@@ -116,7 +116,7 @@ def sign_probes(n: int, k: int, seed: int, *, dtype: torch.dtype, device: torch.
     bits = _bits32(counter, k1, k2)
     # each word's 4 bytes, low first, looked up in the table of every byte's 8 signs (bit j of byte b: column 8 b + j):
     # one gather of the output instead of a shift, a mask and a cast of 32 int64 per word; only the bytes of the first
-    # k columns are gathered (k = 16: half the output, a sixth of the time at 0.4 M rows on CPU)
+    # k columns are gathered (k = 16: half the output, the gather a sixth of its time at 0.4 M rows on CPU)
     low_first = (bits[:, None] >> torch.arange(0, 32, 8, dtype=torch.int64, device=device)) & 0xFF
     needed = -(-k // 8)
     low_first = low_first.reshape(n, words * 4)[:, :needed]
