@@ -78,16 +78,12 @@ def orientation(args: argparse.Namespace) -> None:
             fns = {"written": lambda Z, X, left, right, omega: products_as_written(Z, X, left, right, omega, r_m > 0),
                    "thin_products": lambda Z, X, left, right, omega: thin_products(Z, X, left, right, omega,
                                                                                    row_sums=r_m > 0)}
+            inputs = [(Z, X, torch.randn(Z.shape[1], r_m, generator=g), torch.randn(r_m, X.shape[1], generator=g),
+                       torch.randn(X.shape[1], args.probes, generator=g)) for Z, X in data]
             times = {name: [] for name in fns}
             for _ in range(args.repeats):
                 for name, fn in fns.items():
-                    total = 0.0
-                    for Z, X in data:
-                        left = torch.randn(Z.shape[1], r_m, generator=g)
-                        right = torch.randn(r_m, X.shape[1], generator=g)
-                        omega = torch.randn(X.shape[1], args.probes, generator=g)
-                        total += timed(lambda: fn(Z, X, left, right, omega), 1, warmup=1)[0]
-                    times[name].append(total)
+                    times[name].append(sum(timed(lambda: fn(*layer), 1, warmup=1)[0] for layer in inputs))
             before, after = (min(times[name]) for name in fns)
             hook_rows.append([N, r_m, f"{before * 1e3:.1f}", f"{after * 1e3:.1f}", f"{after / before:.2f}x"])
     body = (f"One thread, fp32, {args.probes} clipping probes, the fastest of {args.repeats} repeats (a shared "

@@ -114,12 +114,14 @@ def sign_probes(n: int, k: int, seed: int, *, dtype: torch.dtype, device: torch.
     k1, k2, _, _ = seed_keys(seed)
     counter = torch.arange(row_offset * words, (row_offset + n) * words, dtype=torch.int64, device=device)
     bits = _bits32(counter, k1, k2)
-    # each word's 4 bytes, low first, looked up in the table of every byte's 8 signs (bit j of byte b: column 8 b + j):
+    # each word's bytes, low first, looked up in the table of every byte's 8 signs (bit j of byte b: column 8 b + j):
     # one gather of the output instead of a shift, a mask and a cast of 32 int64 per word; only the bytes of the first
-    # k columns are gathered (k = 16: half the output, the gather a sixth of its time at 0.4 M rows on CPU)
-    low_first = (bits[:, None] >> torch.arange(0, 32, 8, dtype=torch.int64, device=device)) & 0xFF
+    # k columns are taken (k = 16: 2 of the word's 4, half the output, the gather a sixth of its time at 0.4 M rows on
+    # CPU; k > 32 takes every byte of the words before the last)
     needed = -(-k // 8)
-    low_first = low_first.reshape(n, words * 4)[:, :needed]
+    per_word = min(4, needed)
+    low_first = (bits[:, None] >> torch.arange(0, 8 * per_word, 8, dtype=torch.int64, device=device)) & 0xFF
+    low_first = low_first.reshape(n, words * per_word)[:, :needed]
     signs = torch.nn.functional.embedding(low_first.reshape(-1), _byte_signs(dtype, device))
     return signs.reshape(n, needed * 8)[:, :k]
 
