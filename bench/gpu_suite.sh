@@ -4,16 +4,19 @@
 #      with nothing lost (bench/gpu_checks.py fp16-overflow), and the recipe trains end to end in fp16;
 #      the activation cache offloaded to pinned host memory equals it kept on the GPU (gpu_checks.py offload);
 #   2. QLoRA: the recipe on a bitsandbytes nf4 base under ZeRO-3 (bnb_4bit_quant_storage = the engine dtype);
-#   3. timings in bf16: step overhead, LoRSum vs SVD, the hooks' thin products, the momentum's balancing (QR against
-#      Gram route), the activation-cache policy, and
-#      bench/scale.py on one GPU (the products' buckets overlap only with 2 GPUs or more: not measured on one).
+#   3. timings in bf16: step overhead, the hooks' thin products, the momentum's balancing (QR against Gram route),
+#      bench/scale.py on one GPU (the products' buckets overlap only with 2 GPUs or more: not measured on one), the
+#      activation-cache policy, and LoRSum vs SVD.
 # Every part's output and exit status go to REPORT_DIR/gpu_report.md (a failed part does not stop the rest);
 # the script exits 1 if any part failed.
 #
 #   bash bench/gpu_suite.sh [REPORT_DIR] [all|checks|timings]   # default: $OUT (else ./gpu-report), all
 #
-# "checks" (parts 1-2, about 5 minutes on an H200 on 2026-12-04) and "timings" (part 3, at most 10 minutes by its
-# parts' limits) are sized for one call each of a lent machine; "all" runs both (over 10 minutes).
+# "checks" (parts 1-2, about 5 minutes on an H200 on 2026-12-04) and "timings" (part 3) are sized for one call each
+# of a lent machine; "all" runs both (over 10 minutes). The timings run in the order of what is still pending (the
+# step overhead and bench/scale.py first, 8 minutes by their limits; LoRSum vs SVD, measured before, last): each part
+# appends to the report as it ends, so a call cut short by its limit still brings back every part before. With
+# 15 minutes of device time in all, one call: run(command='bash bench/gpu_suite.sh "$OUT" timings', timeout_s=600).
 # Needs torch with CUDA and this repository's dependencies. Where the machine lacks some (deepspeed,
 # bitsandbytes, datasets), put their wheels in .whl/ (bench/gpu_wheels.sh downloads them here) and the suite
 # installs them from there, offline.
@@ -90,15 +93,16 @@ if [ "$which" != checks ]; then
     "Scaled PSI-LoRA iters=0 (cache-free, rank-2r momentum), max_grad_norm=1, one layer at a time" \
     "Scaled PSI-LoRA iters=1 (rank-r momentum)" "PSI-LoRA iters=1" "AdamW (foreach), clip_grad_norm_(1)" \
     "PoLAR (B S A adapters, Adam on the landing field)"
-  part "LoRSum vs SVD" 115 "$py" bench/lorsum_vs_svd.py --repeats 2
   part "thin products in the cache-free hooks, separate vs fused" 20 "$py" bench/thin_products.py --tokens 8192 \
     --hidden 4096 --repeats 10
   part "momentum balancing, QR against Gram route" 15 "$py" bench/balance.py --shapes 0.9b --repeats 5
-  part "activation-cache policy (bf16)" 130 "$py" bench/cache_policy.py --dtype bf16 --hidden 2048 --layers 4 \
-    --tokens 4096 16384 --rounds 5
   # Scaled PSI-LoRA as users get it (a rank-2r momentum, the default since session 20)
   part "scale, 0.9 B, one GPU (bf16)" 200 "$py" bench/scale.py --shape 0.9b --ranks 1 --dtype bf16 --steps 6 \
     --warmup 2 --repeats 1 --rank_multiplier 2
+  part "activation-cache policy (bf16)" 130 "$py" bench/cache_policy.py --dtype bf16 --hidden 2048 --layers 4 \
+    --tokens 4096 16384 --rounds 5
+  # measured on an H200 on 2026-12-04 (docs/BENCHMARKS.md): last, where a call's limit cuts it first
+  part "LoRSum vs SVD" 115 "$py" bench/lorsum_vs_svd.py --repeats 2
 fi
 
 for run in run-fp16-z2 run-fp16-z3 run-qlora-z3; do  # the recipe runs' first and last eval losses
