@@ -14,9 +14,10 @@
 #
 # "checks" (parts 1-2, about 5 minutes on an H200 on 2026-12-04) and "timings" (part 3) are sized for one call each
 # of a lent machine; "all" runs both (over 10 minutes). The timings run in the order of what is still pending (the
-# step overhead and bench/scale.py first, 8 minutes by their limits; LoRSum vs SVD, measured before, last): each part
-# appends to the report as it ends, so a call cut short by its limit still brings back every part before. With
-# 15 minutes of device time in all, one call: run(command='bash bench/gpu_suite.sh "$OUT" timings', timeout_s=600).
+# step overhead and bench/scale.py's step times first, under 6 minutes by their limits; LoRSum vs SVD, measured
+# before, last): each part appends to the report as it ends, so a call cut short by its limit still brings back every
+# part before. With 15 minutes of device time in all, one call:
+#   run(command='bash bench/gpu_suite.sh "$OUT" timings', timeout_s=600).
 # Needs torch with CUDA and this repository's dependencies. Where the machine lacks some (deepspeed,
 # bitsandbytes, datasets), put their wheels in .whl/ (bench/gpu_wheels.sh downloads them here) and the suite
 # installs them from there, offline.
@@ -96,11 +97,15 @@ if [ "$which" != checks ]; then
   part "thin products in the cache-free hooks, separate vs fused" 20 "$py" bench/thin_products.py --tokens 8192 \
     --hidden 4096 --repeats 10
   part "momentum balancing, QR against Gram route" 15 "$py" bench/balance.py --shapes 0.9b --repeats 5
-  # Scaled PSI-LoRA as users get it (a rank-2r momentum, the default since session 20)
-  part "scale, 0.9 B, one GPU (bf16)" 200 "$py" bench/scale.py --shape 0.9b --ranks 1 --dtype bf16 --steps 6 \
-    --warmup 2 --repeats 1 --rank_multiplier 2
+  # Scaled PSI-LoRA as users get it (a rank-2r momentum, the default since session 20). Step times interleaved (every
+  # method's engine built once in one process, then rounds of one step of each: per-round ratios, no process starts
+  # per method); then the memory columns from separate processes, AdamW against the cache-free step only
+  part "scale, 0.9 B, one GPU (bf16), interleaved step times" 150 "$py" bench/scale.py --shape 0.9b --ranks 1 \
+    --dtype bf16 --interleave --steps 8 --warmup 2 --rank_multiplier 2
   part "activation-cache policy (bf16)" 130 "$py" bench/cache_policy.py --dtype bf16 --hidden 2048 --layers 4 \
     --tokens 4096 16384 --rounds 5
+  part "scale, 0.9 B, one GPU (bf16), peak memory" 120 "$py" bench/scale.py --shape 0.9b --ranks 1 --dtype bf16 \
+    --steps 3 --warmup 1 --repeats 1 --rank_multiplier 2 --methods adamw scaled_iters0
   # measured on an H200 on 2026-12-04 (docs/BENCHMARKS.md): last, where a call's limit cuts it first
   part "LoRSum vs SVD" 115 "$py" bench/lorsum_vs_svd.py --repeats 2
 fi

@@ -363,11 +363,13 @@ def main() -> None:
             with open(os.path.join(out, "interleaved.json")) as f:
                 times = json.load(f)
         hidden, inter, layers, _, _ = SHAPES[args.shape]
-        title = (f"Scale, interleaved: ZeRO-{args.stage} on {args.ranks} ranks, LLaMA hidden {hidden}, {layers} layers, "
+        ranks = f"{args.ranks} rank{'s' if args.ranks > 1 else ''}"
+        title = (f"Scale, interleaved: ZeRO-{args.stage} on {ranks}, LLaMA hidden {hidden}, {layers} layers, "
                  f"Scaled PSI-LoRA's momentum rank {args.rank_multiplier:g} r")
-        body = (f"Every method's engine built side by side in the same 2 processes, then {args.steps} rounds (after "
-                f"{args.warmup} warm-up) of one step of each in turn on the same batch of {args.micro_batch} x "
-                f"{args.seq_len} tokens per rank; each step's time is the slower rank's; {args.dtype}, PSI methods' "
+        slowest = "; each step's time is the slowest rank's" if args.ranks > 1 else ""
+        body = (f"Every method's engine built side by side in the same {args.ranks} process(es), then {args.steps} "
+                f"rounds (after {args.warmup} warm-up) of one step of each in turn on the same batch of {args.micro_batch} x "
+                f"{args.seq_len} tokens per rank{slowest}; {args.dtype}, PSI methods' "
                 f"spectral first step {args.first_step_iters or 'off'}. Machine: {machine()} (each rank "
                 f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}).\n\n" + interleaved_table(times))
         print(f"## {title}\n\n{body}")
