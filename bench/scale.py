@@ -239,7 +239,8 @@ def worker(rank: int, world: int, port: int, method: str, args: argparse.Namespa
 
 def interleaved_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     """``--interleave``: every method's engine built side by side in the same processes, then rounds of one step of
-    each in turn on the same batch, so that a slow spell of the machine hits every method alike (timings only)."""
+    each in turn on the same batch (in reverse order every other round), so that a slow spell of the machine hits every
+    method alike (timings only)."""
     cuda = start_rank(rank, world, port)
     from psilora_ds.recipe.garbage import StepGarbageCollection
 
@@ -252,7 +253,10 @@ def interleaved_worker(rank: int, world: int, port: int, args: argparse.Namespac
     garbage.start()
     for step in range(args.warmup + args.steps):
         ids = torch.randint(0, VOCAB, (args.micro_batch, args.seq_len), generator=g).to(device)
-        for method, (engine, _) in runs.items():
+        # the methods' order reversed every other round: whatever a step leaves to the next one (caches, freed
+        # memory) falls on each method alike
+        order = list(runs.items()) if step % 2 == 0 else list(reversed(runs.items()))
+        for method, (engine, _) in order:
             if cuda:
                 torch.cuda.synchronize()
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -368,8 +372,8 @@ def main() -> None:
                  f"Scaled PSI-LoRA's momentum rank {args.rank_multiplier:g} r")
         slowest = "; each step's time is the slowest rank's" if args.ranks > 1 else ""
         body = (f"Every method's engine built side by side in the same {args.ranks} process(es), then {args.steps} "
-                f"rounds (after {args.warmup} warm-up) of one step of each in turn on the same batch of {args.micro_batch} x "
-                f"{args.seq_len} tokens per rank{slowest}; {args.dtype}, PSI methods' "
+                f"rounds (after {args.warmup} warm-up) of one step of each in turn (reversed every other round) on the "
+                f"same batch of {args.micro_batch} x {args.seq_len} tokens per rank{slowest}; {args.dtype}, PSI methods' "
                 f"spectral first step {args.first_step_iters or 'off'}. Machine: {machine()} (each rank "
                 f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}).\n\n" + interleaved_table(times))
         print(f"## {title}\n\n{body}")
