@@ -55,14 +55,11 @@ def makers(half_rows: int, micro_batches: int) -> dict:
 
 
 def run_tokens(args, tokens: int, dtype: torch.dtype) -> list[list[object]]:
-    probe, _ = build(args, lambda m: None)
+    probe, _ = build(args, lambda m: None, DEVICE, dtype)
     half = row_bytes(probe, tokens, dtype) // 2
     del probe
-    runs = {}
-    for name, make in makers(half, tokens // MICRO_TOKENS).items():
-        model, _ = build(args, lambda m: None)
-        model.to(DEVICE, dtype)
-        runs[name] = (model, make(model))
+    # each optimizer built on its model after the move to the device, as torch's optimizers are
+    runs = {name: build(args, make, DEVICE, dtype) for name, make in makers(half, tokens // MICRO_TOKENS).items()}
     g = torch.Generator().manual_seed(0)
     micro = [torch.randint(0, 1024, (MICRO_TOKENS // SEQ, SEQ), generator=g).to(DEVICE)
              for _ in range(tokens // MICRO_TOKENS)]
@@ -103,6 +100,8 @@ def main() -> None:
                         help="tokens per step, multiples of 1024 (micro-batches of 1024 tokens accumulated)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--adapter_dtype", choices=("same", "fp32"), default="same",
+                        help="the LoRA factors' dtype: the base's (the recorded tables), or fp32 on a bf16 base")
     parser.add_argument("--write", default=None)
     args = parser.parse_args()
     if any(t % MICRO_TOKENS for t in args.tokens):
@@ -114,7 +113,8 @@ def main() -> None:
     print(table)
     if args.write:
         cmd = (f"python bench/cache_policy.py --hidden {args.hidden} --layers {args.layers} --rank {args.rank} "
-               f"--tokens {' '.join(map(str, args.tokens))} --rounds {args.rounds} --dtype {args.dtype}")
+               f"--tokens {' '.join(map(str, args.tokens))} --rounds {args.rounds} --dtype {args.dtype}"
+               f"{' --adapter_dtype fp32' if args.adapter_dtype == 'fp32' else ''}")
         write_section(args.write, f"Activation-cache policy ({args.dtype} rows)", cmd, table)  # (adds the machine)
 
 

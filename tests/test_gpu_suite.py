@@ -83,3 +83,40 @@ def test_every_command_of_the_suite_names_real_scripts_flags_and_recipe_keys():
             helps[key] = done.stdout
         unknown = [f for f in flags if f not in helps[key]]
         assert not unknown, f"{key} does not take {unknown}"
+
+
+# the size flags of the suite's timing scripts, shrunk to a toy size (every other flag as the suite passes it)
+TOY_SIZES = {"--hidden": "64", "--layers": "1", "--rank": "4", "--tokens": "1024", "--rounds": "1", "--repeats": "1",
+             "--shapes": "small"}
+TIMING_SCRIPTS = ("bench/step_overhead.py", "bench/thin_products.py", "bench/balance.py", "bench/cache_policy.py")
+
+
+def toy_size(argv: list[str]) -> list[str]:
+    """``argv`` with the values of :data:`TOY_SIZES`' flags replaced (a flag with several values keeps one)."""
+    out, skipping = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skipping = a in TOY_SIZES
+            out += [a, TOY_SIZES[a]] if skipping else [a]
+        elif not skipping:
+            out.append(a)
+    return out
+
+
+@pytest.mark.slow
+def test_the_suites_timing_scripts_run_on_the_cpu_at_a_toy_size():
+    """Each single-process timing script of the suite runs to its table with the suite's own flags (methods, dtypes)
+    at a toy size, so that a GPU session's one call is not lost to a crash (bench/cache_policy.py once called
+    step_overhead's ``build`` by an old signature)."""
+    ran = set()
+    for argv in suite_commands():
+        script = next((a for a in argv if a in TIMING_SCRIPTS), None)
+        if script is None:
+            continue
+        toy = toy_size(argv[argv.index(script) + 1:])
+        done = run_script([sys.executable, os.path.join(ROOT, script), *toy], env=launcher_env(), cwd=ROOT,
+                          timeout=600)
+        assert done.returncode == 0, f"{script} {toy}: {done.stderr[-2000:]}"
+        assert "|---|" in done.stdout, done.stdout[-2000:]
+        ran.add(script)
+    assert ran == set(TIMING_SCRIPTS), ran
