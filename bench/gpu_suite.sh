@@ -14,10 +14,10 @@
 #
 # "checks" (parts 1-2, about 5 minutes on an H200 on 2026-12-04) and "timings" (part 3) are sized for one call each
 # of a lent machine; "all" runs both (over 10 minutes). The timings run in the order of what is still pending (the
-# step overhead and bench/scale.py's step times first, under 6 minutes by their limits; LoRSum vs SVD, measured
+# step overhead and bench/scale.py's step times first, under 7 minutes by their limits; LoRSum vs SVD, measured
 # before, last): each part appends to the report as it ends, so a call cut short by its limit still brings back every
-# part before. With 15 minutes of device time in all, one call:
-#   run(command='bash bench/gpu_suite.sh "$OUT" timings', timeout_s=600).
+# part before. With 15 minutes of device time in all, one call, the wheels fetched here first (bash bench/gpu_wheels.sh):
+#   run(command='bash bench/gpu_suite.sh "$OUT" timings', carry=[".whl"], timeout_s=600).
 # Needs torch with CUDA and this repository's dependencies. Where the machine lacks some (deepspeed,
 # bitsandbytes, datasets), put their wheels in .whl/ (bench/gpu_wheels.sh downloads them here) and the suite
 # installs them from there, offline.
@@ -102,6 +102,11 @@ if [ "$which" != checks ]; then
   # per method); then the memory columns from separate processes, AdamW against the cache-free step only
   part "scale, 0.9 B, one GPU (bf16), interleaved step times" 150 "$py" bench/scale.py --shape 0.9b --ranks 1 \
     --dtype bf16 --interleave --steps 8 --warmup 2 --rank_multiplier 2
+  # issue 26's step-time targets' configuration (ZeRO-2, 0.09 B, 1024 tokens, rank-r momentum) on one GPU: the hooks'
+  # and the step's cost, which no overlap of the products' sums (2 GPUs or more) can hide
+  part "scale, 0.09 B, ZeRO-2, 1024 tokens, one GPU (bf16), interleaved step times" 90 "$py" bench/scale.py \
+    --shape small --stage 2 --ranks 1 --dtype bf16 --interleave --seq_len 1024 --steps 20 --warmup 3 \
+    --methods adamw precond_lora scaled_iters0
   part "activation-cache policy (bf16)" 130 "$py" bench/cache_policy.py --dtype bf16 --hidden 2048 --layers 4 \
     --tokens 4096 16384 --rounds 5
   part "scale, 0.9 B, one GPU (bf16), peak memory" 120 "$py" bench/scale.py --shape 0.9b --ranks 1 --dtype bf16 \
