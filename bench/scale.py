@@ -413,7 +413,7 @@ def main() -> None:
                      ranks[0]["calls"], f"{ranks[0]['comm'] * mib:.2f}", ranks[0].get("reads", 0)])
     with torch.device("meta"):  # counted, not allocated
         n_params = sum(p.numel() for p in build_model(args.shape).parameters())
-    title = f"Scale: ZeRO-{args.stage} on {args.ranks} ranks, LLaMA {n_params / 1e9:.2f} B"
+    title = f"Scale: ZeRO-{args.stage} on {args.ranks} rank{'s' if args.ranks > 1 else ''}, LLaMA {n_params / 1e9:.2f} B"
     if args.rank_multiplier != 1:  # its own section: the rank-r one stays as recorded
         title += f", Scaled PSI-LoRA's momentum rank {args.rank_multiplier:g} r"
     body = (f"LLaMA hidden {hidden}, intermediate {inter}, {layers} layers, vocab {VOCAB} ({n_params / 1e9:.2f} B "
