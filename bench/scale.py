@@ -367,8 +367,8 @@ def main() -> None:
             with open(os.path.join(out, "interleaved.json")) as f:
                 times = json.load(f)
         hidden, inter, layers, _, _ = SHAPES[args.shape]
-        ranks = f"{args.ranks} rank{'s' if args.ranks > 1 else ''}"
-        title = (f"Scale, interleaved: ZeRO-{args.stage} on {ranks}, LLaMA hidden {hidden}, {layers} layers, "
+        on_ranks = f"{args.ranks} rank{'s' if args.ranks > 1 else ''}"
+        title = (f"Scale, interleaved: ZeRO-{args.stage} on {on_ranks}, LLaMA hidden {hidden}, {layers} layers, "
                  f"Scaled PSI-LoRA's momentum rank {args.rank_multiplier:g} r")
         slowest = "; each step's time is the slowest rank's" if args.ranks > 1 else ""
         body = (f"Every method's engine built side by side in the same {args.ranks} process(es), then {args.steps} "
@@ -413,7 +413,8 @@ def main() -> None:
                      ranks[0]["calls"], f"{ranks[0]['comm'] * mib:.2f}", ranks[0].get("reads", 0)])
     with torch.device("meta"):  # counted, not allocated
         n_params = sum(p.numel() for p in build_model(args.shape).parameters())
-    title = f"Scale: ZeRO-{args.stage} on {args.ranks} rank{'s' if args.ranks > 1 else ''}, LLaMA {n_params / 1e9:.2f} B"
+    on_ranks = f"{args.ranks} rank{'s' if args.ranks > 1 else ''}"
+    title = f"Scale: ZeRO-{args.stage} on {on_ranks}, LLaMA {n_params / 1e9:.2f} B"
     if args.rank_multiplier != 1:  # its own section: the rank-r one stays as recorded
         title += f", Scaled PSI-LoRA's momentum rank {args.rank_multiplier:g} r"
     body = (f"LLaMA hidden {hidden}, intermediate {inter}, {layers} layers, vocab {VOCAB} ({n_params / 1e9:.2f} B "
