@@ -359,6 +359,7 @@ def main() -> None:
     args.first_step_iters = args.first_step_iters or None
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.ranks)))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
+    on_ranks = f"{args.ranks} rank{'s' if args.ranks > 1 else ''}"  # (the tables' titles)
     if args.interleave:
         args.methods = ["adamw"] + [m for m in args.methods if m != "adamw"]
         with tempfile.TemporaryDirectory() as out:
@@ -367,7 +368,6 @@ def main() -> None:
             with open(os.path.join(out, "interleaved.json")) as f:
                 times = json.load(f)
         hidden, inter, layers, _, _ = SHAPES[args.shape]
-        on_ranks = f"{args.ranks} rank{'s' if args.ranks > 1 else ''}"
         title = (f"Scale, interleaved: ZeRO-{args.stage} on {on_ranks}, LLaMA hidden {hidden}, {layers} layers, "
                  f"Scaled PSI-LoRA's momentum rank {args.rank_multiplier:g} r")
         slowest = "; each step's time is the slowest rank's" if args.ranks > 1 else ""
@@ -413,7 +413,6 @@ def main() -> None:
                      ranks[0]["calls"], f"{ranks[0]['comm'] * mib:.2f}", ranks[0].get("reads", 0)])
     with torch.device("meta"):  # counted, not allocated
         n_params = sum(p.numel() for p in build_model(args.shape).parameters())
-    on_ranks = f"{args.ranks} rank{'s' if args.ranks > 1 else ''}"
     title = f"Scale: ZeRO-{args.stage} on {on_ranks}, LLaMA {n_params / 1e9:.2f} B"
     if args.rank_multiplier != 1:  # its own section: the rank-r one stays as recorded
         title += f", Scaled PSI-LoRA's momentum rank {args.rank_multiplier:g} r"
